@@ -1,0 +1,209 @@
+"""The project's exception tree: one class per cause, each with its HTTP status and code.
+
+Low-level errors (httpx, Redis, the multipart parser, PyJWT) are translated into these at
+the module boundary that meets them; `ingester.http.errors` turns these into responses.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class IngesterError(Exception):
+    """Base of every error the service reports to a client."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+        super().__init__(message or self.default_message)
+        self.message = message or self.default_message
+        self.headers: dict[str, str] = dict(headers or {})
+        # Set by a handler that already logged this error with its context.
+        self.logged = False
+
+
+# --- 4xx: the request is at fault -------------------------------------------------------
+
+
+class BadRequest(IngesterError):
+    status = 400
+    code = "BAD_REQUEST"
+    default_message = "bad request"
+
+
+class MissingFile(BadRequest):
+    code = "MISSING_FILE"
+    default_message = "the multipart body has no 'file' part"
+
+
+class MalformedMultipart(BadRequest):
+    code = "MALFORMED_MULTIPART"
+    default_message = "the multipart body is malformed"
+
+
+class InvalidField(BadRequest):
+    code = "INVALID_FIELD"
+    default_message = "a form field has an invalid value"
+
+
+class InvalidMetadata(BadRequest):
+    code = "INVALID_METADATA"
+    default_message = "metadata must be a JSON object"
+
+
+class DigestMismatch(BadRequest):
+    code = "DIGEST_MISMATCH"
+    default_message = "the body does not match its Content-Digest"
+
+
+class InvalidDigestHeader(BadRequest):
+    code = "INVALID_CONTENT_DIGEST"
+    default_message = "Content-Digest must carry sha-256=:<base64>:"
+
+
+class Unauthorized(IngesterError):
+    status = 401
+    code = "UNAUTHORIZED"
+    default_message = "a valid bearer token is required"
+
+    def __init__(self, message: str | None = None, *, error: str = "invalid_token"):
+        description = (message or self.default_message).replace('"', "'")
+        super().__init__(
+            message,
+            headers={
+                "WWW-Authenticate": (
+                    f'Bearer realm="artstore", error="{error}", error_description="{description}"'
+                )
+            },
+        )
+
+
+class Forbidden(IngesterError):
+    status = 403
+    code = "FORBIDDEN"
+    default_message = "the token's role does not allow this"
+
+
+class NotFound(IngesterError):
+    status = 404
+    code = "NOT_FOUND"
+    default_message = "not found"
+
+
+class UploadNotFound(NotFound):
+    code = "UPLOAD_NOT_FOUND"
+    default_message = "no such upload"
+
+
+class RequestTimeout(IngesterError):
+    status = 408
+    code = "CLIENT_TIMEOUT"
+    default_message = "the client stopped sending the body"
+
+
+class FileTooLarge(IngesterError):
+    status = 413
+    code = "FILE_TOO_LARGE"
+    default_message = "the file is larger than the configured maximum"
+
+
+class UnsupportedMediaType(IngesterError):
+    status = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    default_message = "the body must be multipart/form-data"
+
+
+class TooManyUploads(IngesterError):
+    status = 429
+    code = "TOO_MANY_UPLOADS"
+    default_message = "too many uploads in flight for this user"
+
+
+# --- 5xx: we or a Storage Element are at fault --------------------------------------------
+
+
+class ServiceBusy(IngesterError):
+    status = 503
+    code = "SERVICE_BUSY"
+    default_message = "too many uploads in flight"
+
+
+class ShuttingDown(IngesterError):
+    status = 503
+    code = "SHUTTING_DOWN"
+    default_message = "the service is shutting down"
+
+
+class NoStorageAvailable(IngesterError):
+    status = 503
+    code = "NO_STORAGE_AVAILABLE"
+    default_message = "no writable Storage Element is available"
+
+
+class InsufficientStorage(IngesterError):
+    status = 507
+    code = "INSUFFICIENT_STORAGE"
+    default_message = "no Storage Element has room for this file"
+
+
+class StorageElementError(IngesterError):
+    """A Storage Element failed the request (unreachable, 5xx, protocol error)."""
+
+    status = 502
+    code = "STORAGE_ELEMENT_ERROR"
+    default_message = "the Storage Element failed"
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        element_id: str | None = None,
+        upstream_status: int | None = None,
+        retryable: bool = True,
+    ):
+        super().__init__(message)
+        self.element_id = element_id
+        self.upstream_status = upstream_status
+        self.retryable = retryable
+
+
+class StorageElementUnavailable(StorageElementError):
+    """Could not connect, or the connection broke: safe to try elsewhere."""
+
+    status = 503
+    code = "STORAGE_ELEMENT_UNAVAILABLE"
+    default_message = "the Storage Element is unreachable"
+
+
+class StorageElementTimeout(StorageElementError):
+    status = 504
+    code = "STORAGE_ELEMENT_TIMEOUT"
+    default_message = "the Storage Element stopped accepting data"
+
+
+class StorageElementFull(StorageElementError):
+    status = 507
+    code = "INSUFFICIENT_STORAGE"
+    default_message = "the Storage Element is full"
+
+
+class StorageElementRejected(StorageElementError):
+    """The element refused the request (4xx other than 507): not retryable as is."""
+
+    status = 502
+    code = "STORAGE_ELEMENT_REJECTED"
+    default_message = "the Storage Element refused the upload"
+
+
+class IntegrityError(IngesterError):
+    status = 502
+    code = "CHECKSUM_MISMATCH"
+    default_message = "the Storage Element stored different bytes than were sent"
+
+
+class UpstreamAuthError(IngesterError):
+    status = 502
+    code = "SE_AUTH_FAILED"
+    default_message = "could not obtain a token for the Storage Element"

@@ -1,0 +1,177 @@
+"""The one typed settings object. No other module reads the environment."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GIB = 1024**3
+MIB = 1024**2
+
+
+class SEMode(StrEnum):
+    """Storage Element modes (contract): what each allows."""
+
+    EDIT = "edit"
+    RW = "rw"
+    RO = "ro"
+    AR = "ar"
+
+
+class SEAuthMode(StrEnum):
+    FORWARD = "forward"
+    STATIC = "static"
+    CLIENT_CREDENTIALS = "client_credentials"
+
+
+class StorageElementConfig(BaseModel):
+    """One entry of the static registry (`INGESTER_STORAGE_ELEMENTS`)."""
+
+    id: str = Field(min_length=1)
+    api_url: str = Field(min_length=1)
+    mode: SEMode
+    priority: int = 100
+    capacity_bytes: int | None = Field(default=None, ge=0)
+    used_bytes: int | None = Field(default=None, ge=0)
+    status: Literal["online", "offline", "degraded", "maintenance"] = "online"
+
+    @field_validator("api_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("api_url must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="INGESTER_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8020, ge=0, le=65535)
+
+    # --- authentication of callers
+    auth_public_key_path: Path | None = None
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    auth_leeway_s: float = Field(default=30.0, ge=0)
+    # How often the PEM file's mtime is checked; a changed file is reloaded.
+    auth_key_reload_interval_s: float = Field(default=2.0, gt=0)
+    auth_jwks_cache_s: float = Field(default=300.0, gt=0)
+
+    # --- Storage Elements
+    redis_url: str | None = None
+    storage_elements: Annotated[list[StorageElementConfig], NoDecode] = Field(default_factory=list)
+    se_auth: SEAuthMode = SEAuthMode.FORWARD
+    se_token: str | None = None
+    se_token_url: str | None = None
+    se_client_id: str | None = None
+    se_client_secret: str | None = None
+    se_connect_timeout_s: float = Field(default=5.0, gt=0)
+    # No byte accepted by the Storage Element for this long means it is stalled.
+    se_stall_timeout_s: float = Field(default=30.0, gt=0)
+    # How long to wait for the Storage Element's answer once the body is sent (it fsyncs).
+    se_response_timeout_s: float = Field(default=120.0, gt=0)
+    se_probe_timeout_s: float = Field(default=2.0, gt=0)
+    # Readiness re-probes elements at most this often; probes are cached in between.
+    se_probe_interval_s: float = Field(default=5.0, gt=0)
+
+    admin_url: str | None = None
+    spool_dir: Path = Path("/tmp/ingester-spool")
+    # Disk all spools of this process may use together; past it uploads get 503.
+    spool_max_bytes: int = Field(default=50 * GIB, gt=0)
+
+    # --- limits
+    max_file_size: int = Field(default=10 * GIB, gt=0)
+    max_uploads_in_flight: int = Field(default=128, ge=1)
+    max_uploads_per_user: int = Field(default=16, ge=1)
+    # A client that sends nothing for this long gets 408.
+    client_idle_timeout_s: float = Field(default=60.0, gt=0)
+    # Whole-upload deadline; 0 disables it (large files on slow links).
+    upload_deadline_s: float = Field(default=0.0, ge=0)
+    retry_after_s: int = Field(default=5, ge=1)
+    max_description_length: int = 1000
+    max_filename_length: int = Field(default=255, ge=16, le=1024)
+
+    # --- pipeline
+    chunk_size: int = Field(default=1 * MIB, ge=4096)
+    # Depth of each channel between pipeline tasks: memory per upload ~ chunk_size x depth x 3.
+    pipeline_queue_depth: int = Field(default=4, ge=1)
+    # Quart body buffer: the ASGI receiver pauses while this much is unread.
+    body_buffer_limit: int = Field(default=1 * MIB, ge=64 * 1024)
+    # hypercorn's socket read size (its default is 64 KiB).
+    socket_read_size: int = Field(default=256 * 1024, ge=4096)
+    # hypercorn's per-request queue of body messages (each up to socket_read_size).
+    app_queue_size: int = Field(default=4, ge=1)
+    compression_min_size: int = Field(default=4096, ge=0)
+    brotli_quality: int = Field(default=4, ge=0, le=11)
+    gzip_level: int = Field(default=6, ge=1, le=9)
+    # Store uncompressed when the first chunk does not shrink below this ratio.
+    compression_min_gain: float = Field(default=0.95, gt=0, le=1)
+    progress_retention_s: float = Field(default=300.0, gt=0)
+    # Interactive API page at /docs.
+    docs_enabled: bool = False
+
+    # --- HTTP surface
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "INFO"
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+
+    @field_validator("storage_elements", mode="before")
+    @classmethod
+    def _parse_elements(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                return []
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc.msg} at position {exc.pos}") from exc
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.auth_public_key_path is not None and self.auth_jwks_url is not None:
+            raise ValueError(
+                "set INGESTER_AUTH_PUBLIC_KEY_PATH or INGESTER_AUTH_JWKS_URL, not both"
+            )
+        if self.se_auth is SEAuthMode.STATIC and not self.se_token:
+            raise ValueError("INGESTER_SE_AUTH=static needs INGESTER_SE_TOKEN")
+        if self.se_auth is SEAuthMode.CLIENT_CREDENTIALS and not (
+            self.se_token_url and self.se_client_id and self.se_client_secret
+        ):
+            raise ValueError(
+                "INGESTER_SE_AUTH=client_credentials needs INGESTER_SE_TOKEN_URL, "
+                "INGESTER_SE_CLIENT_ID and INGESTER_SE_CLIENT_SECRET"
+            )
+        ids = [element.id for element in self.storage_elements]
+        if len(ids) != len(set(ids)):
+            raise ValueError("INGESTER_STORAGE_ELEMENTS has duplicate ids")
+        return self
