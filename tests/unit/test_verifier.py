@@ -1,0 +1,293 @@
+"""`TokenVerifier` against an in-memory key: every way a token must fail, and how it passes."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
+
+from ingester.auth import StaticKeySource, TokenVerifier
+from ingester.auth.keys import load_public_key
+from ingester.auth.tokens import (
+    generate_private_key_pem,
+    make_keycloak_token,
+    make_token,
+    public_pem_from_private,
+)
+from ingester.errors import Unauthorized
+
+
+@pytest.fixture(scope="module")
+def private_pem() -> bytes:
+    return generate_private_key_pem()
+
+
+@pytest.fixture(scope="module")
+def other_private_pem() -> bytes:
+    return generate_private_key_pem()
+
+
+@pytest.fixture(scope="module")
+def public_pem(private_pem: bytes) -> bytes:
+    return public_pem_from_private(private_pem)
+
+
+@pytest.fixture(scope="module")
+def public_key(public_pem: bytes) -> RSAPublicKey:
+    key = load_pem_public_key(public_pem)
+    assert isinstance(key, RSAPublicKey)
+    return key
+
+
+@pytest.fixture
+def verifier(public_key: RSAPublicKey) -> TokenVerifier:
+    return TokenVerifier(StaticKeySource(public_key), leeway_s=30)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def segment(value: dict[str, Any]) -> str:
+    return b64url(json.dumps(value).encode())
+
+
+def valid_claims(**overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": "u-1",
+        "type": "service_account",
+        "role": "user",
+        "name": "alice",
+        "jti": "j",
+        "client_id": None,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+    }
+    claims.update(overrides)
+    return claims
+
+
+def sign_rs256(private_pem: bytes, header: dict[str, Any], claims: dict[str, Any]) -> str:
+    """Sign by hand, for headers PyJWT refuses to produce."""
+    key = load_pem_private_key(private_pem, password=None)
+    assert isinstance(key, RSAPrivateKey)
+    signing_input = f"{segment(header)}.{segment(claims)}"
+    signature = key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+    return f"{signing_input}.{b64url(signature)}"
+
+
+async def assert_rejected(verifier: TokenVerifier, token: str, message: str) -> None:
+    with pytest.raises(Unauthorized, match=message) as info:
+        await verifier.verify(token)
+    assert info.value.status == 401
+    assert info.value.headers["WWW-Authenticate"].startswith('Bearer realm="artstore"')
+
+
+async def test_valid_artstore_token(verifier: TokenVerifier, private_pem: bytes) -> None:
+    token = make_token(private_pem, sub="svc", role="operator", name="Svc")
+    principal = await verifier.verify(token)
+    assert (principal.subject, principal.username) == ("svc", "Svc")
+    assert principal.roles == frozenset({"operator"})
+    assert principal.raw_token == token
+    assert principal.can_upload
+
+
+async def test_valid_keycloak_token(verifier: TokenVerifier, private_pem: bytes) -> None:
+    token = make_keycloak_token(private_pem, sub="kc", username="bob", scope="files:write")
+    principal = await verifier.verify(token)
+    assert principal.token_type == "keycloak"
+    assert principal.username == "bob"
+    assert principal.can_upload
+
+
+async def test_keycloak_audience_ignored_when_not_configured(
+    verifier: TokenVerifier, private_pem: bytes
+) -> None:
+    token = make_token(private_pem, extra={"aud": "account", "iss": "https://kc/realms/x"})
+    assert (await verifier.verify(token)).subject == "dev-user"
+
+
+async def test_expired(verifier: TokenVerifier, private_pem: bytes) -> None:
+    token = make_token(private_pem, ttl=60, now=time.time() - 120)
+    await assert_rejected(verifier, token, "expired")
+
+
+async def test_expired_within_leeway_accepted(verifier: TokenVerifier, private_pem: bytes) -> None:
+    token = make_token(private_pem, ttl=60, now=time.time() - 75)  # expired 15 s ago
+    assert (await verifier.verify(token)).subject == "dev-user"
+
+
+async def test_not_yet_valid(verifier: TokenVerifier, private_pem: bytes) -> None:
+    token = make_token(private_pem, now=time.time() + 120)
+    await assert_rejected(verifier, token, "not valid yet")
+
+
+async def test_nbf_within_leeway_accepted(verifier: TokenVerifier, private_pem: bytes) -> None:
+    token = make_token(private_pem, now=time.time() + 15)
+    assert (await verifier.verify(token)).subject == "dev-user"
+
+
+async def test_zero_leeway(public_key: RSAPublicKey, private_pem: bytes) -> None:
+    strict = TokenVerifier(StaticKeySource(public_key), leeway_s=0)
+    await assert_rejected(strict, make_token(private_pem, ttl=60, now=time.time() - 75), "expired")
+    await assert_rejected(strict, make_token(private_pem, now=time.time() + 15), "not valid yet")
+
+
+async def test_alg_none(verifier: TokenVerifier) -> None:
+    token = f"{segment({'alg': 'none', 'typ': 'JWT'})}.{segment(valid_claims())}."
+    await assert_rejected(verifier, token, "algorithm none is not accepted")
+
+
+async def test_alg_missing(verifier: TokenVerifier) -> None:
+    token = f"{segment({'typ': 'JWT'})}.{segment(valid_claims())}.c2ln"
+    await assert_rejected(verifier, token, "only RS256")
+
+
+async def test_hs256_signed_with_public_key(verifier: TokenVerifier, public_pem: bytes) -> None:
+    # The confusion attack: a verifier that trusts the header would HMAC with the PEM bytes.
+    signing_input = f"{segment({'alg': 'HS256', 'typ': 'JWT'})}.{segment(valid_claims())}"
+    signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+    token = f"{signing_input}.{b64url(signature)}"
+    await assert_rejected(verifier, token, "algorithm HS256 is not accepted")
+
+
+async def test_hs256_header_relabelled_as_rs256(verifier: TokenVerifier, public_pem: bytes) -> None:
+    signing_input = f"{segment({'alg': 'RS256', 'typ': 'JWT'})}.{segment(valid_claims())}"
+    signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+    await assert_rejected(verifier, f"{signing_input}.{b64url(signature)}", "signature is invalid")
+
+
+async def test_rs512(verifier: TokenVerifier, private_pem: bytes) -> None:
+    key = load_pem_private_key(private_pem, password=None)
+    assert isinstance(key, RSAPrivateKey)
+    token = jwt.encode(valid_claims(), key, algorithm="RS512")
+    await assert_rejected(verifier, token, "algorithm RS512 is not accepted")
+
+
+async def test_es256(verifier: TokenVerifier) -> None:
+    token = jwt.encode(valid_claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
+    await assert_rejected(verifier, token, "algorithm ES256 is not accepted")
+
+
+async def test_signed_by_other_key(verifier: TokenVerifier, other_private_pem: bytes) -> None:
+    await assert_rejected(verifier, make_token(other_private_pem), "signature is invalid")
+
+
+async def test_tampered_payload(verifier: TokenVerifier, private_pem: bytes) -> None:
+    header, _, signature = make_token(private_pem, role="readonly").split(".")
+    forged = f"{header}.{segment(valid_claims(role='super_admin'))}.{signature}"
+    await assert_rejected(verifier, forged, "signature is invalid")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "garbage",
+        "a.b.c",
+        "a.b",
+        "....",
+        "eyJhbGciOiJSUzI1NiJ9",
+        "eyJhbGciOiJSUzI1NiJ9.!!!.xyz",
+        f"{b64url(b'[1,2]')}.{b64url(b'{}')}.c2ln",
+        f"{b64url(b'not json')}.{b64url(b'{}')}.c2ln",
+    ],
+)
+async def test_garbage(verifier: TokenVerifier, token: str) -> None:
+    await assert_rejected(verifier, token, "empty|well-formed")
+
+
+async def test_rs256_header_with_garbage_payload(
+    verifier: TokenVerifier, private_pem: bytes
+) -> None:
+    header, _, signature = make_token(private_pem).split(".")
+    await assert_rejected(verifier, f"{header}.{b64url(b'not json')}.{signature}", "invalid")
+
+
+async def test_over_long_token(verifier: TokenVerifier) -> None:
+    await assert_rejected(verifier, "a" * 20_000, "longer than")
+
+
+async def test_unprintable_alg_not_echoed(verifier: TokenVerifier) -> None:
+    evil_header = segment({"alg": "x\r\nSet-Cookie: a=b"})
+    token = f"{evil_header}.{segment(valid_claims())}.c2ln"
+    with pytest.raises(Unauthorized) as info:
+        await verifier.verify(token)
+    assert "\r" not in info.value.headers["WWW-Authenticate"]
+    assert "Set-Cookie" not in info.value.message
+
+
+async def test_non_string_kid(verifier: TokenVerifier, private_pem: bytes) -> None:
+    token = sign_rs256(private_pem, {"alg": "RS256", "kid": 5}, valid_claims())
+    await assert_rejected(verifier, token, "well-formed")
+
+
+@pytest.mark.parametrize("claim", ["exp", "sub"])
+async def test_required_claims(verifier: TokenVerifier, private_pem: bytes, claim: str) -> None:
+    claims = valid_claims()
+    del claims[claim]
+    token = sign_rs256(private_pem, {"alg": "RS256", "typ": "JWT"}, claims)
+    await assert_rejected(verifier, token, f"no '{claim}' claim")
+
+
+async def test_refresh_token(verifier: TokenVerifier, private_pem: bytes) -> None:
+    await assert_rejected(verifier, make_token(private_pem, token_type="refresh"), "refresh token")
+
+
+async def test_non_numeric_exp(verifier: TokenVerifier, private_pem: bytes) -> None:
+    token = make_token(private_pem, extra={"exp": "tomorrow"})
+    await assert_rejected(verifier, token, "well-formed|invalid")
+
+
+async def test_issuer_and_audience_when_configured(
+    public_key: RSAPublicKey, private_pem: bytes
+) -> None:
+    verifier = TokenVerifier(
+        StaticKeySource(public_key), issuer="https://idp/realms/artstore", audience="ingester"
+    )
+    good = {"iss": "https://idp/realms/artstore", "aud": ["account", "ingester"]}
+    assert (await verifier.verify(make_token(private_pem, extra=good))).subject == "dev-user"
+    await assert_rejected(
+        verifier, make_token(private_pem, extra={**good, "iss": "https://evil"}), "issuer"
+    )
+    await assert_rejected(
+        verifier, make_token(private_pem, extra={**good, "aud": "account"}), "audience"
+    )
+    await assert_rejected(
+        verifier, make_token(private_pem, extra={"aud": "ingester"}), "no 'iss' claim"
+    )
+    await assert_rejected(
+        verifier, make_token(private_pem, extra={"iss": good["iss"]}), "no 'aud' claim"
+    )
+
+
+def test_static_source_refuses_non_rsa_and_small_keys() -> None:
+    ec_pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(ValueError, match="not an RSA key"):
+        load_public_key(ec_pem, origin="ec")
+    small_pem = public_pem_from_private(generate_private_key_pem(1024))
+    small = load_pem_public_key(small_pem)
+    assert isinstance(small, RSAPublicKey)
+    with pytest.raises(ValueError, match="1024 bits"):
+        StaticKeySource(small)
