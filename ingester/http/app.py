@@ -1,0 +1,296 @@
+"""The ingester's QuartTrio app: routes for uploads, progress, probes, metrics and info."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from typing import Any, Final, cast
+
+import trio
+from quart import Blueprint, Response, current_app, request
+from quart_trio import QuartTrio
+
+from .. import __version__, logs
+from ..auth.principal import Principal
+from ..auth.verifier import bearer_from_header, require_upload
+from ..errors import (
+    IngesterError,
+    InvalidField,
+    RequestTimeout,
+    Unauthorized,
+    UploadNotFound,
+)
+from ..http.multipart import parse_boundary
+from ..service import Service
+from ..settings import Settings
+from ..upload.digest import parse_content_digest
+from ..upload.pipeline import FormReader, UploadRequest
+from ..upload.progress import UploadState
+from .base import make_app
+from .cors import install_cors
+from .openapi import openapi_document
+
+log = logging.getLogger(__name__)
+
+_UUID_RE: Final = re.compile(
+    r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
+)
+
+api = Blueprint("api", __name__)
+ops = Blueprint("ops", __name__)
+
+
+def service() -> Service:
+    return cast(Service, current_app.config["INGESTER_SERVICE"])
+
+
+def json_response(
+    payload: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        json.dumps(payload, ensure_ascii=False),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+async def authenticate() -> Principal:
+    svc = service()
+    try:
+        if svc.verifier is None:
+            raise Unauthorized("token verification is not configured on this ingester")
+        token = await bearer_from_header(request.headers.get("Authorization"))
+        principal = await svc.verifier.verify(token)
+    except Unauthorized:
+        svc.metrics.auth_failures.labels("401").inc()
+        raise
+    logs.bind(user=principal.username)
+    return principal
+
+
+def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report for a nursery's group: the first project error, else the first one.
+
+    A group of nothing but `Cancelled` is the caller's own cancellation and goes on as is.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    if not leaves:
+        return group
+    return next((e for e in leaves if isinstance(e, IngesterError)), leaves[0])
+
+
+# --- uploads -----------------------------------------------------------------------------
+
+
+@api.post("/api/v1/files/upload")
+async def upload_file() -> Response:
+    svc = service()
+    settings = svc.settings
+    principal = await authenticate()
+    try:
+        require_upload(principal)
+    except IngesterError:
+        svc.metrics.auth_failures.labels("403").inc()
+        raise
+    boundary = parse_boundary(request.headers.get("Content-Type"))
+    digest = parse_content_digest(request.headers.get("Content-Digest"))
+    supplied_id = request.headers.get("X-Upload-ID")
+    if supplied_id is not None and not _UUID_RE.match(supplied_id):
+        raise InvalidField("X-Upload-ID must be a UUID")
+    upload_id = str(uuid.UUID(supplied_id)) if supplied_id else str(uuid.uuid4())
+    if svc.progress.get(upload_id) is not None:
+        raise InvalidField(f"upload id {upload_id} is already in use")
+    logs.bind(upload_id=upload_id)
+    content_length = request.content_length
+    with svc.admission.admit(principal.subject):
+        progress = svc.progress.start(upload_id, principal.subject, content_length)
+        svc.metrics.in_flight.inc()
+        started = trio.current_time()
+        outcome = "cancelled"
+        reader = FormReader(request.body, boundary, settings.client_idle_timeout_s)
+        upload_request = UploadRequest(
+            upload_id=upload_id,
+            principal=principal,
+            content_type=request.headers.get("Content-Type"),
+            content_length=content_length,
+            body=request.body,
+            expected_digest=digest,
+        )
+        try:
+            try:
+                deadline = settings.upload_deadline_s or float("inf")
+                with trio.fail_after(deadline):
+                    result = await svc.pipeline.run(upload_request, reader, progress)
+            except BaseExceptionGroup as group:
+                raise collapse(group) from None
+            except trio.TooSlowError:
+                raise RequestTimeout(
+                    f"the upload did not finish within {settings.upload_deadline_s:g} s"
+                ) from None
+        except IngesterError as error:
+            outcome = error.code
+            svc.progress.finish(progress, UploadState.FAILED, error_code=error.code)
+            log.log(
+                logging.WARNING if error.status >= 500 else logging.INFO,
+                "upload failed: %s: %s",
+                error.code,
+                error.message,
+                extra={
+                    "event": "upload_failed",
+                    "error_code": error.code,
+                    "bytes": reader.bytes_read,
+                },
+            )
+            error.logged = True
+            raise
+        except trio.Cancelled:
+            outcome = "client_disconnected"
+            svc.progress.finish(progress, UploadState.CANCELLED, error_code="CLIENT_DISCONNECTED")
+            log.info(
+                "upload cancelled: the client went away",
+                extra={"event": "upload_cancelled", "bytes": reader.bytes_read},
+            )
+            raise
+        except Exception:
+            outcome = "INTERNAL_ERROR"
+            svc.progress.finish(progress, UploadState.FAILED, error_code="INTERNAL_ERROR")
+            raise
+        else:
+            outcome = "success"
+            svc.progress.finish(progress, UploadState.DONE, result=result)
+            svc.metrics.bytes_stored.inc(result["stored_size"])
+            if result["compressed"]:
+                svc.metrics.compression_ratio.labels(result["compression_algorithm"]).observe(
+                    result["compression_ratio"]
+                )
+            log.info(
+                "upload stored",
+                extra={
+                    "event": "upload_stored",
+                    "file_id": result["file_id"],
+                    "file_size": result["file_size"],
+                    "stored_size": result["stored_size"],
+                    "compressed": result["compressed"],
+                    "duration_s": round(trio.current_time() - started, 3),
+                },
+            )
+        finally:
+            svc.metrics.in_flight.dec()
+            svc.metrics.uploads.labels(outcome).inc()
+            svc.metrics.duration.labels("success" if outcome == "success" else "failure").observe(
+                trio.current_time() - started
+            )
+    return json_response(result, 201, headers={"Location": f"/api/v1/files/{result['file_id']}"})
+
+
+@api.get("/api/v1/files/uploads/<upload_id>")
+async def upload_progress(upload_id: str) -> Response:
+    svc = service()
+    principal = await authenticate()
+    entry = svc.progress.get(upload_id)
+    # Someone else's upload is reported as missing: ids must not leak who uploads what.
+    if entry is None or (entry.owner != principal.subject and not principal.is_admin):
+        raise UploadNotFound(f"no upload {upload_id} is known here")
+    return json_response(entry.as_json(svc.progress.now()), headers={"Cache-Control": "no-store"})
+
+
+# --- probes, metrics, info -------------------------------------------------------------------
+
+
+@ops.get("/health/live")
+@ops.get("/api/v1/health/live")
+async def live() -> Response:
+    return json_response({"status": "alive"})
+
+
+@ops.get("/health/ready")
+@ops.get("/api/v1/health/ready")
+async def ready() -> Response:
+    svc = service()
+    registry = svc.registry
+    elements = [
+        {
+            "id": element.id,
+            "mode": element.mode.value,
+            "status": element.status,
+            "ready": registry.health_of(element.id).ready,
+            "last_error": registry.health_of(element.id).last_error,
+        }
+        for element in registry.elements
+    ]
+    writable = registry.writable_ready()
+    reasons = []
+    if svc.draining:
+        reasons.append("shutting down")
+    if not svc.started:
+        reasons.append("starting")
+    if not writable:
+        reasons.append("no writable Storage Element answers")
+    payload = {
+        "status": "ready" if not reasons else "not_ready",
+        "reasons": reasons,
+        "writable_storage_elements": [element.id for element in writable],
+        "storage_elements": elements,
+        "registry_source": registry.source,
+        "uploads_in_flight": svc.admission.in_flight,
+    }
+    if reasons:
+        return json_response(payload, 503, headers={"Retry-After": str(svc.settings.retry_after_s)})
+    return json_response(payload)
+
+
+@ops.get("/metrics")
+async def metrics() -> Response:
+    svc = service()
+    for element in svc.registry.elements:
+        up = svc.registry.health_of(element.id).ready
+        svc.metrics.se_up.labels(element.id, element.mode.value).set(1 if up else 0)
+    return Response(svc.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@ops.get("/")
+async def info() -> Response:
+    svc = service()
+    return json_response(
+        {
+            "service": "artstore-ingester",
+            "version": __version__,
+            "storage_elements": len(svc.registry.elements),
+            "registry_source": svc.registry.source,
+            "max_file_size": svc.settings.max_file_size,
+            "endpoints": {
+                "upload": "/api/v1/files/upload",
+                "progress": "/api/v1/files/uploads/{upload_id}",
+                "health": ["/health/live", "/health/ready"],
+                "metrics": "/metrics",
+                "openapi": "/openapi.json",
+            },
+        }
+    )
+
+
+@ops.get("/openapi.json")
+async def openapi() -> Response:
+    return json_response(openapi_document(__version__))
+
+
+def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
+    svc = Service(settings)
+    app = make_app("ingester", buffer_limit=settings.body_buffer_limit)
+    app.config["INGESTER_SERVICE"] = svc
+    install_cors(app, settings.cors_origins)
+    app.register_blueprint(api)
+    app.register_blueprint(ops)
+    return app, svc
