@@ -1,0 +1,232 @@
+"""The `Content-Digest` request header (RFC 9530). No I/O.
+
+The header is a Structured Field Dictionary (RFC 8941/9651): `sha-256=:<base64>:`, possibly
+beside other algorithms (`sha-512=:...:, sha-256=:...:`) and with parameters. The whole
+header is parsed by the structured-field rules, so a malformed member is refused even when
+it names an algorithm we do not verify: a header we cannot read may have been meant to carry
+a sha-256 the client expects us to check.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Final
+
+from ..errors import InvalidDigestHeader
+
+SHA256_KEY: Final = "sha-256"
+SHA256_BYTES: Final = 32
+
+_KEY_RE: Final = re.compile(r"[a-z*][a-z0-9_\-.*]*")
+_TOKEN_RE: Final = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
+_NUMBER_RE: Final = re.compile(r"-?[0-9]+(\.[0-9]*)?")
+_BASE64_RE: Final = re.compile(r"[A-Za-z0-9+/=]*")
+
+
+class _Bytes(bytes):
+    """A parsed Byte Sequence, told apart from other bare items."""
+
+
+class _Malformed(Exception):
+    pass
+
+
+class _Parser:
+    """RFC 8941 §4.2 for a Dictionary; keeps byte sequences, checks the syntax of the rest."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def peek(self) -> str:
+        return self.text[self.pos] if self.pos < len(self.text) else ""
+
+    def skip(self, chars: str) -> None:
+        while self.pos < len(self.text) and self.text[self.pos] in chars:
+            self.pos += 1
+
+    def expect(self, char: str) -> None:
+        if self.peek() != char:
+            raise _Malformed(f"expected {char!r} at position {self.pos}")
+        self.pos += 1
+
+    def match(self, pattern: re.Pattern[str], what: str) -> str:
+        found = pattern.match(self.text, self.pos)
+        if found is None or not found.group():
+            raise _Malformed(f"expected {what} at position {self.pos}")
+        self.pos = found.end()
+        return found.group()
+
+    def dictionary(self) -> dict[str, object]:
+        members: dict[str, object] = {}
+        self.skip(" ")
+        if not self.peek():
+            return members
+        while True:
+            key = self.match(_KEY_RE, "a lower-case key")
+            if self.peek() == "=":
+                self.pos += 1
+                members[key] = self.inner_list() if self.peek() == "(" else self.item()
+            else:
+                members[key] = True
+                self.parameters()
+            self.skip(" \t")
+            if not self.peek():
+                return members
+            self.expect(",")
+            self.skip(" \t")
+            if not self.peek():
+                raise _Malformed("trailing comma")
+
+    def inner_list(self) -> list[object]:
+        self.expect("(")
+        items: list[object] = []
+        while True:
+            self.skip(" ")
+            if self.peek() == ")":
+                self.pos += 1
+                self.parameters()
+                return items
+            items.append(self.item())
+            if self.peek() not in (" ", ")"):
+                raise _Malformed(f"expected ' ' or ')' at position {self.pos}")
+
+    def item(self) -> object:
+        value = self.bare_item()
+        self.parameters()
+        return value
+
+    def parameters(self) -> None:
+        while self.peek() == ";":
+            self.pos += 1
+            self.skip(" ")
+            self.match(_KEY_RE, "a lower-case parameter key")
+            if self.peek() == "=":
+                self.pos += 1
+                self.bare_item()
+
+    def bare_item(self) -> object:
+        char = self.peek()
+        if char == ":":
+            return self.byte_sequence()
+        if char == "-" or (char.isdigit() and char.isascii()):
+            return self.number()
+        if char == '"':
+            return self.string()
+        if char == "?":
+            self.pos += 1
+            value = self.peek()
+            if value not in ("0", "1"):
+                raise _Malformed(f"expected a boolean at position {self.pos}")
+            self.pos += 1
+            return value == "1"
+        if char == "@":  # RFC 9651 Date
+            self.pos += 1
+            return self.number()
+        if char == "%":
+            return self.display_string()
+        return self.match(_TOKEN_RE, "an item")
+
+    def number(self) -> object:
+        text = self.match(_NUMBER_RE, "a number")
+        integer, _, fraction = text.lstrip("-").partition(".")
+        if "." in text:
+            if len(integer) > 12 or not 1 <= len(fraction) <= 3:
+                raise _Malformed(f"decimal out of range at position {self.pos}")
+            return float(text)
+        if len(integer) > 15:
+            raise _Malformed(f"integer out of range at position {self.pos}")
+        return int(text)
+
+    def string(self) -> str:
+        self.expect('"')
+        out: list[str] = []
+        while True:
+            char = self.peek()
+            if not char:
+                raise _Malformed("unterminated string")
+            self.pos += 1
+            if char == '"':
+                return "".join(out)
+            if char == "\\":
+                escaped = self.peek()
+                if escaped not in ('"', "\\"):
+                    raise _Malformed(f"bad escape at position {self.pos}")
+                self.pos += 1
+                out.append(escaped)
+            elif not " " <= char <= "~":
+                raise _Malformed(f"bad character in string at position {self.pos - 1}")
+            else:
+                out.append(char)
+
+    def display_string(self) -> str:
+        """RFC 9651: %"..." where only %xx (lower-case hex) escapes UTF-8 bytes."""
+        self.expect("%")
+        self.expect('"')
+        start = self.pos
+        while True:
+            char = self.peek()
+            if not char:
+                raise _Malformed("unterminated display string")
+            self.pos += 1
+            if char == '"':
+                return self.text[start : self.pos - 1]
+            if char == "%":
+                escape = self.text[self.pos : self.pos + 2]
+                if len(escape) != 2 or not all(c in "0123456789abcdef" for c in escape):
+                    raise _Malformed(f"bad escape at position {self.pos - 1}")
+                self.pos += 2
+            elif not " " <= char <= "~":
+                raise _Malformed(f"bad character in display string at position {self.pos - 1}")
+
+    def byte_sequence(self) -> _Bytes:
+        self.expect(":")
+        start = self.pos
+        end = self.text.find(":", start)
+        if end < 0:
+            raise _Malformed("unterminated byte sequence")
+        encoded = self.text[start:end]
+        if not _BASE64_RE.fullmatch(encoded):
+            raise _Malformed(f"byte sequence is not base64 at position {start}")
+        self.pos = end + 1
+        # RFC 8941 asks parsers to accept a missing "=" padding.
+        padded = encoded.rstrip("=")
+        padded += "=" * (-len(padded) % 4)
+        try:
+            return _Bytes(base64.b64decode(padded, validate=True))
+        except binascii.Error:
+            raise _Malformed(f"byte sequence is not base64 at position {start}") from None
+
+
+def parse_content_digest(header: str | None) -> bytes | None:
+    """The raw 32-byte sha-256 from a `Content-Digest` header, or None.
+
+    None when the header is absent, empty, or lists only algorithms other than sha-256
+    (which we do not verify). `InvalidDigestHeader` when the header is not a valid
+    structured-field dictionary (keys are lower case: `SHA-256` is malformed), or when
+    sha-256 is not a byte sequence of exactly 32 bytes. Of repeated keys the last counts,
+    as RFC 8941 says.
+    """
+    if header is None:
+        return None
+    parser = _Parser(header)
+    try:
+        members = parser.dictionary()
+    except _Malformed as exc:
+        raise InvalidDigestHeader(
+            f"Content-Digest is not a valid structured-field dictionary: {exc}"
+        ) from None
+    if SHA256_KEY not in members:
+        return None
+    value = members[SHA256_KEY]
+    if not isinstance(value, _Bytes):
+        raise InvalidDigestHeader(
+            "Content-Digest sha-256 must be a byte sequence: sha-256=:<base64>:"
+        )
+    if len(value) != SHA256_BYTES:
+        raise InvalidDigestHeader(
+            f"Content-Digest sha-256 must be {SHA256_BYTES} bytes, not {len(value)}"
+        )
+    return bytes(value)

@@ -1,0 +1,152 @@
+"""The Content-Digest header (RFC 9530, structured-field dictionary): pure, no I/O."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from ingester.errors import InvalidDigestHeader
+from ingester.upload.digest import parse_content_digest
+
+BODY = b"hello world"
+DIGEST = hashlib.sha256(BODY).digest()
+B64 = base64.b64encode(DIGEST).decode()
+OTHER = hashlib.sha256(b"other").digest()
+OTHER_B64 = base64.b64encode(OTHER).decode()
+URLSAFE_B64 = base64.urlsafe_b64encode(bytes([0xFB]) * 32).decode()
+SHA512_B64 = base64.b64encode(hashlib.sha512(BODY).digest()).decode()
+
+
+def invalid(header: str) -> str:
+    with pytest.raises(InvalidDigestHeader) as caught:
+        parse_content_digest(header)
+    assert caught.value.code == "INVALID_CONTENT_DIGEST"
+    assert caught.value.status == 400
+    return caught.value.message
+
+
+@pytest.mark.parametrize("header", [None, "", " ", "   "])
+def test_absent_or_empty(header: str | None) -> None:
+    assert parse_content_digest(header) is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"sha-256=:{B64}:",
+        f"  sha-256=:{B64}:  ",
+        f"sha-512=:{SHA512_B64}:, sha-256=:{B64}:",
+        f"sha-256=:{B64}:, sha-512=:{SHA512_B64}:",
+        f"sha-512=:{SHA512_B64}:,sha-256=:{B64}:",
+        f"sha-512=:{SHA512_B64}:,\tsha-256=:{B64}:",
+        f"sha-256=:{B64}:;keyid=abc;v=1",
+        f"sha-256=:{B64.rstrip('=')}:",  # padding left out, which RFC 8941 tolerates
+        f"sha-256=:{OTHER_B64}:, sha-256=:{B64}:",  # the last of repeated keys counts
+        f"md5=:AAAA:, unixsum=42, sha-256=:{B64}:",
+    ],
+)
+def test_sha256_is_found(header: str) -> None:
+    assert parse_content_digest(header) == DIGEST
+
+
+def test_returns_raw_bytes() -> None:
+    value = parse_content_digest(f"sha-256=:{B64}:")
+    assert type(value) is bytes
+    assert value is not None
+    assert len(value) == 32
+
+
+def test_other_structured_field_types_are_parsed_and_skipped() -> None:
+    header = (
+        'a=1, b=-2.5, c="say \\"hi\\" \\\\", d=?1, e=?0, f=tok/en:x, g=(1 "two" :AAAA:);p=1, '
+        'h=@1700000000, i=%"caf%c3%a9", j, k;flag, l=*star, '
+        f"sha-256=:{B64}:"
+    )
+    assert parse_content_digest(header) == DIGEST
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"sha-512=:{SHA512_B64}:",
+        "md5=:1B2M2Y8AsgTpgAmY7PhCfg==:",
+        "unixsum=30637",
+        "id-sha-256=:AAAA:",
+        "sha-2567=:AAAA:",
+    ],
+)
+def test_unknown_algorithms_only_are_ignored(header: str) -> None:
+    assert parse_content_digest(header) is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"SHA-256=:{B64}:",  # keys are lower case
+        f"Sha-256=:{B64}:",
+        f"sha-256=:{B64}",  # unterminated
+        f"sha-256=:{B64}:,",  # trailing comma
+        f"sha-256=:{B64}:, ",
+        f",sha-256=:{B64}:",
+        f"sha-256=:{B64}: garbage",
+        f"sha-256=:{B64}:;",
+        f"sha-256 = :{B64}:",
+        "sha-256=:!!!!:",
+        "sha-256=:ab=c:",  # padding in the middle
+        "sha-256=:a:",  # not a whole byte
+        f"sha-256=:{URLSAFE_B64}:",  # URL-safe alphabet
+        f'sha-512="not bytes, with a comma", sha-256=:{B64}:x',
+        'md5="unterminated',
+        "md5=?2",
+        "md5=1.2345",  # decimals have at most three fraction digits
+        "md5=1234567890123456",  # integers have at most 15 digits
+        "md5=(1 2",
+        "md5=(1,2)",
+        'md5="bad \\escape"',
+        'md5="tab\tinside"',
+        'md5=%"bad %XX escape"',
+        "md5=:AAAA:, sha-256=é",
+        "=:AAAA:",
+        "sha-256=:",
+        "sha-256=",
+    ],
+)
+def test_malformed_header(header: str) -> None:
+    assert invalid(header).startswith("Content-Digest is not a valid structured-field dictionary")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "sha-256",  # a bare key is the boolean true
+        "sha-256=?1",
+        "sha-256=abc",
+        'sha-256="AAAA"',
+        "sha-256=42",
+        f"sha-256=(:{B64}:)",
+    ],
+)
+def test_sha256_not_a_byte_sequence(header: str) -> None:
+    message = invalid(header)
+    assert message == "Content-Digest sha-256 must be a byte sequence: sha-256=:<base64>:"
+
+
+@pytest.mark.parametrize(
+    ("raw", "length"),
+    [
+        (hashlib.sha1(BODY).digest(), 20),
+        (hashlib.sha512(BODY).digest(), 64),
+        (DIGEST[:31], 31),
+        (DIGEST + b"\x00", 33),
+        (b"", 0),
+    ],
+)
+def test_sha256_of_wrong_length(raw: bytes, length: int) -> None:
+    header = f"sha-256=:{base64.b64encode(raw).decode()}:"
+    assert invalid(header) == f"Content-Digest sha-256 must be 32 bytes, not {length}"
+
+
+def test_malformed_other_member_is_refused_even_with_a_good_sha256() -> None:
+    invalid(f"sha-256=:{B64}:, sha-512=:not base64!:")
