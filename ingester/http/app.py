@@ -71,6 +71,13 @@ async def authenticate() -> Principal:
     return principal
 
 
+def only_cancelled(exc: BaseException) -> bool:
+    """A `Cancelled`, or a group holding nothing else: the request itself was cancelled."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_cancelled(inner) for inner in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
 def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report for a nursery's group: the first project error, else the first one.
 
@@ -155,17 +162,19 @@ async def upload_file() -> Response:
             )
             error.logged = True
             raise
-        except trio.Cancelled:
-            outcome = "client_disconnected"
-            svc.progress.finish(progress, UploadState.CANCELLED, error_code="CLIENT_DISCONNECTED")
-            log.info(
-                "upload cancelled: the client went away",
-                extra={"event": "upload_cancelled", "bytes": reader.bytes_read},
-            )
-            raise
-        except Exception:
-            outcome = "INTERNAL_ERROR"
-            svc.progress.finish(progress, UploadState.FAILED, error_code="INTERNAL_ERROR")
+        except BaseException as exc:
+            if only_cancelled(exc):
+                outcome = "client_disconnected"
+                svc.progress.finish(
+                    progress, UploadState.CANCELLED, error_code="CLIENT_DISCONNECTED"
+                )
+                log.info(
+                    "upload cancelled: the client went away",
+                    extra={"event": "upload_cancelled", "bytes": reader.bytes_read},
+                )
+            else:
+                outcome = "INTERNAL_ERROR"
+                svc.progress.finish(progress, UploadState.FAILED, error_code="INTERNAL_ERROR")
             raise
         else:
             outcome = "success"

@@ -7,10 +7,10 @@ limit (measured: about 2 GB in 8 s). Here the connection stops pulling `receive(
 reading the socket, and the client's TCP window closes. A slow Storage Element thereby slows
 the client, not our memory.
 
-Answering before the body is read (413, 415, 400) has a classic trap: closing a socket with
-unread input makes the kernel send RST, which can destroy the response before the client
-reads it. After such an early answer the connection drains and discards the rest of the body
-for a bounded time ("lingering close", as nginx and Apache do), then lets hypercorn close.
+Answering before the body is read (413, 415, 400) leaves the rest of the body unread.
+hypercorn detaches the request from the connection as soon as the response ends, so the
+connection cannot be reused: such answers carry `Connection: close`, and clients open a new
+connection for their next request instead of waiting on this one.
 """
 
 from __future__ import annotations
@@ -25,10 +25,6 @@ from quart_trio.wrappers.request import TrioBody, TrioRequest
 
 # Defaults for apps built without settings (the reference Storage Element uses these too).
 DEFAULT_BUFFER_LIMIT: Final = 1024 * 1024
-# Long enough for a client to finish sending a modest body and read our early answer.
-DEFAULT_LINGER_S: Final = 3.0
-# Past this many discarded bytes the client is not listening; stop paying for its upload.
-DEFAULT_LINGER_BYTES: Final = 256 * 1024 * 1024
 
 
 class BoundedBody(TrioBody):
@@ -41,13 +37,8 @@ class BoundedBody(TrioBody):
         super().__init__(expected_content_length, None)
         self._room = trio.Event()
         self._room.set()
-        self._discarding = False
-        self.received_bytes = 0
 
     def append(self, data: bytes) -> None:
-        self.received_bytes += len(data)
-        if self._discarding:
-            return
         super().append(data)
         if len(self._data) >= self.buffer_limit and self._room.is_set():
             self._room = trio.Event()
@@ -62,17 +53,8 @@ class BoundedBody(TrioBody):
         return bool(self._complete.is_set())
 
     async def wait_for_room(self) -> None:
-        while len(self._data) >= self.buffer_limit and not self._discarding:
+        while len(self._data) >= self.buffer_limit:
             await self._room.wait()
-
-    async def wait_complete(self) -> None:
-        await self._complete.wait()
-
-    def discard_rest(self) -> None:
-        """Drop what is buffered and everything still to come (used after an early answer)."""
-        self._discarding = True
-        self._data.clear()
-        self._room.set()
 
 
 class BoundedRequest(TrioRequest):
@@ -80,9 +62,6 @@ class BoundedRequest(TrioRequest):
 
 
 class BackpressureHTTPConnection(TrioASGIHTTPConnection):
-    linger_s: float = DEFAULT_LINGER_S
-    linger_bytes: int = DEFAULT_LINGER_BYTES
-
     async def handle_messages(  # type: ignore[override]
         self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable
     ) -> None:
@@ -103,15 +82,10 @@ class BackpressureHTTPConnection(TrioASGIHTTPConnection):
         self, nursery: trio.Nursery, request: Request, send: ASGISendCallable
     ) -> None:
         response = await self.app.handle_request(request)
+        body = request.body
+        if isinstance(body, BoundedBody) and not body.complete:
+            response.headers["Connection"] = "close"
         # Streaming responses (downloads) must not be cut by Quart's RESPONSE_TIMEOUT: the
         # client's own pace decides; hypercorn's keep-alive timeout covers dead peers.
         await self._send_response(send, response)
-        body = request.body
-        if isinstance(body, BoundedBody) and not body.complete:
-            body.discard_rest()
-            stop_at = body.received_bytes + self.linger_bytes
-            with trio.move_on_after(self.linger_s):
-                while not body.complete and body.received_bytes < stop_at:
-                    with trio.move_on_after(0.1):
-                        await body.wait_complete()
         nursery.cancel_scope.cancel()

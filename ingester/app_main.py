@@ -1,0 +1,128 @@
+"""Running the ingester: `ingester serve`, and the same server for `ingester dev`.
+
+run_ingester
+  ├── service nursery     Service.run: key reload, prober, janitor
+  └── server nursery
+        ├── drain_on_signal   SIGTERM/SIGINT -> readiness 503, new uploads 503,
+        │                     in-flight uploads get the grace period, then stop
+        └── hypercorn         connections; each request runs in its own task
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Final
+
+import trio
+from pydantic import ValidationError
+
+from . import logs
+from .http.app import create_app
+from .server import SHUTDOWN_SIGNALS, hypercorn_config, serve_app, set_socket_read_size
+from .service import Service
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Once uploads have drained, what is left (probes, progress polls) needs little time.
+HYPERCORN_GRACE_S: Final = 2.0
+
+
+def settings_or_exit() -> Settings:
+    """Settings from the environment, or one clear line per problem and exit code 2."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "settings"
+            name = f"INGESTER_{where.split('.')[0].upper()}" if error["loc"] else "settings"
+            detail = ".".join(str(p) for p in error["loc"][1:])
+            suffix = f" ({detail})" if detail else ""
+            print(f"invalid configuration: {name}{suffix}: {error['msg']}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def serve_command() -> int:
+    settings = settings_or_exit()
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        trio.run(run_ingester, settings)
+    except ValueError as exc:  # a key file that cannot be read, for instance
+        print(f"ingester: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def drain(service: Service, grace_s: float) -> None:
+    """Refuse new uploads and let those in flight finish, for at most `grace_s`."""
+    service.begin_drain()
+    with trio.move_on_after(grace_s):
+        await service.admission.wait_idle()
+    if service.admission.in_flight:
+        log.warning(
+            "%d uploads still in flight after the grace period; cancelling them",
+            service.admission.in_flight,
+            extra={"event": "drain_timeout"},
+        )
+
+
+async def run_ingester(
+    settings: Settings,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    app, service = create_app(settings)
+    set_socket_read_size(settings.socket_read_size)
+    config = hypercorn_config(settings.host, settings.port, graceful_timeout=HYPERCORN_GRACE_S)
+    config.max_app_queue_size = settings.app_queue_size
+    stop = trio.Event()
+    drain_scope = trio.CancelScope()
+
+    async def drain_then_stop() -> None:
+        with drain_scope:
+            await drain(service, settings.shutdown_grace_s)
+        stop.set()
+
+    async def watch_signals(
+        nursery: trio.Nursery, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        # One receiver for the whole life of the server, so no signal falls through to
+        # Python's default handlers between the first and the second.
+        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not service.draining:
+                    log.info("%s: draining", name, extra={"event": "signal"})
+                    service.begin_drain()
+                    nursery.start_soon(drain_then_stop)
+                else:
+                    log.warning("%s again: stopping now", name, extra={"event": "signal"})
+                    drain_scope.cancel()
+
+    async def watch_trigger(nursery: trio.Nursery, trigger: Callable[[], Awaitable[None]]) -> None:
+        await trigger()
+        nursery.start_soon(drain_then_stop)
+
+    async with trio.open_nursery() as service_nursery:
+        await service_nursery.start(service.run)
+        async with trio.open_nursery() as server_nursery:
+            if shutdown_trigger is None:
+                await server_nursery.start(watch_signals, server_nursery)
+            else:
+                server_nursery.start_soon(watch_trigger, server_nursery, shutdown_trigger)
+
+            async def serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                await serve_app(app, config, shutdown_trigger=stop.wait, task_status=task_status)
+                server_nursery.cancel_scope.cancel()
+
+            binds = await server_nursery.start(partial(serve))
+            log.info("ingester listening on %s", ", ".join(binds), extra={"event": "listening"})
+            task_status.started(binds)
+        service_nursery.cancel_scope.cancel()
+    log.info("ingester stopped", extra={"event": "stopped"})

@@ -1,0 +1,159 @@
+"""`ingester dev`: keys, two reference Storage Elements and the ingester, in one command.
+
+The Storage Elements run as child processes (their own interpreters, so they do not share
+the ingester's core), the ingester in this process. Ctrl-C stops everything: the terminal
+sends SIGINT to the whole process group, and whatever has not exited a few seconds later
+is killed, so nothing outlives the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Final
+
+import httpx
+import trio
+
+from . import logs
+from .app_main import run_ingester, settings_or_exit
+from .auth.tokens import generate_keypair, make_token
+from .settings import SEMode, Settings, StorageElementConfig
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S: Final = 20.0
+STOP_TIMEOUT_S: Final = 5.0
+# A day: long enough for a working session of copy-pasted curl lines.
+DEV_TOKEN_TTL_S: Final = 24 * 3600
+
+
+class ChildProcess:
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.process: trio.Process | None = None
+
+    async def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = await trio.to_thread.run_sync(lambda: open(self.log_path, "ab"))  # noqa: SIM115
+        try:
+            self.process = await trio.lowlevel.open_process(
+                self.argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        finally:
+            handle.close()
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with trio.CancelScope(shield=True):
+            process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(STOP_TIMEOUT_S):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def _wait_healthy(url: str, child: ChildProcess) -> None:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        with trio.fail_after(STARTUP_TIMEOUT_S):
+            while True:
+                if child.process is not None and child.process.returncode is not None:
+                    raise RuntimeError(
+                        f"{child.name} exited with {child.process.returncode}; see {child.log_path}"
+                    )
+                try:
+                    if (await http.get(url + "/health/live", timeout=1.0)).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await trio.sleep(0.1)
+
+
+def dev_command(args: argparse.Namespace) -> int:
+    base = settings_or_exit()
+    logs.configure("text", base.log_level)
+    # A Ctrl-C that lands before the signal receivers are installed.
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run_dev, args.host, args.port, args.data_dir.resolve(), base)
+    return 0
+
+
+async def run_dev(host: str, port: int, data_dir: Path, base: Settings) -> None:
+    private_key, public_key = await trio.to_thread.run_sync(generate_keypair, data_dir / "keys")
+    elements = [("se-edit", SEMode.EDIT, port + 1), ("se-rw", SEMode.RW, port + 2)]
+    children: list[ChildProcess] = []
+    async with AsyncExitStack() as stack:
+        for element_id, mode, se_port in elements:
+            argv = [
+                sys.executable, "-m", "ingester", "storage-element",
+                "--mode", mode.value, "--port", str(se_port), "--host", host,
+                "--data-dir", str(data_dir / element_id), "--public-key", str(public_key),
+                "--id", element_id,
+            ]  # fmt: skip
+            child = ChildProcess(element_id, argv, data_dir / "logs" / f"{element_id}.log")
+            await child.start()
+            stack.push_async_callback(child.stop)
+            children.append(child)
+        for child, (_, _, se_port) in zip(children, elements, strict=True):
+            await _wait_healthy(f"http://{host}:{se_port}", child)
+
+        settings = base.model_copy(
+            update={
+                "host": host,
+                "port": port,
+                "auth_public_key_path": public_key,
+                "auth_jwks_url": None,
+                "storage_elements": base.storage_elements
+                or [
+                    StorageElementConfig(
+                        id=element_id, api_url=f"http://{host}:{se_port}", mode=mode
+                    )
+                    for element_id, mode, se_port in elements
+                ],
+                "spool_dir": data_dir / "spool",
+                "log_format": "text",
+            }
+        )
+        token = make_token(
+            await trio.Path(private_key).read_bytes(),
+            sub="dev-user",
+            role="user",
+            ttl=DEV_TOKEN_TTL_S,
+        )
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(run_ingester, settings)
+            url = f"http://{host}:{port}"
+            _print_banner(url, binds, token, data_dir, private_key)
+    log.info("dev stack stopped")
+
+
+def _print_banner(url: str, binds: list[str], token: str, data_dir: Path, key: Path) -> None:
+    rel = os.path.relpath(data_dir)
+    lines = [
+        "",
+        f"artStore Ingester (dev) on {url}   [bound: {', '.join(binds)}]",
+        f"  Storage Elements: se-edit (temporary) and se-rw (permanent), data under {rel}/",
+        f"  token (user, 24 h; more with: ingester token --key {os.path.relpath(key)}):",
+        f"    export TOKEN={token}",
+        "  try:",
+        "    echo 'hello artStore' > /tmp/hello.txt",
+        f'    curl -sS -H "Authorization: Bearer $TOKEN" -F retention_policy=temporary '
+        f"-F file=@/tmp/hello.txt {url}/api/v1/files/upload",
+        f"    ls {shlex.quote(rel)}/se-edit/",
+        "  Ctrl-C stops everything.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,74 @@
+"""Prometheus metrics. One registry per app, so tests and the dev stack never share counters."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Uploads span 4 KiB documents to 10 GiB archives: seconds from milliseconds to an hour.
+DURATION_BUCKETS: Final = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600,
+)  # fmt: skip
+RATIO_BUCKETS: Final = (1.0, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.uploads = Counter(
+            "ingester_uploads",
+            "Uploads by outcome (success, or the error code that ended them).",
+            ["outcome"],
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "ingester_upload_received_bytes", "File bytes received from clients.", registry=r
+        )
+        self.bytes_stored = Counter(
+            "ingester_upload_stored_bytes",
+            "Bytes stored on Storage Elements (after compression) by successful uploads.",
+            registry=r,
+        )
+        self.duration = Histogram(
+            "ingester_upload_duration_seconds",
+            "Wall time of uploads, from request to answer.",
+            ["outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "ingester_uploads_in_flight", "Uploads being received right now.", registry=r
+        )
+        self.compression_ratio = Histogram(
+            "ingester_compression_ratio",
+            "Original size / stored size of compressed uploads.",
+            ["algorithm"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.compression_skipped = Counter(
+            "ingester_compression_skipped",
+            "Uploads that asked for compression but were stored as sent, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.se_errors = Counter(
+            "ingester_storage_element_errors",
+            "Failed calls to Storage Elements, by element and kind.",
+            ["element_id", "kind"],
+            registry=r,
+        )
+        self.se_up = Gauge(
+            "ingester_storage_element_up",
+            "1 when the element's last readiness probe succeeded.",
+            ["element_id", "mode"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "ingester_auth_failures", "Rejected credentials, by status.", ["status"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

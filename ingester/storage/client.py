@@ -1,0 +1,210 @@
+"""HTTP client for Storage Elements: the one place where httpx meets the project.
+
+Every httpx exception and every unexpected status is translated here into the
+`StorageElementError` family, so the pipeline decides on retry and failover from our own
+types: `StorageElementUnavailable` (nothing or not all reached the element: safe to try
+elsewhere), `StorageElementTimeout`, `StorageElementFull`, `StorageElementRejected`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import httpx
+import trio
+
+from ..errors import (
+    StorageElementError,
+    StorageElementFull,
+    StorageElementRejected,
+    StorageElementTimeout,
+    StorageElementUnavailable,
+)
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PATH: Final = "/api/v1/files/upload"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """What the Storage Element reports after a successful upload."""
+
+    file_id: str
+    file_size: int
+    checksum: str
+    storage_filename: str | None
+    raw: Mapping[str, Any]
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:200]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            return f"{error.get('code')}: {error.get('message')}"
+        detail = body.get("detail")
+        if detail is not None:
+            return str(detail)[:200]
+    return str(body)[:200]
+
+
+def raise_for_status(response: httpx.Response, element_id: str) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    message = f"{element_id} answered {status}: {_error_message(response)}"
+    if status == 507:
+        raise StorageElementFull(message, element_id=element_id, upstream_status=status)
+    if status in (502, 503, 504) or status >= 500:
+        raise StorageElementError(message, element_id=element_id, upstream_status=status)
+    if status == 429:
+        raise StorageElementUnavailable(message, element_id=element_id, upstream_status=status)
+    raise StorageElementRejected(
+        message, element_id=element_id, upstream_status=status, retryable=False
+    )
+
+
+def translate(exc: httpx.HTTPError, element_id: str) -> StorageElementError:
+    """httpx's exception tree onto ours."""
+    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
+        return StorageElementUnavailable(f"{element_id}: connect timeout", element_id=element_id)
+    if isinstance(exc, httpx.WriteTimeout):
+        return StorageElementTimeout(
+            f"{element_id} stopped accepting data (write timeout)", element_id=element_id
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return StorageElementTimeout(f"{element_id}: {type(exc).__name__}", element_id=element_id)
+    if isinstance(exc, httpx.ConnectError):
+        return StorageElementUnavailable(f"{element_id}: cannot connect", element_id=element_id)
+    if isinstance(exc, httpx.TransportError):
+        return StorageElementUnavailable(
+            f"{element_id}: connection failed ({type(exc).__name__}: {exc})",
+            element_id=element_id,
+        )
+    return StorageElementError(f"{element_id}: {type(exc).__name__}", element_id=element_id)
+
+
+class StorageElementClient:
+    """Calls to Storage Elements over one shared HTTP/1.1 connection pool.
+
+    HTTP/1.1 on purpose: HTTP/2 uploads measured slower under trio, and a cancelled h2
+    stream broke the shared connection.
+    """
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        stall_timeout_s: float,
+        response_timeout_s: float,
+        connect_timeout_s: float,
+        probe_timeout_s: float,
+    ) -> None:
+        self._http = http
+        self._upload_timeout = httpx.Timeout(
+            connect=connect_timeout_s,
+            # The element fsyncs before answering: its answer may take a while.
+            read=response_timeout_s,
+            # A write that cannot progress for this long is a stalled element.
+            write=stall_timeout_s,
+            pool=connect_timeout_s,
+        )
+        self._short_timeout = httpx.Timeout(probe_timeout_s)
+        self._call_timeout_s = max(probe_timeout_s, connect_timeout_s) * 3
+
+    async def upload(
+        self,
+        element_id: str,
+        api_url: str,
+        *,
+        body: httpx.AsyncByteStream,
+        content_type: str,
+        authorization: str | None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> StoredFile:
+        headers = {"Content-Type": content_type}
+        if authorization:
+            headers["Authorization"] = authorization
+        if extra_headers:
+            headers.update(extra_headers)
+        try:
+            response = await self._http.post(
+                api_url + UPLOAD_PATH,
+                content=body,
+                headers=headers,
+                timeout=self._upload_timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise translate(exc, element_id) from exc
+        raise_for_status(response, element_id)
+        try:
+            payload = response.json()
+            return StoredFile(
+                file_id=str(payload["file_id"]),
+                file_size=int(payload["file_size"]),
+                checksum=str(payload["checksum"]).lower(),
+                storage_filename=payload.get("storage_filename"),
+                raw=payload,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StorageElementError(
+                f"{element_id} answered 201 without a usable body", element_id=element_id
+            ) from exc
+
+    async def gc_delete(
+        self, element_id: str, api_url: str, file_id: str, *, authorization: str | None
+    ) -> bool:
+        """Remove a copy for compensation. True when it is gone (404 counts as gone)."""
+        response = await self._call(
+            "DELETE", element_id, f"{api_url}/api/v1/gc/{file_id}", authorization
+        )
+        if response.status_code in (200, 204, 404):
+            return True
+        raise_for_status(response, element_id)
+        return False
+
+    async def exists(
+        self, element_id: str, api_url: str, file_id: str, *, authorization: str | None
+    ) -> bool:
+        response = await self._call(
+            "GET", element_id, f"{api_url}/api/v1/gc/{file_id}/exists", authorization
+        )
+        raise_for_status(response, element_id)
+        return bool(response.json().get("exists"))
+
+    async def probe_ready(self, element_id: str, api_url: str) -> bool:
+        try:
+            response = await self._call("GET", element_id, f"{api_url}/health/ready", None)
+        except StorageElementError:
+            return False
+        return response.status_code == 200
+
+    async def info(self, element_id: str, api_url: str) -> dict[str, Any]:
+        response = await self._call("GET", element_id, f"{api_url}/api/v1/info", None)
+        raise_for_status(response, element_id)
+        payload = response.json()
+        return payload if isinstance(payload, dict) else {}
+
+    async def _call(
+        self, method: str, element_id: str, url: str, authorization: str | None
+    ) -> httpx.Response:
+        headers = {"Authorization": authorization} if authorization else {}
+        # httpx's timeouts are per operation; this bounds the whole call.
+        with trio.move_on_after(self._call_timeout_s) as scope:
+            try:
+                return await self._http.request(
+                    method, url, headers=headers, timeout=self._short_timeout
+                )
+            except httpx.HTTPError as exc:
+                raise translate(exc, element_id) from exc
+        assert scope.cancelled_caught
+        raise StorageElementTimeout(
+            f"{element_id}: {method} {url} timed out", element_id=element_id
+        )

@@ -1,0 +1,709 @@
+"""One upload, end to end: a nursery of four tasks joined by bounded channels.
+
+    reader       request body -> multipart events -> raw file chunks      (+ form fields)
+    transformer  raw chunks -> sha256 (+ gzip/brotli), in a worker thread  (+ spool tee)
+    streamer     transformed chunks -> streaming multipart POST to a Storage Element
+    heartbeat    progress record, stall watchdog
+
+The channels hold a few chunks each, so a slow Storage Element stops the streamer, which
+stops the transformer, which stops the reader, which stops pulling the request body, which
+closes the client's TCP window. Memory per upload stays at a few chunks whatever the size.
+
+The Storage Element request is completed (its closing boundary sent) only after the client's
+form has been read to its end and checked: size, Content-Digest, late fields. Until then any
+failure abandons the element's request, and an element never commits a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mimetypes
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final
+
+import httpx
+import trio
+
+from .. import logs
+from ..auth.principal import Principal
+from ..errors import (
+    DigestMismatch,
+    FileTooLarge,
+    IntegrityError,
+    InvalidField,
+    MalformedMultipart,
+    MissingFile,
+    RequestTimeout,
+    StorageElementError,
+    StorageElementFull,
+    StorageElementTimeout,
+    StorageElementUnavailable,
+)
+from ..http.multipart import BodyEnd, MultipartStreamParser, PartData, PartEnd, PartStart
+from ..storage.client import StoredFile
+from ..storage.selection import Candidate, no_candidate_error, rank_candidates
+from .compression import (
+    Algorithm,
+    CompressionDecision,
+    Compressor,
+    decide_compression,
+    make_compressor,
+    sniff_first_chunk,
+)
+from .fields import TRUE_WORDS, RetentionPolicy, UploadOptions, parse_upload_fields
+from .filenames import sanitize_filename, storage_filename
+from .progress import UploadProgress, UploadState
+from .spool import Spool
+
+if TYPE_CHECKING:
+    from ..service import Service
+
+log = logging.getLogger(__name__)
+
+
+def plan_is_settled(fields: Mapping[str, str]) -> bool:
+    """Whether the fields seen so far fix where and how the bytes are stored.
+
+    Those choices must be made before the first byte leaves for a Storage Element (the other
+    fields travel after the file data). When a later field could still change them, the
+    upload is teed into a spool so it can be sent again without asking the client.
+    """
+    policy = "retention_policy" in fields or "storage_mode" in fields
+    compress = fields.get("compress")
+    if compress is None:
+        return False
+    algorithm_open = (
+        compress.strip().lower() in TRUE_WORDS and "compression_algorithm" not in fields
+    )
+    return policy and not algorithm_open
+
+
+# A text field larger than this is not a form field but an attempt to exhaust memory
+# (metadata's own limit is 64 KiB).
+MAX_FIELD_BYTES: Final = 128 * 1024
+MAX_FIELDS_TOTAL: Final = 256 * 1024
+# Compression decisions look at this much of the start of the file.
+SNIFF_BYTES: Final = 64 * 1024
+# Below this, hashing on the event loop is cheaper than a hop to a worker thread.
+INLINE_HASH_BYTES: Final = 64 * 1024
+HEARTBEAT_S: Final = 0.5
+# Multipart framing and form fields around the file part: allowance over max_file_size
+# before a declared Content-Length is refused outright.
+FORM_OVERHEAD_ALLOWANCE: Final = 1024 * 1024
+VERSION_FIELD: Final = "1"
+
+
+class _Replan(Exception):
+    """A field after the file part changed where or how to store: send again from the spool."""
+
+
+@dataclass(slots=True)
+class UploadRequest:
+    upload_id: str
+    principal: Principal
+    content_type: str | None
+    content_length: int | None
+    body: AsyncIterator[bytes]
+    expected_digest: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What must be fixed before the first byte goes out."""
+
+    retention_policy: RetentionPolicy
+    compress: bool
+    algorithm: Algorithm | None
+
+    @classmethod
+    def of(cls, options: UploadOptions) -> Plan:
+        return cls(options.retention_policy, options.compress, options.compression_algorithm)
+
+
+@dataclass(slots=True)
+class FileFacts:
+    """What the transformer learned about the bytes."""
+
+    original_size: int = 0
+    stored_size: int = 0
+    sha256: str = ""
+    stored_sha256: str = ""
+    compressed: bool = False
+    algorithm: Algorithm | None = None
+    decision_reason: str = "not_requested"
+
+
+@dataclass(slots=True)
+class Upload:
+    """State shared by the tasks of one upload's nursery."""
+
+    request: UploadRequest
+    progress: UploadProgress
+    file_id: str
+    fields: dict[str, str]
+    filename: str
+    content_type: str
+    plan: Plan
+    fields_complete: trio.Event = field(default_factory=trio.Event)
+    options: UploadOptions | None = None
+    facts: FileFacts = field(default_factory=FileFacts)
+    spool: Spool | None = None
+    element: Candidate | None = None
+    # Set while a piece handed to httpx has not been written yet: the stall watchdog's clock.
+    in_flight_since: float | None = None
+
+
+class FormReader:
+    """Pulls the request body under the client idle timeout and yields multipart events."""
+
+    def __init__(self, body: AsyncIterator[bytes], boundary: bytes, idle_timeout_s: float) -> None:
+        self._body = body
+        self._parser = MultipartStreamParser(boundary)
+        self._idle_timeout_s = idle_timeout_s
+        self._pending: list[Any] = []
+        self._exhausted = False
+        self.bytes_read = 0
+
+    async def next_event(self) -> Any:
+        while not self._pending:
+            if self._exhausted:
+                self._parser.close()
+                raise MalformedMultipart("the body ended before the form was complete")
+            with trio.move_on_after(self._idle_timeout_s) as idle:
+                try:
+                    chunk = await anext(self._body)
+                except StopAsyncIteration:
+                    self._exhausted = True
+                    continue
+            if idle.cancelled_caught:
+                raise RequestTimeout(f"no data from the client for {self._idle_timeout_s:g} s")
+            self.bytes_read += len(chunk)
+            self._pending = self._parser.feed(chunk)
+            self._pending.reverse()
+        return self._pending.pop()
+
+
+async def _read_field(reader: FormReader, budget: list[int]) -> str:
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        event = await reader.next_event()
+        if isinstance(event, PartData):
+            size += len(event.data)
+            budget[0] -= len(event.data)
+            if size > MAX_FIELD_BYTES or budget[0] < 0:
+                raise InvalidField("a form field is larger than 128 KiB")
+            parts.append(event.data)
+        elif isinstance(event, PartEnd):
+            try:
+                return b"".join(parts).decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidField("form fields must be UTF-8 text") from None
+        else:  # pragma: no cover - the parser always ends a part before starting another
+            raise MalformedMultipart("unexpected multipart structure")
+
+
+def _add_field(fields: dict[str, str], name: str, value: str) -> None:
+    if name in fields:
+        raise InvalidField(f"{name} was sent more than once")
+    fields[name] = value
+
+
+class UploadPipeline:
+    def __init__(self, service: Service) -> None:
+        self.svc = service
+        self.settings = service.settings
+
+    # --- entry point ------------------------------------------------------------------------
+
+    async def run(
+        self, request: UploadRequest, reader: FormReader, progress: UploadProgress
+    ) -> dict[str, Any]:
+        settings = self.settings
+        if (
+            request.content_length is not None
+            and request.content_length > settings.max_file_size + FORM_OVERHEAD_ALLOWANCE
+        ):
+            raise FileTooLarge(
+                f"declared body of {request.content_length} bytes exceeds the limit of "
+                f"{settings.max_file_size} bytes"
+            )
+        fields: dict[str, str] = {}
+        field_budget = [MAX_FIELDS_TOTAL]
+        file_part: PartStart | None = None
+        while file_part is None:
+            event = await reader.next_event()
+            if isinstance(event, PartStart):
+                if event.name == "file":
+                    file_part = event
+                else:
+                    _add_field(fields, event.name, await _read_field(reader, field_budget))
+            elif isinstance(event, BodyEnd):
+                raise MissingFile()
+        # Validate what is known now: a bad early field fails before any byte goes out.
+        early = parse_upload_fields(fields, max_description_length=settings.max_description_length)
+        filename = sanitize_filename(file_part.filename, max_length=settings.max_filename_length)
+        content_type = _content_type(file_part.content_type, filename)
+        upload = Upload(
+            request=request,
+            progress=progress,
+            file_id=str(uuid.uuid4()),
+            fields=fields,
+            filename=filename,
+            content_type=content_type,
+            plan=Plan.of(early),
+        )
+        progress.filename = filename
+        logs.bind(upload_id=request.upload_id)
+        if not plan_is_settled(fields):
+            # A later field may still change the plan; keep a copy to send again.
+            progress.state = UploadState.RECEIVING
+            upload.spool = await Spool.create(
+                settings.spool_dir, request.upload_id, self.svc.spool_budget
+            )
+        try:
+            try:
+                stored = await self._store(upload, live=(reader, field_budget))
+            except* _Replan:
+                stored = None
+            if stored is None:
+                assert upload.options is not None
+                assert upload.spool is not None
+                log.info(
+                    "fields after the file part changed the storage plan; sending the spool",
+                    extra={"event": "replan"},
+                )
+                upload.plan = Plan.of(upload.options)
+                upload.facts = FileFacts()
+                stored = await self._store(upload, live=None)
+        finally:
+            if upload.spool is not None:
+                await upload.spool.discard()
+        return self._result(upload, stored)
+
+    # --- the nursery -------------------------------------------------------------------------
+
+    async def _store(
+        self, upload: Upload, *, live: tuple[FormReader, list[int]] | None
+    ) -> StoredFile:
+        depth = self.settings.pipeline_queue_depth
+        raw_send, raw_recv = trio.open_memory_channel[bytes](depth)
+        out_send, out_recv = trio.open_memory_channel[bytes](depth)
+        result: list[StoredFile] = []
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            if live is not None:
+                nursery.start_soon(self._read_live, upload, live[0], live[1], raw_send)
+            else:
+                nursery.start_soon(self._read_spool, upload, raw_send)
+            nursery.start_soon(self._transform, upload, raw_recv, out_send, live is not None)
+            nursery.start_soon(self._stream, upload, out_recv, result, done)
+            nursery.start_soon(self._heartbeat, upload, done)
+        return result[0]
+
+    async def _read_live(
+        self,
+        upload: Upload,
+        reader: FormReader,
+        field_budget: list[int],
+        raw_send: trio.MemorySendChannel[bytes],
+    ) -> None:
+        max_size = self.settings.max_file_size
+        progress = upload.progress
+        async with raw_send:
+            while True:
+                event = await reader.next_event()
+                if isinstance(event, PartData):
+                    progress.bytes_received += len(event.data)
+                    self.svc.metrics.bytes_received.inc(len(event.data))
+                    if progress.bytes_received > max_size:
+                        raise FileTooLarge(f"the file exceeds the limit of {max_size} bytes")
+                    await raw_send.send(event.data)
+                elif isinstance(event, PartEnd):
+                    break
+        # The rest of the form: fields after the file part.
+        while True:
+            event = await reader.next_event()
+            if isinstance(event, PartStart):
+                if event.name == "file":
+                    raise InvalidField("only one 'file' part is accepted")
+                _add_field(upload.fields, event.name, await _read_field(reader, field_budget))
+            elif isinstance(event, BodyEnd):
+                break
+        self._complete_fields(upload)
+
+    async def _read_spool(self, upload: Upload, raw_send: trio.MemorySendChannel[bytes]) -> None:
+        assert upload.spool is not None
+        async with raw_send:
+            async for chunk in upload.spool.replay():
+                await raw_send.send(chunk)
+
+    def _complete_fields(self, upload: Upload) -> None:
+        options = parse_upload_fields(
+            upload.fields, max_description_length=self.settings.max_description_length
+        )
+        upload.options = options
+        upload.fields_complete.set()
+
+    async def _transform(
+        self,
+        upload: Upload,
+        raw_recv: trio.MemoryReceiveChannel[bytes],
+        out_send: trio.MemorySendChannel[bytes],
+        live: bool,
+    ) -> None:
+        settings = self.settings
+        facts = upload.facts
+        plan = upload.plan
+        original = hashlib.sha256()
+        stored = hashlib.sha256()
+        # Tee into the spool on the live pass only; a replay reads from it.
+        spool = upload.spool if live else None
+        decision = decide_compression(
+            requested=plan.compress,
+            algorithm=plan.algorithm,
+            declared_size=None,
+            content_type=upload.content_type,
+            filename=upload.filename,
+            min_size=settings.compression_min_size,
+        )
+        compressor: Compressor | None = None
+        pending = bytearray()
+        decided = not decision.compress
+
+        def work(chunk: bytes) -> bytes:
+            original.update(chunk)
+            if spool is not None:
+                spool.write_sync(chunk)
+            out = compressor.compress(chunk) if compressor is not None else chunk
+            if compressor is not None:
+                stored.update(out)
+            return out
+
+        async def process(chunk: bytes) -> None:
+            facts.original_size += len(chunk)
+            if spool is not None:
+                spool.reserve(len(chunk))
+            if len(chunk) < INLINE_HASH_BYTES and compressor is None and spool is None:
+                out = work(chunk)
+            else:
+                out = await trio.to_thread.run_sync(work, chunk)
+            if out:
+                facts.stored_size += len(out)
+                await out_send.send(out)
+
+        async with out_send, raw_recv:
+            async for chunk in raw_recv:
+                if not decided:
+                    pending += chunk
+                    if len(pending) < SNIFF_BYTES:
+                        continue
+                    decision, compressor = await self._decide(decision, bytes(pending), False)
+                    decided = True
+                    chunk, pending = bytes(pending), bytearray()
+                await process(chunk)
+            if not decided:
+                decision, compressor = await self._decide(decision, bytes(pending), True)
+                if pending:
+                    await process(bytes(pending))
+            if compressor is not None:
+                tail = await trio.to_thread.run_sync(compressor.flush)
+                stored.update(tail)
+                if tail:
+                    facts.stored_size += len(tail)
+                    await out_send.send(tail)
+            if spool is not None:
+                await spool.finish_writing()
+        facts.sha256 = original.hexdigest()
+        facts.stored_sha256 = stored.hexdigest() if compressor is not None else facts.sha256
+        facts.compressed = compressor is not None
+        facts.algorithm = decision.algorithm if compressor is not None else None
+        facts.decision_reason = decision.reason
+        if not plan.compress:
+            facts.decision_reason = "not_requested"
+        if plan.compress and compressor is None:
+            self.svc.metrics.compression_skipped.labels(decision.reason).inc()
+
+    async def _decide(
+        self, decision: CompressionDecision, sample: bytes, is_last: bool
+    ) -> tuple[CompressionDecision, Compressor | None]:
+        settings = self.settings
+        decision = await trio.to_thread.run_sync(
+            lambda: sniff_first_chunk(
+                sample,
+                decision,
+                is_last=is_last,
+                min_size=settings.compression_min_size,
+                min_gain=settings.compression_min_gain,
+                gzip_level=settings.gzip_level,
+                brotli_quality=settings.brotli_quality,
+            )
+        )
+        if not decision.compress or decision.algorithm is None:
+            return decision, None
+        return decision, make_compressor(
+            decision.algorithm,
+            gzip_level=settings.gzip_level,
+            brotli_quality=settings.brotli_quality,
+        )
+
+    async def _stream(
+        self,
+        upload: Upload,
+        out_recv: trio.MemoryReceiveChannel[bytes],
+        result: list[StoredFile],
+        done: trio.Event,
+    ) -> None:
+        svc = self.svc
+        plan = upload.plan
+        mode = plan.retention_policy.target_mode
+        declared = upload.request.content_length
+        authorization = await svc.se_auth.authorization(upload.request.principal)
+        boundary = secrets.token_hex(16)
+        body = SEUploadBody(
+            head=_multipart_head(boundary, upload),
+            chunks=out_recv,
+            tail=lambda: self._tail(boundary, upload),
+            on_progress=lambda sent, writing: self._on_progress(upload, sent, writing),
+        )
+        tried: list[str] = []
+        try:
+            async with out_recv:
+                while True:
+                    ranked = rank_candidates(
+                        svc.registry.candidates(), mode=mode, declared_size=declared, exclude=tried
+                    )
+                    if not ranked:
+                        raise no_candidate_error(
+                            svc.registry.candidates(), mode=mode, declared_size=declared
+                        )
+                    element = ranked[0]
+                    tried.append(element.id)
+                    upload.element = element
+                    upload.progress.storage_element_id = element.id
+                    logs.bind(storage_element_id=element.id)
+                    try:
+                        stored = await svc.se_client.upload(
+                            element.id,
+                            element.api_url,
+                            body=body,
+                            content_type=f"multipart/form-data; boundary={boundary}",
+                            authorization=authorization,
+                            extra_headers={"X-Request-ID": upload.request.upload_id},
+                        )
+                    except (StorageElementUnavailable, StorageElementFull) as exc:
+                        svc.note_se_failure(element.id, exc)
+                        if body.started:
+                            # Bytes are gone; failing over mid-stream is the resilience work.
+                            raise
+                        log.warning("%s; trying the next Storage Element", exc.message)
+                        continue
+                    except StorageElementError as exc:
+                        svc.note_se_failure(element.id, exc)
+                        raise
+                    break
+            await self._verify(upload, stored)
+            result.append(stored)
+        except BaseException:
+            if body.started and upload.element is not None:
+                await svc.compensate(upload.element, upload.file_id, authorization)
+            raise
+        finally:
+            done.set()
+
+    async def _tail(self, boundary: str, upload: Upload) -> bytes:
+        """The closing fields; sent only once the client's form is complete and checked."""
+        await upload.fields_complete.wait()
+        options = upload.options
+        assert options is not None
+        if Plan.of(options) != upload.plan:
+            if upload.spool is None:  # pragma: no cover - every plan field came first
+                raise AssertionError("plan changed without a spool")
+            raise _Replan()
+        expected = upload.request.expected_digest
+        if expected is not None and bytes.fromhex(upload.facts.sha256) != expected:
+            raise DigestMismatch("the file's sha-256 does not match the Content-Digest header")
+        upload.progress.state = UploadState.STORING
+        return _multipart_tail(boundary, upload, options)
+
+    def _on_progress(self, upload: Upload, sent: int, writing: bool) -> None:
+        upload.progress.bytes_sent = sent
+        upload.in_flight_since = trio.current_time() if writing else None
+
+    async def _verify(self, upload: Upload, stored: StoredFile) -> None:
+        facts = upload.facts
+        if stored.checksum != facts.stored_sha256 or stored.file_size != facts.stored_size:
+            raise IntegrityError(
+                f"the Storage Element reports sha256 {stored.checksum} and {stored.file_size} "
+                f"bytes; we sent {facts.stored_sha256} and {facts.stored_size} bytes"
+            )
+        if stored.file_id != upload.file_id:
+            raise IntegrityError(
+                f"the Storage Element stored the file as {stored.file_id}, not {upload.file_id}"
+            )
+
+    async def _heartbeat(self, upload: Upload, done: trio.Event) -> None:
+        stall_s = self.settings.se_stall_timeout_s
+        progress = upload.progress
+        while not done.is_set():
+            with trio.move_on_after(HEARTBEAT_S):
+                await done.wait()
+            progress.updated_at = self.svc.progress.now()
+            since = upload.in_flight_since
+            if since is not None and trio.current_time() - since > stall_s:
+                raise StorageElementTimeout(
+                    f"the Storage Element accepted nothing for {stall_s:g} s",
+                    element_id=upload.element.id if upload.element else None,
+                )
+
+    # --- the answer --------------------------------------------------------------------------
+
+    def _result(self, upload: Upload, stored: StoredFile) -> dict[str, Any]:
+        options = upload.options
+        assert options is not None
+        assert upload.element is not None
+        facts = upload.facts
+        now = datetime.now(UTC)
+        ttl_expires = (
+            (now + timedelta(days=options.ttl_days)).isoformat().replace("+00:00", "Z")
+            if options.retention_policy is RetentionPolicy.TEMPORARY and options.ttl_days
+            else None
+        )
+        ratio = round(facts.original_size / facts.stored_size, 3) if facts.stored_size else 1.0
+        return {
+            "file_id": upload.file_id,
+            "upload_id": upload.request.upload_id,
+            "original_filename": upload.filename,
+            "storage_filename": stored.storage_filename
+            or storage_filename(upload.filename, upload.file_id),
+            "content_type": upload.content_type,
+            "file_size": facts.original_size,
+            "stored_size": facts.stored_size,
+            "compressed": facts.compressed,
+            "compression_algorithm": facts.algorithm.value if facts.algorithm else None,
+            "compression_ratio": ratio if facts.compressed else 1.0,
+            "compression_decision": facts.decision_reason,
+            "checksum": facts.sha256,
+            "uploaded_at": now.isoformat().replace("+00:00", "Z"),
+            "retention_policy": options.retention_policy.value,
+            "ttl_days": options.ttl_days,
+            "ttl_expires_at": ttl_expires,
+            "storage_element_id": upload.element.id,
+            "storage_element_url": upload.element.api_url,
+        }
+
+
+def _content_type(declared: str | None, filename: str) -> str:
+    if declared:
+        value = declared.split(";", 1)[0].strip().lower()
+        if value and value != "application/octet-stream" and "/" in value:
+            return value
+    guessed, _ = mimetypes.guess_type(filename, strict=False)
+    return guessed or "application/octet-stream"
+
+
+def _quote(value: str) -> str:
+    # RFC 7578 §4.2 as browsers do it: percent-encode the three characters that break quoting.
+    return value.replace("\\", "%5C").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _field(boundary: str, name: str, value: str) -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+    ).encode()
+
+
+def _multipart_head(boundary: str, upload: Upload) -> bytes:
+    return b"".join(
+        (
+            _field(boundary, "file_id", upload.file_id),
+            _field(boundary, "retention_policy", upload.plan.retention_policy.value),
+            _field(boundary, "version", VERSION_FIELD),
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                f'filename="{_quote(upload.filename)}"\r\n'
+                f"Content-Type: {upload.content_type}\r\n\r\n"
+            ).encode(),
+        )
+    )
+
+
+def _multipart_tail(boundary: str, upload: Upload, options: UploadOptions) -> bytes:
+    facts = upload.facts
+    metadata = dict(options.metadata)
+    # Facts a reader of the stored copy needs to restore the original.
+    metadata["_ingester"] = {
+        "upload_id": upload.request.upload_id,
+        "original_size": facts.original_size,
+        "original_checksum": facts.sha256,
+        "compressed": facts.compressed,
+        "compression_algorithm": facts.algorithm.value if facts.algorithm else None,
+        "ttl_days": options.ttl_days,
+    }
+    parts = [b"\r\n"]
+    if options.description:
+        parts.append(_field(boundary, "description", options.description))
+    parts.append(_field(boundary, "content_type", upload.content_type))
+    parts.append(_field(boundary, "metadata", json.dumps(metadata, ensure_ascii=False)))
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+class SEUploadBody(httpx.AsyncByteStream):
+    """The multipart body sent to a Storage Element: head, file chunks, then the tail.
+
+    A class rather than an async generator: httpx closes it explicitly on cancellation,
+    where a generator would leave a `ResourceWarning`. Each request for the next piece
+    means the previous one was written to the socket, which is our progress signal.
+    """
+
+    def __init__(
+        self,
+        *,
+        head: bytes,
+        chunks: trio.MemoryReceiveChannel[bytes],
+        tail: Callable[[], Awaitable[bytes]],
+        on_progress: Callable[[int, bool], None],
+    ) -> None:
+        self._head = head
+        self._chunks = chunks
+        self._tail = tail
+        self._on_progress = on_progress
+        self._stage = 0
+        self._sent_file_bytes = 0
+        self._last_len = 0
+        self.started = False
+
+    def __aiter__(self) -> SEUploadBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        # Asked for the next piece: the previous one is written.
+        self._sent_file_bytes += self._last_len
+        self._last_len = 0
+        self._on_progress(self._sent_file_bytes, False)
+        piece: bytes
+        if self._stage == 0:
+            self.started = True
+            self._stage = 1
+            piece = self._head
+        elif self._stage == 1:
+            try:
+                piece = await self._chunks.receive()
+                self._last_len = len(piece)
+            except trio.EndOfChannel:
+                self._stage = 3
+                piece = await self._tail()
+        else:
+            raise StopAsyncIteration
+        self._on_progress(self._sent_file_bytes, True)
+        return piece
+
+    async def aclose(self) -> None:
+        self._stage = 3
