@@ -1,0 +1,470 @@
+"""Bad input, bad credentials and bad peers: a precise status and code, nothing left behind,
+and the service keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import trio
+
+from ingester.auth.tokens import make_keycloak_token, make_token
+from tests.conftest import Stack, TokenFactory
+from tests.helpers_http import Request, Response, serve_http
+from tests.support.client import (
+    MIB,
+    AsyncBody,
+    MultipartUpload,
+    auth,
+    post_upload,
+    random_chunks,
+)
+from tests.support.stack import Proc
+from tests.support.waiting import eventually
+
+
+def error_code(response: httpx.Response) -> str:
+    payload = response.json()
+    assert set(payload) == {"error"}, payload
+    assert payload["error"]["request_id"] == response.headers["X-Request-ID"]
+    code: str = payload["error"]["code"]
+    return code
+
+
+async def assert_still_serving(http: httpx.AsyncClient, url: str, token: str) -> None:
+    response = await post_upload(http, url, token, MultipartUpload([b"still alive"]))
+    assert response.status_code == 201, response.text
+
+
+def multipart_raw(parts: list[tuple[str, str | bytes]], boundary: str = "B0undary") -> bytes:
+    out = b""
+    for name, value in parts:
+        data = value.encode() if isinstance(value, str) else value
+        filename = '; filename="f.bin"' if name == "file" else ""
+        out += (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"{filename}\r\n\r\n'
+            ).encode()
+            + data
+            + b"\r\n"
+        )
+    return out + f"--{boundary}--\r\n".encode()
+
+
+NO_TYPE = "(none)"
+BAD_FORMS = [
+    # (description, body, content type, status, code)
+    ("json body", b'{"file": "x"}', "application/json", 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ("no content type", b"abc", NO_TYPE, 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ("no boundary", b"abc", "multipart/form-data", 400, "MALFORMED_MULTIPART"),
+    ("no file part", multipart_raw([("description", "x")]), None, 400, "MISSING_FILE"),
+    (
+        "truncated body",
+        multipart_raw([("file", b"abc" * 1000)])[:-40],
+        None,
+        400,
+        "MALFORMED_MULTIPART",
+    ),
+    ("garbage body", b"\x00\x01 not multipart at all", None, 400, "MALFORMED_MULTIPART"),
+    (
+        "bad ttl",
+        multipart_raw([("ttl_days", "0"), ("file", b"x")]),
+        None,
+        400,
+        "INVALID_FIELD",
+    ),
+    (
+        "bad policy",
+        multipart_raw([("retention_policy", "forever"), ("file", b"x")]),
+        None,
+        400,
+        "INVALID_FIELD",
+    ),
+    (
+        "bad algorithm",
+        multipart_raw([("compress", "true"), ("compression_algorithm", "zip"), ("file", b"x")]),
+        None,
+        400,
+        "INVALID_FIELD",
+    ),
+    (
+        "description too long",
+        multipart_raw([("description", "d" * 1001), ("file", b"x")]),
+        None,
+        400,
+        "INVALID_FIELD",
+    ),
+    (
+        "metadata not json",
+        multipart_raw([("metadata", "{not json"), ("file", b"x")]),
+        None,
+        400,
+        "INVALID_METADATA",
+    ),
+    (
+        "metadata not an object",
+        multipart_raw([("metadata", "[1, 2]"), ("file", b"x")]),
+        None,
+        400,
+        "INVALID_METADATA",
+    ),
+    (
+        "bad field after the file",
+        multipart_raw([("file", b"abc" * 100_000), ("ttl_days", "999")]),
+        None,
+        400,
+        "INVALID_FIELD",
+    ),
+    (
+        "two files",
+        multipart_raw([("file", b"one"), ("file", b"two")]),
+        None,
+        400,
+        "INVALID_FIELD",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [case[1:] for case in BAD_FORMS],
+    ids=[case[0] for case in BAD_FORMS],
+)
+async def test_bad_forms_are_refused_and_leave_nothing(
+    stack: Stack, token: TokenFactory, body: bytes, content_type: str | None, status: int, code: str
+) -> None:
+    with trio.fail_after(15):
+        before = stack.all_files()
+        headers = auth(token())
+        if content_type != NO_TYPE:
+            headers["Content-Type"] = content_type or "multipart/form-data; boundary=B0undary"
+        async with httpx.AsyncClient(trust_env=False) as http:
+            headers["Content-Length"] = str(len(body))
+            response = await http.post(
+                stack.url + "/api/v1/files/upload", content=AsyncBody(iter([body])), headers=headers
+            )
+            assert response.status_code == status, response.text
+            assert error_code(response) == code
+            assert "Traceback" not in response.text
+            await trio.sleep(0.2)
+            assert stack.all_files() == before
+            await assert_still_serving(http, stack.url, token())
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unsigned_token(claims: dict[str, object]) -> str:
+    header = _b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    return f"{header}.{_b64(json.dumps(claims).encode())}."
+
+
+def hs256_with_public_key(claims: dict[str, object], public_pem: bytes) -> str:
+    """The algorithm-confusion attack: HMAC keyed with the RS256 public key."""
+    signing_input = (
+        _b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+        + "."
+        + _b64(json.dumps(claims).encode())
+    )
+    signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def claims() -> dict[str, object]:
+    now = int(time.time())
+    return {
+        "sub": "eve",
+        "type": "service_account",
+        "role": "admin",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_tokens(stack: Stack) -> dict[str, str | None]:
+    pem = stack.keys.private_pem
+    past = time.time() - 7200
+    return {
+        "missing": None,
+        "garbage": "not.a.token",
+        "expired": make_token(pem, sub="alice", ttl=60, now=past),
+        "not yet valid": make_token(pem, sub="alice", now=time.time() + 3600),
+        "refresh": make_token(pem, sub="alice", token_type="refresh"),
+        "alg none": unsigned_token(claims()),
+        "hs256 with public key": hs256_with_public_key(
+            claims(), stack.keys.public_path.read_bytes()
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "garbage",
+        "expired",
+        "not yet valid",
+        "refresh",
+        "alg none",
+        "hs256 with public key",
+    ],
+)
+async def test_bad_tokens_get_401(
+    stack: Stack, bad_tokens: dict[str, str | None], case: str
+) -> None:
+    with trio.fail_after(10):
+        before = stack.all_files()
+        value = bad_tokens[case]
+        body = MultipartUpload([b"secret"])
+        async with httpx.AsyncClient(trust_env=False) as http:
+            response = await post_upload(http, stack.url, value or "", body, stream=False)
+        assert response.status_code == 401, response.text
+        assert error_code(response) == "UNAUTHORIZED"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer ")
+        assert stack.all_files() == before
+
+
+@pytest.mark.parametrize(
+    ("role", "status"), [("readonly", 403), ("auditor", 403), ("operator", 201), ("admin", 201)]
+)
+async def test_roles(stack: Stack, token: TokenFactory, role: str, status: int) -> None:
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            response = await post_upload(http, stack.url, token(role=role), MultipartUpload([b"r"]))
+        assert response.status_code == status, response.text
+        if status == 403:
+            assert error_code(response) == "FORBIDDEN"
+
+
+async def test_keycloak_scope_can_upload(stack: Stack) -> None:
+    with trio.fail_after(10):
+        pem = stack.keys.private_pem
+        writer = make_keycloak_token(pem, sub="kc-1", username="kc", scope="openid files:write")
+        reader = make_keycloak_token(
+            pem, sub="kc-2", username="kc2", roles=["readonly"], scope="openid"
+        )
+        async with httpx.AsyncClient(trust_env=False) as http:
+            ok = await post_upload(http, stack.url, writer, MultipartUpload([b"k"]))
+            denied = await post_upload(http, stack.url, reader, MultipartUpload([b"k"]))
+        assert ok.status_code == 201, ok.text
+        assert denied.status_code == 403
+
+
+@pytest.fixture(scope="module")
+def small(stack: Stack) -> Iterator[Proc]:
+    """An ingester with tight limits, sharing the stack's Storage Elements."""
+    proc = stack.start_ingester(
+        "small",
+        INGESTER_MAX_FILE_SIZE=str(MIB),
+        INGESTER_MAX_UPLOADS_IN_FLIGHT="2",
+        INGESTER_MAX_UPLOADS_PER_USER="1",
+        INGESTER_CLIENT_IDLE_TIMEOUT_S="1.5",
+    )
+    yield proc
+    assert proc.terminate() == 0
+
+
+async def test_counted_size_over_the_limit_is_413(
+    stack: Stack, small: Proc, token: TokenFactory
+) -> None:
+    with trio.fail_after(20):
+        before = stack.all_files()
+        body = MultipartUpload(random_chunks(3 * MIB, seed=9))
+        async with httpx.AsyncClient(trust_env=False) as http:
+            # Streamed (chunked): the size is only known by counting.
+            response = await post_upload(http, small.url, token(), body)
+            assert response.status_code == 413, response.text
+            assert error_code(response) == "FILE_TOO_LARGE"
+            assert stack.all_files() == before
+            await assert_still_serving(http, small.url, token())
+
+
+async def test_declared_size_over_the_limit_is_413(
+    stack: Stack, small: Proc, token: TokenFactory
+) -> None:
+    with trio.fail_after(20):
+        before = stack.all_files()
+        body = MultipartUpload(random_chunks(3 * MIB, seed=9))
+        async with httpx.AsyncClient(trust_env=False) as http:
+            response = await post_upload(http, small.url, token(), body, stream=False)
+        assert response.status_code == 413, response.text
+        assert error_code(response) == "FILE_TOO_LARGE"
+        assert stack.all_files() == before
+
+
+async def raw_request(url: str, head: str, body_prefix: bytes) -> trio.SocketStream:
+    host, port = url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(head.encode() + body_prefix)
+    return stream
+
+
+def upload_head(token: str, *, length: int, upload_id: str | None = None) -> str:
+    extra = f"X-Upload-ID: {upload_id}\r\n" if upload_id else ""
+    return (
+        "POST /api/v1/files/upload HTTP/1.1\r\nHost: test\r\n"
+        f"Authorization: Bearer {token}\r\n"
+        "Content-Type: multipart/form-data; boundary=B0undary\r\n"
+        f"Content-Length: {length}\r\n{extra}\r\n"
+    )
+
+
+FILE_HEAD = b'--B0undary\r\nContent-Disposition: form-data; name="file"; filename="f.bin"\r\n\r\n'
+
+
+async def read_response(stream: trio.SocketStream) -> tuple[int, bytes]:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data
+
+
+async def test_idle_client_gets_408(stack: Stack, small: Proc, token: TokenFactory) -> None:
+    with trio.fail_after(15):
+        before = stack.all_files()
+        stream = await raw_request(
+            small.url, upload_head(token(), length=10 * 1024), FILE_HEAD + b"x" * 1000
+        )
+        started = trio.current_time()
+        status, raw = await read_response(stream)
+        waited = trio.current_time() - started
+        await stream.aclose()
+        assert status == 408, raw
+        assert b'"CLIENT_TIMEOUT"' in raw
+        assert 1.0 <= waited < 6.0
+        assert stack.all_files() == before
+
+
+async def test_client_disconnect_cancels_the_element_request(
+    stack: Stack, token: TokenFactory
+) -> None:
+    with trio.fail_after(20):
+        upload_id = str(uuid.uuid4())
+        before = stack.all_files()
+        tmp_dir = stack.se_edit.data_dir / ".tmp"
+        stream = await raw_request(
+            stack.url, upload_head(token(), length=200 * MIB, upload_id=upload_id), FILE_HEAD
+        )
+        for chunk in random_chunks(8 * MIB, seed=4):
+            await stream.send_all(chunk)
+        # The element is receiving: its temporary file exists.
+        await eventually(lambda: any(tmp_dir.iterdir()), timeout_s=5)
+        await stream.aclose()
+        # Within a second of the client leaving, the element's request is gone with its file.
+        await eventually(lambda: not any(tmp_dir.iterdir()), timeout_s=1.0)
+        assert stack.all_files() == before
+        async with httpx.AsyncClient(trust_env=False) as http:
+            with trio.fail_after(3):
+                while True:
+                    progress = await http.get(
+                        f"{stack.url}/api/v1/files/uploads/{upload_id}", headers=auth(token())
+                    )
+                    if progress.json()["state"] == "cancelled":
+                        break
+                    await trio.sleep(0.05)
+            await assert_still_serving(http, stack.url, token())
+
+
+async def test_caps_on_uploads_in_flight(stack: Stack, small: Proc, token: TokenFactory) -> None:
+    """`small` allows 2 uploads in flight and 1 per user."""
+    with trio.fail_after(20):
+        body_len = MIB  # under the limit: the holders must be admitted
+        holders = []
+        for user in ("holder-1", "holder-2"):
+            stream = await raw_request(
+                small.url, upload_head(token(sub=user), length=body_len), FILE_HEAD
+            )
+            holders.append(stream)
+        # The holders keep sending slowly so the idle timeout does not end them.
+        async with httpx.AsyncClient(trust_env=False) as http, trio.open_nursery() as nursery:
+
+            async def trickle(stream: trio.SocketStream) -> None:
+                while True:
+                    await stream.send_all(b"z" * 1024)
+                    await trio.sleep(0.2)
+
+            for stream in holders:
+                nursery.start_soon(trickle, stream)
+            await trio.sleep(0.5)
+            same_user = await post_upload(
+                http, small.url, token(sub="holder-1"), MultipartUpload([b"a"])
+            )
+            other_user = await post_upload(
+                http, small.url, token(sub="newcomer"), MultipartUpload([b"b"])
+            )
+            nursery.cancel_scope.cancel()
+        for stream in holders:
+            await stream.aclose()
+        assert same_user.status_code == 429, same_user.text
+        assert error_code(same_user) == "TOO_MANY_UPLOADS"
+        assert int(same_user.headers["Retry-After"]) > 0
+        assert other_user.status_code == 503, other_user.text
+        assert error_code(other_user) == "SERVICE_BUSY"
+        assert int(other_user.headers["Retry-After"]) > 0
+
+
+async def test_checksum_mismatch_removes_the_stored_copy(stack: Stack, token: TokenFactory) -> None:
+    """An element that stores different bytes than it was sent: 502, and the copy is deleted."""
+    uploads: list[str] = []
+
+    async def lying_element(request: Request) -> Response:
+        if request.path == "/api/v1/files/upload":
+            file_id = (
+                request.body.split(b'name="file_id"\r\n\r\n', 1)[1].split(b"\r\n", 1)[0].decode()
+            )
+            uploads.append(file_id)
+            return Response.json(
+                {
+                    "file_id": file_id,
+                    "original_filename": "f",
+                    "file_size": 5,
+                    "checksum": "0" * 64,
+                    "message": "ok",
+                },
+                status=201,
+            )
+        if request.path.startswith("/api/v1/gc/"):
+            return Response.json({"deleted": True})
+        return Response.json({"status": "ok"})
+
+    with trio.fail_after(30):
+        async with serve_http(lying_element) as liar:
+            entry: dict[str, object] = {"id": "liar", "api_url": liar.url, "mode": "edit"}
+            proc = await trio.to_thread.run_sync(
+                lambda: _start_with_elements(stack, "liar-ingester", [entry])
+            )
+            try:
+                async with httpx.AsyncClient(trust_env=False) as http:
+                    response = await post_upload(
+                        http, proc.url, token(), MultipartUpload([b"hello"])
+                    )
+                assert response.status_code == 502, response.text
+                assert error_code(response) == "CHECKSUM_MISMATCH"
+                assert len(uploads) == 1
+                assert liar.count(f"/api/v1/gc/{uploads[0]}", method="DELETE") == 1
+            finally:
+                await trio.to_thread.run_sync(proc.terminate)
+
+
+def _start_with_elements(stack: Stack, name: str, elements: list[dict[str, object]]) -> Proc:
+    from tests.support.stack import start_ingester, wait_ready
+
+    proc = start_ingester(
+        stack.root, name=name, public_key=stack.keys.public_path, elements=elements
+    )
+    wait_ready(proc.url)
+    return proc

@@ -1,0 +1,19 @@
+"""Waiting for state outside the test's control (files on disk, another process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import trio
+
+
+async def eventually(
+    check: Callable[[], bool], *, timeout_s: float, interval_s: float = 0.02
+) -> float:
+    """Poll `check` until it is true; return the seconds it took. Raises `trio.TooSlowError`."""
+    started = trio.current_time()
+    with trio.fail_after(timeout_s):
+        while True:
+            if check():
+                return trio.current_time() - started
+            await trio.sleep(interval_s)
