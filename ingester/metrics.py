@@ -48,6 +48,8 @@ class Metrics:
             buckets=RATIO_BUCKETS,
             registry=r,
         )
+        for algorithm in ("gzip", "brotli"):
+            self.compression_ratio.labels(algorithm)
         self.compression_skipped = Counter(
             "ingester_compression_skipped",
             "Uploads that asked for compression but were stored as sent, by reason.",

@@ -188,6 +188,7 @@ async def upload_file() -> Response:
                 "upload stored",
                 extra={
                     "event": "upload_stored",
+                    "storage_element_id": result["storage_element_id"],
                     "file_id": result["file_id"],
                     "file_size": result["file_size"],
                     "stored_size": result["stored_size"],

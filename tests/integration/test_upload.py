@@ -276,3 +276,38 @@ async def test_progress_is_visible_during_and_after(stack: Stack, token: TokenFa
         assert receiving, seen
         assert any(0 < int(s["bytes_received"]) < 500_000 for s in receiving)  # type: ignore[call-overload]
         assert other_user.status_code == 404
+
+
+@pytest.mark.slow
+async def test_one_gibibyte_round_trip(stack: Stack, token: TokenFactory) -> None:
+    """1 GiB generated on the fly, streamed through, downloaded and hashed on the way out."""
+    size = 1024 * MIB
+    with trio.fail_after(240):
+        body = MultipartUpload(
+            random_chunks(size, seed=1024),
+            fields=[("retention_policy", "temporary"), ("compress", "false")],
+        )
+        async with httpx.AsyncClient(trust_env=False, timeout=120) as http:
+            response = await post_upload(http, stack.url, token(), body)
+            assert response.status_code == 201, response.text
+            result = response.json()
+            assert result["file_size"] == size
+            assert result["checksum"] == body.sha256
+            digest = hashlib.sha256()
+            received = 0
+            async with http.stream(
+                "GET",
+                f"{stack.se_edit.url}/api/v1/files/{result['file_id']}/download",
+                headers=auth(token()),
+            ) as download_stream:
+                assert download_stream.status_code == 200
+                async for chunk in download_stream.aiter_bytes():
+                    digest.update(chunk)
+                    received += len(chunk)
+            # Free the element's disk for the rest of the suite.
+            gone = await http.delete(
+                f"{stack.se_edit.url}/api/v1/gc/{result['file_id']}", headers=auth(token())
+            )
+        assert received == size
+        assert digest.hexdigest() == body.sha256
+        assert gone.status_code == 200
