@@ -1,0 +1,254 @@
+"""`make bench`: the issue's figures, each against a baseline measured in the same run.
+
+    python -m bench.run_all [--quick]
+
+1. 1 GiB incompressible upload: through the ingester vs straight to the Storage Element
+   (throughput ratio), and the ingester's peak RSS.
+2. Memory does not grow with size: peak RSS for 64 MiB vs 1 GiB.
+3. 64 concurrent 16 MiB uploads: all succeed; aggregate ratio vs 64 direct; peak RSS.
+4. Compression (brotli 4, gzip 6) on text: ingester throughput vs the same compressor
+   in this process, single-threaded, on the same bytes.
+5. 4 KiB uploads at concurrency 50: requests per second and p50/p99 latency.
+
+Results go to bench/results/latest.json and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import brotli
+import httpx
+import trio
+
+from bench.harness import (
+    GIB,
+    MIB,
+    Bench,
+    bench_stack,
+    clear_data,
+    cpu_count,
+    curl_upload_argv,
+    make_file,
+    peak_rss_mb,
+    reset_peak_rss,
+    run_uploads,
+    save,
+)
+from tests.support.client import MultipartUpload, post_upload
+
+# Fields first: the plan is settled before the file, so nothing is spooled (the common
+# case for well-behaved clients; see the README).
+PLAIN_FIELDS = ["retention_policy=temporary", "compress=false"]
+
+
+def one_upload(bench: Bench, path: Path, *, direct: bool, fields: list[str]) -> tuple[float, float]:
+    """Seconds for one upload and the ingester's peak RSS (MB) during it."""
+    clear_data(bench.se)
+    reset_peak_rss(bench.ingester.pid)
+    wall, results = run_uploads(
+        [curl_upload_argv(bench.upload_url(direct), bench.token, path, [] if direct else fields)]
+    )
+    status = results[0][0]
+    if status != 201:
+        raise RuntimeError(f"upload failed with {status}")
+    return wall, peak_rss_mb(bench.ingester.pid)
+
+
+def throughput(bench: Bench, big: Path, size: int, rounds: int) -> dict[str, Any]:
+    one_upload(bench, big, direct=True, fields=[])  # warm the page cache
+    direct, through, peaks = [], [], []
+    for _ in range(rounds):
+        wall, _ = one_upload(bench, big, direct=True, fields=[])
+        direct.append(size / wall / MIB)
+        wall, peak = one_upload(bench, big, direct=False, fields=PLAIN_FIELDS)
+        through.append(size / wall / MIB)
+        peaks.append(peak)
+    return {
+        "direct_mib_s": [round(x) for x in direct],
+        "ingester_mib_s": [round(x) for x in through],
+        "ratio": round(statistics.median(through) / statistics.median(direct), 3),
+        "ingester_peak_rss_mb": round(max(peaks), 1),
+    }
+
+
+def memory_flat(bench: Bench, small: Path, big: Path) -> dict[str, Any]:
+    _, peak_small = one_upload(bench, small, direct=False, fields=PLAIN_FIELDS)
+    _, peak_big = one_upload(bench, big, direct=False, fields=PLAIN_FIELDS)
+    return {
+        "peak_rss_64mib_mb": round(peak_small, 1),
+        "peak_rss_1gib_mb": round(peak_big, 1),
+        "growth": round(peak_big / peak_small - 1, 3),
+    }
+
+
+def concurrent(bench: Bench, path: Path, count: int, size: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for label, direct in (("direct", True), ("ingester", False)):
+        clear_data(bench.se)
+        reset_peak_rss(bench.ingester.pid)
+        argvs = [
+            curl_upload_argv(
+                bench.upload_url(direct), bench.token, path, [] if direct else PLAIN_FIELDS
+            )
+            for _ in range(count)
+        ]
+        wall, results = run_uploads(argvs)
+        ok = sum(1 for status, _ in results if status == 201)
+        out[label] = {
+            "ok": ok,
+            "aggregate_mib_s": round(count * size / wall / MIB),
+            "wall_s": round(wall, 2),
+        }
+        if not direct:
+            out[label]["peak_rss_mb"] = round(peak_rss_mb(bench.ingester.pid), 1)
+    out["ratio"] = round(out["ingester"]["aggregate_mib_s"] / out["direct"]["aggregate_mib_s"], 3)
+    return out
+
+
+def in_process_speed(path: Path, algorithm: str) -> float:
+    """MiB/s of the compressor alone on the same bytes, 1 MiB chunks, one thread."""
+    data = path.read_bytes()
+    started = time.perf_counter()
+    if algorithm == "brotli":
+        comp = brotli.Compressor(quality=4, lgwin=20)
+        for i in range(0, len(data), MIB):
+            comp.process(data[i : i + MIB])
+        comp.finish()
+    else:
+        gz = zlib.compressobj(6, zlib.DEFLATED, 31)
+        for i in range(0, len(data), MIB):
+            gz.compress(data[i : i + MIB])
+        gz.flush()
+    return len(data) / (time.perf_counter() - started) / MIB
+
+
+def compression(bench: Bench, text: Path) -> dict[str, Any]:
+    size = text.stat().st_size
+    out: dict[str, Any] = {}
+    for algorithm in ("brotli", "gzip"):
+        fields = [
+            "retention_policy=temporary",
+            "compress=true",
+            f"compression_algorithm={algorithm}",
+        ]
+        wall, _ = one_upload(bench, text, direct=False, fields=fields)
+        through = size / wall / MIB
+        alone = in_process_speed(text, algorithm)
+        stored = sum(
+            p.stat().st_size for p in bench.se.data_dir.glob("*") if not p.name.endswith(".json")
+        )
+        out[algorithm] = {
+            "ingester_mib_s": round(through, 1),
+            "in_process_mib_s": round(alone, 1),
+            "ratio": round(through / alone, 3),
+            "compressed_to": round(stored / size, 3),
+        }
+    return out
+
+
+async def small_uploads(bench: Bench, total: int, concurrency: int, size: int) -> dict[str, Any]:
+    latencies: list[float] = []
+    failures = 0
+    payload = b"s" * size
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(trust_env=False, limits=limits, timeout=30) as http:
+        remaining = iter(range(total))
+
+        async def worker() -> None:
+            nonlocal failures
+            for _ in remaining:
+                body = MultipartUpload(
+                    [payload], fields=[("retention_policy", "temporary"), ("compress", "false")]
+                )
+                started = time.perf_counter()
+                response = await post_upload(
+                    http, bench.ingester.url, bench.token, body, stream=False
+                )
+                latencies.append(time.perf_counter() - started)
+                if response.status_code != 201:
+                    failures += 1
+
+        started = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+        wall = time.perf_counter() - started
+    latencies.sort()
+    return {
+        "requests": total,
+        "failures": failures,
+        "rps": round(total / wall),
+        "p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),
+        "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    args = parser.parse_args()
+    big_size = 256 * MIB if args.quick else GIB
+    rounds = 1 if args.quick else 3
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    with bench_stack() as bench:
+        big = make_file(bench.root / "big.bin", big_size, compressible=False)
+        small = make_file(bench.root / "small.bin", 64 * MIB, compressible=False)
+        mid = make_file(bench.root / "mid.bin", 16 * MIB, compressible=False)
+        text = make_file(
+            bench.root / "text.log", (64 if args.quick else 256) * MIB, compressible=True
+        )
+        print("1/5 throughput", flush=True)
+        results["throughput_1gib"] = throughput(bench, big, big_size, rounds)
+        print("2/5 memory", flush=True)
+        results["memory"] = memory_flat(bench, small, big)
+        print("3/5 concurrency", flush=True)
+        results["concurrent_64x16mib"] = concurrent(bench, mid, 64, 16 * MIB)
+        print("4/5 compression", flush=True)
+        results["compression"] = compression(bench, text)
+        print("5/5 small uploads", flush=True)
+        results["small_4kib_c50"] = trio.run(
+            small_uploads, bench, 500 if args.quick else 3000, 50, 4096
+        )
+    path = save(results, "latest")
+    print(report(results))
+    print(f"\nsaved to {path}")
+    return 0
+
+
+def report(r: dict[str, Any]) -> str:
+    t, m, c, z, s = (
+        r["throughput_1gib"],
+        r["memory"],
+        r["concurrent_64x16mib"],
+        r["compression"],
+        r["small_4kib_c50"],
+    )
+    rows = [
+        ("1 GiB upload, ingester / direct", f"{t['ratio']:.2f} ({t['ingester_mib_s']} vs {t['direct_mib_s']} MiB/s)", "≥ 0.70"),
+        ("ingester peak RSS during 1 GiB", f"{t['ingester_peak_rss_mb']} MB", "≤ 100 MB"),
+        ("peak RSS 64 MiB vs 1 GiB", f"{m['peak_rss_64mib_mb']} vs {m['peak_rss_1gib_mb']} MB ({m['growth']:+.1%})", "within 10%"),
+        ("64 × 16 MiB concurrent, ok", f"{c['ingester']['ok']}/64 (direct {c['direct']['ok']}/64)", "64/64"),
+        ("64 × 16 MiB, ingester / direct", f"{c['ratio']:.2f} ({c['ingester']['aggregate_mib_s']} vs {c['direct']['aggregate_mib_s']} MiB/s)", "≥ 0.70"),
+        ("64 × 16 MiB, ingester peak RSS", f"{c['ingester']['peak_rss_mb']} MB", "≤ 300 MB"),
+        ("brotli q4, ingester / in-process", f"{z['brotli']['ratio']:.2f} ({z['brotli']['ingester_mib_s']} vs {z['brotli']['in_process_mib_s']} MiB/s)", "≥ 0.8"),
+        ("gzip 6, ingester / in-process", f"{z['gzip']['ratio']:.2f} ({z['gzip']['ingester_mib_s']} vs {z['gzip']['in_process_mib_s']} MiB/s)", "≥ 0.8"),
+        ("4 KiB uploads, concurrency 50", f"{s['rps']} req/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, {s['failures']} failed", "p99 < 50 ms"),
+    ]  # fmt: skip
+    lines = ["| measure | result | target |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
