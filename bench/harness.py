@@ -79,8 +79,10 @@ def make_file(path: Path, size: int, *, compressible: bool) -> Path:
 
 
 def curl_upload_argv(url: str, token: str, path: Path, fields: Sequence[str] = ()) -> list[str]:
-    argv = ["curl", "-sS", "--fail-with-body", "-o", "/dev/null", "-w", "%{http_code} %{time_total}\n",
-            "-H", f"Authorization: Bearer {token}", "-H", "Expect:"]  # fmt: skip
+    argv = [
+        "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{time_total}\n",
+        "-H", f"Authorization: Bearer {token}", "-H", "Expect:",
+    ]  # fmt: skip
     for field in fields:
         argv += ["-F", field]
     argv += ["-F", f"file=@{path};type=application/octet-stream", url]
