@@ -27,7 +27,11 @@ async def test_ready_is_503_when_no_writable_element_answers(stack: Stack) -> No
         # An ingester whose only element is a port where nothing listens.
         from tests.support.stack import free_tcp_port, start_ingester
 
-        dead = {"id": "gone", "api_url": f"http://127.0.0.1:{free_tcp_port()}", "mode": "edit"}
+        dead: dict[str, object] = {
+            "id": "gone",
+            "api_url": f"http://127.0.0.1:{free_tcp_port()}",
+            "mode": "edit",
+        }
         proc = await trio.to_thread.run_sync(
             lambda: start_ingester(
                 stack.root, name="lonely", public_key=stack.keys.public_path, elements=[dead]
