@@ -26,6 +26,8 @@ from quart_trio.wrappers.request import TrioBody, TrioRequest
 
 # Defaults for apps built without settings (the reference Storage Element uses these too).
 DEFAULT_BUFFER_LIMIT: Final = 1024 * 1024
+# The end of a response is sent shielded from cancellation, but not forever.
+FINAL_SEND_TIMEOUT_S: Final = 5.0
 
 
 class BoundedBody(TrioBody):
@@ -110,7 +112,20 @@ class BackpressureHTTPConnection(TrioASGIHTTPConnection):
         body = request.body
         if isinstance(body, BoundedBody) and not body.complete:
             response.headers["Connection"] = "close"
+
+        async def send_end_shielded(message: Any) -> None:
+            # The last body message makes hypercorn recycle the connection for keep-alive and
+            # start its idle timer within this call; the same call delivers http.disconnect,
+            # whose cancellation would land inside the recycling. The idle timer then never
+            # starts: idle connections are never closed, and shutdown waits its whole grace.
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + FINAL_SEND_TIMEOUT_S
+                    await send(message)
+            else:
+                await send(message)
+
         # Streaming responses (downloads) must not be cut by Quart's RESPONSE_TIMEOUT: the
         # client's own pace decides; hypercorn's keep-alive timeout covers dead peers.
-        await self._send_response(send, response)
+        await self._send_response(send_end_shielded, response)
         nursery.cancel_scope.cancel()
