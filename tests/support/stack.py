@@ -8,9 +8,7 @@ parent removed, so neither a developer's environment nor a `.env` file leaks int
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,22 +19,10 @@ from typing import Final
 
 import httpx
 
+from tests.support.processes import child_env, free_port
+
 STARTUP_TIMEOUT_S: Final = 30.0
 STOP_TIMEOUT_S: Final = 10.0
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTER_")}
-    env.update(extra)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 @dataclass
@@ -139,7 +125,7 @@ def start_storage_element(
     port: int | None = None,
     data_dir: Path | None = None,
 ) -> StorageElementProc:
-    port = port or free_tcp_port()
+    port = port or free_port()
     data_dir = data_dir or root / element_id / "data"
     argv = [
         sys.executable, "-m", "ingester", "storage-element",
@@ -151,7 +137,7 @@ def start_storage_element(
     proc = StorageElementProc(
         name=element_id,
         argv=argv,
-        env=clean_env({}),
+        env=child_env({}),
         cwd=root / element_id,
         log_path=root / element_id / "se.log",
         url=f"http://127.0.0.1:{port}",
@@ -171,7 +157,7 @@ def start_ingester(
     elements: list[dict[str, object]],
     env: Mapping[str, str] | None = None,
 ) -> Proc:
-    port = free_tcp_port()
+    port = free_port()
     settings = {
         "INGESTER_HOST": "127.0.0.1",
         "INGESTER_PORT": str(port),
@@ -185,7 +171,7 @@ def start_ingester(
     proc = Proc(
         name=name,
         argv=[sys.executable, "-m", "ingester", "serve"],
-        env=clean_env(settings),
+        env=child_env(settings),
         cwd=root / name,
         log_path=root / name / "ingester.log",
         url=f"http://127.0.0.1:{port}",

@@ -1,0 +1,1 @@
+"""Helpers shared by the integration and chaos tests: processes, keys and tokens, bodies."""
