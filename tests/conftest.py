@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from ingester.auth.tokens import generate_keypair, make_token
+from tests.support.fixtures import KeyPair, keypair, token_factory
+from tests.support.fixtures import TokenFactory as SignedTokens
 from tests.support.stack import (
     Proc,
     StorageElementProc,
@@ -23,40 +25,19 @@ from tests.support.stack import (
     wait_ready,
 )
 
-
-@dataclass(frozen=True)
-class Keys:
-    private_path: Path
-    public_path: Path
-
-    @property
-    def private_pem(self) -> bytes:
-        return self.private_path.read_bytes()
-
-
 TokenFactory = Callable[..., str]
 
 
 @pytest.fixture(scope="session")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    private, public = generate_keypair(tmp_path_factory.mktemp("keys"))
-    return Keys(private, public)
-
-
-@pytest.fixture(scope="session")
-def token(keys: Keys) -> TokenFactory:
-    pem = keys.private_pem
-
-    def factory(role: str = "user", sub: str = "alice", **kwargs: object) -> str:
-        return make_token(pem, sub=sub, role=role, **kwargs)  # type: ignore[arg-type]
-
-    return factory
+def token(token_factory: SignedTokens) -> TokenFactory:
+    """Tokens for user `alice` unless told otherwise (`token(role="readonly", sub="bob")`)."""
+    return partial(token_factory, sub="alice")
 
 
 @dataclass
 class Stack:
     root: Path
-    keys: Keys
+    keys: KeyPair
     se_edit: StorageElementProc
     se_rw: StorageElementProc
     ingester: Proc
@@ -85,7 +66,8 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair) -> Iterator[Stack]:
+    keys = keypair
     root = tmp_path_factory.mktemp("stack")
     started: list[Proc] = []
     try:
@@ -108,3 +90,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[Stac
     finally:
         for proc in reversed(started):
             proc.terminate()
+
+
+# Session fixtures defined in tests.support.fixtures, registered here for every test module.
+__all__ = ["keypair", "token_factory"]
