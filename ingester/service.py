@@ -23,6 +23,7 @@ from .storage.registry import Prober, Registry, configured_elements
 from .storage.se_auth import SETokenProvider, build_se_token_provider
 from .storage.selection import Candidate
 from .upload.admission import Admission
+from .upload.budget import MemoryBudget
 from .upload.pipeline import UploadPipeline
 from .upload.progress import ProgressBook
 from .upload.spool import SpoolBudget
@@ -67,6 +68,7 @@ class Service:
             retry_after_s=settings.retry_after_s,
         )
         self.spool_budget = SpoolBudget(settings.spool_max_bytes)
+        self.memory_budget = MemoryBudget(settings.memory_budget_bytes)
         self.pipeline = UploadPipeline(self)
         self.started = False
 

@@ -104,15 +104,16 @@ class Settings(BaseSettings):
     max_filename_length: int = Field(default=255, ge=16, le=1024)
 
     # --- pipeline
-    chunk_size: int = Field(default=1 * MIB, ge=4096)
-    # Depth of each channel between pipeline tasks: memory per upload ~ chunk_size x depth x 3.
-    pipeline_queue_depth: int = Field(default=4, ge=1)
+    # Chunks each channel between pipeline tasks holds (a chunk is what one body read gave).
+    pipeline_queue_depth: int = Field(default=2, ge=1)
+    # File data held in the process between clients and elements, all uploads together.
+    memory_budget_bytes: int = Field(default=48 * MIB, ge=4 * MIB)
     # Quart body buffer: the ASGI receiver pauses while this much is unread.
-    body_buffer_limit: int = Field(default=1 * MIB, ge=64 * 1024)
+    body_buffer_limit: int = Field(default=512 * 1024, ge=64 * 1024)
     # hypercorn's socket read size (its default is 64 KiB).
     socket_read_size: int = Field(default=256 * 1024, ge=4096)
     # hypercorn's per-request queue of body messages (each up to socket_read_size).
-    app_queue_size: int = Field(default=4, ge=1)
+    app_queue_size: int = Field(default=2, ge=1)
     compression_min_size: int = Field(default=4096, ge=0)
     brotli_quality: int = Field(default=4, ge=0, le=11)
     gzip_level: int = Field(default=6, ge=1, le=9)

@@ -25,6 +25,7 @@ from ..errors import (
 from ..http.multipart import parse_boundary
 from ..service import Service
 from ..settings import Settings
+from ..upload.budget import UploadBudget
 from ..upload.digest import parse_content_digest
 from ..upload.pipeline import FormReader, UploadRequest
 from ..upload.progress import UploadState
@@ -126,7 +127,13 @@ async def upload_file() -> Response:
         svc.metrics.in_flight.inc()
         started = trio.current_time()
         outcome = "cancelled"
-        reader = FormReader(request.body, boundary, settings.client_idle_timeout_s)
+        reader = FormReader(
+            request.body,
+            boundary,
+            settings.client_idle_timeout_s,
+            UploadBudget(svc.memory_budget),
+            quantum=settings.body_buffer_limit,
+        )
         upload_request = UploadRequest(
             upload_id=upload_id,
             principal=principal,

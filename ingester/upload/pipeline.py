@@ -48,6 +48,7 @@ from ..errors import (
 from ..http.multipart import BodyEnd, MultipartStreamParser, PartData, PartEnd, PartStart
 from ..storage.client import StoredFile
 from ..storage.selection import Candidate, no_candidate_error, rank_candidates
+from .budget import UploadBudget
 from .compression import (
     Algorithm,
     CompressionDecision,
@@ -93,6 +94,8 @@ SNIFF_BYTES: Final = 64 * 1024
 # Below this, hashing on the event loop is cheaper than a hop to a worker thread.
 INLINE_HASH_BYTES: Final = 64 * 1024
 HEARTBEAT_S: Final = 0.5
+# Largest piece handed to httpx at once (see SEUploadBody._next_slice).
+SEND_PIECE: Final = 256 * 1024
 # Multipart framing and form fields around the file part: allowance over max_file_size
 # before a declared Content-Length is refused outright.
 FORM_OVERHEAD_ALLOWANCE: Final = 1024 * 1024
@@ -154,20 +157,34 @@ class Upload:
     options: UploadOptions | None = None
     facts: FileFacts = field(default_factory=FileFacts)
     spool: Spool | None = None
+    budget: UploadBudget | None = None
     element: Candidate | None = None
     # Set while a piece handed to httpx has not been written yet: the stall watchdog's clock.
     in_flight_since: float | None = None
 
 
 class FormReader:
-    """Pulls the request body under the client idle timeout and yields multipart events."""
+    """Pulls the request body under the client idle timeout and yields multipart events.
 
-    def __init__(self, body: AsyncIterator[bytes], boundary: bytes, idle_timeout_s: float) -> None:
+    Before each read it takes `quantum` bytes of the memory budget (trued up to what was
+    read); framing is given back at once, part data is held by whoever consumes it.
+    """
+
+    def __init__(
+        self,
+        body: AsyncIterator[bytes],
+        boundary: bytes,
+        idle_timeout_s: float,
+        budget: UploadBudget,
+        quantum: int,
+    ) -> None:
         self._body = body
         self._parser = MultipartStreamParser(boundary)
         self._idle_timeout_s = idle_timeout_s
         self._pending: list[Any] = []
         self._exhausted = False
+        self.budget = budget
+        self._quantum = quantum
         self.bytes_read = 0
 
     async def next_event(self) -> Any:
@@ -175,17 +192,27 @@ class FormReader:
             if self._exhausted:
                 self._parser.close()
                 raise MalformedMultipart("the body ended before the form was complete")
+            # Waiting for budget is our pace, not the client's: outside the idle timer.
+            await self.budget.acquire(self._quantum)
             with trio.move_on_after(self._idle_timeout_s) as idle:
                 try:
                     chunk = await anext(self._body)
                 except StopAsyncIteration:
                     self._exhausted = True
+                    self.budget.release(self._quantum)
                     continue
             if idle.cancelled_caught:
                 raise RequestTimeout(f"no data from the client for {self._idle_timeout_s:g} s")
             self.bytes_read += len(chunk)
-            self._pending = self._parser.feed(chunk)
-            self._pending.reverse()
+            if len(chunk) > self._quantum:
+                await self.budget.acquire(len(chunk) - self._quantum)
+            events = self._parser.feed(chunk)
+            part_bytes = sum(len(e.data) for e in events if isinstance(e, PartData))
+            # The parser may emit a few bytes it held back from the previous chunk (a
+            # possible boundary), so part data can exceed this chunk's share.
+            self.budget.release(max(self._quantum, len(chunk)) - part_bytes)
+            events.reverse()
+            self._pending = events
         return self._pending.pop()
 
 
@@ -195,6 +222,7 @@ async def _read_field(reader: FormReader, budget: list[int]) -> str:
     while True:
         event = await reader.next_event()
         if isinstance(event, PartData):
+            reader.budget.release(len(event.data))
             size += len(event.data)
             budget[0] -= len(event.data)
             if size > MAX_FIELD_BYTES or budget[0] < 0:
@@ -259,6 +287,7 @@ class UploadPipeline:
             content_type=content_type,
             plan=Plan.of(early),
         )
+        upload.budget = reader.budget
         progress.filename = filename
         logs.bind(upload_id=request.upload_id)
         if not plan_is_settled(fields):
@@ -281,8 +310,11 @@ class UploadPipeline:
                 )
                 upload.plan = Plan.of(upload.options)
                 upload.facts = FileFacts()
+                # What the abandoned pass still held died with its channels.
+                reader.budget.release_all()
                 stored = await self._store(upload, live=None)
         finally:
+            reader.budget.release_all()
             if upload.spool is not None:
                 await upload.spool.discard()
         return self._result(upload, stored)
@@ -294,16 +326,22 @@ class UploadPipeline:
     ) -> StoredFile:
         depth = self.settings.pipeline_queue_depth
         raw_send, raw_recv = trio.open_memory_channel[bytes](depth)
-        out_send, out_recv = trio.open_memory_channel[bytes](depth)
+        # Transformed pieces with the raw bytes they stand for, given back to the budget
+        # once the element's socket has taken them.
+        out_send, out_recv = trio.open_memory_channel[tuple[bytes, int]](depth)
         result: list[StoredFile] = []
         done = trio.Event()
+        budget = live[0].budget if live is not None else upload.budget
+        assert budget is not None
         async with trio.open_nursery() as nursery:
             if live is not None:
                 nursery.start_soon(self._read_live, upload, live[0], live[1], raw_send)
             else:
-                nursery.start_soon(self._read_spool, upload, raw_send)
-            nursery.start_soon(self._transform, upload, raw_recv, out_send, live is not None)
-            nursery.start_soon(self._stream, upload, out_recv, result, done)
+                nursery.start_soon(self._read_spool, upload, budget, raw_send)
+            nursery.start_soon(
+                self._transform, upload, raw_recv, out_send, live is not None, budget
+            )
+            nursery.start_soon(self._stream, upload, out_recv, result, done, budget)
             nursery.start_soon(self._heartbeat, upload, done)
         return result[0]
 
@@ -338,10 +376,13 @@ class UploadPipeline:
                 break
         self._complete_fields(upload)
 
-    async def _read_spool(self, upload: Upload, raw_send: trio.MemorySendChannel[bytes]) -> None:
+    async def _read_spool(
+        self, upload: Upload, budget: UploadBudget, raw_send: trio.MemorySendChannel[bytes]
+    ) -> None:
         assert upload.spool is not None
         async with raw_send:
             async for chunk in upload.spool.replay():
+                await budget.acquire(len(chunk))
                 await raw_send.send(chunk)
 
     def _complete_fields(self, upload: Upload) -> None:
@@ -355,8 +396,9 @@ class UploadPipeline:
         self,
         upload: Upload,
         raw_recv: trio.MemoryReceiveChannel[bytes],
-        out_send: trio.MemorySendChannel[bytes],
+        out_send: trio.MemorySendChannel[tuple[bytes, int]],
         live: bool,
+        budget: UploadBudget,
     ) -> None:
         settings = self.settings
         facts = upload.facts
@@ -396,7 +438,10 @@ class UploadPipeline:
                 out = await trio.to_thread.run_sync(work, chunk)
             if out:
                 facts.stored_size += len(out)
-                await out_send.send(out)
+                await out_send.send((out, len(chunk)))
+            else:
+                # The compressor kept it (bounded by its window): nothing left to hold.
+                budget.release(len(chunk))
 
         async with out_send, raw_recv:
             async for chunk in raw_recv:
@@ -417,7 +462,7 @@ class UploadPipeline:
                 stored.update(tail)
                 if tail:
                     facts.stored_size += len(tail)
-                    await out_send.send(tail)
+                    await out_send.send((tail, 0))
             if spool is not None:
                 await spool.finish_writing()
         facts.sha256 = original.hexdigest()
@@ -456,9 +501,10 @@ class UploadPipeline:
     async def _stream(
         self,
         upload: Upload,
-        out_recv: trio.MemoryReceiveChannel[bytes],
+        out_recv: trio.MemoryReceiveChannel[tuple[bytes, int]],
         result: list[StoredFile],
         done: trio.Event,
+        budget: UploadBudget,
     ) -> None:
         svc = self.svc
         plan = upload.plan
@@ -471,6 +517,7 @@ class UploadPipeline:
             chunks=out_recv,
             tail=lambda: self._tail(boundary, upload),
             on_progress=lambda sent, writing: self._on_progress(upload, sent, writing),
+            release=budget.release,
         )
         tried: list[str] = []
         try:
@@ -667,42 +714,65 @@ class SEUploadBody(httpx.AsyncByteStream):
         self,
         *,
         head: bytes,
-        chunks: trio.MemoryReceiveChannel[bytes],
+        chunks: trio.MemoryReceiveChannel[tuple[bytes, int]],
         tail: Callable[[], Awaitable[bytes]],
         on_progress: Callable[[int, bool], None],
+        release: Callable[[int], None],
     ) -> None:
         self._head = head
         self._chunks = chunks
         self._tail = tail
         self._on_progress = on_progress
+        self._release = release
         self._stage = 0
         self._sent_file_bytes = 0
         self._last_len = 0
+        self._last_raw = 0
+        self._rest: memoryview | None = None
+        self._rest_raw = 0
         self.started = False
 
-    def __aiter__(self) -> SEUploadBody:
+    def __aiter__(self) -> SEUploadBody:  # type: ignore[override]
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> bytes | memoryview:
         # Asked for the next piece: the previous one is written.
         self._sent_file_bytes += self._last_len
-        self._last_len = 0
+        self._release(self._last_raw)
+        self._last_len = self._last_raw = 0
         self._on_progress(self._sent_file_bytes, False)
-        piece: bytes
-        if self._stage == 0:
+        piece: bytes | memoryview
+        if self._rest is not None:
+            piece = self._next_slice()
+        elif self._stage == 0:
             self.started = True
             self._stage = 1
             piece = self._head
         elif self._stage == 1:
             try:
-                piece = await self._chunks.receive()
-                self._last_len = len(piece)
+                chunk, self._rest_raw = await self._chunks.receive()
             except trio.EndOfChannel:
                 self._stage = 3
                 piece = await self._tail()
+            else:
+                self._rest = memoryview(chunk)
+                piece = self._next_slice()
         else:
             raise StopAsyncIteration
         self._on_progress(self._sent_file_bytes, True)
+        return piece
+
+    def _next_slice(self) -> memoryview:
+        """At most SEND_PIECE bytes: httpcore copies each piece while the socket takes it,
+        so smaller pieces keep that copy small for an upload stuck behind a slow element."""
+        assert self._rest is not None
+        piece, rest = self._rest[:SEND_PIECE], self._rest[SEND_PIECE:]
+        self._last_len = len(piece)
+        if rest:
+            self._rest = rest
+        else:
+            # The chunk's raw bytes are given back once its last slice is written.
+            self._rest, self._last_raw, self._rest_raw = None, self._rest_raw, 0
         return piece
 
     async def aclose(self) -> None:
