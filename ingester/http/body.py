@@ -7,10 +7,13 @@ limit (measured: about 2 GB in 8 s). Here the connection stops pulling `receive(
 reading the socket, and the client's TCP window closes. A slow Storage Element thereby slows
 the client, not our memory.
 
-Answering before the body is read (413, 415, 400) leaves the rest of the body unread.
-hypercorn detaches the request from the connection as soon as the response ends, so the
-connection cannot be reused: such answers carry `Connection: close`, and clients open a new
-connection for their next request instead of waiting on this one.
+Answering before the body is read (413, 415, 400) leaves the rest of the body unread, and
+closing a socket with unread input makes the kernel send RST, which can destroy the answer
+before the client reads it (a client like httpx reads only after it has sent its body).
+Such answers carry `Connection: close`; their bytes are sent at once, but the final ASGI
+message (after which hypercorn closes) waits while the rest of the body is read and
+discarded: a lingering close, bounded in time and bytes, that ends early when the client
+pauses.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ from quart_trio.wrappers.request import TrioBody, TrioRequest
 DEFAULT_BUFFER_LIMIT: Final = 1024 * 1024
 # The end of a response is sent shielded from cancellation, but not forever.
 FINAL_SEND_TIMEOUT_S: Final = 5.0
+# Lingering close after an early answer: long enough for a client to finish sending a
+# modest body, short enough that a client that never stops costs little.
+LINGER_S: Final = 3.0
+LINGER_BYTES: Final = 64 * 1024 * 1024
+# A client that sends nothing for this long while we linger is not going to.
+LINGER_PAUSE_S: Final = 0.25
 
 
 class BoundedBody(TrioBody):
@@ -46,9 +55,16 @@ class BoundedBody(TrioBody):
         self._buffered = 0
         self._room = trio.Event()
         self._room.set()
+        self._discarding = False
+        self._arrived = trio.Event()
+        self.discarded = 0
 
     def append(self, data: bytes) -> None:
         if not data:
+            return
+        if self._discarding:
+            self.discarded += len(data)
+            self._arrived.set()
             return
         self._chunks.append(data)
         self._buffered += len(data)
@@ -80,8 +96,26 @@ class BoundedBody(TrioBody):
         return bool(self._complete.is_set())
 
     async def wait_for_room(self) -> None:
-        while self._buffered >= self.buffer_limit:
+        while self._buffered >= self.buffer_limit and not self._discarding:
             await self._room.wait()
+
+    def set_complete(self) -> None:
+        super().set_complete()
+        self._arrived.set()
+
+    async def drain(self) -> None:
+        """Read and drop the rest of the body, within the lingering-close bounds."""
+        self._discarding = True
+        self._chunks.clear()
+        self._buffered = 0
+        self._room.set()
+        with trio.move_on_after(LINGER_S):
+            while not self.complete and self.discarded < LINGER_BYTES:
+                self._arrived = trio.Event()
+                with trio.move_on_after(LINGER_PAUSE_S) as pause:
+                    await self._arrived.wait()
+                if pause.cancelled_caught:
+                    return
 
 
 class BoundedRequest(TrioRequest):
@@ -110,7 +144,8 @@ class BackpressureHTTPConnection(TrioASGIHTTPConnection):
     ) -> None:
         response = await self.app.handle_request(request)
         body = request.body
-        if isinstance(body, BoundedBody) and not body.complete:
+        linger = isinstance(body, BoundedBody) and not body.complete
+        if linger:
             response.headers["Connection"] = "close"
 
         async def send_end_shielded(message: Any) -> None:
@@ -119,6 +154,8 @@ class BackpressureHTTPConnection(TrioASGIHTTPConnection):
             # whose cancellation would land inside the recycling. The idle timer then never
             # starts: idle connections are never closed, and shutdown waits its whole grace.
             if message["type"] == "http.response.body" and not message.get("more_body", False):
+                if linger and isinstance(body, BoundedBody):
+                    await body.drain()
                 with trio.CancelScope(shield=True) as scope:
                     scope.deadline = trio.current_time() + FINAL_SEND_TIMEOUT_S
                     await send(message)
