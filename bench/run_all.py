@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 import zlib
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,9 @@ def compression(bench: Bench, text: Path) -> dict[str, Any]:
     return out
 
 
-async def small_uploads(bench: Bench, total: int, concurrency: int, size: int) -> dict[str, Any]:
+async def small_uploads(
+    bench: Bench, total: int, concurrency: int, size: int, *, direct: bool = False
+) -> dict[str, Any]:
     latencies: list[float] = []
     failures = 0
     payload = b"s" * size
@@ -168,9 +171,8 @@ async def small_uploads(bench: Bench, total: int, concurrency: int, size: int) -
                     [payload], fields=[("retention_policy", "temporary"), ("compress", "false")]
                 )
                 started = time.perf_counter()
-                response = await post_upload(
-                    http, bench.ingester.url, bench.token, body, stream=False
-                )
+                url = bench.se.url if direct else bench.ingester.url
+                response = await post_upload(http, url, bench.token, body, stream=False)
                 latencies.append(time.perf_counter() - started)
                 if response.status_code != 201:
                     failures += 1
@@ -217,8 +219,14 @@ def main() -> int:
         print("4/5 compression", flush=True)
         results["compression"] = compression(bench, text)
         print("5/5 small uploads", flush=True)
-        results["small_4kib_c50"] = trio.run(
-            small_uploads, bench, 500 if args.quick else 3000, 50, 4096
+        count = 500 if args.quick else 3000
+        results["small_4kib_c50"] = trio.run(small_uploads, bench, count, 50, 4096)
+        results["small_4kib_c50_direct"] = trio.run(
+            partial(small_uploads, bench, count, 50, 4096, direct=True)
+        )
+        results["small_4kib_c1"] = trio.run(small_uploads, bench, count // 10, 1, 4096)
+        results["small_4kib_c1_direct"] = trio.run(
+            partial(small_uploads, bench, count // 10, 1, 4096, direct=True)
         )
     path = save(results, "latest")
     print(report(results))
@@ -234,6 +242,7 @@ def report(r: dict[str, Any]) -> str:
         r["compression"],
         r["small_4kib_c50"],
     )
+    sd, s1, s1d = r["small_4kib_c50_direct"], r["small_4kib_c1"], r["small_4kib_c1_direct"]
     rows = [
         ("1 GiB upload, ingester / direct", f"{t['ratio']:.2f} ({t['ingester_mib_s']} vs {t['direct_mib_s']} MiB/s)", "≥ 0.70"),
         ("ingester peak RSS during 1 GiB", f"{t['ingester_peak_rss_mb']} MB", "≤ 100 MB"),
@@ -244,6 +253,9 @@ def report(r: dict[str, Any]) -> str:
         ("brotli q4, ingester / in-process", f"{z['brotli']['ratio']:.2f} ({z['brotli']['ingester_mib_s']} vs {z['brotli']['in_process_mib_s']} MiB/s)", "≥ 0.8"),
         ("gzip 6, ingester / in-process", f"{z['gzip']['ratio']:.2f} ({z['gzip']['ingester_mib_s']} vs {z['gzip']['in_process_mib_s']} MiB/s)", "≥ 0.8"),
         ("4 KiB uploads, concurrency 50", f"{s['rps']} req/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms, {s['failures']} failed", "p99 < 50 ms"),
+        ("  same, straight to the element", f"{sd['rps']} req/s, p50 {sd['p50_ms']} ms, p99 {sd['p99_ms']} ms", "baseline"),
+        ("4 KiB uploads, concurrency 1", f"{s1['rps']} req/s, p50 {s1['p50_ms']} ms, p99 {s1['p99_ms']} ms", "report"),
+        ("  same, straight to the element", f"{s1d['rps']} req/s, p50 {s1d['p50_ms']} ms, p99 {s1d['p99_ms']} ms", "baseline"),
     ]  # fmt: skip
     lines = ["| measure | result | target |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
