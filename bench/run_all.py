@@ -19,8 +19,8 @@ import argparse
 import statistics
 import sys
 import time
-from functools import partial
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
