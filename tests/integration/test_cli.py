@@ -1,0 +1,155 @@
+"""The command line as a user runs it: real processes, real output."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import jwt
+import trio
+
+from ingester.settings import Settings
+from tests.support.client import MultipartUpload, post_upload
+from tests.support.fixtures import KeyPair
+from tests.support.processes import child_env, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ingester", *args],
+        env=child_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_token_command_prints_a_verifiable_token(keypair: KeyPair) -> None:
+    result = run_cli(
+        "token",
+        "--key",
+        str(keypair.private_path),
+        "--role",
+        "operator",
+        "--sub",
+        "ops",
+        "--ttl",
+        "60",
+    )
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    claims = jwt.decode(token, keypair.public_path.read_bytes(), algorithms=["RS256"])
+    assert claims["sub"] == "ops"
+    assert claims["role"] == "operator"
+    assert claims["type"] == "service_account"
+    assert claims["exp"] - claims["iat"] == 60
+    refresh = run_cli("token", "--key", str(keypair.private_path), "--type", "refresh")
+    assert (
+        jwt.decode(refresh.stdout.strip(), keypair.public_path.read_bytes(), algorithms=["RS256"])[
+            "type"
+        ]
+        == "refresh"
+    )
+
+
+def test_token_command_with_a_missing_key_says_so(tmp_path: Path) -> None:
+    result = run_cli("token", "--key", str(tmp_path / "nope.pem"))
+    assert result.returncode == 2
+    assert "cannot read key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_invalid_settings_with_one_line_each(tmp_path: Path) -> None:
+    result = run_cli(
+        "serve",
+        env={
+            "INGESTER_PORT": "not-a-port",
+            "INGESTER_STORAGE_ELEMENTS": "[{broken",
+            "INGESTER_LOG_FORMAT": "xml",
+        },
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 3, lines
+    assert any(line.startswith("invalid configuration: INGESTER_PORT") for line in lines)
+    assert any(
+        line.startswith("invalid configuration: INGESTER_STORAGE_ELEMENTS") for line in lines
+    )
+    assert any(line.startswith("invalid configuration: INGESTER_LOG_FORMAT") for line in lines)
+
+
+def test_env_example_documents_every_setting() -> None:
+    documented = set(
+        re.findall(r"^# (INGESTER_[A-Z0-9_]+)=", (REPO / ".env.example").read_text(), re.M)
+    )
+    expected = {f"INGESTER_{name.upper()}" for name in Settings.model_fields}
+    assert documented == expected
+
+
+async def test_dev_stack_from_banner_to_stored_file_and_clean_stop(tmp_path: Path) -> None:
+    """What a newcomer does after `make run`: paste the token, upload, see the file, Ctrl-C."""
+    port = free_port()
+    data_dir = tmp_path / "dev"
+    log = tmp_path / "dev.log"
+    with trio.fail_after(60):
+        out = await trio.to_thread.run_sync(lambda: open(log, "wb"))  # noqa: SIM115
+        try:
+            argv = ["-m", "ingester", "dev", "--port", str(port), "--data-dir", str(data_dir)]
+            process = await trio.lowlevel.open_process(
+                [sys.executable, *argv],
+                env=child_env(),
+                cwd=tmp_path,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            out.close()
+        try:
+            while "export TOKEN=" not in log.read_text():
+                assert process.returncode is None, log.read_text()
+                await trio.sleep(0.1)
+            banner = log.read_text()
+            token = re.search(r"export TOKEN=(\S+)", banner).group(1)  # type: ignore[union-attr]
+            assert f"http://127.0.0.1:{port}/api/v1/files/upload" in banner
+            async with httpx.AsyncClient(trust_env=False) as http:
+                response = await post_upload(
+                    http,
+                    f"http://127.0.0.1:{port}",
+                    token,
+                    MultipartUpload(
+                        [b"hello artStore\n"],
+                        filename="hello.txt",
+                        fields=[("retention_policy", "temporary")],
+                    ),
+                )
+            assert response.status_code == 201, response.text
+            stored = data_dir / "se-edit" / response.json()["storage_filename"]
+            assert stored.read_bytes() == b"hello artStore\n"
+            assert (data_dir / "keys" / "private.pem").exists()
+            # Ctrl-C reaches the whole foreground process group.
+            os.killpg(process.pid, signal.SIGINT)
+            await process.wait()
+            assert process.returncode == 0, log.read_text()[-2000:]
+            leftovers = await trio.run_process(
+                ["pgrep", "-f", f"data-dir {data_dir}"], capture_stdout=True, check=False
+            )
+            # pgrep exits 1 when nothing matches (2 would be a usage error, not a pass).
+            assert leftovers.returncode == 1, leftovers.stdout
+        finally:
+            if process.returncode is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
