@@ -120,8 +120,6 @@ class Settings(BaseSettings):
     # Store uncompressed when the first chunk does not shrink below this ratio.
     compression_min_gain: float = Field(default=0.95, gt=0, le=1)
     progress_retention_s: float = Field(default=300.0, gt=0)
-    # Interactive API page at /docs.
-    docs_enabled: bool = False
 
     # --- HTTP surface
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
