@@ -129,18 +129,20 @@ class StorageElementClient:
         authorization: str | None,
         extra_headers: Mapping[str, str] | None = None,
     ) -> StoredFile:
-        headers = {"Content-Type": content_type}
+        headers = {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
         if authorization:
             headers["Authorization"] = authorization
         if extra_headers:
             headers.update(extra_headers)
+        request = self._http.build_request(
+            "POST", api_url + UPLOAD_PATH, headers=headers, timeout=self._upload_timeout
+        )
+        # Our class-based body as is: `content=` would wrap it in an async generator of
+        # httpx's own, which warns when a cancelled upload leaves it unfinished.
+        request.stream = body
+        request.headers.pop("Content-Length", None)
         try:
-            response = await self._http.post(
-                api_url + UPLOAD_PATH,
-                content=body,
-                headers=headers,
-                timeout=self._upload_timeout,
-            )
+            response = await self._http.send(request)
         except httpx.HTTPError as exc:
             raise translate(exc, element_id) from exc
         raise_for_status(response, element_id)

@@ -17,7 +17,15 @@ import pytest
 import trio
 
 from tests.conftest import Stack, TokenFactory
-from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks, text_chunks
+from tests.support.client import (
+    MIB,
+    MultipartUpload,
+    auth,
+    post_upload,
+    random_chunks,
+    send_stream,
+    text_chunks,
+)
 
 
 async def download(http: httpx.AsyncClient, se_url: str, file_id: str, token: str) -> bytes:
@@ -230,13 +238,20 @@ async def test_progress_is_visible_during_and_after(stack: Stack, token: TokenFa
 
     class SlowBody(httpx.AsyncByteStream):
         def __init__(self, parts: list[bytes]) -> None:
-            self.parts = parts
+            self.parts = iter(parts)
+            self.first = True
 
-        async def __aiter__(self):  # type: ignore[no-untyped-def]
-            for index, part in enumerate(self.parts):
-                if index:
-                    await trio.sleep(0.3)
-                yield part
+        def __aiter__(self) -> SlowBody:
+            return self
+
+        async def __anext__(self) -> bytes:
+            if not self.first:
+                await trio.sleep(0.3)
+            self.first = False
+            try:
+                return next(self.parts)
+            except StopIteration:
+                raise StopAsyncIteration from None
 
     body = MultipartUpload([b"p" * 100_000] * 5)
     parts = list(body.parts())
@@ -245,13 +260,17 @@ async def test_progress_is_visible_during_and_after(stack: Stack, token: TokenFa
             result: list[httpx.Response] = []
 
             async def send() -> None:
+                headers = auth(
+                    token(),
+                    **{
+                        "Content-Type": body.content_type,
+                        "X-Upload-ID": upload_id,
+                        "Transfer-Encoding": "chunked",
+                    },
+                )
                 result.append(
-                    await http.post(
-                        stack.url + "/api/v1/files/upload",
-                        content=SlowBody(parts),
-                        headers=auth(
-                            token(), **{"Content-Type": body.content_type, "X-Upload-ID": upload_id}
-                        ),
+                    await send_stream(
+                        http, "POST", stack.url + "/api/v1/files/upload", SlowBody(parts), headers
                     )
                 )
 

@@ -25,6 +25,7 @@ from tests.support.client import (
     auth,
     post_upload,
     random_chunks,
+    send_stream,
 )
 from tests.support.stack import Proc
 from tests.support.waiting import eventually
@@ -147,8 +148,8 @@ async def test_bad_forms_are_refused_and_leave_nothing(
             headers["Content-Type"] = content_type or "multipart/form-data; boundary=B0undary"
         async with httpx.AsyncClient(trust_env=False) as http:
             headers["Content-Length"] = str(len(body))
-            response = await http.post(
-                stack.url + "/api/v1/files/upload", content=AsyncBody(iter([body])), headers=headers
+            response = await send_stream(
+                http, "POST", stack.url + "/api/v1/files/upload", AsyncBody(iter([body])), headers
             )
             assert response.status_code == status, response.text
             assert error_code(response) == code

@@ -137,12 +137,28 @@ async def post_upload(
     request_headers["Content-Type"] = body.content_type
     if stream:
         content = body.stream()
+        request_headers["Transfer-Encoding"] = "chunked"
     else:
-        # Declared size: the whole body up front, still sent through a class-based stream
-        # (httpx's own bytes stream is an async generator that warns when cut short).
+        # Declared size: the whole body up front, still through a class-based stream.
         raw = body.to_bytes()
         request_headers["Content-Length"] = str(len(raw))
         content = AsyncBody(iter([raw]))
-    return await http.post(
-        base_url + "/api/v1/files/upload", content=content, headers=request_headers
+    return await send_stream(
+        http, "POST", base_url + "/api/v1/files/upload", content, request_headers
     )
+
+
+async def send_stream(
+    http: httpx.AsyncClient,
+    method: str,
+    url: str,
+    body: httpx.AsyncByteStream,
+    headers: dict[str, str],
+) -> httpx.Response:
+    """Send `body` as it is: httpx wraps any async iterable passed as `content=` in an async
+    generator of its own, which warns when a server answers before the body is sent."""
+    request = http.build_request(method, url, headers=headers)
+    request.stream = body
+    if "Content-Length" not in headers:
+        request.headers.pop("Content-Length", None)
+    return await http.send(request)

@@ -1,0 +1,80 @@
+"""Storage Elements that misbehave under an upload: the client gets one clear answer within
+the configured timeouts, and nothing is left behind once the element recovers."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import httpx
+import trio
+
+from tests.conftest import TokenFactory
+from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
+from tests.support.fixtures import KeyPair
+from tests.support.processes import start_storage_element
+from tests.support.stack import start_ingester, wait_ready
+from tests.support.waiting import eventually
+
+
+def stored(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != ".lock")
+
+
+async def test_stalled_element_fails_the_upload_within_the_stall_timeout(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        se = await start_storage_element(
+            stack,
+            tmp_path=tmp_path,
+            mode="edit",
+            public_key=keypair.public_path,
+            element_id="se-stall",
+        )
+        entry: dict[str, object] = {"id": "se-stall", "api_url": se.url, "mode": "edit"}
+        ingester = await trio.to_thread.run_sync(
+            lambda: start_ingester(
+                tmp_path,
+                name="ingester",
+                public_key=keypair.public_path,
+                elements=[entry],
+                env={"INGESTER_SE_STALL_TIMEOUT_S": "1.5", "INGESTER_SE_PROBE_INTERVAL_S": "60"},
+            )
+        )
+        stack.callback(ingester.terminate)
+        await trio.to_thread.run_sync(wait_ready, ingester.url)
+        with trio.fail_after(40):
+            async with (
+                httpx.AsyncClient(trust_env=False, timeout=30) as http,
+                trio.open_nursery() as nursery,
+            ):
+                answer: list[httpx.Response] = []
+
+                async def upload() -> None:
+                    body = MultipartUpload(
+                        random_chunks(200 * MIB, seed=11),
+                        fields=[("retention_policy", "temporary"), ("compress", "false")],
+                    )
+                    answer.append(await post_upload(http, ingester.url, token(), body))
+
+                nursery.start_soon(upload)
+                # Freeze the element once it is receiving.
+                await eventually(lambda: any(se.tmp_dir.iterdir()), timeout_s=10)
+                se.stop_signal()
+                frozen_at = trio.current_time()
+                try:
+                    await eventually(lambda: bool(answer), timeout_s=15, interval_s=0.05)
+                    waited = trio.current_time() - frozen_at
+                finally:
+                    se.cont_signal()
+            response = answer[0]
+            assert response.status_code == 504, response.text
+            assert response.json()["error"]["code"] == "STORAGE_ELEMENT_TIMEOUT"
+            # Stall timeout 1.5 s, plus the heartbeat's half-second tick and scheduling.
+            assert waited < 6.0
+            # Back from SIGSTOP, the element sees its request gone and drops the partial file.
+            await eventually(lambda: not stored(se.data_dir), timeout_s=10)
+            async with httpx.AsyncClient(trust_env=False) as http:
+                metrics = (await http.get(ingester.url + "/metrics")).text
+            assert 'ingester_uploads_total{outcome="STORAGE_ELEMENT_TIMEOUT"} 1.0' in metrics
