@@ -9,12 +9,11 @@ FastAPI), an empty value counts as not sent; unknown fields are read and ignored
 
 from __future__ import annotations
 
-import json
-import math
 from typing import Any, Final
 
 from ..errors import InvalidField, InvalidMetadata
 from ..http.multipart import PartStart
+from ..upload.fields import loads_strict_json
 from .store import parse_file_id
 
 FILE_FIELD: Final = "file"
@@ -107,7 +106,7 @@ class UploadForm:
         if value is None:
             return {}
         try:
-            parsed = json.loads(value, parse_constant=_refuse_constant, parse_float=_finite)
+            parsed = loads_strict_json(value)
         except RecursionError:
             raise InvalidMetadata("metadata nests too deeply") from None
         except ValueError as exc:
@@ -115,16 +114,3 @@ class UploadForm:
         if not isinstance(parsed, dict):
             raise InvalidMetadata("metadata must be a JSON object")
         return parsed
-
-
-def _refuse_constant(name: str) -> Any:
-    # NaN and Infinity are not JSON: a strict reader of the attr.json would reject the file.
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite(text: str) -> float:
-    # 1e999 parses as infinity, which would be written back as the non-JSON `Infinity`.
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"the number {text[:20]} is out of range")
-    return value

@@ -200,7 +200,7 @@ def _metadata(value: str | None) -> dict[str, Any]:
     if len(value.encode("utf-8")) > MAX_METADATA_BYTES:
         raise InvalidMetadata(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
     try:
-        parsed = json.loads(value, parse_constant=_refuse_constant, parse_float=_finite_float)
+        parsed = loads_strict_json(value)
     except RecursionError:
         raise InvalidMetadata(
             f"metadata must not nest deeper than {MAX_METADATA_DEPTH} levels"
@@ -221,6 +221,12 @@ def _metadata(value: str | None) -> dict[str, Any]:
     if len(serialized.encode("utf-8")) > MAX_METADATA_BYTES:
         raise InvalidMetadata(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
     return parsed
+
+
+def loads_strict_json(text: str) -> Any:
+    """`json.loads` that refuses what is not JSON though Python accepts it (NaN, Infinity,
+    numbers that overflow to infinity). Raises ValueError (or RecursionError)."""
+    return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
 
 
 def _refuse_constant(name: str) -> Any:

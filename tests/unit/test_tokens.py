@@ -9,7 +9,6 @@ import time
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from ingester.auth.keys import load_public_key
 from ingester.auth.tokens import (
@@ -19,18 +18,6 @@ from ingester.auth.tokens import (
     make_token,
     public_pem_from_private,
 )
-
-
-@pytest.fixture(scope="module")
-def private_pem() -> bytes:
-    return generate_private_key_pem()
-
-
-@pytest.fixture(scope="module")
-def public_key(private_pem: bytes) -> RSAPublicKey:
-    key = load_pem_public_key(public_pem_from_private(private_pem))
-    assert isinstance(key, RSAPublicKey)
-    return key
 
 
 def header_of(token: str) -> dict[str, object]:

@@ -33,25 +33,8 @@ from ingester.errors import Unauthorized
 
 
 @pytest.fixture(scope="module")
-def private_pem() -> bytes:
-    return generate_private_key_pem()
-
-
-@pytest.fixture(scope="module")
 def other_private_pem() -> bytes:
     return generate_private_key_pem()
-
-
-@pytest.fixture(scope="module")
-def public_pem(private_pem: bytes) -> bytes:
-    return public_pem_from_private(private_pem)
-
-
-@pytest.fixture(scope="module")
-def public_key(public_pem: bytes) -> RSAPublicKey:
-    key = load_pem_public_key(public_pem)
-    assert isinstance(key, RSAPublicKey)
-    return key
 
 
 @pytest.fixture
