@@ -23,6 +23,7 @@ import mimetypes
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
@@ -380,8 +381,8 @@ class UploadPipeline:
         self, upload: Upload, budget: UploadBudget, raw_send: trio.MemorySendChannel[bytes]
     ) -> None:
         assert upload.spool is not None
-        async with raw_send:
-            async for chunk in upload.spool.replay():
+        async with raw_send, aclosing(upload.spool.replay()) as chunks:
+            async for chunk in chunks:
                 await budget.acquire(len(chunk))
                 await raw_send.send(chunk)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -75,7 +75,7 @@ class Spool:
         if self._file is not None:
             await trio.to_thread.run_sync(self._file.flush)
 
-    async def replay(self) -> AsyncIterator[bytes]:
+    async def replay(self) -> AsyncGenerator[bytes, None]:
         with await trio.to_thread.run_sync(open, self.path, "rb") as reader:
             while chunk := await trio.to_thread.run_sync(reader.read, REPLAY_CHUNK):
                 yield chunk
