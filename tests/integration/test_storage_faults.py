@@ -78,3 +78,65 @@ async def test_stalled_element_fails_the_upload_within_the_stall_timeout(
             async with httpx.AsyncClient(trust_env=False) as http:
                 metrics = (await http.get(ingester.url + "/metrics")).text
             assert 'ingester_uploads_total{outcome="STORAGE_ELEMENT_TIMEOUT"} 1.0' in metrics
+
+
+async def test_full_elements_are_skipped_and_507_when_none_has_room(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        small = await start_storage_element(
+            stack,
+            tmp_path=tmp_path,
+            mode="edit",
+            public_key=keypair.public_path,
+            element_id="se-small",
+            capacity_bytes=1 * MIB,
+        )
+        large = await start_storage_element(
+            stack,
+            tmp_path=tmp_path,
+            mode="edit",
+            public_key=keypair.public_path,
+            element_id="se-large",
+            capacity_bytes=8 * MIB,
+        )
+        # The small element is preferred by priority: only room decides against it.
+        elements: list[dict[str, object]] = [
+            {"id": "se-small", "api_url": small.url, "mode": "edit", "priority": 1},
+            {"id": "se-large", "api_url": large.url, "mode": "edit", "priority": 2},
+        ]
+        ingester = await trio.to_thread.run_sync(
+            lambda: start_ingester(
+                tmp_path, name="ingester", public_key=keypair.public_path, elements=elements
+            )
+        )
+        stack.callback(ingester.terminate)
+        await trio.to_thread.run_sync(wait_ready, ingester.url)
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False) as http:
+                tiny = await post_upload(
+                    http, ingester.url, token(), MultipartUpload([b"t" * 1000])
+                )
+                fits_large = await post_upload(
+                    http,
+                    ingester.url,
+                    token(),
+                    MultipartUpload(random_chunks(3 * MIB, seed=3)),
+                    stream=False,
+                )
+                fits_none = await post_upload(
+                    http,
+                    ingester.url,
+                    token(),
+                    MultipartUpload(random_chunks(20 * MIB, seed=4)),
+                    stream=False,
+                )
+            assert tiny.status_code == 201, tiny.text
+            assert tiny.json()["storage_element_id"] == "se-small"
+            assert fits_large.status_code == 201, fits_large.text
+            assert fits_large.json()["storage_element_id"] == "se-large"
+            assert fits_none.status_code == 507, fits_none.text
+            assert fits_none.json()["error"]["code"] == "INSUFFICIENT_STORAGE"
+            # The refused upload never reached an element: only the two stored files remain.
+            assert len([p for p in stored(large.data_dir) if not p.name.endswith(".json")]) == 1
+            assert len([p for p in stored(small.data_dir) if not p.name.endswith(".json")]) == 1
