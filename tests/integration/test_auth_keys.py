@@ -28,7 +28,7 @@ from ingester.auth.tokens import (
 )
 from ingester.errors import Unauthorized
 from ingester.settings import Settings
-from tests.helpers_http import Request, Response, serve_http
+from tests.support.http_server import Request, Response, serve_http
 
 JWKS_PATH = "/realms/artstore/protocol/openid-connect/certs"
 

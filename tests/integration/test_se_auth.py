@@ -23,7 +23,7 @@ from ingester.storage.se_auth import (
     build_se_token_provider,
     refresh_margin,
 )
-from tests.helpers_http import DropConnection, Request, Response, serve_http
+from tests.support.http_server import DropConnection, Request, Response, serve_http
 
 TOKEN_PATH = "/realms/artstore/protocol/openid-connect/token"
 

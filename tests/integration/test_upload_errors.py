@@ -17,7 +17,6 @@ import trio
 
 from ingester.auth.tokens import make_keycloak_token, make_token
 from tests.conftest import Stack, TokenFactory
-from tests.helpers_http import Request, Response, serve_http
 from tests.support.client import (
     MIB,
     AsyncBody,
@@ -27,6 +26,7 @@ from tests.support.client import (
     random_chunks,
     send_stream,
 )
+from tests.support.http_server import Request, Response, serve_http
 from tests.support.stack import Proc
 from tests.support.waiting import eventually
 
