@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.support.fixtures import KeyPair, keypair, token_factory
 from tests.support.fixtures import TokenFactory as SignedTokens
@@ -24,6 +25,7 @@ from tests.support.stack import (
     start_storage_element,
     wait_ready,
 )
+from tests.support.waiting import eventually
 
 TokenFactory = Callable[..., str]
 
@@ -52,6 +54,14 @@ class Stack:
 
     def all_files(self) -> set[Path]:
         return {p for se in self.elements for p in se.stored_files()}
+
+    async def settled(self, expected: set[Path], timeout_s: float = 3.0) -> None:
+        """The elements' files come back to `expected`: an aborted request's temporary file
+        is removed by the element just after the client got its answer."""
+        try:
+            await eventually(lambda: self.all_files() == expected, timeout_s=timeout_s)
+        except trio.TooSlowError:
+            assert self.all_files() == expected  # shows the difference
 
     def start_ingester(self, name: str, **env: str) -> Proc:
         proc = start_ingester(

@@ -226,7 +226,7 @@ async def test_content_digest_is_verified(stack: Stack, token: TokenFactory) -> 
         assert malformed.status_code == 400
         assert malformed.json()["error"]["code"] == "INVALID_CONTENT_DIGEST"
         assert len(after_ok - before) == 2
-        assert stack.all_files() == after_ok
+        await stack.settled(after_ok)
 
 
 async def test_progress_is_visible_during_and_after(stack: Stack, token: TokenFactory) -> None:

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -155,7 +156,7 @@ async def test_bad_forms_are_refused_and_leave_nothing(
             assert error_code(response) == code
             assert "Traceback" not in response.text
             await trio.sleep(0.2)
-            assert stack.all_files() == before
+            await stack.settled(before)
             await assert_still_serving(http, stack.url, token())
 
 
@@ -232,7 +233,7 @@ async def test_bad_tokens_get_401(
         assert response.status_code == 401, response.text
         assert error_code(response) == "UNAUTHORIZED"
         assert response.headers["WWW-Authenticate"].startswith("Bearer ")
-        assert stack.all_files() == before
+        await stack.settled(before)
 
 
 @pytest.mark.parametrize(
@@ -286,7 +287,7 @@ async def test_counted_size_over_the_limit_is_413(
             response = await post_upload(http, small.url, token(), body)
             assert response.status_code == 413, response.text
             assert error_code(response) == "FILE_TOO_LARGE"
-            assert stack.all_files() == before
+            await stack.settled(before)
             await assert_still_serving(http, small.url, token())
 
 
@@ -300,7 +301,7 @@ async def test_declared_size_over_the_limit_is_413(
             response = await post_upload(http, small.url, token(), body, stream=False)
         assert response.status_code == 413, response.text
         assert error_code(response) == "FILE_TOO_LARGE"
-        assert stack.all_files() == before
+        await stack.settled(before)
 
 
 async def raw_request(url: str, head: str, body_prefix: bytes) -> trio.SocketStream:
@@ -324,14 +325,21 @@ FILE_HEAD = b'--B0undary\r\nContent-Disposition: form-data; name="file"; filenam
 
 
 async def read_response(stream: trio.SocketStream) -> tuple[int, bytes]:
+    """Status and the whole response (headers, then the body by its Content-Length)."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = await stream.receive_some(65536)
         if not chunk:
             break
         data += chunk
-    status = int(data.split(b" ", 2)[1])
-    return status, data
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    while length is not None and len(body) < int(length.group(1)):
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split(b" ", 2)[1]), head + b"\r\n\r\n" + body
 
 
 async def test_idle_client_gets_408(stack: Stack, small: Proc, token: TokenFactory) -> None:
@@ -347,7 +355,7 @@ async def test_idle_client_gets_408(stack: Stack, small: Proc, token: TokenFacto
         assert status == 408, raw
         assert b'"CLIENT_TIMEOUT"' in raw
         assert 1.0 <= waited < 6.0
-        assert stack.all_files() == before
+        await stack.settled(before)
 
 
 async def test_client_disconnect_cancels_the_element_request(
@@ -367,7 +375,7 @@ async def test_client_disconnect_cancels_the_element_request(
         await stream.aclose()
         # Within a second of the client leaving, the element's request is gone with its file.
         await eventually(lambda: not any(tmp_dir.iterdir()), timeout_s=1.0)
-        assert stack.all_files() == before
+        await stack.settled(before)
         async with httpx.AsyncClient(trust_env=False) as http:
             with trio.fail_after(3):
                 while True:
