@@ -1,0 +1,1 @@
+"""Breakers and retries for the Storage Elements: plain state machines, no I/O."""
