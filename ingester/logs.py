@@ -70,6 +70,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        # The request context is on every line, null where not known (yet), so a log query
+        # on any of them never has to guess whether the key exists.
+        for key in CONTEXT_FIELDS:
+            payload[key] = getattr(record, key, None)
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_") and value is not None:
                 payload[key] = value

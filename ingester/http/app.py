@@ -146,7 +146,12 @@ async def upload_file() -> Response:
             try:
                 deadline = settings.upload_deadline_s or float("inf")
                 with trio.fail_after(deadline):
-                    result = await svc.pipeline.run(upload_request, reader, progress)
+                    try:
+                        result = await svc.pipeline.run(upload_request, reader, progress)
+                    finally:
+                        # The element was chosen in a child task, whose log context does
+                        # not flow back here: bind it for this request's remaining lines.
+                        logs.bind(storage_element_id=progress.storage_element_id)
             except BaseExceptionGroup as group:
                 raise collapse(group) from None
             except trio.TooSlowError:

@@ -113,6 +113,11 @@ async def test_request_lines_carry_request_and_upload_ids(
         assert stored[0]["upload_id"] == upload_id
         assert stored[0]["user"] == "alice"
         assert stored[0]["storage_element_id"] == "se-edit"
+        for line in lines:
+            assert {"request_id", "upload_id", "user", "storage_element_id"} <= line.keys(), line
+        access = [line for line in lines if line.get("event") == "http_request"]
+        assert access[0]["storage_element_id"] == "se-edit"
+        assert access[0]["upload_id"] == upload_id
 
 
 async def test_unknown_route_and_method_are_json_errors(stack: Stack) -> None:
