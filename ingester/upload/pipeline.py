@@ -292,10 +292,8 @@ class UploadPipeline:
         )
         upload.budget = reader.budget
         progress.filename = filename
-        logs.bind(upload_id=request.upload_id)
         if not plan_is_settled(fields):
             # A later field may still change the plan; keep a copy to send again.
-            progress.state = UploadState.RECEIVING
             upload.spool = await Spool.create(
                 settings.spool_dir, request.upload_id, self.svc.spool_budget
             )

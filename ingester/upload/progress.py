@@ -15,7 +15,6 @@ from typing import Any
 
 class UploadState(StrEnum):
     RECEIVING = "receiving"
-    SPOOLING = "spooling"
     STORING = "storing"
     DONE = "done"
     FAILED = "failed"
