@@ -60,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return storage_element_command(args)
     if args.command == "registry":
-        print("the Redis registry arrives with the resilience work (issue 3)", file=sys.stderr)
-        return 2
+        from .registry_cli import registry_command
+
+        return registry_command([args.action, *args.rest])
     raise AssertionError(args.command)
 
 

@@ -72,5 +72,22 @@ class Metrics:
             "ingester_auth_failures", "Rejected credentials, by status.", ["status"], registry=r
         )
 
+        # Registry gauges, set at scrape time by the /metrics handler.
+        self.registry_age = Gauge(
+            "ingester_registry_age_seconds",
+            "Seconds since the registry was last confirmed from Redis (0 without Redis, "
+            "+Inf while Redis was never read).",
+            registry=r,
+        )
+        self.registry_elements = Gauge(
+            "ingester_registry_elements", "Storage Elements in the registry in use.", registry=r
+        )
+        self.registry_source = Gauge(
+            "ingester_registry_source",
+            "1 for where the registry in use comes from (redis, redis-stale, static).",
+            ["source"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,6 +2,7 @@
 
 service nursery
   ├── key reload     (PEM file changes, JWKS cache)
+  ├── registry sync  Redis key + pub/sub → registry (only with INGESTER_REDIS_URL)
   ├── prober         Storage Element readiness and capacity
   └── janitor        expires finished progress records
 """
@@ -19,6 +20,7 @@ from .errors import IngesterError, StorageElementError
 from .metrics import Metrics
 from .settings import Settings
 from .storage.client import StorageElementClient
+from .storage.redis_registry import RedisRegistrySync
 from .storage.registry import Prober, Registry, configured_elements
 from .storage.se_auth import SETokenProvider, build_se_token_provider
 from .storage.selection import Candidate
@@ -61,6 +63,16 @@ class Service:
         )
         self.registry = Registry(configured_elements(settings.storage_elements), source="static")
         self.prober = Prober(self.registry, self.se_client, interval_s=settings.se_probe_interval_s)
+        # Redis replaces the static registry once it has one.
+        self.registry_sync: RedisRegistrySync | None = None
+        if settings.redis_url:
+            self.registry_sync = RedisRegistrySync(
+                self.registry,
+                self.prober,
+                url=settings.redis_url,
+                refresh_s=settings.redis_registry_refresh_s,
+                timeout_s=settings.redis_timeout_s,
+            )
         self.progress = ProgressBook(settings.progress_retention_s)
         self.admission = Admission(
             max_in_flight=settings.max_uploads_in_flight,
@@ -86,6 +98,9 @@ class Service:
             async with trio.open_nursery() as nursery:
                 if self.verifier is not None:
                     await nursery.start(self.verifier.run)
+                # Before the prober, so the first probes cover the elements Redis names.
+                if self.registry_sync is not None:
+                    await nursery.start(self.registry_sync.run)
                 await nursery.start(self.prober.run)
                 nursery.start_soon(self._janitor)
                 self.started = True

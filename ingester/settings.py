@@ -71,6 +71,10 @@ class Settings(BaseSettings):
 
     # --- Storage Elements
     redis_url: str | None = None
+    # Registry sync from Redis: periodic re-read besides pub/sub, and the connect/read
+    # timeout of every Redis call (retries are off, so this bounds each attempt).
+    redis_registry_refresh_s: float = Field(default=30.0, gt=0)
+    redis_timeout_s: float = Field(default=1.0, gt=0)
     storage_elements: Annotated[list[StorageElementConfig], NoDecode] = Field(default_factory=list)
     se_auth: SEAuthMode = SEAuthMode.FORWARD
     se_token: str | None = None

@@ -18,6 +18,7 @@ import trio
 
 from tests.support.fixtures import KeyPair, keypair, token_factory
 from tests.support.fixtures import TokenFactory as SignedTokens
+from tests.support.redis_server import redis_server
 from tests.support.stack import (
     Proc,
     StorageElementProc,
@@ -102,5 +103,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair) -> Iterato
             proc.terminate()
 
 
-# Session fixtures defined in tests.support.fixtures, registered here for every test module.
-__all__ = ["keypair", "token_factory"]
+# Fixtures defined in tests.support, registered here for every test module.
+__all__ = ["keypair", "redis_server", "token_factory"]

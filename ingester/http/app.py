@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import uuid
 from typing import Any, Final, cast
@@ -260,7 +261,7 @@ async def ready() -> Response:
         reasons.append("starting")
     if not writable:
         reasons.append("no writable Storage Element answers")
-    payload = {
+    payload: dict[str, Any] = {
         "status": "ready" if not reasons else "not_ready",
         "reasons": reasons,
         "writable_storage_elements": [element.id for element in writable],
@@ -268,6 +269,18 @@ async def ready() -> Response:
         "registry_source": registry.source,
         "uploads_in_flight": svc.admission.in_flight,
     }
+    # Where the registry comes from; a Redis outage with a writable element known degrades
+    # readiness but keeps it 200 (uploads still work).
+    sync = svc.registry_sync
+    age = sync.age_s(trio.current_time()) if sync is not None else None
+    payload["registry"] = {
+        "source": registry.source,
+        "age_s": None if age is None else round(age, 3),
+        "redis_connected": sync.connected if sync is not None else None,
+    }
+    if sync is not None and not sync.connected and not reasons:
+        payload["status"] = "degraded"
+        payload["degraded"] = [f"Redis unreachable: serving the {registry.source} registry"]
     if reasons:
         return json_response(payload, 503, headers={"Retry-After": str(svc.settings.retry_after_s)})
     return json_response(payload)
@@ -279,6 +292,12 @@ async def metrics() -> Response:
     for element in svc.registry.elements:
         up = svc.registry.health_of(element.id).ready
         svc.metrics.se_up.labels(element.id, element.mode.value).set(1 if up else 0)
+    sync = svc.registry_sync
+    age = sync.age_s(trio.current_time()) if sync is not None else 0.0
+    svc.metrics.registry_age.set(math.inf if age is None else age)
+    svc.metrics.registry_elements.set(len(svc.registry.elements))
+    for source in ("redis", "redis-stale", "static"):
+        svc.metrics.registry_source.labels(source).set(1 if source == svc.registry.source else 0)
     return Response(svc.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
 

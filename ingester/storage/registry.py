@@ -1,8 +1,9 @@
 """The Storage Element registry as this process sees it, and the prober that keeps it honest.
 
-The registry's entries come from configuration (`INGESTER_STORAGE_ELEMENTS`; Redis arrives
-with the resilience work). The prober asks each element's `/health/ready` in the background
-and readiness and selection read its last answer, so no request waits on a probe.
+The registry's entries come from configuration (`INGESTER_STORAGE_ELEMENTS`) or from Redis
+(`redis_registry.RedisRegistrySync` replaces them as the Admin Module publishes changes).
+The prober asks each element's `/health/ready` in the background, and readiness and
+selection read its last answer, so no request waits on a probe.
 """
 
 from __future__ import annotations

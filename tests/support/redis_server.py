@@ -1,0 +1,96 @@
+"""A throwaway `redis-server` on a free loopback port: never the machine's Redis on 6379.
+
+    with RedisServer(tmp_path) as server:     # started, PING answers
+        server.url                            # redis://127.0.0.1:<port>/0
+        server.kill(); server.start()         # an outage, then back on the same port
+
+No persistence (`--save ""`, no AOF): a restart comes back empty, like a lost Redis.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+import pytest
+import redis
+
+from tests.support.processes import LOOPBACK, free_port
+
+STARTUP_TIMEOUT_S: Final = 10.0
+STOP_TIMEOUT_S: Final = 5.0
+
+
+class RedisServer:
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.log_path = directory / "redis.log"
+        self._popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=2.0)
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        argv = [
+            binary, "--port", str(self.port), "--bind", LOOPBACK,
+            "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+        ]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self._popen = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        probe = redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=0.5)
+        try:
+            while time.monotonic() < deadline:
+                if self._popen.poll() is not None:
+                    raise RuntimeError(f"redis-server exited: {self.log_path.read_text()}")
+                try:
+                    if probe.ping():
+                        return
+                except redis.ConnectionError:
+                    pass
+                time.sleep(0.05)
+        finally:
+            probe.close()
+        self.kill()
+        raise RuntimeError(f"redis-server did not answer PING within {STARTUP_TIMEOUT_S} s")
+
+    def kill(self) -> None:
+        """SIGKILL and reap: an abrupt outage (clients see their connections drop)."""
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.kill()
+            self._popen.wait(STOP_TIMEOUT_S)
+        self._popen = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
