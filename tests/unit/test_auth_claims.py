@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trio
 
 from ingester.auth import (
     ADMIN_ROLES,
@@ -226,7 +227,8 @@ def test_raw_token_not_in_repr() -> None:
     ],
 )
 async def test_bearer_from_header(header: str, token: str) -> None:
-    assert await bearer_from_header(header) == token
+    with trio.fail_after(5):
+        assert await bearer_from_header(header) == token
 
 
 @pytest.mark.parametrize(
@@ -246,7 +248,8 @@ async def test_bearer_from_header(header: str, token: str) -> None:
     ],
 )
 async def test_bearer_from_header_rejects(header: str | None) -> None:
-    with pytest.raises(Unauthorized) as info:
-        await bearer_from_header(header)
-    assert info.value.status == 401
-    assert 'error="invalid_request"' in info.value.headers["WWW-Authenticate"]
+    with trio.fail_after(5):
+        with pytest.raises(Unauthorized) as info:
+            await bearer_from_header(header)
+        assert info.value.status == 401
+        assert 'error="invalid_request"' in info.value.headers["WWW-Authenticate"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import jwt
 import pytest
+import trio
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPublicKey
@@ -84,99 +85,123 @@ async def assert_rejected(verifier: TokenVerifier, token: str, message: str) -> 
 
 
 async def test_valid_artstore_token(verifier: TokenVerifier, private_pem: bytes) -> None:
-    token = make_token(private_pem, sub="svc", role="operator", name="Svc")
-    principal = await verifier.verify(token)
-    assert (principal.subject, principal.username) == ("svc", "Svc")
-    assert principal.roles == frozenset({"operator"})
-    assert principal.raw_token == token
-    assert principal.can_upload
+    with trio.fail_after(5):
+        token = make_token(private_pem, sub="svc", role="operator", name="Svc")
+        principal = await verifier.verify(token)
+        assert (principal.subject, principal.username) == ("svc", "Svc")
+        assert principal.roles == frozenset({"operator"})
+        assert principal.raw_token == token
+        assert principal.can_upload
 
 
 async def test_valid_keycloak_token(verifier: TokenVerifier, private_pem: bytes) -> None:
-    token = make_keycloak_token(private_pem, sub="kc", username="bob", scope="files:write")
-    principal = await verifier.verify(token)
-    assert principal.token_type == "keycloak"
-    assert principal.username == "bob"
-    assert principal.can_upload
+    with trio.fail_after(5):
+        token = make_keycloak_token(private_pem, sub="kc", username="bob", scope="files:write")
+        principal = await verifier.verify(token)
+        assert principal.token_type == "keycloak"
+        assert principal.username == "bob"
+        assert principal.can_upload
 
 
 async def test_keycloak_audience_ignored_when_not_configured(
     verifier: TokenVerifier, private_pem: bytes
 ) -> None:
-    token = make_token(private_pem, extra={"aud": "account", "iss": "https://kc/realms/x"})
-    assert (await verifier.verify(token)).subject == "dev-user"
+    with trio.fail_after(5):
+        token = make_token(private_pem, extra={"aud": "account", "iss": "https://kc/realms/x"})
+        assert (await verifier.verify(token)).subject == "dev-user"
 
 
 async def test_expired(verifier: TokenVerifier, private_pem: bytes) -> None:
-    token = make_token(private_pem, ttl=60, now=time.time() - 120)
-    await assert_rejected(verifier, token, "expired")
+    with trio.fail_after(5):
+        token = make_token(private_pem, ttl=60, now=time.time() - 120)
+        await assert_rejected(verifier, token, "expired")
 
 
 async def test_expired_within_leeway_accepted(verifier: TokenVerifier, private_pem: bytes) -> None:
-    token = make_token(private_pem, ttl=60, now=time.time() - 75)  # expired 15 s ago
-    assert (await verifier.verify(token)).subject == "dev-user"
+    with trio.fail_after(5):
+        token = make_token(private_pem, ttl=60, now=time.time() - 75)  # expired 15 s ago
+        assert (await verifier.verify(token)).subject == "dev-user"
 
 
 async def test_not_yet_valid(verifier: TokenVerifier, private_pem: bytes) -> None:
-    token = make_token(private_pem, now=time.time() + 120)
-    await assert_rejected(verifier, token, "not valid yet")
+    with trio.fail_after(5):
+        token = make_token(private_pem, now=time.time() + 120)
+        await assert_rejected(verifier, token, "not valid yet")
 
 
 async def test_nbf_within_leeway_accepted(verifier: TokenVerifier, private_pem: bytes) -> None:
-    token = make_token(private_pem, now=time.time() + 15)
-    assert (await verifier.verify(token)).subject == "dev-user"
+    with trio.fail_after(5):
+        token = make_token(private_pem, now=time.time() + 15)
+        assert (await verifier.verify(token)).subject == "dev-user"
 
 
 async def test_zero_leeway(public_key: RSAPublicKey, private_pem: bytes) -> None:
-    strict = TokenVerifier(StaticKeySource(public_key), leeway_s=0)
-    await assert_rejected(strict, make_token(private_pem, ttl=60, now=time.time() - 75), "expired")
-    await assert_rejected(strict, make_token(private_pem, now=time.time() + 15), "not valid yet")
+    with trio.fail_after(5):
+        strict = TokenVerifier(StaticKeySource(public_key), leeway_s=0)
+        await assert_rejected(
+            strict, make_token(private_pem, ttl=60, now=time.time() - 75), "expired"
+        )
+        await assert_rejected(
+            strict, make_token(private_pem, now=time.time() + 15), "not valid yet"
+        )
 
 
 async def test_alg_none(verifier: TokenVerifier) -> None:
-    token = f"{segment({'alg': 'none', 'typ': 'JWT'})}.{segment(valid_claims())}."
-    await assert_rejected(verifier, token, "algorithm none is not accepted")
+    with trio.fail_after(5):
+        token = f"{segment({'alg': 'none', 'typ': 'JWT'})}.{segment(valid_claims())}."
+        await assert_rejected(verifier, token, "algorithm none is not accepted")
 
 
 async def test_alg_missing(verifier: TokenVerifier) -> None:
-    token = f"{segment({'typ': 'JWT'})}.{segment(valid_claims())}.c2ln"
-    await assert_rejected(verifier, token, "only RS256")
+    with trio.fail_after(5):
+        token = f"{segment({'typ': 'JWT'})}.{segment(valid_claims())}.c2ln"
+        await assert_rejected(verifier, token, "only RS256")
 
 
 async def test_hs256_signed_with_public_key(verifier: TokenVerifier, public_pem: bytes) -> None:
     # The confusion attack: a verifier that trusts the header would HMAC with the PEM bytes.
-    signing_input = f"{segment({'alg': 'HS256', 'typ': 'JWT'})}.{segment(valid_claims())}"
-    signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
-    token = f"{signing_input}.{b64url(signature)}"
-    await assert_rejected(verifier, token, "algorithm HS256 is not accepted")
+    with trio.fail_after(5):
+        signing_input = f"{segment({'alg': 'HS256', 'typ': 'JWT'})}.{segment(valid_claims())}"
+        signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+        token = f"{signing_input}.{b64url(signature)}"
+        await assert_rejected(verifier, token, "algorithm HS256 is not accepted")
 
 
 async def test_hs256_header_relabelled_as_rs256(verifier: TokenVerifier, public_pem: bytes) -> None:
-    signing_input = f"{segment({'alg': 'RS256', 'typ': 'JWT'})}.{segment(valid_claims())}"
-    signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
-    await assert_rejected(verifier, f"{signing_input}.{b64url(signature)}", "signature is invalid")
+    with trio.fail_after(5):
+        signing_input = f"{segment({'alg': 'RS256', 'typ': 'JWT'})}.{segment(valid_claims())}"
+        signature = hmac.new(public_pem, signing_input.encode(), hashlib.sha256).digest()
+        await assert_rejected(
+            verifier, f"{signing_input}.{b64url(signature)}", "signature is invalid"
+        )
 
 
 async def test_rs512(verifier: TokenVerifier, private_pem: bytes) -> None:
-    key = load_pem_private_key(private_pem, password=None)
-    assert isinstance(key, RSAPrivateKey)
-    token = jwt.encode(valid_claims(), key, algorithm="RS512")
-    await assert_rejected(verifier, token, "algorithm RS512 is not accepted")
+    with trio.fail_after(5):
+        key = load_pem_private_key(private_pem, password=None)
+        assert isinstance(key, RSAPrivateKey)
+        token = jwt.encode(valid_claims(), key, algorithm="RS512")
+        await assert_rejected(verifier, token, "algorithm RS512 is not accepted")
 
 
 async def test_es256(verifier: TokenVerifier) -> None:
-    token = jwt.encode(valid_claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256")
-    await assert_rejected(verifier, token, "algorithm ES256 is not accepted")
+    with trio.fail_after(5):
+        token = jwt.encode(
+            valid_claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256"
+        )
+        await assert_rejected(verifier, token, "algorithm ES256 is not accepted")
 
 
 async def test_signed_by_other_key(verifier: TokenVerifier, other_private_pem: bytes) -> None:
-    await assert_rejected(verifier, make_token(other_private_pem), "signature is invalid")
+    with trio.fail_after(5):
+        await assert_rejected(verifier, make_token(other_private_pem), "signature is invalid")
 
 
 async def test_tampered_payload(verifier: TokenVerifier, private_pem: bytes) -> None:
-    header, _, signature = make_token(private_pem, role="readonly").split(".")
-    forged = f"{header}.{segment(valid_claims(role='super_admin'))}.{signature}"
-    await assert_rejected(verifier, forged, "signature is invalid")
+    with trio.fail_after(5):
+        header, _, signature = make_token(private_pem, role="readonly").split(".")
+        forged = f"{header}.{segment(valid_claims(role='super_admin'))}.{signature}"
+        await assert_rejected(verifier, forged, "signature is invalid")
 
 
 @pytest.mark.parametrize(
@@ -194,71 +219,82 @@ async def test_tampered_payload(verifier: TokenVerifier, private_pem: bytes) -> 
     ],
 )
 async def test_garbage(verifier: TokenVerifier, token: str) -> None:
-    await assert_rejected(verifier, token, "empty|well-formed")
+    with trio.fail_after(5):
+        await assert_rejected(verifier, token, "empty|well-formed")
 
 
 async def test_rs256_header_with_garbage_payload(
     verifier: TokenVerifier, private_pem: bytes
 ) -> None:
-    header, _, signature = make_token(private_pem).split(".")
-    await assert_rejected(verifier, f"{header}.{b64url(b'not json')}.{signature}", "invalid")
+    with trio.fail_after(5):
+        header, _, signature = make_token(private_pem).split(".")
+        await assert_rejected(verifier, f"{header}.{b64url(b'not json')}.{signature}", "invalid")
 
 
 async def test_over_long_token(verifier: TokenVerifier) -> None:
-    await assert_rejected(verifier, "a" * 20_000, "longer than")
+    with trio.fail_after(5):
+        await assert_rejected(verifier, "a" * 20_000, "longer than")
 
 
 async def test_unprintable_alg_not_echoed(verifier: TokenVerifier) -> None:
-    evil_header = segment({"alg": "x\r\nSet-Cookie: a=b"})
-    token = f"{evil_header}.{segment(valid_claims())}.c2ln"
-    with pytest.raises(Unauthorized) as info:
-        await verifier.verify(token)
-    assert "\r" not in info.value.headers["WWW-Authenticate"]
-    assert "Set-Cookie" not in info.value.message
+    with trio.fail_after(5):
+        evil_header = segment({"alg": "x\r\nSet-Cookie: a=b"})
+        token = f"{evil_header}.{segment(valid_claims())}.c2ln"
+        with pytest.raises(Unauthorized) as info:
+            await verifier.verify(token)
+        assert "\r" not in info.value.headers["WWW-Authenticate"]
+        assert "Set-Cookie" not in info.value.message
 
 
 async def test_non_string_kid(verifier: TokenVerifier, private_pem: bytes) -> None:
-    token = sign_rs256(private_pem, {"alg": "RS256", "kid": 5}, valid_claims())
-    await assert_rejected(verifier, token, "well-formed")
+    with trio.fail_after(5):
+        token = sign_rs256(private_pem, {"alg": "RS256", "kid": 5}, valid_claims())
+        await assert_rejected(verifier, token, "well-formed")
 
 
 @pytest.mark.parametrize("claim", ["exp", "sub"])
 async def test_required_claims(verifier: TokenVerifier, private_pem: bytes, claim: str) -> None:
-    claims = valid_claims()
-    del claims[claim]
-    token = sign_rs256(private_pem, {"alg": "RS256", "typ": "JWT"}, claims)
-    await assert_rejected(verifier, token, f"no '{claim}' claim")
+    with trio.fail_after(5):
+        claims = valid_claims()
+        del claims[claim]
+        token = sign_rs256(private_pem, {"alg": "RS256", "typ": "JWT"}, claims)
+        await assert_rejected(verifier, token, f"no '{claim}' claim")
 
 
 async def test_refresh_token(verifier: TokenVerifier, private_pem: bytes) -> None:
-    await assert_rejected(verifier, make_token(private_pem, token_type="refresh"), "refresh token")
+    with trio.fail_after(5):
+        await assert_rejected(
+            verifier, make_token(private_pem, token_type="refresh"), "refresh token"
+        )
 
 
 async def test_non_numeric_exp(verifier: TokenVerifier, private_pem: bytes) -> None:
-    token = make_token(private_pem, extra={"exp": "tomorrow"})
-    await assert_rejected(verifier, token, "well-formed|invalid")
+    with trio.fail_after(5):
+        token = make_token(private_pem, extra={"exp": "tomorrow"})
+        await assert_rejected(verifier, token, "well-formed|invalid")
 
 
 async def test_issuer_and_audience_when_configured(
     public_key: RSAPublicKey, private_pem: bytes
 ) -> None:
-    verifier = TokenVerifier(
-        StaticKeySource(public_key), issuer="https://idp/realms/artstore", audience="ingester"
-    )
-    good = {"iss": "https://idp/realms/artstore", "aud": ["account", "ingester"]}
-    assert (await verifier.verify(make_token(private_pem, extra=good))).subject == "dev-user"
-    await assert_rejected(
-        verifier, make_token(private_pem, extra={**good, "iss": "https://evil"}), "issuer"
-    )
-    await assert_rejected(
-        verifier, make_token(private_pem, extra={**good, "aud": "account"}), "audience"
-    )
-    await assert_rejected(
-        verifier, make_token(private_pem, extra={"aud": "ingester"}), "no 'iss' claim"
-    )
-    await assert_rejected(
-        verifier, make_token(private_pem, extra={"iss": good["iss"]}), "no 'aud' claim"
-    )
+    with trio.fail_after(5):
+        verifier = TokenVerifier(
+            StaticKeySource(public_key), issuer="https://idp/realms/artstore", audience="ingester"
+        )
+        good = {"iss": "https://idp/realms/artstore", "aud": ["account", "ingester"]}
+        assert (await verifier.verify(make_token(private_pem, extra=good))).subject == "dev-user"
+        await assert_rejected(
+            verifier, make_token(private_pem, extra={**good, "iss": "https://evil"}), "issuer"
+        )
+        await assert_rejected(
+            verifier, make_token(private_pem, extra={**good, "aud": "account"}), "audience"
+        )
+        await assert_rejected(
+            verifier, make_token(private_pem, extra={"aud": "ingester"}), "no 'iss' claim"
+        )
+        await assert_rejected(
+            verifier, make_token(private_pem, extra={"iss": good["iss"]}), "no 'aud' claim"
+        )
 
 
 def test_static_source_refuses_non_rsa_and_small_keys() -> None:
