@@ -62,6 +62,12 @@ class Metrics:
             ["element_id", "kind"],
             registry=r,
         )
+        self.failovers = Counter(
+            "ingester_failovers",
+            "Uploads moved to another Storage Element mid-stream, by the element left.",
+            ["element_id"],
+            registry=r,
+        )
         self.se_up = Gauge(
             "ingester_storage_element_up",
             "1 when the element's last readiness probe succeeded.",

@@ -83,6 +83,7 @@ class Service:
         self.memory_budget = MemoryBudget(settings.memory_budget_bytes)
         self.pipeline = UploadPipeline(self)
         self.started = False
+        self._nursery: trio.Nursery | None = None
 
     @property
     def draining(self) -> bool:
@@ -103,6 +104,7 @@ class Service:
                     await nursery.start(self.registry_sync.run)
                 await nursery.start(self.prober.run)
                 nursery.start_soon(self._janitor)
+                self._nursery = nursery
                 self.started = True
                 task_status.started()
         finally:
@@ -119,6 +121,13 @@ class Service:
         if isinstance(error, StorageElementError) and error.retryable:
             self.registry.mark_failed(element_id, error.message)
             self.prober.poke()
+
+    def compensate_soon(self, element: Candidate, file_id: str, authorization: str | None) -> None:
+        """Compensate in the service nursery: an upload failing over must not wait on the
+        element it is leaving (a frozen one would hold it for the whole timeout)."""
+        if self._nursery is None:  # pragma: no cover - uploads start after the service
+            raise RuntimeError("the service is not running")
+        self._nursery.start_soon(self.compensate, element, file_id, authorization)
 
     async def compensate(self, element: Candidate, file_id: str, authorization: str | None) -> bool:
         """Remove what an abandoned upload may have left on `element`. Runs shielded."""

@@ -92,6 +92,8 @@ class Settings(BaseSettings):
 
     admin_url: str | None = None
     spool_dir: Path = Path("/tmp/ingester-spool")
+    # Keep a copy of what is sent to an element, so an upload can fail over mid-stream.
+    failover_spool: bool = True
     # Disk all spools of this process may use together; past it uploads get 503.
     spool_max_bytes: int = Field(default=50 * GIB, gt=0)
 

@@ -36,17 +36,20 @@ from ..auth.principal import Principal
 from ..errors import (
     DigestMismatch,
     FileTooLarge,
+    IngesterError,
+    InsufficientStorage,
     IntegrityError,
     InvalidField,
     MalformedMultipart,
     MissingFile,
+    NoStorageAvailable,
     RequestTimeout,
     StorageElementError,
     StorageElementFull,
     StorageElementTimeout,
-    StorageElementUnavailable,
 )
 from ..http.multipart import BodyEnd, MultipartStreamParser, PartData, PartEnd, PartStart
+from ..settings import SEMode
 from ..storage.client import StoredFile
 from ..storage.selection import Candidate, no_candidate_error, rank_candidates
 from .budget import UploadBudget
@@ -61,7 +64,7 @@ from .compression import (
 from .fields import TRUE_WORDS, RetentionPolicy, UploadOptions, parse_upload_fields
 from .filenames import sanitize_filename, storage_filename
 from .progress import UploadProgress, UploadState
-from .spool import Spool
+from .spool import Spool, SpoolReader
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -164,6 +167,8 @@ class Upload:
     element: Candidate | None = None
     # Set while a piece handed to httpx has not been written yet: the stall watchdog's clock.
     in_flight_since: float | None = None
+    # The current element attempt, which the stall watchdog cancels.
+    attempt: trio.CancelScope | None = None
 
 
 class FormReader:
@@ -334,16 +339,33 @@ class UploadPipeline:
         done = trio.Event()
         budget = live[0].budget if live is not None else upload.budget
         assert budget is not None
-        async with trio.open_nursery() as nursery:
-            if live is not None:
-                nursery.start_soon(self._read_live, upload, live[0], live[1], raw_send)
-            else:
-                nursery.start_soon(self._read_spool, upload, budget, raw_send)
-            nursery.start_soon(
-                self._transform, upload, raw_recv, out_send, live is not None, budget
+        # A copy of what is sent, so a failed element's share can be replayed to the next.
+        sent_copy = None
+        if self.settings.failover_spool:
+            pass_name = f"{upload.request.upload_id}.sent{'' if live is not None else '-replay'}"
+            sent_copy = await Spool.create(
+                self.settings.spool_dir, pass_name, self.svc.spool_budget
             )
-            nursery.start_soon(self._stream, upload, out_recv, result, done, budget)
-            nursery.start_soon(self._heartbeat, upload, done)
+        try:
+            async with trio.open_nursery() as nursery:
+                if live is not None:
+                    nursery.start_soon(self._read_live, upload, live[0], live[1], raw_send)
+                else:
+                    nursery.start_soon(self._read_spool, upload, budget, raw_send)
+                nursery.start_soon(
+                    self._transform,
+                    upload,
+                    raw_recv,
+                    out_send,
+                    live is not None,
+                    budget,
+                    sent_copy,
+                )
+                nursery.start_soon(self._stream, upload, out_recv, result, done, budget, sent_copy)
+                nursery.start_soon(self._heartbeat, upload, done)
+        finally:
+            if sent_copy is not None:
+                await sent_copy.discard()
         return result[0]
 
     async def _read_live(
@@ -400,6 +422,7 @@ class UploadPipeline:
         out_send: trio.MemorySendChannel[tuple[bytes, int]],
         live: bool,
         budget: UploadBudget,
+        sent_copy: Spool | None,
     ) -> None:
         settings = self.settings
         facts = upload.facts
@@ -427,16 +450,25 @@ class UploadPipeline:
             out = compressor.compress(chunk) if compressor is not None else chunk
             if compressor is not None:
                 stored.update(out)
+            if sent_copy is not None and out:
+                sent_copy.write_sync(out)
             return out
 
         async def process(chunk: bytes) -> None:
             facts.original_size += len(chunk)
             if spool is not None:
                 spool.reserve(len(chunk))
-            if len(chunk) < INLINE_HASH_BYTES and compressor is None and spool is None:
+            if (
+                len(chunk) < INLINE_HASH_BYTES
+                and compressor is None
+                and spool is None
+                and sent_copy is None
+            ):
                 out = work(chunk)
             else:
                 out = await trio.to_thread.run_sync(work, chunk)
+            if sent_copy is not None:
+                sent_copy.reserve(len(out))
             if out:
                 facts.stored_size += len(out)
                 await out_send.send((out, len(chunk)))
@@ -459,8 +491,18 @@ class UploadPipeline:
                 if pending:
                     await process(bytes(pending))
             if compressor is not None:
-                tail = await trio.to_thread.run_sync(compressor.flush)
+                flusher = compressor
+
+                def finish() -> bytes:
+                    tail = flusher.flush()
+                    if sent_copy is not None and tail:
+                        sent_copy.write_sync(tail)
+                    return tail
+
+                tail = await trio.to_thread.run_sync(finish)
                 stored.update(tail)
+                if sent_copy is not None:
+                    sent_copy.reserve(len(tail))
                 if tail:
                     facts.stored_size += len(tail)
                     await out_send.send((tail, 0))
@@ -506,6 +548,7 @@ class UploadPipeline:
         result: list[StoredFile],
         done: trio.Event,
         budget: UploadBudget,
+        sent_copy: Spool | None,
     ) -> None:
         svc = self.svc
         plan = upload.plan
@@ -519,8 +562,10 @@ class UploadPipeline:
             tail=lambda: self._tail(boundary, upload),
             on_progress=lambda sent, writing: self._on_progress(upload, sent, writing),
             release=budget.release,
+            sent_copy=sent_copy,
         )
         tried: list[str] = []
+        failures: list[StorageElementError] = []
         try:
             async with out_recv:
                 while True:
@@ -528,34 +573,57 @@ class UploadPipeline:
                         svc.registry.candidates(), mode=mode, declared_size=declared, exclude=tried
                     )
                     if not ranked:
-                        raise no_candidate_error(
-                            svc.registry.candidates(), mode=mode, declared_size=declared
-                        )
+                        raise self._nothing_left(mode, declared, failures)
                     element = ranked[0]
                     tried.append(element.id)
                     upload.element = element
                     upload.progress.storage_element_id = element.id
                     logs.bind(storage_element_id=element.id)
-                    try:
-                        stored = await svc.se_client.upload(
-                            element.id,
-                            element.api_url,
-                            body=body,
-                            content_type=f"multipart/form-data; boundary={boundary}",
-                            authorization=authorization,
-                            extra_headers={"X-Request-ID": upload.request.upload_id},
+                    error: StorageElementError | None = None
+                    # The stall watchdog cancels this scope: the attempt ends, the upload
+                    # goes on elsewhere.
+                    with trio.CancelScope() as attempt:
+                        upload.attempt = attempt
+                        try:
+                            stored = await svc.se_client.upload(
+                                element.id,
+                                element.api_url,
+                                body=body,
+                                content_type=f"multipart/form-data; boundary={boundary}",
+                                authorization=authorization,
+                                extra_headers={"X-Request-ID": upload.request.upload_id},
+                            )
+                        except StorageElementError as exc:
+                            error = exc
+                    upload.attempt = None
+                    upload.in_flight_since = None
+                    if attempt.cancelled_caught:
+                        error = StorageElementTimeout(
+                            f"{element.id} accepted nothing for "
+                            f"{self.settings.se_stall_timeout_s:g} s",
+                            element_id=element.id,
                         )
-                    except (StorageElementUnavailable, StorageElementFull) as exc:
-                        svc.note_se_failure(element.id, exc)
-                        if body.started:
-                            # Bytes are gone; failing over mid-stream is the resilience work.
-                            raise
-                        log.warning("%s; trying the next Storage Element", exc.message)
-                        continue
-                    except StorageElementError as exc:
-                        svc.note_se_failure(element.id, exc)
-                        raise
-                    break
+                    if error is None:
+                        break
+                    svc.note_se_failure(element.id, error)
+                    failures.append(error)
+                    if not error.retryable or (body.started and sent_copy is None):
+                        raise error
+                    if body.started:
+                        # Bytes went out: whatever the element kept is compensated in the
+                        # background, and the next one gets the same bytes from the copy.
+                        svc.compensate_soon(element, upload.file_id, authorization)
+                        svc.metrics.failovers.labels(element.id).inc()
+                        log.warning(
+                            "failing over from %s after %d bytes: %s",
+                            element.id,
+                            body.taken,
+                            error.message,
+                            extra={"event": "failover", "bytes": body.taken},
+                        )
+                        body = body.restart()
+                    else:
+                        log.warning("%s; trying the next Storage Element", error.message)
             await self._verify(upload, stored)
             result.append(stored)
         except BaseException:
@@ -564,6 +632,27 @@ class UploadPipeline:
             raise
         finally:
             done.set()
+
+    def _nothing_left(
+        self, mode: SEMode, declared: int | None, failures: list[StorageElementError]
+    ) -> IngesterError:
+        """The answer when no candidate is left: 507 when every try found the element full
+        (or the registry says none has room), 503 with Retry-After otherwise."""
+        if failures and all(isinstance(f, StorageElementFull) for f in failures):
+            return InsufficientStorage(failures[-1].message)
+        error = (
+            NoStorageAvailable(
+                f"no {mode.value} Storage Element left after "
+                f"{len(failures)} failed: {failures[-1].message}"
+            )
+            if failures
+            else no_candidate_error(
+                self.svc.registry.candidates(), mode=mode, declared_size=declared
+            )
+        )
+        if isinstance(error, NoStorageAvailable):
+            error.headers.setdefault("Retry-After", str(self.settings.retry_after_s))
+        return error
 
     async def _tail(self, boundary: str, upload: Upload) -> bytes:
         """The closing fields; sent only once the client's form is complete and checked."""
@@ -605,10 +694,9 @@ class UploadPipeline:
             progress.updated_at = self.svc.progress.now()
             since = upload.in_flight_since
             if since is not None and trio.current_time() - since > stall_s:
-                raise StorageElementTimeout(
-                    f"the Storage Element accepted nothing for {stall_s:g} s",
-                    element_id=upload.element.id if upload.element else None,
-                )
+                upload.in_flight_since = None
+                if upload.attempt is not None:
+                    upload.attempt.cancel()
 
     # --- the answer --------------------------------------------------------------------------
 
@@ -719,12 +807,20 @@ class SEUploadBody(httpx.AsyncByteStream):
         tail: Callable[[], Awaitable[bytes]],
         on_progress: Callable[[int, bool], None],
         release: Callable[[int], None],
+        sent_copy: Spool | None = None,
+        replay_bytes: int = 0,
     ) -> None:
         self._head = head
         self._chunks = chunks
         self._tail = tail
         self._on_progress = on_progress
         self._release = release
+        self._sent_copy = sent_copy
+        # File bytes to send again from the copy before taking more from the channel.
+        self._replay_left = replay_bytes
+        self._replay: SpoolReader | None = None
+        # File bytes taken from the channel so far (those replayed included).
+        self.taken = replay_bytes
         self._stage = 0
         self._sent_file_bytes = 0
         self._last_len = 0
@@ -749,9 +845,12 @@ class SEUploadBody(httpx.AsyncByteStream):
             self.started = True
             self._stage = 1
             piece = self._head
+        elif self._stage == 1 and self._replay_left:
+            piece = await self._replayed()
         elif self._stage == 1:
             try:
                 chunk, self._rest_raw = await self._chunks.receive()
+                self.taken += len(chunk)
             except trio.EndOfChannel:
                 self._stage = 3
                 piece = await self._tail()
@@ -762,6 +861,33 @@ class SEUploadBody(httpx.AsyncByteStream):
             raise StopAsyncIteration
         self._on_progress(self._sent_file_bytes, True)
         return piece
+
+    async def _replayed(self) -> bytes:
+        """The next piece of what a failed element had already been given."""
+        assert self._sent_copy is not None
+        if self._replay is None:
+            self._replay = await self._sent_copy.open_reader()
+        piece = await self._replay.read(min(SEND_PIECE, self._replay_left))
+        if not piece:
+            raise RuntimeError("the copy of the sent bytes is shorter than what was sent")
+        self._replay_left -= len(piece)
+        self._last_len = len(piece)
+        if not self._replay_left:
+            await self._replay.aclose()
+        return piece
+
+    def restart(self) -> SEUploadBody:
+        """A body for the next element: the same head, everything taken so far again from
+        the copy, then the rest of the channel and the tail."""
+        return SEUploadBody(
+            head=self._head,
+            chunks=self._chunks,
+            tail=self._tail,
+            on_progress=self._on_progress,
+            release=self._release,
+            sent_copy=self._sent_copy,
+            replay_bytes=self.taken,
+        )
 
     def _next_slice(self) -> memoryview:
         """At most SEND_PIECE bytes: httpcore copies each piece while the socket takes it,
@@ -778,3 +904,5 @@ class SEUploadBody(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self._stage = 3
+        if self._replay is not None:
+            await self._replay.aclose()

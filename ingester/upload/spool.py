@@ -67,9 +67,13 @@ class Spool:
         self.size += size
 
     def write_sync(self, data: bytes) -> None:
-        """Append reserved bytes; called from the transformer's worker thread."""
+        """Append reserved bytes; called from the transformer's worker thread.
+
+        Flushed at once: a failover replays the spool through another handle while this
+        one is still being written."""
         assert self._file is not None
         self._file.write(data)
+        self._file.flush()
 
     async def finish_writing(self) -> None:
         if self._file is not None:
@@ -80,6 +84,10 @@ class Spool:
             while chunk := await trio.to_thread.run_sync(reader.read, REPLAY_CHUNK):
                 yield chunk
 
+    async def open_reader(self) -> SpoolReader:
+        handle = await trio.to_thread.run_sync(open, self.path, "rb")
+        return SpoolReader(handle)
+
     async def discard(self) -> None:
         """Close and remove; safe to call twice and from cancelled code (it shields itself)."""
         with trio.CancelScope(shield=True):
@@ -87,6 +95,23 @@ class Spool:
             await trio.to_thread.run_sync(_close_and_unlink, handle, self.path)
             self._budget.give_back(self.size)
             self.size = 0
+
+
+class SpoolReader:
+    """Reads a spool from its start, in a worker thread, while it may still grow."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self._handle: BinaryIO | None = handle
+
+    async def read(self, size: int) -> bytes:
+        assert self._handle is not None
+        return await trio.to_thread.run_sync(self._handle.read, size)
+
+    async def aclose(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(handle.close)
 
 
 def _close_and_unlink(handle: BinaryIO | None, path: Path) -> None:
