@@ -62,6 +62,19 @@ class Metrics:
             ["element_id", "kind"],
             registry=r,
         )
+        self.spool_bytes = Gauge(
+            "ingester_spool_bytes",
+            "Disk used by spool files (replans and failover copies) of uploads in flight.",
+            registry=r,
+        )
+        self.spool_limit = Gauge(
+            "ingester_spool_limit_bytes", "INGESTER_SPOOL_MAX_BYTES.", registry=r
+        )
+        self.memory_budget_used = Gauge(
+            "ingester_memory_budget_used_bytes",
+            "File data held in memory between clients and elements, all uploads together.",
+            registry=r,
+        )
         self.failovers = Counter(
             "ingester_failovers",
             "Uploads moved to another Storage Element mid-stream, by the element left.",

@@ -68,6 +68,9 @@ async def test_metrics_count_uploads_bytes_and_outcomes(stack: Stack, token: Tok
             "ingester_compression_ratio_bucket",
             "ingester_storage_element_errors_total",
             'ingester_storage_element_up{element_id="se-edit",mode="edit"} 1.0',
+            "ingester_spool_bytes 0.0",
+            "ingester_memory_budget_used_bytes 0.0",
+            "ingester_failovers_total",
         ):
             assert name in text, name
         stored = next(
