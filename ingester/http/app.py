@@ -24,6 +24,7 @@ from ..errors import (
     UploadNotFound,
 )
 from ..http.multipart import parse_boundary
+from ..resilience.breaker import BreakerState
 from ..service import Service
 from ..settings import Settings
 from ..upload.budget import UploadBudget
@@ -36,6 +37,11 @@ from .openapi import openapi_document
 
 log = logging.getLogger(__name__)
 
+BREAKER_LEVELS: Final = {
+    BreakerState.CLOSED: 0,
+    BreakerState.HALF_OPEN: 1,
+    BreakerState.OPEN: 2,
+}
 _UUID_RE: Final = re.compile(
     r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 )
@@ -210,6 +216,9 @@ async def upload_file() -> Response:
                 },
             )
         finally:
+            # Whatever the way out (even a bad field before the store began), this
+            # upload's share of the memory budget goes back.
+            reader.budget.release_all()
             svc.metrics.in_flight.dec()
             svc.metrics.uploads.labels(outcome).inc()
             svc.metrics.duration.labels("success" if outcome == "success" else "failure").observe(
@@ -250,6 +259,7 @@ async def ready() -> Response:
             "status": element.status,
             "ready": registry.health_of(element.id).ready,
             "last_error": registry.health_of(element.id).last_error,
+            "breaker": svc.breakers.breaker(element.id).state(trio.current_time()).value,
         }
         for element in registry.elements
     ]
@@ -289,6 +299,10 @@ async def ready() -> Response:
 @ops.get("/metrics")
 async def metrics() -> Response:
     svc = service()
+    now = trio.current_time()
+    for element in svc.registry.elements:
+        state = svc.breakers.breaker(element.id).state(now)
+        svc.metrics.breaker_state.labels(element.id).set(BREAKER_LEVELS[state])
     svc.metrics.spool_bytes.set(svc.spool_budget.used)
     svc.metrics.spool_limit.set(svc.spool_budget.max_bytes)
     svc.metrics.memory_budget_used.set(svc.memory_budget.used)

@@ -477,3 +477,25 @@ def _start_with_elements(stack: Stack, name: str, elements: list[dict[str, objec
     )
     wait_ready(proc.url)
     return proc
+
+
+async def test_failed_uploads_give_their_memory_budget_back(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """Every failure path returns the budget: after many refused forms it is back at zero."""
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            for body, _, _, _ in [case[1:] for case in BAD_FORMS if case[2] is None]:
+                headers = auth(
+                    token(), **{"Content-Type": "multipart/form-data; boundary=B0undary"}
+                )
+                headers["Content-Length"] = str(len(body))
+                await send_stream(
+                    http,
+                    "POST",
+                    stack.url + "/api/v1/files/upload",
+                    AsyncBody(iter([body])),
+                    headers,
+                )
+            metrics = (await http.get(stack.url + "/metrics")).text
+        assert "ingester_memory_budget_used_bytes 0.0" in metrics
