@@ -75,6 +75,12 @@ class Metrics:
             "File data held in memory between clients and elements, all uploads together.",
             registry=r,
         )
+        self.breaker_state = Gauge(
+            "ingester_breaker_state",
+            "Circuit breaker per element: 0 closed, 1 half-open, 2 open.",
+            ["element_id"],
+            registry=r,
+        )
         self.failovers = Counter(
             "ingester_failovers",
             "Uploads moved to another Storage Element mid-stream, by the element left.",

@@ -18,6 +18,7 @@ import trio
 from .auth.verifier import TokenVerifier, build_verifier
 from .errors import IngesterError, StorageElementError
 from .metrics import Metrics
+from .resilience.breaker import BreakerBoard, BreakerPolicy
 from .settings import Settings
 from .storage.client import StorageElementClient
 from .storage.redis_registry import RedisRegistrySync
@@ -26,7 +27,7 @@ from .storage.se_auth import SETokenProvider, build_se_token_provider
 from .storage.selection import Candidate
 from .upload.admission import Admission
 from .upload.budget import MemoryBudget
-from .upload.pipeline import UploadPipeline
+from .upload.pipeline import Upload, UploadPipeline
 from .upload.progress import ProgressBook
 from .upload.spool import SpoolBudget
 
@@ -62,7 +63,22 @@ class Service:
             probe_timeout_s=settings.se_probe_timeout_s,
         )
         self.registry = Registry(configured_elements(settings.storage_elements), source="static")
-        self.prober = Prober(self.registry, self.se_client, interval_s=settings.se_probe_interval_s)
+        self.breakers = BreakerBoard(
+            BreakerPolicy(
+                failure_threshold=settings.breaker_failure_threshold,
+                open_base_s=settings.breaker_open_s,
+                open_max_s=max(settings.breaker_open_max_s, settings.breaker_open_s),
+                max_ejected_share=settings.breaker_max_ejected_share,
+            )
+        )
+        # Element attempts in flight, so a breaker that trips can cancel them (they fail over).
+        self.attempts: dict[str, set[Upload]] = {}
+        self.prober = Prober(
+            self.registry,
+            self.se_client,
+            interval_s=settings.se_probe_interval_s,
+            breakers=self.breakers,
+        )
         # Redis replaces the static registry once it has one.
         self.registry_sync: RedisRegistrySync | None = None
         if settings.redis_url:
@@ -118,9 +134,24 @@ class Service:
 
     def note_se_failure(self, element_id: str, error: IngesterError) -> None:
         self.metrics.se_errors.labels(element_id, error.code).inc()
-        if isinstance(error, StorageElementError) and error.retryable:
-            self.registry.mark_failed(element_id, error.message)
-            self.prober.poke()
+        if not (isinstance(error, StorageElementError) and error.retryable):
+            return
+        self.registry.mark_failed(element_id, error.message)
+        self.prober.poke()
+        known = [element.id for element in self.registry.elements]
+        if self.breakers.record_failure(element_id, trio.current_time(), known=known):
+            in_flight = self.attempts.get(element_id, set())
+            log.warning(
+                "circuit breaker for %s opened; cancelling %d attempts in flight there",
+                element_id,
+                len(in_flight),
+                extra={"event": "breaker_open", "storage_element_id": element_id},
+            )
+            for upload in list(in_flight):
+                upload.trip()
+
+    def note_se_success(self, element_id: str) -> None:
+        self.breakers.record_success(element_id, trio.current_time())
 
     def compensate_soon(self, element: Candidate, file_id: str, authorization: str | None) -> None:
         """Compensate in the service nursery: an upload failing over must not wait on the

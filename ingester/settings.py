@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     # Readiness re-probes elements at most this often; probes are cached in between.
     se_probe_interval_s: float = Field(default=5.0, gt=0)
 
+    # Circuit breaker per element: consecutive failures that open it, the first open period
+    # (doubling per trip up to the max), and the largest share of elements open at once.
+    breaker_failure_threshold: int = Field(default=5, ge=1)
+    breaker_open_s: float = Field(default=5.0, gt=0)
+    breaker_open_max_s: float = Field(default=120.0, gt=0)
+    breaker_max_ejected_share: float = Field(default=0.5, ge=0, le=1)
+
     admin_url: str | None = None
     spool_dir: Path = Path("/tmp/ingester-spool")
     # Keep a copy of what is sent to an element, so an upload can fail over mid-stream.

@@ -16,6 +16,7 @@ from typing import Final
 
 import trio
 
+from ..resilience.breaker import BreakerBoard
 from ..settings import SEMode, StorageElementConfig
 from .client import StorageElementClient
 from .selection import Candidate
@@ -88,11 +89,17 @@ class Prober:
     """Probes every element's readiness on an interval and refreshes capacity from /info."""
 
     def __init__(
-        self, registry: Registry, client: StorageElementClient, *, interval_s: float
+        self,
+        registry: Registry,
+        client: StorageElementClient,
+        *,
+        interval_s: float,
+        breakers: BreakerBoard | None = None,
     ) -> None:
         self._registry = registry
         self._client = client
         self._interval_s = interval_s
+        self._breakers = breakers
         self._wakeup = trio.Event()
 
     def poke(self) -> None:
@@ -114,7 +121,20 @@ class Prober:
                 nursery.start_soon(self._probe, element)
 
     async def _probe(self, element: StorageElementConfig) -> None:
+        # A half-open breaker's single trial is this probe when no upload took it first.
+        board = self._breakers
+        trial = (
+            board is not None
+            and element.id in board.needs_probe(trio.current_time())
+            and board.breaker(element.id).allow(trio.current_time())
+        )
         ready = await self._client.probe_ready(element.id, element.api_url)
+        if trial and board is not None:
+            if ready:
+                board.record_success(element.id, trio.current_time())
+            else:
+                known = [e.id for e in self._registry.elements]
+                board.record_failure(element.id, trio.current_time(), known=known)
         health = self._registry.health_of(element.id)
         if ready:
             await self._refresh_capacity(element)

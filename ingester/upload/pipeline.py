@@ -47,8 +47,10 @@ from ..errors import (
     StorageElementError,
     StorageElementFull,
     StorageElementTimeout,
+    StorageElementUnavailable,
 )
 from ..http.multipart import BodyEnd, MultipartStreamParser, PartData, PartEnd, PartStart
+from ..resilience.breaker import BreakerState
 from ..settings import SEMode
 from ..storage.client import StoredFile
 from ..storage.selection import Candidate, no_candidate_error, rank_candidates
@@ -148,9 +150,9 @@ class FileFacts:
     decision_reason: str = "not_requested"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Upload:
-    """State shared by the tasks of one upload's nursery."""
+    """State shared by the tasks of one upload's nursery (hashed by identity)."""
 
     request: UploadRequest
     progress: UploadProgress
@@ -167,8 +169,15 @@ class Upload:
     element: Candidate | None = None
     # Set while a piece handed to httpx has not been written yet: the stall watchdog's clock.
     in_flight_since: float | None = None
-    # The current element attempt, which the stall watchdog cancels.
+    # The current element attempt, which the stall watchdog or a breaker trip cancels.
     attempt: trio.CancelScope | None = None
+    tripped: bool = False
+
+    def trip(self) -> None:
+        """The element's breaker opened: end this attempt (the upload fails over)."""
+        self.tripped = True
+        if self.attempt is not None:
+            self.attempt.cancel()
 
 
 class FormReader:
@@ -572,9 +581,21 @@ class UploadPipeline:
                     ranked = rank_candidates(
                         svc.registry.candidates(), mode=mode, declared_size=declared, exclude=tried
                     )
-                    if not ranked:
+                    now = trio.current_time()
+                    allowed = set(svc.breakers.allowed([c.id for c in ranked], now))
+                    element = next(
+                        (
+                            c
+                            for c in ranked
+                            if c.id in allowed and svc.breakers.breaker(c.id).allow(now)
+                        ),
+                        None,
+                    )
+                    if element is None:
                         raise self._nothing_left(mode, declared, failures)
-                    element = ranked[0]
+                    took_trial = (
+                        svc.breakers.breaker(element.id).state(now) is BreakerState.HALF_OPEN
+                    )
                     tried.append(element.id)
                     upload.element = element
                     upload.progress.storage_element_id = element.id
@@ -582,31 +603,50 @@ class UploadPipeline:
                     error: StorageElementError | None = None
                     # The stall watchdog cancels this scope: the attempt ends, the upload
                     # goes on elsewhere.
-                    with trio.CancelScope() as attempt:
-                        upload.attempt = attempt
-                        try:
-                            stored = await svc.se_client.upload(
-                                element.id,
-                                element.api_url,
-                                body=body,
-                                content_type=f"multipart/form-data; boundary={boundary}",
-                                authorization=authorization,
-                                extra_headers={"X-Request-ID": upload.request.upload_id},
-                            )
-                        except StorageElementError as exc:
-                            error = exc
+                    in_flight = svc.attempts.setdefault(element.id, set())
+                    in_flight.add(upload)
+                    reported = False
+                    try:
+                        with trio.CancelScope() as attempt:
+                            upload.attempt = attempt
+                            try:
+                                stored = await svc.se_client.upload(
+                                    element.id,
+                                    element.api_url,
+                                    body=body,
+                                    content_type=f"multipart/form-data; boundary={boundary}",
+                                    authorization=authorization,
+                                    extra_headers={"X-Request-ID": upload.request.upload_id},
+                                )
+                            except StorageElementError as exc:
+                                error = exc
+                        reported = True
+                    finally:
+                        in_flight.discard(upload)
+                        if not reported and took_trial:
+                            svc.breakers.breaker(element.id).release_trial(trio.current_time())
                     upload.attempt = None
                     upload.in_flight_since = None
-                    if attempt.cancelled_caught:
+                    if upload.tripped:
+                        # Counted by whoever tripped it: this attempt is no new failure.
+                        upload.tripped = False
+                        error = StorageElementUnavailable(
+                            f"the circuit breaker for {element.id} opened",
+                            element_id=element.id,
+                        )
+                        failures.append(error)
+                    elif attempt.cancelled_caught:
                         error = StorageElementTimeout(
                             f"{element.id} accepted nothing for "
                             f"{self.settings.se_stall_timeout_s:g} s",
                             element_id=element.id,
                         )
                     if error is None:
+                        svc.note_se_success(element.id)
                         break
-                    svc.note_se_failure(element.id, error)
-                    failures.append(error)
+                    if not failures or failures[-1] is not error:
+                        svc.note_se_failure(element.id, error)
+                        failures.append(error)
                     if not error.retryable or (body.started and sent_copy is None):
                         raise error
                     if body.started:

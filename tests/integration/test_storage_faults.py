@@ -13,6 +13,7 @@ import trio
 from tests.conftest import TokenFactory
 from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
+from tests.support.http_server import Request, Response, serve_http
 from tests.support.processes import start_storage_element
 from tests.support.stack import start_ingester, wait_ready
 from tests.support.waiting import eventually
@@ -241,3 +242,62 @@ async def test_element_frozen_mid_upload_fails_over(
     tmp_path: Path, keypair: KeyPair, token: TokenFactory
 ) -> None:
     await _failover_case(tmp_path, keypair, token, "stop")
+
+
+async def test_breaker_opens_on_a_failing_element_and_uploads_go_elsewhere(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    tries: list[str] = []
+
+    async def failing_element(request: Request) -> Response:
+        if request.path == "/api/v1/files/upload":
+            tries.append(request.path)
+            return Response.json({"error": {"code": "BOOM", "message": "disk on fire"}}, status=500)
+        if request.path.startswith("/api/v1/gc/"):
+            return Response.json({"deleted": True})
+        return Response.json({"status": "ok"})
+
+    async with contextlib.AsyncExitStack() as stack:
+        good = await start_storage_element(
+            stack,
+            tmp_path=tmp_path,
+            mode="edit",
+            public_key=keypair.public_path,
+            element_id="se-good",
+        )
+        bad = await stack.enter_async_context(serve_http(failing_element))
+        elements: list[dict[str, object]] = [
+            {"id": "se-bad", "api_url": bad.url, "mode": "edit", "priority": 1},
+            {"id": "se-good", "api_url": good.url, "mode": "edit", "priority": 2},
+        ]
+        ingester = await trio.to_thread.run_sync(
+            lambda: start_ingester(
+                tmp_path,
+                name="ingester",
+                public_key=keypair.public_path,
+                elements=elements,
+                env={
+                    "INGESTER_BREAKER_FAILURE_THRESHOLD": "2",
+                    "INGESTER_BREAKER_OPEN_S": "60",
+                    "INGESTER_SE_PROBE_INTERVAL_S": "60",
+                },
+            )
+        )
+        stack.callback(ingester.terminate)
+        await trio.to_thread.run_sync(wait_ready, ingester.url)
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False) as http:
+                answers = [
+                    await post_upload(http, ingester.url, token(), MultipartUpload([b"b" * 1000]))
+                    for _ in range(5)
+                ]
+                metrics = (await http.get(ingester.url + "/metrics")).text
+                ready = (await http.get(ingester.url + "/health/ready")).json()
+        assert [a.status_code for a in answers] == [201] * 5
+        assert {a.json()["storage_element_id"] for a in answers} == {"se-good"}
+        # Two failures opened the breaker: the failing element was not tried again.
+        assert len(tries) == 2
+        assert 'ingester_breaker_state{element_id="se-bad"} 2.0' in metrics
+        assert 'ingester_breaker_state{element_id="se-good"} 0.0' in metrics
+        breaker_of = {e["id"]: e["breaker"] for e in ready["storage_elements"]}
+        assert breaker_of == {"se-bad": "open", "se-good": "closed"}
