@@ -15,12 +15,30 @@ from tests.support.client import MIB, MultipartUpload, post_upload, random_chunk
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
 from tests.support.processes import start_storage_element
-from tests.support.stack import start_ingester, wait_ready
+from tests.support.stack import Proc, start_ingester, wait_ready
 from tests.support.waiting import eventually
 
 
 def stored(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != ".lock")
+
+
+async def serve_ingester(
+    stack: contextlib.AsyncExitStack,
+    tmp_path: Path,
+    keypair: KeyPair,
+    elements: list[dict[str, object]],
+    env: dict[str, str] | None = None,
+) -> Proc:
+    """An ingester over `elements`, ready, stopped when `stack` closes."""
+    ingester = await trio.to_thread.run_sync(
+        lambda: start_ingester(
+            tmp_path, name="ingester", public_key=keypair.public_path, elements=elements, env=env
+        )
+    )
+    stack.callback(ingester.terminate)
+    await trio.to_thread.run_sync(wait_ready, ingester.url)
+    return ingester
 
 
 async def test_stalled_element_fails_the_upload_within_the_stall_timeout(
@@ -35,17 +53,13 @@ async def test_stalled_element_fails_the_upload_within_the_stall_timeout(
             element_id="se-stall",
         )
         entry: dict[str, object] = {"id": "se-stall", "api_url": se.url, "mode": "edit"}
-        ingester = await trio.to_thread.run_sync(
-            lambda: start_ingester(
-                tmp_path,
-                name="ingester",
-                public_key=keypair.public_path,
-                elements=[entry],
-                env={"INGESTER_SE_STALL_TIMEOUT_S": "1.5", "INGESTER_SE_PROBE_INTERVAL_S": "60"},
-            )
+        ingester = await serve_ingester(
+            stack,
+            tmp_path,
+            keypair,
+            [entry],
+            env={"INGESTER_SE_STALL_TIMEOUT_S": "1.5", "INGESTER_SE_PROBE_INTERVAL_S": "60"},
         )
-        stack.callback(ingester.terminate)
-        await trio.to_thread.run_sync(wait_ready, ingester.url)
         with trio.fail_after(40):
             async with (
                 httpx.AsyncClient(trust_env=False, timeout=30) as http,
@@ -110,13 +124,7 @@ async def test_full_elements_are_skipped_and_507_when_none_has_room(
             {"id": "se-small", "api_url": small.url, "mode": "edit", "priority": 1},
             {"id": "se-large", "api_url": large.url, "mode": "edit", "priority": 2},
         ]
-        ingester = await trio.to_thread.run_sync(
-            lambda: start_ingester(
-                tmp_path, name="ingester", public_key=keypair.public_path, elements=elements
-            )
-        )
-        stack.callback(ingester.terminate)
-        await trio.to_thread.run_sync(wait_ready, ingester.url)
+        ingester = await serve_ingester(stack, tmp_path, keypair, elements)
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False) as http:
                 tiny = await post_upload(
@@ -161,17 +169,13 @@ async def _failover_case(tmp_path: Path, keypair: KeyPair, token: TokenFactory, 
             {"id": "se-1", "api_url": first.url, "mode": "edit", "priority": 1},
             {"id": "se-2", "api_url": second.url, "mode": "edit", "priority": 2},
         ]
-        ingester = await trio.to_thread.run_sync(
-            lambda: start_ingester(
-                tmp_path,
-                name="ingester",
-                public_key=keypair.public_path,
-                elements=elements,
-                env={"INGESTER_SE_STALL_TIMEOUT_S": "1.5", "INGESTER_SE_PROBE_INTERVAL_S": "60"},
-            )
+        ingester = await serve_ingester(
+            stack,
+            tmp_path,
+            keypair,
+            elements,
+            env={"INGESTER_SE_STALL_TIMEOUT_S": "1.5", "INGESTER_SE_PROBE_INTERVAL_S": "60"},
         )
-        stack.callback(ingester.terminate)
-        await trio.to_thread.run_sync(wait_ready, ingester.url)
         body = MultipartUpload(
             random_chunks(300 * MIB, seed=21),
             fields=[("retention_policy", "temporary"), ("compress", "false")],
@@ -270,21 +274,17 @@ async def test_breaker_opens_on_a_failing_element_and_uploads_go_elsewhere(
             {"id": "se-bad", "api_url": bad.url, "mode": "edit", "priority": 1},
             {"id": "se-good", "api_url": good.url, "mode": "edit", "priority": 2},
         ]
-        ingester = await trio.to_thread.run_sync(
-            lambda: start_ingester(
-                tmp_path,
-                name="ingester",
-                public_key=keypair.public_path,
-                elements=elements,
-                env={
-                    "INGESTER_BREAKER_FAILURE_THRESHOLD": "2",
-                    "INGESTER_BREAKER_OPEN_S": "60",
-                    "INGESTER_SE_PROBE_INTERVAL_S": "60",
-                },
-            )
+        ingester = await serve_ingester(
+            stack,
+            tmp_path,
+            keypair,
+            elements,
+            env={
+                "INGESTER_BREAKER_FAILURE_THRESHOLD": "2",
+                "INGESTER_BREAKER_OPEN_S": "60",
+                "INGESTER_SE_PROBE_INTERVAL_S": "60",
+            },
         )
-        stack.callback(ingester.terminate)
-        await trio.to_thread.run_sync(wait_ready, ingester.url)
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False) as http:
                 answers = [
