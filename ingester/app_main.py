@@ -14,7 +14,6 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Final
 
 import trio
@@ -121,7 +120,7 @@ async def run_ingester(
                 await serve_app(app, config, shutdown_trigger=stop.wait, task_status=task_status)
                 server_nursery.cancel_scope.cancel()
 
-            binds = await server_nursery.start(partial(serve))
+            binds = await server_nursery.start(serve)
             log.info("ingester listening on %s", ", ".join(binds), extra={"event": "listening"})
             task_status.started(binds)
         service_nursery.cancel_scope.cancel()

@@ -12,8 +12,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -33,20 +32,6 @@ def bind(**fields: str | None) -> None:
         else:
             current[key] = value
     _context.set(current)
-
-
-@contextmanager
-def bound(**fields: str | None) -> Iterator[None]:
-    token = _context.set(dict(_context.get()))
-    bind(**fields)
-    try:
-        yield
-    finally:
-        _context.reset(token)
-
-
-def context() -> dict[str, str]:
-    return dict(_context.get())
 
 
 class _ContextFilter(logging.Filter):

@@ -136,7 +136,8 @@ class Service:
         self.metrics.se_errors.labels(element_id, error.code).inc()
         if not (isinstance(error, StorageElementError) and error.retryable):
             return
-        self.registry.mark_failed(element_id, error.message)
+        # Traffic failures count against the breaker (threshold, ejection cap); the prober
+        # is asked to look now, so a dead element is marked not ready at once.
         self.prober.poke()
         known = [element.id for element in self.registry.elements]
         if self.breakers.record_failure(element_id, trio.current_time(), known=known):

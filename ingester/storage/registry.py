@@ -9,7 +9,6 @@ selection read its last answer, so no request waits on a probe.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -30,8 +29,6 @@ WRITABLE_MODES: Final = frozenset({SEMode.EDIT, SEMode.RW})
 class ElementHealth:
     # None until the first probe: unknown elements stay candidates so a cold start serves.
     ready: bool | None = None
-    checked_at: float = -math.inf
-    consecutive_failures: int = 0
     last_error: str | None = None
 
 
@@ -46,9 +43,6 @@ class Registry:
         self.source = source
         known = {element.id for element in elements}
         self.health = {k: v for k, v in self.health.items() if k in known}
-
-    def get(self, element_id: str) -> StorageElementConfig | None:
-        return next((e for e in self.elements if e.id == element_id), None)
 
     def health_of(self, element_id: str) -> ElementHealth:
         return self.health.setdefault(element_id, ElementHealth())
@@ -76,13 +70,6 @@ class Registry:
             and element.status == "online"
             and self.health_of(element.id).ready is True
         ]
-
-    def mark_failed(self, element_id: str, reason: str) -> None:
-        """An upload saw the element fail; keep it out of selection until a probe succeeds."""
-        health = self.health_of(element_id)
-        health.ready = False
-        health.consecutive_failures += 1
-        health.last_error = reason
 
 
 class Prober:
@@ -146,13 +133,7 @@ class Prober:
                 extra={"storage_element_id": element.id, "event": "se_health"},
             )
         health.ready = ready
-        health.checked_at = trio.current_time()
-        if ready:
-            health.consecutive_failures = 0
-            health.last_error = None
-        else:
-            health.consecutive_failures += 1
-            health.last_error = health.last_error or "health probe failed"
+        health.last_error = None if ready else "health probe failed"
 
     async def _refresh_capacity(self, element: StorageElementConfig) -> None:
         try:

@@ -161,11 +161,11 @@ class Upload:
     filename: str
     content_type: str
     plan: Plan
+    budget: UploadBudget
     fields_complete: trio.Event = field(default_factory=trio.Event)
     options: UploadOptions | None = None
     facts: FileFacts = field(default_factory=FileFacts)
     spool: Spool | None = None
-    budget: UploadBudget | None = None
     element: Candidate | None = None
     # Set while a piece handed to httpx has not been written yet: the stall watchdog's clock.
     in_flight_since: float | None = None
@@ -303,8 +303,8 @@ class UploadPipeline:
             filename=filename,
             content_type=content_type,
             plan=Plan.of(early),
+            budget=reader.budget,
         )
-        upload.budget = reader.budget
         progress.filename = filename
         if not plan_is_settled(fields):
             # A later field may still change the plan; keep a copy to send again.
@@ -326,10 +326,10 @@ class UploadPipeline:
                 upload.plan = Plan.of(upload.options)
                 upload.facts = FileFacts()
                 # What the abandoned pass still held died with its channels.
-                reader.budget.release_all()
+                upload.budget.release_all()
                 stored = await self._store(upload, live=None)
         finally:
-            reader.budget.release_all()
+            # The budget goes back in the request handler, which owns it.
             if upload.spool is not None:
                 await upload.spool.discard()
         return self._result(upload, stored)
@@ -346,8 +346,7 @@ class UploadPipeline:
         out_send, out_recv = trio.open_memory_channel[tuple[bytes, int]](depth)
         result: list[StoredFile] = []
         done = trio.Event()
-        budget = live[0].budget if live is not None else upload.budget
-        assert budget is not None
+        budget = upload.budget
         # A copy of what is sent, so a failed element's share can be replayed to the next.
         sent_copy = None
         if self.settings.failover_spool:
