@@ -87,12 +87,50 @@ class Metrics:
             ["element_id"],
             registry=r,
         )
+        self.failover_seconds = Histogram(
+            "ingester_failover_seconds",
+            "Time from an element's failure to the next element taking the upload's bytes.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "ingester_retries",
+            "Attempts repeated after a safe failure (nothing acknowledged), by element.",
+            ["element_id"],
+            registry=r,
+        )
+        self.compensations = Counter(
+            "ingester_compensations",
+            "Compensation attempts (removing an abandoned copy), by outcome: done, retry.",
+            ["outcome"],
+            registry=r,
+        )
+        self.compensation_backlog = Gauge(
+            "ingester_compensation_backlog",
+            "Saga records waiting for compensation (all replicas when the store is Redis).",
+            registry=r,
+        )
+        self.saga_takeovers = Counter(
+            "ingester_saga_takeovers",
+            "Saga records taken over by the janitor after their owner's lease expired.",
+            registry=r,
+        )
+        self.admin_registrations = Counter(
+            "ingester_admin_registrations",
+            "Registrations in the Admin Module file registry, by outcome: ok, failed.",
+            ["outcome"],
+            registry=r,
+        )
         self.se_up = Gauge(
             "ingester_storage_element_up",
             "1 when the element's last readiness probe succeeded.",
             ["element_id", "mode"],
             registry=r,
         )
+        for outcome in ("done", "retry"):
+            self.compensations.labels(outcome)
+        for outcome in ("ok", "failed"):
+            self.admin_registrations.labels(outcome)
         self.auth_failures = Counter(
             "ingester_auth_failures", "Rejected credentials, by status.", ["status"], registry=r
         )
