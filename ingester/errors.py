@@ -142,6 +142,28 @@ class NoStorageAvailable(IngesterError):
     default_message = "no writable Storage Element is available"
 
 
+class UploadNotConfirmed(IngesterError):
+    """The upload's saga could not be confirmed, so it is not acknowledged (and is undone)."""
+
+    status = 503
+    code = "UPLOAD_NOT_CONFIRMED"
+    default_message = "the upload could not be confirmed; retry it"
+
+
+class SagaTakenOver(UploadNotConfirmed):
+    """This ingester lost its lease on the upload (it stalled for longer than the lease) and
+    another replica is undoing it."""
+
+    code = "UPLOAD_TAKEN_OVER"
+
+
+class SagaStoreUnavailable(UploadNotConfirmed):
+    """The saga store (Redis) went away while the upload ran: its record cannot be
+    confirmed, and another replica could undo it."""
+
+    code = "SAGA_STORE_UNAVAILABLE"
+
+
 class InsufficientStorage(IngesterError):
     status = 507
     code = "INSUFFICIENT_STORAGE"
@@ -201,6 +223,14 @@ class IntegrityError(IngesterError):
     status = 502
     code = "CHECKSUM_MISMATCH"
     default_message = "the Storage Element stored different bytes than were sent"
+
+
+class AdminRegistrationFailed(IngesterError):
+    """The Admin Module did not register the stored file; the copy is removed."""
+
+    status = 502
+    code = "ADMIN_REGISTRATION_FAILED"
+    default_message = "the Admin Module did not register the file"
 
 
 class UpstreamAuthError(IngesterError):

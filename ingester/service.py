@@ -4,6 +4,8 @@ service nursery
   ├── key reload     (PEM file changes, JWKS cache)
   ├── registry sync  Redis key + pub/sub → registry (only with INGESTER_REDIS_URL)
   ├── prober         Storage Element readiness and capacity
+  ├── saga book      leases of this process's upload records, the janitor that undoes uploads
+  │                  of dead ingesters, compensations retried until done (ingester.saga.book)
   └── janitor        expires finished progress records
 """
 
@@ -19,12 +21,16 @@ from .auth.verifier import TokenVerifier, build_verifier
 from .errors import IngesterError, StorageElementError
 from .metrics import Metrics
 from .resilience.breaker import BreakerBoard, BreakerPolicy
+from .resilience.retry import RetryBudget, RetryPolicy
+from .saga.book import SagaBook
+from .saga.record import Copy
+from .saga.store import MemorySagaStore, RedisSagaStore, SagaStore
 from .settings import Settings
+from .storage.admin import AdminRegistry
 from .storage.client import StorageElementClient
 from .storage.redis_registry import RedisRegistrySync
 from .storage.registry import Prober, Registry, configured_elements
 from .storage.se_auth import SETokenProvider, build_se_token_provider
-from .storage.selection import Candidate
 from .upload.admission import Admission
 from .upload.budget import MemoryBudget
 from .upload.pipeline import Upload, UploadPipeline
@@ -33,8 +39,6 @@ from .upload.spool import SpoolBudget
 
 log = logging.getLogger(__name__)
 
-# A compensation that cannot finish in this time is logged; the saga work makes it durable.
-COMPENSATION_TIMEOUT_S: Final = 10.0
 JANITOR_INTERVAL_S: Final = 30.0
 
 
@@ -89,6 +93,40 @@ class Service:
                 refresh_s=settings.redis_registry_refresh_s,
                 timeout_s=settings.redis_timeout_s,
             )
+        self.retry_policy = RetryPolicy(
+            base_s=settings.retry_base_s,
+            cap_s=max(settings.retry_cap_s, settings.retry_base_s),
+            max_attempts=settings.retry_max_attempts,
+        )
+        self.retry_budgets: dict[str, RetryBudget] = {}
+        self.saga_store: SagaStore = (
+            RedisSagaStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            if settings.redis_url
+            else MemorySagaStore()
+        )
+        self.sagas = SagaBook(
+            self.saga_store,
+            self.compensate,
+            self.metrics,
+            lease_s=settings.saga_lease_s,
+            janitor_interval_s=settings.saga_janitor_interval_s,
+            backoff=RetryPolicy(
+                base_s=1.0, cap_s=settings.compensation_backoff_max_s, max_attempts=1
+            ),
+            compensation_timeout_s=settings.compensation_timeout_s,
+        )
+        self.admin: AdminRegistry | None = None
+        if settings.admin_url:
+            self.admin = AdminRegistry(
+                self.http,
+                settings.admin_url,
+                timeout_s=settings.admin_timeout_s,
+                policy=RetryPolicy(
+                    base_s=settings.retry_base_s,
+                    cap_s=max(settings.retry_cap_s, settings.retry_base_s),
+                    max_attempts=settings.admin_max_attempts,
+                ),
+            )
         self.progress = ProgressBook(settings.progress_retention_s)
         self.admission = Admission(
             max_in_flight=settings.max_uploads_in_flight,
@@ -119,11 +157,24 @@ class Service:
                 if self.registry_sync is not None:
                     await nursery.start(self.registry_sync.run)
                 await nursery.start(self.prober.run)
+                await nursery.start(self.sagas.run)
                 nursery.start_soon(self._janitor)
                 self._nursery = nursery
                 self.started = True
                 task_status.started()
         finally:
+            pending = [s for s in self.sagas.active.values() if s.record.copies]
+            if pending:
+                log.warning(
+                    "stopping with %d sagas still compensating; %s",
+                    len(pending),
+                    "another replica's janitor takes them over when their lease runs out"
+                    if isinstance(self.saga_store, RedisSagaStore)
+                    else "without Redis they are lost: their copies stay",
+                    extra={"event": "saga_pending_at_exit"},
+                )
+            if isinstance(self.saga_store, RedisSagaStore):
+                self.saga_store.close()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.http.aclose()
 
@@ -154,25 +205,30 @@ class Service:
     def note_se_success(self, element_id: str) -> None:
         self.breakers.record_success(element_id, trio.current_time())
 
-    def compensate_soon(self, element: Candidate, file_id: str, authorization: str | None) -> None:
-        """Compensate in the service nursery: an upload failing over must not wait on the
-        element it is leaving (a frozen one would hold it for the whole timeout)."""
-        if self._nursery is None:  # pragma: no cover - uploads start after the service
-            raise RuntimeError("the service is not running")
-        self._nursery.start_soon(self.compensate, element, file_id, authorization)
+    def retry_budget(self, element_id: str) -> RetryBudget:
+        budget = self.retry_budgets.get(element_id)
+        if budget is None:
+            budget = self.retry_budgets[element_id] = RetryBudget(
+                ratio=self.settings.retry_budget_ratio
+            )
+        return budget
 
-    async def compensate(self, element: Candidate, file_id: str, authorization: str | None) -> bool:
-        """Remove what an abandoned upload may have left on `element`. Runs shielded."""
-        with trio.CancelScope(shield=True), trio.move_on_after(COMPENSATION_TIMEOUT_S) as scope:
+    async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
+        """Remove what an abandoned upload may have left on `copy`'s element: True when it is
+        gone. Shielded and bounded: it runs on the way out of cancelled uploads too."""
+        timeout_s = self.settings.compensation_timeout_s
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
             try:
+                if authorization is None:
+                    authorization = await self.se_auth.authorization(None)
                 gone = await self.se_client.gc_delete(
-                    element.id, element.api_url, file_id, authorization=authorization
+                    copy.element_id, copy.api_url, file_id, authorization=authorization
                 )
-            except StorageElementError as exc:
+            except IngesterError as exc:
                 log.warning(
                     "compensation of %s on %s failed: %s",
                     file_id,
-                    element.id,
+                    copy.element_id,
                     exc.message,
                     extra={"event": "compensation_failed", "file_id": file_id},
                 )
@@ -180,15 +236,15 @@ class Service:
             log.info(
                 "compensated %s on %s",
                 file_id,
-                element.id,
+                copy.element_id,
                 extra={"event": "compensated", "file_id": file_id},
             )
             return gone
-        if scope.cancelled_caught:
-            log.warning(
-                "compensation of %s on %s timed out",
-                file_id,
-                element.id,
-                extra={"event": "compensation_failed", "file_id": file_id},
-            )
+        log.warning(
+            "compensation of %s on %s timed out after %g s",
+            file_id,
+            copy.element_id,
+            timeout_s,
+            extra={"event": "compensation_failed", "file_id": file_id},
+        )
         return False

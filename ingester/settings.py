@@ -97,7 +97,29 @@ class Settings(BaseSettings):
     breaker_open_max_s: float = Field(default=120.0, gt=0)
     breaker_max_ejected_share: float = Field(default=0.5, ge=0, le=1)
 
+    # --- retries (safe failures only: nothing was stored; see the README)
+    # Rounds over the candidates in all, the first included; between rounds a full-jitter
+    # backoff from retry_base_s doubling up to retry_cap_s.
+    retry_max_attempts: int = Field(default=4, ge=1)
+    retry_base_s: float = Field(default=0.2, ge=0)
+    retry_cap_s: float = Field(default=5.0, ge=0)
+    # Share of an element's requests that may be retries (plus a floor of 1 per second).
+    retry_budget_ratio: float = Field(default=0.2, ge=0)
+
+    # --- saga (records in Redis with INGESTER_REDIS_URL, in the process otherwise)
+    # An upload's record is leased to its ingester for this long, renewed every third of it;
+    # when a lease runs out (the ingester died) another replica's janitor undoes the upload.
+    saga_lease_s: float = Field(default=30.0, gt=0)
+    saga_janitor_interval_s: float = Field(default=5.0, gt=0)
+    # A compensation that failed is retried with full-jitter backoff up to this.
+    compensation_backoff_max_s: float = Field(default=300.0, gt=0)
+    compensation_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Admin Module file registry: POST {admin_url}/api/v1/files after each stored upload.
     admin_url: str | None = None
+    admin_timeout_s: float = Field(default=10.0, gt=0)
+    # Attempts in all for a registration that failed safely (connect error, 5xx).
+    admin_max_attempts: int = Field(default=3, ge=1)
     spool_dir: Path = Path("/tmp/ingester-spool")
     # Keep a copy of what is sent to an element, so an upload can fail over mid-stream.
     failover_spool: bool = True

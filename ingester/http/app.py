@@ -347,6 +347,7 @@ async def openapi() -> Response:
 def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
     svc = Service(settings)
     app = make_app("ingester", buffer_limit=settings.body_buffer_limit)
+    app.config["RETRY_AFTER_S"] = settings.retry_after_s
     app.config["INGESTER_SERVICE"] = svc
     install_cors(app, settings.cors_origins)
     app.register_blueprint(api)

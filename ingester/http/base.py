@@ -117,6 +117,8 @@ def make_app(
         else:
             log.info("%s: %s", error.code, error.message, extra={"error_code": error.code})
         headers = dict(error.headers)
+        if error.status in (429, 503):
+            headers.setdefault("Retry-After", str(app.config.get("RETRY_AFTER_S", 5)))
         return error_response(error.status, error.code, error.message, headers)
 
     @app.errorhandler(HTTPException)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import mimetypes
+import random
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -51,7 +52,10 @@ from ..errors import (
 )
 from ..http.multipart import BodyEnd, MultipartStreamParser, PartData, PartEnd, PartStart
 from ..resilience.breaker import BreakerState
-from ..settings import SEMode
+from ..resilience.retry import ErrorKind, decide
+from ..saga.book import Saga
+from ..saga.record import Copy
+from ..settings import SEAuthMode, SEMode
 from ..storage.client import StoredFile
 from ..storage.selection import Candidate, no_candidate_error, rank_candidates
 from .budget import UploadBudget
@@ -172,6 +176,11 @@ class Upload:
     # The current element attempt, which the stall watchdog or a breaker trip cancels.
     attempt: trio.CancelScope | None = None
     tripped: bool = False
+    saga: Saga | None = None
+    # trio clock time by which the upload must end (INGESTER_UPLOAD_DEADLINE_S), or None.
+    deadline: float | None = None
+    # The Authorization header for element calls (None when elements need none).
+    authorization: str | None = None
 
     def trip(self) -> None:
         """The element's breaker opened: end this attempt (the upload fails over)."""
@@ -264,6 +273,7 @@ class UploadPipeline:
     def __init__(self, service: Service) -> None:
         self.svc = service
         self.settings = service.settings
+        self._random = random.Random()
 
     # --- entry point ------------------------------------------------------------------------
 
@@ -306,10 +316,45 @@ class UploadPipeline:
             budget=reader.budget,
         )
         progress.filename = filename
-        if not plan_is_settled(fields):
+        svc = self.svc
+        upload.authorization = await svc.se_auth.authorization(request.principal)
+        saga = svc.sagas.begin(
+            request.upload_id,
+            upload.file_id,
+            user=request.principal.subject,
+            # Another replica undoing this upload needs a credential: the caller's, when
+            # elements see callers' tokens.
+            authorization=upload.authorization if settings.se_auth is SEAuthMode.FORWARD else None,
+        )
+        upload.saga = saga
+        if settings.upload_deadline_s:
+            upload.deadline = trio.current_time() + settings.upload_deadline_s
+        try:
+            stored = await self._store_all(upload, reader, field_budget)
+            result = self._result(upload, stored)
+            assert upload.element is not None
+            kept = Copy(upload.element.id, upload.element.api_url)
+            if svc.admin is not None:
+                await saga.stored()
+                await self._register(upload, result)
+            await saga.succeeded(kept)
+        except BaseException:
+            current = upload.element
+            with trio.CancelScope(shield=True):
+                await saga.failed(None if current is None else Copy(current.id, current.api_url))
+            raise
+        finally:
+            svc.sagas.end(saga)
+        return result
+
+    async def _store_all(
+        self, upload: Upload, reader: FormReader, field_budget: list[int]
+    ) -> StoredFile:
+        """Store the file: one pass, or two when a late field changed the plan."""
+        if not plan_is_settled(upload.fields):
             # A later field may still change the plan; keep a copy to send again.
             upload.spool = await Spool.create(
-                settings.spool_dir, request.upload_id, self.svc.spool_budget
+                self.settings.spool_dir, upload.request.upload_id, self.svc.spool_budget
             )
         try:
             try:
@@ -332,7 +377,27 @@ class UploadPipeline:
             # The budget goes back in the request handler, which owns it.
             if upload.spool is not None:
                 await upload.spool.discard()
-        return self._result(upload, stored)
+        return stored
+
+    async def _register(self, upload: Upload, result: dict[str, Any]) -> None:
+        """The saga's second step: the Admin Module's file registry."""
+        assert self.svc.admin is not None
+        options = upload.options
+        assert options is not None
+        principal = upload.request.principal
+        record = {
+            **result,
+            "description": options.description,
+            "metadata": options.metadata,
+            "uploaded_by": principal.subject,
+            "uploaded_by_username": principal.username,
+        }
+        try:
+            await self.svc.admin.register(record, authorization=upload.authorization)
+        except IngesterError:
+            self.svc.metrics.admin_registrations.labels("failed").inc()
+            raise
+        self.svc.metrics.admin_registrations.labels("ok").inc()
 
     # --- the nursery -------------------------------------------------------------------------
 
@@ -558,11 +623,19 @@ class UploadPipeline:
         budget: UploadBudget,
         sent_copy: Spool | None,
     ) -> None:
+        """Send the upload to the best element; on a safe failure, to the next one.
+
+        An element that fails before taking any byte may be tried again in a later round
+        (after a full-jitter backoff, within the retry budget and the upload's deadline); one
+        that was sent bytes is never used again by this upload: its copy is being removed,
+        and a removal arriving late must not hit a new copy.
+        """
         svc = self.svc
+        saga = upload.saga
+        assert saga is not None
         plan = upload.plan
         mode = plan.retention_policy.target_mode
         declared = upload.request.content_length
-        authorization = await svc.se_auth.authorization(upload.request.principal)
         boundary = secrets.token_hex(16)
         body = SEUploadBody(
             head=_multipart_head(boundary, upload),
@@ -572,36 +645,44 @@ class UploadPipeline:
             release=budget.release,
             sent_copy=sent_copy,
         )
+        # Elements this round has tried, and elements that were sent bytes (never again).
         tried: list[str] = []
+        burned: list[str] = []
         failures: list[StorageElementError] = []
+        rounds = 0
+        failed_at: float | None = None
         try:
             async with out_recv:
                 while True:
-                    ranked = rank_candidates(
-                        svc.registry.candidates(), mode=mode, declared_size=declared, exclude=tried
-                    )
-                    now = trio.current_time()
-                    allowed = set(svc.breakers.allowed([c.id for c in ranked], now))
-                    element = next(
-                        (
-                            c
-                            for c in ranked
-                            if c.id in allowed and svc.breakers.breaker(c.id).allow(now)
-                        ),
-                        None,
-                    )
+                    element = self._next_element(mode, declared, tried)
                     if element is None:
-                        raise self._nothing_left(mode, declared, failures)
+                        if not failures or not failures[-1].retryable:
+                            raise self._nothing_left(mode, declared, failures)
+                        wait = self._retry_wait(upload, rounds, failures[-1], burned)
+                        if wait is None:
+                            raise self._nothing_left(mode, declared, failures)
+                        rounds += 1
+                        await trio.sleep(wait)
+                        tried = list(burned)
+                        continue
                     took_trial = (
-                        svc.breakers.breaker(element.id).state(now) is BreakerState.HALF_OPEN
+                        svc.breakers.breaker(element.id).state(trio.current_time())
+                        is BreakerState.HALF_OPEN
                     )
                     tried.append(element.id)
                     upload.element = element
                     upload.progress.storage_element_id = element.id
                     logs.bind(storage_element_id=element.id)
+                    if rounds and element.id not in burned:
+                        svc.metrics.retries.labels(element.id).inc()
+                    else:
+                        svc.retry_budget(element.id).on_request(trio.current_time())
+                    # Written before the first byte leaves: if this process dies, whoever
+                    # takes the record over knows where to look.
+                    await saga.sending_to(Copy(element.id, element.api_url))
                     error: StorageElementError | None = None
-                    # The stall watchdog cancels this scope: the attempt ends, the upload
-                    # goes on elsewhere.
+                    # The stall watchdog or a breaker trip cancels this scope: the attempt
+                    # ends, the upload goes on elsewhere.
                     in_flight = svc.attempts.setdefault(element.id, set())
                     in_flight.add(upload)
                     reported = False
@@ -614,7 +695,7 @@ class UploadPipeline:
                                     element.api_url,
                                     body=body,
                                     content_type=f"multipart/form-data; boundary={boundary}",
-                                    authorization=authorization,
+                                    authorization=upload.authorization,
                                     extra_headers={"X-Request-ID": upload.request.upload_id},
                                 )
                             except StorageElementError as exc:
@@ -642,16 +723,20 @@ class UploadPipeline:
                         )
                     if error is None:
                         svc.note_se_success(element.id)
+                        if failed_at is not None:
+                            svc.metrics.failover_seconds.observe(trio.current_time() - failed_at)
                         break
                     if not failures or failures[-1] is not error:
                         svc.note_se_failure(element.id, error)
                         failures.append(error)
                     if not error.retryable or (body.started and sent_copy is None):
                         raise error
+                    failed_at = trio.current_time()
                     if body.started:
-                        # Bytes went out: whatever the element kept is compensated in the
+                        # Bytes went out: whatever the element kept is removed in the
                         # background, and the next one gets the same bytes from the copy.
-                        svc.compensate_soon(element, upload.file_id, authorization)
+                        burned.append(element.id)
+                        saga.abandoned(Copy(element.id, element.api_url))
                         svc.metrics.failovers.labels(element.id).inc()
                         log.warning(
                             "failing over from %s after %d bytes: %s",
@@ -665,12 +750,60 @@ class UploadPipeline:
                         log.warning("%s; trying the next Storage Element", error.message)
             await self._verify(upload, stored)
             result.append(stored)
-        except BaseException:
-            if body.started and upload.element is not None:
-                await svc.compensate(upload.element, upload.file_id, authorization)
-            raise
         finally:
             done.set()
+
+    def _next_element(
+        self, mode: SEMode, declared: int | None, tried: list[str]
+    ) -> Candidate | None:
+        """The best candidate not tried yet whose breaker lets a request through."""
+        svc = self.svc
+        ranked = rank_candidates(
+            svc.registry.candidates(), mode=mode, declared_size=declared, exclude=tried
+        )
+        now = trio.current_time()
+        allowed = set(svc.breakers.allowed([c.id for c in ranked], now))
+        return next(
+            (c for c in ranked if c.id in allowed and svc.breakers.breaker(c.id).allow(now)),
+            None,
+        )
+
+    def _retry_wait(
+        self, upload: Upload, rounds: int, last: StorageElementError, burned: list[str]
+    ) -> float | None:
+        """Every candidate failed this round: the wait before the next round, or None."""
+        svc = self.svc
+        now = trio.current_time()
+        ranked = rank_candidates(
+            svc.registry.candidates(),
+            mode=upload.plan.retention_policy.target_mode,
+            declared_size=upload.request.content_length,
+            exclude=burned,
+        )
+        if not ranked or isinstance(last, StorageElementFull):
+            return None
+        decision = decide(
+            attempt=rounds,
+            error_kind=_error_kind(last),
+            # With the failover copy nothing is lost by going again: an element that was
+            # sent bytes is never retried, and its copy is compensated.
+            bytes_acknowledged=False,
+            now=now,
+            deadline=upload.deadline,
+            policy=svc.retry_policy,
+            budget=svc.retry_budget(ranked[0].id),
+            rand=self._random.random,
+        )
+        if not decision.retry:
+            log.info("not retrying: %s", decision.reason, extra={"event": "retry_refused"})
+            return None
+        log.info(
+            "every candidate failed; round %d in %.2f s",
+            rounds + 2,
+            decision.wait_s,
+            extra={"event": "retry", "reason": decision.reason},
+        )
+        return decision.wait_s
 
     def _nothing_left(
         self, mode: SEMode, declared: int | None, failures: list[StorageElementError]
@@ -772,6 +905,21 @@ class UploadPipeline:
             "storage_element_id": upload.element.id,
             "storage_element_url": upload.element.api_url,
         }
+
+
+def _error_kind(error: StorageElementError) -> ErrorKind:
+    """Our element errors as the retry policy names them."""
+    if isinstance(error, StorageElementFull):
+        return "507"
+    if isinstance(error, StorageElementTimeout):
+        return "timeout"
+    if not error.retryable:
+        return "4xx"
+    if error.upstream_status in (429, 503):
+        return "503"
+    if isinstance(error, StorageElementUnavailable):
+        return "connect"
+    return "5xx"
 
 
 def _content_type(declared: str | None, filename: str) -> str:

@@ -1,0 +1,372 @@
+"""Sagas of this process: written before bytes go out, leased while alive, compensated until done.
+
+  saga book (service nursery)
+    ├── lease keeper   every lease/3: renews the leases of this process's records in one call,
+    │                  and writes those a Redis outage kept from being written
+    ├── janitor        every INGESTER_SAGA_JANITOR_INTERVAL_S: claims records whose lease ran
+    │                  out (their ingester died) and compensates them
+    └── compensators   one per saga with copies to remove: retries with full-jitter backoff
+                       until every copy is gone, then deletes the record
+
+An upload's saga is only as durable as its store: with Redis, a killed ingester's copies are
+removed by another replica (or by itself after a restart) once the lease runs out. A store
+that cannot be reached does not fail the upload; the record is written when it is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import trio
+
+from ..errors import SagaStoreUnavailable, SagaTakenOver
+from ..metrics import Metrics
+from ..resilience.retry import RetryPolicy, backoff_s
+from .record import Copy, SagaRecord, SagaState
+from .store import SagaStore, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+# A store call that takes longer than this is a store that is away.
+STORE_CALL_TIMEOUT_S: Final = 5.0
+# Records claimed per janitor round.
+CLAIM_BATCH: Final = 50
+
+# Remove one copy; True when it is gone. Raises nothing: failures are logged and return False.
+Compensate = Callable[[Copy, str, str | None], Awaitable[bool]]
+
+
+class Saga:
+    """One upload's saga, as its owner sees it."""
+
+    def __init__(self, book: SagaBook, record: SagaRecord) -> None:
+        self.book = book
+        self.record = record
+        # The last write reached the store; and some write ever did (then the record may
+        # have been claimed by another replica, and acknowledging needs it to still be ours).
+        self.synced = False
+        self.written = False
+        self.lost = False
+        self.settled = False
+        self._compensating = False
+
+    @property
+    def upload_id(self) -> str:
+        return self.record.upload_id
+
+    async def sending_to(self, copy: Copy) -> None:
+        """Before the first byte goes to `copy`'s element: from now on it may hold a copy."""
+        if self.record.add_copy(copy):
+            await self.book.write(self)
+
+    async def stored(self) -> None:
+        self.record.state = SagaState.STORED
+        await self.book.write(self)
+
+    async def succeeded(self, kept: Copy) -> None:
+        """The upload is about to be acknowledged on `kept`. Acknowledging needs the store to
+        confirm the record is still ours (a replica that claimed it would undo the upload):
+        raises `SagaTakenOver`, or `SagaStoreUnavailable` when a record that was written
+        cannot be confirmed now. Then `failed` must follow."""
+        if self.lost:
+            raise SagaTakenOver("this upload was taken over by another ingester; retry it")
+        self.record.settle_success(kept)
+        try:
+            if self.record.copies:
+                ok = await self.book.write(self, must_exist=self.written, strict=True)
+            else:
+                ok = await self.book.finish(self)
+        except StoreUnavailable as exc:
+            self.record.state = SagaState.STORED
+            if not self.written:
+                # Never in the store: no one else can know of it, no one can undo it.
+                ok = True
+            else:
+                raise SagaStoreUnavailable(
+                    f"the upload's saga record could not be confirmed: {exc}"
+                ) from exc
+        if not ok:
+            self.record.state = SagaState.STORED
+            self.lost = True
+            raise SagaTakenOver("this upload was taken over by another ingester; retry it")
+        self.settled = True
+        self.book.compensate_in_background(self)
+
+    async def failed(self, current: Copy | None) -> None:
+        """The upload failed: remove every copy. `current` (the element the upload was on)
+        is tried at once, bounded, so the answer can say nothing is left; the rest, and a
+        `current` that cannot be reached now, go on in the background until done."""
+        self.record.settle_failure()
+        self.settled = True
+        if (
+            current is not None
+            and current in self.record.copies
+            and await self.book.compensate_now(self, current)
+        ):
+            self.record.forget(current)
+        if self.record.copies:
+            await self.book.write(self)
+        self.book.compensate_in_background(self)
+
+    def abandoned(self, copy: Copy) -> None:
+        """The upload moved on from `copy`'s element (failover): remove what it got, now, in
+        the background; a copy that cannot be removed now stays in the record."""
+        self.book.compensate_one_soon(self, copy)
+
+
+class SagaBook:
+    def __init__(
+        self,
+        store: SagaStore,
+        compensate: Compensate,
+        metrics: Metrics,
+        *,
+        lease_s: float,
+        janitor_interval_s: float,
+        backoff: RetryPolicy,
+        compensation_timeout_s: float,
+        owner: str | None = None,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.owner = owner or f"ingester-{uuid.uuid4().hex[:12]}"
+        self.lease_s = lease_s
+        self.janitor_interval_s = janitor_interval_s
+        self.backoff = backoff
+        self.compensation_timeout_s = compensation_timeout_s
+        self._compensate = compensate
+        self.active: dict[str, Saga] = {}
+        self._nursery: trio.Nursery | None = None
+        self._random = random.Random()
+        self.store_up = True
+
+    def begin(self, upload_id: str, file_id: str, *, user: str, authorization: str | None) -> Saga:
+        """A saga for a new upload; written to the store with its first copy."""
+        record = SagaRecord(
+            upload_id=upload_id,
+            file_id=file_id,
+            owner=self.owner,
+            user=user,
+            created_at=time.time(),
+            authorization=authorization,
+        )
+        saga = Saga(self, record)
+        self.active[upload_id] = saga
+        return saga
+
+    def end(self, saga: Saga) -> None:
+        """The upload's handler is done with it. A saga with nothing to compensate is
+        forgotten here; one with copies left stays until its compensator finishes."""
+        if not saga._compensating:
+            self.active.pop(saga.upload_id, None)
+            if saga.written:
+                self._spawn(self._delete, saga)
+
+    # --- store calls ------------------------------------------------------------------------
+
+    async def write(self, saga: Saga, *, must_exist: bool = False, strict: bool = False) -> bool:
+        """Write the record. False only when the store says it is not ours. A store that is
+        away raises `StoreUnavailable` when `strict`; otherwise it leaves the saga unsynced
+        (the lease keeper writes it later) and returns True."""
+        due = time.time() + self.lease_s
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                ok = await self.store.put(saga.record, due=due, must_exist=must_exist)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            self._store_down(exc)
+            saga.synced = False
+            if strict:
+                raise StoreUnavailable(str(exc) or "timeout") from exc
+            return True
+        self._store_back()
+        if ok:
+            saga.synced = saga.written = True
+        return ok
+
+    async def finish(self, saga: Saga) -> bool:
+        """Delete a written record that has nothing left to do. False when it was not ours
+        any more; raises `StoreUnavailable`."""
+        if not saga.written:
+            return True
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                deleted = await self.store.delete(self.owner, saga.upload_id)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            self._store_down(exc)
+            raise StoreUnavailable(str(exc) or "timeout") from exc
+        self._store_back()
+        saga.written = saga.synced = False
+        return deleted
+
+    async def _delete(self, saga: Saga) -> None:
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                await self.store.delete(self.owner, saga.upload_id)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            # Left behind, its lease runs out and a janitor finds nothing to do.
+            self._store_down(exc)
+            return
+        saga.written = saga.synced = False
+
+    def _store_down(self, exc: BaseException) -> None:
+        if self.store_up:
+            log.warning(
+                "saga store unreachable (%s); sagas are kept in memory until it is back",
+                exc or "timeout",
+                extra={"event": "saga_store_down"},
+            )
+        self.store_up = False
+
+    def _store_back(self) -> None:
+        if not self.store_up:
+            log.info("saga store reachable again", extra={"event": "saga_store_up"})
+        self.store_up = True
+
+    # --- compensation -----------------------------------------------------------------------
+
+    async def compensate_now(self, saga: Saga, copy: Copy) -> bool:
+        gone = await self._compensate(copy, saga.record.file_id, saga.record.authorization)
+        self.metrics.compensations.labels("done" if gone else "retry").inc()
+        return gone
+
+    def compensate_one_soon(self, saga: Saga, copy: Copy) -> None:
+        async def one() -> None:
+            if await self.compensate_now(saga, copy):
+                saga.record.forget(copy)
+
+        self._spawn_fn(one)
+
+    def compensate_in_background(self, saga: Saga) -> None:
+        if not saga.record.copies:
+            return
+        saga._compensating = True
+        self.active[saga.upload_id] = saga
+        self._spawn(self._compensator, saga)
+
+    async def _compensator(self, saga: Saga) -> None:
+        """Remove every copy left, with backoff between rounds, until done or lost."""
+        record = saga.record
+        try:
+            while not saga.lost:
+                for copy in record.targets():
+                    if await self.compensate_now(saga, copy):
+                        record.forget(copy)
+                if not record.targets():
+                    break
+                record.attempts += 1
+                record.last_error = f"{len(record.copies)} copies could not be removed yet"
+                await self.write(saga)
+                wait = backoff_s(record.attempts, self.backoff, self._random.random)
+                await trio.sleep(max(wait, 0.05))
+            else:
+                log.info(
+                    "saga %s was taken over by another ingester",
+                    saga.upload_id,
+                    extra={"event": "saga_lost"},
+                )
+                return
+            log.info(
+                "saga %s compensated after %d retries",
+                saga.upload_id,
+                record.attempts,
+                extra={"event": "saga_compensated", "file_id": record.file_id},
+            )
+            await self._delete(saga)
+        finally:
+            saga._compensating = False
+            self.active.pop(saga.upload_id, None)
+
+    # --- background tasks -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._lease_keeper)
+            nursery.start_soon(self._janitor)
+            task_status.started()
+
+    def _spawn(self, fn: Callable[[Saga], Awaitable[None]], saga: Saga) -> None:
+        self._spawn_fn(lambda: fn(saga))
+
+    def _spawn_fn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        if self._nursery is None:  # pragma: no cover - uploads start after the service
+            raise RuntimeError("the saga book is not running")
+        self._nursery.start_soon(fn)
+
+    async def _lease_keeper(self) -> None:
+        while True:
+            await trio.sleep(self.lease_s / 3)
+            await self.renew()
+
+    async def renew(self) -> None:
+        for saga in [s for s in self.active.values() if s.record.copies and not s.synced]:
+            await self.write(saga)
+        ids = [u for u, s in self.active.items() if s.synced]
+        if not ids:
+            return
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                lost = await self.store.renew(self.owner, ids, due=time.time() + self.lease_s)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            self._store_down(exc)
+            return
+        self._store_back()
+        for upload_id in lost:
+            mine = self.active.get(upload_id)
+            if mine is not None and mine.written:
+                log.warning(
+                    "lost the lease on saga %s: another ingester took it over",
+                    upload_id,
+                    extra={"event": "saga_lost"},
+                )
+                mine.lost = True
+
+    async def _janitor(self) -> None:
+        while True:
+            await self.sweep()
+            await trio.sleep(self.janitor_interval_s)
+
+    async def sweep(self) -> None:
+        """Claim the records whose owner's lease ran out and compensate them."""
+        now = time.time()
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                claimed = await self.store.claim_due(
+                    self.owner, now=now, due=now + self.lease_s, limit=CLAIM_BATCH
+                )
+                backlog = await self.store.backlog()
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            self._store_down(exc)
+            return
+        self._store_back()
+        self.metrics.compensation_backlog.set(backlog)
+        for record in claimed:
+            if record.upload_id in self.active:
+                # Ours and alive: a late renewal, not a dead owner.
+                continue
+            previous = record.owner
+            record.owner = self.owner
+            if previous != self.owner:
+                self.metrics.saga_takeovers.inc()
+            if record.state in (SagaState.RECEIVING, SagaState.STORED):
+                record.settle_failure()
+            log.warning(
+                "took over saga %s of %s (%s): removing %d copies",
+                record.upload_id,
+                previous,
+                record.state.value,
+                len(record.targets()),
+                extra={"event": "saga_takeover", "file_id": record.file_id},
+            )
+            saga = Saga(self, record)
+            saga.written = saga.synced = True
+            saga.settled = True
+            if record.targets():
+                self.compensate_in_background(saga)
+            else:
+                self._spawn(self._delete, saga)

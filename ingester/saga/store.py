@@ -1,0 +1,263 @@
+"""Where saga records live: Redis (`ingester:saga:*`, shared by replicas) or this process.
+
+Each record has an owner and a due time. For a live upload the due time is the end of its
+owner's lease, pushed forward by the owner's lease keeper; for a compensation waiting to be
+retried it is the end of the same lease. A record whose due time has passed belongs to no one
+alive: the janitor of any replica claims it. Claiming, renewing, writing and deleting are each
+one atomic step (a Lua script in Redis), and all but claiming check the owner, so two replicas
+never work on the same record: the lease is the lock.
+
+Redis layout:
+  ingester:saga:<upload_id>       hash {owner, record (JSON)}
+  ingester:saga:due               sorted set upload_id → due time (unix seconds)
+  ingester:saga:compensating      set of upload ids whose copies are being removed (backlog)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Final, Protocol
+
+import redis
+import trio
+from redis.commands.core import Script
+
+from ..storage.redis_registry import make_client
+from .record import SagaRecord, SagaState
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX: Final = "ingester:saga:"
+DUE_KEY: Final = "ingester:saga:due"
+COMPENSATING_KEY: Final = "ingester:saga:compensating"
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached (Redis down or too slow)."""
+
+
+class SagaStore(Protocol):
+    async def put(self, record: SagaRecord, *, due: float, must_exist: bool) -> bool:
+        """Write `record` for its owner. False when another owner holds it, or when
+        `must_exist` and it is gone (taken over and finished by someone else)."""
+        ...
+
+    async def renew(self, owner: str, upload_ids: list[str], *, due: float) -> list[str]:
+        """Push the due time of `owner`'s records forward; the ids it no longer owns."""
+        ...
+
+    async def claim_due(
+        self, owner: str, *, now: float, due: float, limit: int
+    ) -> list[SagaRecord]:
+        """Take the records due by `now` (their owner's lease ran out) for `owner`, with a
+        new lease until `due`. Each returned record still names its previous owner."""
+        ...
+
+    async def delete(self, owner: str, upload_id: str) -> bool:
+        """Delete `owner`'s record. False when it is not `owner`'s (or gone)."""
+        ...
+
+    async def backlog(self) -> int:
+        """Records whose copies are waiting to be removed, all owners together."""
+        ...
+
+
+class MemorySagaStore:
+    """Without Redis: the same rules in this process (records die with it)."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, tuple[str, str]] = {}
+        self._due: dict[str, float] = {}
+        self._compensating: set[str] = set()
+
+    async def put(self, record: SagaRecord, *, due: float, must_exist: bool) -> bool:
+        current = self._records.get(record.upload_id)
+        if current is None and must_exist:
+            return False
+        if current is not None and current[0] != record.owner:
+            return False
+        self._records[record.upload_id] = (record.owner, record.to_json())
+        self._due[record.upload_id] = due
+        if record.state is SagaState.COMPENSATING:
+            self._compensating.add(record.upload_id)
+        else:
+            self._compensating.discard(record.upload_id)
+        return True
+
+    async def renew(self, owner: str, upload_ids: list[str], *, due: float) -> list[str]:
+        lost = []
+        for upload_id in upload_ids:
+            current = self._records.get(upload_id)
+            if current is not None and current[0] == owner:
+                self._due[upload_id] = due
+            else:
+                lost.append(upload_id)
+        return lost
+
+    async def claim_due(
+        self, owner: str, *, now: float, due: float, limit: int
+    ) -> list[SagaRecord]:
+        ready = sorted((t, u) for u, t in self._due.items() if t <= now)[:limit]
+        claimed = []
+        for _, upload_id in ready:
+            _, raw = self._records[upload_id]
+            self._records[upload_id] = (owner, raw)
+            self._due[upload_id] = due
+            claimed.append(SagaRecord.from_json(raw))
+        return claimed
+
+    async def delete(self, owner: str, upload_id: str) -> bool:
+        current = self._records.get(upload_id)
+        if current is None or current[0] != owner:
+            return False
+        del self._records[upload_id]
+        self._due.pop(upload_id, None)
+        self._compensating.discard(upload_id)
+        return True
+
+    async def backlog(self) -> int:
+        return len(self._compensating)
+
+
+# KEYS: hash, due zset, compensating set. ARGV: owner, record JSON, state, due, id, must_exist.
+_PUT: Final = """
+local current = redis.call('HGET', KEYS[1], 'owner')
+if not current and ARGV[6] == '1' then return 0 end
+if current and current ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'record', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+if ARGV[3] == 'compensating' then
+  redis.call('SADD', KEYS[3], ARGV[5])
+else
+  redis.call('SREM', KEYS[3], ARGV[5])
+end
+return 1
+"""
+
+# KEYS: due zset, then one hash per id. ARGV: owner, due, then the ids.
+_RENEW: Final = """
+local lost = {}
+for i = 2, #KEYS do
+  local id = ARGV[i + 1]
+  if redis.call('HGET', KEYS[i], 'owner') == ARGV[1] then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
+"""
+
+# KEYS: due zset. ARGV: now, new due, owner, limit, key prefix. Records are looked up by id
+# (the ids are only known once the sorted set is read, so they cannot be passed as KEYS:
+# fine on a single Redis, not on a cluster).
+_CLAIM: Final = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[4])
+local out = {}
+for _, id in ipairs(ids) do
+  local key = ARGV[5] .. id
+  local record = redis.call('HGET', key, 'record')
+  if record then
+    redis.call('HSET', key, 'owner', ARGV[3])
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    table.insert(out, record)
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return out
+"""
+
+# KEYS: hash, due zset, compensating set. ARGV: owner, id.
+_DELETE: Final = """
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  redis.call('SREM', KEYS[3], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class RedisSagaStore:
+    """Records in Redis. Every call is the sync client in a worker thread, bounded by the
+    client's socket timeouts (no retries): a dead Redis costs one timeout, never a hang."""
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self._client = make_client(url, timeout_s)
+        self._put = self._client.register_script(_PUT)
+        self._renew = self._client.register_script(_RENEW)
+        self._claim = self._client.register_script(_CLAIM)
+        self._delete = self._client.register_script(_DELETE)
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def _run(self, script: Script, keys: list[str], args: list[str]) -> object:
+        def call() -> object:
+            return script(keys=keys, args=args)
+
+        try:
+            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def put(self, record: SagaRecord, *, due: float, must_exist: bool) -> bool:
+        written = await self._run(
+            self._put,
+            [KEY_PREFIX + record.upload_id, DUE_KEY, COMPENSATING_KEY],
+            [
+                record.owner,
+                record.to_json(),
+                record.state.value,
+                repr(due),
+                record.upload_id,
+                "1" if must_exist else "0",
+            ],
+        )
+        return written == 1
+
+    async def renew(self, owner: str, upload_ids: list[str], *, due: float) -> list[str]:
+        if not upload_ids:
+            return []
+        lost = await self._run(
+            self._renew,
+            [DUE_KEY, *(KEY_PREFIX + u for u in upload_ids)],
+            [owner, repr(due), *upload_ids],
+        )
+        assert isinstance(lost, list)
+        return [x.decode() if isinstance(x, bytes) else str(x) for x in lost]
+
+    async def claim_due(
+        self, owner: str, *, now: float, due: float, limit: int
+    ) -> list[SagaRecord]:
+        raw = await self._run(
+            self._claim, [DUE_KEY], [repr(now), repr(due), owner, str(limit), KEY_PREFIX]
+        )
+        assert isinstance(raw, list)
+        records = []
+        for item in raw:
+            try:
+                records.append(SagaRecord.from_json(item))
+            except ValueError as exc:
+                # Claimed, so it will come round again each lease: loud, not fatal.
+                log.error("unreadable saga record in Redis: %s", exc, extra={"event": "saga"})
+        return records
+
+    async def delete(self, owner: str, upload_id: str) -> bool:
+        deleted = await self._run(
+            self._delete,
+            [KEY_PREFIX + upload_id, DUE_KEY, COMPENSATING_KEY],
+            [owner, upload_id],
+        )
+        return deleted == 1
+
+    async def backlog(self) -> int:
+        def call() -> int:
+            return int(self._client.scard(COMPENSATING_KEY))
+
+        try:
+            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc

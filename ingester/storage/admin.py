@@ -1,0 +1,73 @@
+"""The Admin Module's file registry: the saga's second step (`INGESTER_ADMIN_URL`).
+
+`POST {admin_url}/api/v1/files` with the upload's record. `2xx` is registered, and so is `409`
+(a retried request found the file already there: registration is keyed by `file_id`).
+Connect errors, timeouts and `5xx` are retried with full-jitter backoff, a few times within
+`INGESTER_ADMIN_TIMEOUT_S`; anything else fails at once. A registration that fails ends the
+upload with `502 ADMIN_REGISTRATION_FAILED`, and the saga removes the stored copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Final
+
+import httpx
+import trio
+
+from ..errors import AdminRegistrationFailed
+from ..resilience.retry import RetryPolicy, backoff_s
+
+log = logging.getLogger(__name__)
+
+FILES_PATH: Final = "/api/v1/files"
+
+
+class AdminRegistry:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        base_url: str,
+        *,
+        timeout_s: float,
+        policy: RetryPolicy,
+    ) -> None:
+        self._http = http
+        self.url = base_url.rstrip("/") + FILES_PATH
+        self._timeout_s = timeout_s
+        self._policy = policy
+        self._random = random.Random()
+
+    async def register(self, record: dict[str, Any], *, authorization: str | None) -> None:
+        """Register `record`; raises `AdminRegistrationFailed`."""
+        headers = {"Authorization": authorization} if authorization else {}
+        last = "no attempt"
+        with trio.move_on_after(self._timeout_s) as deadline:
+            for attempt in range(self._policy.max_attempts):
+                if attempt:
+                    await trio.sleep(backoff_s(attempt - 1, self._policy, self._random.random))
+                try:
+                    response = await self._http.post(
+                        self.url,
+                        json=record,
+                        headers=headers,
+                        timeout=httpx.Timeout(self._timeout_s),
+                    )
+                except httpx.HTTPError as exc:
+                    last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    continue
+                if response.is_success or response.status_code == 409:
+                    return
+                last = f"HTTP {response.status_code}"
+                if response.status_code < 500:
+                    break
+        if deadline.cancelled_caught:
+            last = f"no answer within {self._timeout_s:g} s (last: {last})"
+        log.warning(
+            "Admin Module registration of %s failed: %s",
+            record.get("file_id"),
+            last,
+            extra={"event": "admin_registration_failed", "file_id": record.get("file_id")},
+        )
+        raise AdminRegistrationFailed(f"the Admin Module did not register the file ({last})")
