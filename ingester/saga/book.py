@@ -113,6 +113,13 @@ class Saga:
             await self.book.write(self)
         self.book.compensate_in_background(self)
 
+    async def remove_now(self, copy: Copy) -> bool:
+        """Remove `copy` before going on (bounded): True when it is confirmed gone."""
+        if await self.book.compensate_now(self, copy):
+            self.record.forget(copy)
+            return True
+        return False
+
     def abandoned(self, copy: Copy) -> None:
         """The upload moved on from `copy`'s element (failover): remove what it got, now, in
         the background; a copy that cannot be removed now stays in the record."""
@@ -353,13 +360,14 @@ class SagaBook:
             record.owner = self.owner
             if previous != self.owner:
                 self.metrics.saga_takeovers.inc()
+            was = record.state.value
             if record.state in (SagaState.RECEIVING, SagaState.STORED):
                 record.settle_failure()
             log.warning(
                 "took over saga %s of %s (%s): removing %d copies",
                 record.upload_id,
                 previous,
-                record.state.value,
+                was,
                 len(record.targets()),
                 extra={"event": "saga_takeover", "file_id": record.file_id},
             )

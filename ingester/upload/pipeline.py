@@ -733,10 +733,15 @@ class UploadPipeline:
                         raise error
                     failed_at = trio.current_time()
                     if body.started:
-                        # Bytes went out: whatever the element kept is removed in the
-                        # background, and the next one gets the same bytes from the copy.
-                        burned.append(element.id)
-                        saga.abandoned(Copy(element.id, element.api_url))
+                        # Bytes went out; the next element gets the same bytes from the copy.
+                        # An element that answered (5xx) is asked to drop what it has now:
+                        # once that is confirmed it may be tried again in a later round.
+                        # Otherwise its copy is removed in the background, and it is never
+                        # used again by this upload (a late removal must not hit a new copy).
+                        copy = Copy(element.id, element.api_url)
+                        if error.upstream_status is None or not await saga.remove_now(copy):
+                            burned.append(element.id)
+                            saga.abandoned(copy)
                         svc.metrics.failovers.labels(element.id).inc()
                         log.warning(
                             "failing over from %s after %d bytes: %s",

@@ -1,0 +1,434 @@
+"""The saga, with real processes: redis-server, reference Storage Elements, the Admin Module's
+file registry (a small HTTP server of the test's), and ingesters under hypercorn.
+
+- registration in the Admin Module, and a registration that fails → the stored copy removed;
+- an ingester killed mid-upload, or while registering a stored file → another replica's
+  janitor undoes the upload when the lease runs out;
+- a compensation that cannot run now (its element is down) → kept in Redis, retried, done
+  once the element is back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import TokenFactory
+from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
+from tests.support.fixtures import KeyPair
+from tests.support.http_server import Request, Response, serve_http
+from tests.support.redis_server import RedisServer
+from tests.support.stack import (
+    Proc,
+    StorageElementProc,
+    start_ingester,
+    start_storage_element,
+    wait_ready,
+)
+from tests.support.waiting import eventually
+
+LEASE_S = 2.0
+JANITOR_S = 0.3
+
+
+@dataclass
+class World:
+    root: Path
+    keys: KeyPair
+    redis: RedisServer
+    a: StorageElementProc
+    b: StorageElementProc
+    procs: list[Proc] = field(default_factory=list)
+
+    def element_files(self) -> dict[str, list[str]]:
+        # The element's lock file is its own, not an upload's.
+        return {
+            se.element_id: [p.name for p in se.stored_files() if p.name != ".lock"]
+            for se in (self.a, self.b)
+        }
+
+    def saga_keys(self) -> list[bytes]:
+        client = self.redis.client()
+        try:
+            return sorted(client.scan_iter("ingester:saga:*"))
+        finally:
+            client.close()
+
+    async def ingester(self, name: str, *, elements: list[StorageElementProc], **env: str) -> Proc:
+        settings = {
+            "INGESTER_REDIS_URL": self.redis.url,
+            "INGESTER_REDIS_TIMEOUT_S": "0.5",
+            "INGESTER_SAGA_LEASE_S": str(LEASE_S),
+            "INGESTER_SAGA_JANITOR_INTERVAL_S": str(JANITOR_S),
+            "INGESTER_COMPENSATION_BACKOFF_MAX_S": "0.5",
+            "INGESTER_SE_STALL_TIMEOUT_S": "5",
+            **env,
+        }
+
+        def start() -> Proc:
+            proc = start_ingester(
+                self.root,
+                name=name,
+                public_key=self.keys.public_path,
+                elements=[
+                    se.registry_entry(priority=10 * (i + 1)) for i, se in enumerate(elements)
+                ],
+                env=settings,
+            )
+            self.procs.append(proc)
+            wait_ready(proc.url)
+            return proc
+
+        return await trio.to_thread.run_sync(start)
+
+
+@pytest.fixture
+def world(tmp_path: Path, keypair: KeyPair) -> Iterator[World]:
+    started: list[StorageElementProc] = []
+    world: World | None = None
+    with RedisServer(tmp_path / "redis") as redis_server:
+        try:
+            for element_id in ("se-a", "se-b"):
+                started.append(
+                    start_storage_element(
+                        tmp_path, element_id=element_id, mode="edit", public_key=keypair.public_path
+                    )
+                )
+            world = World(tmp_path, keypair, redis_server, started[0], started[1])
+            yield world
+        finally:
+            # The world's elements may have been restarted: stop the current ones too.
+            current = [*world.procs, world.a, world.b] if world is not None else []
+            for proc in [*current, *started]:
+                proc.terminate()
+
+
+@dataclass
+class AdminModule:
+    """The Admin Module's file registry, as far as the ingester uses it."""
+
+    answer: Callable[[Request], Response] = lambda _: Response.json({"ok": True}, 201)
+    hold: trio.Event | None = None
+    posted: list[Request] = field(default_factory=list)
+
+    async def handle(self, request: Request) -> Response:
+        if request.method == "POST" and request.path == "/api/v1/files":
+            self.posted.append(request)
+            if self.hold is not None:
+                await self.hold.wait()
+        return self.answer(request)
+
+
+@contextlib.asynccontextmanager
+async def admin_module(admin: AdminModule) -> AsyncIterator[str]:
+    async with serve_http(admin.handle) as server:
+        yield server.url
+
+
+class SlowBody(httpx.AsyncByteStream):
+    """A multipart body sent at a walking pace, so the test can act mid-upload."""
+
+    def __init__(self, parts: Iterator[bytes], delay_s: float) -> None:
+        self._parts = parts
+        self._delay_s = delay_s
+
+    def __aiter__(self) -> SlowBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            part = next(self._parts)
+        except StopIteration:
+            raise StopAsyncIteration from None
+        await trio.sleep(self._delay_s)
+        return part
+
+
+async def slow_upload(
+    http: httpx.AsyncClient, url: str, token: str, body: MultipartUpload, delay_s: float
+) -> httpx.Response:
+    request = http.build_request(
+        "POST",
+        url + "/api/v1/files/upload",
+        headers=auth(token, **{"Content-Type": body.content_type}),
+    )
+    request.stream = SlowBody(body.parts(), delay_s)
+    request.headers.pop("Content-Length", None)
+    request.headers["Transfer-Encoding"] = "chunked"
+    return await http.send(request)
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
+    assert match is not None, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+async def metrics(http: httpx.AsyncClient, proc: Proc) -> str:
+    response = await http.get(proc.url + "/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+async def download_sha256(http: httpx.AsyncClient, base: str, file_id: str, token: str) -> str:
+    response = await http.get(f"{base}/api/v1/files/{file_id}/download", headers=auth(token))
+    assert response.status_code == 200, response.text
+    return hashlib.sha256(response.content).hexdigest()
+
+
+async def until(read: Callable[[], Awaitable[float]], value: float) -> None:
+    """Poll an async reading (a metric of another process) until it equals `value`."""
+    last: list[float] = []
+
+    async def matches() -> bool:
+        last[:] = [await read()]
+        return last[0] == value
+
+    for _ in range(100):
+        if await matches():
+            return
+        await trio.sleep(0.1)
+    raise AssertionError(f"still {last} after 10 s, not {value}")
+
+
+# --- Admin Module registration ---------------------------------------------------------------
+
+
+async def test_a_stored_upload_is_registered_in_the_admin_module(
+    world: World, token_factory: TokenFactory
+) -> None:
+    admin = AdminModule()
+    token = token_factory()
+    with trio.fail_after(60):
+        async with (
+            admin_module(admin) as admin_url,
+            httpx.AsyncClient(trust_env=False, timeout=30) as http,
+        ):
+            proc = await world.ingester(
+                "ingester", elements=[world.a], INGESTER_ADMIN_URL=admin_url
+            )
+            body = MultipartUpload(list(random_chunks(300_000)), fields=[("description", "d")])
+            response = await post_upload(http, proc.url, token, body)
+            assert response.status_code == 201, response.text
+            result = response.json()
+            assert len(admin.posted) == 1
+            record: dict[str, Any] = admin.posted[0].json()
+            assert record["file_id"] == result["file_id"]
+            assert record["checksum"] == body.sha256 == result["checksum"]
+            assert record["storage_element_id"] == "se-a"
+            assert record["file_size"] == 300_000
+            assert record["description"] == "d"
+            assert record["uploaded_by"] == "test-user"
+            assert admin.posted[0].headers["authorization"] == f"Bearer {token}"
+            assert await download_sha256(http, world.a.url, result["file_id"], token) == body.sha256
+            text = await metrics(http, proc)
+            assert metric(text, 'ingester_admin_registrations_total{outcome="ok"}') == 1
+            # Nothing left in the saga store once the upload is acknowledged.
+            assert world.saga_keys() == []
+
+
+async def test_a_failing_registration_removes_the_stored_copy(
+    world: World, token_factory: TokenFactory
+) -> None:
+    admin = AdminModule(answer=lambda _: Response.json({"detail": "database down"}, 500))
+    token = token_factory()
+    with trio.fail_after(60):
+        async with (
+            admin_module(admin) as admin_url,
+            httpx.AsyncClient(trust_env=False, timeout=30) as http,
+        ):
+            proc = await world.ingester(
+                "ingester",
+                elements=[world.a],
+                INGESTER_ADMIN_URL=admin_url,
+                INGESTER_ADMIN_MAX_ATTEMPTS="3",
+                INGESTER_RETRY_BASE_S="0.05",
+            )
+            response = await post_upload(http, proc.url, token, MultipartUpload([b"x" * 50_000]))
+            assert response.status_code == 502, response.text
+            assert response.json()["error"]["code"] == "ADMIN_REGISTRATION_FAILED"
+            assert "500" in response.json()["error"]["message"]
+            # Retried as a 5xx may be, then given up.
+            assert len(admin.posted) == 3
+            file_id = admin.posted[0].json()["file_id"]
+            # The bytes had been stored; the answer comes once they are removed again.
+            assert world.element_files() == {"se-a": [], "se-b": []}
+            gone = await http.get(f"{world.a.url}/api/v1/files/{file_id}", headers=auth(token))
+            assert gone.status_code == 404
+            assert world.saga_keys() == []
+            text = await metrics(http, proc)
+            assert metric(text, 'ingester_admin_registrations_total{outcome="failed"}') == 1
+            assert metric(text, 'ingester_compensations_total{outcome="done"}') >= 1
+
+            # A registry that refuses outright (4xx) is not retried; and the service keeps
+            # serving: once the registry answers again, uploads succeed.
+            admin.posted.clear()
+            admin.answer = lambda _: Response.json({"detail": "bad record"}, 422)
+            response = await post_upload(http, proc.url, token, MultipartUpload([b"y" * 10]))
+            assert response.status_code == 502
+            assert len(admin.posted) == 1
+            admin.answer = lambda _: Response.json({}, 201)
+            response = await post_upload(http, proc.url, token, MultipartUpload([b"z" * 10]))
+            assert response.status_code == 201, response.text
+            assert world.element_files()["se-a"] != []
+
+
+# --- a killed ingester -----------------------------------------------------------------------
+
+
+async def test_a_killed_ingester_s_stored_file_is_removed_by_another_replica(
+    world: World, token_factory: TokenFactory
+) -> None:
+    # The worst moment: the element has committed the file, the Admin Module has not
+    # answered yet, and the ingester dies. No client was told; the copy must go.
+    hold = trio.Event()
+    admin = AdminModule(hold=hold)
+    token = token_factory()
+    with trio.fail_after(90):
+        async with (
+            admin_module(admin) as admin_url,
+            httpx.AsyncClient(trust_env=False, timeout=30) as http,
+        ):
+            one = await world.ingester("one", elements=[world.a], INGESTER_ADMIN_URL=admin_url)
+            two = await world.ingester("two", elements=[world.a], INGESTER_ADMIN_URL=admin_url)
+            outcome: list[BaseException | httpx.Response] = []
+
+            async def client() -> None:
+                try:
+                    outcome.append(
+                        await post_upload(http, one.url, token, MultipartUpload([b"k" * 200_000]))
+                    )
+                except httpx.HTTPError as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                await eventually(lambda: len(admin.posted) == 1, timeout_s=20)
+                file_id = admin.posted[0].json()["file_id"]
+                assert len(world.element_files()["se-a"]) == 2  # data + attr.json
+                assert len(world.saga_keys()) >= 1
+                one.kill()
+            assert isinstance(outcome[0], httpx.HTTPError)  # no answer, certainly no 201
+
+            # Within the lease plus a janitor round or two, the other replica removes it.
+            took = await eventually(
+                lambda: world.element_files()["se-a"] == [], timeout_s=LEASE_S + 10
+            )
+            gone = await http.get(f"{world.a.url}/api/v1/files/{file_id}", headers=auth(token))
+            assert gone.status_code == 404
+            await eventually(lambda: world.saga_keys() == [], timeout_s=5)
+            assert metric(await metrics(http, two), "ingester_saga_takeovers_total") == 1
+            assert took < LEASE_S + 10
+            hold.set()
+
+
+async def test_an_ingester_killed_mid_stream_leaves_nothing_behind(
+    world: World, token_factory: TokenFactory
+) -> None:
+    token = token_factory()
+    with trio.fail_after(90):
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            one = await world.ingester("one", elements=[world.a])
+            two = await world.ingester("two", elements=[world.a])
+            body = MultipartUpload(list(random_chunks(16 * MIB, chunk=256 * 1024)))
+
+            async def client() -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    await slow_upload(http, one.url, token, body, delay_s=0.05)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                # The element is receiving (its temporary file grows) and the saga says so.
+                await eventually(lambda: world.saga_keys() != [], timeout_s=20)
+                await eventually(lambda: world.element_files()["se-a"] != [], timeout_s=20)
+                await trio.sleep(0.5)
+                one.kill()
+                nursery.cancel_scope.cancel()
+
+            await eventually(lambda: world.saga_keys() == [], timeout_s=LEASE_S + 10)
+            await eventually(lambda: world.element_files()["se-a"] == [], timeout_s=10)
+            assert metric(await metrics(http, two), "ingester_saga_takeovers_total") == 1
+            # And the survivor still serves.
+            response = await post_upload(http, two.url, token, MultipartUpload([b"ok"]))
+            assert response.status_code == 201, response.text
+
+
+# --- durable compensation --------------------------------------------------------------------
+
+
+async def test_a_compensation_that_cannot_run_now_is_retried_until_done(
+    world: World, token_factory: TokenFactory
+) -> None:
+    token = token_factory()
+    with trio.fail_after(120):
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            proc = await world.ingester(
+                "ingester",
+                elements=[world.a, world.b],
+                INGESTER_COMPENSATION_TIMEOUT_S="1",
+            )
+            body = MultipartUpload(list(random_chunks(12 * MIB, chunk=256 * 1024)))
+            result: list[httpx.Response] = []
+
+            async def client() -> None:
+                result.append(await slow_upload(http, proc.url, token, body, delay_s=0.02))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                await eventually(lambda: world.element_files()["se-a"] != [], timeout_s=20)
+                await trio.sleep(0.3)
+                # se-a dies with part of the file: the upload fails over to se-b, and the
+                # removal of se-a's part cannot run while se-a is down.
+                world.a.kill()
+            response = result[0]
+            assert response.status_code == 201, response.text
+            file_id = response.json()["file_id"]
+            assert response.json()["storage_element_id"] == "se-b"
+            assert await download_sha256(http, world.b.url, file_id, token) == body.sha256
+
+            # Kept in Redis, counted in the backlog, retried.
+            await eventually(lambda: world.saga_keys() != [], timeout_s=5)
+
+            async def backlog() -> float:
+                return metric(await metrics(http, proc), "ingester_compensation_backlog")
+
+            await until(backlog, 1)
+            record = json.loads(
+                world.redis.client().hget(f"ingester:saga:{response.json()['upload_id']}", "record")
+                or b"{}"
+            )
+            assert record["state"] == "compensating"
+            assert [c[0] for c in record["copies"]] == ["se-a"]
+            await trio.sleep(1.5)
+            text = await metrics(http, proc)
+            assert metric(text, 'ingester_compensations_total{outcome="retry"}') >= 2
+
+            # se-a back (same port, same data): the compensation goes through, the record goes.
+            def restart() -> None:
+                port = int(world.a.url.rsplit(":", 1)[1])
+                world.a = start_storage_element(
+                    world.root,
+                    element_id="se-a",
+                    mode="edit",
+                    public_key=world.keys.public_path,
+                    port=port,
+                    data_dir=world.a.data_dir,
+                )
+
+            await trio.to_thread.run_sync(restart)
+            await eventually(lambda: world.saga_keys() == [], timeout_s=15)
+            await until(backlog, 0)
+            assert world.element_files()["se-a"] == []
+            gone = await http.get(f"{world.a.url}/api/v1/files/{file_id}", headers=auth(token))
+            assert gone.status_code == 404
+            assert await download_sha256(http, world.b.url, file_id, token) == body.sha256

@@ -1,0 +1,132 @@
+"""The saga store's rules, the same for both stores: Redis (a real redis-server on a free
+port) and the in-process one. The lease is the lock: only the owner writes, renews or deletes
+a record, and only a record whose lease ran out can be claimed, by one claimant."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from ingester.saga.record import Copy, SagaRecord, SagaState
+from ingester.saga.store import MemorySagaStore, RedisSagaStore, SagaStore, StoreUnavailable
+from tests.support.redis_server import RedisServer
+
+A = Copy("se-a", "http://127.0.0.1:1")
+NOW = 1_800_000_000.0
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SagaStore]:
+    if request.param == "memory":
+        yield MemorySagaStore()
+        return
+    with RedisServer(tmp_path / "redis") as server:
+        redis_store = RedisSagaStore(server.url, timeout_s=2.0)
+        try:
+            yield redis_store
+        finally:
+            redis_store.close()
+
+
+def rec(
+    upload_id: str = "u1", owner: str = "one", state: SagaState = SagaState.RECEIVING
+) -> SagaRecord:
+    r = SagaRecord(upload_id=upload_id, file_id="f-" + upload_id, owner=owner, state=state)
+    r.add_copy(A)
+    return r
+
+
+async def test_owner_writes_and_others_cannot(store: SagaStore) -> None:
+    with trio.fail_after(10):
+        assert await store.put(rec(owner="one"), due=NOW + 30, must_exist=False)
+        assert await store.put(
+            rec(owner="one", state=SagaState.STORED), due=NOW + 30, must_exist=True
+        )
+        assert not await store.put(rec(owner="two"), due=NOW + 30, must_exist=False)
+        # Nothing of "two" got in: the record is still one's.
+        claimed = await store.claim_due("three", now=NOW + 31, due=NOW + 60, limit=10)
+        assert [(r.owner, r.state) for r in claimed] == [("one", SagaState.STORED)]
+
+
+async def test_must_exist_refuses_to_recreate_a_record(store: SagaStore) -> None:
+    # An owner that lost its record (taken over and finished) must not write it back.
+    with trio.fail_after(10):
+        assert not await store.put(rec(), due=NOW + 30, must_exist=True)
+        assert await store.claim_due("x", now=NOW + 100, due=NOW + 200, limit=10) == []
+
+
+async def test_only_due_records_are_claimed_and_only_once(store: SagaStore) -> None:
+    with trio.fail_after(10):
+        await store.put(rec("early"), due=NOW + 10, must_exist=False)
+        await store.put(rec("late"), due=NOW + 50, must_exist=False)
+        assert await store.claim_due("two", now=NOW + 5, due=NOW + 35, limit=10) == []
+        claimed = await store.claim_due("two", now=NOW + 20, due=NOW + 50, limit=10)
+        assert [r.upload_id for r in claimed] == ["early"]
+        assert claimed[0].owner == "one"  # the previous owner, for the takeover log
+        # Claimed with a new lease: a second janitor at the same moment gets nothing.
+        assert await store.claim_due("three", now=NOW + 20, due=NOW + 50, limit=10) == []
+        # The new owner holds it now: the old one can neither write nor delete it.
+        assert not await store.put(rec("early", owner="one"), due=NOW + 99, must_exist=True)
+        assert not await store.delete("one", "early")
+        assert await store.delete("two", "early")
+
+
+async def test_claims_are_limited_per_round(store: SagaStore) -> None:
+    with trio.fail_after(10):
+        for i in range(5):
+            await store.put(rec(f"u{i}"), due=NOW + i, must_exist=False)
+        first = await store.claim_due("two", now=NOW + 10, due=NOW + 60, limit=3)
+        second = await store.claim_due("two", now=NOW + 10, due=NOW + 60, limit=3)
+        assert [r.upload_id for r in first] == ["u0", "u1", "u2"]
+        assert [r.upload_id for r in second] == ["u3", "u4"]
+
+
+async def test_renewal_keeps_a_live_owner_s_records_and_reports_lost_ones(
+    store: SagaStore,
+) -> None:
+    with trio.fail_after(10):
+        await store.put(rec("kept"), due=NOW + 50, must_exist=False)
+        await store.put(rec("taken"), due=NOW + 10, must_exist=False)
+        claimed = await store.claim_due("two", now=NOW + 20, due=NOW + 500, limit=10)
+        assert [r.upload_id for r in claimed] == ["taken"]
+        lost = await store.renew("one", ["kept", "taken", "gone"], due=NOW + 100)
+        assert sorted(lost) == ["gone", "taken"]
+        # "kept" is leased until NOW + 100 now.
+        assert await store.claim_due("three", now=NOW + 99, due=NOW + 200, limit=10) == []
+        assert [
+            r.upload_id
+            for r in await store.claim_due("three", now=NOW + 101, due=NOW + 200, limit=10)
+        ] == ["kept"]
+
+
+async def test_backlog_counts_records_being_compensated(store: SagaStore) -> None:
+    with trio.fail_after(10):
+        await store.put(rec("a"), due=NOW, must_exist=False)
+        await store.put(rec("b", state=SagaState.COMPENSATING), due=NOW, must_exist=False)
+        await store.put(rec("c", state=SagaState.COMPENSATING), due=NOW, must_exist=False)
+        assert await store.backlog() == 2
+        await store.put(rec("c", state=SagaState.DONE), due=NOW, must_exist=True)
+        await store.delete("one", "b")
+        assert await store.backlog() == 0
+
+
+async def test_redis_away_is_a_prompt_store_unavailable(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "redis") as server:
+        store = RedisSagaStore(server.url, timeout_s=0.5)
+        server.kill()
+        try:
+            with trio.fail_after(5):
+                for call in (
+                    lambda: store.put(rec(), due=NOW, must_exist=False),
+                    lambda: store.renew("one", ["u1"], due=NOW),
+                    lambda: store.claim_due("one", now=NOW, due=NOW, limit=1),
+                    lambda: store.delete("one", "u1"),
+                    store.backlog,
+                ):
+                    with pytest.raises(StoreUnavailable):
+                        await call()
+        finally:
+            store.close()

@@ -1,0 +1,115 @@
+"""Saga records: which copies compensation removes in each state, and the wire format."""
+
+from __future__ import annotations
+
+import pytest
+
+from ingester.saga.record import Copy, SagaRecord, SagaState
+
+A = Copy("se-a", "http://127.0.0.1:1")
+B = Copy("se-b", "http://127.0.0.1:2")
+C = Copy("se-c", "http://127.0.0.1:3")
+
+
+def record() -> SagaRecord:
+    return SagaRecord(upload_id="u1", file_id="f1", owner="ingester-1", user="alice")
+
+
+def test_a_new_record_has_nothing_to_undo() -> None:
+    r = record()
+    assert r.state is SagaState.RECEIVING
+    assert r.targets() == []
+    assert not r.finished
+
+
+def test_copies_are_noted_once_in_order() -> None:
+    r = record()
+    assert r.add_copy(A)
+    assert r.add_copy(B)
+    assert not r.add_copy(A)
+    assert r.copies == [A, B]
+
+
+@pytest.mark.parametrize("state", [SagaState.RECEIVING, SagaState.STORED])
+def test_an_unfinished_upload_undoes_every_copy(state: SagaState) -> None:
+    # What a janitor finds when the owner died: the client never got a 201.
+    r = record()
+    r.add_copy(A)
+    r.add_copy(B)
+    r.state = state
+    assert r.targets() == [A, B]
+
+
+def test_success_keeps_the_acknowledged_copy_and_undoes_the_abandoned_ones() -> None:
+    r = record()
+    for copy in (A, B, C):
+        r.add_copy(copy)
+    r.settle_success(B)
+    assert r.kept == B
+    assert r.state is SagaState.COMPENSATING
+    assert r.targets() == [A, C]
+    r.forget(A)
+    r.forget(C)
+    assert r.finished
+    assert r.kept == B
+
+
+def test_success_on_the_only_copy_leaves_nothing_to_do() -> None:
+    r = record()
+    r.add_copy(A)
+    r.settle_success(A)
+    assert r.state is SagaState.DONE
+    assert r.targets() == []
+    assert not r.finished  # done, not compensated: the owner deletes it
+
+
+def test_a_done_record_never_targets_its_kept_copy() -> None:
+    r = record()
+    r.add_copy(A)
+    r.state = SagaState.DONE
+    r.kept = A
+    assert r.targets() == []
+
+
+def test_failure_undoes_every_copy_until_each_is_confirmed_gone() -> None:
+    r = record()
+    r.add_copy(A)
+    r.add_copy(B)
+    r.settle_failure()
+    assert r.state is SagaState.COMPENSATING
+    assert r.targets() == [A, B]
+    r.forget(B)
+    assert r.targets() == [A]
+    assert not r.finished
+    r.forget(A)
+    assert r.finished
+
+
+def test_json_round_trip_keeps_everything() -> None:
+    r = record()
+    r.add_copy(A)
+    r.add_copy(B)
+    r.settle_success(B)
+    r.attempts = 3
+    r.last_error = "se-a: cannot connect"
+    r.created_at = 1700000000.5
+    r.authorization = "Bearer abc"
+    again = SagaRecord.from_json(r.to_json())
+    assert again == r
+    assert again.targets() == [A]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "[]",
+        "{}",
+        '{"upload_id": "u", "file_id": "f", "owner": "o", "state": "flying"}',
+        '{"upload_id": "u", "file_id": "f", "owner": "o", "state": "receiving", "copies": [1]}',
+        b"\xff\xfe",
+    ],
+)
+def test_anything_else_is_refused_with_value_error(raw: str | bytes) -> None:
+    with pytest.raises(ValueError, match="not a saga record"):
+        SagaRecord.from_json(raw)
