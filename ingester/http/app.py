@@ -19,7 +19,6 @@ from ..auth.verifier import bearer_from_header, require_upload
 from ..errors import (
     IngesterError,
     InvalidField,
-    RequestTimeout,
     Unauthorized,
     UploadNotFound,
 )
@@ -27,10 +26,8 @@ from ..http.multipart import parse_boundary
 from ..resilience.breaker import BreakerState
 from ..service import Service
 from ..settings import Settings
-from ..upload.budget import UploadBudget
 from ..upload.digest import parse_content_digest
-from ..upload.pipeline import FormReader, UploadRequest
-from ..upload.progress import UploadState
+from ..upload.ingest import ingest
 from .base import make_app
 from .cors import install_cors
 from .openapi import openapi_document
@@ -79,40 +76,12 @@ async def authenticate() -> Principal:
     return principal
 
 
-def only_cancelled(exc: BaseException) -> bool:
-    """A `Cancelled`, or a group holding nothing else: the request itself was cancelled."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(only_cancelled(inner) for inner in exc.exceptions)
-    return isinstance(exc, trio.Cancelled)
-
-
-def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error to report for a nursery's group: the first project error, else the first one.
-
-    A group of nothing but `Cancelled` is the caller's own cancellation and goes on as is.
-    """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-
-    walk(group)
-    if not leaves:
-        return group
-    return next((e for e in leaves if isinstance(e, IngesterError)), leaves[0])
-
-
 # --- uploads -----------------------------------------------------------------------------
 
 
 @api.post("/api/v1/files/upload")
 async def upload_file() -> Response:
     svc = service()
-    settings = svc.settings
     principal = await authenticate()
     try:
         require_upload(principal)
@@ -128,102 +97,16 @@ async def upload_file() -> Response:
     if svc.progress.get(upload_id) is not None:
         raise InvalidField(f"upload id {upload_id} is already in use")
     logs.bind(upload_id=upload_id)
-    content_length = request.content_length
-    with svc.admission.admit(principal.subject):
-        progress = svc.progress.start(upload_id, principal.subject, content_length)
-        svc.metrics.in_flight.inc()
-        started = trio.current_time()
-        outcome = "cancelled"
-        reader = FormReader(
-            request.body,
-            boundary,
-            settings.client_idle_timeout_s,
-            UploadBudget(svc.memory_budget),
-            quantum=settings.body_buffer_limit,
-        )
-        upload_request = UploadRequest(
-            upload_id=upload_id,
-            principal=principal,
-            content_type=request.headers.get("Content-Type"),
-            content_length=content_length,
-            body=request.body,
-            expected_digest=digest,
-        )
-        try:
-            try:
-                deadline = settings.upload_deadline_s or float("inf")
-                with trio.fail_after(deadline):
-                    try:
-                        result = await svc.pipeline.run(upload_request, reader, progress)
-                    finally:
-                        # The element was chosen in a child task, whose log context does
-                        # not flow back here: bind it for this request's remaining lines.
-                        logs.bind(storage_element_id=progress.storage_element_id)
-            except BaseExceptionGroup as group:
-                raise collapse(group) from None
-            except trio.TooSlowError:
-                raise RequestTimeout(
-                    f"the upload did not finish within {settings.upload_deadline_s:g} s"
-                ) from None
-        except IngesterError as error:
-            outcome = error.code
-            svc.progress.finish(progress, UploadState.FAILED, error_code=error.code)
-            log.log(
-                logging.WARNING if error.status >= 500 else logging.INFO,
-                "upload failed: %s: %s",
-                error.code,
-                error.message,
-                extra={
-                    "event": "upload_failed",
-                    "error_code": error.code,
-                    "bytes": reader.bytes_read,
-                },
-            )
-            error.logged = True
-            raise
-        except BaseException as exc:
-            if only_cancelled(exc):
-                outcome = "client_disconnected"
-                svc.progress.finish(
-                    progress, UploadState.CANCELLED, error_code="CLIENT_DISCONNECTED"
-                )
-                log.info(
-                    "upload cancelled: the client went away",
-                    extra={"event": "upload_cancelled", "bytes": reader.bytes_read},
-                )
-            else:
-                outcome = "INTERNAL_ERROR"
-                svc.progress.finish(progress, UploadState.FAILED, error_code="INTERNAL_ERROR")
-            raise
-        else:
-            outcome = "success"
-            svc.progress.finish(progress, UploadState.DONE, result=result)
-            svc.metrics.bytes_stored.inc(result["stored_size"])
-            if result["compressed"]:
-                svc.metrics.compression_ratio.labels(result["compression_algorithm"]).observe(
-                    result["compression_ratio"]
-                )
-            log.info(
-                "upload stored",
-                extra={
-                    "event": "upload_stored",
-                    "storage_element_id": result["storage_element_id"],
-                    "file_id": result["file_id"],
-                    "file_size": result["file_size"],
-                    "stored_size": result["stored_size"],
-                    "compressed": result["compressed"],
-                    "duration_s": round(trio.current_time() - started, 3),
-                },
-            )
-        finally:
-            # Whatever the way out (even a bad field before the store began), this
-            # upload's share of the memory budget goes back.
-            reader.budget.release_all()
-            svc.metrics.in_flight.dec()
-            svc.metrics.uploads.labels(outcome).inc()
-            svc.metrics.duration.labels("success" if outcome == "success" else "failure").observe(
-                trio.current_time() - started
-            )
+    result = await ingest(
+        svc,
+        principal=principal,
+        upload_id=upload_id,
+        boundary=boundary,
+        body=request.body,
+        content_type=request.headers.get("Content-Type"),
+        content_length=request.content_length,
+        digest=digest,
+    )
     return json_response(result, 201, headers={"Location": f"/api/v1/files/{result['file_id']}"})
 
 

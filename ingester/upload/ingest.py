@@ -1,0 +1,163 @@
+"""One upload from a multipart body to a `201` result: admission, progress, the pipeline,
+and the bookkeeping of its outcome (logs, metrics). Used by `POST /api/v1/files/upload` and
+by resumable uploads when their last byte has arrived (the body is then read from the spool).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .. import logs
+from ..auth.principal import Principal
+from ..errors import IngesterError, RequestTimeout
+from .budget import UploadBudget
+from .pipeline import FormReader, UploadRequest
+from .progress import UploadState
+
+if TYPE_CHECKING:
+    from ..service import Service
+
+log = logging.getLogger(__name__)
+
+
+def only_cancelled(exc: BaseException) -> bool:
+    """A `Cancelled`, or a group holding nothing else: the request itself was cancelled."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_cancelled(inner) for inner in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report for a nursery's group: the first project error, else the first one.
+
+    A group of nothing but `Cancelled` is the caller's own cancellation and goes on as is.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    if not leaves:
+        return group
+    return next((e for e in leaves if isinstance(e, IngesterError)), leaves[0])
+
+
+async def ingest(
+    svc: Service,
+    *,
+    principal: Principal,
+    upload_id: str,
+    boundary: bytes,
+    body: AsyncIterator[bytes],
+    content_type: str | None,
+    content_length: int | None,
+    digest: bytes | None,
+) -> dict[str, Any]:
+    """Store the file of a multipart `body`; the contract's `201` body. Raises
+    `IngesterError`s (and `Cancelled` when the caller goes away)."""
+    settings = svc.settings
+    with svc.admission.admit(principal.subject):
+        progress = svc.progress.start(upload_id, principal.subject, content_length)
+        svc.metrics.in_flight.inc()
+        started = trio.current_time()
+        outcome = "cancelled"
+        reader = FormReader(
+            body,
+            boundary,
+            settings.client_idle_timeout_s,
+            UploadBudget(svc.memory_budget),
+            quantum=settings.body_buffer_limit,
+        )
+        upload_request = UploadRequest(
+            upload_id=upload_id,
+            principal=principal,
+            content_type=content_type,
+            content_length=content_length,
+            body=body,
+            expected_digest=digest,
+        )
+        try:
+            try:
+                deadline = settings.upload_deadline_s or float("inf")
+                with trio.fail_after(deadline):
+                    try:
+                        result = await svc.pipeline.run(upload_request, reader, progress)
+                    finally:
+                        # The element was chosen in a child task, whose log context does
+                        # not flow back here: bind it for this request's remaining lines.
+                        logs.bind(storage_element_id=progress.storage_element_id)
+            except BaseExceptionGroup as group:
+                raise collapse(group) from None
+            except trio.TooSlowError:
+                raise RequestTimeout(
+                    f"the upload did not finish within {settings.upload_deadline_s:g} s"
+                ) from None
+        except IngesterError as error:
+            outcome = error.code
+            svc.progress.finish(progress, UploadState.FAILED, error_code=error.code)
+            log.log(
+                logging.WARNING if error.status >= 500 else logging.INFO,
+                "upload failed: %s: %s",
+                error.code,
+                error.message,
+                extra={
+                    "event": "upload_failed",
+                    "error_code": error.code,
+                    "bytes": reader.bytes_read,
+                },
+            )
+            error.logged = True
+            raise
+        except BaseException as exc:
+            if only_cancelled(exc):
+                outcome = "client_disconnected"
+                svc.progress.finish(
+                    progress, UploadState.CANCELLED, error_code="CLIENT_DISCONNECTED"
+                )
+                log.info(
+                    "upload cancelled: the client went away",
+                    extra={"event": "upload_cancelled", "bytes": reader.bytes_read},
+                )
+            else:
+                outcome = "INTERNAL_ERROR"
+                svc.progress.finish(progress, UploadState.FAILED, error_code="INTERNAL_ERROR")
+            raise
+        else:
+            outcome = "success"
+            svc.progress.finish(progress, UploadState.DONE, result=result)
+            svc.metrics.bytes_stored.inc(result["stored_size"])
+            if result["compressed"]:
+                svc.metrics.compression_ratio.labels(result["compression_algorithm"]).observe(
+                    result["compression_ratio"]
+                )
+            log.info(
+                "upload stored",
+                extra={
+                    "event": "upload_stored",
+                    "storage_element_id": result["storage_element_id"],
+                    "file_id": result["file_id"],
+                    "file_size": result["file_size"],
+                    "stored_size": result["stored_size"],
+                    "compressed": result["compressed"],
+                    "duration_s": round(trio.current_time() - started, 3),
+                },
+            )
+        finally:
+            # Whatever the way out (even a bad field before the store began), this
+            # upload's share of the memory budget goes back.
+            reader.budget.release_all()
+            svc.metrics.in_flight.dec()
+            svc.metrics.uploads.labels(outcome).inc()
+            svc.metrics.duration.labels("success" if outcome == "success" else "failure").observe(
+                trio.current_time() - started
+            )
+    return result
