@@ -33,6 +33,7 @@ from .storage.registry import Prober, Registry, configured_elements
 from .storage.se_auth import SETokenProvider, build_se_token_provider
 from .upload.admission import Admission
 from .upload.budget import MemoryBudget
+from .upload.idempotency import IdempotencyGuard, MemoryIdempotencyStore, RedisIdempotencyStore
 from .upload.pipeline import Upload, UploadPipeline
 from .upload.progress import ProgressBook
 from .upload.spool import SpoolBudget
@@ -115,6 +116,13 @@ class Service:
             ),
             compensation_timeout_s=settings.compensation_timeout_s,
         )
+        self.idempotency = IdempotencyGuard(
+            RedisIdempotencyStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            if settings.redis_url
+            else MemoryIdempotencyStore(),
+            ttl_s=settings.idempotency_ttl_s,
+            lease_s=settings.saga_lease_s,
+        )
         self.admin: AdminRegistry | None = None
         if settings.admin_url:
             self.admin = AdminRegistry(
@@ -175,6 +183,8 @@ class Service:
                 )
             if isinstance(self.saga_store, RedisSagaStore):
                 self.saga_store.close()
+            if isinstance(self.idempotency.store, RedisIdempotencyStore):
+                self.idempotency.store.close()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.http.aclose()
 

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     admin_timeout_s: float = Field(default=10.0, gt=0)
     # Attempts in all for a registration that failed safely (connect error, 5xx).
     admin_max_attempts: int = Field(default=3, ge=1)
+    # A successful upload's result is replayed to a repeat with the same Idempotency-Key for
+    # this long.
+    idempotency_ttl_s: float = Field(default=86400.0, gt=0)
     spool_dir: Path = Path("/tmp/ingester-spool")
     # Keep a copy of what is sent to an element, so an upload can fail over mid-stream.
     failover_spool: bool = True

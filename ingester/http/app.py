@@ -27,7 +27,13 @@ from ..resilience.breaker import BreakerState
 from ..service import Service
 from ..settings import Settings
 from ..upload.digest import parse_content_digest
-from ..upload.ingest import ingest
+from ..upload.idempotency import (
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
+    parse_key,
+    scoped_key,
+)
+from ..upload.ingest import body_fingerprint, collapse, ingest
 from .base import make_app
 from .cors import install_cors
 from .openapi import openapi_document
@@ -97,7 +103,36 @@ async def upload_file() -> Response:
     if svc.progress.get(upload_id) is not None:
         raise InvalidField(f"upload id {upload_id} is already in use")
     logs.bind(upload_id=upload_id)
-    result = await ingest(
+    key = parse_key(request.headers.get("Idempotency-Key"))
+    headers: dict[str, str] = {}
+    if key is None:
+        result = await ingest_request(svc, principal, upload_id, boundary, digest)
+    else:
+        scoped = scoped_key(principal.subject, key)
+        first = await svc.idempotency.claim(scoped, upload_id)
+        if first is None:
+            result = await ingest_once(svc, principal, upload_id, boundary, digest, scoped)
+        elif first.state != "done" or first.result is None:
+            raise IdempotencyInProgress()
+        else:
+            seen = await body_fingerprint(svc, boundary=boundary, body=request.body)
+            if seen != first.fingerprint:
+                raise IdempotencyKeyReused()
+            log.info(
+                "repeated request: replaying the result of upload %s",
+                first.owner,
+                extra={"event": "idempotent_replay", "file_id": first.result.get("file_id")},
+            )
+            result = first.result
+            headers["Idempotent-Replayed"] = "true"
+    headers["Location"] = f"/api/v1/files/{result['file_id']}"
+    return json_response(result, 201, headers=headers)
+
+
+async def ingest_request(
+    svc: Service, principal: Principal, upload_id: str, boundary: bytes, digest: bytes | None
+) -> dict[str, Any]:
+    return await ingest(
         svc,
         principal=principal,
         upload_id=upload_id,
@@ -107,7 +142,34 @@ async def upload_file() -> Response:
         content_length=request.content_length,
         digest=digest,
     )
-    return json_response(result, 201, headers={"Location": f"/api/v1/files/{result['file_id']}"})
+
+
+async def ingest_once(
+    svc: Service,
+    principal: Principal,
+    upload_id: str,
+    boundary: bytes,
+    digest: bytes | None,
+    key: str,
+) -> dict[str, Any]:
+    """The first request with an Idempotency-Key: run it holding the key; a failure lets the
+    key go (the client may retry with it), a success keeps the result for repeats."""
+    guard = svc.idempotency
+    try:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(guard.keep, key, upload_id)
+                try:
+                    result = await ingest_request(svc, principal, upload_id, boundary, digest)
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise collapse(group) from None
+    except BaseException:
+        await guard.release(key, upload_id)
+        raise
+    await guard.complete(key, upload_id, result)
+    return result
 
 
 @api.get("/api/v1/files/uploads/<upload_id>")

@@ -5,6 +5,7 @@ by resumable uploads when their last byte has arrived (the body is then read fro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -13,8 +14,11 @@ import trio
 
 from .. import logs
 from ..auth.principal import Principal
-from ..errors import IngesterError, RequestTimeout
+from ..errors import IngesterError, MissingFile, RequestTimeout
+from ..http.multipart import BodyEnd, PartData, PartEnd, PartStart
 from .budget import UploadBudget
+from .filenames import sanitize_filename
+from .idempotency import fingerprint
 from .pipeline import FormReader, UploadRequest
 from .progress import UploadState
 
@@ -161,3 +165,50 @@ async def ingest(
                 trio.current_time() - started
             )
     return result
+
+
+# Hash pieces at least this large in a worker thread; smaller ones on the loop.
+_THREAD_HASH_MIN: int = 64 * 1024
+
+
+async def body_fingerprint(svc: Service, *, boundary: bytes, body: AsyncIterator[bytes]) -> str:
+    """Read a multipart body to its end without storing anything: the fingerprint of its
+    file (see `idempotency.fingerprint`), to compare a repeated request with the first."""
+    settings = svc.settings
+    reader = FormReader(
+        body,
+        boundary,
+        settings.client_idle_timeout_s,
+        UploadBudget(svc.memory_budget),
+        quantum=settings.body_buffer_limit,
+    )
+    digest = hashlib.sha256()
+    filename: str | None = None
+    in_file = False
+    size = 0
+    try:
+        while True:
+            event = await reader.next_event()
+            if isinstance(event, PartStart):
+                in_file = event.name == "file"
+                if in_file:
+                    filename = sanitize_filename(
+                        event.filename, max_length=settings.max_filename_length
+                    )
+            elif isinstance(event, PartData):
+                reader.budget.release(len(event.data))
+                if in_file:
+                    size += len(event.data)
+                    if len(event.data) >= _THREAD_HASH_MIN:
+                        await trio.to_thread.run_sync(digest.update, event.data)
+                    else:
+                        digest.update(event.data)
+            elif isinstance(event, PartEnd):
+                in_file = False
+            elif isinstance(event, BodyEnd):
+                break
+    finally:
+        reader.budget.release_all()
+    if filename is None:
+        raise MissingFile()
+    return fingerprint(digest.hexdigest(), filename)

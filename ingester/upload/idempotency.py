@@ -1,0 +1,261 @@
+"""`Idempotency-Key` on `POST /api/v1/files/upload`: a retried request gets the first result.
+
+The first request with a key (per user) claims it while it runs; a repeat meanwhile gets
+`409 IDEMPOTENCY_IN_PROGRESS`. Once it succeeded, the result is kept for
+`INGESTER_IDEMPOTENCY_TTL_S` (24 h): a repeat whose file is the same (same sha256 and file
+name) gets the same `201` body again, with `Idempotent-Replayed: true`, and nothing is stored
+twice; a repeat with another file gets `422 IDEMPOTENCY_KEY_REUSED`. A first request that
+failed releases the key, so the client can retry with it.
+
+Entries live in Redis (`ingester:idem:<user hash>:<key hash>`) with INGESTER_REDIS_URL, so
+replicas share them, and in the process otherwise. A claim is leased like a saga record
+(renewed while the upload runs): a killed ingester does not block its keys for a day. When
+Redis cannot be reached the upload goes on without the guarantee (logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import redis
+import trio
+
+from ..errors import IngesterError, InvalidField
+from ..storage.redis_registry import make_client
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX: Final = "ingester:idem:"
+# Printable ASCII, as HTTP header values are; long enough for a UUID or a content hash.
+_KEY_RE: Final = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+class IdempotencyInProgress(IngesterError):
+    status = 409
+    code = "IDEMPOTENCY_IN_PROGRESS"
+    default_message = "an upload with this Idempotency-Key is still running"
+
+
+class IdempotencyKeyReused(IngesterError):
+    status = 422
+    code = "IDEMPOTENCY_KEY_REUSED"
+    default_message = "this Idempotency-Key was used for another file"
+
+
+def parse_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not _KEY_RE.match(value):
+        raise InvalidField("Idempotency-Key must be 1 to 255 printable ASCII characters")
+    return value
+
+
+def fingerprint(checksum: str, filename: str) -> str:
+    """What makes two requests "the same upload": the file's bytes and its name."""
+    return hashlib.sha256(f"{checksum}\0{filename}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    state: str  # "running" or "done"
+    owner: str
+    fingerprint: str | None = None
+    result: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "state": self.state,
+                "owner": self.owner,
+                "fingerprint": self.fingerprint,
+                "result": self.result,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Entry:
+        data = json.loads(raw)
+        return cls(data["state"], data["owner"], data.get("fingerprint"), data.get("result"))
+
+
+class StoreUnavailable(Exception):
+    pass
+
+
+class IdempotencyStore(Protocol):
+    async def claim(self, key: str, entry: Entry, ttl_s: float) -> Entry | None:
+        """Claim `key` for `entry` (running); the existing entry when someone has it."""
+        ...
+
+    async def renew(self, key: str, owner: str, ttl_s: float) -> None: ...
+
+    async def complete(self, key: str, entry: Entry, ttl_s: float) -> None: ...
+
+    async def release(self, key: str, owner: str) -> None: ...
+
+
+class MemoryIdempotencyStore:
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[Entry, float]] = {}
+
+    def _get(self, key: str) -> Entry | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if found[1] <= time.monotonic():
+            del self._entries[key]
+            return None
+        return found[0]
+
+    async def claim(self, key: str, entry: Entry, ttl_s: float) -> Entry | None:
+        existing = self._get(key)
+        if existing is not None:
+            return existing
+        self._entries[key] = (entry, time.monotonic() + ttl_s)
+        # A process-local store grows with keys: drop the expired ones now and then.
+        if len(self._entries) % 1024 == 0:
+            for k in list(self._entries):
+                self._get(k)
+        return None
+
+    async def renew(self, key: str, owner: str, ttl_s: float) -> None:
+        existing = self._get(key)
+        if existing is not None and existing.owner == owner and existing.state == "running":
+            self._entries[key] = (existing, time.monotonic() + ttl_s)
+
+    async def complete(self, key: str, entry: Entry, ttl_s: float) -> None:
+        self._entries[key] = (entry, time.monotonic() + ttl_s)
+
+    async def release(self, key: str, owner: str) -> None:
+        existing = self._get(key)
+        if existing is not None and existing.owner == owner:
+            del self._entries[key]
+
+
+# KEYS: the entry. ARGV: owner, ttl ms. Extends a running claim of `owner` only.
+_RENEW: Final = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['owner'] == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+# KEYS: the entry. ARGV: owner. Deletes a claim of `owner` only.
+_RELEASE: Final = """
+local raw = redis.call('GET', KEYS[1])
+if raw and cjson.decode(raw)['owner'] == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
+
+class RedisIdempotencyStore:
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self._client = make_client(url, timeout_s)
+        self._renew = self._client.register_script(_RENEW)
+        self._release = self._client.register_script(_RELEASE)
+
+    def close(self) -> None:
+        self._client.close()
+
+    async def _call(self, fn: Any) -> Any:
+        try:
+            return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+        except redis.RedisError as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def claim(self, key: str, entry: Entry, ttl_s: float) -> Entry | None:
+        name = KEY_PREFIX + key
+
+        def call() -> bytes | None:
+            # Twice: an entry that expires between SET and GET is claimable again.
+            for _ in range(2):
+                if self._client.set(name, entry.to_json(), nx=True, px=int(ttl_s * 1000)):
+                    return None
+                existing = self._client.get(name)
+                if existing is not None:
+                    assert isinstance(existing, bytes)
+                    return existing
+            raise redis.RedisError("the key kept expiring under us")
+
+        raw = await self._call(call)
+        return None if raw is None else Entry.from_json(raw)
+
+    async def renew(self, key: str, owner: str, ttl_s: float) -> None:
+        await self._call(
+            lambda: self._renew(keys=[KEY_PREFIX + key], args=[owner, int(ttl_s * 1000)])
+        )
+
+    async def complete(self, key: str, entry: Entry, ttl_s: float) -> None:
+        await self._call(
+            lambda: self._client.set(KEY_PREFIX + key, entry.to_json(), px=int(ttl_s * 1000))
+        )
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._call(lambda: self._release(keys=[KEY_PREFIX + key], args=[owner]))
+
+
+def scoped_key(user: str, key: str) -> str:
+    """Keys are per user; hashed, so Redis never holds a raw key or user name."""
+    user_part = hashlib.sha256(user.encode()).hexdigest()[:16]
+    return f"{user_part}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+class IdempotencyGuard:
+    """The store, its time limits, and what to do when it is away."""
+
+    def __init__(self, store: IdempotencyStore, *, ttl_s: float, lease_s: float) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.lease_s = lease_s
+
+    async def claim(self, key: str, owner: str) -> Entry | None:
+        """None when `owner` may run the upload (also when the store is away)."""
+        try:
+            with trio.fail_after(5):
+                return await self.store.claim(key, Entry("running", owner), self.lease_s)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            log.warning(
+                "idempotency store unreachable (%s); going on without it",
+                exc or "timeout",
+                extra={"event": "idempotency_store_down"},
+            )
+            return None
+
+    async def keep(self, key: str, owner: str) -> None:
+        """Renew the claim while the upload runs (run in a nursery, cancelled after)."""
+        while True:
+            await trio.sleep(self.lease_s / 3)
+            await self._quietly(self.store.renew(key, owner, self.lease_s))
+
+    async def complete(self, key: str, owner: str, result: dict[str, Any]) -> None:
+        entry = Entry(
+            "done",
+            owner,
+            fingerprint(str(result["checksum"]), str(result["original_filename"])),
+            result,
+        )
+        await self._quietly(self.store.complete(key, entry, self.ttl_s))
+
+    async def release(self, key: str, owner: str) -> None:
+        with trio.CancelScope(shield=True):
+            await self._quietly(self.store.release(key, owner))
+
+    async def _quietly(self, call: Any) -> None:
+        try:
+            with trio.fail_after(5):
+                await call
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            log.warning(
+                "idempotency store unreachable (%s)",
+                exc or "timeout",
+                extra={"event": "idempotency_store_down"},
+            )
