@@ -24,6 +24,7 @@ import pytest
 import trio
 
 from tests.conftest import TokenFactory
+from tests.support.chaos import PacedBody, post_paced
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
@@ -133,39 +134,6 @@ class AdminModule:
 async def admin_module(admin: AdminModule) -> AsyncIterator[str]:
     async with serve_http(admin.handle) as server:
         yield server.url
-
-
-class SlowBody(httpx.AsyncByteStream):
-    """A multipart body sent at a walking pace, so the test can act mid-upload."""
-
-    def __init__(self, parts: Iterator[bytes], delay_s: float) -> None:
-        self._parts = parts
-        self._delay_s = delay_s
-
-    def __aiter__(self) -> SlowBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        try:
-            part = next(self._parts)
-        except StopIteration:
-            raise StopAsyncIteration from None
-        await trio.sleep(self._delay_s)
-        return part
-
-
-async def slow_upload(
-    http: httpx.AsyncClient, url: str, token: str, body: MultipartUpload, delay_s: float
-) -> httpx.Response:
-    request = http.build_request(
-        "POST",
-        url + "/api/v1/files/upload",
-        headers=auth(token, **{"Content-Type": body.content_type}),
-    )
-    request.stream = SlowBody(body.parts(), delay_s)
-    request.headers.pop("Content-Length", None)
-    request.headers["Transfer-Encoding"] = "chunked"
-    return await http.send(request)
 
 
 def metric(text: str, name: str) -> float:
@@ -344,7 +312,7 @@ async def test_an_ingester_killed_mid_stream_leaves_nothing_behind(
 
             async def client() -> None:
                 with contextlib.suppress(httpx.HTTPError):
-                    await slow_upload(http, one.url, token, body, delay_s=0.05)
+                    await post_paced(http, one.url, token, body, PacedBody(body, bytes_per_s=5e6))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client)
@@ -381,7 +349,8 @@ async def test_a_compensation_that_cannot_run_now_is_retried_until_done(
             result: list[httpx.Response] = []
 
             async def client() -> None:
-                result.append(await slow_upload(http, proc.url, token, body, delay_s=0.02))
+                paced = PacedBody(body, bytes_per_s=12e6)
+                result.append(await post_paced(http, proc.url, token, body, paced))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client)
