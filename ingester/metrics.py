@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 # Uploads span 4 KiB documents to 10 GiB archives: seconds from milliseconds to an hour.
 DURATION_BUCKETS: Final = (
@@ -17,6 +24,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds, ...
+        ProcessCollector(registry=r)
         self.uploads = Counter(
             "ingester_uploads",
             "Uploads by outcome (success, or the error code that ended them).",

@@ -245,6 +245,10 @@ async def ready() -> Response:
 async def metrics() -> Response:
     svc = service()
     now = trio.current_time()
+    # Per-element series are rebuilt from the registry in use: an element that left it
+    # (or changed mode) must not keep reporting its last value.
+    svc.metrics.breaker_state.clear()
+    svc.metrics.se_up.clear()
     for element in svc.registry.elements:
         state = svc.breakers.breaker(element.id).state(now)
         svc.metrics.breaker_state.labels(element.id).set(BREAKER_LEVELS[state])

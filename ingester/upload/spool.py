@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -52,7 +53,8 @@ class Spool:
 
     @classmethod
     async def create(cls, directory: Path, name: str, budget: SpoolBudget) -> Spool:
-        spool = cls(directory / f"{name}.spool", budget)
+        # A random part: upload ids may come from clients, and replicas may share the directory.
+        spool = cls(directory / f"{name}.{secrets.token_hex(4)}.spool", budget)
 
         def _open() -> BinaryIO:
             directory.mkdir(parents=True, exist_ok=True)
