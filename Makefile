@@ -29,4 +29,4 @@ bench: venv
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -164,6 +164,8 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # The interactive API page at /docs (Swagger UI, served from a pinned package, no CDN).
+    docs_enabled: bool = False
 
     @field_validator("storage_elements", mode="before")
     @classmethod

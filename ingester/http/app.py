@@ -36,6 +36,7 @@ from ..upload.idempotency import (
 from ..upload.ingest import body_fingerprint, collapse, ingest
 from .base import make_app
 from .cors import install_cors
+from .docs import docs
 from .openapi import openapi_document
 
 log = logging.getLogger(__name__)
@@ -301,4 +302,5 @@ def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
     install_cors(app, settings.cors_origins)
     app.register_blueprint(api)
     app.register_blueprint(ops)
+    app.register_blueprint(docs)
     return app, svc

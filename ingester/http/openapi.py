@@ -1,163 +1,434 @@
-"""OpenAPI 3.1 description of the ingester's HTTP API, served at /openapi.json."""
+"""OpenAPI 3.1 description of the ingester's HTTP API, served at /openapi.json.
+
+Written by hand and checked against the app: `tests/integration/test_openapi.py` compares it
+with the routes (every route described with its methods, every described path served), and
+`tests/integration/test_schemathesis.py` fuzzes a live ingester with it (no 5xx, every status,
+body and header as described here). The `error.code` values listed per status are read from
+`ingester.errors`, so they follow the code.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Final
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
+from ..errors import IngesterError
+from .docs import ASSETS, INITIALIZER
+
+# What the error handlers add beside the project's errors (werkzeug's routing errors and the
+# catch-all): `ingester.http.base`.
+_EXTRA_CODES: Final = {400: ["BAD_REQUEST"], 404: ["NOT_FOUND"], 500: ["INTERNAL_ERROR"]}
+_REQUEST_ID_PATTERN: Final = r"^[A-Za-z0-9._:\-]{1,128}$"
+# Control characters other than tab, LF and CR: refused in `description`.
+_NO_CONTROL_PATTERN: Final = r"^[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f]*$"
 
 
-def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": _ERROR}}}
+def _subclasses(cls: type[IngesterError]) -> Iterator[type[IngesterError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
 
 
-def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+def error_codes(status: int) -> list[str]:
+    """Every `error.code` the service answers with this status."""
+    classes: list[type[IngesterError]] = [IngesterError, *_subclasses(IngesterError)]
+    codes = {cls.code for cls in classes if cls.status == status}
+    codes.update(_EXTRA_CODES.get(status, []))
+    return sorted(codes)
 
 
-def openapi_document(version: str) -> dict[str, Any]:
-    upload_result = {
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _headers(names: tuple[str, ...] = ()) -> dict[str, Any]:
+    """X-Request-ID (on every answer) and the named headers, from `components.headers`."""
+    return {name: _ref("headers", name) for name in ("X-Request-ID", *names)}
+
+
+def _error(
+    description: str, status: int, *, codes: list[str] | None = None, headers: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    listed = codes if codes is not None else error_codes(status)
+    return {
+        "description": f"{description}. `error.code`: " + ", ".join(f"`{c}`" for c in listed),
+        "headers": _headers(headers),
+        "content": {"application/json": {"schema": _ref("schemas", "Error")}},
+    }
+
+
+def _json(
+    description: str, schema: dict[str, Any], *, headers: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": _headers(headers),
+        "content": {"application/json": {"schema": schema}},
+    }
+
+
+def _internal_error() -> dict[str, Any]:
+    return _error("An unexpected error (logged with the request id)", 500, codes=["INTERNAL_ERROR"])
+
+
+def _operation(
+    operation_id: str, summary: str, tag: str, responses: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
+    parameters = [_ref("parameters", "X-Request-ID"), *extra.pop("parameters", [])]
+    return {
+        "operationId": operation_id,
+        "summary": summary,
+        "tags": [tag],
+        "parameters": parameters,
+        **extra,
+        "responses": responses | {"500": _internal_error()},
+    }
+
+
+def _upload_result() -> dict[str, Any]:
+    return {
         "type": "object",
         "required": [
             "file_id", "upload_id", "original_filename", "storage_filename", "content_type",
             "file_size", "stored_size", "compressed", "compression_algorithm",
-            "compression_ratio", "checksum", "uploaded_at", "retention_policy",
-            "ttl_expires_at", "storage_element_id", "storage_element_url",
+            "compression_ratio", "compression_decision", "checksum", "uploaded_at",
+            "retention_policy", "ttl_days", "ttl_expires_at", "storage_element_id",
+            "storage_element_url",
         ],
         "properties": {
             "file_id": {"type": "string", "format": "uuid"},
             "upload_id": {"type": "string", "format": "uuid"},
-            "original_filename": {"type": "string"},
+            "original_filename": {"type": "string", "description": "last path component, control and bidi characters removed, NFC, at most 255 UTF-8 bytes"},
             "storage_filename": {"type": "string"},
             "content_type": {"type": "string"},
-            "file_size": {"type": "integer", "minimum": 0},
-            "stored_size": {"type": "integer", "minimum": 0},
+            "file_size": {"type": "integer", "minimum": 0, "description": "bytes received (the original)"},
+            "stored_size": {"type": "integer", "minimum": 0, "description": "bytes on the Storage Element"},
             "compressed": {"type": "boolean"},
-            "compression_algorithm": {"type": ["string", "null"], "enum": ["gzip", "brotli", None]},
-            "compression_ratio": {"type": "number"},
-            "compression_decision": {"type": "string"},
-            "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "compression_algorithm": {"enum": ["gzip", "brotli", None]},
+            "compression_ratio": {"type": "number", "description": "file_size / stored_size; 1.0 when not compressed"},
+            "compression_decision": {
+                "enum": ["requested", "not_requested", "below_min_size", "already_compressed_type", "already_compressed_content", "no_gain"],
+                "description": "why the file was or was not compressed",
+            },
+            "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "sha256 hex of the original bytes"},
             "uploaded_at": {"type": "string", "format": "date-time"},
-            "retention_policy": {"type": "string", "enum": ["temporary", "permanent"]},
-            "ttl_days": {"type": ["integer", "null"]},
+            "retention_policy": {"enum": ["temporary", "permanent"]},
+            "ttl_days": {"type": ["integer", "null"], "minimum": 1, "maximum": 365},
             "ttl_expires_at": {"type": ["string", "null"], "format": "date-time"},
             "storage_element_id": {"type": "string"},
             "storage_element_url": {"type": "string"},
         },
     }  # fmt: skip
-    upload_form = {
-        "type": "object",
-        "required": ["file"],
-        "properties": {
-            "file": {"type": "string", "format": "binary"},
-            "description": {"type": "string", "maxLength": 1000},
-            "retention_policy": {"type": "string", "enum": ["temporary", "permanent"]},
-            "ttl_days": {"type": "integer", "minimum": 1, "maximum": 365},
-            "compress": {"type": "boolean"},
-            "compression_algorithm": {"type": "string", "enum": ["gzip", "brotli"]},
-            "metadata": {"type": "string", "description": "a JSON object"},
-            "storage_mode": {
-                "type": "string",
-                "enum": ["edit", "rw"],
-                "deprecated": True,
-                "description": "edit = temporary, rw = permanent; ro and ar are refused",
-            },
-        },
-    }
-    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def _upload_progress() -> dict[str, Any]:
     return {
-        "openapi": "3.1.0",
-        "info": {"title": "artStore Ingester", "version": version},
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
-            "schemas": {
-                "Error": {
+        "type": "object",
+        "required": ["upload_id", "state", "bytes_received", "bytes_sent", "percent", "error_code", "result"],
+        "properties": {
+            "upload_id": {"type": "string", "format": "uuid"},
+            "state": {"enum": ["receiving", "storing", "done", "failed", "cancelled"]},
+            "filename": {"type": ["string", "null"]},
+            "bytes_received": {"type": "integer", "minimum": 0},
+            "bytes_sent": {"type": "integer", "minimum": 0},
+            "expected_bytes": {"type": ["integer", "null"], "description": "the request's Content-Length, when it had one"},
+            "percent": {"type": ["number", "null"], "minimum": 0, "maximum": 100, "description": "against expected_bytes; null without it until done"},
+            "bytes_per_second": {"type": "integer", "minimum": 0},
+            "storage_element_id": {"type": ["string", "null"]},
+            "elapsed_s": {"type": "number", "minimum": 0},
+            "error_code": {"type": ["string", "null"], "description": "the failed upload's `error.code`"},
+            "result": {"oneOf": [_ref("schemas", "UploadResult"), {"type": "null"}], "description": "the 201 answer, once done"},
+        },
+    }  # fmt: skip
+
+
+def _readiness() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["status", "reasons", "writable_storage_elements", "storage_elements"],
+        "properties": {
+            "status": {"enum": ["ready", "not_ready", "degraded"]},
+            "reasons": {"type": "array", "items": {"type": "string"}, "description": "why not ready: starting, shutting down, no writable Storage Element answers"},
+            "degraded": {"type": "array", "items": {"type": "string"}},
+            "writable_storage_elements": {"type": "array", "items": {"type": "string"}},
+            "storage_elements": {
+                "type": "array",
+                "items": {
                     "type": "object",
-                    "required": ["error"],
+                    "required": ["id", "mode", "ready"],
                     "properties": {
-                        "error": {
-                            "type": "object",
-                            "required": ["code", "message", "request_id"],
-                            "properties": {
-                                "code": {"type": "string", "pattern": "^[A-Z_]+$"},
-                                "message": {"type": "string"},
-                                "request_id": {"type": "string"},
-                            },
-                        }
+                        "id": {"type": "string"},
+                        "mode": {"enum": ["edit", "rw", "ro", "ar"]},
+                        "status": {"type": "string"},
+                        "ready": {"type": "boolean"},
+                        "last_error": {"type": ["string", "null"]},
+                        "breaker": {"enum": ["closed", "half_open", "open"]},
                     },
                 },
-                "UploadResult": upload_result,
+            },
+            "registry_source": {"enum": ["static", "redis", "redis-stale"]},
+            "registry": {"type": "object"},
+            "uploads_in_flight": {"type": "integer", "minimum": 0},
+        },
+    }  # fmt: skip
+
+
+def _upload_form() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["file"],
+        "description": (
+            "Fields may come before or after `file`; send `retention_policy`, `compress` and "
+            "`compression_algorithm` before it for a single pass with no spool. Values are "
+            "stripped, an empty one counts as not sent, enumerations and booleans match "
+            "case-insensitively, unknown fields are ignored."
+        ),
+        "properties": {
+            "file": {"type": "string", "format": "binary", "description": "the file; its part's filename is kept (cleaned)"},
+            "description": {"type": "string", "maxLength": 1000, "pattern": _NO_CONTROL_PATTERN, "description": "no control characters other than tab and line breaks"},
+            "retention_policy": {"type": "string", "enum": ["temporary", "permanent"], "default": "temporary", "description": "temporary: an `edit` Storage Element; permanent: an `rw` one"},
+            "ttl_days": {"type": "integer", "minimum": 1, "maximum": 365, "default": 30, "description": "temporary files only (an error with `permanent`)"},
+            "compress": {"type": "boolean", "default": False, "description": "also 1/0, yes/no, on/off; skipped for small or already-compressed files"},
+            "compression_algorithm": {"type": "string", "enum": ["gzip", "brotli"], "description": "with `compress` (default brotli); ignored without it but still checked"},
+            "metadata": {
+                "type": "string",
+                "maxLength": 65536,
+                "contentMediaType": "application/json",
+                "contentSchema": {"type": "object"},
+                "description": "a JSON object as a string: at most 64 KiB, 8 levels deep, no `_ingester` key",
+            },
+            "storage_mode": {"type": "string", "enum": ["edit", "rw"], "deprecated": True, "description": "edit = temporary, rw = permanent; `ro` and `ar` are refused; must agree with `retention_policy`"},
+        },
+    }  # fmt: skip
+
+
+def _info() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["service", "version", "endpoints"],
+        "properties": {
+            "service": {"const": "artstore-ingester"},
+            "version": {"type": "string"},
+            "storage_elements": {"type": "integer", "minimum": 0},
+            "registry_source": {"type": "string"},
+            "max_file_size": {"type": "integer", "minimum": 1},
+            "endpoints": {"type": "object"},
+        },
+    }
+
+
+def _components() -> dict[str, Any]:
+    return {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": (
+                    "RS256 access token (artStore or Keycloak claims). Uploading needs role "
+                    "`user` or above, or scope `files:write`; refresh tokens are refused."
+                ),
+            }
+        },
+        "parameters": {
+            "X-Request-ID": {
+                "name": "X-Request-ID",
+                "in": "header",
+                "required": False,
+                "description": "Your id for this request, echoed back and logged; one is made when absent or not 1-128 of `A-Za-z0-9._:-`",
+                "schema": {"type": "string"},
             },
         },
+        "headers": {
+            "X-Request-ID": {"description": "the caller's request id, or a new one", "required": True, "schema": {"type": "string", "pattern": _REQUEST_ID_PATTERN}},
+            "Retry-After": {"description": "seconds to wait before trying again", "required": True, "schema": {"type": "integer", "minimum": 0}},
+            "WWW-Authenticate": {"description": "`Bearer realm=\"artstore\", error=..., error_description=...`: which check failed", "required": True, "schema": {"type": "string", "pattern": "^Bearer "}},
+            "Location": {"description": "the stored file", "required": True, "schema": {"type": "string"}},
+            "Idempotent-Replayed": {"description": "`true`: the first answer for this Idempotency-Key, replayed (nothing stored again)", "required": False, "schema": {"const": "true"}},
+        },
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["code", "message", "request_id"],
+                        "properties": {
+                            "code": {"type": "string", "pattern": "^[A-Z0-9_]+$", "description": "stable, one per cause"},
+                            "message": {"type": "string", "description": "for people; names the field at fault"},
+                            "request_id": {"type": "string", "description": "as in the X-Request-ID header"},
+                        },
+                    }
+                },
+            },
+            "UploadResult": _upload_result(),
+            "UploadProgress": _upload_progress(),
+            "Readiness": _readiness(),
+            "Info": _info(),
+        },
+    }  # fmt: skip
+
+
+def _upload_operation() -> dict[str, Any]:
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+    return _operation(
+        "uploadFile",
+        "Upload one file, streamed (hashed, maybe compressed) to a Storage Element",
+        "uploads",
+        {
+            "201": _json("Stored (or, for a repeated Idempotency-Key with the same file, the first answer again)", _ref("schemas", "UploadResult"), headers=("Location", "Idempotent-Replayed")),
+            "400": _error("A field, the multipart body or a header is wrong (the message names it)", 400),
+            "401": _error("No token, or an invalid one", 401, headers=("WWW-Authenticate",)),
+            "403": _error("The token's role or scope cannot upload", 403),
+            "408": _error("The client sent nothing for the idle timeout, or the upload deadline passed", 408),
+            "413": _error("The declared or counted size is over the maximum (the connection then closes)", 413),
+            "409": _error("An upload with this Idempotency-Key is still running", 409),
+            "415": _error("The body is not multipart/form-data", 415),
+            "422": _error("This Idempotency-Key was used for another file (sha256 or file name)", 422),
+            "429": _error("This user has too many uploads in flight", 429, headers=("Retry-After",)),
+            "502": _error("A Storage Element failed, refused us or stored other bytes (nothing is left on it)", 502),
+            "503": _error("Too many uploads, shutting down, or no Storage Element left", 503, headers=("Retry-After",)),
+            "504": _error("The Storage Element stopped accepting data (failover off)", 504),
+            "507": _error("No Storage Element of the right mode has room", 507),
+        },
+        description=(
+            "`multipart/form-data` with a `file` part. Nothing is committed on a Storage "
+            "Element until the whole form was read and checked; any failure leaves nothing."
+        ),
+        security=bearer,
+        parameters=[
+            {"name": "Content-Digest", "in": "header", "required": False, "description": "`sha-256=:<base64>:` (RFC 9530) of the file's bytes, checked (`DIGEST_MISMATCH`)", "schema": {"type": "string"}},
+            {"name": "Idempotency-Key", "in": "header", "required": False, "description": "a retry with the same key (same user, within INGESTER_IDEMPOTENCY_TTL_S) and the same file gets the first 201 again and stores nothing twice", "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"}},
+            {"name": "X-Upload-ID", "in": "header", "required": False, "description": "choose the upload id, to poll its progress while it runs", "schema": {"type": "string", "format": "uuid"}},
+        ],
+        requestBody={
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": _ref("schemas", "UploadForm"),
+                    "encoding": {"file": {"contentType": "application/octet-stream"}},
+                }
+            },
+        },
+    )  # fmt: skip
+
+
+def _probe(operation_id: str, summary: str, kind: str) -> dict[str, Any]:
+    if kind == "live":
+        responses = {
+            "200": _json(
+                "Alive",
+                {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {"status": {"const": "alive"}},
+                },
+            )
+        }
+    else:
+        responses = {
+            "200": _json(
+                "Ready: a writable Storage Element answers (status `degraded` while Redis is unreachable)",
+                _ref("schemas", "Readiness"),
+            ),
+            "503": _json(
+                "Not ready: starting, shutting down, or no writable Storage Element answers",
+                _ref("schemas", "Readiness"),
+                headers=("Retry-After",),
+            ),
+        }
+    return {"get": _operation(operation_id, summary, "operations", responses)}  # fmt: skip
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+    components = _components()
+    components["schemas"]["UploadForm"] = _upload_form()
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "artStore Ingester",
+            "version": version,
+            "description": (
+                "The upload front door of artStore: files are streamed onto Storage Elements. "
+                "Errors are `{\"error\": {\"code\", \"message\", \"request_id\"}}`; every "
+                "response carries `X-Request-ID`."
+            ),
+        },
+        "tags": [
+            {"name": "uploads", "description": "Uploads and their progress (bearer token)"},
+            {"name": "operations", "description": "Probes, metrics, service info (no token)"},
+            {"name": "description", "description": "This description and its interactive page"},
+        ],
+        "components": components,
         "paths": {
-            "/api/v1/files/upload": {
-                "post": {
-                    "summary": "Upload one file (streamed to a Storage Element)",
-                    "security": bearer,
-                    "parameters": [
-                        {"name": "Content-Digest", "in": "header", "schema": {"type": "string"}},
-                        {"name": "X-Upload-ID", "in": "header", "schema": {"type": "string", "format": "uuid"}},
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"multipart/form-data": {"schema": upload_form}},
-                    },
-                    "responses": {
-                        "201": _json("stored", {"$ref": "#/components/schemas/UploadResult"}),
-                        "400": _error("bad field, broken multipart, missing file, digest mismatch"),
-                        "401": _error("missing or invalid token"),
-                        "403": _error("the token's role cannot upload"),
-                        "408": _error("the client stopped sending"),
-                        "413": _error("file too large"),
-                        "415": _error("not multipart/form-data"),
-                        "429": _error("too many uploads for this user"),
-                        "502": _error("a Storage Element failed or stored different bytes"),
-                        "503": _error("busy, shutting down, or no Storage Element"),
-                        "507": _error("no Storage Element has room"),
-                    },
-                }
-            },
+            "/api/v1/files/upload": {"post": _upload_operation()},
             "/api/v1/files/uploads/{upload_id}": {
-                "get": {
-                    "summary": "Progress of an upload in flight or just finished",
-                    "security": bearer,
-                    "parameters": [
-                        {"name": "upload_id", "in": "path", "required": True, "schema": {"type": "string"}}
-                    ],
-                    "responses": {
-                        "200": _json("progress", {"type": "object"}),
-                        "401": _error("missing or invalid token"),
-                        "404": _error("unknown upload"),
+                "get": _operation(
+                    "getUploadProgress",
+                    "Progress of an upload in flight or finished recently (`INGESTER_PROGRESS_RETENTION_S`, 5 minutes)",
+                    "uploads",
+                    {
+                        "200": _json("The upload's progress (`Cache-Control: no-store`)", _ref("schemas", "UploadProgress")),
+                        "401": _error("No token, or an invalid one", 401, headers=("WWW-Authenticate",)),
+                        "404": _error("No such upload, or another user's (only its uploader and admins see it)", 404, codes=["UPLOAD_NOT_FOUND"]),
                     },
-                }
+                    security=bearer,
+                    parameters=[{"name": "upload_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+                )
             },
-            "/health/live": {"get": {"summary": "Liveness", "responses": {"200": _json("alive", {"type": "object"})}}},
-            "/health/ready": {
-                "get": {
-                    "summary": "Readiness: a writable Storage Element answers and not shutting down",
-                    "responses": {
-                        "200": _json("ready", {"type": "object"}),
-                        "503": _json("not ready", {"type": "object"}),
-                    },
-                }
-            },
-            "/api/v1/health/live": {"get": {"summary": "Liveness", "responses": {"200": _json("alive", {"type": "object"})}}},
-            "/api/v1/health/ready": {
-                "get": {
-                    "summary": "Readiness",
-                    "responses": {
-                        "200": _json("ready", {"type": "object"}),
-                        "503": _json("not ready", {"type": "object"}),
-                    },
-                }
-            },
+            "/health/live": _probe("live", "Liveness: the process answers", "live"),
+            "/health/ready": _probe("ready", "Readiness: a writable Storage Element answers and not shutting down", "ready"),
+            "/api/v1/health/live": _probe("liveV1", "Liveness (same as /health/live)", "live"),
+            "/api/v1/health/ready": _probe("readyV1", "Readiness (same as /health/ready)", "ready"),
             "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "responses": {"200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}}},
-                }
+                "get": _operation(
+                    "metrics",
+                    "Prometheus metrics (put it behind your network policy)",
+                    "operations",
+                    {"200": {"description": "Prometheus text exposition format 0.0.4", "headers": _headers(), "content": {"text/plain": {"schema": {"type": "string"}}}}},
+                )
             },
-            "/": {"get": {"summary": "Service info", "responses": {"200": _json("info", {"type": "object"})}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json("OpenAPI 3.1", {"type": "object"})}}},
+            "/": {"get": _operation("info", "Service info: version, registry, endpoints", "operations", {"200": _json("Service info", _ref("schemas", "Info"))})},
+            "/openapi.json": {
+                "get": _operation(
+                    "openapi",
+                    "This description (OpenAPI 3.1)",
+                    "description",
+                    {"200": _json("OpenAPI 3.1 document", {"type": "object", "required": ["openapi", "info", "paths"]})},
+                )
+            },
+            "/docs": {
+                "get": _operation(
+                    "docsPage",
+                    "Interactive page for this description (Swagger UI, served locally)",
+                    "description",
+                    {
+                        "200": {"description": "The page", "headers": _headers(), "content": {"text/html": {"schema": {"type": "string"}}}},
+                        "404": _error("The page is off (`INGESTER_DOCS_ENABLED=false`, the default)", 404, codes=["NOT_FOUND"]),
+                    },
+                )
+            },
+            "/docs/{asset}": {
+                "get": _operation(
+                    "docsAsset",
+                    "A script, style sheet or icon of the interactive page",
+                    "description",
+                    {
+                        "200": {
+                            "description": "The file",
+                            "headers": _headers(),
+                            "content": {
+                                "text/javascript": {"schema": {"type": "string"}},
+                                "text/css": {"schema": {"type": "string"}},
+                                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                            },
+                        },
+                        "404": _error("No such file, or the page is off", 404, codes=["NOT_FOUND"]),
+                    },
+                    parameters=[{"name": "asset", "in": "path", "required": True, "schema": {"type": "string", "enum": sorted([*ASSETS, INITIALIZER])}}],
+                )
+            },
         },
     }  # fmt: skip

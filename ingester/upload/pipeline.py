@@ -372,12 +372,27 @@ class UploadPipeline:
                 upload.facts = FileFacts()
                 # What the abandoned pass still held died with its channels.
                 upload.budget.release_all()
+                await self._new_file_id_for_replay(upload)
                 stored = await self._store(upload, live=None)
         finally:
             # The budget goes back in the request handler, which owns it.
             if upload.spool is not None:
                 await upload.spool.discard()
         return stored
+
+    async def _new_file_id_for_replay(self, upload: Upload) -> None:
+        """An element of the abandoned pass may hold its aborted request, and with it the
+        file id, a moment longer (until it notices the abort): the spool sent to it under
+        the same id would meet `409 FILE_EXISTS`. So the spool goes out under a new id, once
+        every copy under the old one is confirmed gone (the saga's record names one id for
+        all its copies); while one cannot be removed, the old id stays."""
+        saga = upload.saga
+        assert saga is not None
+        for copy in list(saga.record.copies):
+            await saga.remove_now(copy)
+        if not saga.record.copies:
+            # Written with the next element's copy, before its first byte (`sending_to`).
+            saga.record.file_id = upload.file_id = str(uuid.uuid4())
 
     async def _register(self, upload: Upload, result: dict[str, Any]) -> None:
         """The saga's second step: the Admin Module's file registry."""
