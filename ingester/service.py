@@ -6,6 +6,8 @@ service nursery
   ├── prober         Storage Element readiness and capacity
   ├── saga book      leases of this process's upload records, the janitor that undoes uploads
   │                  of dead ingesters, compensations retried until done (ingester.saga.book)
+  ├── tus            resumable uploads: their completions, and the janitor that removes
+  │                  expired ones (ingester.tus.service)
   └── janitor        expires finished progress records
 """
 
@@ -31,6 +33,7 @@ from .storage.client import StorageElementClient
 from .storage.redis_registry import RedisRegistrySync
 from .storage.registry import Prober, Registry, configured_elements
 from .storage.se_auth import SETokenProvider, build_se_token_provider
+from .tus.service import TusService
 from .upload.admission import Admission
 from .upload.budget import MemoryBudget
 from .upload.idempotency import IdempotencyGuard, MemoryIdempotencyStore, RedisIdempotencyStore
@@ -144,6 +147,8 @@ class Service:
         self.spool_budget = SpoolBudget(settings.spool_max_bytes)
         self.memory_budget = MemoryBudget(settings.memory_budget_bytes)
         self.pipeline = UploadPipeline(self)
+        # Resumable uploads (tus): state store, locks, data files; completes through `ingest`.
+        self.tus = TusService(self)
         self.started = False
         self._nursery: trio.Nursery | None = None
 
@@ -166,6 +171,7 @@ class Service:
                     await nursery.start(self.registry_sync.run)
                 await nursery.start(self.prober.run)
                 await nursery.start(self.sagas.run)
+                await nursery.start(self.tus.run)
                 nursery.start_soon(self._janitor)
                 self._nursery = nursery
                 self.started = True

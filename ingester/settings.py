@@ -167,6 +167,25 @@ class Settings(BaseSettings):
     # The interactive API page at /docs (Swagger UI, served from a pinned package, no CDN).
     docs_enabled: bool = False
 
+    # --- resumable uploads (tus 1.0.0 at /api/v1/uploads; see the README)
+    # Largest upload (Tus-Max-Size is the smaller of this and max_file_size).
+    tus_max_size: int = Field(default=10 * GIB, gt=0)
+    # Largest body one PATCH (or creation request) may carry; 0 means no limit but the length.
+    tus_max_chunk_size: int = Field(default=0, ge=0)
+    # An unfinished upload expires this long after its last stored byte (Upload-Expires).
+    tus_expiration_s: float = Field(default=86400.0, gt=0)
+    # A stored upload's result stays readable (GET, a retried final PATCH) this long.
+    tus_result_retention_s: float = Field(default=86400.0, gt=0)
+    # How often the janitor removes expired uploads and orphaned data files.
+    tus_janitor_interval_s: float = Field(default=60.0, gt=0)
+    # The per-upload lock's time to live (renewed every 0.2 s by its holder): how long a
+    # dead replica's lock blocks its upload.
+    tus_lock_ttl_s: float = Field(default=6.0, gt=0)
+    # How long a request waits for the holder to let go before answering 423.
+    tus_lock_wait_s: float = Field(default=10.0, gt=0)
+    # How long a retried final PATCH waits for the store in progress before answering 503.
+    tus_completion_wait_s: float = Field(default=600.0, gt=0)
+
     @field_validator("storage_elements", mode="before")
     @classmethod
     def _parse_elements(cls, value: Any) -> Any:

@@ -303,4 +303,8 @@ def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
     app.register_blueprint(api)
     app.register_blueprint(ops)
     app.register_blueprint(docs)
+    # Imported here: the tus routes use this module's authenticate() and service().
+    from ..tus.routes import tus
+
+    app.register_blueprint(tus)
     return app, svc

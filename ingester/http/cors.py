@@ -19,7 +19,9 @@ ALLOWED_HEADERS: Final = (
 )
 EXPOSED_HEADERS: Final = (
     "X-Request-ID, Location, Retry-After, Tus-Resumable, Upload-Offset, Upload-Length, "
-    "Upload-Expires, Tus-Version, Tus-Extension, Tus-Max-Size"
+    "Upload-Expires, Tus-Version, Tus-Extension, Tus-Max-Size, Tus-Checksum-Algorithm, "
+    "Upload-Metadata, Upload-Defer-Length, Upload-Concat, Upload-File-Id, "
+    "Upload-Storage-Element-Id, Idempotent-Replayed"
 )
 # Browsers cache a preflight answer this long (seconds).
 PREFLIGHT_MAX_AGE: Final = "600"

@@ -32,7 +32,12 @@ def _subclasses(cls: type[IngesterError]) -> Iterator[type[IngesterError]]:
 def error_codes(status: int) -> list[str]:
     """Every `error.code` the service answers with this status."""
     classes: list[type[IngesterError]] = [IngesterError, *_subclasses(IngesterError)]
-    codes = {cls.code for cls in classes if cls.status == status}
+    # Resumable uploads list their own codes (`_tus_paths`).
+    codes = {
+        cls.code
+        for cls in classes
+        if cls.status == status and not cls.__module__.startswith("ingester.tus")
+    }
     codes.update(_EXTRA_CODES.get(status, []))
     return sorted(codes)
 
@@ -341,6 +346,281 @@ def _probe(operation_id: str, summary: str, kind: str) -> dict[str, Any]:
     return {"get": _operation(operation_id, summary, "operations", responses)}  # fmt: skip
 
 
+def _tus_header(
+    name: str, description: str, *, required: bool = False, schema: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "required": required,
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _tus_headers(*names: str) -> dict[str, Any]:
+    """Response headers of the tus routes: `Tus-Resumable` on every one, plus `names`."""
+    described = {
+        "Tus-Resumable": "`1.0.0`",
+        "Tus-Version": "`1.0.0`",
+        "Tus-Extension": "creation, creation-with-upload, creation-defer-length, termination, checksum, expiration, concatenation",
+        "Tus-Max-Size": "largest upload in bytes",
+        "Tus-Checksum-Algorithm": "`sha1,md5,sha256`",
+        "Location": "the new upload's URL (`/api/v1/uploads/{id}`)",
+        "Upload-Offset": "bytes stored so far",
+        "Upload-Length": "the upload's length, once known",
+        "Upload-Expires": "when an unfinished upload is removed (RFC 9110 date)",
+        "Upload-File-Id": "the stored file's id, once the last byte is stored",
+        "Upload-Storage-Element-Id": "the Storage Element holding it",
+        "Cache-Control": "`no-store`",
+    }
+    out = _headers()
+    for name in ("Tus-Resumable", *names):
+        out[name] = {
+            "description": described[name],
+            "required": name == "Tus-Resumable",
+            "schema": {"type": "string"},
+        }
+    return out
+
+
+def _tus_error(description: str, status: int, codes: list[str]) -> dict[str, Any]:
+    error = _error(
+        description, status, codes=codes, headers=("Retry-After",) if status == 503 else ()
+    )
+    error["headers"]["Tus-Resumable"] = {"required": True, "schema": {"type": "string"}}
+    return error
+
+
+def _tus_paths() -> dict[str, Any]:
+    """Resumable uploads: the tus 1.0.0 protocol (tus.io), so stock clients work unchanged."""
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+    version = _tus_header("Tus-Resumable", "`1.0.0` (else `412`)", required=True)
+    override = _tus_header(
+        "X-HTTP-Method-Override", "PATCH, DELETE, HEAD, GET or OPTIONS sent as POST"
+    )
+    upload_id = {"name": "upload_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    unauthorized = _tus_error("No token, or an invalid one", 401, ["UNAUTHORIZED"])
+    unauthorized["headers"]["WWW-Authenticate"] = _ref("headers", "WWW-Authenticate")
+    not_found = _tus_error("No such upload, or another user's", 404, ["UPLOAD_NOT_FOUND"])
+    capabilities = {
+        "204": {
+            "description": "Capabilities",
+            "headers": _tus_headers(
+                "Tus-Version", "Tus-Extension", "Tus-Max-Size", "Tus-Checksum-Algorithm"
+            ),
+        }
+    }
+    body = {
+        "required": False,
+        "content": {
+            "application/offset+octet-stream": {"schema": {"type": "string", "format": "binary"}}
+        },
+    }
+    collection = {
+        "options": _operation(
+            "tusOptions", "tus capabilities (no token)", "resumable uploads", capabilities
+        ),
+        "post": _operation(
+            "tusCreate",
+            "Create a resumable upload (creation, creation-with-upload, creation-defer-length, concatenation)",
+            "resumable uploads",
+            {
+                "201": {
+                    "description": "Created; with a body, its bytes are stored",
+                    "headers": _tus_headers(
+                        "Location",
+                        "Upload-Offset",
+                        "Upload-Expires",
+                        "Upload-File-Id",
+                        "Upload-Storage-Element-Id",
+                    ),
+                },
+                "400": _tus_error(
+                    "A tus header or an Upload-Metadata value is wrong",
+                    400,
+                    ["INVALID_TUS_HEADER", "INVALID_FIELD", "INVALID_METADATA", "BAD_REQUEST"],
+                ),
+                "401": unauthorized,
+                "403": _tus_error(
+                    "The token cannot upload, or a part to concatenate is not yours",
+                    403,
+                    ["FORBIDDEN"],
+                ),
+                "412": _tus_error("Unsupported Tus-Resumable", 412, ["TUS_VERSION_UNSUPPORTED"]),
+                "413": _tus_error(
+                    "Upload-Length (or the body) is over Tus-Max-Size", 413, ["FILE_TOO_LARGE"]
+                ),
+                "415": _tus_error(
+                    "A body that is not application/offset+octet-stream",
+                    415,
+                    ["UNSUPPORTED_MEDIA_TYPE"],
+                ),
+                "460": _tus_error(
+                    "Upload-Checksum does not match the body (discarded)",
+                    460,
+                    ["UPLOAD_CHECKSUM_MISMATCH"],
+                ),
+                "503": _tus_error(
+                    "Spool full, store unreachable, or shutting down",
+                    503,
+                    ["SERVICE_BUSY", "TUS_STORE_UNAVAILABLE", "SHUTTING_DOWN"],
+                ),
+            },
+            security=bearer,
+            parameters=[
+                version,
+                override,
+                _tus_header(
+                    "Upload-Length",
+                    "the upload's length in bytes",
+                    schema={"type": "string", "pattern": "^[0-9]+$"},
+                ),
+                _tus_header("Upload-Defer-Length", "`1`: the length comes with a later PATCH"),
+                _tus_header(
+                    "Upload-Metadata",
+                    "comma-separated `key base64(value)`: filename, filetype, description, retention_policy, ttl_days, compress, compression_algorithm, metadata",
+                ),
+                _tus_header("Upload-Concat", "`partial`, or `final;<url> <url> ...`"),
+                _tus_header("Upload-Checksum", "`<sha1|md5|sha256> <base64>` of the body"),
+            ],
+            requestBody=body,
+        ),
+    }
+    resource = {
+        "options": _operation(
+            "tusOptionsUpload",
+            "tus capabilities (no token)",
+            "resumable uploads",
+            capabilities,
+            parameters=[upload_id],
+        ),
+        "head": _operation(
+            "tusHead",
+            "Offset and length of an upload",
+            "resumable uploads",
+            {
+                "200": {
+                    "description": "The upload (no body)",
+                    "headers": _tus_headers(
+                        "Upload-Offset", "Upload-Length", "Cache-Control", "Upload-Expires"
+                    ),
+                },
+                "401": unauthorized,
+                "404": not_found,
+            },
+            security=bearer,
+            parameters=[upload_id, version],
+        ),
+        "patch": _operation(
+            "tusPatch",
+            "Append bytes at Upload-Offset; the last byte stores the file (as a multipart upload would)",
+            "resumable uploads",
+            {
+                "204": {
+                    "description": "Stored up to Upload-Offset; after the last byte, the file's id in Upload-File-Id (a retried final PATCH gets the same)",
+                    "headers": _tus_headers(
+                        "Upload-Offset",
+                        "Upload-Expires",
+                        "Upload-File-Id",
+                        "Upload-Storage-Element-Id",
+                    ),
+                },
+                "400": _tus_error(
+                    "A tus header is wrong", 400, ["INVALID_TUS_HEADER", "BAD_REQUEST"]
+                ),
+                "401": unauthorized,
+                "403": _tus_error(
+                    "A final (concatenated) upload cannot be patched",
+                    403,
+                    ["FINAL_UPLOAD_NOT_PATCHABLE", "FORBIDDEN"],
+                ),
+                "404": not_found,
+                "409": _tus_error(
+                    "Upload-Offset is not the upload's offset (nothing changed)",
+                    409,
+                    ["UPLOAD_OFFSET_MISMATCH"],
+                ),
+                "410": _tus_error(
+                    "The upload expired, or its data is gone",
+                    410,
+                    ["UPLOAD_EXPIRED", "UPLOAD_DATA_LOST"],
+                ),
+                "412": _tus_error("Unsupported Tus-Resumable", 412, ["TUS_VERSION_UNSUPPORTED"]),
+                "413": _tus_error(
+                    "Past the upload's length or the chunk limit", 413, ["FILE_TOO_LARGE"]
+                ),
+                "415": _tus_error(
+                    "Content-Type is not application/offset+octet-stream",
+                    415,
+                    ["UNSUPPORTED_MEDIA_TYPE"],
+                ),
+                "423": _tus_error(
+                    "Another request holds the upload and could not let go", 423, ["UPLOAD_LOCKED"]
+                ),
+                "460": _tus_error(
+                    "Upload-Checksum does not match (the chunk is discarded, the offset unchanged)",
+                    460,
+                    ["UPLOAD_CHECKSUM_MISMATCH"],
+                ),
+                "503": _tus_error(
+                    "Spool full, store unreachable, or the file is being stored",
+                    503,
+                    [
+                        "SERVICE_BUSY",
+                        "TUS_STORE_UNAVAILABLE",
+                        "UPLOAD_COMPLETING",
+                        "SHUTTING_DOWN",
+                        "NO_STORAGE_AVAILABLE",
+                    ],
+                ),
+            },
+            security=bearer,
+            parameters=[
+                upload_id,
+                version,
+                _tus_header("Upload-Offset", "where these bytes go", required=True),
+                _tus_header("Upload-Length", "with a deferred length"),
+                _tus_header("Upload-Checksum", "`<sha1|md5|sha256> <base64>` of the body"),
+            ],
+            requestBody={**body, "required": True},
+        ),
+        "delete": _operation(
+            "tusTerminate",
+            "Remove an unfinished upload and its bytes (termination)",
+            "resumable uploads",
+            {
+                "204": {"description": "Removed", "headers": _tus_headers()},
+                "401": unauthorized,
+                "404": not_found,
+            },
+            security=bearer,
+            parameters=[upload_id, version],
+        ),
+        "get": _operation(
+            "tusGet",
+            "The upload's state, and once stored the multipart upload's 201 body",
+            "resumable uploads",
+            {
+                "200": _json("The upload (`Cache-Control: no-store`)", {"type": "object"}),
+                "401": unauthorized,
+                "404": not_found,
+            },
+            security=bearer,
+            parameters=[upload_id],
+        ),
+        "post": _operation(
+            "tusOverride",
+            "Any of the above through `X-HTTP-Method-Override` (for clients that can only POST)",
+            "resumable uploads",
+            {"401": unauthorized, "404": not_found, "405": _tus_error("POST without X-HTTP-Method-Override", 405, ["METHOD_NOT_ALLOWED"])},
+            security=bearer,
+            parameters=[upload_id, override],
+        ),
+    }
+    return {"/api/v1/uploads": collection, "/api/v1/uploads/{upload_id}": resource}
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     components = _components()
@@ -358,12 +638,14 @@ def openapi_document(version: str) -> dict[str, Any]:
         },
         "tags": [
             {"name": "uploads", "description": "Uploads and their progress (bearer token)"},
+            {"name": "resumable uploads", "description": "tus 1.0.0 at /api/v1/uploads (bearer token; OPTIONS without)"},
             {"name": "operations", "description": "Probes, metrics, service info (no token)"},
             {"name": "description", "description": "This description and its interactive page"},
         ],
         "components": components,
         "paths": {
             "/api/v1/files/upload": {"post": _upload_operation()},
+            **_tus_paths(),
             "/api/v1/files/uploads/{upload_id}": {
                 "get": _operation(
                     "getUploadProgress",

@@ -1,0 +1,879 @@
+"""Resumable uploads (tus 1.0.0): what each request does, and the janitor.
+
+    request (HEAD, PATCH, DELETE)   lock the upload (asking a holder to let go), read the
+                                    state again, act, save, let go
+    PATCH                           body → data file (worker threads); every
+                                    CHECKPOINT_BYTES and at the end: fsync, then the offset
+    last byte in                    state `completing`, the lock handed to a completion task
+                                    in the service nursery: the data file as a multipart form
+                                    through `ingest` (the multipart pipeline: compression,
+                                    element choice, failover, saga); the request waits for it,
+                                    but a client that goes away does not cancel the store
+    janitor (service nursery)       expired uploads and orphaned data files removed; the
+                                    spool budget trued up to what the data files hold
+
+The state lives in the `TusStore` (Redis or this process), the bytes in `DataFiles` under
+`<spool_dir>/tus/` (shared by replicas).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from .. import logs
+from ..auth.principal import Principal
+from ..errors import (
+    FileTooLarge,
+    IngesterError,
+    InvalidField,
+    RequestTimeout,
+    ServiceBusy,
+    ShuttingDown,
+    UploadNotFound,
+)
+from ..upload.budget import UploadBudget
+from ..upload.fields import parse_upload_fields
+from ..upload.ingest import ingest
+from .data import DataFiles, DataWriter
+from .errors import (
+    ChecksumMismatch,
+    FinalUploadNotPatchable,
+    InvalidTusHeader,
+    OffsetMismatch,
+    UploadCompleting,
+    UploadDataLost,
+    UploadExpired,
+    UploadLocked,
+    WrongContentType,
+)
+from .form import UploadForm
+from .locks import Lease, Locks
+from .protocol import (
+    Checksum,
+    Concat,
+    describe_file,
+    encode_metadata,
+    http_date,
+    is_offset_stream,
+    parse_upload_id,
+)
+from .state import ConcatKind, Phase, TusUpload
+from .store import MemoryTusStore, RedisTusStore, TusStore
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
+    from ..service import Service
+
+log = logging.getLogger(__name__)
+
+# Received bytes are written in batches of about this much (one thread hop each).
+WRITE_BATCH: Final = 1024 * 1024
+# A long PATCH saves its progress this often (fsync, then the offset): a replica killed
+# mid-PATCH loses at most this much, and the final fsync stays short. Not with
+# Upload-Checksum, whose chunk is kept whole or not at all.
+CHECKPOINT_BYTES: Final = 32 * 1024 * 1024
+# How often a request waiting for another's completion looks at the state.
+COMPLETION_POLL_S: Final = 0.25
+# A data file with no state is removed once it has not changed for this long (a state is
+# always written before its file, so this only guards against clock skew between replicas).
+ORPHAN_GRACE_S: Final = 300.0
+# Expired uploads removed per janitor round.
+JANITOR_BATCH: Final = 100
+# How long HEAD waits for a PATCH in progress to let go: a live holder does within about a
+# lock renewal interval and a save.
+HEAD_WAIT_S: Final = 2.0
+
+
+@dataclass(slots=True)
+class Answer:
+    """What a tus request answers: the upload as it now is, and the result when stored."""
+
+    upload: TusUpload
+    result: dict[str, Any] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class _Completion:
+    done: trio.Event = field(default_factory=trio.Event)
+    result: dict[str, Any] | None = None
+    error: IngesterError | None = None
+
+
+class TusService:
+    def __init__(self, svc: Service) -> None:
+        self.svc = svc
+        settings = svc.settings
+        self.settings = settings
+        self.store: TusStore = (
+            RedisTusStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            if settings.redis_url
+            else MemoryTusStore()
+        )
+        self.locks = Locks(
+            self.store,
+            ttl_s=settings.tus_lock_ttl_s,
+            wait_s=settings.tus_lock_wait_s,
+            retry_after_s=settings.retry_after_s,
+        )
+        self.data = DataFiles(settings.spool_dir / "tus")
+        # Bytes of data files counted in the process's spool budget (trued up by the janitor).
+        self.held = 0
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def max_size(self) -> int:
+        return min(self.settings.tus_max_size, self.settings.max_file_size)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The janitor, and the nursery completions run in (they outlive their requests)."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._janitor)
+                task_status.started()
+        finally:
+            self._nursery = None
+            self.store.close()
+
+    # --- reading state ---------------------------------------------------------------------
+
+    async def load(self, raw_id: str, principal: Principal) -> TusUpload:
+        """The caller's upload; someone else's is as missing as an unknown one (404)."""
+        upload_id = parse_upload_id(raw_id)
+        upload = None if upload_id is None else await self.store.get(upload_id)
+        if upload is None or (upload.owner != principal.subject and not principal.is_admin):
+            raise UploadNotFound(f"no upload {raw_id[:64]} is known here")
+        if upload.expired(time.time()):
+            if upload.phase is Phase.DONE:
+                raise UploadNotFound(f"no upload {raw_id[:64]} is known here")
+            raise UploadExpired(f"upload {upload.id} expired")
+        return upload
+
+    def headers_of(self, upload: TusUpload) -> dict[str, str]:
+        """What HEAD says about an upload."""
+        headers = {"Cache-Control": "no-store"}
+        headers["Upload-Offset"] = str(upload.offset)
+        if upload.length is None:
+            headers["Upload-Defer-Length"] = "1"
+        else:
+            headers["Upload-Length"] = str(upload.length)
+        if upload.metadata:
+            headers["Upload-Metadata"] = encode_metadata(upload.metadata)
+        if upload.concat_header is not None:
+            headers["Upload-Concat"] = upload.concat_header
+        if upload.phase is not Phase.DONE:
+            headers["Upload-Expires"] = http_date(upload.expires_at)
+        return headers
+
+    async def head(self, raw_id: str, principal: Principal) -> TusUpload:
+        upload = await self.load(raw_id, principal)
+        if upload.phase is not Phase.RECEIVING or upload.all_received:
+            # Nothing can be on its way in (a complete partial upload, say).
+            return upload
+        # A PATCH in progress (often a dead client's, on another replica) holds bytes its
+        # offset does not show yet: ask it to save and let go, so the offset is current. A
+        # holder that does not let go soon is storing the upload or dead (its unsaved bytes
+        # are lost): the saved state is the answer then.
+        lease: Lease | None = None
+        with contextlib.suppress(UploadLocked):
+            lease = await self.locks.acquire(upload.id, ask=True, wait_s=HEAD_WAIT_S)
+        try:
+            fresh = await self.store.get(upload.id)
+        finally:
+            if lease is not None:
+                await self.locks.release(lease)
+        if fresh is None:
+            raise UploadNotFound(f"no upload {upload.id} is known here")
+        return fresh
+
+    # --- creation --------------------------------------------------------------------------
+
+    async def create(
+        self,
+        principal: Principal,
+        *,
+        length: int | None,
+        defer_length: bool,
+        metadata: dict[str, bytes],
+        concat: Concat | None,
+        concat_header: str | None,
+        content_type: str | None,
+        content_length: int | None,
+        checksum: Checksum | None,
+        body: AsyncIterator[bytes],
+    ) -> Answer:
+        if self.svc.draining:
+            raise ShuttingDown(headers={"Retry-After": str(self.settings.retry_after_s)})
+        # The fields are checked now: a bad one fails before any byte is sent.
+        description = describe_file(metadata)
+        parse_upload_fields(
+            description.fields, max_description_length=self.settings.max_description_length
+        )
+        if concat is not None and not concat.partial:
+            if length is not None or defer_length:
+                raise InvalidTusHeader("a final upload (Upload-Concat: final) takes no length")
+            return await self._create_final(principal, metadata, concat, concat_header)
+        if length is None and not defer_length:
+            raise InvalidTusHeader("send Upload-Length, or Upload-Defer-Length: 1")
+        if length is not None and defer_length:
+            raise InvalidTusHeader("send Upload-Length or Upload-Defer-Length, not both")
+        if length is not None and length > self.max_size:
+            raise FileTooLarge(f"Upload-Length {length} exceeds the limit of {self.max_size} bytes")
+        with_body = is_offset_stream(content_type)
+        if not with_body and content_length:
+            raise WrongContentType(
+                "a creation request with data must be application/offset+octet-stream"
+            )
+        now = time.time()
+        upload = TusUpload(
+            id=uuid.uuid4().hex,
+            owner=principal.subject,
+            length=length,
+            created_at=now,
+            expires_at=now + self.settings.tus_expiration_s,
+            metadata=metadata,
+            concat=ConcatKind.PARTIAL if concat is not None else None,
+            concat_header=concat_header,
+        )
+        if with_body:
+            self._check_chunk(upload, 0, content_length)
+        logs.bind(upload_id=upload.id)
+        if not await self.store.create(upload):  # pragma: no cover - 128 random bits
+            raise InvalidField("upload id collision; try again")
+        await self.data.create(upload.id)
+        log.info(
+            "resumable upload created",
+            extra={"event": "tus_created", "upload_id": upload.id, "bytes": length},
+        )
+        location = {"Location": f"/api/v1/uploads/{upload.id}"}
+        lease = await self.locks.acquire(upload.id, ask=False)
+        handed_over = False
+        try:
+            if with_body:
+                try:
+                    await self._receive(upload, lease, body, content_length, checksum)
+                except IngesterError as error:
+                    error.headers.update(location)
+                    raise
+            if upload.all_received and not upload.is_partial:
+                upload.begin_completion(offset_before=0)
+                await self._save(upload, lease)
+                handed_over = True
+                result = await self._complete(upload, lease, principal, [], created=True)
+                return Answer(upload, result, location)
+        finally:
+            if not handed_over:
+                await self.locks.release(lease)
+        return Answer(upload, None, location)
+
+    async def _create_final(
+        self,
+        principal: Principal,
+        metadata: dict[str, bytes],
+        concat: Concat,
+        concat_header: str | None,
+    ) -> Answer:
+        """A final upload: its partial uploads, complete, joined in order and stored."""
+        parts: list[TusUpload] = []
+        leases: list[Lease] = []
+        try:
+            for part_id in concat.parts:
+                part = await self.load(part_id, principal)
+                if part_id in (p.id for p in parts):
+                    raise InvalidTusHeader(f"Upload-Concat names {part_id} twice")
+                if not part.is_partial:
+                    raise InvalidTusHeader(f"upload {part_id} is not a partial upload")
+                lease = await self.locks.acquire(part_id, ask=True)
+                leases.append(lease)
+                part = await self.load(part_id, principal)
+                if not part.all_received:
+                    raise InvalidTusHeader(
+                        f"partial upload {part_id} is not complete ({part.offset} of "
+                        f"{part.length} bytes); concatenation-unfinished is not supported"
+                    )
+                parts.append(part)
+            total = sum(p.length or 0 for p in parts)
+            if total > self.max_size:
+                raise FileTooLarge(f"the final upload ({total} bytes) exceeds {self.max_size}")
+            now = time.time()
+            upload = TusUpload(
+                id=uuid.uuid4().hex,
+                owner=principal.subject,
+                length=total,
+                offset=total,
+                created_at=now,
+                expires_at=now + self.settings.tus_expiration_s,
+                metadata=metadata,
+                concat=ConcatKind.FINAL,
+                parts=[p.id for p in parts],
+                concat_header=concat_header,
+            )
+            logs.bind(upload_id=upload.id)
+            upload.begin_completion(offset_before=total)
+            if not await self.store.create(upload):  # pragma: no cover - 128 random bits
+                raise InvalidField("upload id collision; try again")
+            lease = await self.locks.acquire(upload.id, ask=False)
+        except BaseException:
+            for held in leases:
+                await self.locks.release(held)
+            raise
+        location = {"Location": f"/api/v1/uploads/{upload.id}"}
+        result = await self._complete(upload, lease, principal, leases, created=True)
+        return Answer(upload, result, location)
+
+    # --- PATCH -----------------------------------------------------------------------------
+
+    async def patch(
+        self,
+        raw_id: str,
+        principal: Principal,
+        *,
+        offset: int,
+        length: int | None,
+        checksum: Checksum | None,
+        content_type: str | None,
+        content_length: int | None,
+        body: AsyncIterator[bytes],
+    ) -> Answer:
+        if not is_offset_stream(content_type):
+            raise WrongContentType()
+        upload = await self.load(raw_id, principal)
+        logs.bind(upload_id=upload.id)
+        if upload.is_final:
+            raise FinalUploadNotPatchable()
+        if self._is_final_retry(upload, offset, content_length):
+            return await self._finish(upload, principal)
+        if upload.phase is not Phase.RECEIVING:
+            raise self._offset_error(upload)
+        if self.svc.draining:
+            raise ShuttingDown(headers={"Retry-After": str(self.settings.retry_after_s)})
+        # What can be refused before waiting for the lock (the offset only can be checked
+        # under it: a holder may still save bytes).
+        upload.check_length(length, self.max_size)
+        upload.declare_length(length)
+        self._check_chunk(upload, offset, content_length)
+        lease = await self.locks.acquire(upload.id, ask=True)
+        handed_over = False
+        try:
+            fresh = await self.store.get(upload.id)
+            if fresh is None:
+                raise UploadNotFound(f"no upload {upload.id} is known here")
+            upload = fresh
+            if self._is_final_retry(upload, offset, content_length):
+                await self.locks.release(lease)
+                handed_over = True
+                return await self._finish(upload, principal)
+            upload.check_length(length, self.max_size)
+            upload.check_offset(offset)
+            upload.declare_length(length)
+            self._check_chunk(upload, offset, content_length)
+            await self._receive(upload, lease, body, content_length, checksum)
+            if upload.all_received and not upload.is_partial:
+                upload.begin_completion(offset_before=offset)
+                await self._save(upload, lease)
+                handed_over = True
+                result = await self._complete(upload, lease, principal, [], created=False)
+                return Answer(upload, result)
+        finally:
+            if not handed_over:
+                await self.locks.release(lease)
+        return Answer(upload)
+
+    @staticmethod
+    def _is_final_retry(upload: TusUpload, offset: int, content_length: int | None) -> bool:
+        """A PATCH for an upload whose bytes are all in (being stored, or stored): at its
+        length with no data, or the very chunk that completed it sent again."""
+        if upload.phase is Phase.RECEIVING or upload.length is None:
+            return False
+        if offset == upload.length and not content_length:
+            return True
+        return (
+            offset == upload.offset_before
+            and content_length is not None
+            and offset + content_length == upload.length
+        )
+
+    def _check_chunk(self, upload: TusUpload, offset: int, content_length: int | None) -> None:
+        """What a chunk of `content_length` bytes at `offset` (the request's: a stale one is
+        a 409 under the lock, not a 413 here) runs into before a byte is read."""
+        if content_length is None:
+            return
+        limit = self.settings.tus_max_chunk_size
+        if limit and content_length > limit:
+            raise FileTooLarge(
+                f"a chunk may carry at most {limit} bytes (INGESTER_TUS_MAX_CHUNK_SIZE)"
+            )
+        ceiling = upload.length if upload.length is not None else self.max_size
+        room = max(ceiling - offset, 0)
+        if content_length > room:
+            raise FileTooLarge(
+                f"the chunk of {content_length} bytes goes past the upload's end "
+                f"({room} bytes left)"
+            )
+        budget = self.svc.spool_budget
+        if budget.used + content_length > budget.max_bytes:
+            raise ServiceBusy(
+                f"the spool is full ({budget.used} of {budget.max_bytes} bytes in use)",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
+
+    async def _receive(
+        self,
+        upload: TusUpload,
+        lease: Lease,
+        body: AsyncIterator[bytes],
+        content_length: int | None,
+        checksum: Checksum | None,
+    ) -> None:
+        """Store the request body at the upload's offset, saving as it goes and at the end,
+        whatever the end is: the body's end, a let-go request, the client gone (then this
+        raises `Cancelled` once saved), an idle timeout, a full spool. Raises the error that
+        ended it after saving, with the new offset in its headers."""
+        receiver = _Receiver(self, upload, lease, checksum)
+        receiver.writer = await self.data.open_at(upload.id, upload.offset)
+        error: IngesterError | None = None
+        async with self.locks.kept(lease):
+            try:
+                with lease.interrupt:
+                    await receiver.pump(body)
+            except IngesterError as exc:
+                error = exc
+            finally:
+                with trio.CancelScope(shield=True):
+                    saved = await receiver.finish()
+        if lease.lost:
+            error = UploadLocked("this request lost the upload to another one; HEAD and resume")
+        if error is None and saved is not None:
+            error = saved
+        if error is not None:
+            error.headers.setdefault("Upload-Offset", str(upload.offset))
+            raise error
+        log.info(
+            "chunk stored",
+            extra={
+                "event": "tus_chunk",
+                "upload_id": upload.id,
+                "bytes": receiver.received,
+                "offset": upload.offset,
+                "let_go": lease.asked,
+            },
+        )
+
+    async def _save(self, upload: TusUpload, lease: Lease) -> None:
+        if not await self.store.put(upload, lease.token):
+            lease.lost = True
+            raise UploadLocked("this request lost the upload to another one; HEAD and resume")
+
+    # --- completion ------------------------------------------------------------------------
+
+    async def _finish(self, upload: TusUpload, principal: Principal) -> Answer:
+        """The answer for an upload whose bytes are all in: its result once stored. Waits
+        for a completion in progress; takes over one whose replica died."""
+        deadline = trio.current_time() + self.settings.tus_completion_wait_s
+        while True:
+            if upload.phase is Phase.DONE:
+                return Answer(upload, upload.result)
+            if upload.phase is Phase.RECEIVING:
+                # Storing failed meanwhile and the offset went back: the client resumes.
+                raise self._offset_error(upload)
+            lease = await self.locks.try_acquire(upload.id)
+            if lease is not None:
+                # Nobody holds a completing upload: the replica storing it died.
+                fresh = await self.store.get(upload.id)
+                if fresh is None or fresh.phase is not Phase.COMPLETING:
+                    await self.locks.release(lease)
+                    if fresh is None:
+                        raise UploadNotFound(f"no upload {upload.id} is known here")
+                    upload = fresh
+                    continue
+                log.warning(
+                    "upload %s was left completing; storing it again",
+                    upload.id,
+                    extra={"event": "tus_completion_taken_over", "upload_id": upload.id},
+                )
+                # Under an id of its own: the dead replica's saga (same id) is being undone.
+                fresh.attempts += 1
+                leases = []
+                try:
+                    for part_id in fresh.parts:
+                        leases.append(await self.locks.acquire(part_id, ask=True))
+                except BaseException:
+                    for held in [*leases, lease]:
+                        await self.locks.release(held)
+                    raise
+                result = await self._complete(fresh, lease, principal, leases, created=False)
+                return Answer(fresh, result)
+            if trio.current_time() >= deadline:
+                raise UploadCompleting(headers={"Retry-After": str(self.settings.retry_after_s)})
+            await trio.sleep(COMPLETION_POLL_S)
+            fresh = await self.store.get(upload.id)
+            if fresh is None:
+                raise UploadNotFound(f"no upload {upload.id} is known here")
+            upload = fresh
+
+    @staticmethod
+    def _offset_error(upload: TusUpload) -> IngesterError:
+        return OffsetMismatch(
+            f"the upload is at {upload.offset}",
+            headers={"Upload-Offset": str(upload.offset)},
+        )
+
+    async def _complete(
+        self,
+        upload: TusUpload,
+        lease: Lease,
+        principal: Principal,
+        part_leases: list[Lease],
+        *,
+        created: bool,
+    ) -> dict[str, Any]:
+        """Store the complete upload (its state saved as `completing`, `lease` held and
+        handed over here) in a task of the service nursery, and wait for the result. The
+        request going away does not stop the store."""
+        completion = _Completion()
+        nursery = self._nursery
+        if nursery is None:  # pragma: no cover - the service runs before requests arrive
+            raise ShuttingDown()
+        nursery.start_soon(
+            self._completion_task, upload, lease, principal, part_leases, created, completion
+        )
+        with trio.move_on_after(self.settings.tus_completion_wait_s):
+            await completion.done.wait()
+        if not completion.done.is_set():
+            # The store goes on; a final PATCH sent again later gets its result.
+            raise UploadCompleting(headers={"Retry-After": str(self.settings.retry_after_s)})
+        if completion.error is not None:
+            raise completion.error
+        assert completion.result is not None
+        return completion.result
+
+    async def _completion_task(
+        self,
+        upload: TusUpload,
+        lease: Lease,
+        principal: Principal,
+        part_leases: list[Lease],
+        created: bool,
+        completion: _Completion,
+    ) -> None:
+        """Never raises (it runs in the service nursery): the outcome goes to `completion`."""
+        lease.honour_letgo = False
+        # The request's scope was used by its receive step: a scope is entered once.
+        lease.interrupt = trio.CancelScope()
+        for part in part_leases:
+            part.honour_letgo = False
+        try:
+            result: dict[str, Any] | None = None
+            async with self.locks.kept(lease, *part_leases):
+                with lease.interrupt:
+                    result = await self._store_upload(upload, principal)
+                if lease.lost or result is None:
+                    raise UploadLocked("the upload's lock was lost while it was stored")
+                upload.completed(
+                    result, now=time.time(), retention_s=self.settings.tus_result_retention_s
+                )
+                if not await self.store.put(upload, lease.token):
+                    log.error(
+                        "upload %s was stored as %s but its result could not be recorded",
+                        upload.id,
+                        result["file_id"],
+                        extra={"event": "tus_result_lost", "upload_id": upload.id},
+                    )
+            completion.result = result
+            await self._forget_data(upload, part_leases)
+        except IngesterError as error:
+            completion.error = error
+            await self._completion_failed(upload, lease, error, created)
+        except Exception as exc:
+            log.exception("completing upload %s failed", upload.id, exc_info=exc)
+            internal = IngesterError("storing the finished upload failed")
+            completion.error = internal
+            await self._completion_failed(upload, lease, internal, created)
+        finally:
+            for held in [*part_leases, lease]:
+                await self.locks.release(held)
+            completion.done.set()
+
+    async def _store_upload(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
+        """The data files as one multipart form through `ingest`: the `201` result."""
+        assert upload.length is not None
+        description = describe_file(upload.metadata)
+        options = parse_upload_fields(
+            description.fields, max_description_length=self.settings.max_description_length
+        )
+        if upload.is_final:
+            parts = []
+            for part_id in upload.parts:
+                part = await self.store.get(part_id)
+                if part is None or part.length is None:
+                    raise UploadDataLost(f"partial upload {part_id} is gone")
+                parts.append((part_id, part.length))
+        else:
+            parts = [(upload.id, upload.length)]
+        form = UploadForm(
+            self.data.reader(parts),
+            upload.length,
+            options,
+            description.filename,
+            description.filetype,
+        )
+        # The first attempt runs under the upload's own id (progress, logs, saga); a later one
+        # under a fresh id, since a failed attempt's saga may still be removing its copies.
+        attempt_id = upload.id if upload.attempts == 0 else str(uuid.uuid4())
+        try:
+            result = await ingest(
+                self.svc,
+                principal=principal,
+                upload_id=attempt_id,
+                boundary=form.boundary.encode(),
+                body=form,
+                content_type=form.content_type,
+                content_length=form.content_length,
+                digest=None,
+            )
+        finally:
+            await form.aclose()
+        return {**result, "upload_id": upload.id}
+
+    async def _completion_failed(
+        self, upload: TusUpload, lease: Lease, error: IngesterError, created: bool
+    ) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.tus_lock_ttl_s):
+            try:
+                if created:
+                    # Its creation request fails with it: the client never learned the
+                    # upload exists and will create another.
+                    await self.store.delete(upload.id, lease.token)
+                    if not upload.is_final:
+                        self._give_back(await self.data.remove(upload.id))
+                    return
+                upload.completion_failed(
+                    error, now=time.time(), expiration_s=self.settings.tus_expiration_s
+                )
+                await self.store.put(upload, lease.token)
+            except IngesterError as exc:
+                log.warning("could not record the failed completion of %s: %s", upload.id, exc)
+        error.headers.setdefault("Upload-Offset", str(upload.offset))
+
+    async def _forget_data(self, upload: TusUpload, part_leases: list[Lease]) -> None:
+        """After a stored upload: its data file, or a final upload's partial uploads."""
+        with trio.CancelScope(shield=True):
+            if not upload.is_final:
+                self._give_back(await self.data.remove(upload.id))
+            for part in part_leases:
+                try:
+                    await self.store.delete(part.upload_id, part.token)
+                except IngesterError as exc:
+                    log.warning("could not remove partial upload %s: %s", part.upload_id, exc)
+                self._give_back(await self.data.remove(part.upload_id))
+
+    # --- DELETE ----------------------------------------------------------------------------
+
+    async def terminate(self, raw_id: str, principal: Principal) -> None:
+        upload = await self.load(raw_id, principal)
+        lease = await self.locks.acquire(upload.id, ask=True)
+        try:
+            if await self.store.get(upload.id) is None:
+                raise UploadNotFound(f"no upload {upload.id} is known here")
+            await self.store.delete(upload.id, lease.token)
+            self._give_back(await self.data.remove(upload.id))
+        finally:
+            await self.locks.release(lease)
+        log.info("resumable upload terminated", extra={"event": "tus_terminated"})
+
+    # --- janitor ---------------------------------------------------------------------------
+
+    async def _janitor(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except IngesterError as exc:
+                log.warning("tus janitor: %s", exc.message, extra={"event": "tus_janitor"})
+            await trio.sleep(self.settings.tus_janitor_interval_s)
+
+    async def sweep(self) -> int:
+        """Remove expired uploads and orphaned data files; true up the spool budget. The
+        number of uploads removed."""
+        now = time.time()
+        removed = 0
+        for upload_id in await self.store.due(now, JANITOR_BATCH):
+            lease = await self.locks.try_acquire(upload_id)
+            if lease is None:
+                continue  # someone is working on it: not abandoned
+            try:
+                upload = await self.store.get(upload_id)
+                if upload is None:
+                    await self.store.forget(upload_id)
+                elif upload.expired(now):
+                    await self.store.delete(upload_id, lease.token)
+                else:
+                    continue
+                freed = await self.data.remove(upload_id)
+                self._give_back(freed)
+                removed += 1
+                log.info(
+                    "expired upload removed",
+                    extra={"event": "tus_expired", "upload_id": upload_id, "bytes": freed},
+                )
+            finally:
+                await self.locks.release(lease)
+        total = 0
+        for upload_id, size, mtime in await self.data.scan():
+            if now - mtime >= ORPHAN_GRACE_S and await self.store.get(upload_id) is None:
+                await self.data.remove(upload_id)
+                log.info("orphaned data file removed", extra={"event": "tus_orphan"})
+                continue
+            total += size
+        self._true_up(total)
+        return removed
+
+    # --- spool accounting ------------------------------------------------------------------
+
+    def take(self, size: int) -> None:
+        self.svc.spool_budget.take(size)
+        self.held += size
+
+    def _give_back(self, size: int) -> None:
+        size = min(size, self.held)
+        if size > 0:
+            self.held -= size
+            self.svc.spool_budget.give_back(size)
+
+    def _true_up(self, total: int) -> None:
+        """The data files of every replica take room on the shared disk: count what they hold."""
+        if total > self.held:
+            # Counted without the ceiling check: the bytes are there already.
+            self.svc.spool_budget.used += total - self.held
+            self.held = total
+        else:
+            self._give_back(self.held - total)
+
+
+class _Receiver:
+    """One request body into one data file: batched writes in threads, checkpoints, the
+    checksum, and the final save."""
+
+    def __init__(
+        self, tus: TusService, upload: TusUpload, lease: Lease, checksum: Checksum | None
+    ) -> None:
+        self.tus = tus
+        self.upload = upload
+        self.lease = lease
+        self.checksum = checksum
+        self.hasher: _Hash | None = checksum.hasher() if checksum else None
+        self.writer: DataWriter | None = None
+        self.budget = UploadBudget(tus.svc.memory_budget)
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.received = 0
+        # Bytes written but not yet counted in the upload's offset.
+        self.unsaved = 0
+        self.body_complete = False
+        self.length_declared = upload.length is not None
+
+    async def pump(self, body: AsyncIterator[bytes]) -> None:
+        tus = self.tus
+        idle_s = tus.settings.client_idle_timeout_s
+        room = self.upload.room(tus.max_size)
+        while True:
+            with trio.move_on_after(idle_s) as idle:
+                try:
+                    chunk = await anext(body)
+                except StopAsyncIteration:
+                    break
+            if idle.cancelled_caught:
+                raise RequestTimeout(f"no data from the client for {idle_s:g} s")
+            if self.received + len(chunk) > room:
+                fits = chunk[: room - self.received]
+                if fits:
+                    await self._take(fits)
+                raise FileTooLarge(f"the chunk goes past the upload's end ({room} bytes were left)")
+            await self._take(chunk)
+        await self._flush()
+        self.body_complete = True
+
+    async def _take(self, chunk: bytes) -> None:
+        self.tus.take(len(chunk))
+        await self.budget.acquire(len(chunk))
+        self.pending.append(chunk)
+        self.pending_size += len(chunk)
+        self.received += len(chunk)
+        if self.pending_size >= WRITE_BATCH:
+            await self._flush()
+            if self.checksum is None and self.unsaved >= CHECKPOINT_BYTES:
+                await self._checkpoint()
+
+    async def _flush(self) -> None:
+        if not self.pending:
+            return
+        assert self.writer is not None
+        chunks, self.pending = self.pending, []
+        size, self.pending_size = self.pending_size, 0
+        try:
+            await self.writer.write(chunks, self.hasher)
+            self.unsaved += size
+        finally:
+            self.budget.release(size)
+
+    async def _checkpoint(self) -> None:
+        assert self.writer is not None
+        await self.writer.commit()
+        self.upload.accept(
+            self.unsaved, now=time.time(), expiration_s=self.tus.settings.tus_expiration_s
+        )
+        self.unsaved = 0
+        await self.tus._save(self.upload, self.lease)
+
+    async def finish(self) -> IngesterError | None:
+        """Save what arrived (called shielded, whatever ended the body). Returns the error to
+        answer with, if the chunk was refused (checksum)."""
+        error: IngesterError | None = None
+        writer = self.writer
+        assert writer is not None
+        try:
+            try:
+                await self._flush()
+            finally:
+                self.budget.release_all()
+            if self.lease.lost:
+                return None
+            if self.checksum is not None and self.unsaved:
+                assert self.hasher is not None
+                if not self.body_complete or self.hasher.digest() != self.checksum.digest:
+                    # The chunk is kept whole or not at all; an incomplete one cannot be
+                    # verified, so it goes too.
+                    await writer.discard()
+                    self.tus._give_back(self.unsaved)
+                    self.unsaved = 0
+                    if self.body_complete:
+                        error = ChecksumMismatch(
+                            f"the chunk's {self.checksum.algorithm} does not match "
+                            "Upload-Checksum; it was discarded"
+                        )
+            if self.unsaved:
+                await writer.commit()
+                self.upload.accept(
+                    self.unsaved,
+                    now=time.time(),
+                    expiration_s=self.tus.settings.tus_expiration_s,
+                )
+                self.unsaved = 0
+                await self.tus._save(self.upload, self.lease)
+            elif self.upload.length is not None and not self.length_declared:
+                # A PATCH that only declared the deferred length.
+                await self.tus._save(self.upload, self.lease)
+        except IngesterError as exc:
+            error = exc
+        finally:
+            await writer.aclose()
+        return error

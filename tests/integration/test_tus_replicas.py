@@ -1,0 +1,189 @@
+"""Two ingester processes sharing a redis-server (started here on a free port) and the spool
+directory, as replicas behind a load balancer: a tus upload may go to either, and a client
+that reconnects to the other replica resumes instead of waiting for a dead connection."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import Stack, TokenFactory
+from tests.integration.test_tus import OFFSET_STREAM, Tus, download
+from tests.support.client import MIB, random_chunks
+from tests.support.redis_server import RedisServer
+from tests.support.stack import Proc
+
+# Short enough that a killed replica's lock runs out quickly in the test.
+LOCK_TTL_S = "2"
+
+
+@dataclass
+class Replicas:
+    a: Proc
+    b: Proc
+    spool: str
+
+
+@pytest.fixture
+def replicas(stack: Stack, redis_server: RedisServer) -> Iterator[Replicas]:
+    spool = stack.root / f"shared-spool-{redis_server.port}"
+    env = {
+        "INGESTER_REDIS_URL": redis_server.url,
+        "INGESTER_SPOOL_DIR": str(spool),
+        "INGESTER_TUS_LOCK_TTL_S": LOCK_TTL_S,
+        "INGESTER_TUS_LOCK_WAIT_S": "8",
+    }
+    started: list[Proc] = []
+    try:
+        started.append(stack.start_ingester(f"replica-a-{redis_server.port}", **env))
+        started.append(stack.start_ingester(f"replica-b-{redis_server.port}", **env))
+        yield Replicas(started[0], started[1], str(spool))
+    finally:
+        for proc in started:
+            proc.terminate()
+
+
+async def open_patch(url: str, token: str, offset: int, declared: int) -> trio.SocketStream:
+    """A PATCH whose headers and no body were sent: the caller sends what it likes."""
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    path = "/" + url.split("//", 1)[1].split("/", 1)[1]
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        (
+            f"PATCH {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+            f"Tus-Resumable: 1.0.0\r\nUpload-Offset: {offset}\r\n"
+            f"Content-Type: {OFFSET_STREAM}\r\nContent-Length: {declared}\r\n\r\n"
+        ).encode()
+    )
+    return stream
+
+
+def on(replica: Proc, url: str) -> str:
+    """The same upload URL on another replica (what a load balancer does)."""
+    return replica.url + "/api/v1/uploads/" + url.rsplit("/", 1)[-1]
+
+
+async def test_patches_alternate_and_a_killed_replica_leaves_a_resumable_upload(
+    stack: Stack, token: TokenFactory, replicas: Replicas
+) -> None:
+    with trio.fail_after(90):
+        data = b"".join(random_chunks(6 * MIB + 321, seed=31))
+        async with httpx.AsyncClient(trust_env=False) as http:
+            via_a = Tus(http, replicas.a.url, token())
+            via_b = Tus(http, replicas.b.url, token())
+            url = await via_a.new(len(data), metadata={"filename": "replicated.bin"})
+            offset = 0
+            for turn in range(4):
+                tus = via_a if turn % 2 == 0 else via_b
+                target = on(replicas.a if turn % 2 == 0 else replicas.b, url)
+                assert await tus.offset(target) == offset
+                response = await tus.patch(target, offset, data[offset : offset + MIB])
+                assert response.status_code == 204, response.text
+                offset = int(response.headers["Upload-Offset"])
+            assert offset == 4 * MIB
+            # A PATCH in flight on A when A dies: what it held was never acknowledged.
+            stream = await open_patch(on(replicas.a, url), token(), offset, len(data) - offset)
+            try:
+                await stream.send_all(data[offset : offset + 512 * 1024])
+                await trio.sleep(0.5)
+                replicas.a.kill()
+            finally:
+                await stream.aclose()
+            # B answers once the dead replica's lock has run out, with the saved offset.
+            started = trio.current_time()
+            resumed_at = await via_b.offset(on(replicas.b, url))
+            assert resumed_at == offset
+            assert trio.current_time() - started < float(LOCK_TTL_S) + 3
+            final = await via_b.upload(on(replicas.b, url), data, 2 * MIB)
+            result = (await via_b.state(on(replicas.b, url))).json()["result"]
+            assert final.headers["Upload-File-Id"] == result["file_id"]
+            stored = await download(http, stack, result)
+        assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_patch_to_another_replica_makes_the_holder_let_go(
+    stack: Stack, token: TokenFactory, replicas: Replicas
+) -> None:
+    with trio.fail_after(60):
+        data = b"".join(random_chunks(2 * MIB, seed=32))
+        held = 700_000
+        async with httpx.AsyncClient(trust_env=False) as http:
+            via_b = Tus(http, replicas.b.url, token())
+            url = await via_b.new(len(data))
+            # A's client sent `held` bytes of a larger body and went quiet (a dead link).
+            stream = await open_patch(on(replicas.a, url), token(), 0, len(data))
+            try:
+                await stream.send_all(data[:held])
+                await trio.sleep(0.5)
+                # The client, reconnected to B, sends from where it got: A lets go and
+                # saves, B takes the upload and goes on. No 423, no lock time-out.
+                started = trio.current_time()
+                response = await via_b.patch(on(replicas.b, url), held, data[held : held + MIB])
+                took = trio.current_time() - started
+                assert response.status_code == 204, response.text
+                assert response.headers["Upload-Offset"] == str(held + MIB)
+                assert took < float(LOCK_TTL_S)
+                answer = await stream.receive_some(4096)
+                assert answer.startswith(b"HTTP/1.1 204"), answer
+                assert f"upload-offset: {held}".encode() in answer.lower()
+            finally:
+                await stream.aclose()
+            # A stale offset (the client did not know what A had) is a quick 409 with the
+            # right one, not a 423.
+            stale = await via_b.patch(on(replicas.a, url), 0, data[:10])
+            assert stale.status_code == 409
+            assert stale.headers["Upload-Offset"] == str(held + MIB)
+            final = await via_b.upload(on(replicas.a, url), data, MIB)
+            result = (await via_b.state(on(replicas.b, url))).json()["result"]
+            assert final.headers["Upload-File-Id"] == result["file_id"]
+            stored = await download(http, stack, result)
+        assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_an_upload_left_completing_by_a_dead_replica_is_stored_by_the_next_request(
+    stack: Stack, token: TokenFactory, replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """A replica saved `completing` (every byte in) and died before storing: no one holds
+    the lock, so the client's final PATCH, sent again to another replica, stores it."""
+    with trio.fail_after(60):
+        data = b"".join(random_chunks(MIB, seed=33))
+        async with httpx.AsyncClient(trust_env=False) as http:
+            via_b = Tus(http, replicas.b.url, token())
+            url = await via_b.new(len(data))
+            last = len(data) - 1000
+            assert (await via_b.patch(url, 0, data[:last])).status_code == 204
+            # What the dead replica left: the last chunk on disk, the state `completing`.
+            upload_id = url.rsplit("/", 1)[-1]
+            await trio.to_thread.run_sync(
+                leave_completing, redis_server, Path(replicas.spool), upload_id, data, last
+            )
+            head = await via_b.head(on(replicas.a, url))
+            assert head.headers["Upload-Offset"] == str(len(data))
+            final = await via_b.patch(on(replicas.a, url), len(data), b"")
+            assert final.status_code == 204, final.text
+            result = (await via_b.state(url)).json()["result"]
+            assert final.headers["Upload-File-Id"] == result["file_id"]
+            stored = await download(http, stack, result)
+        assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def leave_completing(
+    server: RedisServer, spool: Path, upload_id: str, data: bytes, last: int
+) -> None:
+    with open(spool / "tus" / upload_id, "ab") as data_file:
+        data_file.write(data[last:])
+    client = server.client()
+    try:
+        key = f"ingester:tus:{upload_id}"
+        state = json.loads(client.get(key) or b"{}")
+        state.update(offset=len(data), phase="completing", offset_before=last)
+        client.set(key, json.dumps(state), keepttl=True)
+    finally:
+        client.close()
