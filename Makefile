@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench chaos clean
+.PHONY: venv run test lint bench bench-failover chaos clean
 
 venv: $(STAMP)
 
@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml
 run: venv
 	$(BIN)/ingester dev
 
-test: venv
+# tests/interop: tus-js-client, Uppy and playwright-core, pinned in package-lock.json.
+NODE_PROJECT := tests/interop/node
+NODE_STAMP := $(NODE_PROJECT)/node_modules/.installed
+
+$(NODE_STAMP): $(NODE_PROJECT)/package.json $(NODE_PROJECT)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js >= 20 and npm (.ci/run does)"; exit 1; }
+	cd $(NODE_PROJECT) && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
+test: venv $(NODE_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -28,5 +37,15 @@ lint: venv
 bench: venv
 	$(BIN)/python -m bench.run_all
 
+# What an element's death costs an upload: failover time p50/p99, extra time (bench/failover.py).
+bench-failover: venv
+	$(BIN)/python -m bench.failover
+
+# The long soak: SOAK_UPLOADS uploads with random element kills (tests/chaos/test_soak.py);
+# the summary line is printed at the end.
+SOAK_UPLOADS ?= 300
+chaos: venv
+	INGESTER_SOAK_UPLOADS=$(SOAK_UPLOADS) $(BIN)/pytest tests/chaos -m soak $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache .hypothesis .artifacts $(NODE_PROJECT)/node_modules
