@@ -98,7 +98,8 @@ class Metrics:
         )
         self.failover_seconds = Histogram(
             "ingester_failover_seconds",
-            "Time from an element's failure to the next element taking the upload's bytes.",
+            "Time from an element's failure to the upload being stored on the next element "
+            "(replay of what the failed one had, then the rest of the upload).",
             buckets=DURATION_BUCKETS,
             registry=r,
         )

@@ -71,7 +71,10 @@ class SagaRecord:
             self.state = SagaState.COMPENSATING
 
     def settle_failure(self) -> None:
-        """The upload failed (or its owner died): every copy goes."""
+        """The upload failed (or its owner died): every copy goes, the one a success being
+        confirmed had set aside as kept included (the confirmation failed)."""
+        if self.kept is not None and self.kept not in self.copies:
+            self.copies.append(self.kept)
         self.kept = None
         self.state = SagaState.COMPENSATING
 

@@ -113,3 +113,15 @@ def test_json_round_trip_keeps_everything() -> None:
 def test_anything_else_is_refused_with_value_error(raw: str | bytes) -> None:
     with pytest.raises(ValueError, match="not a saga record"):
         SagaRecord.from_json(raw)
+
+
+def test_a_success_that_could_not_be_confirmed_undoes_the_kept_copy_too() -> None:
+    # succeeded() sets the kept copy aside before the store confirms; when the store says
+    # no (or is away), the upload fails and that copy must go as well.
+    r = record()
+    r.add_copy(A)
+    r.add_copy(B)
+    r.settle_success(B)
+    r.settle_failure()
+    assert sorted(r.targets(), key=lambda c: c.element_id) == [A, B]
+    assert r.kept is None
