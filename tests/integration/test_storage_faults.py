@@ -4,41 +4,22 @@ the configured timeouts, and nothing is left behind once the element recovers.""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from pathlib import Path
 
 import httpx
 import trio
 
 from tests.conftest import TokenFactory
+from tests.support.chaos import serve_ingester
 from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
 from tests.support.processes import start_storage_element
-from tests.support.stack import Proc, start_ingester, wait_ready
 from tests.support.waiting import eventually
 
 
 def stored(data_dir: Path) -> list[Path]:
     return sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != ".lock")
-
-
-async def serve_ingester(
-    stack: contextlib.AsyncExitStack,
-    tmp_path: Path,
-    keypair: KeyPair,
-    elements: list[dict[str, object]],
-    env: dict[str, str] | None = None,
-) -> Proc:
-    """An ingester over `elements`, ready, stopped when `stack` closes."""
-    ingester = await trio.to_thread.run_sync(
-        lambda: start_ingester(
-            tmp_path, name="ingester", public_key=keypair.public_path, elements=elements, env=env
-        )
-    )
-    stack.callback(ingester.terminate)
-    await trio.to_thread.run_sync(wait_ready, ingester.url)
-    return ingester
 
 
 async def test_stalled_element_fails_the_upload_within_the_stall_timeout(
@@ -153,99 +134,6 @@ async def test_full_elements_are_skipped_and_507_when_none_has_room(
             # The refused upload never reached an element: only the two stored files remain.
             assert len([p for p in stored(large.data_dir) if not p.name.endswith(".json")]) == 1
             assert len([p for p in stored(small.data_dir) if not p.name.endswith(".json")]) == 1
-
-
-async def _failover_case(tmp_path: Path, keypair: KeyPair, token: TokenFactory, how: str) -> None:
-    """A large upload, the preferred element killed or frozen mid-stream: one 201, the file
-    intact on the other element, and nothing left on the first once it is back."""
-    async with contextlib.AsyncExitStack() as stack:
-        first = await start_storage_element(
-            stack, tmp_path=tmp_path, mode="edit", public_key=keypair.public_path, element_id="se-1"
-        )
-        second = await start_storage_element(
-            stack, tmp_path=tmp_path, mode="edit", public_key=keypair.public_path, element_id="se-2"
-        )
-        elements: list[dict[str, object]] = [
-            {"id": "se-1", "api_url": first.url, "mode": "edit", "priority": 1},
-            {"id": "se-2", "api_url": second.url, "mode": "edit", "priority": 2},
-        ]
-        ingester = await serve_ingester(
-            stack,
-            tmp_path,
-            keypair,
-            elements,
-            env={"INGESTER_SE_STALL_TIMEOUT_S": "1.5", "INGESTER_SE_PROBE_INTERVAL_S": "60"},
-        )
-        body = MultipartUpload(
-            random_chunks(300 * MIB, seed=21),
-            fields=[("retention_policy", "temporary"), ("compress", "false")],
-        )
-        with trio.fail_after(90):
-            async with (
-                httpx.AsyncClient(trust_env=False, timeout=60) as http,
-                trio.open_nursery() as nursery,
-            ):
-                answer: list[httpx.Response] = []
-
-                async def upload() -> None:
-                    answer.append(await post_upload(http, ingester.url, token(), body))
-
-                nursery.start_soon(upload)
-                # Some MiB into the first element, then it dies or freezes.
-                await eventually(
-                    lambda: any(p.stat().st_size > 20 * MIB for p in first.tmp_dir.iterdir()),
-                    timeout_s=30,
-                )
-                if how == "kill":
-                    await first.kill()
-                else:
-                    first.stop_signal()
-                await eventually(lambda: bool(answer), timeout_s=60, interval_s=0.05)
-            response = answer[0]
-            assert response.status_code == 201, response.text
-            result = response.json()
-            assert result["storage_element_id"] == "se-2"
-            assert result["checksum"] == body.sha256
-            async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
-                digest = hashlib.sha256()
-                async with http.stream(
-                    "GET",
-                    f"{second.url}/api/v1/files/{result['file_id']}/download",
-                    headers={"Authorization": f"Bearer {token()}"},
-                ) as download:
-                    assert download.status_code == 200
-                    async for chunk in download.aiter_bytes():
-                        digest.update(chunk)
-                assert digest.hexdigest() == body.sha256
-                metrics = (await http.get(ingester.url + "/metrics")).text
-            assert 'ingester_failovers_total{element_id="se-1"} 1.0' in metrics
-            # The first element back: its partial copy is gone (dropped on restart after
-            # a kill, on the closed connection after a freeze).
-            if how == "kill":
-                first = await start_storage_element(
-                    stack,
-                    tmp_path=tmp_path,
-                    mode="edit",
-                    public_key=keypair.public_path,
-                    element_id="se-1",
-                    data_dir=first.data_dir,
-                )
-            else:
-                first.cont_signal()
-            await eventually(lambda: not stored(first.data_dir), timeout_s=15)
-            assert not any((tmp_path / "ingester" / "spool").glob("*"))
-
-
-async def test_element_killed_mid_upload_fails_over(
-    tmp_path: Path, keypair: KeyPair, token: TokenFactory
-) -> None:
-    await _failover_case(tmp_path, keypair, token, "kill")
-
-
-async def test_element_frozen_mid_upload_fails_over(
-    tmp_path: Path, keypair: KeyPair, token: TokenFactory
-) -> None:
-    await _failover_case(tmp_path, keypair, token, "stop")
 
 
 async def test_breaker_opens_on_a_failing_element_and_uploads_go_elsewhere(
