@@ -613,7 +613,13 @@ def _tus_paths() -> dict[str, Any]:
             "tusOverride",
             "Any of the above through `X-HTTP-Method-Override` (for clients that can only POST)",
             "resumable uploads",
-            {"401": unauthorized, "404": not_found, "405": _tus_error("POST without X-HTTP-Method-Override", 405, ["METHOD_NOT_ALLOWED"])},
+            {
+                "401": unauthorized,
+                "404": not_found,
+                "405": _tus_error(
+                    "POST without X-HTTP-Method-Override", 405, ["METHOD_NOT_ALLOWED"]
+                ),
+            },
             security=bearer,
             parameters=[upload_id, override],
         ),
