@@ -103,6 +103,18 @@ class RequestTimeout(IngesterError):
     default_message = "the client stopped sending the body"
 
 
+class IdempotencyInProgress(IngesterError):
+    status = 409
+    code = "IDEMPOTENCY_IN_PROGRESS"
+    default_message = "an upload with this Idempotency-Key is still running"
+
+
+class IdempotencyKeyReused(IngesterError):
+    status = 422
+    code = "IDEMPOTENCY_KEY_REUSED"
+    default_message = "this Idempotency-Key was used for another file"
+
+
 class FileTooLarge(IngesterError):
     status = 413
     code = "FILE_TOO_LARGE"

@@ -17,6 +17,8 @@ from .. import __version__, logs
 from ..auth.principal import Principal
 from ..auth.verifier import bearer_from_header, require_upload
 from ..errors import (
+    IdempotencyInProgress,
+    IdempotencyKeyReused,
     IngesterError,
     InvalidField,
     Unauthorized,
@@ -27,12 +29,7 @@ from ..resilience.breaker import BreakerState
 from ..service import Service
 from ..settings import Settings
 from ..upload.digest import parse_content_digest
-from ..upload.idempotency import (
-    IdempotencyInProgress,
-    IdempotencyKeyReused,
-    parse_key,
-    scoped_key,
-)
+from ..upload.idempotency import parse_key, scoped_key
 from ..upload.ingest import body_fingerprint, collapse, ingest
 from .base import make_app
 from .cors import install_cors

@@ -26,7 +26,7 @@ from typing import Any, Final, Protocol
 import redis
 import trio
 
-from ..errors import IngesterError, InvalidField
+from ..errors import InvalidField
 from ..storage.redis_registry import make_client
 
 log = logging.getLogger(__name__)
@@ -34,18 +34,6 @@ log = logging.getLogger(__name__)
 KEY_PREFIX: Final = "ingester:idem:"
 # Printable ASCII, as HTTP header values are; long enough for a UUID or a content hash.
 _KEY_RE: Final = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-class IdempotencyInProgress(IngesterError):
-    status = 409
-    code = "IDEMPOTENCY_IN_PROGRESS"
-    default_message = "an upload with this Idempotency-Key is still running"
-
-
-class IdempotencyKeyReused(IngesterError):
-    status = 422
-    code = "IDEMPOTENCY_KEY_REUSED"
-    default_message = "this Idempotency-Key was used for another file"
 
 
 def parse_key(value: str | None) -> str | None:

@@ -16,7 +16,7 @@ import trio
 from ingester.settings import Settings
 from tests.support.client import MultipartUpload, post_upload
 from tests.support.fixtures import KeyPair
-from tests.support.processes import child_env, free_port
+from tests.support.processes import child_env, free_port_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -101,7 +101,7 @@ def test_env_example_documents_every_setting() -> None:
 
 async def test_dev_stack_from_banner_to_stored_file_and_clean_stop(tmp_path: Path) -> None:
     """What a newcomer does after `make run`: paste the token, upload, see the file, Ctrl-C."""
-    port = free_port()
+    port = free_port_run(3)
     data_dir = tmp_path / "dev"
     log = tmp_path / "dev.log"
     with trio.fail_after(60):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -52,6 +53,26 @@ def free_port(host: str = LOOPBACK) -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port_run(count: int, host: str = LOOPBACK) -> int:
+    """A port P with P .. P+count-1 all free right now (`ingester dev` takes port+1, port+2).
+
+    Drawn below Linux's ephemeral range (32768-60999): a port the kernel hands out for
+    outgoing connections must not be taken between this check and the bind.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        first = rng.randrange(20000, 32000 - count)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(first, first + count):
+                    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                    sock.bind((host, port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no run of {count} free ports found")
 
 
 def child_env(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
