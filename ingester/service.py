@@ -8,6 +8,8 @@ service nursery
   │                  of dead ingesters, compensations retried until done (ingester.saga.book)
   ├── tus            resumable uploads: their completions, and the janitor that removes
   │                  expired ones (ingester.tus.service)
+  ├── finalizer      temporary -> permanent moves, their leases, and the janitor that
+  │                  continues or rolls back a dead ingester's (ingester.finalize)
   └── janitor        expires finished progress records
 """
 
@@ -21,6 +23,7 @@ import trio
 
 from .auth.verifier import TokenVerifier, build_verifier
 from .errors import IngesterError, StorageElementError
+from .finalize.finalizer import Finalizer
 from .metrics import Metrics
 from .resilience.breaker import BreakerBoard, BreakerPolicy
 from .resilience.retry import RetryBudget, RetryPolicy
@@ -149,6 +152,8 @@ class Service:
         self.pipeline = UploadPipeline(self)
         # Resumable uploads (tus): state store, locks, data files; completes through `ingest`.
         self.tus = TusService(self)
+        # Finalization (temporary -> permanent), run in the service nursery.
+        self.finalizer = Finalizer(self)
         self.started = False
         self._nursery: trio.Nursery | None = None
 
@@ -172,6 +177,7 @@ class Service:
                 await nursery.start(self.prober.run)
                 await nursery.start(self.sagas.run)
                 await nursery.start(self.tus.run)
+                await nursery.start(self.finalizer.run)
                 nursery.start_soon(self._janitor)
                 self._nursery = nursery
                 self.started = True

@@ -186,6 +186,21 @@ class Settings(BaseSettings):
     # How long a retried final PATCH waits for the store in progress before answering 503.
     tus_completion_wait_s: float = Field(default=600.0, gt=0)
 
+    # --- finalization (temporary -> permanent at /api/v1/finalize; see the README)
+    # The source copy is deleted this long after the commit (a safety delay: readers that
+    # found the old location finish).
+    finalize_source_delete_delay_s: float = Field(default=300.0, ge=0)
+    # A transaction is leased to its ingester for this long (renewed every third of it); when
+    # the lease runs out (the ingester died) a replica, or the restarted one, takes it over.
+    finalize_lease_s: float = Field(default=30.0, gt=0)
+    finalize_janitor_interval_s: float = Field(default=5.0, gt=0)
+    # Copies running at once in this process (others wait, pending).
+    finalize_max_concurrent: int = Field(default=4, ge=1)
+    # Rounds over the rw candidates before the move is rolled back.
+    finalize_max_attempts: int = Field(default=3, ge=1)
+    # Finished transactions stay readable (status, list) this long.
+    finalize_retention_s: float = Field(default=604800.0, gt=0)
+
     @field_validator("storage_elements", mode="before")
     @classmethod
     def _parse_elements(cls, value: Any) -> Any:

@@ -304,4 +304,7 @@ def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
     from ..tus.routes import tus
 
     app.register_blueprint(tus)
+    from ..finalize.routes import finalize
+
+    app.register_blueprint(finalize)
     return app, svc

@@ -34,7 +34,7 @@ def error_codes(status: int) -> list[str]:
     classes: list[type[IngesterError]] = [IngesterError, *_subclasses(IngesterError)]
     # The project's tree only (`ingester.errors`): whatever else is imported (the reference
     # Storage Element's errors in a test process) must not change the description.
-    # Resumable uploads list their own codes (`_tus_paths`).
+    # Resumable uploads and finalization list their own codes (`_tus_paths`, `_finalize_paths`).
     codes = {
         cls.code for cls in classes if cls.status == status and cls.__module__ == "ingester.errors"
     }
@@ -627,10 +627,121 @@ def _tus_paths() -> dict[str, Any]:
     return {"/api/v1/uploads": collection, "/api/v1/uploads/{upload_id}": resource}
 
 
+def _finalize_transaction() -> dict[str, Any]:
+    nullable_string = {"type": ["string", "null"]}
+    return {
+        "type": "object",
+        "required": ["transaction_id", "file_id", "status", "source_storage_element_id", "storage_element_id", "storage_element_url", "error", "history"],
+        "properties": {
+            "transaction_id": {"type": "string", "format": "uuid"},
+            "file_id": {"type": "string", "format": "uuid"},
+            "status": {"enum": ["pending", "copying", "committing", "committed", "done", "rolling_back", "rolled_back"]},
+            "source_storage_element_id": {"type": "string"},
+            "target_storage_element_id": nullable_string,
+            "storage_element_id": {**nullable_string, "description": "the new location, once committed"},
+            "storage_element_url": nullable_string,
+            "download_url": nullable_string,
+            "original_filename": {"type": "string"},
+            "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "sha256 of the stored bytes, verified on the target"},
+            "file_size": {"type": "integer", "minimum": 0},
+            "requested_by": {"type": "string"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"},
+            "finalized_at": {**nullable_string, "format": "date-time"},
+            "source_delete_after": {**nullable_string, "format": "date-time"},
+            "source_deleted": {"type": "boolean"},
+            "status_url": {"type": "string"},
+            "error": {
+                "oneOf": [
+                    {"type": "null"},
+                    {"type": "object", "required": ["code", "message"], "properties": {"code": {"type": "string"}, "message": {"type": ["string", "null"]}}},
+                ],
+                "description": "why it was rolled back",
+            },
+            "history": {
+                "type": "array",
+                "items": {"type": "object", "required": ["state", "at"], "properties": {"state": {"type": "string"}, "at": {"type": "string", "format": "date-time"}}},
+            },
+        },
+    }  # fmt: skip
+
+
+def _finalize_paths() -> dict[str, Any]:
+    bearer: list[dict[str, list[str]]] = [{"bearer": []}]
+    transaction = _ref("schemas", "FinalizeTransaction")
+    unauthorized = _error("No token, or an invalid one", 401, headers=("WWW-Authenticate",))
+    busy = _error(
+        "Draining, the store (Redis) unreachable, or an element did not answer the look-up",
+        503,
+        codes=["SHUTTING_DOWN", "FINALIZE_STORE_UNAVAILABLE", "NO_STORAGE_AVAILABLE"],
+        headers=("Retry-After",),
+    )
+    return {
+        "/api/v1/finalize/{file_id}": {
+            "post": _operation(
+                "finalizeFile",
+                "Make a temporary file permanent: moved to an rw Storage Element in the background",
+                "finalization",
+                {
+                    "202": {
+                        "description": "Accepted: poll `status_url` (also in `Location`)",
+                        "headers": _headers() | {"Location": {"description": "the transaction's status", "required": True, "schema": {"type": "string"}}},
+                        "content": {"application/json": {"schema": transaction}},
+                    },
+                    "400": _error("The file id is not a UUID", 400, codes=["INVALID_FIELD"]),
+                    "401": unauthorized,
+                    "403": _error("The token's role may not upload", 403, codes=["FORBIDDEN"]),
+                    "404": _error("No temporary file with this id, or another user's", 404, codes=["FILE_NOT_FOUND"]),
+                    "409": _error("Already permanent, or being finalized", 409, codes=["ALREADY_PERMANENT", "FINALIZATION_IN_PROGRESS"]),
+                    "502": _error("The Admin Module or the source element answered wrongly", 502, codes=["ADMIN_LOOKUP_FAILED", "STORAGE_ELEMENT_ERROR", "STORAGE_ELEMENT_REJECTED"]),
+                    "503": busy,
+                },
+                security=bearer,
+                parameters=[{"name": "file_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+            )
+        },
+        "/api/v1/finalize/{transaction_id}/status": {
+            "get": _operation(
+                "getFinalizeStatus",
+                "State of a finalization and, once committed, the new location",
+                "finalization",
+                {
+                    "200": _json("The transaction (`Cache-Control: no-store`)", transaction),
+                    "401": unauthorized,
+                    "404": _error("No such transaction, or one that is neither yours nor your file's", 404, codes=["TRANSACTION_NOT_FOUND"]),
+                    "503": _error("The store (Redis) is unreachable", 503, codes=["FINALIZE_STORE_UNAVAILABLE"], headers=("Retry-After",)),
+                },
+                security=bearer,
+                parameters=[{"name": "transaction_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}],
+            )
+        },
+        "/api/v1/finalize": {
+            "get": _operation(
+                "listFinalizations",
+                "Recent finalizations, newest first (admins only)",
+                "finalization",
+                {
+                    "200": _json("The transactions kept (`INGESTER_FINALIZE_RETENTION_S`)", {"type": "object", "required": ["transactions", "count"], "properties": {"transactions": {"type": "array", "items": transaction}, "count": {"type": "integer", "minimum": 0}}}),
+                    "400": _error("Unknown state, or a limit out of range", 400, codes=["INVALID_FIELD"]),
+                    "401": unauthorized,
+                    "403": _error("Not an admin", 403, codes=["FORBIDDEN"]),
+                    "503": _error("The store (Redis) is unreachable", 503, codes=["FINALIZE_STORE_UNAVAILABLE"], headers=("Retry-After",)),
+                },
+                security=bearer,
+                parameters=[
+                    {"name": "state", "in": "query", "required": False, "schema": {"enum": ["pending", "copying", "committing", "committed", "done", "rolling_back", "rolled_back"]}},
+                    {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+                ],
+            )
+        },
+    }  # fmt: skip
+
+
 def openapi_document(version: str) -> dict[str, Any]:
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     components = _components()
     components["schemas"]["UploadForm"] = _upload_form()
+    components["schemas"]["FinalizeTransaction"] = _finalize_transaction()
     return {
         "openapi": "3.1.0",
         "info": {
@@ -644,6 +755,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         },
         "tags": [
             {"name": "uploads", "description": "Uploads and their progress (bearer token)"},
+            {"name": "finalization", "description": "Temporary files made permanent (bearer token)"},
             {"name": "resumable uploads", "description": "tus 1.0.0 at /api/v1/uploads (bearer token; OPTIONS without)"},
             {"name": "operations", "description": "Probes, metrics, service info (no token)"},
             {"name": "description", "description": "This description and its interactive page"},
@@ -652,6 +764,7 @@ def openapi_document(version: str) -> dict[str, Any]:
         "paths": {
             "/api/v1/files/upload": {"post": _upload_operation()},
             **_tus_paths(),
+            **_finalize_paths(),
             "/api/v1/files/uploads/{upload_id}": {
                 "get": _operation(
                     "getUploadProgress",

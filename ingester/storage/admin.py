@@ -71,3 +71,54 @@ class AdminRegistry:
             extra={"event": "admin_registration_failed", "file_id": record.get("file_id")},
         )
         raise AdminRegistrationFailed(f"the Admin Module did not register the file ({last})")
+
+    async def lookup(self, file_id: str, *, authorization: str | None) -> dict[str, Any] | None:
+        """`GET {admin}/api/v1/files/{id}`: the file's record, None when unknown (404).
+        Raises `AdminRegistrationFailed` when the Admin Module cannot answer."""
+        headers = {"Authorization": authorization} if authorization else {}
+        try:
+            with trio.fail_after(self._timeout_s):
+                response = await self._http.get(
+                    f"{self.url}/{file_id}", headers=headers, timeout=self._timeout_s
+                )
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            raise AdminRegistrationFailed(f"Admin Module lookup failed: {exc!r}") from exc
+        if response.status_code == 404:
+            return None
+        if not response.is_success:
+            raise AdminRegistrationFailed(f"Admin Module lookup: HTTP {response.status_code}")
+        try:
+            payload = response.json()
+        except ValueError as exc:
+            raise AdminRegistrationFailed("Admin Module lookup: not JSON") from exc
+        return payload if isinstance(payload, dict) else None
+
+    async def commit(
+        self, file_id: str, changes: dict[str, Any], *, authorization: str | None
+    ) -> None:
+        """`PUT {admin}/api/v1/files/{id}` with `changes` (finalization's commit), retried
+        like `register`; raises `AdminRegistrationFailed` when it is not applied."""
+        headers = {"Authorization": authorization} if authorization else {}
+        last = "no attempt"
+        with trio.move_on_after(self._timeout_s) as deadline:
+            for attempt in range(self._policy.max_attempts):
+                if attempt:
+                    await trio.sleep(backoff_s(attempt - 1, self._policy, self._random.random))
+                try:
+                    response = await self._http.put(
+                        f"{self.url}/{file_id}",
+                        json=changes,
+                        headers=headers,
+                        timeout=httpx.Timeout(self._timeout_s),
+                    )
+                except httpx.HTTPError as exc:
+                    last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    continue
+                if response.is_success:
+                    return
+                last = f"HTTP {response.status_code}"
+                if response.status_code < 500:
+                    break
+        if deadline.cancelled_caught:
+            last = f"no answer within {self._timeout_s:g} s (last: {last})"
+        raise AdminRegistrationFailed(f"the Admin Module did not commit {file_id} ({last})")

@@ -9,7 +9,8 @@ elsewhere), `StorageElementTimeout`, `StorageElementFull`, `StorageElementReject
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -180,6 +181,61 @@ class StorageElementClient:
         )
         raise_for_status(response, element_id)
         return bool(response.json().get("exists"))
+
+    async def metadata(
+        self, element_id: str, api_url: str, file_id: str, *, authorization: str | None
+    ) -> dict[str, Any] | None:
+        """`GET /api/v1/files/{id}`: the file's metadata, or None when the element has none."""
+        response = await self._call(
+            "GET", element_id, f"{api_url}/api/v1/files/{file_id}", authorization
+        )
+        if response.status_code == 404:
+            return None
+        raise_for_status(response, element_id)
+        payload = response.json()
+        return payload if isinstance(payload, dict) else None
+
+    async def delete(
+        self, element_id: str, api_url: str, file_id: str, *, authorization: str | None
+    ) -> bool:
+        """`DELETE /api/v1/files/{id}` (edit mode). True when it is gone (404 counts)."""
+        response = await self._call(
+            "DELETE", element_id, f"{api_url}/api/v1/files/{file_id}", authorization
+        )
+        if response.status_code in (200, 204, 404):
+            return True
+        raise_for_status(response, element_id)
+        return False
+
+    @asynccontextmanager
+    async def download(
+        self, element_id: str, api_url: str, file_id: str, *, authorization: str | None
+    ) -> AsyncIterator[httpx.Response]:
+        """`GET /api/v1/files/{id}/download`, streamed: the body is read by the caller (a
+        read that waits longer than the stall timeout fails). Errors become ours."""
+        headers = {"Authorization": authorization} if authorization else {}
+        request = self._http.build_request(
+            "GET",
+            f"{api_url}/api/v1/files/{file_id}/download",
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=self._upload_timeout.connect,
+                read=self._upload_timeout.write,
+                write=self._upload_timeout.write,
+                pool=self._upload_timeout.pool,
+            ),
+        )
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise translate(exc, element_id) from exc
+        try:
+            if response.status_code >= 400:
+                await response.aread()
+                raise_for_status(response, element_id)
+            yield response
+        finally:
+            await response.aclose()
 
     async def probe_ready(self, element_id: str, api_url: str) -> bool:
         try:

@@ -201,6 +201,8 @@ def error_codes() -> dict[str, int]:
         pending += cls.__subclasses__()
         if cls.__module__.startswith("ingester.storage_element"):
             continue  # the reference Storage Element's own answers
+        if cls.__module__.startswith("ingester.finalize"):
+            continue  # finalization's: never an upload's outcome (ingester_finalizations_total)
         codes[cls.code] = max(codes.get(cls.code, 0), cls.status)
     return codes
 

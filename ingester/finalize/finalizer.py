@@ -1,0 +1,772 @@
+"""The finalizer: moves temporary files to `rw` elements, in the service nursery.
+
+  finalizer (service nursery)
+    ├── movers         one per transaction: copy (source download streamed into a multipart
+    │                  upload to the best rw element, failing over), verify, commit, wait the
+    │                  safety delay, delete the source
+    ├── lease keeper   every lease/3: renews this process's unfinished transactions at once
+    └── janitor        claims transactions whose lease ran out (their ingester died, or this
+                       one before a restart) and continues or rolls back each
+
+Memory per move is a piece or two of the file (the download is read 1 MiB at a time, only as
+fast as the target takes it): nothing is buffered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import secrets
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import httpx
+import trio
+from prometheus_client import Counter, Gauge
+
+from ..auth.principal import Principal
+from ..errors import (
+    AdminRegistrationFailed,
+    IngesterError,
+    IntegrityError,
+    InvalidField,
+    NoStorageAvailable,
+    ShuttingDown,
+    StorageElementError,
+    StorageElementUnavailable,
+)
+from ..resilience.retry import RetryPolicy, backoff_s
+from ..saga.record import Copy
+from ..settings import SEAuthMode, SEMode
+from ..storage.client import StoredFile, translate
+from ..storage.selection import Candidate, rank_candidates
+from .errors import (
+    AdminCommitFailed,
+    AdminLookupFailed,
+    AlreadyPermanent,
+    FileNotFound,
+    FinalizationInProgress,
+    FinalizeStoreUnavailable,
+    Interrupted,
+    SourceChecksumMismatch,
+    SourceUnavailable,
+)
+from .record import SourceFile, Transaction, TxState, iso
+from .store import FinalizeStore, MemoryFinalizeStore, RedisFinalizeStore, StoreUnavailable
+
+if TYPE_CHECKING:
+    from ..service import Service
+
+log = logging.getLogger(__name__)
+
+# A store call that takes longer than this is a store that is away.
+STORE_CALL_TIMEOUT_S: Final = 5.0
+CLAIM_BATCH: Final = 20
+# The download is read in pieces this large: one chunked frame each to the target (smaller
+# frames cost the element CPU, see the pipeline's SEND_PIECE).
+PIECE: Final = 1024 * 1024
+# Below this, hashing on the event loop is cheaper than a hop to a worker thread.
+INLINE_HASH_BYTES: Final = 64 * 1024
+VERSION_FIELD: Final = "1"
+
+
+class _Lost(Exception):
+    """Another ingester owns the transaction now (or the store stayed away): stop here."""
+
+
+class _SourceFailed(Exception):
+    """Reading the source failed mid-copy. Not an httpx error on purpose: httpx must not take
+    it for a failure of the target request it surfaces through."""
+
+    def __init__(self, error: IngesterError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _uuid(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw.strip()))
+    except ValueError:
+        raise InvalidField(f"not a UUID: {raw[:64]!r}") from None
+
+
+class CopyBody(httpx.AsyncByteStream):
+    """The multipart body sent to the target: the fields and the file part's head, the source's
+    bytes as they arrive (hashed on the way), the closing boundary. A class, not an async
+    generator: httpx closes it explicitly when the request is cancelled."""
+
+    def __init__(
+        self,
+        head: bytes,
+        source: AsyncIterator[bytes],
+        tail: bytes,
+        source_id: str,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        self._head = head
+        self._source = source
+        self._tail = tail
+        self._source_id = source_id
+        self._on_bytes = on_bytes
+        self._stage = 0
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def __aiter__(self) -> CopyBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._stage == 0:
+            self._stage = 1
+            return self._head
+        if self._stage == 1:
+            try:
+                chunk = await anext(self._source)
+            except StopAsyncIteration:
+                self._stage = 2
+                return self._tail
+            except httpx.HTTPError as exc:
+                raise _SourceFailed(translate(exc, self._source_id)) from exc
+            if len(chunk) >= INLINE_HASH_BYTES:
+                await trio.to_thread.run_sync(self.hasher.update, chunk)
+            else:
+                self.hasher.update(chunk)
+            self.size += len(chunk)
+            self._on_bytes(len(chunk))
+            return chunk
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._stage = 3
+
+
+def _field(boundary: str, name: str, value: str) -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+    ).encode()
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "%5C").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def multipart_parts(boundary: str, file_id: str, source: SourceFile) -> tuple[bytes, bytes]:
+    """Head and tail of the target's form: every field before the file (all are known)."""
+    fields = [
+        _field(boundary, "file_id", file_id),
+        _field(boundary, "retention_policy", "permanent"),
+        _field(boundary, "version", source.version or VERSION_FIELD),
+        _field(boundary, "content_type", source.content_type),
+        _field(boundary, "metadata", json.dumps(source.metadata, ensure_ascii=False)),
+    ]
+    if source.description:
+        fields.append(_field(boundary, "description", source.description))
+    head = (
+        b"".join(fields)
+        + (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            f'filename="{_quote(source.original_filename)}"\r\n'
+            f"Content-Type: {source.content_type}\r\n\r\n"
+        ).encode()
+    )
+    return head, f"\r\n--{boundary}--\r\n".encode()
+
+
+class Finalizer:
+    def __init__(self, service: Service) -> None:
+        self.svc = service
+        settings = service.settings
+        self.settings = settings
+        self.store: FinalizeStore = (
+            RedisFinalizeStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            if settings.redis_url
+            else MemoryFinalizeStore()
+        )
+        self.owner = f"finalizer-{uuid.uuid4().hex[:12]}"
+        self.lease_s = settings.finalize_lease_s
+        self.active: dict[str, Transaction] = {}
+        # The credential each running move acts with (the caller's, in this process).
+        self._credentials: dict[str, str | None] = {}
+        self._limiter = trio.CapacityLimiter(settings.finalize_max_concurrent)
+        self._nursery: trio.Nursery | None = None
+        self._random = random.Random()
+        self._backoff = RetryPolicy(
+            base_s=max(settings.retry_base_s, 0.05),
+            cap_s=max(settings.retry_cap_s, settings.retry_base_s, 0.05),
+            max_attempts=settings.finalize_max_attempts,
+        )
+        registry = service.metrics.registry
+        self.m_total = Counter(
+            "ingester_finalizations",
+            "Finished finalizations by outcome (done, rolled_back).",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("done", "rolled_back"):
+            self.m_total.labels(outcome)
+        self.m_in_flight = Gauge(
+            "ingester_finalizations_in_flight",
+            "Finalizations this process is running (any state before done or rolled back).",
+            registry=registry,
+        )
+        self.m_bytes = Counter(
+            "ingester_finalize_copied_bytes", "Bytes copied to rw elements.", registry=registry
+        )
+        self.m_failovers = Counter(
+            "ingester_finalize_failovers",
+            "Copies moved to another rw element after a failure, by the failed element.",
+            ["element_id"],
+            registry=registry,
+        )
+        self.m_takeovers = Counter(
+            "ingester_finalize_takeovers",
+            "Transactions of a dead ingester taken over by this one.",
+            registry=registry,
+        )
+
+    # --- service nursery ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._lease_keeper)
+                nursery.start_soon(self._janitor)
+                task_status.started()
+        finally:
+            self._nursery = None
+            if isinstance(self.store, RedisFinalizeStore):
+                self.store.close()
+
+    async def _lease_keeper(self) -> None:
+        while True:
+            await trio.sleep(self.lease_s / 3)
+            ids = list(self.active)
+            if not ids:
+                continue
+            try:
+                with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                    lost = await self.store.renew(self.owner, ids, due=time.time() + self.lease_s)
+            except (StoreUnavailable, trio.TooSlowError) as exc:
+                log.warning("finalize store unreachable: %s", exc, extra={"event": "finalize"})
+                continue
+            for tx_id in lost:
+                tx = self.active.get(tx_id)
+                if tx is not None and not tx.terminal:
+                    log.warning(
+                        "lost the lease on finalization %s",
+                        tx_id,
+                        extra={"event": "finalize_lost", "transaction_id": tx_id},
+                    )
+
+    async def _janitor(self) -> None:
+        while True:
+            await self.sweep()
+            await trio.sleep(self.settings.finalize_janitor_interval_s)
+
+    async def sweep(self) -> None:
+        """Claim the transactions whose owner's lease ran out and continue or roll them back."""
+        now = time.time()
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                claimed = await self.store.claim_due(
+                    self.owner, now=now, due=now + self.lease_s, limit=CLAIM_BATCH
+                )
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            log.warning("finalize store unreachable: %s", exc, extra={"event": "finalize"})
+            return
+        for raw in claimed:
+            try:
+                tx = Transaction.from_json(raw)
+            except ValueError as exc:
+                log.error("unreadable finalization record: %s", exc)
+                continue
+            if tx.transaction_id in self.active:
+                continue  # ours and alive: a late renewal
+            previous = tx.owner
+            tx.owner = self.owner
+            if previous != self.owner:
+                self.m_takeovers.inc()
+            _log(tx, logging.WARNING, f"took over from {previous} in state {tx.state.value}")
+            self._spawn(tx, recovered=True)
+
+    def _spawn(self, tx: Transaction, *, recovered: bool) -> None:
+        if self._nursery is None:  # pragma: no cover - requests arrive after the service runs
+            raise RuntimeError("the finalizer is not running")
+        self.active[tx.transaction_id] = tx
+        self.m_in_flight.inc()
+        self._nursery.start_soon(self._drive, tx, recovered)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def begin(self, raw_file_id: str, principal: Principal) -> Transaction:
+        """Find the file, check who asks, record the transaction and start it (202)."""
+        file_id = _uuid(raw_file_id)
+        svc = self.svc
+        if svc.draining:
+            raise ShuttingDown(headers={"Retry-After": str(self.settings.retry_after_s)})
+        authorization = await svc.se_auth.authorization(principal)
+        source, meta = await self._locate(file_id, authorization)
+        if principal.subject != meta.uploaded_by and not principal.is_admin:
+            raise FileNotFound(f"no temporary file {file_id} is known")
+        now = time.time()
+        tx = Transaction(
+            transaction_id=str(uuid.uuid4()),
+            file_id=file_id,
+            owner=self.owner,
+            requested_by=principal.subject,
+            source=source,
+            file=meta,
+            created_at=now,
+            updated_at=now,
+            history=[(TxState.PENDING.value, now)],
+            authorization=authorization if self.settings.se_auth is SEAuthMode.FORWARD else None,
+        )
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                holder = await self.store.create(tx, due=now + self.lease_s)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            raise FinalizeStoreUnavailable(
+                headers={"Retry-After": str(self.settings.retry_after_s)}
+            ) from exc
+        if holder is not None:
+            raise FinalizationInProgress(
+                f"file {file_id} is being (or was just) finalized by transaction {holder}"
+            )
+        _log(tx, logging.INFO, f"finalizing {file_id} from {source.element_id}")
+        # The mover acts with the caller's credential even when records carry none.
+        self._credentials[tx.transaction_id] = authorization
+        self._spawn(tx, recovered=False)
+        return tx
+
+    async def status(self, transaction_id: str) -> Transaction | None:
+        try:
+            transaction_id = _uuid(transaction_id)
+        except InvalidField:
+            return None
+        mine = self.active.get(transaction_id)
+        if mine is not None:
+            return mine
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                return await self.store.get(transaction_id)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            raise FinalizeStoreUnavailable(
+                headers={"Retry-After": str(self.settings.retry_after_s)}
+            ) from exc
+
+    async def recent(self, limit: int) -> list[Transaction]:
+        try:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                stored = await self.store.recent(limit)
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            raise FinalizeStoreUnavailable(
+                headers={"Retry-After": str(self.settings.retry_after_s)}
+            ) from exc
+        # This process's view of its own transactions is the freshest.
+        return [self.active.get(tx.transaction_id, tx) for tx in stored]
+
+    async def _locate(self, file_id: str, authorization: str | None) -> tuple[Copy, SourceFile]:
+        """The temporary copy: where the Admin Module says (with INGESTER_ADMIN_URL), else the
+        first `edit` element that has it. 409 when it is already permanent, 404 when unknown."""
+        svc = self.svc
+        elements = {e.id: e for e in svc.registry.elements}
+        uploaded_by = ""
+        if svc.admin is not None:
+            try:
+                record = await svc.admin.lookup(file_id, authorization=authorization)
+            except AdminRegistrationFailed as exc:
+                raise AdminLookupFailed(exc.message) from exc
+            if record is None:
+                raise FileNotFound(f"the Admin Module knows no file {file_id}")
+            if str(record.get("retention_policy", "")).lower() == "permanent":
+                raise AlreadyPermanent(f"file {file_id} is already permanent")
+            uploaded_by = str(record.get("uploaded_by") or "")
+            element_id = str(record.get("storage_element_id") or "")
+            known = elements.get(element_id)
+            api_url = (
+                known.api_url if known else str(record.get("storage_element_url") or "")
+            ).rstrip("/")
+            if not element_id or not api_url:
+                raise FileNotFound(f"the Admin Module names no element for {file_id}")
+            places = [(element_id, api_url, SEMode.EDIT)]
+        else:
+            places = [(e.id, e.api_url, e.mode) for e in svc.registry.elements]
+        found: tuple[Copy, dict[str, Any]] | None = None
+        permanent = False
+        errors: list[str] = []
+        for mode in (SEMode.EDIT, SEMode.RW):
+            for element_id, api_url, element_mode in places:
+                if element_mode is not mode:
+                    continue
+                try:
+                    meta = await svc.se_client.metadata(
+                        element_id, api_url, file_id, authorization=authorization
+                    )
+                except StorageElementError as exc:
+                    # An edit element that does not answer may hold the file: not a 404. An
+                    # rw one that does not answer only leaves "already permanent" unknown.
+                    if mode is SEMode.EDIT:
+                        errors.append(exc.message)
+                    continue
+                if meta is None:
+                    continue
+                if mode is SEMode.RW:
+                    permanent = True
+                else:
+                    found = (Copy(element_id, api_url), meta)
+                break
+            if found is not None or permanent:
+                break
+        if found is None:
+            if permanent:
+                raise AlreadyPermanent(f"file {file_id} is already on an rw element")
+            if errors:
+                raise NoStorageAvailable(
+                    f"file {file_id} not found; some elements did not answer: {errors[-1]}",
+                    headers={"Retry-After": str(self.settings.retry_after_s)},
+                )
+            raise FileNotFound(f"no temporary file {file_id} is known")
+        copy, meta = found
+        if str(meta.get("retention_policy") or "").lower() == "permanent":
+            raise AlreadyPermanent(f"file {file_id} is already permanent")
+        try:
+            source = SourceFile(
+                original_filename=str(meta["original_filename"]),
+                content_type=str(meta.get("content_type") or "application/octet-stream"),
+                checksum=str(meta["checksum"]).lower(),
+                file_size=int(meta["file_size"]),
+                description=meta.get("description"),
+                version=meta.get("version"),
+                metadata=dict(meta.get("metadata") or {}),
+                uploaded_by=uploaded_by or str(meta.get("created_by_id") or ""),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StorageElementError(
+                f"{copy.element_id} answered unusable metadata for {file_id}: {exc}",
+                element_id=copy.element_id,
+            ) from exc
+        return copy, source
+
+    # --- the move ----------------------------------------------------------------------------
+
+    async def _drive(self, tx: Transaction, recovered: bool) -> None:
+        """Run `tx` to done or rolled back. Never raises (it runs in the service nursery)."""
+        outcome = "stopped"
+        try:
+            try:
+                if recovered:
+                    await self._recover(tx)
+                else:
+                    async with self._limiter:
+                        await self._copy(tx)
+                    await self._commit(tx)
+                if tx.state is TxState.COMMITTED:
+                    await self._finish(tx)
+            except IngesterError as exc:
+                if tx.state in (TxState.COMMITTED, TxState.DONE):  # pragma: no cover
+                    raise
+                _log(tx, logging.WARNING, f"rolling back: {exc.code}: {exc.message}")
+                if tx.state is not TxState.ROLLING_BACK:
+                    tx.fail(exc.code, exc.message, time.time())
+                    await self._save(tx)
+                await self._rollback(tx)
+            outcome = tx.state.value if tx.terminal else outcome
+        except _Lost:
+            _log(tx, logging.WARNING, "another ingester took this finalization over")
+        except Exception:
+            log.exception(
+                "finalization %s failed unexpectedly; its lease will run out and it is "
+                "taken up again",
+                tx.transaction_id,
+                extra={"event": "finalize_error", "transaction_id": tx.transaction_id},
+            )
+        finally:
+            self.active.pop(tx.transaction_id, None)
+            self._credentials.pop(tx.transaction_id, None)
+            self.m_in_flight.dec()
+            if outcome in ("done", "rolled_back"):
+                self.m_total.labels(outcome).inc()
+
+    async def _recover(self, tx: Transaction) -> None:
+        state = tx.state
+        if state in (TxState.PENDING, TxState.COPYING):
+            tx.fail(Interrupted.code, Interrupted.default_message, time.time())
+            await self._save(tx)
+            await self._rollback(tx)
+        elif state is TxState.COMMITTING:
+            await self._commit(tx)
+        elif state is TxState.ROLLING_BACK:
+            await self._rollback(tx)
+
+    async def _authorization(self, tx: Transaction) -> str | None:
+        if tx.transaction_id in self._credentials:
+            return self._credentials[tx.transaction_id]
+        if tx.authorization is not None:
+            return tx.authorization
+        return await self.svc.se_auth.authorization(None)
+
+    async def _save(self, tx: Transaction) -> None:
+        """Write `tx` before going on. A store that is away is tried again (with backoff)
+        for up to the lease; a record that is not ours any more stops the move."""
+        deadline = trio.current_time() + self.lease_s
+        attempt = 0
+        while True:
+            try:
+                with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                    ok = await self.store.put(
+                        tx,
+                        due=time.time() + self.lease_s,
+                        retention_s=self.settings.finalize_retention_s,
+                    )
+            except (StoreUnavailable, trio.TooSlowError) as exc:
+                if trio.current_time() >= deadline:
+                    raise _Lost(f"store unreachable: {exc}") from exc
+                await trio.sleep(backoff_s(attempt, self._backoff, self._random.random) + 0.05)
+                attempt += 1
+                continue
+            if not ok:
+                raise _Lost("the record is another ingester's")
+            return
+
+    def _next_element(self, size: int, tried: list[str]) -> Candidate | None:
+        svc = self.svc
+        ranked = rank_candidates(
+            svc.registry.candidates(), mode=SEMode.RW, declared_size=size, exclude=tried
+        )
+        now = trio.current_time()
+        allowed = set(svc.breakers.allowed([c.id for c in ranked], now))
+        return next(
+            (c for c in ranked if c.id in allowed and svc.breakers.breaker(c.id).allow(now)),
+            None,
+        )
+
+    async def _copy(self, tx: Transaction) -> None:
+        """Copy to the best rw element, failing over; `tx` ends `copying` with a verified
+        target. Raises what ends the move (the caller rolls back)."""
+        svc = self.svc
+        tx.move(TxState.COPYING, time.time())
+        failures: list[IngesterError] = []
+        for round_ in range(self.settings.finalize_max_attempts):
+            if round_:
+                await trio.sleep(backoff_s(round_ - 1, self._backoff, self._random.random))
+            tried: list[str] = []
+            while (element := self._next_element(tx.file.file_size, tried)) is not None:
+                tried.append(element.id)
+                copy = Copy(element.id, element.api_url)
+                # Written before the first byte leaves: whoever continues knows where to look.
+                tx.sending_to(copy)
+                tx.move(TxState.COPYING, time.time())
+                await self._save(tx)
+                try:
+                    stored, sha256 = await self._copy_to(tx, element)
+                except StorageElementError as exc:
+                    svc.note_se_failure(element.id, exc)
+                    failures.append(exc)
+                    self.m_failovers.labels(element.id).inc()
+                    _log(tx, logging.WARNING, f"copy to {element.id} failed: {exc.message}")
+                    await self._remove_target(tx, copy)
+                    continue
+                svc.note_se_success(element.id)
+                if sha256 != tx.file.checksum:
+                    await self._remove_target(tx, copy)
+                    raise SourceChecksumMismatch(
+                        f"read sha256 {sha256} from {tx.source.element_id}, "
+                        f"which reports {tx.file.checksum}"
+                    )
+                if stored.checksum != sha256 or stored.file_size != tx.file.file_size:
+                    failures.append(
+                        IntegrityError(
+                            f"{element.id} reports sha256 {stored.checksum} and "
+                            f"{stored.file_size} bytes; we sent {sha256} and "
+                            f"{tx.file.file_size} bytes"
+                        )
+                    )
+                    await self._remove_target(tx, copy)
+                    continue
+                _log(tx, logging.INFO, f"copied to {element.id}, sha256 verified")
+                return
+        if failures:
+            raise NoStorageAvailable(
+                f"no rw Storage Element took the copy after {len(failures)} failures: "
+                f"{failures[-1].message}"
+            )
+        raise NoStorageAvailable("no rw Storage Element is available")
+
+    async def _copy_to(self, tx: Transaction, element: Candidate) -> tuple[StoredFile, str]:
+        svc = self.svc
+        authorization = await self._authorization(tx)
+        boundary = secrets.token_hex(16)
+        head, tail = multipart_parts(boundary, tx.file_id, tx.file)
+        try:
+            async with svc.se_client.download(
+                tx.source.element_id, tx.source.api_url, tx.file_id, authorization=authorization
+            ) as response:
+                pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw(PIECE))
+                body = CopyBody(head, pieces, tail, tx.source.element_id, self.m_bytes.inc)
+                try:
+                    stored = await svc.se_client.upload(
+                        element.id,
+                        element.api_url,
+                        body=body,
+                        content_type=f"multipart/form-data; boundary={boundary}",
+                        authorization=authorization,
+                        extra_headers={"X-Request-ID": tx.transaction_id},
+                    )
+                finally:
+                    await pieces.aclose()
+        except _SourceFailed as exc:
+            raise SourceUnavailable(exc.error.message) from exc
+        except StorageElementError as exc:
+            if exc.element_id == tx.source.element_id and exc.element_id != element.id:
+                raise SourceUnavailable(exc.message) from exc
+            raise
+        if body.size != tx.file.file_size:
+            raise SourceUnavailable(
+                f"{tx.source.element_id} sent {body.size} of {tx.file.file_size} bytes"
+            )
+        return stored, body.hasher.hexdigest()
+
+    async def _remove_target(self, tx: Transaction, copy: Copy) -> None:
+        """Remove a failed or partial copy now (bounded); one that cannot be removed now stays
+        in the record and goes with the rollback or after the commit."""
+        if await self.svc.compensate(copy, tx.file_id, await self._authorization(tx)):
+            tx.copies = [c for c in tx.copies if c != copy]
+            if tx.target == copy:
+                tx.target = None
+            await self._save(tx)
+
+    async def _commit(self, tx: Transaction) -> None:
+        admin = self.svc.admin
+        now = time.time()
+        target = tx.target
+        assert target is not None
+        if admin is not None:
+            if tx.state is not TxState.COMMITTING:
+                tx.move(TxState.COMMITTING, now)
+                await self._save_past_copying(tx, target)
+            try:
+                await admin.commit(
+                    tx.file_id,
+                    {
+                        "retention_policy": "permanent",
+                        "storage_element_id": target.element_id,
+                        "storage_element_url": target.api_url,
+                        "finalized_at": iso(now),
+                        "checksum": tx.file.checksum,
+                        "transaction_id": tx.transaction_id,
+                    },
+                    authorization=await self._authorization(tx),
+                )
+            except AdminRegistrationFailed as exc:
+                raise AdminCommitFailed(exc.message) from exc
+        was = tx.state
+        tx.finalized_at = now
+        tx.delete_after = now + self.settings.finalize_source_delete_delay_s
+        tx.move(TxState.COMMITTED, now)
+        if was is TxState.COPYING:
+            await self._save_past_copying(tx, target)
+        else:
+            await self._save(tx)
+        _log(
+            tx,
+            logging.INFO,
+            f"committed on {target.element_id}; the source goes after "
+            f"{self.settings.finalize_source_delete_delay_s:g} s",
+        )
+
+    async def _save_past_copying(self, tx: Transaction, target: Copy) -> None:
+        """The first write after the copy. Lost here, the record was claimed while it said
+        `copying`, so the claimant rolls it back: a copy that finished after its removal
+        would be an orphan, and is removed now."""
+        try:
+            await self._save(tx)
+        except _Lost:
+            await self.svc.compensate(target, tx.file_id, await self._authorization(tx))
+            raise
+
+    async def _finish(self, tx: Transaction) -> None:
+        """After the commit: wait the safety delay, delete the source, remove copies left on
+        elements the copy failed over from. Retried with backoff until done."""
+        assert tx.delete_after is not None
+        wait = tx.delete_after - time.time()
+        if wait > 0:
+            await trio.sleep(wait)
+        authorization = await self._authorization(tx)
+        attempt = 0
+        while True:
+            if not tx.source_deleted:
+                tx.source_deleted = await self._delete_source(tx, authorization)
+            for copy in tx.abandoned():
+                if await self.svc.compensate(copy, tx.file_id, authorization):
+                    tx.copies = [c for c in tx.copies if c != copy]
+            if tx.source_deleted and not tx.abandoned():
+                break
+            await self._save(tx)
+            attempt += 1
+            await trio.sleep(self._retry_wait(attempt))
+        tx.move(TxState.DONE, time.time())
+        await self._save(tx)
+        _log(tx, logging.INFO, f"done: source copy on {tx.source.element_id} deleted")
+
+    async def _delete_source(self, tx: Transaction, authorization: str | None) -> bool:
+        client = self.svc.se_client
+        source = tx.source
+        timeout_s = self.settings.compensation_timeout_s
+        with trio.move_on_after(timeout_s):
+            try:
+                return await client.delete(
+                    source.element_id, source.api_url, tx.file_id, authorization=authorization
+                )
+            except StorageElementUnavailable as exc:
+                _log(tx, logging.WARNING, f"source delete failed: {exc.message}")
+                return False
+            except StorageElementError as exc:
+                # Not an edit element after all (or it refuses DELETE): the gc route removes
+                # a copy in any mode.
+                _log(tx, logging.WARNING, f"source delete refused ({exc.message}); using gc")
+            return await self.svc.compensate(source, tx.file_id, authorization)
+        return False
+
+    async def _rollback(self, tx: Transaction) -> None:
+        """Remove every target copy (retried until done); the source is not touched."""
+        authorization = await self._authorization(tx)
+        attempt = 0
+        while tx.copies:
+            for copy in list(tx.copies):
+                if await self.svc.compensate(copy, tx.file_id, authorization):
+                    tx.copies = [c for c in tx.copies if c != copy]
+            if not tx.copies:
+                break
+            await self._save(tx)
+            attempt += 1
+            await trio.sleep(self._retry_wait(attempt))
+        tx.target = None
+        tx.move(TxState.ROLLED_BACK, time.time())
+        await self._save(tx)
+        _log(tx, logging.WARNING, f"rolled back ({tx.error_code}); the source is intact")
+
+    def _retry_wait(self, attempt: int) -> float:
+        policy = RetryPolicy(
+            base_s=1.0, cap_s=self.settings.compensation_backoff_max_s, max_attempts=1
+        )
+        return max(backoff_s(attempt, policy, self._random.random), 0.05)
+
+
+def _log(tx: Transaction, level: int, message: str) -> None:
+    log.log(
+        level,
+        "finalization %s: %s",
+        tx.transaction_id,
+        message,
+        extra={
+            "event": "finalize",
+            "transaction_id": tx.transaction_id,
+            "file_id": tx.file_id,
+            "state": tx.state.value,
+        },
+    )
