@@ -20,7 +20,7 @@ import redis
 import trio
 from redis.commands.core import Script
 
-from ..saga.store import StoreUnavailable
+from ..saga.store import CLAIM_DUE, StoreUnavailable
 from ..storage.redis_registry import make_client
 from .record import TERMINAL, Transaction, TxState
 
@@ -177,23 +177,6 @@ end
 return lost
 """
 
-# KEYS: due zset. ARGV: now, new due, owner, limit, key prefix (single Redis, as the saga's).
-_CLAIM: Final = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[4])
-local out = {}
-for _, id in ipairs(ids) do
-  local key = ARGV[5] .. id
-  local record = redis.call('HGET', key, 'record')
-  if record then
-    redis.call('HSET', key, 'owner', ARGV[3])
-    redis.call('ZADD', KEYS[1], ARGV[2], id)
-    table.insert(out, record)
-  else
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
-return out
-"""
 
 
 class RedisFinalizeStore:
@@ -204,7 +187,7 @@ class RedisFinalizeStore:
         self._create = self._client.register_script(_CREATE)
         self._put = self._client.register_script(_PUT)
         self._renew = self._client.register_script(_RENEW)
-        self._claim = self._client.register_script(_CLAIM)
+        self._claim = self._client.register_script(CLAIM_DUE)
 
     def close(self) -> None:
         self._client.close()

@@ -150,8 +150,8 @@ return lost
 
 # KEYS: due zset. ARGV: now, new due, owner, limit, key prefix. Records are looked up by id
 # (the ids are only known once the sorted set is read, so they cannot be passed as KEYS:
-# fine on a single Redis, not on a cluster).
-_CLAIM: Final = """
+# fine on a single Redis, not on a cluster). Finalization claims its transactions with it too.
+CLAIM_DUE: Final = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[4])
 local out = {}
 for _, id in ipairs(ids) do
@@ -188,7 +188,7 @@ class RedisSagaStore:
         self._client = make_client(url, timeout_s)
         self._put = self._client.register_script(_PUT)
         self._renew = self._client.register_script(_RENEW)
-        self._claim = self._client.register_script(_CLAIM)
+        self._claim = self._client.register_script(CLAIM_DUE)
         self._delete = self._client.register_script(_DELETE)
 
     def close(self) -> None:
