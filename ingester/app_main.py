@@ -23,7 +23,7 @@ from . import logs
 from .http.app import create_app
 from .server import SHUTDOWN_SIGNALS, hypercorn_config, serve_app, set_socket_read_size
 from .service import Service
-from .settings import Settings
+from .settings import ConfigProblems, Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,24 @@ def settings_or_exit() -> Settings:
         return Settings()
     except ValidationError as exc:
         for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "settings"
-            name = f"INGESTER_{where.split('.')[0].upper()}" if error["loc"] else "settings"
+            cause = error.get("ctx", {}).get("error")
+            if isinstance(cause, ConfigProblems):
+                for problem in cause.problems:
+                    print(f"invalid configuration: {problem}", file=sys.stderr)
+                continue
+            name = f"INGESTER_{str(error['loc'][0]).upper()}" if error["loc"] else "settings"
             detail = ".".join(str(p) for p in error["loc"][1:])
             suffix = f" ({detail})" if detail else ""
-            print(f"invalid configuration: {name}{suffix}: {error['msg']}", file=sys.stderr)
+            message = error["msg"].removeprefix("Value error, ")
+            given = error.get("input")
+            # The value helps, but never a secret's, nor a long one.
+            secret = any(word in name for word in ("SECRET", "TOKEN", "KEY"))
+            shown = (
+                f" (got {given!r})"
+                if isinstance(given, str | int | float) and not secret and len(str(given)) <= 80
+                else ""
+            )
+            print(f"invalid configuration: {name}{suffix}: {message}{shown}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -14,6 +14,14 @@ GIB = 1024**3
 MIB = 1024**2
 
 
+class ConfigProblems(ValueError):
+    """Settings that are each valid but do not fit together; one message per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
 class SEMode(StrEnum):
     """Storage Element modes (contract): what each allows."""
 
@@ -231,20 +239,22 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        """Rules across settings: every broken one is reported, not only the first."""
+        problems: list[str] = []
         if self.auth_public_key_path is not None and self.auth_jwks_url is not None:
-            raise ValueError(
-                "set INGESTER_AUTH_PUBLIC_KEY_PATH or INGESTER_AUTH_JWKS_URL, not both"
-            )
+            problems.append("set INGESTER_AUTH_PUBLIC_KEY_PATH or INGESTER_AUTH_JWKS_URL, not both")
         if self.se_auth is SEAuthMode.STATIC and not self.se_token:
-            raise ValueError("INGESTER_SE_AUTH=static needs INGESTER_SE_TOKEN")
+            problems.append("INGESTER_SE_AUTH=static needs INGESTER_SE_TOKEN")
         if self.se_auth is SEAuthMode.CLIENT_CREDENTIALS and not (
             self.se_token_url and self.se_client_id and self.se_client_secret
         ):
-            raise ValueError(
+            problems.append(
                 "INGESTER_SE_AUTH=client_credentials needs INGESTER_SE_TOKEN_URL, "
                 "INGESTER_SE_CLIENT_ID and INGESTER_SE_CLIENT_SECRET"
             )
         ids = [element.id for element in self.storage_elements]
         if len(ids) != len(set(ids)):
-            raise ValueError("INGESTER_STORAGE_ELEMENTS has duplicate ids")
+            problems.append("INGESTER_STORAGE_ELEMENTS has duplicate ids")
+        if problems:
+            raise ConfigProblems(problems)
         return self

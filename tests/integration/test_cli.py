@@ -89,6 +89,37 @@ def test_serve_refuses_invalid_settings_with_one_line_each(tmp_path: Path) -> No
         line.startswith("invalid configuration: INGESTER_STORAGE_ELEMENTS") for line in lines
     )
     assert any(line.startswith("invalid configuration: INGESTER_LOG_FORMAT") for line in lines)
+    # The value given is shown (not for secrets), without pydantic's "Value error," noise.
+    assert "(got 'xml')" in result.stderr
+    assert "Value error" not in result.stderr
+
+
+def test_serve_reports_every_rule_across_settings_at_once(tmp_path: Path) -> None:
+    elements = (
+        '[{"id": "a", "api_url": "http://127.0.0.1:1", "mode": "edit"},'
+        ' {"id": "a", "api_url": "http://127.0.0.1:2", "mode": "rw"}]'
+    )
+    result = run_cli(
+        "serve",
+        env={
+            "INGESTER_AUTH_PUBLIC_KEY_PATH": str(tmp_path / "key.pem"),
+            "INGESTER_AUTH_JWKS_URL": "http://127.0.0.1:1/jwks",
+            "INGESTER_SE_AUTH": "client_credentials",
+            "INGESTER_SE_CLIENT_SECRET": "hunter2",
+            "INGESTER_STORAGE_ELEMENTS": elements,
+        },
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "invalid configuration: set INGESTER_AUTH_PUBLIC_KEY_PATH or INGESTER_AUTH_JWKS_URL, "
+        "not both",
+        "invalid configuration: INGESTER_SE_AUTH=client_credentials needs INGESTER_SE_TOKEN_URL, "
+        "INGESTER_SE_CLIENT_ID and INGESTER_SE_CLIENT_SECRET",
+        "invalid configuration: INGESTER_STORAGE_ELEMENTS has duplicate ids",
+    ]
+    assert "hunter2" not in result.stderr
 
 
 def test_env_example_documents_every_setting() -> None:
