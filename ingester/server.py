@@ -17,6 +17,7 @@ import hypercorn.trio.tcp_server
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,27 @@ def set_socket_read_size(size: int) -> None:
     hypercorn.trio.tcp_server.MAX_RECV = size
 
 
+def close_idle_connections_on_peer_eof() -> None:
+    """Close a keep-alive connection as soon as its client does.
+
+    hypercorn (0.18) starts its keep-alive timer when a response completes; when the client
+    then closes, its read loop ends but the connection's task group still waits for that
+    timer, so the socket sits in CLOSE_WAIT for the whole `keep_alive_timeout` (75 s here,
+    measured: 15 of 20 curl uploads). Stopping the timer once the read loop ends closes the
+    socket at once. Idempotent.
+    """
+    if getattr(TCPServer._read_data, "_closes_on_eof", False):
+        return
+    read_data = TCPServer._read_data
+
+    async def _read_data(self: TCPServer) -> None:
+        await read_data(self)
+        await self.idle_task.stop()
+
+    _read_data._closes_on_eof = True  # type: ignore[attr-defined]
+    TCPServer._read_data = _read_data  # type: ignore[method-assign]
+
+
 async def serve_app(
     app: Any,
     config: Config,
@@ -48,6 +70,7 @@ async def serve_app(
     shutdown_trigger: Callable[[], Awaitable[None]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    close_idle_connections_on_peer_eof()
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 
