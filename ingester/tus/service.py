@@ -442,15 +442,32 @@ class TusService:
         receiver = _Receiver(self, upload, lease, checksum)
         receiver.writer = await self.data.open_at(upload.id, upload.offset)
         error: IngesterError | None = None
+        gone = False
         async with self.locks.kept(lease):
             try:
                 with lease.interrupt:
                     await receiver.pump(body)
             except IngesterError as exc:
                 error = exc
+            except BaseException:
+                # The client went away (its request was cancelled): what arrived is kept.
+                gone = True
+                raise
             finally:
                 with trio.CancelScope(shield=True):
                     saved = await receiver.finish()
+                if gone:
+                    log.info(
+                        "chunk interrupted: the client went away after %d bytes; offset %d",
+                        receiver.received,
+                        upload.offset,
+                        extra={
+                            "event": "tus_chunk_interrupted",
+                            "upload_id": upload.id,
+                            "bytes": receiver.received,
+                            "offset": upload.offset,
+                        },
+                    )
         if lease.lost:
             error = UploadLocked("this request lost the upload to another one; HEAD and resume")
         if error is None and saved is not None:

@@ -788,6 +788,18 @@ async def test_a_dropped_connection_keeps_the_bytes_that_arrived(
             await eventually(lambda: data_file(stack, url).stat().st_size == sent, timeout_s=5)
             assert await tus.offset(url) == sent
             assert data_file(stack, url).read_bytes() == data[:sent]
+            # An operator sees it too: one line with the offset saved.
+            upload_id = url.rsplit("/", 1)[1]
+
+            def logged() -> bool:
+                return any(
+                    '"event": "tus_chunk_interrupted"' in line
+                    and upload_id in line
+                    and f'"offset": {sent}' in line
+                    for line in stack.ingester.log_lines()
+                )
+
+            await eventually(logged, timeout_s=5)
             final = await tus.upload(url, data, MIB)
             result = (await tus.state(url)).json()["result"]
             assert final.headers["Upload-File-Id"] == result["file_id"]
