@@ -131,6 +131,20 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.tus_events = Counter(
+            "ingester_tus_uploads",
+            "Resumable uploads by event: created, interrupted (a PATCH its client abandoned), "
+            "terminated, expired. Stored ones count in ingester_uploads_total.",
+            ["event"],
+            registry=r,
+        )
+        for event in ("created", "interrupted", "terminated", "expired"):
+            self.tus_events.labels(event)
+        self.tus_received = Counter(
+            "ingester_tus_received_bytes",
+            "Bytes received in resumable uploads' PATCH and creation bodies.",
+            registry=r,
+        )
         self.se_up = Gauge(
             "ingester_storage_element_up",
             "1 when the element's last readiness probe succeeded.",

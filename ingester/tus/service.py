@@ -251,6 +251,7 @@ class TusService:
         if not await self.store.create(upload):  # pragma: no cover - 128 random bits
             raise InvalidField("upload id collision; try again")
         await self.data.create(upload.id)
+        self.svc.metrics.tus_events.labels("created").inc()
         log.info(
             "resumable upload created",
             extra={"event": "tus_created", "upload_id": upload.id, "bytes": length},
@@ -456,7 +457,9 @@ class TusService:
             finally:
                 with trio.CancelScope(shield=True):
                     saved = await receiver.finish()
+                self.svc.metrics.tus_received.inc(receiver.received)
                 if gone:
+                    self.svc.metrics.tus_events.labels("interrupted").inc()
                     log.info(
                         "chunk interrupted: the client went away after %d bytes; offset %d",
                         receiver.received,
@@ -706,6 +709,7 @@ class TusService:
             self._give_back(await self.data.remove(upload.id))
         finally:
             await self.locks.release(lease)
+        self.svc.metrics.tus_events.labels("terminated").inc()
         log.info("resumable upload terminated", extra={"event": "tus_terminated"})
 
     # --- janitor ---------------------------------------------------------------------------
@@ -738,6 +742,8 @@ class TusService:
                 freed = await self.data.remove(upload_id)
                 self._give_back(freed)
                 removed += 1
+                if upload is not None:
+                    self.svc.metrics.tus_events.labels("expired").inc()
                 log.info(
                     "expired upload removed",
                     extra={"event": "tus_expired", "upload_id": upload_id, "bytes": freed},

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import socket
 import struct
 from collections.abc import Mapping
@@ -775,12 +776,27 @@ async def raw_patch_then_cut(url: str, token: str, offset: int, declared: int, s
         await stream.aclose()
 
 
+async def tus_metrics(http: httpx.AsyncClient, stack: Stack) -> dict[str, float]:
+    text = (await http.get(stack.url + "/metrics")).text
+    found = {
+        name: float(value)
+        for name, value in re.findall(
+            r'^ingester_tus_uploads_total\{event="(\w+)"\} (\S+)$', text, re.MULTILINE
+        )
+    }
+    received = re.search(r"^ingester_tus_received_bytes_total (\S+)$", text, re.MULTILINE)
+    assert received is not None
+    found["received"] = float(received.group(1))
+    return found
+
+
 async def test_a_dropped_connection_keeps_the_bytes_that_arrived(
     stack: Stack, token: TokenFactory
 ) -> None:
     with trio.fail_after(20):
         async with httpx.AsyncClient(trust_env=False) as http:
             tus = Tus(http, stack.url, token())
+            before = await tus_metrics(http, stack)
             data = b"".join(random_chunks(3 * MIB, seed=9))
             url = await tus.new(len(data))
             sent = 1_234_567
@@ -800,6 +816,10 @@ async def test_a_dropped_connection_keeps_the_bytes_that_arrived(
                 )
 
             await eventually(logged, timeout_s=5)
+            after = await tus_metrics(http, stack)
+            assert after["created"] - before["created"] == 1
+            assert after["interrupted"] - before["interrupted"] == 1
+            assert after["received"] - before["received"] == sent
             final = await tus.upload(url, data, MIB)
             result = (await tus.state(url)).json()["result"]
             assert final.headers["Upload-File-Id"] == result["file_id"]
