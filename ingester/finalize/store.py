@@ -178,7 +178,6 @@ return lost
 """
 
 
-
 class RedisFinalizeStore:
     """Transactions in Redis; the sync client in a worker thread, no retries, bounded calls."""
 
