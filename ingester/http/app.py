@@ -279,8 +279,12 @@ async def info() -> Response:
                 "upload": "/api/v1/files/upload",
                 "progress": "/api/v1/files/uploads/{upload_id}",
                 "health": ["/health/live", "/health/ready"],
+                "resumable_uploads": "/api/v1/uploads",
+                "finalize": "/api/v1/finalize/{file_id}",
+                "finalize_status": "/api/v1/finalize/{transaction_id}/status",
                 "metrics": "/metrics",
                 "openapi": "/openapi.json",
+                **({"docs": "/docs"} if svc.settings.docs_enabled else {}),
             },
         }
     )

@@ -173,3 +173,12 @@ async def test_info_and_openapi(stack: Stack) -> None:
         assert info["service"] == "artstore-ingester"
         assert spec["openapi"].startswith("3.1")
         assert "/api/v1/files/upload" in spec["paths"]
+        # Every endpoint the service info names is described (the docs page is off here).
+        named = [
+            path
+            for value in info["endpoints"].values()
+            for path in (value if isinstance(value, list) else [value])
+        ]
+        assert "/api/v1/uploads" in named
+        assert "/docs" not in named
+        assert set(named) <= set(spec["paths"])
