@@ -41,6 +41,29 @@ class AdminRegistry:
 
     async def register(self, record: dict[str, Any], *, authorization: str | None) -> None:
         """Register `record`; raises `AdminRegistrationFailed`."""
+        # 409: a retried request found the file already registered (keyed by file_id).
+        failure = await self._send("POST", self.url, record, authorization, also_ok=409)
+        if failure is None:
+            return
+        log.warning(
+            "Admin Module registration of %s failed: %s",
+            record.get("file_id"),
+            failure,
+            extra={"event": "admin_registration_failed", "file_id": record.get("file_id")},
+        )
+        raise AdminRegistrationFailed(f"the Admin Module did not register the file ({failure})")
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        body: dict[str, Any],
+        authorization: str | None,
+        *,
+        also_ok: int | None = None,
+    ) -> str | None:
+        """Send `body`, retrying connect errors, timeouts and 5xx with full-jitter backoff,
+        all within the registry timeout. None when applied, else what went wrong last."""
         headers = {"Authorization": authorization} if authorization else {}
         last = "no attempt"
         with trio.move_on_after(self._timeout_s) as deadline:
@@ -48,29 +71,24 @@ class AdminRegistry:
                 if attempt:
                     await trio.sleep(backoff_s(attempt - 1, self._policy, self._random.random))
                 try:
-                    response = await self._http.post(
-                        self.url,
-                        json=record,
+                    response = await self._http.request(
+                        method,
+                        url,
+                        json=body,
                         headers=headers,
                         timeout=httpx.Timeout(self._timeout_s),
                     )
                 except httpx.HTTPError as exc:
                     last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                     continue
-                if response.is_success or response.status_code == 409:
-                    return
+                if response.is_success or response.status_code == also_ok:
+                    return None
                 last = f"HTTP {response.status_code}"
                 if response.status_code < 500:
                     break
         if deadline.cancelled_caught:
             last = f"no answer within {self._timeout_s:g} s (last: {last})"
-        log.warning(
-            "Admin Module registration of %s failed: %s",
-            record.get("file_id"),
-            last,
-            extra={"event": "admin_registration_failed", "file_id": record.get("file_id")},
-        )
-        raise AdminRegistrationFailed(f"the Admin Module did not register the file ({last})")
+        return last
 
     async def lookup(self, file_id: str, *, authorization: str | None) -> dict[str, Any] | None:
         """`GET {admin}/api/v1/files/{id}`: the file's record, None when unknown (404).
@@ -98,27 +116,6 @@ class AdminRegistry:
     ) -> None:
         """`PUT {admin}/api/v1/files/{id}` with `changes` (finalization's commit), retried
         like `register`; raises `AdminRegistrationFailed` when it is not applied."""
-        headers = {"Authorization": authorization} if authorization else {}
-        last = "no attempt"
-        with trio.move_on_after(self._timeout_s) as deadline:
-            for attempt in range(self._policy.max_attempts):
-                if attempt:
-                    await trio.sleep(backoff_s(attempt - 1, self._policy, self._random.random))
-                try:
-                    response = await self._http.put(
-                        f"{self.url}/{file_id}",
-                        json=changes,
-                        headers=headers,
-                        timeout=httpx.Timeout(self._timeout_s),
-                    )
-                except httpx.HTTPError as exc:
-                    last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                    continue
-                if response.is_success:
-                    return
-                last = f"HTTP {response.status_code}"
-                if response.status_code < 500:
-                    break
-        if deadline.cancelled_caught:
-            last = f"no answer within {self._timeout_s:g} s (last: {last})"
-        raise AdminRegistrationFailed(f"the Admin Module did not commit {file_id} ({last})")
+        failure = await self._send("PUT", f"{self.url}/{file_id}", changes, authorization)
+        if failure is not None:
+            raise AdminRegistrationFailed(f"the Admin Module did not commit {file_id} ({failure})")
