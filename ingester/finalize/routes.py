@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from quart import Blueprint, Response, request
 
-from ..auth.verifier import require_upload
-from ..errors import Forbidden, IngesterError, InvalidField
-from ..http.app import authenticate, json_response, service
+from ..errors import Forbidden, InvalidField
+from ..http.app import authenticate, authenticate_uploader, json_response, service
 from .errors import TransactionNotFound
 from .record import TxState
 
@@ -18,12 +17,7 @@ MAX_LIST: int = 1000
 @finalize.post("/api/v1/finalize/<file_id>")
 async def start(file_id: str) -> Response:
     svc = service()
-    principal = await authenticate()
-    try:
-        require_upload(principal)
-    except IngesterError:
-        svc.metrics.auth_failures.labels("403").inc()
-        raise
+    principal = await authenticate_uploader()
     tx = await svc.finalizer.begin(file_id, principal)
     status_url = f"/api/v1/finalize/{tx.transaction_id}/status"
     return json_response(

@@ -80,18 +80,24 @@ async def authenticate() -> Principal:
     return principal
 
 
+async def authenticate_uploader() -> Principal:
+    """The caller, who must be allowed to upload (403 otherwise, counted)."""
+    principal = await authenticate()
+    try:
+        require_upload(principal)
+    except IngesterError:
+        service().metrics.auth_failures.labels("403").inc()
+        raise
+    return principal
+
+
 # --- uploads -----------------------------------------------------------------------------
 
 
 @api.post("/api/v1/files/upload")
 async def upload_file() -> Response:
     svc = service()
-    principal = await authenticate()
-    try:
-        require_upload(principal)
-    except IngesterError:
-        svc.metrics.auth_failures.labels("403").inc()
-        raise
+    principal = await authenticate_uploader()
     boundary = parse_boundary(request.headers.get("Content-Type"))
     digest = parse_content_digest(request.headers.get("Content-Digest"))
     supplied_id = request.headers.get("X-Upload-ID")

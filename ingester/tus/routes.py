@@ -13,10 +13,7 @@ from typing import Final
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
-from ..auth.principal import Principal
-from ..auth.verifier import require_upload
-from ..errors import IngesterError
-from ..http.app import authenticate, json_response, service
+from ..http.app import authenticate, authenticate_uploader, json_response, service
 from .errors import InvalidTusHeader
 from .protocol import (
     TUS_VERSION,
@@ -58,16 +55,6 @@ async def _tus_resumable(response: Response) -> Response:
     return response
 
 
-async def _uploader() -> Principal:
-    principal = await authenticate()
-    try:
-        require_upload(principal)
-    except IngesterError:
-        service().metrics.auth_failures.labels("403").inc()
-        raise
-    return principal
-
-
 def _options() -> Response:
     return Response("", status=204, headers=options_headers(tus_service().max_size))
 
@@ -98,7 +85,7 @@ async def collection() -> Response:
     method = _method(COLLECTION_METHODS)
     if method == "OPTIONS":
         return _options()
-    principal = await _uploader()
+    principal = await authenticate_uploader()
     headers = request.headers
     answer = await tus_service().create(
         principal,
@@ -122,7 +109,7 @@ async def resource(upload_id: str) -> Response:
         return _options()
     tus_svc = tus_service()
     if method == "PATCH":
-        principal = await _uploader()
+        principal = await authenticate_uploader()
         headers = request.headers
         offset = parse_size("Upload-Offset", headers.get("Upload-Offset"))
         if offset is None:
