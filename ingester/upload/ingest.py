@@ -55,6 +55,19 @@ def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return next((e for e in leaves if isinstance(e, IngesterError)), leaves[0])
 
 
+def form_reader(svc: Service, body: AsyncIterator[bytes], boundary: bytes) -> FormReader:
+    """A multipart reader of `body` under the client idle timeout, with its own share of the
+    memory budget (released by whoever reads it)."""
+    settings = svc.settings
+    return FormReader(
+        body,
+        boundary,
+        settings.client_idle_timeout_s,
+        UploadBudget(svc.memory_budget),
+        quantum=settings.body_buffer_limit,
+    )
+
+
 async def ingest(
     svc: Service,
     *,
@@ -74,13 +87,7 @@ async def ingest(
         svc.metrics.in_flight.inc()
         started = trio.current_time()
         outcome = "cancelled"
-        reader = FormReader(
-            body,
-            boundary,
-            settings.client_idle_timeout_s,
-            UploadBudget(svc.memory_budget),
-            quantum=settings.body_buffer_limit,
-        )
+        reader = form_reader(svc, body, boundary)
         upload_request = UploadRequest(
             upload_id=upload_id,
             principal=principal,
@@ -175,13 +182,7 @@ async def body_fingerprint(svc: Service, *, boundary: bytes, body: AsyncIterator
     """Read a multipart body to its end without storing anything: the fingerprint of its
     file (see `idempotency.fingerprint`), to compare a repeated request with the first."""
     settings = svc.settings
-    reader = FormReader(
-        body,
-        boundary,
-        settings.client_idle_timeout_s,
-        UploadBudget(svc.memory_budget),
-        quantum=settings.body_buffer_limit,
-    )
+    reader = form_reader(svc, body, boundary)
     digest = hashlib.sha256()
     filename: str | None = None
     in_file = False
