@@ -4,30 +4,42 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint bench bench-failover chaos clean
+.PHONY: deps venv run test lint bench bench-failover chaos clean
+
+# System packages (scripts/deps.sh: a table of command -> Debian package; apt-get as root,
+# otherwise one line naming what is missing). Only what the goals given need: `make run`
+# installs no browser; `make deps` alone installs everything.
+DEPS_FOR := $(or $(sort $(patsubst chaos,test,$(filter run test chaos,$(MAKECMDGOALS)))),run test)
+deps:
+	@scripts/deps.sh $(DEPS_FOR)
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
+	@scripts/deps.sh venv
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-run: venv
+run: deps venv
 	$(BIN)/ingester dev
 
 # tests/interop: tus-js-client, Uppy and playwright-core, pinned in package-lock.json.
 NODE_PROJECT := tests/interop/node
 NODE_STAMP := $(NODE_PROJECT)/node_modules/.installed
 
-$(NODE_STAMP): $(NODE_PROJECT)/package.json $(NODE_PROJECT)/package-lock.json
-	@command -v npm >/dev/null || { echo "npm not found: install Node.js >= 20 and npm (.ci/run does)"; exit 1; }
-	cd $(NODE_PROJECT) && npm ci --no-audit --no-fund --loglevel=error
+# Node.js comes first from the venv (where scripts/deps.sh puts one from PyPI when the
+# system's is too old), then from PATH; the tests look in the same order.
+WITH_VENV_PATH := PATH="$(abspath $(BIN)):$$PATH"
+
+$(NODE_STAMP): $(NODE_PROJECT)/package.json $(NODE_PROJECT)/package-lock.json $(STAMP)
+	@scripts/deps.sh node
+	cd $(NODE_PROJECT) && $(WITH_VENV_PATH) npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
-test: venv $(NODE_STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: deps venv $(NODE_STAMP)
+	$(WITH_VENV_PATH) $(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check ingester tests bench
@@ -44,7 +56,7 @@ bench-failover: venv
 # The long soak: SOAK_UPLOADS uploads with random element kills (tests/chaos/test_soak.py);
 # the summary line is printed at the end.
 SOAK_UPLOADS ?= 300
-chaos: venv
+chaos: deps venv
 	INGESTER_SOAK_UPLOADS=$(SOAK_UPLOADS) $(BIN)/pytest tests/chaos -m soak $(PYTEST_ARGS)
 
 clean:

@@ -200,7 +200,7 @@ def compose_command() -> tuple[str, ...]:
         return (standalone,)
     pytest.fail(
         "neither `docker compose` nor `docker-compose` is installed: "
-        "apt-get install --no-install-recommends docker-compose (what .ci/run does)"
+        "`make test` installs docker-compose (scripts/deps.sh)"
     )
 
 
@@ -208,8 +208,8 @@ def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
         pytest.fail(
-            "promtool is not installed: apt-get install --no-install-recommends prometheus "
-            "(what .ci/run does)"
+            "promtool is not installed: `make test` installs it (package prometheus, "
+            "scripts/deps.sh)"
         )
     return path
 

@@ -43,8 +43,6 @@ ARTIFACTS_DIR: Final = Path(
 )
 BASE: Final = "/api/v1/uploads"
 CHUNK: Final = 256 * 1024
-# playwright-core 1.65 needs Node 20 (its `engines`).
-MIN_NODE_MAJOR: Final = 20
 # What a client process may take before it is stopped (SIGTERM, then SIGKILL 5 s later).
 CLIENT_TIMEOUT_S: Final = 45.0
 # Exit code of the client scripts when the upload stopped on an error (an expected cut).
@@ -57,20 +55,45 @@ NPM_CI_HINT: Final = (
 # --- tools -----------------------------------------------------------------------------------
 
 
-def node_binary() -> str:
-    """`node`, at least MIN_NODE_MAJOR, with the npm project installed; else the test fails."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.fail(
-            "node is not installed: the interop tests run tus-js-client and playwright-core "
-            f"under Node.js >= {MIN_NODE_MAJOR} (apt-get install nodejs npm, or .ci/run)"
-        )
+def min_node_major() -> int:
+    """The oldest Node major the npm project runs on: its package.json's `engines.node`
+    (">=N"; playwright-core's own floor), which scripts/deps.sh reads too."""
+    engines = json.loads((NODE_DIR / "package.json").read_text())["engines"]["node"]
+    match = re.fullmatch(r">=\s*(\d+)", engines.strip())
+    assert match is not None, f"engines.node is {engines!r}, not >=N"
+    return int(match.group(1))
+
+
+def find_node(path: str | None = None) -> str | None:
+    """`node` from the venv first (where scripts/deps.sh puts one from PyPI when the
+    system's is too old), then from PATH, as `make test` runs it."""
+    search = os.pathsep.join([str(Path(sys.executable).parent), path or os.environ["PATH"]])
+    return shutil.which("node", path=search)
+
+
+def node_major(node: str) -> int | None:
     version = subprocess.run(
         [node, "--version"], capture_output=True, text=True, timeout=10, check=False
     ).stdout.strip()
     match = re.fullmatch(r"v(\d+)\..*", version)
-    if match is None or int(match.group(1)) < MIN_NODE_MAJOR:
-        pytest.fail(f"node {version or '(unknown version)'} is too old: install Node.js >= 20")
+    return None if match is None else int(match.group(1))
+
+
+def node_binary() -> str:
+    """`node`, new enough, with the npm project installed; else the test fails."""
+    minimum = min_node_major()
+    node = find_node()
+    if node is None:
+        pytest.fail(
+            "node is not installed: the interop tests run tus-js-client and playwright-core "
+            f"under Node.js >= {minimum}; `make test` installs it (scripts/deps.sh)"
+        )
+    major = node_major(node)
+    if major is None or major < minimum:
+        pytest.fail(
+            f"{node} is Node.js {major or '(unknown version)'}, older than {minimum}: "
+            "`make test` installs a newer one into the venv (scripts/deps.sh node)"
+        )
     wanted = json.loads((NODE_DIR / "package.json").read_text())["dependencies"]
     for name, pinned in wanted.items():
         manifest = NODE_DIR / "node_modules" / name / "package.json"
@@ -87,7 +110,7 @@ def chromium_binary() -> str:
     if path is None or not os.access(path, os.X_OK):
         pytest.fail(
             "chromium is not installed: the Uppy browser test runs Debian's Chromium headless "
-            "(apt-get install chromium, or .ci/run; INTEROP_CHROMIUM=/path overrides)"
+            "(`make test` installs it: scripts/deps.sh; INTEROP_CHROMIUM=/path overrides)"
         )
     return path
 

@@ -43,8 +43,8 @@ class RedisServer:
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            # A test that needs Redis must not pass by not running: .ci/run installs it.
-            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+            # A test that needs Redis must not pass by not running: `make test` installs it.
+            pytest.fail("redis-server is not installed: `make test` installs it (scripts/deps.sh)")
         self.directory.mkdir(parents=True, exist_ok=True)
         argv = [
             binary, "--port", str(self.port), "--bind", LOOPBACK,
