@@ -1,4 +1,4 @@
-"""`ingester` command line: serve, dev, token, storage-element, registry.
+"""`ingester` command line: serve, dev, token, storage-element, registry, upload.
 
 Subcommands import their module lazily so `ingester token` does not pay for the server.
 """
@@ -40,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
     registry = sub.add_parser("registry", help="Storage Element registry in Redis")
     registry.add_argument("action", choices=["list", "set", "remove"])
     registry.add_argument("rest", nargs=argparse.REMAINDER)
+
+    upload = sub.add_parser(
+        "upload",
+        help="upload files: resumable above a size, progress bar, sha256 checked",
+        description="Upload files to the ingester. Files above --resumable-above go up with "
+        "tus and resume by themselves: after a dropped connection, and when the same command "
+        "runs again after it was killed. Exit codes: 0 all stored, 1 any failed, 2 usage.",
+    )
+    from .client.options import add_arguments as add_upload_arguments
+
+    add_upload_arguments(upload)
     return parser
 
 
@@ -63,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .registry_cli import registry_command
 
         return registry_command([args.action, *args.rest])
+    if args.command == "upload":
+        from .client.command import upload_command
+
+        return upload_command(args)
     raise AssertionError(args.command)
 
 
