@@ -125,6 +125,8 @@ async def run_dev(host: str, port: int, data_dir: Path, base: Settings) -> None:
                 ],
                 "spool_dir": data_dir / "spool",
                 "log_format": "text",
+                # The dev stack is where people meet the API: show it.
+                "docs_enabled": True,
             }
         )
         pem = await trio.Path(private_key).read_bytes()
@@ -139,12 +141,23 @@ async def run_dev(host: str, port: int, data_dir: Path, base: Settings) -> None:
     log.info("dev stack stopped")
 
 
+def _ingester_command() -> str:
+    """How to run this `ingester` from the user's shell: the console script beside this
+    interpreter (the venv's, which `make run` does not put on PATH), else `python -m`."""
+    script = Path(sys.executable).parent / "ingester"
+    if not script.exists():
+        return f"{shlex.quote(sys.executable)} -m ingester"
+    relative = os.path.relpath(script)
+    return shlex.quote(script.as_posix() if relative.startswith("..") else relative)
+
+
 def _print_banner(url: str, binds: list[str], token: str, data_dir: Path, key: Path) -> None:
     rel = os.path.relpath(data_dir)
     lines = [
         "",
         f"artStore Ingester (dev) on {url}   [bound: {', '.join(binds)}]",
         f"  Storage Elements: se-edit (temporary) and se-rw (permanent), data under {rel}/",
+        f"  API docs: {url}/docs   (OpenAPI: {url}/openapi.json)",
         f"  token (user, 24 h; more with: ingester token --key {os.path.relpath(key)}):",
         f"    export TOKEN={token}",
         "  try:",
@@ -152,6 +165,8 @@ def _print_banner(url: str, binds: list[str], token: str, data_dir: Path, key: P
         f'    curl -sS -H "Authorization: Bearer $TOKEN" -F retention_policy=temporary '
         f"-F file=@/tmp/hello.txt {url}/api/v1/files/upload",
         f"    ls {shlex.quote(rel)}/se-edit/",
+        "  or with the command-line client (resumable, progress bar; any size):",
+        f'    {_ingester_command()} upload --url {url} --token "$TOKEN" /tmp/hello.txt',
         "  Ctrl-C stops everything.",
         "",
     ]
