@@ -104,7 +104,8 @@ def upload_file(
             store=store,
             progress=progress,
         )
-        progress.start(name, source.size, 0)
+        # The bar names the file only: a long path would leave no room for the bar.
+        progress.start(path.name, source.size, 0)
         resumable = source.size > options.resumable_above
         stored = upload_tus(job) if resumable else upload_multipart(job)
         # The server has the file: nothing is left to resume, whatever the checks say.

@@ -32,6 +32,10 @@ def unverified_claims(token: str) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
+def _either(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def _ago(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -58,7 +62,7 @@ def explain_rejection(
         role_note = f"; its role is {role}" if isinstance(role, str) else ""
         return (
             f"the token may not upload ({answer}){role_note}: ask for a token with role "
-            f"{' or '.join(sorted(UPLOAD_ROLES))}, or the {UPLOAD_SCOPE} scope"
+            f"{_either(sorted(UPLOAD_ROLES))}, or the {UPLOAD_SCOPE} scope"
         )
     prefix = f"the server refused the token ({answer})"
     if claims is None:

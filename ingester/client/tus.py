@@ -90,6 +90,10 @@ class TusUpload:
                             f"{job.name}: resuming an interrupted upload at "
                             f"{human_bytes(offset)} of {human_bytes(size)}"
                         )
+                    elif self.attempts > 1:
+                        job.progress.note(
+                            f"{job.name}: the server has {human_bytes(offset)}; going on from there"
+                        )
                 self._hash_up_to(offset)
                 job.progress.update(offset)
                 before = offset
