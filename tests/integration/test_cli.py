@@ -155,7 +155,34 @@ async def test_dev_stack_from_banner_to_stored_file_and_clean_stop(tmp_path: Pat
                 await trio.sleep(0.1)
             banner = log.read_text()
             token = re.search(r"export TOKEN=(\S+)", banner).group(1)  # type: ignore[union-attr]
-            assert f"http://127.0.0.1:{port}/api/v1/files/upload" in banner
+            url = f"http://127.0.0.1:{port}"
+            assert f"{url}/api/v1/files/upload" in banner
+            # The API is on show: the docs page, listed in the service info.
+            assert f"API docs: {url}/docs" in banner
+            async with httpx.AsyncClient(trust_env=False) as http:
+                docs = await http.get(url + "/docs")
+                assert docs.status_code == 200
+                assert "swagger-ui" in docs.text
+                info = (await http.get(url + "/")).json()
+                assert info["endpoints"]["docs"] == "/docs"
+            # The banner's client line, pasted as it is (with $TOKEN set, as the banner says).
+            upload_line = re.search(
+                r"^    (\S+) upload --url (\S+) --token \"\$TOKEN\" (\S+)$", banner, re.M
+            )
+            assert upload_line is not None, banner
+            assert upload_line.group(2) == url
+            assert upload_line.group(1) == str(Path(sys.executable).parent / "ingester")
+            (tmp_path / "hello-cli.txt").write_bytes(b"hello from the client\n")
+            pasted = await trio.run_process(
+                [upload_line.group(1), "upload", "--url", url, "--token", token, "hello-cli.txt"],
+                cwd=tmp_path,
+                env=child_env({"XDG_CACHE_HOME": str(tmp_path / "cache")}),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert pasted.returncode == 0, pasted.stderr
+            assert pasted.stdout.decode().startswith("hello-cli.txt: stored 22 B as ")
             async with httpx.AsyncClient(trust_env=False) as http:
                 response = await post_upload(
                     http,
@@ -170,6 +197,8 @@ async def test_dev_stack_from_banner_to_stored_file_and_clean_stop(tmp_path: Pat
             assert response.status_code == 201, response.text
             stored = data_dir / "se-edit" / response.json()["storage_filename"]
             assert stored.read_bytes() == b"hello artStore\n"
+            from_client = list((data_dir / "se-edit").glob("hello-cli_*.txt"))
+            assert [p.read_bytes() for p in from_client] == [b"hello from the client\n"]
             assert (data_dir / "keys" / "private.pem").exists()
             # Ctrl-C reaches the whole foreground process group.
             os.killpg(process.pid, signal.SIGINT)
