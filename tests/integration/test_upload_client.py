@@ -313,11 +313,12 @@ async def test_an_interrupted_upload_is_resumed_unless_no_resume_is_given(
     stack: Stack, token: TokenFactory, tmp_path: Path, cache: Path
 ) -> None:
     """A state file an earlier run left (planted here: an upload with its first 4 MiB on
-    the server) is resumed; --no-resume drops that upload on the server and starts afresh."""
+    the server) is resumed; --no-resume drops that upload on the server and starts afresh;
+    an upload the server no longer has is started afresh."""
     size = 20 * MIB
     source = make_source(tmp_path / "planted.bin", size, seed=41)
     headers = {**auth(token()), "Tus-Resumable": "1.0.0"}
-    with trio.fail_after(60):
+    with trio.fail_after(90):
         async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
 
             async def plant() -> str:
@@ -379,6 +380,17 @@ async def test_an_interrupted_upload_is_resumed_unless_no_resume_is_given(
             await assert_stored(record, source, token())
             gone = await http.head(dropped_url, headers=headers)
             assert gone.status_code == 404
+
+            # An upload that is gone from the server (expired, removed) starts afresh.
+            removed_url = await plant()
+            removed = await http.delete(removed_url, headers=headers)
+            assert removed.status_code == 204
+            afresh = await run_upload("--json", str(source.path), env=env)
+            assert afresh.returncode == 0, afresh.stderr
+            assert "the interrupted upload is gone from the server" in afresh.stderr
+            [record] = afresh.records()
+            assert record["upload_id"] != removed_url.rsplit("/", 1)[1]
+            await assert_stored(record, source, token())
     assert state_files(cache) == []
 
 
