@@ -110,9 +110,7 @@ def test_as_root_the_missing_packages_are_installed_and_an_old_debian_node_is_le
         "apt-get install -y -qq --no-install-recommends "
         "redis-server docker-compose prometheus chromium",
     ]
-    assert (
-        f"Debian's nodejs is 18 (< {min_node_major()}): Node.js comes from PyPI" in result.stderr
-    )
+    assert f"Debian's nodejs is 18 (< {min_node_major()}): Node.js comes from PyPI" in result.stderr
 
 
 def test_as_root_a_recent_enough_debian_node_comes_from_apt(machine: Machine) -> None:
