@@ -309,6 +309,39 @@ async def test_a_killed_client_resumes_when_run_again(
     assert len(stack.all_files() - files_before) == 2  # one file and its .attr.json
 
 
+async def test_ctrl_c_keeps_the_state_and_says_how_to_resume(
+    stack: Stack, token: TokenFactory, tmp_path: Path, cache: Path
+) -> None:
+    source = make_source(tmp_path / "interrupted.bin", 20 * MIB, seed=51)
+
+    async def body(proxy: FaultProxy) -> None:
+        proxy.set_plan(FaultPlan(Fault.THROTTLE, bytes_per_s=4 * MIB))
+        with trio.fail_after(CLIENT_TIMEOUT_S):
+            process = await trio.lowlevel.open_process(
+                upload_argv("--url", proxy.url, str(source.path)),
+                env=client_env(cache, INGESTER_TOKEN=token()),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            assert process.stdout is not None
+            assert process.stderr is not None
+            async with process.stdout, process.stderr:
+                await eventually(lambda: proxy.bytes_upstream >= 2 * MIB, timeout_s=30)
+                process.send_signal(signal.SIGINT)
+                await process.wait()
+                stderr = b"".join([chunk async for chunk in process.stderr])
+                stdout = b"".join([chunk async for chunk in process.stdout])
+        assert process.returncode == 130
+        assert stdout == b""
+        assert stderr.decode().splitlines() == [
+            "ingester upload: interrupted; run the same command again to resume"
+        ]
+        [state] = state_files(cache)
+        assert json.loads(state.read_text())["kind"] == "tus"
+
+    await through_proxy(stack, body)
+
+
 async def test_an_interrupted_upload_is_resumed_unless_no_resume_is_given(
     stack: Stack, token: TokenFactory, tmp_path: Path, cache: Path
 ) -> None:
