@@ -10,6 +10,7 @@ Every container and volume a test makes is named after it and removed whatever h
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,12 +26,13 @@ import httpx
 import pytest
 import trio
 
-from tests.deploy.files import REPO, project_image
+from tests.deploy.files import IMAGE_NAME, REPO
 from tests.support.processes import child_env, free_port
 
 IMAGE_DIR: Final = REPO / "deploy" / "image"
-# The Redis image of the try-it stack, as `make image` names it by default.
-REDIS_IMAGE: Final = "artstore-redis:bookworm"
+# This checkout's own tags: other checkouts on the machine (podman's store is shared) may
+# build theirs at the same time, from other code.
+TEST_TAG: Final = "test-" + hashlib.sha256(str(REPO).encode()).hexdigest()[:10]
 # A fresh machine: apt-get install, debootstrap and upgrade (2-4 min here), both builds from
 # scratch (1-2 min). A cached base and layers make it seconds.
 BUILD_TIMEOUT_S: Final = 1800.0
@@ -69,7 +71,7 @@ def build_images() -> Images:
     make = shutil.which("make")
     if make is None:
         pytest.fail("make is not installed: apt-get install --no-install-recommends make")
-    images = Images(ingester=project_image(), redis=REDIS_IMAGE)
+    images = Images(ingester=f"{IMAGE_NAME}:{TEST_TAG}", redis=f"artstore-redis:{TEST_TAG}")
     argv = [make, "--no-print-directory", "image", f"IMAGE={images.ingester}"]
     argv.append(f"REDIS_IMAGE={images.redis}")
     try:
@@ -192,7 +194,7 @@ def _wait_live(name: str, url: str) -> None:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.2)
     logs = podman_sync("logs", name, check=False)
     raise AssertionError(f"{name} did not answer in {STARTUP_TIMEOUT_S} s:\n{tail(logs.stderr)}")
 
