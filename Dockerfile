@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 #
 # artStore Ingester image:  docker build -t artstore-ingester:0.1.0 .
+# Without a Docker engine or a registry: `make image` builds this file unchanged with podman
+# on a local Debian base passed as PYTHON_IMAGE (deploy/image/, deploy/README.md).
 #
 # Two stages: `builder` turns the project and every dependency into wheels (compilers exist
 # there only, for a dependency without a wheel for the platform); `runtime` is a slim Python

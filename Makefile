@@ -59,5 +59,14 @@ SOAK_UPLOADS ?= 300
 chaos: deps venv
 	INGESTER_SOAK_UPLOADS=$(SOAK_UPLOADS) $(BIN)/pytest tests/chaos -m soak $(PYTEST_ARGS)
 
+# The container images without a Docker engine or a registry: podman builds the Dockerfile
+# on a Debian bookworm base made here with debootstrap (cached by its recipe), plus the
+# try-it stack's Redis image; missing tools are installed first (deploy/image/, README).
+IMAGE ?= artstore-ingester:$(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+REDIS_IMAGE ?= artstore-redis:bookworm
+.PHONY: image
+image:
+	IMAGE=$(IMAGE) REDIS_IMAGE=$(REDIS_IMAGE) deploy/image/build.sh
+
 clean:
 	rm -rf $(VENV) .dev .pytest_cache .mypy_cache .ruff_cache .hypothesis .artifacts $(NODE_PROJECT)/node_modules

@@ -4,6 +4,7 @@ uploads, and the probe commands and paths the files carry answer as intended."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -119,8 +120,20 @@ async def run_check(argv: list[str], env: dict[str, str] | None = None) -> int:
 
 
 def compose_check(service: dict[str, Any]) -> list[str]:
+    """The check's argv: exec form, or one plain command in the shell form (the try-it
+    stack's, for Debian's podman-compose: see deploy/compose.yml), split as sh would."""
     test = service["healthcheck"]["test"]
-    assert test[0] == "CMD", "exec form: no shell in the container's check"
+    if test[0] == "CMD-SHELL":
+        (line,) = test[1:]
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        argv = list(lexer)
+        shell_syntax = [part for part in argv if set(part) <= set("();<>|&")]
+        assert not shell_syntax, f"one command, no shell syntax: {line!r}"
+        assert "$" not in line, f"no expansions: {line!r}"
+        assert "`" not in line, f"no expansions: {line!r}"
+        return argv
+    assert test[0] == "CMD", "exec form, or one command in the shell form"
     return list(test[1:])
 
 
