@@ -28,7 +28,7 @@ from ..http.multipart import parse_boundary
 from ..resilience.breaker import BreakerState
 from ..service import Service
 from ..settings import Settings
-from ..upload.digest import parse_content_digest
+from ..upload.digest import ExpectedDigest, parse_content_digest
 from ..upload.idempotency import parse_key, scoped_key
 from ..upload.ingest import body_fingerprint, collapse, ingest
 from .base import make_app
@@ -134,7 +134,11 @@ async def upload_file() -> Response:
 
 
 async def ingest_request(
-    svc: Service, principal: Principal, upload_id: str, boundary: bytes, digest: bytes | None
+    svc: Service,
+    principal: Principal,
+    upload_id: str,
+    boundary: bytes,
+    digest: ExpectedDigest | None,
 ) -> dict[str, Any]:
     return await ingest(
         svc,
@@ -153,7 +157,7 @@ async def ingest_once(
     principal: Principal,
     upload_id: str,
     boundary: bytes,
-    digest: bytes | None,
+    digest: ExpectedDigest | None,
     key: str,
 ) -> dict[str, Any]:
     """The first request with an Idempotency-Key: run it holding the key; a failure lets the
