@@ -22,6 +22,7 @@ from ..errors import (
     IngesterError,
     InvalidField,
     Unauthorized,
+    UploadIdInUse,
     UploadNotFound,
 )
 from ..http.multipart import parse_boundary
@@ -43,6 +44,8 @@ BREAKER_LEVELS: Final = {
     BreakerState.HALF_OPEN: 1,
     BreakerState.OPEN: 2,
 }
+# Names the per-user ids of uploads whose id the caller chose (`scoped_upload_id`).
+_UPLOAD_ID_NAMESPACE: Final = uuid.UUID("5b0c4c1e-6f7d-4d59-9a43-2c1e8f0d7a61")
 _UUID_RE: Final = re.compile(
     r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 )
@@ -103,21 +106,30 @@ async def upload_file() -> Response:
     supplied_id = request.headers.get("X-Upload-ID")
     if supplied_id is not None and not _UUID_RE.match(supplied_id):
         raise InvalidField("X-Upload-ID must be a UUID")
-    upload_id = str(uuid.UUID(supplied_id)) if supplied_id else str(uuid.uuid4())
-    if svc.progress.get(upload_id) is not None:
-        raise InvalidField(f"upload id {upload_id} is already in use")
+    if supplied_id:
+        # The caller's own name for the upload, in the caller's own namespace: another
+        # user's id is as free as an unknown one (ids must not tell who uploads what).
+        shown_id = str(uuid.UUID(supplied_id))
+        upload_id = scoped_upload_id(principal.subject, shown_id)
+        if svc.progress.get(upload_id) is not None:
+            raise UploadIdInUse(f"upload id {shown_id} is already in use")
+    else:
+        upload_id = shown_id = str(uuid.uuid4())
     logs.bind(upload_id=upload_id)
     key = parse_key(request.headers.get("Idempotency-Key"))
     headers: dict[str, str] = {}
     if key is None:
-        result = await ingest_request(svc, principal, upload_id, boundary, digest)
+        result = await ingest_request(svc, principal, upload_id, shown_id, boundary, digest)
     else:
         scoped = scoped_key(principal.subject, key)
         first = await svc.idempotency.claim(scoped, upload_id)
         if first is None:
-            result = await ingest_once(svc, principal, upload_id, boundary, digest, scoped)
+            result = await ingest_once(
+                svc, principal, upload_id, shown_id, boundary, digest, scoped
+            )
         elif first.state != "done" or first.result is None:
-            raise IdempotencyInProgress()
+            retry_after = first.retry_after_s(svc.idempotency.lease_s)
+            raise IdempotencyInProgress(headers={"Retry-After": str(retry_after)})
         else:
             seen = await body_fingerprint(svc, boundary=boundary, body=request.body)
             if seen != first.fingerprint:
@@ -133,14 +145,21 @@ async def upload_file() -> Response:
     return json_response(result, 201, headers=headers)
 
 
+def scoped_upload_id(user: str, shown_id: str) -> str:
+    """The id an upload with a caller-chosen `X-Upload-ID` runs under (progress, saga, logs):
+    unique per user and id, so two users' choices never meet."""
+    return str(uuid.uuid5(_UPLOAD_ID_NAMESPACE, f"{user}\0{shown_id}"))
+
+
 async def ingest_request(
     svc: Service,
     principal: Principal,
     upload_id: str,
+    shown_id: str,
     boundary: bytes,
     digest: ExpectedDigest | None,
 ) -> dict[str, Any]:
-    return await ingest(
+    result = await ingest(
         svc,
         principal=principal,
         upload_id=upload_id,
@@ -150,12 +169,14 @@ async def ingest_request(
         content_length=request.content_length,
         digest=digest,
     )
+    return {**result, "upload_id": shown_id}
 
 
 async def ingest_once(
     svc: Service,
     principal: Principal,
     upload_id: str,
+    shown_id: str,
     boundary: bytes,
     digest: ExpectedDigest | None,
     key: str,
@@ -168,7 +189,9 @@ async def ingest_once(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(guard.keep, key, upload_id)
                 try:
-                    result = await ingest_request(svc, principal, upload_id, boundary, digest)
+                    result = await ingest_request(
+                        svc, principal, upload_id, shown_id, boundary, digest
+                    )
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -184,11 +207,22 @@ async def ingest_once(
 async def upload_progress(upload_id: str) -> Response:
     svc = service()
     principal = await authenticate()
-    entry = svc.progress.get(upload_id)
+    entry = None
+    if _UUID_RE.match(upload_id):
+        # An id the caller chose (X-Upload-ID) lives in the caller's namespace.
+        shown_id = str(uuid.UUID(upload_id))
+        entry = svc.progress.get(scoped_upload_id(principal.subject, shown_id))
+    if entry is None:
+        shown_id = upload_id
+        entry = svc.progress.get(upload_id)
     # Someone else's upload is reported as missing: ids must not leak who uploads what.
     if entry is None or (entry.owner != principal.subject and not principal.is_admin):
-        raise UploadNotFound(f"no upload {upload_id} is known here")
-    return json_response(entry.as_json(svc.progress.now()), headers={"Cache-Control": "no-store"})
+        raise UploadNotFound(f"no upload {upload_id[:64]} is known here")
+    view = entry.as_json(svc.progress.now())
+    view["upload_id"] = shown_id
+    if view.get("result") is not None:
+        view["result"] = {**view["result"], "upload_id": shown_id}
+    return json_response(view, headers={"Cache-Control": "no-store"})
 
 
 # --- probes, metrics, info -------------------------------------------------------------------
