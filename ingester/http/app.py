@@ -341,7 +341,12 @@ async def openapi() -> Response:
 
 def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
     svc = Service(settings)
-    app = make_app("ingester", buffer_limit=settings.body_buffer_limit)
+    app = make_app(
+        "ingester",
+        buffer_limit=settings.body_buffer_limit,
+        min_rate_bytes=settings.client_min_rate_bytes,
+        min_rate_window_s=settings.client_min_rate_window_s,
+    )
     app.config["RETRY_AFTER_S"] = settings.retry_after_s
     app.config["INGESTER_SERVICE"] = svc
     install_cors(app, settings.cors_origins)
