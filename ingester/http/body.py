@@ -177,7 +177,10 @@ class BackpressureHTTPConnection(TrioASGIHTTPConnection):
     ) -> None:
         response = await self.app.handle_request(request)
         body = request.body
-        linger = isinstance(body, BoundedBody) and not body.complete
+        # A request without a body (a probe, a GET) often gets its answer before the ASGI
+        # message that ends its empty body arrives: nothing is left to read, so no linger
+        # and no `Connection: close` (which cost every probe a new connection).
+        linger = isinstance(body, BoundedBody) and not body.complete and _has_body(request)
         if linger:
             response.headers["Connection"] = "close"
 
@@ -199,3 +202,11 @@ class BackpressureHTTPConnection(TrioASGIHTTPConnection):
         # client's own pace decides; hypercorn's keep-alive timeout covers dead peers.
         await self._send_response(send_end_shielded, response)
         nursery.cancel_scope.cancel()
+
+
+def _has_body(request: Request) -> bool:
+    """Whether the request's framing announces body bytes (RFC 9112 section 6.3)."""
+    if "Transfer-Encoding" in request.headers:
+        return True
+    length = request.headers.get("Content-Length")
+    return length is not None and length.strip() not in ("", "0")

@@ -4,7 +4,7 @@ socket (for attacks httpx cannot make), and a tus client."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -38,6 +38,16 @@ async def assert_unharmed(stack: Stack, url: str, before: set[Path]) -> None:
     async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
         ready = await http.get(url + "/health/ready")
     assert ready.status_code == 200, ready.text
+
+
+async def until(check: Callable[[], Awaitable[bool]], *, timeout_s: float) -> None:
+    """Poll `check` (state in another process) until it holds; `trio.TooSlowError` if not
+    within `timeout_s`."""
+    with trio.fail_after(timeout_s):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.02)
 
 
 # --- raw HTTP ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from tests.conftest import Stack, TokenFactory
-from tests.hostile.common import assert_unharmed, error_code
+from tests.hostile.common import assert_unharmed, error_code, until
 from tests.support.client import MultipartUpload, auth, post_upload, send_stream
 
 DATA = b"the bytes the client means to store\n" * 100
@@ -125,24 +125,19 @@ async def test_a_repeat_while_the_first_runs_is_told_when_to_retry(
                         "X-Upload-ID": first_id,
                     },
                 )
+                url = stack.url + "/api/v1/files/upload"
                 first_answer.append(
-                    await send_stream(
-                        http,
-                        "POST",
-                        stack.url + "/api/v1/files/upload",
-                        Held(body, release),
-                        headers,
-                    )  # fmt: skip
+                    await send_stream(http, "POST", url, Held(body, release), headers)
                 )
 
             nursery.start_soon(first)
+
             # The first request holds the key once its progress shows (claim, then ingest).
-            while (
-                await http.get(
-                    f"{stack.url}/api/v1/files/uploads/{first_id}", headers=auth(token())
-                )
-            ).status_code != 200:
-                await trio.sleep(0.02)
+            async def claimed() -> bool:
+                progress = f"{stack.url}/api/v1/files/uploads/{first_id}"
+                return (await http.get(progress, headers=auth(token()))).status_code == 200
+
+            await until(claimed, timeout_s=10)
             repeat = await post_upload(
                 http, stack.url, token(), MultipartUpload([b"first"] * 3),
                 headers={"Idempotency-Key": key},
