@@ -1,4 +1,7 @@
-"""The ingester's QuartTrio app: routes for uploads, progress, probes, metrics and info."""
+"""The ingester's QuartTrio apps: the public one (uploads, progress, probes, metrics, info)
+and, with INGESTER_INTERNAL_PORT, an internal one serving only probes and metrics; the public
+readiness then says only `{"status"}` and its /metrics is 404 (element ids, modes, breaker
+states and load are nobody else's business)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..errors import (
     IdempotencyKeyReused,
     IngesterError,
     InvalidField,
+    NotFound,
     Unauthorized,
     UploadIdInUse,
     UploadNotFound,
@@ -52,6 +56,10 @@ _UUID_RE: Final = re.compile(
 
 api = Blueprint("api", __name__)
 ops = Blueprint("ops", __name__)
+# Probes and metrics: on the public app, and alone on the internal one.
+probes = Blueprint("probes", __name__)
+# app.config key: true when an internal listener serves metrics and readiness detail.
+DETAIL_ELSEWHERE: Final = "INGESTER_DETAIL_ON_INTERNAL_PORT"
 
 
 def service() -> Service:
@@ -228,16 +236,26 @@ async def upload_progress(upload_id: str) -> Response:
 # --- probes, metrics, info -------------------------------------------------------------------
 
 
-@ops.get("/health/live")
-@ops.get("/api/v1/health/live")
+@probes.get("/health/live")
+@probes.get("/api/v1/health/live")
 async def live() -> Response:
     return json_response({"status": "alive"})
 
 
-@ops.get("/health/ready")
-@ops.get("/api/v1/health/ready")
+@probes.get("/health/ready")
+@probes.get("/api/v1/health/ready")
 async def ready() -> Response:
     svc = service()
+    payload = readiness(svc)
+    if current_app.config.get(DETAIL_ELSEWHERE):
+        payload = {"status": payload["status"]}
+    if payload["status"] == "not_ready":
+        return json_response(payload, 503, headers={"Retry-After": str(svc.settings.retry_after_s)})
+    return json_response(payload)
+
+
+def readiness(svc: Service) -> dict[str, Any]:
+    """The readiness detail; `status` is `ready`, `degraded` (still serving) or `not_ready`."""
     registry = svc.registry
     elements = [
         {
@@ -278,14 +296,14 @@ async def ready() -> Response:
     if sync is not None and not sync.connected and not reasons:
         payload["status"] = "degraded"
         payload["degraded"] = [f"Redis unreachable: serving the {registry.source} registry"]
-    if reasons:
-        return json_response(payload, 503, headers={"Retry-After": str(svc.settings.retry_after_s)})
-    return json_response(payload)
+    return payload
 
 
-@ops.get("/metrics")
+@probes.get("/metrics")
 async def metrics() -> Response:
     svc = service()
+    if current_app.config.get(DETAIL_ELSEWHERE):
+        raise NotFound("metrics are served on the internal port")
     now = trio.current_time()
     # Per-element series are rebuilt from the registry in use: an element that left it
     # (or changed mode) must not keep reporting its last value.
@@ -350,8 +368,10 @@ def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
     app.config["RETRY_AFTER_S"] = settings.retry_after_s
     app.config["INGESTER_SERVICE"] = svc
     install_cors(app, settings.cors_origins)
+    app.config[DETAIL_ELSEWHERE] = settings.internal_port is not None
     app.register_blueprint(api)
     app.register_blueprint(ops)
+    app.register_blueprint(probes)
     app.register_blueprint(docs)
     # Imported here: the tus routes use this module's authenticate() and service().
     from ..tus.routes import tus
@@ -361,3 +381,14 @@ def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
 
     app.register_blueprint(finalize)
     return app, svc
+
+
+def create_internal_app(svc: Service) -> QuartTrio:
+    """The internal listener's app (INGESTER_INTERNAL_PORT): probes with their detail, and
+    /metrics; nothing else (no uploads, no docs)."""
+    app = make_app("ingester-internal", access_log=False)
+    app.config["RETRY_AFTER_S"] = svc.settings.retry_after_s
+    app.config["INGESTER_SERVICE"] = svc
+    app.config[DETAIL_ELSEWHERE] = False
+    app.register_blueprint(probes)
+    return app
