@@ -50,6 +50,8 @@ SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 REFUSAL_SEND_S: Final = 1.0
 REFUSAL_LINGER_S: Final = 0.5
 REFUSAL_LINGER_BYTES: Final = 64 * 1024
+# Refusals and evictions at the connection cap are logged once per this many.
+LOG_EVERY: Final = 100
 # The end of a request head (h11 accepts bare LF line ends too).
 _END_OF_HEAD: Final = re.compile(rb"\n\r?\n")
 _HTTP2_PREFACE: Final = b"PRI * HTTP/2.0"
@@ -216,6 +218,12 @@ class Connections:
         self.open.discard(conn)
         conn.evicted = True
         self.evictions += 1
+        if self.evictions % LOG_EVERY == 1:
+            log.info(
+                "connection cap reached: closing the longest-idle connection; %d closed so far",
+                self.evictions,
+                extra={"event": "connection_evicted"},
+            )
         if conn.read_scope is not None:
             conn.read_scope.cancel()
 
@@ -315,11 +323,14 @@ def _patch_run() -> None:
         self._ingester_conn = conn  # type: ignore[attr-defined]
         if not connections.admit(conn):
             retry = str(connections.limits.retry_after_s)
-            log.warning(
-                "connection refused: %d open connections (the cap)",
-                len(connections.open),
-                extra={"event": "connection_refused"},
-            )
+            if connections.refusals % LOG_EVERY == 1:  # a flood must not flood the log too
+                log.warning(
+                    "connection refused: %d open connections, all busy (the cap); "
+                    "%d refused so far",
+                    len(connections.open),
+                    connections.refusals,
+                    extra={"event": "connection_refused"},
+                )
             try:
                 await _refuse_raw(
                     self.stream,

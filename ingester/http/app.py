@@ -119,8 +119,16 @@ async def upload_file() -> Response:
         # user's id is as free as an unknown one (ids must not tell who uploads what).
         shown_id = str(uuid.UUID(supplied_id))
         upload_id = scoped_upload_id(principal.subject, shown_id)
-        if svc.progress.get(upload_id) is not None:
-            raise UploadIdInUse(f"upload id {shown_id} is already in use")
+        known = svc.progress.get(upload_id)
+        if known is not None:
+            # Free again once its progress record goes (retention after the end).
+            left = svc.settings.retry_after_s
+            if known.finished_at is not None:
+                ends = known.finished_at + svc.settings.progress_retention_s
+                left = max(1, math.ceil(ends - svc.progress.now()))
+            raise UploadIdInUse(
+                f"upload id {shown_id} is already in use", headers={"Retry-After": str(left)}
+            )
     else:
         upload_id = shown_id = str(uuid.uuid4())
     logs.bind(upload_id=upload_id)

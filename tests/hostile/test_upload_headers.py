@@ -75,6 +75,8 @@ async def test_another_users_upload_id_is_answered_as_an_unknown_one(
             )  # fmt: skip
             assert again.status_code == 409, again.text
             assert error_code(again) == "UPLOAD_ID_IN_USE"
+            # Free again when its progress record goes (5 minutes after the end).
+            assert 1 <= int(again.headers["Retry-After"]) <= 300
         stored = set().union(*(stored_by(stack, r) for r in (alice, *answers)))
         await assert_unharmed(stack, stack.url, before | stored)
 
