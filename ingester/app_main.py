@@ -5,23 +5,33 @@ run_ingester
   └── server nursery
         ├── drain_on_signal   SIGTERM/SIGINT -> readiness 503, new uploads 503,
         │                     in-flight uploads get the grace period, then stop
-        └── hypercorn         connections; each request runs in its own task
+        ├── hypercorn         connections; each request runs in its own task
+        └── hypercorn         the internal listener (probes, metrics), when configured
 """
 
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from functools import partial
 from typing import Final
 
 import trio
 from pydantic import ValidationError
 
 from . import logs
-from .http.app import create_app
-from .server import SHUTDOWN_SIGNALS, hypercorn_config, serve_app, set_socket_read_size
+from .http.app import create_app, create_internal_app
+from .server import (
+    SHUTDOWN_SIGNALS,
+    ConnectionLimits,
+    hypercorn_config,
+    serve_app,
+    set_socket_read_size,
+)
 from .service import Service
 from .settings import ConfigProblems, Settings
 
@@ -29,6 +39,11 @@ log = logging.getLogger(__name__)
 
 # Once uploads have drained, what is left (probes, progress polls) needs little time.
 HYPERCORN_GRACE_S: Final = 2.0
+# The internal listener serves probes and a scraper: a few connections, never a crowd.
+INTERNAL_MAX_CONNECTIONS: Final = 64
+# Descriptors besides client connections: element connections, spool and data files, Redis,
+# the internal listener.
+FD_HEADROOM: Final = 512
 
 
 def settings_or_exit() -> Settings:
@@ -58,9 +73,30 @@ def settings_or_exit() -> Settings:
         raise SystemExit(2) from None
 
 
+def raise_open_files_limit(connections: int) -> None:
+    """Each connection is a descriptor, and so are element connections, spool and data files:
+    raise the soft limit (often 1024 in containers) toward the hard one for the cap."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open files limit %d is below INGESTER_MAX_CONNECTIONS + %d: at the cap, "
+            "accepting connections will fail before the cap refuses them",
+            soft,
+            FD_HEADROOM,
+            extra={"event": "fd_limit_low"},
+        )
+
+
 def serve_command() -> int:
     settings = settings_or_exit()
     logs.configure(settings.log_format, settings.log_level)
+    raise_open_files_limit(settings.max_connections)
     try:
         trio.run(run_ingester, settings)
     except ValueError as exc:  # a key file that cannot be read, for instance
@@ -90,7 +126,16 @@ async def run_ingester(
 ) -> None:
     app, service = create_app(settings)
     set_socket_read_size(settings.socket_read_size)
-    config = hypercorn_config(settings.host, settings.port, graceful_timeout=HYPERCORN_GRACE_S)
+    limits = ConnectionLimits(
+        header_timeout_s=settings.header_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        max_connections=settings.max_connections,
+        retry_after_s=settings.retry_after_s,
+    )
+    config = hypercorn_config(
+        settings.host, settings.port, graceful_timeout=HYPERCORN_GRACE_S, limits=limits
+    )
     config.max_app_queue_size = settings.app_queue_size
     stop = trio.Event()
     drain_scope = trio.CancelScope()
@@ -133,6 +178,27 @@ async def run_ingester(
                 await serve_app(app, config, shutdown_trigger=stop.wait, task_status=task_status)
                 server_nursery.cancel_scope.cancel()
 
+            if settings.internal_port is not None:
+                # Started first: probes and metrics answer as soon as the public port does.
+                internal_config = hypercorn_config(
+                    settings.internal_host or settings.host,
+                    settings.internal_port,
+                    graceful_timeout=HYPERCORN_GRACE_S,
+                    limits=replace(limits, max_connections=INTERNAL_MAX_CONNECTIONS),
+                )
+                internal = await server_nursery.start(
+                    partial(
+                        serve_app,
+                        create_internal_app(service),
+                        internal_config,
+                        shutdown_trigger=stop.wait,
+                    )
+                )
+                log.info(
+                    "internal listener (probes, metrics) on %s",
+                    ", ".join(internal),
+                    extra={"event": "listening_internal"},
+                )
             binds = await server_nursery.start(serve)
             log.info("ingester listening on %s", ", ".join(binds), extra={"event": "listening"})
             task_status.started(binds)

@@ -63,6 +63,14 @@ class InvalidDigestHeader(BadRequest):
     default_message = "Content-Digest must carry sha-256=:<base64>:"
 
 
+class UnsupportedDigest(BadRequest):
+    """`Content-Digest` names only algorithms we do not verify: refused rather than stored
+    unverified while the client believes it was checked."""
+
+    code = "UNSUPPORTED_CONTENT_DIGEST"
+    default_message = "Content-Digest names no algorithm this server verifies"
+
+
 class Unauthorized(IngesterError):
     status = 401
     code = "UNAUTHORIZED"
@@ -103,6 +111,21 @@ class RequestTimeout(IngesterError):
     default_message = "the client stopped sending the body"
 
 
+class ClientTooSlow(RequestTimeout):
+    """The body arrived below the minimum rate (INGESTER_CLIENT_MIN_RATE_*)."""
+
+    code = "CLIENT_TOO_SLOW"
+    default_message = "the client sent the body too slowly"
+
+
+class UploadIdInUse(IngesterError):
+    """The caller's own `X-Upload-ID` is still in use (in flight, or finished recently)."""
+
+    status = 409
+    code = "UPLOAD_ID_IN_USE"
+    default_message = "this X-Upload-ID is already in use"
+
+
 class IdempotencyInProgress(IngesterError):
     status = 409
     code = "IDEMPOTENCY_IN_PROGRESS"
@@ -119,6 +142,15 @@ class FileTooLarge(IngesterError):
     status = 413
     code = "FILE_TOO_LARGE"
     default_message = "the file is larger than the configured maximum"
+
+
+class HeadersTooLarge(IngesterError):
+    """The request head is over INGESTER_MAX_HEADER_BYTES or INGESTER_MAX_HEADERS. Answered
+    by the connection layer (`ingester.server`) before any route runs."""
+
+    status = 431
+    code = "REQUEST_HEADERS_TOO_LARGE"
+    default_message = "the request headers are too large"
 
 
 class UnsupportedMediaType(IngesterError):

@@ -45,6 +45,35 @@ class _ContextFilter(logging.Filter):
 
 _RESERVED: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
+# Characters a log line must never carry raw, whatever a client put in a token claim, a
+# file name or a header: every control character (C0, DEL, C1: NEL ends a line for some
+# readers, ESC starts terminal sequences), the line and paragraph separators U+2028/U+2029
+# (line ends for JavaScript and some log shippers), and the bidirectional controls that make
+# a viewer show text in another order than it is stored.
+_UNSAFE: Final = [
+    *range(0x00, 0x20),
+    *range(0x7F, 0xA0),
+    0x2028,
+    0x2029,
+    *(0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)),
+]
+# In JSON the escapes are JSON's own (`json.dumps` already escapes C0); in text, Python's.
+_JSON_ESCAPES: Final = {code: f"\\u{code:04x}" for code in _UNSAFE if code >= 0x20}
+_TEXT_ESCAPES: Final = {
+    code: ascii(chr(code))[1:-1] if code < 0x100 else f"\\u{code:04x}" for code in _UNSAFE
+}
+
+
+def escape_json(line: str) -> str:
+    """A JSON document with no unsafe character raw. Such characters can only sit inside
+    strings, where a `\\uXXXX` escape decodes back to the same text."""
+    return line.translate(_JSON_ESCAPES)
+
+
+def escape_text(text: str) -> str:
+    """`text` on one line: control characters and separators shown as escapes."""
+    return text.translate(_TEXT_ESCAPES)
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -64,18 +93,27 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = value
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
-        return json.dumps(payload, default=str, ensure_ascii=False)
+        return escape_json(json.dumps(payload, default=str, ensure_ascii=False))
 
 
 class TextFormatter(logging.Formatter):
+    """One line per record, escaped; a traceback follows on lines indented by four spaces
+    (its own text escaped too), so no text a client chose can start a line of its own."""
+
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        base = escape_text(self.formatMessage(record))
         extras = " ".join(
-            f"{key}={value}"
+            f"{key}={escape_text(str(value))}"
             for key, value in record.__dict__.items()
             if key not in _RESERVED and not key.startswith("_") and value is not None
         )
-        return f"{base} {extras}" if extras else base
+        line = f"{base} {extras}" if extras else base
+        if record.exc_info:
+            trace = self.formatException(record.exc_info)
+            line += "".join(f"\n    {escape_text(part)}" for part in trace.split("\n"))
+        return line
 
 
 def configure(fmt: str = "json", level: str = "INFO") -> None:

@@ -4,36 +4,106 @@
 `serve_app` binds, reports the bound URLs through `task_status` (callers can
 `await nursery.start(serve_app, ...)` and know the port is open), and returns once
 `shutdown_trigger` has fired and connections have drained or hit `graceful_timeout`.
+
+hypercorn (0.18) lacks what a server facing hostile clients needs; each gap is closed by one
+patch below, in one place, with its reason (installed once per process by `serve_app`):
+
+- `_read_data`: a header-read timeout (hypercorn's only clock before a request head is
+  complete is the 75 s keep-alive timer), eviction at the connection cap, and no CLOSE_WAIT
+  after the client closed.
+- `_run`: a cap on open connections (`ConnectionLimits.max_connections`).
+- `_guard_heads`: hard caps on request-head bytes and header count whatever the TCP
+  segmentation (h11's own cap only applies while a head is incomplete: 10,000 headers in one
+  segment were parsed), and no HTTP/2 (prior knowledge or h2c upgrade), which would bypass
+  all of the above.
+- `_send_error_response`: connection-level refusals (400, 408, 431, 505) carry the
+  project's JSON envelope and an `X-Request-ID`, like every other answer.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import signal
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from itertools import chain
+from math import inf
 from typing import Any, Final
 
+import h11
 import hypercorn.trio.tcp_server
 import trio
 from hypercorn.config import Config
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+# A refusal written straight to the socket, and the close after it: bounded, so a client
+# that does not read cannot hold the connection.
+REFUSAL_SEND_S: Final = 1.0
+REFUSAL_LINGER_S: Final = 0.5
+REFUSAL_LINGER_BYTES: Final = 64 * 1024
+# Refusals and evictions at the connection cap are logged once per this many.
+LOG_EVERY: Final = 100
+# The end of a request head (h11 accepts bare LF line ends too).
+_END_OF_HEAD: Final = re.compile(rb"\n\r?\n")
+_HTTP2_PREFACE: Final = b"PRI * HTTP/2.0"
+# Connection-level answers and their codes (`ingester.errors` names the same).
+_CODES: Final = {
+    400: "BAD_REQUEST",
+    408: "CLIENT_TIMEOUT",
+    431: "REQUEST_HEADERS_TOO_LARGE",
+    503: "SERVICE_BUSY",
+    505: "HTTP_VERSION_NOT_SUPPORTED",
+}
+_REASONS: Final = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """What one listener allows its clients before a route runs."""
+
+    # A request head must be whole this long after the connection's accept, or after its
+    # first byte on a kept-alive connection.
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    # Open connections; None: no cap.
+    max_connections: int | None = None
+    retry_after_s: int = 5
 
 
 def hypercorn_config(
-    host: str, port: int, *, graceful_timeout: float, keep_alive_s: float = 75.0
+    host: str,
+    port: int,
+    *,
+    graceful_timeout: float,
+    keep_alive_s: float = 75.0,
+    limits: ConnectionLimits | None = None,
 ) -> Config:
+    limits = limits or ConnectionLimits()
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.graceful_timeout = graceful_timeout
     # Longer than common load balancers' idle timeouts (60 s), so they close first.
     config.keep_alive_timeout = keep_alive_s
+    config.h11_max_incomplete_size = limits.max_header_bytes
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.ingester_connections = Connections(limits)  # type: ignore[attr-defined]
     return config
 
 
@@ -42,25 +112,372 @@ def set_socket_read_size(size: int) -> None:
     hypercorn.trio.tcp_server.MAX_RECV = size
 
 
-def close_idle_connections_on_peer_eof() -> None:
-    """Close a keep-alive connection as soon as its client does.
+# --- the head caps (pure) --------------------------------------------------------------------
 
-    hypercorn (0.18) starts its keep-alive timer when a response completes; when the client
-    then closes, its read loop ends but the connection's task group still waits for that
-    timer, so the socket sits in CLOSE_WAIT for the whole `keep_alive_timeout` (75 s here,
-    measured: 15 of 20 curl uploads). Stopping the timer once the read loop ends closes the
-    socket at once. Idempotent.
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    status: int
+    message: str
+
+    @property
+    def code(self) -> str:
+        return _CODES.get(self.status, f"HTTP_{self.status}")
+
+
+def head_problem(data: bytes, *, max_bytes: int, max_headers: int) -> Refusal | None:
+    """What is wrong with the start of a request head, as far as `data` goes (complete or
+    not): too many bytes, too many fields, or HTTP/2. None while it may still be fine."""
+    if data[: len(_HTTP2_PREFACE)] == _HTTP2_PREFACE:
+        return Refusal(505, "HTTP/2 is not served here; use HTTP/1.1")
+    end = _END_OF_HEAD.search(data, 0, max_bytes)
+    if end is None and len(data) > max_bytes:
+        return Refusal(431, f"the request head is larger than {max_bytes} bytes")
+    head_end = end.end() if end is not None else len(data)
+    # Each field ends a line; so do the request line and, once complete, the blank line.
+    lines = data.count(b"\n", 0, head_end)
+    fields = lines - 2 if end is not None else lines - 1
+    if fields > max_headers:
+        return Refusal(431, f"the request has more than {max_headers} header fields")
+    return None
+
+
+class _GuardedConnection(h11.Connection):
+    """h11's server connection, with `head_problem` checked before each head is parsed: the
+    refusal is raised as h11's own `RemoteProtocolError`, so hypercorn answers and closes
+    the usual way."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self._limits = limits
+        self.refusal: Refusal | None = None
+
+    def _extract_next_receive_event(self) -> Any:
+        if self.their_state is h11.IDLE:
+            self.refusal = head_problem(
+                bytes(self._receive_buffer),
+                max_bytes=self._limits.max_header_bytes,
+                max_headers=self._limits.max_headers,
+            )
+            if self.refusal is not None:
+                raise h11.RemoteProtocolError(
+                    self.refusal.message, error_status_hint=self.refusal.status
+                )
+        return super()._extract_next_receive_event()
+
+
+# --- the connections of one listener --------------------------------------------------------
+
+
+@dataclass(eq=False, slots=True)
+class _Connection:
+    server: TCPServer
+    accepted_at: float
+    # When the head being waited for began (its first byte; the accept for the first).
+    head_started: float | None
+    # When it last became idle (accepted, or its last response done).
+    idle_since: float
+    head_bytes: bool = False
+    requests_seen: int = 0
+    read_scope: trio.CancelScope | None = None
+    evicted: bool = False
+
+    def waiting_since(self) -> float | None:
+        """Since when it has waited for a request head; None while a request runs."""
+        if not _waiting_for_head(self.server):
+            return None
+        return self.head_started if self.head_started is not None else self.idle_since
+
+
+@dataclass(eq=False)
+class Connections:
+    """The open connections of one listener, for its cap."""
+
+    limits: ConnectionLimits
+    open: set[_Connection] = field(default_factory=set)
+    evictions: int = 0
+    refusals: int = 0
+
+    def admit(self, conn: _Connection) -> bool:
+        """Count `conn` in; at the cap, close the connection that has waited longest for a
+        request head to make room. False when every connection is busy: refuse it."""
+        cap = self.limits.max_connections
+        if cap is not None and len(self.open) >= cap:
+            victim = self._longest_waiting()
+            if victim is None:
+                self.refusals += 1
+                return False
+            self.evict(victim)
+        self.open.add(conn)
+        return True
+
+    def leave(self, conn: _Connection) -> None:
+        self.open.discard(conn)
+
+    def evict(self, conn: _Connection) -> None:
+        self.open.discard(conn)
+        conn.evicted = True
+        self.evictions += 1
+        if self.evictions % LOG_EVERY == 1:
+            log.info(
+                "connection cap reached: closing the longest-idle connection; %d closed so far",
+                self.evictions,
+                extra={"event": "connection_evicted"},
+            )
+        if conn.read_scope is not None:
+            conn.read_scope.cancel()
+
+    def _longest_waiting(self) -> _Connection | None:
+        waiting = [(since, c) for c in self.open if (since := c.waiting_since()) is not None]
+        return min(waiting, key=lambda item: item[0])[1] if waiting else None
+
+
+def _connections(config: Config) -> Connections:
+    found = getattr(config, "ingester_connections", None)
+    if not isinstance(found, Connections):
+        found = Connections(ConnectionLimits())
+        config.ingester_connections = found  # type: ignore[attr-defined]
+    return found
+
+
+def _h11(server: TCPServer) -> H11Protocol | None:
+    wrapper = getattr(server, "protocol", None)
+    inner = getattr(wrapper, "protocol", None)
+    return inner if isinstance(inner, H11Protocol) else None
+
+
+def _buffered(protocol: H11Protocol) -> bool:
+    """Whether h11 holds received bytes it has not parsed into events yet."""
+    connection = protocol.connection
+    return isinstance(connection, h11.Connection) and bool(connection.trailing_data[0])
+
+
+def _waiting_for_head(server: TCPServer) -> bool:
+    protocol = _h11(server)
+    if protocol is None:
+        return False
+    connection = protocol.connection
+    return isinstance(connection, h11.Connection) and connection.their_state is h11.IDLE
+
+
+def error_body(status: int, message: str, request_id: str) -> bytes:
+    code = _CODES.get(status, f"HTTP_{status}")
+    return json.dumps(
+        {"error": {"code": code, "message": message, "request_id": request_id}}
+    ).encode()
+
+
+def _raw_response(status: int, message: str, extra: dict[str, str] | None = None) -> bytes:
+    request_id = uuid.uuid4().hex
+    body = error_body(status, message, request_id)
+    headers = {
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "connection": "close",
+        "x-request-id": request_id,
+        **(extra or {}),
+    }
+    head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n" + "".join(
+        f"{name}: {value}\r\n" for name, value in headers.items()
+    )
+    return (head + "\r\n").encode("latin-1") + body
+
+
+async def _refuse_raw(stream: Any, response: bytes) -> None:
+    """Write `response`, stop sending, and read what the client had sent (briefly), so the
+    kernel's reset of unread input does not destroy the answer; then close."""
+    with trio.move_on_after(REFUSAL_SEND_S):
+        try:
+            await stream.send_all(response)
+            await stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            return
+    with trio.move_on_after(REFUSAL_LINGER_S):
+        drained = 0
+        while drained < REFUSAL_LINGER_BYTES:
+            try:
+                data = await stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            drained += len(data)
+
+
+# --- the patches ------------------------------------------------------------------------
+
+
+def _patch_run() -> None:
+    """The connection cap: a connection is counted in before hypercorn serves it. At the
+    cap, the connection that has waited longest for a request head (idle keep-alive, a
+    client that connected and said nothing, a slow head) is closed to make room, as nginx
+    reuses its idle connections; when every connection has a request running, the new one
+    gets 503 SERVICE_BUSY with Retry-After at once and is closed. Stopping to accept
+    instead would leave it in the kernel's queue, where a health probe would time out."""
+    run = TCPServer.run
+
+    async def _run(self: TCPServer) -> None:
+        connections = _connections(self.config)
+        now = trio.current_time()
+        conn = _Connection(self, accepted_at=now, head_started=now, idle_since=now)
+        self._ingester_conn = conn  # type: ignore[attr-defined]
+        if not connections.admit(conn):
+            retry = str(connections.limits.retry_after_s)
+            if connections.refusals % LOG_EVERY == 1:  # a flood must not flood the log too
+                log.warning(
+                    "connection refused: %d open connections, all busy (the cap); "
+                    "%d refused so far",
+                    len(connections.open),
+                    connections.refusals,
+                    extra={"event": "connection_refused"},
+                )
+            try:
+                await _refuse_raw(
+                    self.stream,
+                    _raw_response(
+                        503, "too many open connections; retry shortly", {"retry-after": retry}
+                    ),
+                )
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.stream.aclose()
+            return
+        try:
+            await run(self)
+        finally:
+            connections.leave(conn)
+
+    TCPServer.run = _run  # type: ignore[method-assign]
+
+
+def _patch_read_data() -> None:
+    """The read loop, with three additions to hypercorn's:
+
+    - Header-read timeout: a request head must be whole `header_timeout_s` after the accept
+      (first request) or after its first byte (later requests on a kept-alive connection;
+      the idle time before is the keep-alive timeout's). A partial head then gets 408
+      CLIENT_TIMEOUT; a connection that sent nothing is closed silently.
+    - Eviction: the connection cap cancels the read of the connection it closes.
+    - No CLOSE_WAIT: hypercorn starts its keep-alive timer when a response completes; when
+      the client then closes, the read loop ends but the connection's task group still waits
+      for that timer, so the socket sat in CLOSE_WAIT for the whole keep-alive timeout (75 s,
+      measured: 15 of 20 curl uploads). Stopping the timer once the loop ends closes it.
     """
-    if getattr(TCPServer._read_data, "_closes_on_eof", False):
-        return
-    read_data = TCPServer._read_data
 
     async def _read_data(self: TCPServer) -> None:
-        await read_data(self)
+        conn: _Connection | None = getattr(self, "_ingester_conn", None)
+        timeout_s = _connections(self.config).limits.header_timeout_s
+        while True:
+            deadline = inf
+            waiting = _waiting_for_head(self)
+            protocol = _h11(self)
+            if conn is not None and protocol is not None:
+                if protocol.keep_alive_requests != conn.requests_seen:
+                    # A new request cycle: the next head's clock starts with its first byte.
+                    conn.requests_seen = protocol.keep_alive_requests
+                    conn.head_started, conn.head_bytes = None, False
+                    conn.idle_since = trio.current_time()
+                if waiting and conn.head_started is None and _buffered(protocol):
+                    # Bytes of a head that came while the last response was still going out
+                    # (or pipelined after it): its clock starts now.
+                    conn.head_started = trio.current_time()
+                    conn.head_bytes = True
+                if waiting and conn.head_started is not None:
+                    deadline = conn.head_started + timeout_s
+                if conn.evicted:
+                    break
+            with trio.CancelScope(deadline=deadline) as scope:
+                if conn is not None:
+                    conn.read_scope = scope
+                try:
+                    data = await self.stream.receive_some(hypercorn.trio.tcp_server.MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                finally:
+                    if conn is not None:
+                        conn.read_scope = None
+            if scope.cancelled_caught:
+                if conn is not None and not conn.evicted and conn.head_bytes:
+                    await _timed_out(self, timeout_s)
+                break
+            if conn is not None and _waiting_for_head(self):
+                # These bytes start (or go on with) a request head.
+                if conn.head_started is None:
+                    conn.head_started = trio.current_time()
+                conn.head_bytes = conn.head_bytes or bool(data)
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        await self.protocol.handle(Closed())
         await self.idle_task.stop()
 
-    _read_data._closes_on_eof = True  # type: ignore[attr-defined]
     TCPServer._read_data = _read_data  # type: ignore[method-assign]
+
+
+async def _timed_out(server: TCPServer, timeout_s: float) -> None:
+    response = _raw_response(408, f"the request headers did not arrive within {timeout_s:g} s")
+    async with server.send_lock:
+        await _refuse_raw(server.stream, response)
+
+
+def _guard_heads() -> None:
+    """Head caps and HTTP/1.1 only: every h11 connection is a `_GuardedConnection`, and an
+    `Upgrade: h2c` is ignored (the request is served as HTTP/1.1, which RFC 9110 allows)."""
+    init = H11Protocol.__init__
+
+    def __init__(self: H11Protocol, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.connection = _GuardedConnection(_connections(self.config).limits)
+
+    async def _check_protocol(self: H11Protocol, event: h11.Request) -> None:
+        return None
+
+    H11Protocol.__init__ = __init__  # type: ignore[method-assign]
+    H11Protocol._check_protocol = _check_protocol  # type: ignore[method-assign]
+
+
+def _patch_error_response() -> None:
+    """hypercorn answers a request h11 cannot parse with an empty body; ours carry the JSON
+    envelope and an `X-Request-ID` like every other answer (400 malformed, 431 too large,
+    505 HTTP/2)."""
+
+    async def _send_error_response(self: H11Protocol, status_code: int) -> None:
+        refusal = getattr(self.connection, "refusal", None)
+        if isinstance(refusal, Refusal) and refusal.status == status_code:
+            message = refusal.message
+        elif status_code == 431:
+            message = f"the request head is larger than {self.config.h11_max_incomplete_size} bytes"
+        else:
+            message = "the request is not valid HTTP/1.1"
+        request_id = uuid.uuid4().hex
+        body = error_body(status_code, message, request_id)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            (b"x-request-id", request_id.encode()),
+        ]
+        await self._send_h11_event(
+            h11.Response(
+                status_code=status_code,
+                headers=list(chain(headers, self.config.response_headers("h11"))),
+            )
+        )
+        await self._send_h11_event(h11.Data(data=body))
+        await self._send_h11_event(h11.EndOfMessage())
+
+    H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
+
+
+def install_hypercorn_patches() -> None:
+    """Apply the patches above (idempotent)."""
+    if getattr(TCPServer, "_ingester_patched", False):
+        return
+    _patch_run()
+    _patch_read_data()
+    _guard_heads()
+    _patch_error_response()
+    TCPServer._ingester_patched = True  # type: ignore[attr-defined]
 
 
 async def serve_app(
@@ -70,7 +487,7 @@ async def serve_app(
     shutdown_trigger: Callable[[], Awaitable[None]],
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    close_idle_connections_on_peer_eof()
+    install_hypercorn_patches()
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 

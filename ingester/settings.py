@@ -66,6 +66,11 @@ class Settings(BaseSettings):
 
     host: str = "0.0.0.0"
     port: int = Field(default=8020, ge=0, le=65535)
+    # A second listener for /metrics and readiness detail (unset: both on the public port).
+    # When set, the public port's readiness answers only {"status"} and its /metrics is 404.
+    internal_port: int | None = Field(default=None, ge=0, le=65535)
+    # Where the internal listener binds; unset means INGESTER_HOST.
+    internal_host: str | None = None
 
     # --- authentication of callers
     auth_public_key_path: Path | None = None
@@ -167,6 +172,25 @@ class Settings(BaseSettings):
     compression_min_gain: float = Field(default=0.95, gt=0, le=1)
     progress_retention_s: float = Field(default=300.0, gt=0)
 
+    # --- hostile clients (see the README's "Hostile clients")
+    # A request head must arrive whole within this long: from the connection's accept, or
+    # from its first byte on a kept-alive connection. Else 408 (or a silent close if nothing
+    # came).
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    # Request heads larger than this, or with more header fields, get 431 however the bytes
+    # arrive.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    # Open client connections of the public listener. At the cap the connection that has
+    # waited longest for a request head is closed to make room; with none idle, the new one
+    # gets 503 SERVICE_BUSY at once.
+    max_connections: int = Field(default=1024, ge=16)
+    # A request body must bring at least this many bytes in every window of this many
+    # seconds the server spends waiting for it (time the server is not reading is not
+    # counted); else 408 CLIENT_TOO_SLOW. 0 bytes turns the check off.
+    client_min_rate_bytes: int = Field(default=16 * 1024, ge=0)
+    client_min_rate_window_s: float = Field(default=60.0, gt=0)
+
     # --- HTTP surface
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_format: Literal["json", "text"] = "json"
@@ -193,6 +217,11 @@ class Settings(BaseSettings):
     tus_lock_wait_s: float = Field(default=10.0, gt=0)
     # How long a retried final PATCH waits for the store in progress before answering 503.
     tus_completion_wait_s: float = Field(default=600.0, gt=0)
+    # Per user (the token's `sub`): unfinished uploads at once, and the sum of their declared
+    # lengths (a deferred length counts as Tus-Max-Size until declared); past either, 429.
+    # 0 turns a cap off.
+    tus_max_uploads_per_user: int = Field(default=100, ge=0)
+    tus_max_bytes_per_user: int = Field(default=50 * GIB, ge=0)
 
     # --- finalization (temporary -> permanent at /api/v1/finalize; see the README)
     # The source copy is deleted this long after the commit (a safety delay: readers that
@@ -252,6 +281,12 @@ class Settings(BaseSettings):
                 "INGESTER_SE_AUTH=client_credentials needs INGESTER_SE_TOKEN_URL, "
                 "INGESTER_SE_CLIENT_ID and INGESTER_SE_CLIENT_SECRET"
             )
+        if (
+            self.internal_port is not None
+            and self.internal_port == self.port != 0
+            and (self.internal_host or self.host) == self.host
+        ):
+            problems.append("INGESTER_INTERNAL_PORT must differ from INGESTER_PORT")
         ids = [element.id for element in self.storage_elements]
         if len(ids) != len(set(ids)):
             problems.append("INGESTER_STORAGE_ELEMENTS has duplicate ids")

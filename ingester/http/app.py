@@ -1,4 +1,7 @@
-"""The ingester's QuartTrio app: routes for uploads, progress, probes, metrics and info."""
+"""The ingester's QuartTrio apps: the public one (uploads, progress, probes, metrics, info)
+and, with INGESTER_INTERNAL_PORT, an internal one serving only probes and metrics; the public
+readiness then says only `{"status"}` and its /metrics is 404 (element ids, modes, breaker
+states and load are nobody else's business)."""
 
 from __future__ import annotations
 
@@ -21,14 +24,16 @@ from ..errors import (
     IdempotencyKeyReused,
     IngesterError,
     InvalidField,
+    NotFound,
     Unauthorized,
+    UploadIdInUse,
     UploadNotFound,
 )
 from ..http.multipart import parse_boundary
 from ..resilience.breaker import BreakerState
 from ..service import Service
 from ..settings import Settings
-from ..upload.digest import parse_content_digest
+from ..upload.digest import ExpectedDigest, parse_content_digest
 from ..upload.idempotency import parse_key, scoped_key
 from ..upload.ingest import body_fingerprint, collapse, ingest
 from .base import make_app
@@ -43,12 +48,18 @@ BREAKER_LEVELS: Final = {
     BreakerState.HALF_OPEN: 1,
     BreakerState.OPEN: 2,
 }
+# Names the per-user ids of uploads whose id the caller chose (`scoped_upload_id`).
+_UPLOAD_ID_NAMESPACE: Final = uuid.UUID("5b0c4c1e-6f7d-4d59-9a43-2c1e8f0d7a61")
 _UUID_RE: Final = re.compile(
     r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$"
 )
 
 api = Blueprint("api", __name__)
 ops = Blueprint("ops", __name__)
+# Probes and metrics: on the public app, and alone on the internal one.
+probes = Blueprint("probes", __name__)
+# app.config key: true when an internal listener serves metrics and readiness detail.
+DETAIL_ELSEWHERE: Final = "INGESTER_DETAIL_ON_INTERNAL_PORT"
 
 
 def service() -> Service:
@@ -103,21 +114,38 @@ async def upload_file() -> Response:
     supplied_id = request.headers.get("X-Upload-ID")
     if supplied_id is not None and not _UUID_RE.match(supplied_id):
         raise InvalidField("X-Upload-ID must be a UUID")
-    upload_id = str(uuid.UUID(supplied_id)) if supplied_id else str(uuid.uuid4())
-    if svc.progress.get(upload_id) is not None:
-        raise InvalidField(f"upload id {upload_id} is already in use")
+    if supplied_id:
+        # The caller's own name for the upload, in the caller's own namespace: another
+        # user's id is as free as an unknown one (ids must not tell who uploads what).
+        shown_id = str(uuid.UUID(supplied_id))
+        upload_id = scoped_upload_id(principal.subject, shown_id)
+        known = svc.progress.get(upload_id)
+        if known is not None:
+            # Free again once its progress record goes (retention after the end).
+            left = svc.settings.retry_after_s
+            if known.finished_at is not None:
+                ends = known.finished_at + svc.settings.progress_retention_s
+                left = max(1, math.ceil(ends - svc.progress.now()))
+            raise UploadIdInUse(
+                f"upload id {shown_id} is already in use", headers={"Retry-After": str(left)}
+            )
+    else:
+        upload_id = shown_id = str(uuid.uuid4())
     logs.bind(upload_id=upload_id)
     key = parse_key(request.headers.get("Idempotency-Key"))
     headers: dict[str, str] = {}
     if key is None:
-        result = await ingest_request(svc, principal, upload_id, boundary, digest)
+        result = await ingest_request(svc, principal, upload_id, shown_id, boundary, digest)
     else:
         scoped = scoped_key(principal.subject, key)
         first = await svc.idempotency.claim(scoped, upload_id)
         if first is None:
-            result = await ingest_once(svc, principal, upload_id, boundary, digest, scoped)
+            result = await ingest_once(
+                svc, principal, upload_id, shown_id, boundary, digest, scoped
+            )
         elif first.state != "done" or first.result is None:
-            raise IdempotencyInProgress()
+            retry_after = first.retry_after_s(svc.idempotency.lease_s)
+            raise IdempotencyInProgress(headers={"Retry-After": str(retry_after)})
         else:
             seen = await body_fingerprint(svc, boundary=boundary, body=request.body)
             if seen != first.fingerprint:
@@ -133,10 +161,21 @@ async def upload_file() -> Response:
     return json_response(result, 201, headers=headers)
 
 
+def scoped_upload_id(user: str, shown_id: str) -> str:
+    """The id an upload with a caller-chosen `X-Upload-ID` runs under (progress, saga, logs):
+    unique per user and id, so two users' choices never meet."""
+    return str(uuid.uuid5(_UPLOAD_ID_NAMESPACE, f"{user}\0{shown_id}"))
+
+
 async def ingest_request(
-    svc: Service, principal: Principal, upload_id: str, boundary: bytes, digest: bytes | None
+    svc: Service,
+    principal: Principal,
+    upload_id: str,
+    shown_id: str,
+    boundary: bytes,
+    digest: ExpectedDigest | None,
 ) -> dict[str, Any]:
-    return await ingest(
+    result = await ingest(
         svc,
         principal=principal,
         upload_id=upload_id,
@@ -146,14 +185,16 @@ async def ingest_request(
         content_length=request.content_length,
         digest=digest,
     )
+    return {**result, "upload_id": shown_id}
 
 
 async def ingest_once(
     svc: Service,
     principal: Principal,
     upload_id: str,
+    shown_id: str,
     boundary: bytes,
-    digest: bytes | None,
+    digest: ExpectedDigest | None,
     key: str,
 ) -> dict[str, Any]:
     """The first request with an Idempotency-Key: run it holding the key; a failure lets the
@@ -164,7 +205,9 @@ async def ingest_once(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(guard.keep, key, upload_id)
                 try:
-                    result = await ingest_request(svc, principal, upload_id, boundary, digest)
+                    result = await ingest_request(
+                        svc, principal, upload_id, shown_id, boundary, digest
+                    )
                 finally:
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -180,26 +223,47 @@ async def ingest_once(
 async def upload_progress(upload_id: str) -> Response:
     svc = service()
     principal = await authenticate()
-    entry = svc.progress.get(upload_id)
+    entry = None
+    if _UUID_RE.match(upload_id):
+        # An id the caller chose (X-Upload-ID) lives in the caller's namespace.
+        shown_id = str(uuid.UUID(upload_id))
+        entry = svc.progress.get(scoped_upload_id(principal.subject, shown_id))
+    if entry is None:
+        shown_id = upload_id
+        entry = svc.progress.get(upload_id)
     # Someone else's upload is reported as missing: ids must not leak who uploads what.
     if entry is None or (entry.owner != principal.subject and not principal.is_admin):
-        raise UploadNotFound(f"no upload {upload_id} is known here")
-    return json_response(entry.as_json(svc.progress.now()), headers={"Cache-Control": "no-store"})
+        raise UploadNotFound(f"no upload {upload_id[:64]} is known here")
+    view = entry.as_json(svc.progress.now())
+    view["upload_id"] = shown_id
+    if view.get("result") is not None:
+        view["result"] = {**view["result"], "upload_id": shown_id}
+    return json_response(view, headers={"Cache-Control": "no-store"})
 
 
 # --- probes, metrics, info -------------------------------------------------------------------
 
 
-@ops.get("/health/live")
-@ops.get("/api/v1/health/live")
+@probes.get("/health/live")
+@probes.get("/api/v1/health/live")
 async def live() -> Response:
     return json_response({"status": "alive"})
 
 
-@ops.get("/health/ready")
-@ops.get("/api/v1/health/ready")
+@probes.get("/health/ready")
+@probes.get("/api/v1/health/ready")
 async def ready() -> Response:
     svc = service()
+    payload = readiness(svc)
+    if current_app.config.get(DETAIL_ELSEWHERE):
+        payload = {"status": payload["status"]}
+    if payload["status"] == "not_ready":
+        return json_response(payload, 503, headers={"Retry-After": str(svc.settings.retry_after_s)})
+    return json_response(payload)
+
+
+def readiness(svc: Service) -> dict[str, Any]:
+    """The readiness detail; `status` is `ready`, `degraded` (still serving) or `not_ready`."""
     registry = svc.registry
     elements = [
         {
@@ -240,14 +304,14 @@ async def ready() -> Response:
     if sync is not None and not sync.connected and not reasons:
         payload["status"] = "degraded"
         payload["degraded"] = [f"Redis unreachable: serving the {registry.source} registry"]
-    if reasons:
-        return json_response(payload, 503, headers={"Retry-After": str(svc.settings.retry_after_s)})
-    return json_response(payload)
+    return payload
 
 
-@ops.get("/metrics")
+@probes.get("/metrics")
 async def metrics() -> Response:
     svc = service()
+    if current_app.config.get(DETAIL_ELSEWHERE):
+        raise NotFound("metrics are served on the internal port")
     now = trio.current_time()
     # Per-element series are rebuilt from the registry in use: an element that left it
     # (or changed mode) must not keep reporting its last value.
@@ -303,12 +367,19 @@ async def openapi() -> Response:
 
 def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
     svc = Service(settings)
-    app = make_app("ingester", buffer_limit=settings.body_buffer_limit)
+    app = make_app(
+        "ingester",
+        buffer_limit=settings.body_buffer_limit,
+        min_rate_bytes=settings.client_min_rate_bytes,
+        min_rate_window_s=settings.client_min_rate_window_s,
+    )
     app.config["RETRY_AFTER_S"] = settings.retry_after_s
     app.config["INGESTER_SERVICE"] = svc
     install_cors(app, settings.cors_origins)
+    app.config[DETAIL_ELSEWHERE] = settings.internal_port is not None
     app.register_blueprint(api)
     app.register_blueprint(ops)
+    app.register_blueprint(probes)
     app.register_blueprint(docs)
     # Imported here: the tus routes use this module's authenticate() and service().
     from ..tus.routes import tus
@@ -318,3 +389,14 @@ def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
 
     app.register_blueprint(finalize)
     return app, svc
+
+
+def create_internal_app(svc: Service) -> QuartTrio:
+    """The internal listener's app (INGESTER_INTERNAL_PORT): probes with their detail, and
+    /metrics; nothing else (no uploads, no docs)."""
+    app = make_app("ingester-internal", access_log=False)
+    app.config["RETRY_AFTER_S"] = svc.settings.retry_after_s
+    app.config["INGESTER_SERVICE"] = svc
+    app.config[DETAIL_ELSEWHERE] = False
+    app.register_blueprint(probes)
+    return app

@@ -61,10 +61,21 @@ def make_app(
     *,
     buffer_limit: int = DEFAULT_BUFFER_LIMIT,
     access_log: bool = True,
+    min_rate_bytes: int = 0,
+    min_rate_window_s: float = 60.0,
 ) -> QuartTrio:
-    """A QuartTrio app with backpressure, request ids, JSON errors and an access log."""
+    """A QuartTrio app with backpressure, request ids, JSON errors and an access log; with
+    `min_rate_bytes`, request bodies slower than that per `min_rate_window_s` get 408."""
 
-    body_class = type("Body", (BoundedBody,), {"buffer_limit": buffer_limit})
+    body_class = type(
+        "Body",
+        (BoundedBody,),
+        {
+            "buffer_limit": buffer_limit,
+            "min_rate_bytes": min_rate_bytes,
+            "min_rate_window_s": min_rate_window_s,
+        },
+    )
     request_class = type("Request", (BoundedRequest,), {"body_class": body_class})
 
     class App(QuartTrio):

@@ -14,6 +14,10 @@ Such answers carry `Connection: close`; their bytes are sent at once, but the fi
 message (after which hypercorn closes) waits while the rest of the body is read and
 discarded: a lingering close, bounded in time and bytes, that ends early when the client
 pauses.
+
+A body may also have a minimum rate (`ingester.http.pace`): waiting for the client past it
+raises `ClientTooSlow` (408) from the read, whoever reads (the multipart reader, a tus
+PATCH), so the upload's slot and memory are freed like after any other error.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
 from quart.wrappers import Request
 from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers.request import TrioBody, TrioRequest
+
+from ..errors import ClientTooSlow
+from .pace import ClientPace
 
 # Defaults for apps built without settings (the reference Storage Element uses these too).
 DEFAULT_BUFFER_LIMIT: Final = 1024 * 1024
@@ -47,6 +54,9 @@ class BoundedBody(TrioBody):
     """
 
     buffer_limit: int = DEFAULT_BUFFER_LIMIT
+    # The minimum rate (0: none): bytes per window of waiting for the client.
+    min_rate_bytes: int = 0
+    min_rate_window_s: float = 60.0
 
     def __init__(self, expected_content_length: int | None, max_content_length: int | None):
         # Size limits are the handlers' job (they count bytes and answer 413 themselves).
@@ -58,6 +68,9 @@ class BoundedBody(TrioBody):
         self._discarding = False
         self._arrived = trio.Event()
         self.discarded = 0
+        self.pace = (
+            ClientPace(self.min_rate_bytes, self.min_rate_window_s) if self.min_rate_bytes else None
+        )
 
     def append(self, data: bytes) -> None:
         if not data:
@@ -74,14 +87,34 @@ class BoundedBody(TrioBody):
 
     async def __anext__(self) -> bytes:
         if not self._complete.is_set():
-            await self._has_data.wait()
+            await self._wait_for_data()
         if self._complete.is_set() and not self._chunks:
             raise StopAsyncIteration
         chunks, self._chunks = self._chunks, []
         self._buffered = 0
         self._has_data.clear()
         self._room.set()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self.pace is not None:
+            self.pace.arrived(len(data))
+        return data
+
+    async def _wait_for_data(self) -> None:
+        pace = self.pace
+        if pace is None:
+            await self._has_data.wait()
+            return
+        if self._has_data.is_set():
+            return  # buffered already: no waiting, and never refused
+        started = trio.current_time()
+        with trio.move_on_after(pace.wait_left()) as slow:
+            await self._has_data.wait()
+        pace.waited_for(trio.current_time() - started)
+        if slow.cancelled_caught:
+            raise ClientTooSlow(
+                f"the body came slower than {pace.min_bytes} bytes per {pace.window_s:g} s "
+                "(INGESTER_CLIENT_MIN_RATE_BYTES, INGESTER_CLIENT_MIN_RATE_WINDOW_S)"
+            )
 
     def __await__(self) -> Generator[Any, None, bytes]:
         yield from self._complete.wait().__await__()
@@ -144,7 +177,10 @@ class BackpressureHTTPConnection(TrioASGIHTTPConnection):
     ) -> None:
         response = await self.app.handle_request(request)
         body = request.body
-        linger = isinstance(body, BoundedBody) and not body.complete
+        # A request without a body (a probe, a GET) often gets its answer before the ASGI
+        # message that ends its empty body arrives: nothing is left to read, so no linger
+        # and no `Connection: close` (which cost every probe a new connection).
+        linger = isinstance(body, BoundedBody) and not body.complete and _has_body(request)
         if linger:
             response.headers["Connection"] = "close"
 
@@ -166,3 +202,11 @@ class BackpressureHTTPConnection(TrioASGIHTTPConnection):
         # client's own pace decides; hypercorn's keep-alive timeout covers dead peers.
         await self._send_response(send_end_shielded, response)
         nursery.cancel_scope.cancel()
+
+
+def _has_body(request: Request) -> bool:
+    """Whether the request's framing announces body bytes (RFC 9112 section 6.3)."""
+    if "Transfer-Encoding" in request.headers:
+        return True
+    length = request.headers.get("Content-Length")
+    return length is not None and length.strip() not in ("", "0")

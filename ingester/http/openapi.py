@@ -286,9 +286,9 @@ def _upload_operation() -> dict[str, Any]:
             "400": _error("A field, the multipart body or a header is wrong (the message names it)", 400),
             "401": _error("No token, or an invalid one", 401, headers=("WWW-Authenticate",)),
             "403": _error("The token's role or scope cannot upload", 403),
-            "408": _error("The client sent nothing for the idle timeout, or the upload deadline passed", 408),
+            "408": _error("The client sent nothing for the idle timeout, sent the body below the minimum rate, or the upload deadline passed", 408),
             "413": _error("The declared or counted size is over the maximum (the connection then closes)", 413),
-            "409": _error("An upload with this Idempotency-Key is still running", 409),
+            "409": _error("An upload with this Idempotency-Key is still running (Retry-After: when its claim runs out), or this caller's X-Upload-ID is in use", 409, headers=("Retry-After",)),
             "415": _error("The body is not multipart/form-data", 415),
             "422": _error("This Idempotency-Key was used for another file (sha256 or file name)", 422),
             "429": _error("This user has too many uploads in flight", 429, headers=("Retry-After",)),
@@ -386,7 +386,7 @@ def _tus_headers(*names: str) -> dict[str, Any]:
 
 def _tus_error(description: str, status: int, codes: list[str]) -> dict[str, Any]:
     error = _error(
-        description, status, codes=codes, headers=("Retry-After",) if status == 503 else ()
+        description, status, codes=codes, headers=("Retry-After",) if status in (429, 503) else ()
     )
     error["headers"]["Tus-Resumable"] = {"required": True, "schema": {"type": "string"}}
     return error
@@ -397,7 +397,8 @@ def _tus_paths() -> dict[str, Any]:
     bearer: list[dict[str, list[str]]] = [{"bearer": []}]
     version = _tus_header("Tus-Resumable", "`1.0.0` (else `412`)", required=True)
     override = _tus_header(
-        "X-HTTP-Method-Override", "PATCH, DELETE, HEAD, GET or OPTIONS sent as POST"
+        "X-HTTP-Method-Override",
+        "PATCH, DELETE, HEAD, GET or OPTIONS sent as POST (ignored on any other method)",
     )
     upload_id = {"name": "upload_id", "in": "path", "required": True, "schema": {"type": "string"}}
     unauthorized = _tus_error("No token, or an invalid one", 401, ["UNAUTHORIZED"])
@@ -447,9 +448,21 @@ def _tus_paths() -> dict[str, Any]:
                     403,
                     ["FORBIDDEN"],
                 ),
+                "408": _tus_error(
+                    "The body stopped, or came below the minimum rate (what arrived is kept)",
+                    408,
+                    ["CLIENT_TIMEOUT", "CLIENT_TOO_SLOW"],
+                ),
                 "412": _tus_error("Unsupported Tus-Resumable", 412, ["TUS_VERSION_UNSUPPORTED"]),
                 "413": _tus_error(
-                    "Upload-Length (or the body) is over Tus-Max-Size", 413, ["FILE_TOO_LARGE"]
+                    "Upload-Length (or the body) is over Tus-Max-Size; a body past Upload-Length creates nothing",
+                    413,
+                    ["FILE_TOO_LARGE"],
+                ),
+                "429": _tus_error(
+                    "This user's unfinished uploads are at their cap (count, or declared bytes)",
+                    429,
+                    ["TOO_MANY_OPEN_UPLOADS", "UPLOAD_QUOTA_EXCEEDED"],
                 ),
                 "415": _tus_error(
                     "A body that is not application/offset+octet-stream",
@@ -546,9 +559,21 @@ def _tus_paths() -> dict[str, Any]:
                     410,
                     ["UPLOAD_EXPIRED", "UPLOAD_DATA_LOST"],
                 ),
+                "408": _tus_error(
+                    "The body stopped, or came below the minimum rate (what arrived is kept)",
+                    408,
+                    ["CLIENT_TIMEOUT", "CLIENT_TOO_SLOW"],
+                ),
                 "412": _tus_error("Unsupported Tus-Resumable", 412, ["TUS_VERSION_UNSUPPORTED"]),
                 "413": _tus_error(
-                    "Past the upload's length or the chunk limit", 413, ["FILE_TOO_LARGE"]
+                    "Past the upload's length (nothing of the chunk is kept) or the chunk limit",
+                    413,
+                    ["FILE_TOO_LARGE"],
+                ),
+                "429": _tus_error(
+                    "A deferred length declared past this user's cap on declared bytes",
+                    429,
+                    ["UPLOAD_QUOTA_EXCEEDED"],
                 ),
                 "415": _tus_error(
                     "Content-Type is not application/offset+octet-stream",

@@ -193,8 +193,9 @@ def create_storage_element_app(
         record = store.get(parse_file_id(file_id))
         headers = _download_headers(record)
         if request.method == "HEAD":
-            # An empty iterable, not b"": Quart would set Content-Length to 0 for bytes.
-            return Response([], content_type="application/octet-stream", headers=headers)
+            # An empty async iterable, not b"" (Quart would set Content-Length to 0) nor a
+            # list (Quart iterates sync bodies through asyncio, which fails under trio).
+            return Response(_NoBody(), content_type="application/octet-stream", headers=headers)
         stream = await store.open_stream(record)
         return Response(stream, content_type="application/octet-stream", headers=headers)
 
@@ -298,6 +299,16 @@ async def _capacity(config: ElementConfig, store: FileStore) -> tuple[int | None
     if disk_free is None:
         return None, None
     return used + disk_free, disk_free
+
+
+class _NoBody:
+    """The body of a HEAD answer: nothing, asynchronously."""
+
+    def __aiter__(self) -> _NoBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        raise StopAsyncIteration
 
 
 def _download_headers(record: FileRecord) -> dict[str, str]:

@@ -3,7 +3,7 @@ the one error mapping (`ingester.http.base`) answers them like every other error
 
 from __future__ import annotations
 
-from ..errors import BadRequest, IngesterError
+from ..errors import BadRequest, FileTooLarge, IngesterError
 
 
 class TusVersionUnsupported(IngesterError):
@@ -41,6 +41,11 @@ class ChecksumMismatch(IngesterError):
     default_message = "the chunk does not match its Upload-Checksum; it was discarded"
 
 
+class ChunkOverrun(FileTooLarge):
+    """A body without Content-Length went past the upload's end: refused whole, nothing of
+    it kept (413 FILE_TOO_LARGE, like a Content-Length over the room left)."""
+
+
 class FinalUploadNotPatchable(IngesterError):
     status = 403
     code = "FINAL_UPLOAD_NOT_PATCHABLE"
@@ -68,6 +73,23 @@ class UploadLocked(IngesterError):
     status = 423
     code = "UPLOAD_LOCKED"
     default_message = "another request is working on this upload; retry shortly"
+
+
+class TooManyOpenUploads(IngesterError):
+    """The user has INGESTER_TUS_MAX_UPLOADS_PER_USER unfinished uploads: finish, terminate
+    or let some expire first."""
+
+    status = 429
+    code = "TOO_MANY_OPEN_UPLOADS"
+    default_message = "too many unfinished resumable uploads for this user"
+
+
+class UploadQuotaExceeded(IngesterError):
+    """The user's unfinished uploads would declare more than INGESTER_TUS_MAX_BYTES_PER_USER."""
+
+    status = 429
+    code = "UPLOAD_QUOTA_EXCEEDED"
+    default_message = "the user's unfinished uploads would declare too many bytes"
 
 
 class UploadCompleting(IngesterError):

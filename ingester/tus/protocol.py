@@ -77,9 +77,13 @@ def check_version(value: str | None) -> None:
 
 
 def effective_method(method: str, override: str | None) -> str:
-    """The method to run: `X-HTTP-Method-Override` when present (tus core), else the request's."""
-    if override is None or not override.strip():
-        return method.upper()
+    """The method to run: `X-HTTP-Method-Override` on a POST (tus core: for clients that can
+    send only GET and POST), else the request's. On any other method the header is ignored:
+    a GET or HEAD, which a browser, a crawler or a cache may send on its own, must never
+    delete or change an upload."""
+    method = method.upper()
+    if method != "POST" or override is None or not override.strip():
+        return method
     name = override.strip().upper()
     if name not in METHODS:
         raise InvalidTusHeader(f"X-HTTP-Method-Override {override[:20]!r} is not a tus method")

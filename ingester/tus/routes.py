@@ -2,8 +2,8 @@
 HEAD, PATCH, DELETE, and GET for the upload's state and result as JSON).
 
 Every method but OPTIONS needs a bearer token; every response under `/api/v1/uploads`
-carries `Tus-Resumable`, errors included. `X-HTTP-Method-Override` names the method to run
-(for clients that cannot send PATCH or DELETE).
+carries `Tus-Resumable`, errors included. `X-HTTP-Method-Override` on a POST names the method
+to run (for clients that cannot send PATCH or DELETE); on other methods it is ignored.
 """
 
 from __future__ import annotations

@@ -45,13 +45,16 @@ from ..upload.ingest import ingest
 from .data import DataFiles, DataWriter
 from .errors import (
     ChecksumMismatch,
+    ChunkOverrun,
     FinalUploadNotPatchable,
     InvalidTusHeader,
     OffsetMismatch,
+    TooManyOpenUploads,
     UploadCompleting,
     UploadDataLost,
     UploadExpired,
     UploadLocked,
+    UploadQuotaExceeded,
     WrongContentType,
 )
 from .form import UploadForm
@@ -66,7 +69,7 @@ from .protocol import (
     parse_upload_id,
 )
 from .state import ConcatKind, Phase, TusUpload
-from .store import MemoryTusStore, RedisTusStore, TusStore
+from .store import MemoryTusStore, QuotaRefusal, RedisTusStore, TusStore
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -248,9 +251,14 @@ class TusService:
         if with_body:
             self._check_chunk(upload, 0, content_length)
         logs.bind(upload_id=upload.id)
-        if not await self.store.create(upload):  # pragma: no cover - 128 random bits
-            raise InvalidField("upload id collision; try again")
-        await self.data.create(upload.id)
+        await self._reserve(upload, length)
+        try:
+            if not await self.store.create(upload):  # pragma: no cover - 128 random bits
+                raise InvalidField("upload id collision; try again")
+            await self.data.create(upload.id)
+        except BaseException:
+            await self._unreserve(upload)
+            raise
         self.svc.metrics.tus_events.labels("created").inc()
         log.info(
             "resumable upload created",
@@ -263,6 +271,10 @@ class TusService:
             if with_body:
                 try:
                     await self._receive(upload, lease, body, content_length, checksum)
+                except ChunkOverrun:
+                    # Refused whole: nothing is created (the client gets no Location).
+                    await self._remove_created(upload, lease)
+                    raise
                 except IngesterError as error:
                     error.headers.update(location)
                     raise
@@ -376,6 +388,8 @@ class TusService:
                 return await self._finish(upload, principal)
             upload.check_length(length, self.max_size)
             upload.check_offset(offset)
+            if length is not None and upload.length is None:
+                await self._reserve(upload, length)
             upload.declare_length(length)
             self._check_chunk(upload, offset, content_length)
             await self._receive(upload, lease, body, content_length, checksum)
@@ -488,6 +502,60 @@ class TusService:
                 "let_go": lease.asked,
             },
         )
+
+    async def _remove_created(self, upload: TusUpload, lease: Lease) -> None:
+        """Undo a creation whose own request was refused: state and data file."""
+        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.tus_lock_ttl_s):
+            try:
+                await self.store.delete(upload.id, lease.token)
+            except IngesterError as exc:
+                log.warning("could not remove refused upload %s: %s", upload.id, exc)
+            self._give_back(await self.data.remove(upload.id))
+            await self._unreserve(upload)
+        log.info(
+            "resumable upload refused at creation",
+            extra={"event": "tus_refused", "upload_id": upload.id},
+        )
+
+    # --- per-user caps ---------------------------------------------------------------------
+
+    async def _reserve(self, upload: TusUpload, length: int | None) -> None:
+        """Count a new upload (or a deferred length now declared) against its owner's caps;
+        429 and nothing changed past one. A deferred length counts as the largest upload."""
+        settings = self.settings
+        size = length if length is not None else self.max_size
+        refusal = await self.store.reserve(
+            upload.owner,
+            upload.id,
+            size,
+            max_uploads=settings.tus_max_uploads_per_user,
+            max_bytes=settings.tus_max_bytes_per_user,
+        )
+        retry = {"Retry-After": str(settings.retry_after_s)}
+        if refusal is QuotaRefusal.UPLOADS:
+            raise TooManyOpenUploads(
+                f"this user has {settings.tus_max_uploads_per_user} unfinished uploads "
+                "(INGESTER_TUS_MAX_UPLOADS_PER_USER); finish or terminate one first",
+                headers=retry,
+            )
+        if refusal is QuotaRefusal.BYTES:
+            raise UploadQuotaExceeded(
+                f"declaring {size} more bytes would take this user's unfinished uploads past "
+                f"{settings.tus_max_bytes_per_user} bytes (INGESTER_TUS_MAX_BYTES_PER_USER)",
+                headers=retry,
+            )
+
+    async def _unreserve(self, upload: TusUpload) -> None:
+        await self._unreserve_id(upload.owner, upload.id)
+
+    async def _unreserve_id(self, owner: str, upload_id: str) -> None:
+        """The upload no longer counts against its owner (stored, removed, expired). Best
+        effort: an entry left behind is dropped once its state is gone."""
+        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.tus_lock_ttl_s):
+            try:
+                await self.store.unreserve(owner, upload_id)
+            except IngesterError as exc:
+                log.warning("could not release the quota of upload %s: %s", upload_id, exc)
 
     async def _save(self, upload: TusUpload, lease: Lease) -> None:
         if not await self.store.put(upload, lease.token):
@@ -676,6 +744,7 @@ class TusService:
                     await self.store.delete(upload.id, lease.token)
                     if not upload.is_final:
                         self._give_back(await self.data.remove(upload.id))
+                        await self._unreserve(upload)
                     return
                 upload.completion_failed(
                     error, now=time.time(), expiration_s=self.settings.tus_expiration_s
@@ -690,12 +759,14 @@ class TusService:
         with trio.CancelScope(shield=True):
             if not upload.is_final:
                 self._give_back(await self.data.remove(upload.id))
+                await self._unreserve(upload)
             for part in part_leases:
                 try:
                     await self.store.delete(part.upload_id, part.token)
                 except IngesterError as exc:
                     log.warning("could not remove partial upload %s: %s", part.upload_id, exc)
                 self._give_back(await self.data.remove(part.upload_id))
+                await self._unreserve_id(upload.owner, part.upload_id)
 
     # --- DELETE ----------------------------------------------------------------------------
 
@@ -707,6 +778,7 @@ class TusService:
                 raise UploadNotFound(f"no upload {upload.id} is known here")
             await self.store.delete(upload.id, lease.token)
             self._give_back(await self.data.remove(upload.id))
+            await self._unreserve(upload)
         finally:
             await self.locks.release(lease)
         self.svc.metrics.tus_events.labels("terminated").inc()
@@ -743,6 +815,7 @@ class TusService:
                 self._give_back(freed)
                 removed += 1
                 if upload is not None:
+                    await self._unreserve(upload)
                     self.svc.metrics.tus_events.labels("expired").inc()
                 log.info(
                     "expired upload removed",
@@ -803,6 +876,8 @@ class _Receiver:
         self.unsaved = 0
         self.body_complete = False
         self.length_declared = upload.length is not None
+        # The body went past the upload's end: nothing of this request is kept.
+        self.refused = False
 
     async def pump(self, body: AsyncIterator[bytes]) -> None:
         tus = self.tus
@@ -817,10 +892,13 @@ class _Receiver:
             if idle.cancelled_caught:
                 raise RequestTimeout(f"no data from the client for {idle_s:g} s")
             if self.received + len(chunk) > room:
-                fits = chunk[: room - self.received]
-                if fits:
-                    await self._take(fits)
-                raise FileTooLarge(f"the chunk goes past the upload's end ({room} bytes were left)")
+                # Only a body without Content-Length gets here (one over the room left is
+                # refused before a byte is read): the whole chunk goes, as it would have.
+                self.refused = True
+                raise ChunkOverrun(
+                    f"the chunk goes past the upload's end ({room} bytes were left); "
+                    "nothing of it was kept"
+                )
             await self._take(chunk)
         await self._flush()
         self.body_complete = True
@@ -857,6 +935,24 @@ class _Receiver:
         self.unsaved = 0
         await self.tus._save(self.upload, self.lease)
 
+    async def _take_back(self, writer: DataWriter) -> None:
+        """Undo this request's bytes: those written, those checkpointed (the offset goes back
+        to where the request began), those still in memory."""
+        self.budget.release_all()
+        dropped = self.pending_size
+        self.pending, self.pending_size = [], 0
+        if self.lease.lost:
+            # Another request owns the upload and its file now (the janitor trues up the
+            # spool count).
+            return
+        checkpointed = self.upload.offset - writer.start
+        self.tus._give_back(checkpointed + self.unsaved + dropped)
+        self.unsaved = 0
+        await writer.discard()
+        if checkpointed:
+            self.upload.offset = writer.start
+            await self.tus._save(self.upload, self.lease)
+
     async def finish(self) -> IngesterError | None:
         """Save what arrived (called shielded, whatever ended the body). Returns the error to
         answer with, if the chunk was refused (checksum)."""
@@ -864,6 +960,9 @@ class _Receiver:
         writer = self.writer
         assert writer is not None
         try:
+            if self.refused:
+                await self._take_back(writer)
+                return None
             try:
                 await self._flush()
             finally:

@@ -1,6 +1,6 @@
 """Where resumable upload state lives: Redis (shared by replicas) or this process.
 
-Both stores keep the same three things per upload, with the same rules:
+Both stores keep the same three things per upload, with the same rules, and one per user:
 
 - the state (`TusUpload` as JSON), written only by the holder of the upload's lock (each
   write checks the token in the same atomic step: a holder that lost its lock cannot
@@ -14,10 +14,18 @@ Redis layout (one Redis; Lua scripts make each step atomic, like `ingester.saga.
   ingester:tus:<id>:lock     the holder's token, PX = lock time to live
   ingester:tus:<id>:letgo    present while someone waits for the upload
   ingester:tus:expiring      sorted set id → expires_at (unix seconds), for the janitor
+  ingester:tus:owner:<hash>  hash id → "<declared bytes>:<reserved at, ms>": the user's
+                             unfinished uploads, for the per-user caps
+
+The per-user index is kept by the service (reserved at creation, released when an upload is
+stored, terminated or expires) and heals itself: an entry whose state is gone (a crash
+between steps, a state Redis expired) is dropped at the user's next reservation, once it is
+older than `RESERVATION_GRACE_S` (a reservation is written just before its state).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -36,6 +44,18 @@ EXPIRING_KEY: Final = "ingester:tus:expiring"
 # The state of an unfinished upload outlives its expiry by this much, so the janitor finds
 # it (and removes the data file) before Redis drops it; the orphan scan covers the rest.
 STATE_GRACE_S: Final = 3600.0
+OWNER_PREFIX: Final = "ingester:tus:owner:"
+# A reservation without a state yet is its creation in progress, this long at most.
+RESERVATION_GRACE_S: Final = 60.0
+# An index nobody reserved in for this long goes (its uploads expired long ago).
+OWNER_INDEX_TTL_S: Final = 8 * 86400.0
+
+
+class QuotaRefusal(Enum):
+    """Which per-user cap a reservation would go past."""
+
+    UPLOADS = "uploads"
+    BYTES = "bytes"
 
 
 class LockState(Enum):
@@ -81,6 +101,16 @@ class TusStore(Protocol):
         """Ask the lock's holder to let go (the flag lives `ttl_s`)."""
         ...
 
+    async def reserve(
+        self, owner: str, upload_id: str, size: int, *, max_uploads: int, max_bytes: int
+    ) -> QuotaRefusal | None:
+        """Count `upload_id`, declaring `size` bytes, among `owner`'s unfinished uploads
+        (again: its size is replaced), unless that goes past a cap (0: none); then the cap,
+        and nothing changed. One atomic step."""
+        ...
+
+    async def unreserve(self, owner: str, upload_id: str) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -97,6 +127,8 @@ class MemoryTusStore:
         self._expiring: dict[str, float] = {}
         self._locks: dict[str, tuple[str, float]] = {}
         self._asked: dict[str, float] = {}
+        # owner -> upload id -> (declared bytes, reserved at)
+        self._owners: dict[str, dict[str, tuple[int, float]]] = {}
 
     @staticmethod
     def _now() -> float:
@@ -174,6 +206,29 @@ class MemoryTusStore:
     async def ask(self, upload_id: str, ttl_s: float) -> None:
         self._asked[upload_id] = time.monotonic() + ttl_s
 
+    async def reserve(
+        self, owner: str, upload_id: str, size: int, *, max_uploads: int, max_bytes: int
+    ) -> QuotaRefusal | None:
+        entries = self._owners.setdefault(owner, {})
+        now = self._now()
+        for other, (_, reserved_at) in list(entries.items()):
+            stale = other != upload_id and now - reserved_at >= RESERVATION_GRACE_S
+            if stale and await self.get(other) is None:
+                del entries[other]
+        others = [declared for other, (declared, _) in entries.items() if other != upload_id]
+        if max_uploads and len(others) + 1 > max_uploads:
+            return QuotaRefusal.UPLOADS
+        if max_bytes and sum(others) + size > max_bytes:
+            return QuotaRefusal.BYTES
+        entries[upload_id] = (size, entries.get(upload_id, (0, now))[1])
+        return None
+
+    async def unreserve(self, owner: str, upload_id: str) -> None:
+        entries = self._owners.get(owner, {})
+        entries.pop(upload_id, None)
+        if not entries:
+            self._owners.pop(owner, None)
+
     def close(self) -> None:
         pass
 
@@ -219,6 +274,34 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return redis.call('EXISTS', KEYS[2])
 """
 
+# KEYS: the owner's index. ARGV: id, size, max uploads, max bytes (0: no cap), state key
+# prefix, grace (ms), index time to live (ms). 0 reserved, 1 too many uploads, 2 too many
+# bytes. Entries of other ids whose state is gone (and older than the grace) are dropped.
+_RESERVE: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local entries = redis.call('HGETALL', KEYS[1])
+local count, total, born = 0, 0, now
+for i = 1, #entries, 2 do
+  local id = entries[i]
+  local declared, at = string.match(entries[i + 1], '^(%d+):(%d+)$')
+  declared, at = tonumber(declared), tonumber(at)
+  if id == ARGV[1] then
+    born = at
+  elseif now - at < tonumber(ARGV[6]) or redis.call('EXISTS', ARGV[5] .. id) == 1 then
+    count = count + 1
+    total = total + declared
+  else
+    redis.call('HDEL', KEYS[1], id)
+  end
+end
+if tonumber(ARGV[3]) > 0 and count + 1 > tonumber(ARGV[3]) then return 1 end
+if tonumber(ARGV[4]) > 0 and total + tonumber(ARGV[2]) > tonumber(ARGV[4]) then return 2 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. born)
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return 0
+"""
+
 # KEYS: lock. ARGV: token.
 _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -238,6 +321,7 @@ class RedisTusStore:
         self._lock = self._client.register_script(_LOCK)
         self._keep = self._client.register_script(_KEEP)
         self._release = self._client.register_script(_RELEASE)
+        self._reserve = self._client.register_script(_RESERVE)
 
     def close(self) -> None:
         self._client.close()
@@ -330,3 +414,34 @@ class RedisTusStore:
     async def ask(self, upload_id: str, ttl_s: float) -> None:
         _, _, letgo = self._keys(upload_id)
         await self._run(lambda: self._client.set(letgo, b"1", px=int(ttl_s * 1000)))
+
+    async def reserve(
+        self, owner: str, upload_id: str, size: int, *, max_uploads: int, max_bytes: int
+    ) -> QuotaRefusal | None:
+        status = await self._call(
+            self._reserve,
+            [_owner_key(owner)],
+            [
+                upload_id,
+                str(size),
+                str(max_uploads),
+                str(max_bytes),
+                KEY_PREFIX,
+                str(int(RESERVATION_GRACE_S * 1000)),
+                str(int(OWNER_INDEX_TTL_S * 1000)),
+            ],
+        )
+        if status == 1:
+            return QuotaRefusal.UPLOADS
+        if status == 2:
+            return QuotaRefusal.BYTES
+        return None
+
+    async def unreserve(self, owner: str, upload_id: str) -> None:
+        key = _owner_key(owner)
+        await self._run(lambda: self._client.hdel(key, upload_id))
+
+
+def _owner_key(owner: str) -> str:
+    """Hashed: Redis never holds a user name in a key."""
+    return OWNER_PREFIX + hashlib.sha256(owner.encode()).hexdigest()[:32]

@@ -5,19 +5,81 @@ beside other algorithms (`sha-512=:...:, sha-256=:...:`) and with parameters. Th
 header is parsed by the structured-field rules, so a malformed member is refused even when
 it names an algorithm we do not verify: a header we cannot read may have been meant to carry
 a sha-256 the client expects us to check.
+
+Every algorithm we support that the header names is verified (`sha-256`, which the pipeline
+computes anyway, and `sha-512`). A header naming only others (`md5`, `unixsum`, ...) is
+refused with 400 `UNSUPPORTED_CONTENT_DIGEST` and a `Want-Content-Digest` saying what we
+verify: storing the file unverified while the client believes it was checked is worse than
+asking it to send a digest we can check.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
-from typing import Final
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
-from ..errors import InvalidDigestHeader
+from ..errors import DigestMismatch, InvalidDigestHeader, UnsupportedDigest
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 SHA256_KEY: Final = "sha-256"
-SHA256_BYTES: Final = 32
+# What we verify, in order of preference (sha-256 costs nothing extra: the pipeline hashes
+# every upload with it).
+SUPPORTED: Final[Mapping[str, Callable[[], _Hash]]] = {
+    "sha-256": hashlib.sha256,
+    "sha-512": hashlib.sha512,
+}
+# RFC 9530 section 4: the algorithms we want, with preferences (10 is the most wanted).
+WANT_CONTENT_DIGEST: Final = "sha-256=10, sha-512=5"
+
+
+class DigestHashing:
+    """The hashes one pass over the file computes for `Content-Digest`, besides the
+    pipeline's own sha-256 (false when there are none, so the common case costs nothing)."""
+
+    def __init__(self, hashers: dict[str, _Hash]) -> None:
+        self._hashers = hashers
+
+    def __bool__(self) -> bool:
+        return bool(self._hashers)
+
+    def update(self, chunk: bytes) -> None:
+        for hasher in self._hashers.values():
+            hasher.update(chunk)
+
+    def digest(self, algorithm: str) -> bytes:
+        return self._hashers[algorithm].digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectedDigest:
+    """The digests `Content-Digest` asks us to verify: algorithm -> raw digest."""
+
+    values: Mapping[str, bytes]
+
+    def hashing(self) -> DigestHashing:
+        """Fresh hashers for one pass over the file (a replay is a new pass)."""
+        return DigestHashing(
+            {name: SUPPORTED[name]() for name in self.values if name != SHA256_KEY}
+        )
+
+    def verify(self, sha256: bytes, hashing: DigestHashing | None) -> None:
+        """`DigestMismatch` unless every expected digest is the file's."""
+        for name, expected in self.values.items():
+            if name == SHA256_KEY:
+                actual = sha256
+            else:
+                assert hashing is not None, "the pass computed no digests"
+                actual = hashing.digest(name)
+            if actual != expected:
+                raise DigestMismatch(f"the file's {name} does not match the Content-Digest header")
+
 
 _KEY_RE: Final = re.compile(r"[a-z*][a-z0-9_\-.*]*")
 _TOKEN_RE: Final = re.compile(r"[A-Za-z*][!#$%&'*+\-.^_`|~0-9A-Za-z:/]*")
@@ -200,14 +262,14 @@ class _Parser:
             raise _Malformed(f"byte sequence is not base64 at position {start}") from None
 
 
-def parse_content_digest(header: str | None) -> bytes | None:
-    """The raw 32-byte sha-256 from a `Content-Digest` header, or None.
+def parse_content_digest(header: str | None) -> ExpectedDigest | None:
+    """What a `Content-Digest` header asks us to verify, or None.
 
-    None when the header is absent, empty, or lists only algorithms other than sha-256
-    (which we do not verify). `InvalidDigestHeader` when the header is not a valid
-    structured-field dictionary (keys are lower case: `SHA-256` is malformed), or when
-    sha-256 is not a byte sequence of exactly 32 bytes. Of repeated keys the last counts,
-    as RFC 8941 says.
+    None when the header is absent or empty. `InvalidDigestHeader` when the header is not a
+    valid structured-field dictionary (keys are lower case: `SHA-256` is malformed), or when
+    a supported algorithm's value is not a byte sequence of its digest's length.
+    `UnsupportedDigest` when it names only algorithms we do not verify. Of repeated keys the
+    last counts, as RFC 8941 says.
     """
     if header is None:
         return None
@@ -218,15 +280,27 @@ def parse_content_digest(header: str | None) -> bytes | None:
         raise InvalidDigestHeader(
             f"Content-Digest is not a valid structured-field dictionary: {exc}"
         ) from None
-    if SHA256_KEY not in members:
+    if not members:
         return None
-    value = members[SHA256_KEY]
-    if not isinstance(value, _Bytes):
-        raise InvalidDigestHeader(
-            "Content-Digest sha-256 must be a byte sequence: sha-256=:<base64>:"
+    values: dict[str, bytes] = {}
+    for name, make in SUPPORTED.items():
+        if name not in members:
+            continue
+        value = members[name]
+        if not isinstance(value, _Bytes):
+            raise InvalidDigestHeader(
+                f"Content-Digest {name} must be a byte sequence: {name}=:<base64>:"
+            )
+        size = make().digest_size
+        if len(value) != size:
+            raise InvalidDigestHeader(
+                f"Content-Digest {name} must be {size} bytes, not {len(value)}"
+            )
+        values[name] = bytes(value)
+    if not values:
+        named = ", ".join(list(members)[:5])
+        raise UnsupportedDigest(
+            f"Content-Digest names {named}; this server verifies {' and '.join(SUPPORTED)}",
+            headers={"Want-Content-Digest": WANT_CONTENT_DIGEST},
         )
-    if len(value) != SHA256_BYTES:
-        raise InvalidDigestHeader(
-            f"Content-Digest sha-256 must be {SHA256_BYTES} bytes, not {len(value)}"
-        )
-    return bytes(value)
+    return ExpectedDigest(values)

@@ -1,11 +1,13 @@
 """`Idempotency-Key` on `POST /api/v1/files/upload`: a retried request gets the first result.
 
 The first request with a key (per user) claims it while it runs; a repeat meanwhile gets
-`409 IDEMPOTENCY_IN_PROGRESS`. Once it succeeded, the result is kept for
-`INGESTER_IDEMPOTENCY_TTL_S` (24 h): a repeat whose file is the same (same sha256 and file
-name) gets the same `201` body again, with `Idempotent-Replayed: true`, and nothing is stored
-twice; a repeat with another file gets `422 IDEMPOTENCY_KEY_REUSED`. A first request that
-failed releases the key, so the client can retry with it.
+`409 IDEMPOTENCY_IN_PROGRESS`, with `Retry-After` saying when the claim runs out if nobody
+renews it (a first request that died holds the key that long at most). Once it succeeded,
+the result is kept for `INGESTER_IDEMPOTENCY_TTL_S` (24 h): a repeat whose file is the same
+(same sha256 and file name) gets the same `201` body again, with `Idempotent-Replayed:
+true`, and nothing is stored twice; a repeat with another file gets `422
+IDEMPOTENCY_KEY_REUSED`. A first request that failed releases the key, so the client can
+retry with it.
 
 Entries live in Redis (`ingester:idem:<user hash>:<key hash>`) with INGESTER_REDIS_URL, so
 replicas share them, and in the process otherwise. A claim is leased like a saga record
@@ -18,9 +20,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final, Protocol
 
 import redis
@@ -55,6 +58,13 @@ class Entry:
     owner: str
     fingerprint: str | None = None
     result: dict[str, Any] | None = None
+    # Seconds the entry has left in the store, when read back from it (not stored).
+    ttl_s: float | None = None
+
+    def retry_after_s(self, default_s: float) -> int:
+        """Whole seconds until a claim nobody renews runs out (at least 1)."""
+        left = self.ttl_s if self.ttl_s is not None and self.ttl_s > 0 else default_s
+        return max(1, math.ceil(left))
 
     def to_json(self) -> str:
         return json.dumps(
@@ -96,10 +106,11 @@ class MemoryIdempotencyStore:
         found = self._entries.get(key)
         if found is None:
             return None
-        if found[1] <= time.monotonic():
+        left = found[1] - time.monotonic()
+        if left <= 0:
             del self._entries[key]
             return None
-        return found[0]
+        return replace(found[0], ttl_s=left)
 
     async def claim(self, key: str, entry: Entry, ttl_s: float) -> Entry | None:
         existing = self._get(key)
@@ -163,19 +174,25 @@ class RedisIdempotencyStore:
     async def claim(self, key: str, entry: Entry, ttl_s: float) -> Entry | None:
         name = KEY_PREFIX + key
 
-        def call() -> bytes | None:
+        def call() -> tuple[bytes, int] | None:
             # Twice: an entry that expires between SET and GET is claimable again.
             for _ in range(2):
                 if self._client.set(name, entry.to_json(), nx=True, px=int(ttl_s * 1000)):
                     return None
-                existing = self._client.get(name)
+                pipe = self._client.pipeline(transaction=True)
+                pipe.get(name)
+                pipe.pttl(name)
+                existing, left_ms = pipe.execute()
                 if existing is not None:
                     assert isinstance(existing, bytes)
-                    return existing
+                    return existing, int(left_ms)
             raise redis.RedisError("the key kept expiring under us")
 
-        raw = await self._call(call)
-        return None if raw is None else Entry.from_json(raw)
+        found = await self._call(call)
+        if found is None:
+            return None
+        raw, left_ms = found
+        return replace(Entry.from_json(raw), ttl_s=left_ms / 1000 if left_ms > 0 else None)
 
     async def renew(self, key: str, owner: str, ttl_s: float) -> None:
         await self._call(

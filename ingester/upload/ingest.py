@@ -17,6 +17,7 @@ from ..auth.principal import Principal
 from ..errors import IngesterError, MissingFile, RequestTimeout
 from ..http.multipart import BodyEnd, PartData, PartEnd, PartStart
 from .budget import UploadBudget
+from .digest import ExpectedDigest
 from .filenames import sanitize_filename
 from .idempotency import fingerprint
 from .pipeline import FormReader, UploadRequest
@@ -77,7 +78,7 @@ async def ingest(
     body: AsyncIterator[bytes],
     content_type: str | None,
     content_length: int | None,
-    digest: bytes | None,
+    digest: ExpectedDigest | None,
 ) -> dict[str, Any]:
     """Store the file of a multipart `body`; the contract's `201` body. Raises
     `IngesterError`s (and `Cancelled` when the caller goes away)."""

@@ -35,7 +35,6 @@ import trio
 from .. import logs
 from ..auth.principal import Principal
 from ..errors import (
-    DigestMismatch,
     FileTooLarge,
     IngesterError,
     InsufficientStorage,
@@ -67,6 +66,7 @@ from .compression import (
     make_compressor,
     sniff_first_chunk,
 )
+from .digest import DigestHashing, ExpectedDigest
 from .fields import TRUE_WORDS, RetentionPolicy, UploadOptions, parse_upload_fields
 from .filenames import sanitize_filename, storage_filename
 from .progress import UploadProgress, UploadState
@@ -125,7 +125,7 @@ class UploadRequest:
     content_type: str | None
     content_length: int | None
     body: AsyncIterator[bytes]
-    expected_digest: bytes | None
+    expected_digest: ExpectedDigest | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +152,8 @@ class FileFacts:
     compressed: bool = False
     algorithm: Algorithm | None = None
     decision_reason: str = "not_requested"
+    # Content-Digest's other algorithms (sha-512), hashed in the same pass.
+    digests: DigestHashing | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -517,6 +519,8 @@ class UploadPipeline:
         plan = upload.plan
         original = hashlib.sha256()
         stored = hashlib.sha256()
+        expected = upload.request.expected_digest
+        facts.digests = digests = expected.hashing() if expected is not None else None
         # Tee into the spool on the live pass only; a replay reads from it.
         spool = upload.spool if live else None
         decision = decide_compression(
@@ -533,6 +537,8 @@ class UploadPipeline:
 
         def work(chunk: bytes) -> bytes:
             original.update(chunk)
+            if digests:
+                digests.update(chunk)
             if spool is not None:
                 spool.write_sync(chunk)
             out = compressor.compress(chunk) if compressor is not None else chunk
@@ -856,8 +862,8 @@ class UploadPipeline:
                 raise AssertionError("plan changed without a spool")
             raise _Replan()
         expected = upload.request.expected_digest
-        if expected is not None and bytes.fromhex(upload.facts.sha256) != expected:
-            raise DigestMismatch("the file's sha-256 does not match the Content-Digest header")
+        if expected is not None:
+            expected.verify(bytes.fromhex(upload.facts.sha256), upload.facts.digests)
         upload.progress.state = UploadState.STORING
         return _multipart_tail(boundary, upload, options)
 

@@ -312,8 +312,11 @@ def test_stack_ingester_settings_are_valid_and_wait_for_the_registry(
         "se-edit": "service_healthy",
         "se-rw": "service_healthy",
     }
+    # The healthcheck asks the internal listener, which has the readiness detail.
+    assert settings.internal_port is not None
+    assert settings.internal_port != settings.port
     check = service["healthcheck"]["test"][-1]
-    assert f"http://127.0.0.1:{settings.port}/health/ready" in check
+    assert f"http://127.0.0.1:{settings.internal_port}/health/ready" in check
     assert "/health/ready" in app_routes()
     assert duration_s(service["stop_grace_period"]) > settings.shutdown_grace_s + (
         HYPERCORN_GRACE_S
@@ -352,7 +355,8 @@ def test_observability_profile_scrapes_the_ingester_and_loads_rules_and_dashboar
     prometheus_config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
     (job,) = prometheus_config["scrape_configs"]
     (target,) = job["static_configs"][0]["targets"]
-    port = resolved_environment(services["ingester"])["INGESTER_PORT"]
+    # Metrics are on the internal listener (the public /metrics is 404 with it set).
+    port = resolved_environment(services["ingester"])["INGESTER_INTERNAL_PORT"]
     assert target == f"ingester:{port}"
     assert job.get("metrics_path", "/metrics") == "/metrics"
     prometheus_mounts = {m.source: m.target for m in service_mounts(services["prometheus"])}

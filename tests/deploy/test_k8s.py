@@ -144,7 +144,9 @@ def test_probes_hit_routes_of_the_app_on_the_container_port() -> None:
     assert probes["livenessProbe"]["path"] == "/health/live"
     assert probes["startupProbe"]["path"] == "/health/live"
     assert probes["readinessProbe"]["path"] == "/health/ready"
-    port = int(config()["INGESTER_PORT"])
+    # The internal listener: the public port's connection cap and its short readiness
+    # answer never decide a probe.
+    port = int(config()["INGESTER_INTERNAL_PORT"])
     for probe in probes.values():
         assert probe["path"] in routes
         assert container_port(probe["port"]) == port
@@ -155,8 +157,12 @@ def test_ports_agree_with_settings_image_and_scrape_annotation() -> None:
     assert port == setting_default("port")
     assert container_port("http") == port
     assert runtime_stage().last("EXPOSE").args == str(port)
+    internal = int(config()["INGESTER_INTERNAL_PORT"])
+    assert internal != port
+    assert container_port("internal") == internal
+    # Metrics are scraped from the internal listener (the public /metrics is 404 then).
     annotations = the("Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations["prometheus.io/port"] == str(internal)
     assert annotations["prometheus.io/path"] in app_routes()
 
 
@@ -166,6 +172,8 @@ def test_service_targets_the_container_port_of_the_deployment_pods() -> None:
     assert service["selector"].items() <= labels.items()
     (port,) = service["ports"]
     assert container_port(port["targetPort"]) == int(config()["INGESTER_PORT"])
+    # The internal listener stays inside the pod's network: not in the Service.
+    assert container_port(port["targetPort"]) != int(config()["INGESTER_INTERNAL_PORT"])
 
 
 def test_hpa_and_pdb_select_the_deployment() -> None:

@@ -155,10 +155,11 @@ async def test_image_and_compose_healthchecks_pass_on_a_live_ingester_and_fail_w
         ):
             assert await run_check(argv, {"INGESTER_PORT": str(port)}) == 0, argv
             assert await run_check(argv, {"INGESTER_PORT": str(dead)}) != 0, argv
-        # The try-it stack's checks name their fixed ports: moved onto the live ones.
+        # The try-it stack's checks name their fixed ports: moved onto the live ones (the
+        # ingester's names its internal listener; the live one serves probes on its port).
         services = load_yaml(STACK_COMPOSE)["services"]
         targets = {
-            "ingester": (8020, port),
+            "ingester": (8021, port),
             "se-edit": (8010, urlsplit(stack.se_edit.url).port),
             "se-rw": (8010, urlsplit(stack.se_rw.url).port),
         }

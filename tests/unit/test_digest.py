@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
-from ingester.errors import InvalidDigestHeader
-from ingester.upload.digest import parse_content_digest
+from ingester.errors import DigestMismatch, InvalidDigestHeader, UnsupportedDigest
+from ingester.upload.digest import ExpectedDigest, parse_content_digest
 
 BODY = b"hello world"
 DIGEST = hashlib.sha256(BODY).digest()
@@ -16,7 +16,14 @@ B64 = base64.b64encode(DIGEST).decode()
 OTHER = hashlib.sha256(b"other").digest()
 OTHER_B64 = base64.b64encode(OTHER).decode()
 URLSAFE_B64 = base64.urlsafe_b64encode(bytes([0xFB]) * 32).decode()
-SHA512_B64 = base64.b64encode(hashlib.sha512(BODY).digest()).decode()
+SHA512 = hashlib.sha512(BODY).digest()
+SHA512_B64 = base64.b64encode(SHA512).decode()
+
+
+def sha256_of(header: str) -> bytes:
+    expected = parse_content_digest(header)
+    assert expected is not None
+    return expected.values["sha-256"]
 
 
 def invalid(header: str) -> str:
@@ -48,14 +55,13 @@ def test_absent_or_empty(header: str | None) -> None:
     ],
 )
 def test_sha256_is_found(header: str) -> None:
-    assert parse_content_digest(header) == DIGEST
+    assert sha256_of(header) == DIGEST
 
 
-def test_returns_raw_bytes() -> None:
-    value = parse_content_digest(f"sha-256=:{B64}:")
-    assert type(value) is bytes
-    assert value is not None
-    assert len(value) == 32
+def test_returns_raw_bytes_of_every_supported_algorithm() -> None:
+    expected = parse_content_digest(f"sha-512=:{SHA512_B64}:, md5=:AAAA:, sha-256=:{B64}:")
+    assert expected == ExpectedDigest({"sha-256": DIGEST, "sha-512": SHA512})
+    assert all(type(value) is bytes for value in expected.values.values())
 
 
 def test_other_structured_field_types_are_parsed_and_skipped() -> None:
@@ -64,21 +70,74 @@ def test_other_structured_field_types_are_parsed_and_skipped() -> None:
         'h=@1700000000, i=%"caf%c3%a9", j, k;flag, l=*star, '
         f"sha-256=:{B64}:"
     )
-    assert parse_content_digest(header) == DIGEST
+    assert sha256_of(header) == DIGEST
+
+
+def test_sha512_alone_is_found() -> None:
+    assert parse_content_digest(f"sha-512=:{SHA512_B64}:") == ExpectedDigest({"sha-512": SHA512})
 
 
 @pytest.mark.parametrize(
     "header",
     [
-        f"sha-512=:{SHA512_B64}:",
         "md5=:1B2M2Y8AsgTpgAmY7PhCfg==:",
         "unixsum=30637",
         "id-sha-256=:AAAA:",
         "sha-2567=:AAAA:",
+        "md5=:AAAA:, sha=:AAAA:",
     ],
 )
-def test_unknown_algorithms_only_are_ignored(header: str) -> None:
-    assert parse_content_digest(header) is None
+def test_only_unsupported_algorithms_are_refused_naming_the_supported_ones(header: str) -> None:
+    with pytest.raises(UnsupportedDigest) as caught:
+        parse_content_digest(header)
+    assert caught.value.status == 400
+    assert caught.value.code == "UNSUPPORTED_CONTENT_DIGEST"
+    assert caught.value.message.endswith("this server verifies sha-256 and sha-512")
+    assert caught.value.headers == {"Want-Content-Digest": "sha-256=10, sha-512=5"}
+
+
+def verify(header: str, data: bytes) -> None:
+    expected = parse_content_digest(header)
+    assert expected is not None
+    hashing = expected.hashing()
+    for piece in (data[:3], data[3:]):
+        hashing.update(piece)
+    expected.verify(hashlib.sha256(data).digest(), hashing)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [f"sha-256=:{B64}:", f"sha-512=:{SHA512_B64}:", f"sha-256=:{B64}:, sha-512=:{SHA512_B64}:"],
+)
+def test_verify_accepts_the_right_bytes(header: str) -> None:
+    verify(header, BODY)
+
+
+OTHER_SHA512_B64 = base64.b64encode(hashlib.sha512(b"other").digest()).decode()
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "algorithm"),
+    [
+        (f"sha-256=:{B64}:", b"not the body", "sha-256"),
+        (f"sha-512=:{SHA512_B64}:", b"not the body", "sha-512"),
+        # Every supported algorithm named is checked, not only the preferred one.
+        (f"sha-256=:{OTHER_B64}:, sha-512=:{SHA512_B64}:", BODY, "sha-256"),
+        (f"sha-256=:{B64}:, sha-512=:{OTHER_SHA512_B64}:", BODY, "sha-512"),
+    ],
+)
+def test_verify_refuses_other_bytes(header: str, data: bytes, algorithm: str) -> None:
+    with pytest.raises(DigestMismatch) as caught:
+        verify(header, data)
+    assert caught.value.message == (
+        f"the file's {algorithm} does not match the Content-Digest header"
+    )
+
+
+def test_a_sha256_only_digest_hashes_nothing_more() -> None:
+    expected = parse_content_digest(f"sha-256=:{B64}:")
+    assert expected is not None
+    assert not expected.hashing()
 
 
 @pytest.mark.parametrize(
@@ -146,6 +205,13 @@ def test_sha256_not_a_byte_sequence(header: str) -> None:
 def test_sha256_of_wrong_length(raw: bytes, length: int) -> None:
     header = f"sha-256=:{base64.b64encode(raw).decode()}:"
     assert invalid(header) == f"Content-Digest sha-256 must be 32 bytes, not {length}"
+
+
+def test_sha512_of_wrong_length_or_type() -> None:
+    assert invalid(f"sha-512=:{B64}:") == "Content-Digest sha-512 must be 64 bytes, not 32"
+    assert invalid("sha-512=42") == (
+        "Content-Digest sha-512 must be a byte sequence: sha-512=:<base64>:"
+    )
 
 
 def test_malformed_other_member_is_refused_even_with_a_good_sha256() -> None:

@@ -63,6 +63,13 @@ def test_other_versions_are_412_with_tus_version(value: str | None) -> None:
         ("POST", " DELETE ", "DELETE"),
         ("GET", "", "GET"),
         ("post", None, "POST"),
+        # Only a POST may name another method: safe methods stay what they are.
+        ("GET", "DELETE", "GET"),
+        ("HEAD", "DELETE", "HEAD"),
+        ("head", "PATCH", "HEAD"),
+        ("OPTIONS", "DELETE", "OPTIONS"),
+        ("PATCH", "DELETE", "PATCH"),
+        ("DELETE", "PUT", "DELETE"),
     ],
 )
 def test_method_override(method: str, override: str | None, expected: str) -> None:

@@ -1,0 +1,321 @@
+"""Attacks on connections and request heads (B4, B5): heads that never finish, many idle
+connections, the connection cap, and heads too large or with too many fields, however the
+bytes are cut into segments."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import psutil
+import pytest
+import trio
+
+from tests.conftest import Stack, TokenFactory
+from tests.hostile.common import (
+    RawResponse,
+    Spawn,
+    assert_unharmed,
+    closed_by_server,
+    connect,
+    read_response,
+    until,
+)
+from tests.support.processes import free_port
+from tests.support.stack import Proc
+
+HEADER_TIMEOUT_S = 1.0
+CAP = 16
+INTERNAL_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def quick(spawn: Spawn) -> Proc:
+    """Request heads must arrive within a second."""
+    return spawn("conn-quick", INGESTER_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S))
+
+
+@pytest.fixture(scope="module")
+def default(spawn: Spawn) -> Proc:
+    """Production defaults for connections and heads."""
+    return spawn("conn-default")
+
+
+@pytest.fixture(scope="module")
+def capped(spawn: Spawn) -> Proc:
+    proc = spawn(
+        "conn-capped",
+        INGESTER_INTERNAL_PORT=str(INTERNAL_PORT),
+        INGESTER_MAX_CONNECTIONS=str(CAP),
+        INGESTER_MAX_UPLOADS_PER_USER=str(2 * CAP),
+        INGESTER_CLIENT_IDLE_TIMEOUT_S="30",
+        INGESTER_CLIENT_MIN_RATE_BYTES="0",
+    )
+    return proc
+
+
+def capped_internal(proc: Proc) -> str:
+    return f"http://127.0.0.1:{proc.env['INGESTER_INTERNAL_PORT']}"
+
+
+async def in_flight(http: httpx.AsyncClient, internal_url: str) -> float:
+    text = (await http.get(internal_url + "/metrics")).text
+    match = re.search(r"^ingester_uploads_in_flight (\S+)$", text, re.MULTILINE)
+    assert match is not None, text[:200]
+    return float(match[1])
+
+
+def get(path: str, *extra: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: test", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def ask(url: str, request: bytes) -> RawResponse:
+    stream = await connect(url)
+    async with stream:
+        await stream.send_all(request)
+        return await read_response(stream)
+
+
+# --- B4: a header-read timeout -------------------------------------------------------------
+
+
+async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
+    stack: Stack, quick: Proc
+) -> None:
+    with trio.fail_after(20):
+        before = stack.all_files()
+        stream = await connect(quick.url)
+        async with stream:
+            started = trio.current_time()
+            assert await closed_by_server(stream, within_s=HEADER_TIMEOUT_S + 3)
+            assert trio.current_time() - started >= HEADER_TIMEOUT_S * 0.9
+        await assert_unharmed(stack, quick.url, before)
+
+
+async def test_a_head_dribbled_a_line_at_a_time_gets_408_at_the_header_timeout(
+    stack: Stack, quick: Proc
+) -> None:
+    """Each piece arrives well within any per-read timeout; the whole head never does."""
+    with trio.fail_after(20):
+        before = stack.all_files()
+        stream = await connect(quick.url)
+        async with stream, trio.open_nursery() as nursery:
+
+            async def dribble() -> None:
+                await stream.send_all(b"GET /health/live HTTP/1.1\r\nHost: test\r\n")
+                for n in range(100):
+                    await trio.sleep(0.2)
+                    try:
+                        await stream.send_all(f"X-Slow-{n}: y\r\n".encode())
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+
+            nursery.start_soon(dribble)
+            started = trio.current_time()
+            response = await read_response(stream)
+            took = trio.current_time() - started
+            assert response.status == 408, response
+            assert response.json_code() == "CLIENT_TIMEOUT"
+            assert response.headers["connection"] == "close"
+            assert HEADER_TIMEOUT_S * 0.9 <= took < HEADER_TIMEOUT_S + 2, took
+            assert await closed_by_server(stream, within_s=2)
+            nursery.cancel_scope.cancel()
+        await assert_unharmed(stack, quick.url, before)
+
+
+async def test_a_kept_alive_connection_waits_idle_then_has_the_header_timeout(
+    stack: Stack, quick: Proc
+) -> None:
+    """Idle between requests is the keep-alive timeout's business; the header timeout
+    starts with the next request's first byte."""
+    with trio.fail_after(20):
+        before = stack.all_files()
+        stream = await connect(quick.url)
+        async with stream:
+            await stream.send_all(get("/health/live"))
+            assert (await read_response(stream)).status == 200
+            # Idle for longer than the header timeout: still open.
+            assert not await closed_by_server(stream, within_s=HEADER_TIMEOUT_S * 1.5)
+            await stream.send_all(get("/health/live"))
+            assert (await read_response(stream)).status == 200
+            # A head started and left unfinished: 408 within the header timeout.
+            await stream.send_all(b"GET /health/live HTTP/1.1\r\n")
+            response = await read_response(stream)
+            assert response.status == 408, response
+            assert response.json_code() == "CLIENT_TIMEOUT"
+        await assert_unharmed(stack, quick.url, before)
+
+
+async def test_probes_answer_under_a_thousand_idle_connections(
+    stack: Stack, default: Proc, token: TokenFactory
+) -> None:
+    with trio.fail_after(60):
+        before = stack.all_files()
+        rss_before = psutil.Process(default.pid).memory_info().rss
+        idle: list[trio.SocketStream] = []
+        try:
+            for n in range(1000):
+                stream = await connect(default.url)
+                idle.append(stream)
+                if n % 2:  # half of them start a head and never finish it
+                    await stream.send_all(b"GET / HTTP/1.1\r\nHost: test\r\n")
+            latencies = []
+            for _ in range(10):
+                for path in ("/health/live", "/health/ready"):
+                    started = trio.current_time()
+                    response = await ask(default.url, get(path))
+                    latencies.append(trio.current_time() - started)
+                    assert response.status == 200, response
+            assert max(latencies) < 1.0, latencies
+            rss_growth = psutil.Process(default.pid).memory_info().rss - rss_before
+            print(f"1000 idle connections: RSS +{rss_growth / 1e6:.1f} MB, "
+                  f"probe latency max {max(latencies) * 1000:.1f} ms")  # fmt: skip
+        finally:
+            for stream in idle:
+                await stream.aclose()
+        await assert_unharmed(stack, default.url, before)
+
+
+# --- B4: a cap on open connections ---------------------------------------------------------
+
+
+async def test_at_the_connection_cap_the_longest_idle_connection_makes_room(
+    stack: Stack, capped: Proc
+) -> None:
+    with trio.fail_after(30):
+        before = stack.all_files()
+        idle = [await connect(capped.url) for _ in range(CAP)]
+        try:
+            response = await ask(capped.url, get("/health/ready"))
+            assert response.status == 200, response
+            # The oldest idle connection was closed for it; the newest are still open.
+            assert await closed_by_server(idle[0], within_s=2)
+            assert not await closed_by_server(idle[-1], within_s=0.1)
+        finally:
+            for stream in idle:
+                await stream.aclose()
+        await assert_unharmed(stack, capped.url, before)
+
+
+async def test_at_the_connection_cap_with_none_idle_a_new_connection_gets_503(
+    stack: Stack, capped: Proc, token: TokenFactory
+) -> None:
+    with trio.fail_after(30):
+        before = stack.all_files()
+        busy: list[trio.SocketStream] = []
+        try:
+            head = (
+                "POST /api/v1/files/upload HTTP/1.1\r\nHost: test\r\n"
+                f"Authorization: Bearer {token(sub='busy')}\r\n"
+                "Content-Type: multipart/form-data; boundary=B0undary\r\n"
+                "Content-Length: 1000000\r\n\r\n"
+                '--B0undary\r\nContent-Disposition: form-data; name="file"; filename="b"\r\n\r\n'
+            ).encode()
+            for _ in range(CAP):
+                stream = await connect(capped.url)
+                await stream.send_all(head + b"x" * 1000)
+                busy.append(stream)
+            # Every one of them is an upload in flight (seen on the internal listener,
+            # which the public cap does not count).
+            async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
+
+                async def all_in_flight() -> bool:
+                    return await in_flight(http, capped_internal(capped)) == CAP
+
+                await until(all_in_flight, timeout_s=10)
+            refused = await ask(capped.url, get("/health/ready"))
+            assert refused.status == 503, refused
+            assert refused.json_code() == "SERVICE_BUSY"
+            assert int(refused.headers["retry-after"]) >= 1
+            assert refused.headers["connection"] == "close"
+        finally:
+            for stream in busy:
+                await stream.aclose()
+        # Once the busy clients are gone (their uploads cancelled), new ones are served.
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
+
+            async def served() -> bool:
+                return (await http.get(capped.url + "/health/ready")).status_code == 200
+
+            await until(served, timeout_s=5)
+        await assert_unharmed(stack, capped.url, before)
+
+
+# --- B5: a hard cap on header bytes and header count -----------------------------------------
+
+
+def many_headers(count: int, size: int = 0) -> bytes:
+    extra = [f"X-Header-{n}: {'v' * size or 'value'}" for n in range(count)]
+    return get("/health/live", *extra)
+
+
+HEADS = {
+    "10000 headers (about 109 KB)": many_headers(10_000),
+    "150 small headers": many_headers(150),
+    "one 20 KiB header": get("/health/live", "X-Big: " + "b" * 20 * 1024),
+}
+
+
+# (head, segment size): one segment, 4 KiB pieces, and 100-byte pieces for the small ones.
+CASES = [
+    (name, segment)
+    for name, data in HEADS.items()
+    for segment in (None, 4096, 100)
+    if not (segment == 100 and len(data) > 50_000)
+]
+
+
+@pytest.mark.parametrize(
+    ("head", "segment"), CASES, ids=[f"{h}, {s or 'one segment'}" for h, s in CASES]
+)
+async def test_an_oversized_head_gets_431_however_it_is_segmented(
+    stack: Stack, default: Proc, head: str, segment: int | None
+) -> None:
+    data = HEADS[head]
+    with trio.fail_after(30):
+        before = stack.all_files()
+        stream = await connect(default.url)
+        async with stream, trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                pieces = (
+                    [data]
+                    if segment is None
+                    else [data[i : i + segment] for i in range(0, len(data), segment)]
+                )
+                for piece in pieces:
+                    try:
+                        await stream.send_all(piece)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return
+                    if segment is not None:
+                        await trio.sleep(0.002)
+
+            nursery.start_soon(send)
+            response = await read_response(stream)
+            assert response.status == 431, response
+            assert response.json_code() == "REQUEST_HEADERS_TOO_LARGE"
+            assert response.headers["connection"] == "close"
+            nursery.cancel_scope.cancel()
+        await assert_unharmed(stack, default.url, before)
+
+
+async def test_a_head_just_under_the_caps_is_served(stack: Stack, default: Proc) -> None:
+    """The control: 90 fields and 12 KiB in one segment."""
+    with trio.fail_after(10):
+        response = await ask(default.url, many_headers(90, size=120))
+        assert response.status == 200, response
+
+
+async def test_http2_prior_knowledge_gets_an_http1_answer(stack: Stack, default: Proc) -> None:
+    """HTTP/2 would bypass the head caps and timeouts above: it is not spoken."""
+    with trio.fail_after(10):
+        before = stack.all_files()
+        stream = await connect(default.url)
+        async with stream:
+            await stream.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            response = await read_response(stream)
+            assert response.status == 505, response
+            assert response.json_code() == "HTTP_VERSION_NOT_SUPPORTED"
+        await assert_unharmed(stack, default.url, before)

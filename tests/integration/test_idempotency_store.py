@@ -1,0 +1,55 @@
+"""The Idempotency-Key stores, Redis (a real redis-server on a free port) and in-process: a
+claim read back says how long it has left, which becomes `Retry-After` on the 409."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from ingester.upload.idempotency import (
+    Entry,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    RedisIdempotencyStore,
+)
+from tests.support.redis_server import RedisServer
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[IdempotencyStore]:
+    if request.param == "memory":
+        yield MemoryIdempotencyStore()
+        return
+    with RedisServer(tmp_path / "redis") as server:
+        redis_store = RedisIdempotencyStore(server.url, timeout_s=2.0)
+        try:
+            yield redis_store
+        finally:
+            redis_store.close()
+
+
+async def test_a_held_claim_says_how_long_it_has_left(store: IdempotencyStore) -> None:
+    with trio.fail_after(10):
+        assert await store.claim("k", Entry("running", "first"), ttl_s=30) is None
+        held = await store.claim("k", Entry("running", "second"), ttl_s=30)
+        assert held is not None
+        assert held.owner == "first"
+        assert held.ttl_s is not None
+        assert 25 < held.ttl_s <= 30
+        assert held.retry_after_s(default_s=99) == 30
+        # Renewed by its owner: the time left is the whole lease again.
+        await store.renew("k", "first", 60)
+        renewed = await store.claim("k", Entry("running", "second"), ttl_s=30)
+        assert renewed is not None
+        assert renewed.ttl_s is not None
+        assert renewed.ttl_s > 55
+
+
+def test_retry_after_is_whole_seconds_at_least_one() -> None:
+    assert Entry("running", "a", ttl_s=0.2).retry_after_s(default_s=30) == 1
+    assert Entry("running", "a", ttl_s=12.1).retry_after_s(default_s=30) == 13
+    # Not known (never read back from a store): the lease, the longest a dead owner holds it.
+    assert Entry("running", "a").retry_after_s(default_s=30) == 30
