@@ -105,9 +105,10 @@ async def test_a_breaker_trip_moves_the_other_live_upload_to_the_next_element(
             # The trip cancelled the held upload's healthy attempt: it is on Y while its
             # client still sends nothing.
             with trio.fail_after(15):
-                while (await progress(http, ingester.url, held_id, token()))[
-                    "storage_element_id"
-                ] != direct.element_id:
+                while True:
+                    now_on = await progress(http, ingester.url, held_id, token())
+                    if now_on["storage_element_id"] == direct.element_id:
+                        break
                     await trio.sleep(0.05)
             assert not held_done.is_set()
             # What X had been given is replayed to Y from the failover copy.
