@@ -51,9 +51,13 @@ def repeated_refusal(failures: Sequence[StorageElementError]) -> StorageElementR
     if first is None:
         return None
     status, said = last
+    who = (
+        f"{first.element_id} refused this file twice alike"
+        if first.element_id == failures[-1].element_id
+        else f"{first.element_id} and {failures[-1].element_id} refused this file alike"
+    )
     return StorageElementRejected(
-        f"{first.element_id} and {failures[-1].element_id} refused this file alike "
-        f"({status}: {said or 'no detail'}); not retried on other elements",
+        f"{who} ({status}: {said or 'no detail'}); not retried on other elements",
         element_id=failures[-1].element_id,
         upstream_status=status,
         retryable=False,
