@@ -53,6 +53,13 @@ class InvalidMetadata(BadRequest):
     default_message = "metadata must be a JSON object"
 
 
+class EmptyFile(BadRequest):
+    """No Storage Element that could take the upload stores a file of zero bytes."""
+
+    code = "EMPTY_FILE"
+    default_message = "the file is empty, and no Storage Element for it stores empty files"
+
+
 class DigestMismatch(BadRequest):
     code = "DIGEST_MISMATCH"
     default_message = "the body does not match its Content-Digest"
@@ -261,6 +268,13 @@ class StorageElementRejected(StorageElementError):
     status = 502
     code = "STORAGE_ELEMENT_REJECTED"
     default_message = "the Storage Element refused the upload"
+
+
+class StorageElementModeRefused(StorageElementRejected):
+    """The element's own mode takes no uploads (its registry entry is stale): try another."""
+
+    def __init__(self, message: str | None = None, *, element_id: str | None = None) -> None:
+        super().__init__(message, element_id=element_id, upstream_status=400, retryable=True)
 
 
 class IntegrityError(IngesterError):

@@ -25,6 +25,7 @@ from .auth.verifier import TokenVerifier, build_verifier
 from .errors import IngesterError, StorageElementError
 from .finalize.finalizer import Finalizer
 from .metrics import Metrics
+from .ownership import MemoryOwnershipStore, Ownership, RedisOwnershipStore
 from .resilience.breaker import BreakerBoard, BreakerPolicy
 from .resilience.retry import RetryBudget, RetryPolicy
 from .saga.book import SagaBook
@@ -129,6 +130,13 @@ class Service:
             ttl_s=settings.idempotency_ttl_s,
             lease_s=settings.saga_lease_s,
         )
+        # Who uploaded each file, beside the saga records (see `ingester.ownership`).
+        self.ownership = Ownership(
+            RedisOwnershipStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
+            if settings.redis_url
+            else MemoryOwnershipStore(settings.ownership_memory_max),
+            grace_s=settings.ownership_grace_s,
+        )
         self.admin: AdminRegistry | None = None
         if settings.admin_url:
             self.admin = AdminRegistry(
@@ -197,6 +205,7 @@ class Service:
                 self.saga_store.close()
             if isinstance(self.idempotency.store, RedisIdempotencyStore):
                 self.idempotency.store.close()
+            self.ownership.close()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.http.aclose()
 

@@ -37,6 +37,15 @@ class SEAuthMode(StrEnum):
     CLIENT_CREDENTIALS = "client_credentials"
 
 
+class CompressedNames(StrEnum):
+    """How compressed bytes stay readable on an element that does not keep our metadata."""
+
+    # The stored name says so (`.br`/`.gz`) and the type is the compressed form's.
+    SUFFIX = "suffix"
+    # No compression toward that element.
+    OFF = "off"
+
+
 class StorageElementConfig(BaseModel):
     """One entry of the static registry (`INGESTER_STORAGE_ELEMENTS`)."""
 
@@ -47,6 +56,15 @@ class StorageElementConfig(BaseModel):
     capacity_bytes: int | None = Field(default=None, ge=0)
     used_bytes: int | None = Field(default=None, ge=0)
     status: Literal["online", "offline", "degraded", "maintenance"] = "online"
+    # Capabilities (see the README, "artStore's Storage Element"). None: unknown, then what
+    # the element's /api/v1/info says, then the safe answer (no).
+    # The element stores the `metadata` and `content_type` fields of an upload.
+    keeps_metadata: bool | None = None
+    # The element stores a file of zero bytes (artStore's refuses it with a 500).
+    accepts_empty_files: bool | None = None
+    # For an element that does not keep metadata: how a compressed upload is stored there
+    # (None: INGESTER_COMPRESSED_NAMES).
+    compressed_names: CompressedNames | None = None
 
     @field_validator("api_url")
     @classmethod
@@ -136,6 +154,15 @@ class Settings(BaseSettings):
     # A successful upload's result is replayed to a repeat with the same Idempotency-Key for
     # this long.
     idempotency_ttl_s: float = Field(default=86400.0, gt=0)
+    # Who uploaded each file, kept by the ingester itself (Redis `ingester:owner:*`, or in the
+    # process): for a temporary file its ttl_days plus this, for a permanent one this alone.
+    ownership_grace_s: float = Field(default=86400.0, gt=0)
+    # Without Redis: at most this many records in the process (the soonest to expire go first).
+    ownership_memory_max: int = Field(default=100_000, ge=1)
+    # Compressed uploads toward an element that does not keep metadata (registry
+    # `keeps_metadata: false`, the default for elements that do not say): `suffix` stores them
+    # as `<name>.br`/`.gz` with the compressed form's type, `off` does not compress for it.
+    compressed_names: CompressedNames = CompressedNames.SUFFIX
     spool_dir: Path = Path("/tmp/ingester-spool")
     # Keep a copy of what is sent to an element, so an upload can fail over mid-stream.
     failover_spool: bool = True

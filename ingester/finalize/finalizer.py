@@ -14,6 +14,7 @@ fast as the target takes it): nothing is buffered.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,6 +43,7 @@ from ..errors import (
 from ..resilience.retry import RetryPolicy, backoff_s
 from ..saga.record import Copy
 from ..settings import SEAuthMode, SEMode
+from ..storage.capabilities import StoredForm, compressed_by_metadata, stored_as
 from ..storage.client import StoredFile, translate
 from ..storage.selection import Candidate, rank_candidates
 from .errors import (
@@ -174,6 +176,19 @@ def multipart_parts(boundary: str, file_id: str, source: SourceFile) -> tuple[by
         ).encode()
     )
     return head, f"\r\n--{boundary}--\r\n".encode()
+
+
+def as_stored_on(file: SourceFile, target: Candidate) -> SourceFile:
+    """The file as `target` is given it: a copy our metadata marks compressed goes to an
+    element that drops metadata under a name and type that say so (`ingester.storage.
+    capabilities`); the bytes are copied as they are either way."""
+    algorithm = compressed_by_metadata(file.metadata)
+    if algorithm is None or target.keeps_metadata:
+        return file
+    name, media_type = stored_as(
+        file.original_filename, file.content_type, algorithm, StoredForm.SUFFIX
+    )
+    return dataclasses.replace(file, original_filename=name, content_type=media_type)
 
 
 class Finalizer:
@@ -311,6 +326,9 @@ class Finalizer:
             raise ShuttingDown(headers={"Retry-After": str(self.settings.retry_after_s)})
         authorization = await svc.se_auth.authorization(principal)
         source, meta = await self._locate(file_id, authorization)
+        # Who uploaded it through an ingester comes first: the element may have recorded the
+        # ingester's service account, or nobody it tells (see `ingester.ownership`).
+        meta.uploaded_by = await svc.ownership.owner_of(file_id) or meta.uploaded_by
         if principal.subject != meta.uploaded_by and not principal.is_admin:
             raise FileNotFound(f"no temporary file {file_id} is known")
         now = time.time()
@@ -601,7 +619,7 @@ class Finalizer:
         svc = self.svc
         authorization = await self._authorization(tx)
         boundary = secrets.token_hex(16)
-        head, tail = multipart_parts(boundary, tx.file_id, tx.file)
+        head, tail = multipart_parts(boundary, tx.file_id, as_stored_on(tx.file, element))
         try:
             async with svc.se_client.download(
                 tx.source.element_id, tx.source.api_url, tx.file_id, authorization=authorization

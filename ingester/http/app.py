@@ -273,6 +273,7 @@ def readiness(svc: Service) -> dict[str, Any]:
             "ready": registry.health_of(element.id).ready,
             "last_error": registry.health_of(element.id).last_error,
             "breaker": svc.breakers.breaker(element.id).state(trio.current_time()).value,
+            **registry.report(element),
         }
         for element in registry.elements
     ]

@@ -104,7 +104,7 @@ def _upload_result() -> dict[str, Any]:
             "file_id": {"type": "string", "format": "uuid"},
             "upload_id": {"type": "string", "format": "uuid"},
             "original_filename": {"type": "string", "description": "last path component, control and bidi characters removed, NFC, at most 255 UTF-8 bytes"},
-            "storage_filename": {"type": "string"},
+            "storage_filename": {"type": ["string", "null"], "description": "the element's own name for the stored file; null when it does not say (artStore's element)"},
             "content_type": {"type": "string"},
             "file_size": {"type": "integer", "minimum": 0, "description": "bytes received (the original)"},
             "stored_size": {"type": "integer", "minimum": 0, "description": "bytes on the Storage Element"},
@@ -112,7 +112,7 @@ def _upload_result() -> dict[str, Any]:
             "compression_algorithm": {"enum": ["gzip", "brotli", None]},
             "compression_ratio": {"type": "number", "description": "file_size / stored_size; 1.0 when not compressed"},
             "compression_decision": {
-                "enum": ["requested", "not_requested", "below_min_size", "already_compressed_type", "already_compressed_content", "no_gain"],
+                "enum": ["requested", "not_requested", "below_min_size", "already_compressed_type", "already_compressed_content", "no_gain", "element_policy"],
                 "description": "why the file was or was not compressed",
             },
             "checksum": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "sha256 hex of the original bytes"},

@@ -9,6 +9,7 @@ elsewhere), `StorageElementTimeout`, `StorageElementFull`, `StorageElementReject
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import trio
 from ..errors import (
     StorageElementError,
     StorageElementFull,
+    StorageElementModeRefused,
     StorageElementRejected,
     StorageElementTimeout,
     StorageElementUnavailable,
@@ -28,6 +30,12 @@ from ..errors import (
 log = logging.getLogger(__name__)
 
 UPLOAD_PATH: Final = "/api/v1/files/upload"
+# How an element says its mode takes no uploads: the reference element's code, artStore's text
+# ("File upload not allowed in ro mode").
+_MODE_REFUSAL_RE: Final = re.compile(r"^READ_ONLY_MODE:|not allowed in (edit|rw|ro|ar) mode")
+# A readiness answer of 200 whose body says otherwise (artStore's probe answers 200 with
+# "degraded" when its storage directory fails).
+_NOT_READY_STATUSES: Final = frozenset({"degraded", "not_ready", "unhealthy", "error"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +75,8 @@ def raise_for_status(response: httpx.Response, element_id: str) -> None:
         raise StorageElementError(message, element_id=element_id, upstream_status=status)
     if status == 429:
         raise StorageElementUnavailable(message, element_id=element_id, upstream_status=status)
+    if status == 400 and _MODE_REFUSAL_RE.search(_error_message(response)):
+        raise StorageElementModeRefused(message, element_id=element_id)
     raise StorageElementRejected(
         message, element_id=element_id, upstream_status=status, retryable=False
     )
@@ -242,7 +252,14 @@ class StorageElementClient:
             response = await self._call("GET", element_id, f"{api_url}/health/ready", None)
         except StorageElementError:
             return False
-        return response.status_code == 200
+        if response.status_code != 200:
+            return False
+        try:
+            body = response.json()
+        except ValueError:
+            return True
+        status = body.get("status") if isinstance(body, dict) else None
+        return not (isinstance(status, str) and status.lower() in _NOT_READY_STATUSES)
 
     async def info(self, element_id: str, api_url: str) -> dict[str, Any]:
         response = await self._call("GET", element_id, f"{api_url}/api/v1/info", None)

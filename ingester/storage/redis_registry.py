@@ -115,7 +115,17 @@ def parse_registry(raw: bytes | str) -> list[StorageElementConfig]:
             "mode": mode,
             "status": _status_of(entry, mode, where),
         }
-        for name in ("priority", "capacity_bytes", "used_bytes"):
+        # The capability fields are the ingester's own (the Admin Module writes none): an
+        # operator may add them to an entry; absent, the element's /api/v1/info or the safe
+        # default decides (see `capabilities`).
+        for name in (
+            "priority",
+            "capacity_bytes",
+            "used_bytes",
+            "keeps_metadata",
+            "accepts_empty_files",
+            "compressed_names",
+        ):
             if entry.get(name) is not None:
                 fields[name] = entry[name]
         try:

@@ -2,8 +2,10 @@
 
 The registry's entries come from configuration (`INGESTER_STORAGE_ELEMENTS`) or from Redis
 (`redis_registry.RedisRegistrySync` replaces them as the Admin Module publishes changes).
-The prober asks each element's `/health/ready` in the background, and readiness and
-selection read its last answer, so no request waits on a probe.
+The prober asks each element's `/health/ready` in the background, then its `/api/v1/info`
+(mode, capacity, capabilities), and readiness and selection read its last answers, so no
+request waits on a probe. An element whose own mode differs from the registry's is logged once
+per change and shown in readiness; one whose own mode refuses writes gets none.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import trio
 
 from ..resilience.breaker import BreakerBoard
 from ..settings import SEMode, StorageElementConfig
+from .capabilities import reported_flags, resolve
 from .client import StorageElementClient
 from .selection import Candidate
 
@@ -30,6 +33,25 @@ class ElementHealth:
     # None until the first probe: unknown elements stay candidates so a cold start serves.
     ready: bool | None = None
     last_error: str | None = None
+    # What the element's own /api/v1/info said last (None: not asked yet, or no answer).
+    reported_mode: SEMode | None = None
+    reported_status: str | None = None
+    reported_capabilities: dict[str, bool] = field(default_factory=dict)
+    # Its own capacity, used for choice when the registry has none.
+    reported_capacity: int | None = None
+    # The (registry, own) modes of the last mismatch logged: each change is logged once.
+    logged_mismatch: tuple[SEMode, SEMode] | None = None
+
+    def mode_mismatch(self, registry_mode: SEMode) -> bool:
+        return self.reported_mode is not None and self.reported_mode is not registry_mode
+
+    def refuses_writes(self, registry_mode: SEMode) -> bool:
+        """The registry has the element take uploads but its own mode does not."""
+        return (
+            registry_mode in WRITABLE_MODES
+            and self.reported_mode is not None
+            and self.reported_mode not in WRITABLE_MODES
+        )
 
 
 @dataclass(slots=True)
@@ -48,19 +70,29 @@ class Registry:
         return self.health.setdefault(element_id, ElementHealth())
 
     def candidates(self) -> list[Candidate]:
-        return [
-            Candidate(
-                id=element.id,
-                api_url=element.api_url,
-                mode=element.mode,
-                priority=element.priority,
-                capacity_bytes=element.capacity_bytes,
-                used_bytes=element.used_bytes,
-                available=element.status == "online"
-                and self.health_of(element.id).ready is not False,
-            )
-            for element in self.elements
-        ]
+        return [self._candidate(element) for element in self.elements]
+
+    def _candidate(self, element: StorageElementConfig) -> Candidate:
+        health = self.health_of(element.id)
+        keeps_metadata, accepts_empty = resolve(element, health.reported_capabilities)
+        return Candidate(
+            id=element.id,
+            api_url=element.api_url,
+            mode=element.mode,
+            priority=element.priority,
+            capacity_bytes=(
+                element.capacity_bytes
+                if element.capacity_bytes is not None
+                else health.reported_capacity
+            ),
+            used_bytes=element.used_bytes,
+            available=element.status == "online"
+            and health.ready is not False
+            and not health.refuses_writes(element.mode),
+            keeps_metadata=keeps_metadata,
+            accepts_empty_files=accepts_empty,
+            compressed_names=element.compressed_names,
+        )
 
     def writable_ready(self) -> list[StorageElementConfig]:
         return [
@@ -69,7 +101,20 @@ class Registry:
             if element.mode in WRITABLE_MODES
             and element.status == "online"
             and self.health_of(element.id).ready is True
+            and not self.health_of(element.id).refuses_writes(element.mode)
         ]
+
+    def report(self, element: StorageElementConfig) -> dict[str, Any]:
+        """What readiness shows of an element besides its registry entry and probe."""
+        health = self.health_of(element.id)
+        candidate = self._candidate(element)
+        return {
+            "reported_mode": None if health.reported_mode is None else health.reported_mode.value,
+            "reported_status": health.reported_status,
+            "mode_mismatch": health.mode_mismatch(element.mode),
+            "keeps_metadata": candidate.keeps_metadata,
+            "accepts_empty_files": candidate.accepts_empty_files,
+        }
 
 
 class Prober:
@@ -124,7 +169,7 @@ class Prober:
                 board.record_failure(element.id, trio.current_time(), known=known)
         health = self._registry.health_of(element.id)
         if ready:
-            await self._refresh_capacity(element)
+            await self._refresh_info(element, health)
         if ready != health.ready:
             log.info(
                 "storage element %s is %s",
@@ -135,18 +180,64 @@ class Prober:
         health.ready = ready
         health.last_error = None if ready else "health probe failed"
 
-    async def _refresh_capacity(self, element: StorageElementConfig) -> None:
+    async def _refresh_info(self, element: StorageElementConfig, health: ElementHealth) -> None:
         try:
             info = await self._client.info(element.id, element.api_url)
         except Exception as exc:  # an element without /info still serves uploads
             log.debug("info of %s failed: %s", element.id, exc)
             return
-        capacity = info.get("capacity_bytes")
-        used = info.get("used_bytes")
-        if isinstance(capacity, int) and element.capacity_bytes is None:
-            element.capacity_bytes = capacity
-        if isinstance(used, int):
+        capacity = _count(info.get("capacity_bytes"))
+        used = _count(info.get("used_bytes"))
+        # The registry's capacity wins (see `_candidate`); an element's own (artStore: its
+        # configured maximum, 0 when none is) fills the gap.
+        health.reported_capacity = capacity or None
+        if used is not None:
             element.used_bytes = used
+        status = info.get("status")
+        health.reported_status = status if isinstance(status, str) else None
+        health.reported_capabilities = reported_flags(info)
+        mode = info.get("mode")
+        health.reported_mode = SEMode(mode) if mode in {m.value for m in SEMode} else None
+        note_mode(element, health)
+
+
+def _count(value: object) -> int | None:
+    """A byte count from JSON: a non-negative int (not a bool), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def note_mode(element: StorageElementConfig, health: ElementHealth) -> None:
+    """Log a mismatch between the registry's mode and the element's own once per change, and
+    its end once."""
+    if health.mode_mismatch(element.mode):
+        assert health.reported_mode is not None
+        seen = (element.mode, health.reported_mode)
+        if health.logged_mismatch != seen:
+            health.logged_mismatch = seen
+            refuses = health.refuses_writes(element.mode)
+            log.warning(
+                "storage element %s says its mode is %s, the registry says %s%s",
+                element.id,
+                health.reported_mode.value,
+                element.mode.value,
+                "; no uploads go to it" if refuses else "",
+                extra={
+                    "event": "se_mode_mismatch",
+                    "storage_element_id": element.id,
+                    "registry_mode": element.mode.value,
+                    "reported_mode": health.reported_mode.value,
+                },
+            )
+    elif health.logged_mismatch is not None and health.reported_mode is not None:
+        health.logged_mismatch = None
+        log.info(
+            "storage element %s and the registry agree on its mode again (%s)",
+            element.id,
+            element.mode.value,
+            extra={"event": "se_mode_agrees", "storage_element_id": element.id},
+        )
 
 
 def configured_elements(elements: Iterable[StorageElementConfig]) -> list[StorageElementConfig]:

@@ -6,7 +6,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from ..errors import IngesterError, InsufficientStorage, NoStorageAvailable
-from ..settings import SEMode
+from ..settings import CompressedNames, SEMode
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,8 +17,13 @@ class Candidate:
     priority: int
     capacity_bytes: int | None
     used_bytes: int | None
-    # False when the registry's status is not online or the element is known to be down.
+    # False when the registry's status is not online, the element is known to be down, or
+    # its own mode (its /api/v1/info) refuses writes.
     available: bool
+    # Capabilities, resolved (see `capabilities`): the safe answer when nobody said.
+    keeps_metadata: bool = False
+    accepts_empty_files: bool = False
+    compressed_names: CompressedNames | None = None
 
     @property
     def free_bytes(self) -> int | None:

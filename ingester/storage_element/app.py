@@ -16,6 +16,9 @@ stays reserved for what the token may not do, so a caller can tell the two apart
   ingester compensates a failed upload.
 
 A file id in a path that is not a UUID is a malformed request: 400 `INVALID_FIELD`.
+
+With `--artstore-compat` (`ElementConfig.artstore_compat`) the routes answer as artStore's own
+element does where it differs; `compat` lists each difference.
 """
 
 from __future__ import annotations
@@ -46,9 +49,10 @@ from ..http.multipart import (
     parse_boundary,
 )
 from ..upload.filenames import sanitize_filename
+from . import compat
 from .config import ElementConfig
 from .form import UploadForm
-from .store import FileRecord, FileStore, NewFile, PendingUpload, parse_file_id
+from .store import FileNotFound, FileRecord, FileStore, NewFile, PendingUpload, parse_file_id
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,9 @@ def create_storage_element_app(
     config: ElementConfig, store: FileStore, verifier: TokenVerifier
 ) -> QuartTrio:
     app = make_app(f"storage-element:{config.element_id}")
+    artstore = config.artstore_compat
+    if artstore:
+        compat.install_error_shape(app)
 
     async def authenticate(*, write: bool) -> Principal:
         token = await bearer_from_header(request.headers.get("Authorization"))
@@ -105,6 +112,8 @@ def create_storage_element_app(
     @app.get("/api/v1/info")
     async def info() -> dict[str, Any]:
         capacity, free = await _capacity(config, store)
+        if artstore:
+            return compat.info(config, store, capacity, str(store.data_dir))
         return {
             "element_id": config.element_id,
             "name": config.element_id,
@@ -121,6 +130,9 @@ def create_storage_element_app(
             "priority": config.priority,
             "is_writable": config.allows_upload,
             "is_available": True,
+            # What the ingester may rely on (its registry can say otherwise): this element
+            # keeps `metadata` and `content_type`, and stores empty files.
+            "capabilities": {"keeps_metadata": True, "accepts_empty_files": True},
         }
 
     @app.get("/api/v1/capacity")
@@ -146,6 +158,12 @@ def create_storage_element_app(
     @app.post("/api/v1/files/upload")
     async def upload() -> tuple[dict[str, Any], int]:
         principal = await authenticate(write=True)
+        if artstore:
+            boundary = parse_boundary(request.headers.get("Content-Type"))
+            body = await compat.upload(
+                config, store, principal, aiter(request.body), boundary, _receive_form
+            )
+            return body, 201
         if not config.allows_upload:
             raise ReadOnlyMode(f"{config.element_id} is in {config.mode} mode: no uploads")
         boundary = parse_boundary(request.headers.get("Content-Type"))
@@ -184,7 +202,8 @@ def create_storage_element_app(
     async def metadata(file_id: str) -> dict[str, Any]:
         await authenticate(write=False)
         require_reads()
-        return store.get(parse_file_id(file_id)).to_json()
+        record = store.get(parse_file_id(file_id))
+        return compat.metadata(record) if artstore else record.to_json()
 
     @app.get("/api/v1/files/<file_id>/download")
     async def download(file_id: str) -> Response:
@@ -201,7 +220,9 @@ def create_storage_element_app(
 
     @app.delete("/api/v1/files/<file_id>")
     async def delete(file_id: str) -> Response:
-        await authenticate(write=True)
+        principal = await authenticate(write=True)
+        if artstore:
+            compat.require_delete_role(principal)
         if not config.allows_delete:
             raise DeleteNotAllowed(
                 f"{config.element_id} is in {config.mode} mode; only edit mode deletes files"
@@ -215,6 +236,12 @@ def create_storage_element_app(
     async def gc_delete(file_id: str) -> dict[str, Any]:
         principal = await authenticate(write=True)
         canonical = parse_file_id(file_id)
+        if artstore:
+            try:
+                found: str | None = await store.gc_delete(canonical)
+            except FileNotFound:
+                found = None
+            return compat.gc_deleted(canonical, found, principal)
         outcome = await store.gc_delete(canonical)
         return {
             "file_id": canonical,

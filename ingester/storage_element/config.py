@@ -29,6 +29,8 @@ class ElementConfig:
     capacity_bytes: int | None = None
     graceful_timeout_s: float = DEFAULT_GRACEFUL_TIMEOUT_S
     client_idle_timeout_s: float = DEFAULT_CLIENT_IDLE_TIMEOUT_S
+    # Answer as artStore's own element does where it differs from ours (see `compat`).
+    artstore_compat: bool = False
 
     @property
     def allows_upload(self) -> bool:

@@ -4,7 +4,9 @@ Fields: `file` (required; its filename and Content-Type describe the file), `des
 `version`, `file_id` (a UUID), `retention_policy`, and two extras artStore's element does
 not have but the ingester may send: `metadata` (a JSON object) and `content_type` (overrides
 the part's). Any field may come before or after the file. As artStore's element does (via
-FastAPI), an empty value counts as not sent; unknown fields are read and ignored.
+FastAPI), an empty value counts as not sent; unknown fields are read and ignored. An
+artStore-compatible form (`extras=False`) takes `metadata` and `content_type` for unknown
+fields too, as artStore's upload route does.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from ..upload.fields import loads_strict_json
 from .store import parse_file_id
 
 FILE_FIELD: Final = "file"
-TEXT_FIELDS: Final = frozenset(
-    {"description", "version", "file_id", "retention_policy", "metadata", "content_type"}
+# What artStore's own upload route reads besides the file.
+ARTSTORE_FIELDS: Final = frozenset(
+    {"description", "version", "file_id", "finalize_transaction_id", "retention_policy"}
 )
+TEXT_FIELDS: Final = ARTSTORE_FIELDS | {"metadata", "content_type"}
 # Per text field, metadata included: anything larger is a payload, not a description.
 MAX_FIELD_BYTES: Final = 64 * 1024
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
@@ -28,7 +32,8 @@ DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 class UploadForm:
     """Feed it the parts as they come; the file's bytes go elsewhere (see `in_file`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, extras: bool = True) -> None:
+        self._known = TEXT_FIELDS if extras else ARTSTORE_FIELDS
         self.fields: dict[str, str] = {}
         self.has_file = False
         self.filename: str | None = None
@@ -52,7 +57,7 @@ class UploadForm:
             self.filename = part.filename
             self.part_content_type = part.content_type
             return True
-        if part.name in TEXT_FIELDS:
+        if part.name in self._known:
             if part.name in self.fields:
                 raise InvalidField(f"the field {part.name!r} was sent twice")
             self._field = part.name

@@ -65,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--graceful-timeout", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--log-format", choices=("json", "text"), default="text")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--artstore-compat",
+        action="store_true",
+        help="answer as artStore's own Storage Element does where it differs from this one: "
+        "empty files refused with 500, metadata and content_type dropped, no "
+        "storage_filename, never 507 (see the README)",
+    )
 
 
 def storage_element_command(args: argparse.Namespace) -> int:
@@ -84,6 +91,7 @@ def storage_element_command(args: argparse.Namespace) -> int:
         priority=args.priority,
         capacity_bytes=args.capacity_bytes,
         graceful_timeout_s=args.graceful_timeout,
+        artstore_compat=args.artstore_compat,
     )
     set_socket_read_size(SOCKET_READ_SIZE)
     status = 0
@@ -201,6 +209,7 @@ async def run_storage_element(
                 "storage_element_id": config.element_id,
                 "urls": urls,
                 "mode": str(config.mode),
+                "artstore_compat": config.artstore_compat,
             },
         )
         task_status.started(urls)

@@ -728,6 +728,7 @@ class TusService:
                 content_type=form.content_type,
                 content_length=form.content_length,
                 digest=None,
+                owner=upload.owner,
             )
         finally:
             await form.aclose()

@@ -79,9 +79,12 @@ async def ingest(
     content_type: str | None,
     content_length: int | None,
     digest: ExpectedDigest | None,
+    owner: str | None = None,
 ) -> dict[str, Any]:
     """Store the file of a multipart `body`; the contract's `201` body. Raises
-    `IngesterError`s (and `Cancelled` when the caller goes away)."""
+    `IngesterError`s (and `Cancelled` when the caller goes away). `owner` is who the file is
+    recorded as uploaded by (`ingester.ownership`), when not the caller (a resumable upload
+    completed by an admin stays its creator's)."""
     settings = svc.settings
     with svc.admission.admit(principal.subject):
         progress = svc.progress.start(upload_id, principal.subject, content_length)
@@ -145,6 +148,15 @@ async def ingest(
             raise
         else:
             outcome = "success"
+            # Before the answer goes out, bounded; a client gone by now does not stop it.
+            with trio.CancelScope(shield=True):
+                await svc.ownership.record(
+                    result["file_id"],
+                    subject=owner or principal.subject,
+                    username=principal.username if owner in (None, principal.subject) else owner,
+                    retention_policy=result["retention_policy"],
+                    ttl_days=result["ttl_days"],
+                )
             svc.progress.finish(progress, UploadState.DONE, result=result)
             svc.metrics.bytes_stored.inc(result["stored_size"])
             if result["compressed"]:

@@ -55,8 +55,11 @@ from ..resilience.retry import ErrorKind, decide
 from ..saga.book import Saga
 from ..saga.record import Copy
 from ..settings import SEAuthMode, SEMode
+from ..storage.capabilities import Fit
 from ..storage.client import StoredFile
+from ..storage.refusals import repeated_refusal
 from ..storage.selection import Candidate, no_candidate_error, rank_candidates
+from . import placement
 from .budget import UploadBudget
 from .compression import (
     Algorithm,
@@ -68,7 +71,7 @@ from .compression import (
 )
 from .digest import DigestHashing, ExpectedDigest
 from .fields import TRUE_WORDS, RetentionPolicy, UploadOptions, parse_upload_fields
-from .filenames import sanitize_filename, storage_filename
+from .filenames import sanitize_filename
 from .progress import UploadProgress, UploadState
 from .spool import Spool, SpoolReader
 
@@ -183,6 +186,11 @@ class Upload:
     deadline: float | None = None
     # The Authorization header for element calls (None when elements need none).
     authorization: str | None = None
+    # Set by the transformer with its first piece (or at its end): the file is then known to
+    # be empty or not, compressed or not, and the streamer may choose an element.
+    data_ready: trio.Event = field(default_factory=trio.Event)
+    # The name and media type the current element is given (`placement.stored_identity`).
+    stored_as: tuple[str, str] | None = None
 
     def trip(self) -> None:
         """The element's breaker opened: end this attempt (the upload fails over)."""
@@ -408,6 +416,8 @@ class UploadPipeline:
             "metadata": options.metadata,
             "uploaded_by": principal.subject,
             "uploaded_by_username": principal.username,
+            # Whatever the element kept: how to read the stored bytes back.
+            "compression": placement.compression_facts(upload),
         }
         try:
             await self.svc.admin.register(record, authorization=upload.authorization)
@@ -429,6 +439,7 @@ class UploadPipeline:
         result: list[StoredFile] = []
         done = trio.Event()
         budget = upload.budget
+        upload.data_ready = trio.Event()
         # A copy of what is sent, so a failed element's share can be replayed to the next.
         sent_copy = None
         if self.settings.failover_spool:
@@ -531,9 +542,17 @@ class UploadPipeline:
             filename=upload.filename,
             min_size=settings.compression_min_size,
         )
+        decision = placement.compression_decision(self.svc, upload, decision)
         compressor: Compressor | None = None
         pending = bytearray()
         decided = not decision.compress
+
+        def announce() -> None:
+            # Before the first piece goes to the streamer, which then chooses the element.
+            if not upload.data_ready.is_set():
+                facts.compressed = compressor is not None
+                facts.algorithm = decision.algorithm if compressor is not None else None
+                upload.data_ready.set()
 
         def work(chunk: bytes) -> bytes:
             original.update(chunk)
@@ -565,6 +584,7 @@ class UploadPipeline:
                 sent_copy.reserve(len(out))
             if out:
                 facts.stored_size += len(out)
+                announce()
                 await out_send.send((out, len(chunk)))
             else:
                 # The compressor kept it (bounded by its window): nothing left to hold.
@@ -599,6 +619,7 @@ class UploadPipeline:
                     sent_copy.reserve(len(tail))
                 if tail:
                     facts.stored_size += len(tail)
+                    announce()
                     await out_send.send((tail, 0))
             if spool is not None:
                 await spool.finish_writing()
@@ -611,6 +632,7 @@ class UploadPipeline:
             facts.decision_reason = "not_requested"
         if plan.compress and compressor is None:
             self.svc.metrics.compression_skipped.labels(decision.reason).inc()
+        announce()
 
     async def _decide(
         self, decision: CompressionDecision, sample: bytes, is_last: bool
@@ -658,6 +680,9 @@ class UploadPipeline:
         mode = plan.retention_policy.target_mode
         declared = upload.request.content_length
         boundary = secrets.token_hex(16)
+        # Empty or not, compressed or not: what the element must be able to take.
+        await upload.data_ready.wait()
+        fit = await placement.fit(svc, upload)
         body = SEUploadBody(
             head=_multipart_head(boundary, upload),
             chunks=out_recv,
@@ -675,7 +700,7 @@ class UploadPipeline:
         try:
             async with out_recv:
                 while True:
-                    element = self._next_element(mode, declared, tried)
+                    element = self._next_element(mode, declared, tried, fit)
                     if element is None:
                         if not failures or not failures[-1].retryable:
                             raise self._nothing_left(mode, declared, failures)
@@ -692,6 +717,9 @@ class UploadPipeline:
                     )
                     tried.append(element.id)
                     upload.element = element
+                    # The head is per attempt: elements of another kind get another name.
+                    upload.stored_as = placement.stored_identity(svc, upload, element)
+                    body = body.restart(head=_multipart_head(boundary, upload))
                     upload.progress.storage_element_id = element.id
                     logs.bind(storage_element_id=element.id)
                     if rounds and element.id not in burned:
@@ -750,6 +778,8 @@ class UploadPipeline:
                     if not failures or failures[-1] is not error:
                         svc.note_se_failure(element.id, error)
                         failures.append(error)
+                    if (refusal := repeated_refusal(failures)) is not None:
+                        raise refusal
                     if not error.retryable or (body.started and sent_copy is None):
                         raise error
                     failed_at = trio.current_time()
@@ -780,13 +810,16 @@ class UploadPipeline:
             done.set()
 
     def _next_element(
-        self, mode: SEMode, declared: int | None, tried: list[str]
+        self, mode: SEMode, declared: int | None, tried: list[str], fit: Fit | None = None
     ) -> Candidate | None:
-        """The best candidate not tried yet whose breaker lets a request through."""
+        """The best candidate not tried yet that can take the file (`fit`) and whose breaker
+        lets a request through."""
         svc = self.svc
         ranked = rank_candidates(
             svc.registry.candidates(), mode=mode, declared_size=declared, exclude=tried
         )
+        if fit is not None:
+            ranked = [c for c in ranked if fit.takes(c)]
         now = trio.current_time()
         allowed = set(svc.breakers.allowed([c.id for c in ranked], now))
         return next(
@@ -914,8 +947,8 @@ class UploadPipeline:
             "file_id": upload.file_id,
             "upload_id": upload.request.upload_id,
             "original_filename": upload.filename,
-            "storage_filename": stored.storage_filename
-            or storage_filename(upload.filename, upload.file_id),
+            # The element's own name for it; None when it does not say (never invented).
+            "storage_filename": stored.storage_filename,
             "content_type": upload.content_type,
             "file_size": facts.original_size,
             "stored_size": facts.stored_size,
@@ -969,6 +1002,7 @@ def _field(boundary: str, name: str, value: str) -> bytes:
 
 
 def _multipart_head(boundary: str, upload: Upload) -> bytes:
+    filename, content_type = upload.stored_as or (upload.filename, upload.content_type)
     return b"".join(
         (
             _field(boundary, "file_id", upload.file_id),
@@ -976,8 +1010,8 @@ def _multipart_head(boundary: str, upload: Upload) -> bytes:
             _field(boundary, "version", VERSION_FIELD),
             (
                 f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-                f'filename="{_quote(upload.filename)}"\r\n'
-                f"Content-Type: {upload.content_type}\r\n\r\n"
+                f'filename="{_quote(filename)}"\r\n'
+                f"Content-Type: {content_type}\r\n\r\n"
             ).encode(),
         )
     )
@@ -998,7 +1032,8 @@ def _multipart_tail(boundary: str, upload: Upload, options: UploadOptions) -> by
     parts = [b"\r\n"]
     if options.description:
         parts.append(_field(boundary, "description", options.description))
-    parts.append(_field(boundary, "content_type", upload.content_type))
+    _, content_type = upload.stored_as or (upload.filename, upload.content_type)
+    parts.append(_field(boundary, "content_type", content_type))
     parts.append(_field(boundary, "metadata", json.dumps(metadata, ensure_ascii=False)))
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts)
@@ -1089,11 +1124,11 @@ class SEUploadBody(httpx.AsyncByteStream):
             await self._replay.aclose()
         return piece
 
-    def restart(self) -> SEUploadBody:
-        """A body for the next element: the same head, everything taken so far again from
-        the copy, then the rest of the channel and the tail."""
+    def restart(self, head: bytes | None = None) -> SEUploadBody:
+        """A body for the next element: the same head (or `head`), everything taken so far
+        again from the copy, then the rest of the channel and the tail."""
         return SEUploadBody(
-            head=self._head,
+            head=self._head if head is None else head,
             chunks=self._chunks,
             tail=self._tail,
             on_progress=self._on_progress,

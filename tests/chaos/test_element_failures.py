@@ -64,15 +64,19 @@ async def bring_back(
     return se
 
 
-@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize(
+    ("how", "flavor"),
+    [("kill", "reference"), ("stop", "reference"), ("kill", "artstore")],
+)
 async def test_element_lost_mid_upload_fails_over(
-    tmp_path: Path, keypair: KeyPair, token: TokenFactory, how: str
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory, how: str, flavor: str
 ) -> None:
     """SIGKILL or SIGSTOP the element receiving a large upload: one 201, the file intact on
     the other element, within the stall timeout for a freeze; the first element back, the
-    partial copy is gone."""
+    partial copy is gone. Also with elements that answer as artStore's does."""
+    extra = ["--artstore-compat"] if flavor == "artstore" else []
     async with contextlib.AsyncExitStack() as stack:
-        first, second = await start_elements(stack, tmp_path, keypair, 2)
+        first, second = await start_elements(stack, tmp_path, keypair, 2, extra_args=extra)
         ingester = await serve_ingester(
             stack, tmp_path, keypair, [registry_entry(first, 1), registry_entry(second, 2)], ENV
         )

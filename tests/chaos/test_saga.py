@@ -197,12 +197,33 @@ async def test_a_stored_upload_is_registered_in_the_admin_module(
             assert record["file_size"] == 300_000
             assert record["description"] == "d"
             assert record["uploaded_by"] == "test-user"
+            # How to read the stored bytes back, whatever the element keeps.
+            assert record["compression"] == {
+                "compressed": False,
+                "compression_algorithm": None,
+                "original_size": 300_000,
+                "original_checksum": body.sha256,
+                "stored_size": 300_000,
+                "stored_checksum": body.sha256,
+                "stored_filename": "data.bin",
+                "stored_content_type": "application/octet-stream",
+            }
             assert admin.posted[0].headers["authorization"] == f"Bearer {token}"
             assert await download_sha256(http, world.a.url, result["file_id"], token) == body.sha256
             text = await metrics(http, proc)
             assert metric(text, 'ingester_admin_registrations_total{outcome="ok"}') == 1
-            # Nothing left in the saga store once the upload is acknowledged.
+            # Nothing left in the saga store once the upload is acknowledged; its owner is
+            # recorded beside it, for its retention (30 days and a day's grace).
             assert world.saga_keys() == []
+            client = world.redis.client()
+            try:
+                owner_key = f"ingester:owner:{result['file_id']}"
+                owner = client.get(owner_key)
+                assert isinstance(owner, bytes)
+                assert json.loads(owner)["subject"] == "test-user"
+                assert 30 * 86400 < client.ttl(owner_key) <= 31 * 86400
+            finally:
+                client.close()
 
 
 async def test_a_failing_registration_removes_the_stored_copy(

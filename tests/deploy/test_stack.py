@@ -87,8 +87,11 @@ async def stored_on_volume(
     """The sha256 of the stored data file and its attr.json, read from the element's volume."""
     mountpoint = (await podman("volume", "inspect", "--format", "{{.Mountpoint}}", volume)).stdout
     data_dir = trio.Path(mountpoint.strip())
-    data = await (data_dir / stored.storage_filename).read_bytes()
-    attributes = json.loads(await (data_dir / (stored.storage_filename + ".attr.json")).read_text())
+    # The reference element names its stored file in its answer.
+    name = stored.storage_filename
+    assert name is not None, stored
+    data = await (data_dir / name).read_bytes()
+    attributes = json.loads(await (data_dir / (name + ".attr.json")).read_text())
     assert isinstance(attributes, dict)
     return hashlib.sha256(data).hexdigest(), attributes
 

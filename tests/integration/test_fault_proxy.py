@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import secrets
@@ -299,3 +300,31 @@ async def test_cancel_ends_every_task_and_a_second_proxy_starts() -> None:
         assert reply == b"5"
         assert (first.bytes_upstream, first.faults_fired) == (4, 1)
         assert (second.connections, second.bytes_upstream) == (1, 5)
+
+
+async def test_only_matching_cuts_the_connection_that_sent_the_bytes_and_no_other() -> None:
+    """Two connections live at once; the plan names bytes only the second sends (split across
+    two writes): that one is cut exactly AFTER bytes past the end of the match, the first
+    goes on to the end untouched."""
+    needle = b"X-Request-ID: upload-b"
+    with trio.fail_after(10):
+        async with proxied() as (upstream, proxy):
+            proxy.set_plan(FaultPlan(Fault.CUT, after_bytes=AFTER, only_matching=needle))
+            async with await connect(proxy) as first, await connect(proxy) as second:
+                await first.send_all(b"X-Request-ID: upload-a\r\n" + bytes(AFTER))
+                seen_first = await upstream.next_connection()
+                seen_second = await upstream.next_connection()
+                await second.send_all(b"head " + needle[:9])
+                # The cut may come while this is still being written.
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await second.send_all(needle[9:] + bytes(3 * AFTER))
+                await seen_second.ended.wait()
+                # The first connection is still open and still forwards.
+                await first.send_all(bytes(2 * AFTER))
+                await first.send_eof()
+                reply = await read_to_eof(first)
+            await seen_first.ended.wait()
+        assert seen_second.error is None
+        assert bytes(seen_second.data) == b"head " + needle + bytes(AFTER)
+        assert reply == str(len(b"X-Request-ID: upload-a\r\n") + 3 * AFTER).encode()
+        assert proxy.faults_fired == 1

@@ -15,6 +15,7 @@ the elements are back, their data directories hold the acknowledged files and no
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import math
@@ -269,7 +270,8 @@ class Stored:
     """An acknowledged upload: what its 201 said, and the sha256 of what was sent."""
 
     file_id: str
-    storage_filename: str
+    # None when the element did not say (artStore's element: see `files`).
+    storage_filename: str | None
     element_id: str
     element_url: str
     sha256: str
@@ -294,7 +296,11 @@ class Stored:
 
     @property
     def files(self) -> set[str]:
-        """What it leaves in its element's data directory: the data and its attr.json."""
+        """What it leaves in its element's data directory: the data and its attr.json. Without
+        the element's name for it, a pattern: the two files whose names hold its id (the
+        reference element's naming, in both of its modes)."""
+        if self.storage_filename is None:
+            return {f"*{self.file_id}*"}
         return {self.storage_filename, self.storage_filename + ".attr.json"}
 
 
@@ -374,11 +380,14 @@ def orphans(
     for element in elements:
         want = expected.get(element.element_id, set())
         have = data_files(element.data_dir)
-        if have != want:
-            out[element.element_id] = {
-                "orphans": sorted(have - want),
-                "missing": sorted(want - have),
-            }
+        patterns = {w for w in want if "*" in w}
+        exact = want - patterns
+        # A pattern stands for a data file and its attr.json (see `Stored.files`).
+        matched = {p: {h for h in have if fnmatch.fnmatchcase(h, p)} for p in patterns}
+        extra = have - exact - set().union(*matched.values())
+        missing = (exact - have) | {p for p, hits in matched.items() if len(hits) != 2}
+        if extra or missing:
+            out[element.element_id] = {"orphans": sorted(extra), "missing": sorted(missing)}
     return out
 
 
@@ -428,8 +437,10 @@ async def start_elements(
     *,
     mode: str = "edit",
     prefix: str = "se",
+    extra_args: Sequence[str] = (),
 ) -> list[StorageElementProcess]:
-    """`count` elements `se-1`, `se-2`... (one after another: they share two cores)."""
+    """`count` elements `se-1`, `se-2`... (one after another: they share two cores);
+    `extra_args` such as `--artstore-compat` go to each."""
     return [
         await start_storage_element(
             stack,
@@ -437,6 +448,7 @@ async def start_elements(
             mode=mode,
             public_key=keypair.public_path,
             element_id=f"{prefix}-{n}",
+            extra_args=extra_args,
         )
         for n in range(1, count + 1)
     ]
@@ -456,6 +468,7 @@ async def restart_element(
         capacity_bytes=se.capacity_bytes,
         port=se.port,
         data_dir=se.data_dir,
+        extra_args=se.extra_args,
     )
 
 

@@ -6,6 +6,11 @@ connections as well as new ones.
 
     proxy = await nursery.start(serve_fault_proxy, "127.0.0.1", se_port)
     proxy.set_plan(FaultPlan(Fault.CUT, after_bytes=1_000_000))
+
+A plan with `only_matching` faults only the connections whose upload bytes contain those
+bytes (a request id, say), counting `after_bytes` from the end of the match; the others
+pass untouched. That is how one of two uploads streaming to the same element is cut while
+the other goes on.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class FaultPlan:
     delay_s: float = 0.0
     bytes_per_s: int = 0
     after_bytes: int = 0
+    # Fault only connections that sent these bytes (from the end of the match on).
+    only_matching: bytes | None = None
 
     def __post_init__(self) -> None:
         # A silent no-op plan would make a chaos test pass for the wrong reason.
@@ -57,6 +64,8 @@ class FaultPlan:
             raise ValueError("delay_s and after_bytes must be >= 0")
         if self.fault is Fault.THROTTLE and self.bytes_per_s <= 0:
             raise ValueError("THROTTLE needs bytes_per_s > 0")
+        if self.only_matching is not None and not self.only_matching:
+            raise ValueError("only_matching must not be empty")
 
     def limited(self) -> bool:
         """True when the fault waits for `after_bytes` before it acts."""
@@ -68,6 +77,24 @@ class _Conn:
     forwarded: int = 0  # upload bytes sent upstream on this connection
     faulted: bool = False
     ending: Fault = Fault.NONE  # CUT or RESET once fired: decides how the sockets close
+    # For a plan with `only_matching`: where the match ended (upload bytes), and the last
+    # bytes seen, so a match split across reads is found.
+    matched: bytes | None = None
+    matched_at: int = 0
+    window: bytes = b""
+
+    def look_for(self, needle: bytes | None, data: bytes) -> None:
+        """Note whether `data`, about to be forwarded, completes a match of `needle`."""
+        if needle is None or self.matched == needle:
+            return
+        seen = self.window + data
+        found = seen.find(needle)
+        if found >= 0:
+            self.matched = needle
+            self.matched_at = self.forwarded + found + len(needle) - len(self.window)
+            self.window = b""
+        else:
+            self.window = seen[-(len(needle) - 1) :] if len(needle) > 1 else b""
 
 
 class FaultProxy:
@@ -101,9 +128,24 @@ class FaultProxy:
             conn.faulted = True
             self.faults_fired += 1
 
+    def _applies(self, conn: _Conn) -> bool:
+        """Whether the plan faults this connection (every one, or the matching ones)."""
+        needle = self._plan.only_matching
+        return needle is None or conn.matched == needle
+
+    def _due_at(self, conn: _Conn) -> int:
+        """The connection's upload offset at which a limited fault acts."""
+        plan = self._plan
+        base = conn.matched_at if plan.only_matching is not None else 0
+        return base + plan.after_bytes
+
     def _stalled(self, conn: _Conn) -> bool:
         plan = self._plan
-        return plan.fault is Fault.STALL and conn.forwarded >= plan.after_bytes
+        return (
+            plan.fault is Fault.STALL
+            and self._applies(conn)
+            and conn.forwarded >= self._due_at(conn)
+        )
 
     async def _hold_while_stalled(self, conn: _Conn) -> None:
         while self._stalled(conn):
@@ -118,6 +160,8 @@ class FaultProxy:
 
     async def _pace(self, conn: _Conn, nbytes: int) -> None:
         plan = self._plan
+        if not self._applies(conn):
+            return
         if plan.fault is Fault.DELAY and plan.delay_s > 0:
             self._fired(conn)
             await trio.sleep(plan.delay_s)
@@ -142,13 +186,15 @@ class FaultProxy:
             if not data:
                 await upstream.send_eof()
                 return
+            conn.look_for(self._plan.only_matching, data)
             while data:
                 await self._pace(conn, len(data))
                 await self._hold_while_stalled(conn)
                 if self._end_if_due(conn, scope):
                     return
                 plan = self._plan
-                room = plan.after_bytes - conn.forwarded if plan.limited() else len(data)
+                limited = plan.limited() and self._applies(conn)
+                room = self._due_at(conn) - conn.forwarded if limited else len(data)
                 piece, data = data[:room], data[room:]
                 await upstream.send_all(piece)
                 conn.forwarded += len(piece)
@@ -156,7 +202,11 @@ class FaultProxy:
 
     def _end_if_due(self, conn: _Conn, scope: trio.CancelScope) -> bool:
         plan = self._plan
-        if plan.fault in (Fault.CUT, Fault.RESET) and conn.forwarded >= plan.after_bytes:
+        if (
+            plan.fault in (Fault.CUT, Fault.RESET)
+            and self._applies(conn)
+            and conn.forwarded >= self._due_at(conn)
+        ):
             self._fired(conn)
             conn.ending = plan.fault
             scope.cancel()

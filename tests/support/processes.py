@@ -368,6 +368,7 @@ class StorageElementProcess(ManagedProcess):
         self.element_id = element_id
         self.port = port
         self.capacity_bytes = capacity_bytes
+        self.extra_args = tuple(extra_args)
 
 
 async def _hold(

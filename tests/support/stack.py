@@ -124,6 +124,7 @@ def start_storage_element(
     capacity_bytes: int | None = None,
     port: int | None = None,
     data_dir: Path | None = None,
+    artstore_compat: bool = False,
 ) -> StorageElementProc:
     port = port or free_port()
     data_dir = data_dir or root / element_id / "data"
@@ -134,6 +135,8 @@ def start_storage_element(
     ]  # fmt: skip
     if capacity_bytes is not None:
         argv += ["--capacity-bytes", str(capacity_bytes)]
+    if artstore_compat:
+        argv.append("--artstore-compat")
     proc = StorageElementProc(
         name=element_id,
         argv=argv,

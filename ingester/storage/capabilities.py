@@ -1,0 +1,107 @@
+"""What a Storage Element does with an upload besides storing its bytes. No I/O.
+
+artStore's own element drops the `metadata` and `content_type` fields and refuses empty
+files; the reference element keeps both and stores them. Each capability comes from, in order:
+the registry entry (`keeps_metadata`, `accepts_empty_files`, `compressed_names`), what the
+element's `/api/v1/info` reports under `capabilities` (the reference element does; artStore's
+does not), and then the safe answer, no. So an element nobody describes is treated as
+artStore's: an empty file is refused before a byte is sent, and a compressed upload is stored
+under a name that says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+from ..settings import CompressedNames, StorageElementConfig
+from .selection import Candidate
+
+# The compressed form's name and media type, per algorithm (`ingester.upload.compression`).
+SUFFIXES: Final = {"gzip": ".gz", "brotli": ".br"}
+MEDIA_TYPES: Final = {"gzip": "application/gzip", "brotli": "application/x-brotli"}
+# The compression decision's reason when the element chosen must not get compressed bytes.
+ELEMENT_POLICY: Final = "element_policy"
+
+
+class StoredForm(StrEnum):
+    """How a compressed file is stored on one element."""
+
+    # The element keeps our metadata (`_ingester.compressed`, algorithm, original size and
+    # checksum): original name and type.
+    METADATA = "metadata"
+    # `<name>.br`/`.gz`, the compressed form's media type.
+    SUFFIX = "suffix"
+    # Not compressed for this element.
+    OFF = "off"
+
+
+def reported_flags(info: Mapping[str, Any]) -> dict[str, bool]:
+    """The capability flags an element's `/api/v1/info` reports (booleans only)."""
+    raw = info.get("capabilities")
+    if not isinstance(raw, Mapping):
+        return {}
+    return {
+        name: value
+        for name in ("keeps_metadata", "accepts_empty_files")
+        if isinstance(value := raw.get(name), bool)
+    }
+
+
+def resolve(element: StorageElementConfig, reported: Mapping[str, bool]) -> tuple[bool, bool]:
+    """(keeps_metadata, accepts_empty_files): the registry's word, else the element's, else no."""
+
+    def one(name: str, configured: bool | None) -> bool:
+        if configured is not None:
+            return configured
+        return reported.get(name, False)
+
+    return (
+        one("keeps_metadata", element.keeps_metadata),
+        one("accepts_empty_files", element.accepts_empty_files),
+    )
+
+
+def stored_form(candidate: Candidate, default: CompressedNames) -> StoredForm:
+    """How a compressed upload goes to `candidate`."""
+    if candidate.keeps_metadata:
+        return StoredForm.METADATA
+    names = candidate.compressed_names or default
+    return StoredForm.SUFFIX if names is CompressedNames.SUFFIX else StoredForm.OFF
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    """What an upload needs of its element, once its first bytes are known."""
+
+    empty: bool
+    compressed: bool
+    default_names: CompressedNames
+
+    def takes(self, candidate: Candidate) -> bool:
+        if self.empty and not candidate.accepts_empty_files:
+            return False
+        return not (
+            self.compressed and stored_form(candidate, self.default_names) is StoredForm.OFF
+        )
+
+
+def stored_as(
+    filename: str, content_type: str, algorithm: str | None, form: StoredForm
+) -> tuple[str, str]:
+    """The name and media type the element is given for a file stored in `form` (`algorithm`
+    None: not compressed, stored as it came)."""
+    if algorithm is None or form is not StoredForm.SUFFIX:
+        return filename, content_type
+    return filename + SUFFIXES[algorithm], MEDIA_TYPES[algorithm]
+
+
+def compressed_by_metadata(metadata: Mapping[str, Any]) -> str | None:
+    """The algorithm our `_ingester` metadata names for a stored copy, or None."""
+    facts = metadata.get("_ingester")
+    if not isinstance(facts, Mapping) or facts.get("compressed") is not True:
+        return None
+    algorithm = facts.get("compression_algorithm")
+    return algorithm if algorithm in SUFFIXES else None

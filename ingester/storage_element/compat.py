@@ -1,0 +1,233 @@
+"""`--artstore-compat`: the answers of artStore's own Storage Element where they differ from ours.
+
+artStore's element (BigKAA/artStore, `storage-element/`, FastAPI) was read for this; what it
+does and the reference element does not:
+
+- **Upload**: FastAPI reads the whole body before the route runs, so every refusal comes after
+  the last byte. It reads only `file, description, version, file_id, finalize_transaction_id,
+  retention_policy`: `metadata` and `content_type` are dropped, and the file part's own
+  Content-Type is the stored type. An empty file fails its attribute record's `file_size > 0`
+  check: `500 {"detail": "Failed to create file"}`. It has no capacity check: a full disk fails
+  the write, with the same `500` (never `507`). A `file_id` already stored is `500 {"detail":
+  "File with ID <id> already exists"}` (not `409`). A mode without uploads is `400 {"detail":
+  "File upload not allowed in <mode> mode"}`. The `201` body is `file_id, original_filename,
+  file_size, checksum, message`: no `storage_filename`. The uploader recorded is the token's
+  subject.
+- **Errors** are FastAPI's `{"detail": "..."}`, not our envelope.
+- **`GET /api/v1/files/{id}`** has no `created_by_id`, `metadata` or `retention_policy`.
+- **`DELETE /api/v1/files/{id}`** needs the operator or admin role.
+- **`DELETE /api/v1/gc/{id}`** answers `200` for an unknown file too (`already_deleted`).
+- **`GET /api/v1/info`**: `name, display_name, version, mode, storage_type, base_path,
+  capacity_bytes, used_bytes, file_count, status` (`operational`, `maintenance` in `ar`),
+  `timestamp`; no `element_id`, `priority`, `free_bytes` or capability flags.
+
+The reference element's store does the work either way (data file and attr.json on disk).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import trio
+from quart import Response
+from quart_trio import QuartTrio
+
+from .. import __version__
+from ..auth.principal import Principal
+from ..errors import IngesterError, InvalidField, RequestTimeout
+from ..upload.filenames import sanitize_filename
+from .config import ElementConfig
+from .form import UploadForm
+from .store import (
+    ElementFull,
+    FileExists,
+    FileRecord,
+    FileStore,
+    NewFile,
+    PendingUpload,
+    UploadAborted,
+)
+
+log = logging.getLogger(__name__)
+
+# artStore's answer to every failure of its file service (empty file, full disk, I/O error).
+CREATE_FAILED: Final = "Failed to create file"
+# Roles artStore's `DELETE /api/v1/files/{id}` takes (its `require_operator_or_admin`).
+DELETE_ROLES: Final = frozenset({"operator", "admin", "super_admin"})
+
+
+class ArtStoreAnswer(Exception):
+    """An answer in artStore's (FastAPI's) shape: `{"detail": ...}` with this status."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def detail_response(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps({"detail": detail}, ensure_ascii=False),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def install_error_shape(app: QuartTrio) -> None:
+    """Every error of the app as FastAPI renders an `HTTPException`: `{"detail": message}`."""
+
+    @app.errorhandler(ArtStoreAnswer)
+    async def _answer(error: ArtStoreAnswer) -> Response:
+        log.info("%d: %s", error.status, error.detail, extra={"event": "se_refused"})
+        return detail_response(error.status, error.detail)
+
+    @app.errorhandler(IngesterError)
+    async def _ingester_error(error: IngesterError) -> Response:
+        log.info("%s: %s", error.code, error.message, extra={"error_code": error.code})
+        return detail_response(error.status, error.message, dict(error.headers))
+
+
+async def drain(body: AsyncIterator[bytes], idle_timeout_s: float) -> None:
+    """Read the rest of the body and drop it: artStore answers only after the last byte."""
+    while True:
+        with trio.move_on_after(idle_timeout_s) as idle:
+            try:
+                await anext(body)
+            except StopAsyncIteration:
+                return
+        if idle.cancelled_caught:
+            raise RequestTimeout(f"no data from the client for {idle_timeout_s:g} s")
+
+
+async def upload(
+    config: ElementConfig,
+    store: FileStore,
+    principal: Principal,
+    body: AsyncIterator[bytes],
+    boundary: bytes,
+    receive_form: Callable[
+        [AsyncIterator[bytes], bytes, UploadForm, PendingUpload, float], Awaitable[None]
+    ],
+) -> dict[str, Any]:
+    """`POST /api/v1/files/upload` as artStore answers it (`receive_form` is the app's
+    streaming form reader, passed in to keep this module free of the app's internals)."""
+    if not config.allows_upload:
+        await drain(body, config.client_idle_timeout_s)
+        raise ArtStoreAnswer(400, f"File upload not allowed in {config.mode.value} mode")
+    form = UploadForm(extras=False)
+    try:
+        # No declared size: artStore checks no capacity before it writes.
+        async with store.upload(None) as pending:
+            try:
+                await receive_form(body, boundary, form, pending, config.client_idle_timeout_s)
+            except InvalidField:
+                raw = form.fields.get("file_id")
+                if raw is not None and not _is_uuid(raw):
+                    await drain(body, config.client_idle_timeout_s)
+                    raise ArtStoreAnswer(400, f"Invalid file_id format: {raw}") from None
+                raise
+            if not form.has_file:
+                raise ArtStoreAnswer(422, "Field required: file")
+            file_id = form.file_id()
+            if pending.size == 0:
+                # Its attribute record requires file_size > 0; the file service rolls back.
+                raise ArtStoreAnswer(500, CREATE_FAILED)
+            record = await pending.commit(
+                NewFile(
+                    file_id=file_id or str(uuid.uuid4()),
+                    original_filename=sanitize_filename(form.filename),
+                    content_type=form.content_type(),
+                    created_by_id=principal.subject,
+                    created_by_username=principal.username,
+                    description=form.text("description"),
+                    version=form.text("version"),
+                    retention_policy=form.text("retention_policy"),
+                )
+            )
+    except FileExists as exc:
+        await drain(body, config.client_idle_timeout_s)
+        raise ArtStoreAnswer(
+            500, f"File with ID {form.fields.get('file_id')} already exists"
+        ) from exc
+    except (ElementFull, UploadAborted, OSError) as exc:
+        # A full disk, a gc delete in flight, an I/O error: the same answer, after the body.
+        log.warning("upload failed: %s", exc, extra={"event": "se_upload_failed"})
+        await drain(body, config.client_idle_timeout_s)
+        raise ArtStoreAnswer(500, CREATE_FAILED) from exc
+    return {
+        "file_id": record.file_id,
+        "original_filename": record.original_filename,
+        "file_size": record.file_size,
+        "checksum": record.checksum,
+        "message": "File uploaded successfully",
+    }
+
+
+def _is_uuid(raw: str) -> bool:
+    try:
+        uuid.UUID(raw.strip())
+    except ValueError:
+        return False
+    return True
+
+
+def metadata(record: FileRecord) -> dict[str, Any]:
+    """artStore's `FileMetadataResponse`."""
+    return {
+        "file_id": record.file_id,
+        "original_filename": record.original_filename,
+        "storage_filename": record.storage_filename,
+        "file_size": record.file_size,
+        "content_type": record.content_type,
+        "created_at": record.created_at,
+        "created_by_username": record.created_by_username,
+        "created_by_fullname": None,
+        "description": record.description,
+        "version": record.version,
+        "storage_path": "",
+        "checksum": record.checksum,
+        "cache_updated_at": record.created_at,
+        "cache_ttl_hours": 24,
+        "cache_expired": False,
+    }
+
+
+def require_delete_role(principal: Principal) -> None:
+    if not principal.roles & DELETE_ROLES:
+        raise ArtStoreAnswer(403, "Operator or admin access required")
+
+
+def gc_deleted(file_id: str, outcome: str | None, principal: Principal) -> dict[str, Any]:
+    """artStore's `GCDeleteResponse`; `outcome` None means the file was not there."""
+    return {
+        "status": "already_deleted" if outcome is None else "deleted",
+        "file_id": file_id,
+        "deleted_at": datetime.now(UTC).isoformat(),
+        "deleted_by": principal.subject,
+        "reason": "gc_cleanup",
+    }
+
+
+def info(
+    config: ElementConfig, store: FileStore, capacity_bytes: int | None, data_dir: str
+) -> dict[str, Any]:
+    """artStore's `StorageElementInfoResponse`: its capacity is the configured maximum."""
+    return {
+        "name": config.element_id,
+        "display_name": config.element_id,
+        "version": __version__,
+        "mode": config.mode.value,
+        "storage_type": "local",
+        "base_path": data_dir,
+        "capacity_bytes": capacity_bytes or 0,
+        "used_bytes": store.used_bytes,
+        "file_count": store.file_count,
+        "status": "maintenance" if config.mode.value == "ar" else "operational",
+        "timestamp": datetime.now(UTC).isoformat(),
+    }

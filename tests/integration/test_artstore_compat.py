@@ -1,0 +1,600 @@
+"""The ingester against elements that answer as artStore's own does (`--artstore-compat`).
+
+The module's stack is two such elements (`as-edit`, `as-rw`) and an ingester that calls them
+with a service account (`INGESTER_SE_AUTH=static`), as a production deployment does: each
+element then records the service account as the uploader, drops `metadata` and
+`content_type`, answers no `storage_filename`, refuses empty files with a 500 and reports no
+capabilities in its `/api/v1/info`. What a user checks: status and `error.code`, the bytes on
+the element (sha256 of a download, decompressed where the name says so), the names it holds,
+how many upload requests each element saw, and that nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import hashlib
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import brotli
+import httpx
+import pytest
+import trio
+
+from tests.conftest import Stack, TokenFactory
+from tests.support.chaos import (
+    Ledger,
+    assert_no_orphans,
+    behind_proxy,
+    metric,
+    snapshot,
+    spool_files,
+)
+from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks, text_chunks
+from tests.support.fault_proxy import Fault, FaultPlan
+from tests.support.fixtures import KeyPair
+from tests.support.fixtures import TokenFactory as SignedTokens
+from tests.support.stack import (
+    Proc,
+    StorageElementProc,
+    start_ingester,
+    start_storage_element,
+    wait_ready,
+)
+
+SERVICE_ACCOUNT: Final = "ingester-svc"
+UPLOAD_REQUEST: Final = "POST /api/v1/files/upload"
+ARTSTORE_201_KEYS: Final = {"file_id", "original_filename", "file_size", "checksum", "message"}
+
+
+@pytest.fixture(scope="module")
+def compat(
+    tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair, token_factory: SignedTokens
+) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("compat")
+    started: list[Proc] = []
+    try:
+        for element_id, mode in (("as-edit", "edit"), ("as-rw", "rw")):
+            started.append(
+                start_storage_element(
+                    root,
+                    element_id=element_id,
+                    mode=mode,
+                    public_key=keypair.public_path,
+                    artstore_compat=True,
+                )
+            )
+        se_edit, se_rw = started
+        assert isinstance(se_edit, StorageElementProc)
+        assert isinstance(se_rw, StorageElementProc)
+        stack = Stack(root, keypair, se_edit, se_rw, ingester=None)  # type: ignore[arg-type]
+        stack.ingester = stack.start_ingester(
+            "ingester",
+            INGESTER_SE_AUTH="static",
+            INGESTER_SE_TOKEN=token_factory(sub=SERVICE_ACCOUNT, name=SERVICE_ACCOUNT),
+            INGESTER_CLIENT_IDLE_TIMEOUT_S="5",
+            INGESTER_FINALIZE_SOURCE_DELETE_DELAY_S="0.5",
+        )
+        started.append(stack.ingester)
+        yield stack
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+
+
+def upload_requests(se: Proc) -> int:
+    """Upload requests the element has answered (its access log)."""
+    return sum(UPLOAD_REQUEST in line for line in se.log_lines())
+
+
+def files_of(se: StorageElementProc, file_id: str) -> list[Path]:
+    return [p for p in se.stored_files() if file_id in p.name]
+
+
+async def element_record(
+    http: httpx.AsyncClient, se: StorageElementProc, file_id: str, token: str
+) -> dict[str, Any]:
+    response = await http.get(f"{se.url}/api/v1/files/{file_id}", headers=auth(token))
+    assert response.status_code == 200, response.text
+    record: dict[str, Any] = response.json()
+    return record
+
+
+async def downloaded(
+    http: httpx.AsyncClient, se: StorageElementProc, file_id: str, token: str
+) -> bytes:
+    response = await http.get(f"{se.url}/api/v1/files/{file_id}/download", headers=auth(token))
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def attr_of(se: StorageElementProc, file_id: str) -> dict[str, Any]:
+    (path,) = [p for p in files_of(se, file_id) if p.name.endswith(".attr.json")]
+    record: dict[str, Any] = json.loads(path.read_text())
+    return record
+
+
+# --- the element itself --------------------------------------------------------------------
+
+
+async def test_the_compat_element_answers_as_artstore_does(
+    compat: Stack, token: TokenFactory
+) -> None:
+    se = compat.se_edit
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+            body = MultipartUpload(
+                [b"a,b\n1,2\n"],
+                filename="notes.csv",
+                file_content_type="text/plain",
+                fields=[
+                    ("description", "numbers"),
+                    ("metadata", '{"project": "x"}'),
+                    ("content_type", "text/csv"),
+                ],
+            )
+            created = await post_upload(http, se.url, token(), body)
+            assert created.status_code == 201, created.text
+            result = created.json()
+            # No storage_filename, content_type or created_at in the answer.
+            assert set(result) == ARTSTORE_201_KEYS
+            assert result["checksum"] == body.sha256
+            file_id = result["file_id"]
+            record = await element_record(http, se, file_id, token())
+            # metadata and content_type were dropped: the part's own type is stored.
+            assert record["content_type"] == "text/plain"
+            assert record["description"] == "numbers"
+            assert "metadata" not in record
+            assert "created_by_id" not in record
+            on_disk = attr_of(se, file_id)
+            assert on_disk["metadata"] == {}
+            assert on_disk["created_by_id"] == "alice"
+
+            before = se.stored_files()
+            empty = await post_upload(http, se.url, token(), MultipartUpload([]))
+            assert empty.status_code == 500
+            assert empty.json() == {"detail": "Failed to create file"}
+            assert se.stored_files() == before
+
+            info = (await http.get(f"{se.url}/api/v1/info")).json()
+            assert {"name", "mode", "capacity_bytes", "used_bytes", "status"} <= set(info)
+            assert info["mode"] == "edit"
+            assert info["status"] == "operational"
+            assert "element_id" not in info
+            assert "capabilities" not in info
+
+            unknown = str(uuid.uuid4())
+            gone = await http.delete(f"{se.url}/api/v1/gc/{unknown}", headers=auth(token()))
+            assert gone.status_code == 200
+            assert gone.json()["status"] == "already_deleted"
+            # Deleting needs the operator or admin role there.
+            refused = await http.delete(f"{se.url}/api/v1/files/{file_id}", headers=auth(token()))
+            assert refused.status_code == 403
+            assert refused.json() == {"detail": "Operator or admin access required"}
+            removed = await http.delete(
+                f"{se.url}/api/v1/files/{file_id}", headers=auth(token(role="operator"))
+            )
+            assert removed.status_code == 204
+
+
+async def test_a_full_compat_element_answers_500_never_507(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    se = start_storage_element(
+        tmp_path,
+        element_id="as-full",
+        mode="edit",
+        public_key=keypair.public_path,
+        capacity_bytes=1000,
+        artstore_compat=True,
+    )
+    try:
+        with trio.fail_after(20):
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                body = MultipartUpload(random_chunks(MIB, seed=3))
+                # A declared size over the capacity too: artStore checks nothing up front.
+                for stream in (True, False):
+                    response = await post_upload(http, se.url, token(), body, stream=stream)
+                    assert response.status_code == 500, response.text
+                    assert response.json() == {"detail": "Failed to create file"}
+        assert [p for p in se.stored_files() if p.name != ".lock"] == []
+    finally:
+        se.terminate()
+
+
+# --- through the ingester --------------------------------------------------------------------
+
+
+async def test_an_upload_round_trips_with_no_invented_storage_filename(
+    compat: Stack, token: TokenFactory
+) -> None:
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            body = MultipartUpload(
+                random_chunks(3 * MIB + 5, seed=11),
+                filename="blob.bin",
+                fields=[("retention_policy", "temporary"), ("metadata", '{"k": 1}')],
+            )
+            response = await post_upload(http, compat.url, token(), body)
+            assert response.status_code == 201, response.text
+            result = response.json()
+            assert result["storage_filename"] is None
+            assert result["storage_element_id"] == "as-edit"
+            assert result["checksum"] == body.sha256
+            stored = await downloaded(http, compat.se_edit, result["file_id"], token())
+            assert hashlib.sha256(stored).hexdigest() == body.sha256
+            # The element recorded the ingester's service account, not alice.
+            record = await element_record(http, compat.se_edit, result["file_id"], token())
+            assert record["created_by_username"] == SERVICE_ACCOUNT
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "suffix", "media_type"),
+    [("brotli", ".br", "application/x-brotli"), ("gzip", ".gz", "application/gzip")],
+)
+async def test_compressed_bytes_are_stored_under_a_name_that_says_so(
+    compat: Stack, token: TokenFactory, algorithm: str, suffix: str, media_type: str
+) -> None:
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            body = MultipartUpload(
+                text_chunks(2 * MIB),
+                filename="app.log",
+                file_content_type="text/plain",
+                fields=[
+                    ("retention_policy", "temporary"),
+                    ("compress", "true"),
+                    ("compression_algorithm", algorithm),
+                ],
+            )
+            response = await post_upload(http, compat.url, token(), body)
+            assert response.status_code == 201, response.text
+            result = response.json()
+            assert result["compressed"] is True
+            assert result["compression_algorithm"] == algorithm
+            # The client's view keeps its own name; the element's says what the bytes are.
+            assert (result["original_filename"], result["content_type"]) == (
+                "app.log",
+                "text/plain",
+            )
+            file_id = result["file_id"]
+            record = await element_record(http, compat.se_edit, file_id, token())
+            assert record["original_filename"] == "app.log" + suffix
+            assert record["content_type"] == media_type
+            assert record["file_size"] == result["stored_size"] < result["file_size"]
+            stored = await downloaded(http, compat.se_edit, file_id, token())
+            original = (
+                brotli.decompress(stored) if algorithm == "brotli" else gzip.decompress(stored)
+            )
+            assert hashlib.sha256(original).hexdigest() == body.sha256
+
+
+async def test_an_empty_file_is_400_before_anything_is_sent(
+    compat: Stack, token: TokenFactory
+) -> None:
+    elements = compat.elements
+    before_files = compat.all_files()
+    before_requests = [upload_requests(se) for se in elements]
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+            for policy in ("temporary", "permanent"):
+                body = MultipartUpload([], fields=[("retention_policy", policy)])
+                response = await post_upload(http, compat.url, token(), body)
+                assert response.status_code == 400, response.text
+                error = response.json()["error"]
+                assert error["code"] == "EMPTY_FILE"
+                assert "empty" in error["message"]
+            # A zero-length resumable upload: refused at its creation, nothing kept.
+            created = await http.post(
+                compat.url + "/api/v1/uploads",
+                headers=auth(
+                    token(),
+                    **{
+                        "Tus-Resumable": "1.0.0",
+                        "Upload-Length": "0",
+                        "Upload-Metadata": "filename " + base64.b64encode(b"e.txt").decode(),
+                    },
+                ),
+            )
+            assert created.status_code == 400, created.text
+            assert created.json()["error"]["code"] == "EMPTY_FILE"
+            # The service keeps serving.
+            ok = await post_upload(http, compat.url, token(), MultipartUpload([b"x"]))
+            assert ok.status_code == 201, ok.text
+    # Not one upload request reached an element for the empty files; the one that follows did.
+    assert [upload_requests(se) for se in elements] == [
+        before_requests[0] + 1,
+        before_requests[1],
+    ]
+    assert len(compat.all_files() - before_files) == 2
+
+
+async def test_a_resumable_upload_completes_on_a_compat_element(
+    compat: Stack, token: TokenFactory
+) -> None:
+    data = b"".join(random_chunks(MIB + 3, seed=13))
+    headers = {"Tus-Resumable": "1.0.0"}
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            created = await http.post(
+                compat.url + "/api/v1/uploads",
+                headers=auth(
+                    token(),
+                    **headers,
+                    **{
+                        "Upload-Length": str(len(data)),
+                        "Upload-Metadata": "filename " + base64.b64encode(b"r.bin").decode(),
+                    },
+                ),
+            )
+            assert created.status_code == 201, created.text
+            location = compat.url + created.headers["Location"]
+            patched = await http.patch(
+                location,
+                content=data,
+                headers=auth(
+                    token(),
+                    **headers,
+                    **{
+                        "Upload-Offset": "0",
+                        "Content-Type": "application/offset+octet-stream",
+                    },
+                ),
+            )
+            assert patched.status_code == 204, patched.text
+            file_id = patched.headers["Upload-File-Id"]
+            assert patched.headers["Upload-Storage-Element-Id"] == "as-edit"
+            result = (await http.get(location, headers=auth(token(), **headers))).json()
+            assert result["result"]["storage_filename"] is None
+            stored = await downloaded(http, compat.se_edit, file_id, token())
+            assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def test_a_repeat_with_an_idempotency_key_stores_once(
+    compat: Stack, token: TokenFactory
+) -> None:
+    key = f"compat-{uuid.uuid4()}"
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            answers = []
+            for _ in range(2):
+                body = MultipartUpload(random_chunks(256 * 1024, seed=17), filename="same.bin")
+                answers.append(
+                    await post_upload(
+                        http, compat.url, token(), body, headers={"Idempotency-Key": key}
+                    )
+                )
+    first, again = answers
+    assert (first.status_code, again.status_code) == (201, 201), again.text
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.json()["file_id"] == first.json()["file_id"]
+    assert len(files_of(compat.se_edit, first.json()["file_id"])) == 2
+
+
+async def test_the_uploader_finalizes_though_the_element_recorded_the_service_account(
+    compat: Stack, token: TokenFactory
+) -> None:
+    url = compat.url
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            body = MultipartUpload(
+                random_chunks(2 * MIB, seed=19),
+                filename="report.bin",
+                fields=[("retention_policy", "temporary"), ("description", "q3")],
+            )
+            response = await post_upload(http, url, token(), body)
+            assert response.status_code == 201, response.text
+            file_id = response.json()["file_id"]
+            record = await element_record(http, compat.se_edit, file_id, token())
+            assert record["created_by_username"] == SERVICE_ACCOUNT
+
+            # Another user cannot, as for an unknown file.
+            other = await http.post(
+                f"{url}/api/v1/finalize/{file_id}", headers=auth(token(sub="bob"))
+            )
+            assert other.status_code == 404, other.text
+            assert other.json()["error"]["code"] == "FILE_NOT_FOUND"
+
+            started = await http.post(f"{url}/api/v1/finalize/{file_id}", headers=auth(token()))
+            assert started.status_code == 202, started.text
+            tx_id = started.json()["transaction_id"]
+            while True:
+                status = await http.get(
+                    f"{url}/api/v1/finalize/{tx_id}/status", headers=auth(token())
+                )
+                assert status.status_code == 200, status.text
+                state = status.json()
+                if state["status"] in ("done", "rolled_back"):
+                    break
+                await trio.sleep(0.05)
+            assert state["status"] == "done", state
+            assert state["storage_element_id"] == "as-rw"
+            stored = await downloaded(http, compat.se_rw, file_id, token())
+            assert hashlib.sha256(stored).hexdigest() == body.sha256
+            # The source went (through gc: the element refuses a user's DELETE).
+            gone = await http.get(
+                f"{compat.se_edit.url}/api/v1/files/{file_id}", headers=auth(token())
+            )
+            assert gone.status_code == 404
+    assert files_of(compat.se_edit, file_id) == []
+    assert len(files_of(compat.se_rw, file_id)) == 2
+
+
+# --- refusals, modes, mixed elements -----------------------------------------------------------
+
+
+async def test_an_identical_refusal_from_two_elements_ends_the_upload(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    """Two full compat elements answer the same 500 to the same file: the upload ends after
+    those two requests with a clear 502, not after every element in every retry round."""
+    async with contextlib.AsyncExitStack() as stack:
+        elements = [
+            start_storage_element(
+                tmp_path,
+                element_id=f"as-full-{n}",
+                mode="edit",
+                public_key=keypair.public_path,
+                capacity_bytes=1000,
+                artstore_compat=True,
+            )
+            for n in (1, 2)
+        ]
+        for se in elements:
+            stack.callback(se.terminate)
+        ingester = start_ingester(
+            tmp_path,
+            name="ingester",
+            public_key=keypair.public_path,
+            elements=[se.registry_entry() for se in elements],
+            env={"INGESTER_RETRY_MAX_ATTEMPTS": "4", "INGESTER_RETRY_BASE_S": "0.05"},
+        )
+        stack.callback(ingester.terminate)
+        wait_ready(ingester.url)
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+                started = trio.current_time()
+                body = MultipartUpload(random_chunks(MIB, seed=23))
+                response = await post_upload(http, ingester.url, token(), body)
+                took = trio.current_time() - started
+                assert response.status_code == 502, response.text
+                error = response.json()["error"]
+                assert error["code"] == "STORAGE_ELEMENT_REJECTED"
+                assert "Failed to create file" in error["message"]
+                assert "not retried" in error["message"]
+                ready = await http.get(ingester.url + "/health/ready")
+                assert ready.status_code == 200
+        assert sum(upload_requests(se) for se in elements) == 2
+        assert took < 5, took
+        for se in elements:
+            assert [p for p in se.stored_files() if p.name != ".lock"] == []
+
+
+async def test_an_element_whose_own_mode_refuses_writes_gets_none_and_readiness_says_so(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    """The registry says `edit`; the element says `ro`: it is shown as a mismatch, logged once,
+    left out of the writable list, and uploads go to the next element."""
+    async with contextlib.AsyncExitStack() as stack:
+        stale = start_storage_element(
+            tmp_path,
+            element_id="as-stale",
+            mode="ro",
+            public_key=keypair.public_path,
+            artstore_compat=True,
+        )
+        stack.callback(stale.terminate)
+        good = start_storage_element(
+            tmp_path,
+            element_id="as-good",
+            mode="edit",
+            public_key=keypair.public_path,
+            artstore_compat=True,
+        )
+        stack.callback(good.terminate)
+        entries = [
+            {**stale.registry_entry(priority=1), "mode": "edit"},
+            good.registry_entry(priority=2),
+        ]
+        ingester = start_ingester(
+            tmp_path, name="ingester", public_key=keypair.public_path, elements=entries
+        )
+        stack.callback(ingester.terminate)
+        wait_ready(ingester.url)
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+
+                async def report() -> dict[str, Any]:
+                    ready = (await http.get(ingester.url + "/health/ready")).json()
+                    return {e["id"]: e for e in ready["storage_elements"]} | {
+                        "writable": ready["writable_storage_elements"]
+                    }
+
+                await eventually_async(
+                    lambda r: r["as-stale"]["reported_mode"] == "ro", report, timeout_s=10
+                )
+                shown = await report()
+                assert shown["as-stale"]["mode_mismatch"] is True
+                assert shown["as-good"]["mode_mismatch"] is False
+                assert shown["writable"] == ["as-good"]
+                for seed in (1, 2):
+                    body = MultipartUpload(random_chunks(64 * 1024, seed=seed))
+                    response = await post_upload(http, ingester.url, token(), body)
+                    assert response.status_code == 201, response.text
+                    assert response.json()["storage_element_id"] == "as-good"
+                # Several probes later, the mismatch is still logged once.
+                await trio.sleep(1.5)
+        assert upload_requests(stale) == 0
+        mismatches = [line for line in ingester.log_lines() if "se_mode_mismatch" in line]
+        assert len(mismatches) == 1, mismatches
+
+
+async def test_a_failover_between_element_kinds_sends_each_its_own_head(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    """A brotli upload cut on a reference element (which keeps our metadata: stored as
+    `app.log`) fails over to a compat one, which is given `app.log.br` and the brotli type;
+    the bytes there decompress to the original, and nothing is left on the first."""
+    proxied = start_storage_element(
+        tmp_path, element_id="se-keeps", mode="edit", public_key=keypair.public_path
+    )
+    direct = start_storage_element(
+        tmp_path,
+        element_id="as-drops",
+        mode="edit",
+        public_key=keypair.public_path,
+        artstore_compat=True,
+    )
+    try:
+        elements = (proxied, direct)
+        before = snapshot(elements)
+        ledger = Ledger()
+        with trio.fail_after(60):
+            async with (
+                behind_proxy(tmp_path, keypair, proxied, direct) as (proxy, ingester),
+                httpx.AsyncClient(trust_env=False, timeout=30) as http,
+            ):
+                proxy.set_plan(FaultPlan(Fault.CUT, after_bytes=MIB))
+                body = MultipartUpload(
+                    text_chunks(16 * MIB),
+                    filename="app.log",
+                    file_content_type="text/plain",
+                    fields=[
+                        ("retention_policy", "temporary"),
+                        ("compress", "true"),
+                        ("compression_algorithm", "brotli"),
+                    ],
+                )
+                response = await post_upload(http, ingester.url, token(), body)
+                stored = ledger.add(response, body)
+                assert stored is not None, response.text
+                assert proxy.faults_fired == 1
+                assert stored.element_id == "as-drops"
+                record = await element_record(http, direct, stored.file_id, token())
+                assert record["original_filename"] == "app.log.br"
+                assert record["content_type"] == "application/x-brotli"
+                data = await downloaded(http, direct, stored.file_id, token())
+                assert hashlib.sha256(brotli.decompress(data)).hexdigest() == body.sha256
+                metrics = (await http.get(ingester.url + "/metrics")).text
+                assert metric(metrics, "ingester_failovers_total", element_id="se-keeps") == 1
+            await assert_no_orphans(elements, ledger, baseline=before)
+            assert spool_files(ingester) == []
+    finally:
+        for se in (proxied, direct):
+            se.terminate()
+
+
+async def eventually_async(
+    check: Callable[[Any], bool], probe: Callable[[], Awaitable[Any]], *, timeout_s: float
+) -> None:
+    """Until `check(await probe())` holds."""
+    with trio.fail_after(timeout_s):
+        while True:
+            if check(await probe()):
+                return
+            await trio.sleep(0.05)
