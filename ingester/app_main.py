@@ -20,8 +20,15 @@ import trio
 from pydantic import ValidationError
 
 from . import logs
+from .allocator import use_one_malloc_arena
 from .http.app import create_app
-from .server import SHUTDOWN_SIGNALS, hypercorn_config, serve_app, set_socket_read_size
+from .server import (
+    SHUTDOWN_SIGNALS,
+    hypercorn_config,
+    pass_received_bodies_through,
+    serve_app,
+    set_socket_read_size,
+)
 from .service import Service
 from .settings import ConfigProblems, Settings
 
@@ -89,7 +96,9 @@ async def run_ingester(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     app, service = create_app(settings)
+    use_one_malloc_arena()
     set_socket_read_size(settings.socket_read_size)
+    pass_received_bodies_through()
     config = hypercorn_config(settings.host, settings.port, graceful_timeout=HYPERCORN_GRACE_S)
     config.max_app_queue_size = settings.app_queue_size
     stop = trio.Event()

@@ -77,11 +77,14 @@ class BoundedBody(TrioBody):
             await self._has_data.wait()
         if self._complete.is_set() and not self._chunks:
             raise StopAsyncIteration
-        chunks, self._chunks = self._chunks, []
-        self._buffered = 0
-        self._has_data.clear()
-        self._room.set()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # One received piece at a time, as hypercorn delivered it: joining them would copy.
+        chunk = self._chunks.pop(0)
+        self._buffered -= len(chunk)
+        if not self._chunks:
+            self._has_data.clear()
+        if self._buffered < self.buffer_limit:
+            self._room.set()
+        return chunk
 
     def __await__(self) -> Generator[Any, None, bytes]:
         yield from self._complete.wait().__await__()
