@@ -24,11 +24,13 @@ import trio
 from pydantic import ValidationError
 
 from . import logs
+from .allocator import use_one_malloc_arena
 from .http.app import create_app, create_internal_app
 from .server import (
     SHUTDOWN_SIGNALS,
     ConnectionLimits,
     hypercorn_config,
+    pass_received_bodies_through,
     serve_app,
     set_socket_read_size,
 )
@@ -125,7 +127,9 @@ async def run_ingester(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     app, service = create_app(settings)
+    use_one_malloc_arena()
     set_socket_read_size(settings.socket_read_size)
+    pass_received_bodies_through()
     limits = ConnectionLimits(
         header_timeout_s=settings.header_timeout_s,
         max_header_bytes=settings.max_header_bytes,

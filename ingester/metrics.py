@@ -73,7 +73,12 @@ class Metrics:
         )
         self.spool_bytes = Gauge(
             "ingester_spool_bytes",
-            "Disk used by spool files (replans and failover copies) of uploads in flight.",
+            "Disk used by the spool files of uploads in flight.",
+            registry=r,
+        )
+        self.spool_written = Counter(
+            "ingester_spool_written_bytes",
+            "Bytes written to spool files (uploads whose copy did not fit in memory).",
             registry=r,
         )
         self.spool_limit = Gauge(

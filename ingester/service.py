@@ -21,6 +21,7 @@ from typing import Final
 import httpx
 import trio
 
+from .allocator import trim_heap
 from .auth.verifier import TokenVerifier, build_verifier
 from .errors import IngesterError, StorageElementError
 from .finalize.finalizer import Finalizer
@@ -48,6 +49,8 @@ from .upload.spool import SpoolBudget
 log = logging.getLogger(__name__)
 
 JANITOR_INTERVAL_S: Final = 30.0
+# How often to look whether a spell of uploads ended (then freed memory goes back).
+MEMORY_TRIM_INTERVAL_S: Final = 5.0
 
 
 class Service:
@@ -157,6 +160,8 @@ class Service:
         )
         self.spool_budget = SpoolBudget(settings.spool_max_bytes)
         self.memory_budget = MemoryBudget(settings.memory_budget_bytes)
+        # In-memory spools take from the same budget (see upload/spool.py).
+        self.spool_memory = self.memory_budget
         self.pipeline = UploadPipeline(self)
         # Resumable uploads (tus): state store, locks, data files; completes through `ingest`.
         self.tus = TusService(self)
@@ -187,6 +192,7 @@ class Service:
                 await nursery.start(self.tus.run)
                 await nursery.start(self.finalizer.run)
                 nursery.start_soon(self._janitor)
+                nursery.start_soon(self._return_memory_when_idle)
                 self._nursery = nursery
                 self.started = True
                 task_status.started()
@@ -213,6 +219,16 @@ class Service:
         while True:
             await trio.sleep(JANITOR_INTERVAL_S)
             self.progress.expire()
+
+    async def _return_memory_when_idle(self) -> None:
+        """After a spell of uploads, once none is in flight, give freed heap memory back
+        (see allocator.py): a process that served a burst does not stay its size."""
+        seen = self.admission.admitted
+        while True:
+            await trio.sleep(MEMORY_TRIM_INTERVAL_S)
+            if self.admission.in_flight == 0 and self.admission.admitted != seen:
+                seen = self.admission.admitted
+                await trio.to_thread.run_sync(trim_heap)
 
     def note_se_failure(self, element_id: str, error: IngesterError) -> None:
         self.metrics.se_errors.labels(element_id, error.code).inc()

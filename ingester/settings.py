@@ -164,8 +164,11 @@ class Settings(BaseSettings):
     # as `<name>.br`/`.gz` with the compressed form's type, `off` does not compress for it.
     compressed_names: CompressedNames = CompressedNames.SUFFIX
     spool_dir: Path = Path("/tmp/ingester-spool")
-    # Keep a copy of what is sent to an element, so an upload can fail over mid-stream.
+    # Keep a copy of the original bytes, so an upload can fail over mid-stream.
     failover_spool: bool = True
+    # An upload's copy stays in memory up to this size (within the memory budget), on disk
+    # past it: small uploads touch no disk.
+    spool_memory_bytes: int = Field(default=1 * MIB, ge=0)
     # Disk all spools of this process may use together; past it uploads get 503.
     spool_max_bytes: int = Field(default=50 * GIB, gt=0)
 
@@ -187,9 +190,10 @@ class Settings(BaseSettings):
     # File data held in the process between clients and elements, all uploads together.
     memory_budget_bytes: int = Field(default=48 * MIB, ge=4 * MIB)
     # Quart body buffer: the ASGI receiver pauses while this much is unread.
-    body_buffer_limit: int = Field(default=512 * 1024, ge=64 * 1024)
-    # hypercorn's socket read size (its default is 64 KiB).
-    socket_read_size: int = Field(default=256 * 1024, ge=4096)
+    body_buffer_limit: int = Field(default=1 * MIB, ge=64 * 1024)
+    # hypercorn's socket read size (its default is 64 KiB). Every read costs the same
+    # Python work on its way through hypercorn, Quart and the parser, whatever its size.
+    socket_read_size: int = Field(default=1 * MIB, ge=4096)
     # hypercorn's per-request queue of body messages (each up to socket_read_size).
     app_queue_size: int = Field(default=2, ge=1)
     compression_min_size: int = Field(default=4096, ge=0)

@@ -90,14 +90,16 @@ class BoundedBody(TrioBody):
             await self._wait_for_data()
         if self._complete.is_set() and not self._chunks:
             raise StopAsyncIteration
-        chunks, self._chunks = self._chunks, []
-        self._buffered = 0
-        self._has_data.clear()
-        self._room.set()
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        # One received piece at a time, as hypercorn delivered it: joining them would copy.
+        chunk = self._chunks.pop(0)
+        self._buffered -= len(chunk)
+        if not self._chunks:
+            self._has_data.clear()
+        if self._buffered < self.buffer_limit:
+            self._room.set()
         if self.pace is not None:
-            self.pace.arrived(len(data))
-        return data
+            self.pace.arrived(len(chunk))
+        return chunk
 
     async def _wait_for_data(self) -> None:
         pace = self.pace

@@ -32,7 +32,8 @@ class PartStart:
 
 @dataclass(frozen=True, slots=True)
 class PartData:
-    data: bytes
+    # A view into the bytes fed, when the part's data came in one piece: no copy.
+    data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ class MultipartStreamParser:
 
     def __init__(self, boundary: bytes) -> None:
         self._events: list[Event] = []
-        self._data: list[bytes] = []
+        self._data: list[bytes | memoryview] = []
         self._header_field = bytearray()
         self._header_value = bytearray()
         self._headers: dict[str, str] = {}
@@ -167,7 +168,7 @@ class MultipartStreamParser:
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
         if end > start:
-            self._data.append(data[start:end])
+            self._data.append(memoryview(data)[start:end])
 
     def _on_part_end(self) -> None:
         self._flush_data()

@@ -66,7 +66,7 @@ class UploadForm:
         self._value.clear()
         return False
 
-    def add_field_data(self, data: bytes) -> None:
+    def add_field_data(self, data: bytes | memoryview) -> None:
         if self._field is None:
             return
         if len(self._value) + len(data) > MAX_FIELD_BYTES:

@@ -431,7 +431,7 @@ class PendingUpload:
         # Set by a gc delete of this file id: the upload must not be committed.
         self.doomed = False
         self._hash = hashlib.sha256()
-        self._batch: list[bytes] = []
+        self._batch: list[bytes | memoryview] = []
         self._batched = 0
         self._handle: io.FileIO | None = None
         self._tmp_path: Path | None = None
@@ -451,7 +451,7 @@ class PendingUpload:
         self._tmp_path = self._store.tmp_dir / f"{uuid.uuid4().hex}.part"
         self._handle = await trio.to_thread.run_sync(_create_exclusive, self._tmp_path)
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         if self.doomed:
             raise UploadAborted()
         if not data:
@@ -617,7 +617,7 @@ def _open_for_read(path: Path) -> io.FileIO:
     return io.FileIO(path, "rb")
 
 
-def _write_and_hash(handle: io.FileIO, hasher: Any, data: bytes) -> None:
+def _write_and_hash(handle: io.FileIO, hasher: Any, data: bytes | memoryview) -> None:
     # hashlib releases the GIL on large buffers, so this thread hashes while others run.
     hasher.update(data)
     view = memoryview(data)

@@ -22,6 +22,8 @@ class Admission:
         self.retry_after_s = retry_after_s
         self.draining = False
         self._total = 0
+        # Uploads admitted since the start (to tell a busy spell from an idle one).
+        self.admitted = 0
         self._per_user: Counter[str] = Counter()
         self._idle = trio.Event()
         self._idle.set()
@@ -53,6 +55,7 @@ class Admission:
                 headers=self._retry_after(),
             )
         self._total += 1
+        self.admitted += 1
         self._per_user[user] += 1
         if self._idle.is_set():
             self._idle = trio.Event()

@@ -25,6 +25,14 @@ class MemoryBudget:
             await self._changed.wait()
         self.used += size
 
+    def try_acquire(self, size: int, *, ceiling: int | None = None) -> bool:
+        """Take `size` now if the total in use stays within `ceiling` (default: the whole
+        budget); never waits."""
+        if self.used + size > (self.total if ceiling is None else min(ceiling, self.total)):
+            return False
+        self.used += size
+        return True
+
     def release(self, size: int) -> None:
         if size <= 0:
             return
@@ -44,6 +52,12 @@ class UploadBudget:
     async def acquire(self, size: int) -> None:
         await self._budget.acquire(size)
         self.held += size
+
+    def try_acquire(self, size: int) -> bool:
+        if not self._budget.try_acquire(size):
+            return False
+        self.held += size
+        return True
 
     def release(self, size: int) -> None:
         size = min(size, self.held)

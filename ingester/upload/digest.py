@@ -49,7 +49,7 @@ class DigestHashing:
     def __bool__(self) -> bool:
         return bool(self._hashers)
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | memoryview) -> None:
         for hasher in self._hashers.values():
             hasher.update(chunk)
 

@@ -23,13 +23,11 @@ import mimetypes
 import random
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-import httpx
 import trio
 
 from .. import logs
@@ -64,16 +62,16 @@ from .budget import UploadBudget
 from .compression import (
     Algorithm,
     CompressionDecision,
-    Compressor,
     decide_compression,
     make_compressor,
     sniff_first_chunk,
 )
 from .digest import DigestHashing, ExpectedDigest
+from .element_body import Encoder, SEUploadBody
 from .fields import TRUE_WORDS, RetentionPolicy, UploadOptions, parse_upload_fields
 from .filenames import sanitize_filename
 from .progress import UploadProgress, UploadState
-from .spool import Spool, SpoolReader
+from .spool import Buffer, Spool
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -104,13 +102,16 @@ MAX_FIELD_BYTES: Final = 128 * 1024
 MAX_FIELDS_TOTAL: Final = 256 * 1024
 # Compression decisions look at this much of the start of the file.
 SNIFF_BYTES: Final = 64 * 1024
+# File bytes are hashed, spooled and sent in batches of about this much: one worker-thread
+# hop per batch (a hop costs about as much as hashing 64 KiB, so per-chunk hops were a
+# large share of the CPU), and one chunked frame per batch for the element.
+BATCH_BYTES: Final = 1024 * 1024
+# A partial batch goes out when the client sends nothing more for this long, so a slow
+# client's bytes do not wait for a full batch.
+BATCH_WAIT_S: Final = 0.01
 # Below this, hashing on the event loop is cheaper than a hop to a worker thread.
 INLINE_HASH_BYTES: Final = 64 * 1024
 HEARTBEAT_S: Final = 0.5
-# Largest piece handed to httpx at once (see SEUploadBody._next_slice). Smaller pieces
-# cost the element CPU: each is a chunked-encoding frame it parses on its own (measured:
-# 256 KiB pieces raised the element's CPU per GiB by ~30% over 1 MiB ones).
-SEND_PIECE: Final = 1024 * 1024
 # Multipart framing and form fields around the file part: allowance over max_file_size
 # before a declared Content-Length is refused outright.
 FORM_OVERHEAD_ALLOWANCE: Final = 1024 * 1024
@@ -175,6 +176,10 @@ class Upload:
     options: UploadOptions | None = None
     facts: FileFacts = field(default_factory=FileFacts)
     spool: Spool | None = None
+    # Compress or not, settled from the start of the file (None until then).
+    compression: CompressionDecision | None = None
+    # Original bytes the spool held at the end of the live pass.
+    spooled_bytes: int = 0
     element: Candidate | None = None
     # Set while a piece handed to httpx has not been written yet: the stall watchdog's clock.
     in_flight_since: float | None = None
@@ -186,8 +191,8 @@ class Upload:
     deadline: float | None = None
     # The Authorization header for element calls (None when elements need none).
     authorization: str | None = None
-    # Set by the transformer with its first piece (or at its end): the file is then known to
-    # be empty or not, compressed or not, and the streamer may choose an element.
+    # Set by the hasher with its first batch (or at its end): the file is then known to be
+    # empty or not, compressed or not, and the streamer may choose an element.
     data_ready: trio.Event = field(default_factory=trio.Event)
     # The name and media type the current element is given (`placement.stored_identity`).
     stored_as: tuple[str, str] | None = None
@@ -222,23 +227,42 @@ class FormReader:
         self.budget = budget
         self._quantum = quantum
         self.bytes_read = 0
+        # When the current wait for client data began (the idle timer's start).
+        self._waiting_since: float | None = None
 
-    async def next_event(self) -> Any:
+    async def next_event(self, *, batch_pending: bool = False) -> Any:
+        """The next multipart event. With `batch_pending` (the caller holds file bytes it
+        has not passed on), None instead of waiting: when the memory budget has no room
+        now, or the client sends nothing for BATCH_WAIT_S. The caller then passes its batch
+        on (giving budget back) and asks again."""
         while not self._pending:
             if self._exhausted:
                 self._parser.close()
                 raise MalformedMultipart("the body ended before the form was complete")
             # Waiting for budget is our pace, not the client's: outside the idle timer.
-            await self.budget.acquire(self._quantum)
-            with trio.move_on_after(self._idle_timeout_s) as idle:
+            if batch_pending:
+                if not self.budget.try_acquire(self._quantum):
+                    return None
+            else:
+                await self.budget.acquire(self._quantum)
+            now = trio.current_time()
+            if self._waiting_since is None:
+                self._waiting_since = now
+            idle_deadline = self._waiting_since + self._idle_timeout_s
+            wait_until = min(idle_deadline, now + BATCH_WAIT_S) if batch_pending else idle_deadline
+            with trio.move_on_at(wait_until) as waited:
                 try:
                     chunk = await anext(self._body)
                 except StopAsyncIteration:
                     self._exhausted = True
                     self.budget.release(self._quantum)
                     continue
-            if idle.cancelled_caught:
-                raise RequestTimeout(f"no data from the client for {self._idle_timeout_s:g} s")
+            if waited.cancelled_caught:
+                self.budget.release(self._quantum)
+                if trio.current_time() >= idle_deadline:
+                    raise RequestTimeout(f"no data from the client for {self._idle_timeout_s:g} s")
+                return None
+            self._waiting_since = None
             self.bytes_read += len(chunk)
             if len(chunk) > self._quantum:
                 await self.budget.acquire(len(chunk) - self._quantum)
@@ -253,7 +277,7 @@ class FormReader:
 
 
 async def _read_field(reader: FormReader, budget: list[int]) -> str:
-    parts: list[bytes] = []
+    parts: list[Buffer] = []
     size = 0
     while True:
         event = await reader.next_event()
@@ -361,10 +385,16 @@ class UploadPipeline:
         self, upload: Upload, reader: FormReader, field_budget: list[int]
     ) -> StoredFile:
         """Store the file: one pass, or two when a late field changed the plan."""
-        if not plan_is_settled(upload.fields):
-            # A later field may still change the plan; keep a copy to send again.
-            upload.spool = await Spool.create(
-                self.settings.spool_dir, upload.request.upload_id, self.svc.spool_budget
+        settings = self.settings
+        if settings.failover_spool or not plan_is_settled(upload.fields):
+            # One copy of the original bytes serves both a failover (a failed element's
+            # share is sent again to the next) and a later field that changes the plan.
+            upload.spool = Spool(
+                settings.spool_dir,
+                upload.request.upload_id,
+                disk=self.svc.spool_budget,
+                memory=self.svc.spool_memory,
+                memory_limit=settings.spool_memory_bytes,
             )
         try:
             try:
@@ -387,6 +417,7 @@ class UploadPipeline:
         finally:
             # The budget goes back in the request handler, which owns it.
             if upload.spool is not None:
+                self.svc.metrics.spool_written.inc(upload.spool.bytes_written)
                 await upload.spool.discard()
         return stored
 
@@ -432,41 +463,20 @@ class UploadPipeline:
         self, upload: Upload, *, live: tuple[FormReader, list[int]] | None
     ) -> StoredFile:
         depth = self.settings.pipeline_queue_depth
-        raw_send, raw_recv = trio.open_memory_channel[bytes](depth)
-        # Transformed pieces with the raw bytes they stand for, given back to the budget
-        # once the element's socket has taken them.
-        out_send, out_recv = trio.open_memory_channel[tuple[bytes, int]](depth)
+        # Batches of original bytes: from the reader to the hasher, then to the element's body.
+        raw_send, raw_recv = trio.open_memory_channel[list[Buffer]](depth)
+        out_send, out_recv = trio.open_memory_channel[Buffer](depth)
         result: list[StoredFile] = []
         done = trio.Event()
-        budget = upload.budget
         upload.data_ready = trio.Event()
-        # A copy of what is sent, so a failed element's share can be replayed to the next.
-        sent_copy = None
-        if self.settings.failover_spool:
-            pass_name = f"{upload.request.upload_id}.sent{'' if live is not None else '-replay'}"
-            sent_copy = await Spool.create(
-                self.settings.spool_dir, pass_name, self.svc.spool_budget
-            )
-        try:
-            async with trio.open_nursery() as nursery:
-                if live is not None:
-                    nursery.start_soon(self._read_live, upload, live[0], live[1], raw_send)
-                else:
-                    nursery.start_soon(self._read_spool, upload, budget, raw_send)
-                nursery.start_soon(
-                    self._transform,
-                    upload,
-                    raw_recv,
-                    out_send,
-                    live is not None,
-                    budget,
-                    sent_copy,
-                )
-                nursery.start_soon(self._stream, upload, out_recv, result, done, budget, sent_copy)
-                nursery.start_soon(self._heartbeat, upload, done)
-        finally:
-            if sent_copy is not None:
-                await sent_copy.discard()
+        async with trio.open_nursery() as nursery:
+            if live is not None:
+                nursery.start_soon(self._read_live, upload, live[0], live[1], raw_send)
+            else:
+                nursery.start_soon(self._read_spool, upload, raw_send)
+            nursery.start_soon(self._transform, upload, raw_recv, out_send, live is not None)
+            nursery.start_soon(self._stream, upload, out_recv, result, done)
+            nursery.start_soon(self._heartbeat, upload, done)
         return result[0]
 
     async def _read_live(
@@ -474,21 +484,35 @@ class UploadPipeline:
         upload: Upload,
         reader: FormReader,
         field_budget: list[int],
-        raw_send: trio.MemorySendChannel[bytes],
+        raw_send: trio.MemorySendChannel[list[Buffer]],
     ) -> None:
+        """The client's file bytes, in batches of about BATCH_BYTES, then the late fields."""
         max_size = self.settings.max_file_size
         progress = upload.progress
+        received = self.svc.metrics.bytes_received
+        batch: list[Buffer] = []
+        batched = 0
         async with raw_send:
             while True:
-                event = await reader.next_event()
+                event = await reader.next_event(batch_pending=bool(batch))
+                if event is None or isinstance(event, PartEnd):
+                    if batch:
+                        await raw_send.send(batch)
+                        batch, batched = [], 0
+                    if event is None:
+                        continue
+                    break
                 if isinstance(event, PartData):
-                    progress.bytes_received += len(event.data)
-                    self.svc.metrics.bytes_received.inc(len(event.data))
+                    size = len(event.data)
+                    progress.bytes_received += size
+                    received.inc(size)
                     if progress.bytes_received > max_size:
                         raise FileTooLarge(f"the file exceeds the limit of {max_size} bytes")
-                    await raw_send.send(event.data)
-                elif isinstance(event, PartEnd):
-                    break
+                    batch.append(event.data)
+                    batched += size
+                    if batched >= BATCH_BYTES:
+                        await raw_send.send(batch)
+                        batch, batched = [], 0
         # The rest of the form: fields after the file part.
         while True:
             event = await reader.next_event()
@@ -501,13 +525,16 @@ class UploadPipeline:
         self._complete_fields(upload)
 
     async def _read_spool(
-        self, upload: Upload, budget: UploadBudget, raw_send: trio.MemorySendChannel[bytes]
+        self, upload: Upload, raw_send: trio.MemorySendChannel[list[Buffer]]
     ) -> None:
+        """The second pass after a replan: the original bytes again, from the spool."""
         assert upload.spool is not None
-        async with raw_send, aclosing(upload.spool.replay()) as chunks:
-            async for chunk in chunks:
-                await budget.acquire(len(chunk))
-                await raw_send.send(chunk)
+        budget = upload.budget
+        cursor = upload.spool.cursor()
+        async with raw_send:
+            while (piece := await cursor.next()) is not None:
+                await budget.acquire(len(piece))
+                await raw_send.send([piece])
 
     def _complete_fields(self, upload: Upload) -> None:
         options = parse_upload_fields(
@@ -519,126 +546,98 @@ class UploadPipeline:
     async def _transform(
         self,
         upload: Upload,
-        raw_recv: trio.MemoryReceiveChannel[bytes],
-        out_send: trio.MemorySendChannel[tuple[bytes, int]],
+        raw_recv: trio.MemoryReceiveChannel[list[Buffer]],
+        out_send: trio.MemorySendChannel[Buffer],
         live: bool,
-        budget: UploadBudget,
-        sent_copy: Spool | None,
     ) -> None:
+        """Hash the original bytes and keep them in the spool: one worker-thread hop per
+        batch for both (small batches are hashed on the loop when they need no disk), and
+        the batch joined into one piece for the element. Also settles whether to compress,
+        from the start of the file, before the first batch goes on."""
         settings = self.settings
         facts = upload.facts
-        plan = upload.plan
         original = hashlib.sha256()
-        stored = hashlib.sha256()
         expected = upload.request.expected_digest
         facts.digests = digests = expected.hashing() if expected is not None else None
-        # Tee into the spool on the live pass only; a replay reads from it.
+        # The live pass fills the spool; a replay reads from it.
         spool = upload.spool if live else None
         decision = decide_compression(
-            requested=plan.compress,
-            algorithm=plan.algorithm,
+            requested=upload.plan.compress,
+            algorithm=upload.plan.algorithm,
             declared_size=None,
             content_type=upload.content_type,
             filename=upload.filename,
             min_size=settings.compression_min_size,
         )
         decision = placement.compression_decision(self.svc, upload, decision)
-        compressor: Compressor | None = None
-        pending = bytearray()
-        decided = not decision.compress
+        upload.compression = None if decision.compress else decision
+        held: list[Buffer] = []
+        held_bytes = 0
+
+        def work(pieces: list[Buffer], to_disk: bool) -> Buffer:
+            for piece in pieces:
+                original.update(piece)
+                if digests:
+                    digests.update(piece)
+            if to_disk:
+                assert spool is not None
+                spool.write_sync(pieces)
+            return _join(pieces)
 
         def announce() -> None:
-            # Before the first piece goes to the streamer, which then chooses the element.
+            # Before the first batch goes to the streamer, which then chooses the element.
             if not upload.data_ready.is_set():
-                facts.compressed = compressor is not None
-                facts.algorithm = decision.algorithm if compressor is not None else None
+                compression = upload.compression
+                facts.compressed = compression is not None and compression.compress
+                facts.algorithm = (
+                    compression.algorithm if facts.compressed and compression else None
+                )
                 upload.data_ready.set()
 
-        def work(chunk: bytes) -> bytes:
-            original.update(chunk)
-            if digests:
-                digests.update(chunk)
-            if spool is not None:
-                spool.write_sync(chunk)
-            out = compressor.compress(chunk) if compressor is not None else chunk
-            if compressor is not None:
-                stored.update(out)
-            if sent_copy is not None and out:
-                sent_copy.write_sync(out)
-            return out
-
-        async def process(chunk: bytes) -> None:
-            facts.original_size += len(chunk)
-            if spool is not None:
-                spool.reserve(len(chunk))
-            if (
-                len(chunk) < INLINE_HASH_BYTES
-                and compressor is None
-                and spool is None
-                and sent_copy is None
-            ):
-                out = work(chunk)
+        async def process(pieces: list[Buffer]) -> None:
+            size = sum(len(p) for p in pieces)
+            to_disk = spool.reserve(size) if spool is not None else False
+            if to_disk or size >= INLINE_HASH_BYTES:
+                joined = await trio.to_thread.run_sync(work, pieces, to_disk)
             else:
-                out = await trio.to_thread.run_sync(work, chunk)
-            if sent_copy is not None:
-                sent_copy.reserve(len(out))
-            if out:
-                facts.stored_size += len(out)
-                announce()
-                await out_send.send((out, len(chunk)))
-            else:
-                # The compressor kept it (bounded by its window): nothing left to hold.
-                budget.release(len(chunk))
+                joined = work(pieces, False)
+            if spool is not None:
+                spool.commit([joined])
+            facts.original_size += size
+            announce()
+            await out_send.send(joined)
 
         async with out_send, raw_recv:
-            async for chunk in raw_recv:
-                if not decided:
-                    pending += chunk
-                    if len(pending) < SNIFF_BYTES:
+            async for batch in raw_recv:
+                if upload.compression is None:
+                    # Compress or not is settled on the start of the file, before it goes on.
+                    held += batch
+                    held_bytes += sum(len(p) for p in batch)
+                    if held_bytes < SNIFF_BYTES:
                         continue
-                    decision, compressor = await self._decide(decision, bytes(pending), False)
-                    decided = True
-                    chunk, pending = bytes(pending), bytearray()
-                await process(chunk)
-            if not decided:
-                decision, compressor = await self._decide(decision, bytes(pending), True)
-                if pending:
-                    await process(bytes(pending))
-            if compressor is not None:
-                flusher = compressor
-
-                def finish() -> bytes:
-                    tail = flusher.flush()
-                    if sent_copy is not None and tail:
-                        sent_copy.write_sync(tail)
-                    return tail
-
-                tail = await trio.to_thread.run_sync(finish)
-                stored.update(tail)
-                if sent_copy is not None:
-                    sent_copy.reserve(len(tail))
-                if tail:
-                    facts.stored_size += len(tail)
-                    announce()
-                    await out_send.send((tail, 0))
+                    upload.compression = await self._decide(decision, b"".join(held), False)
+                    batch, held = held, []
+                await process(batch)
+            if upload.compression is None:
+                upload.compression = await self._decide(decision, b"".join(held), True)
+                if held:
+                    await process(held)
             if spool is not None:
-                await spool.finish_writing()
-        facts.sha256 = original.hexdigest()
-        facts.stored_sha256 = stored.hexdigest() if compressor is not None else facts.sha256
-        facts.compressed = compressor is not None
-        facts.algorithm = decision.algorithm if compressor is not None else None
-        facts.decision_reason = decision.reason
-        if not plan.compress:
-            facts.decision_reason = "not_requested"
-        if plan.compress and compressor is None:
-            self.svc.metrics.compression_skipped.labels(decision.reason).inc()
-        announce()
+                upload.spooled_bytes = spool.size
+            # Set before the channel closes: the element body's tail reads them.
+            facts.sha256 = original.hexdigest()
+            announce()
+        facts.decision_reason = (
+            upload.compression.reason if upload.plan.compress else "not_requested"
+        )
+        if upload.plan.compress and not upload.compression.compress:
+            self.svc.metrics.compression_skipped.labels(upload.compression.reason).inc()
 
     async def _decide(
         self, decision: CompressionDecision, sample: bytes, is_last: bool
-    ) -> tuple[CompressionDecision, Compressor | None]:
+    ) -> CompressionDecision:
         settings = self.settings
-        decision = await trio.to_thread.run_sync(
+        return await trio.to_thread.run_sync(
             lambda: sniff_first_chunk(
                 sample,
                 decision,
@@ -649,22 +648,27 @@ class UploadPipeline:
                 brotli_quality=settings.brotli_quality,
             )
         )
-        if not decision.compress or decision.algorithm is None:
-            return decision, None
-        return decision, make_compressor(
-            decision.algorithm,
-            gzip_level=settings.gzip_level,
-            brotli_quality=settings.brotli_quality,
+
+    def _encoder(self, upload: Upload) -> Encoder:
+        """A fresh encoder for one attempt, from the upload's compression decision."""
+        decision = upload.compression
+        if decision is None or not decision.compress or decision.algorithm is None:
+            return Encoder(None)
+        settings = self.settings
+        return Encoder(
+            make_compressor(
+                decision.algorithm,
+                gzip_level=settings.gzip_level,
+                brotli_quality=settings.brotli_quality,
+            )
         )
 
     async def _stream(
         self,
         upload: Upload,
-        out_recv: trio.MemoryReceiveChannel[tuple[bytes, int]],
+        out_recv: trio.MemoryReceiveChannel[Buffer],
         result: list[StoredFile],
         done: trio.Event,
-        budget: UploadBudget,
-        sent_copy: Spool | None,
     ) -> None:
         """Send the upload to the best element; on a safe failure, to the next one.
 
@@ -686,10 +690,11 @@ class UploadPipeline:
         body = SEUploadBody(
             head=_multipart_head(boundary, upload),
             chunks=out_recv,
-            tail=lambda: self._tail(boundary, upload),
+            tail=lambda encoder: self._tail(boundary, upload, encoder),
+            encoder=lambda: self._encoder(upload),
             on_progress=lambda sent, writing: self._on_progress(upload, sent, writing),
-            release=budget.release,
-            sent_copy=sent_copy,
+            release=upload.budget.release,
+            spool=upload.spool,
         )
         # Elements this round has tried, and elements that were sent bytes (never again).
         tried: list[str] = []
@@ -780,7 +785,7 @@ class UploadPipeline:
                         failures.append(error)
                     if (refusal := repeated_refusal(failures)) is not None:
                         raise refusal
-                    if not error.retryable or (body.started and sent_copy is None):
+                    if not error.retryable or (body.started and upload.spool is None):
                         raise error
                     failed_at = trio.current_time()
                     if body.started:
@@ -885,8 +890,15 @@ class UploadPipeline:
             error.headers.setdefault("Retry-After", str(self.settings.retry_after_s))
         return error
 
-    async def _tail(self, boundary: str, upload: Upload) -> bytes:
+    async def _tail(self, boundary: str, upload: Upload, encoder: Encoder) -> bytes:
         """The closing fields; sent only once the client's form is complete and checked."""
+        facts = upload.facts
+        compression = upload.compression
+        # What this attempt sent is what the element stores.
+        facts.compressed = encoder.compressing
+        facts.algorithm = compression.algorithm if encoder.compressing and compression else None
+        facts.stored_sha256 = encoder.sha256() or facts.sha256
+        facts.stored_size = encoder.size if encoder.compressing else facts.original_size
         await upload.fields_complete.wait()
         options = upload.options
         assert options is not None
@@ -966,6 +978,13 @@ class UploadPipeline:
         }
 
 
+def _join(pieces: list[Buffer]) -> Buffer:
+    """One piece for the element (one chunked frame); no copy when there is one already."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return b"".join(pieces)
+
+
 def _error_kind(error: StorageElementError) -> ErrorKind:
     """Our element errors as the retry policy names them."""
     if isinstance(error, StorageElementFull):
@@ -1037,120 +1056,3 @@ def _multipart_tail(boundary: str, upload: Upload, options: UploadOptions) -> by
     parts.append(_field(boundary, "metadata", json.dumps(metadata, ensure_ascii=False)))
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts)
-
-
-class SEUploadBody(httpx.AsyncByteStream):
-    """The multipart body sent to a Storage Element: head, file chunks, then the tail.
-
-    A class rather than an async generator: httpx closes it explicitly on cancellation,
-    where a generator would leave a `ResourceWarning`. Each request for the next piece
-    means the previous one was written to the socket, which is our progress signal.
-    """
-
-    def __init__(
-        self,
-        *,
-        head: bytes,
-        chunks: trio.MemoryReceiveChannel[tuple[bytes, int]],
-        tail: Callable[[], Awaitable[bytes]],
-        on_progress: Callable[[int, bool], None],
-        release: Callable[[int], None],
-        sent_copy: Spool | None = None,
-        replay_bytes: int = 0,
-    ) -> None:
-        self._head = head
-        self._chunks = chunks
-        self._tail = tail
-        self._on_progress = on_progress
-        self._release = release
-        self._sent_copy = sent_copy
-        # File bytes to send again from the copy before taking more from the channel.
-        self._replay_left = replay_bytes
-        self._replay: SpoolReader | None = None
-        # File bytes taken from the channel so far (those replayed included).
-        self.taken = replay_bytes
-        self._stage = 0
-        self._sent_file_bytes = 0
-        self._last_len = 0
-        self._last_raw = 0
-        self._rest: memoryview | None = None
-        self._rest_raw = 0
-        self.started = False
-
-    def __aiter__(self) -> SEUploadBody:  # type: ignore[override]
-        return self
-
-    async def __anext__(self) -> bytes | memoryview:
-        # Asked for the next piece: the previous one is written.
-        self._sent_file_bytes += self._last_len
-        self._release(self._last_raw)
-        self._last_len = self._last_raw = 0
-        self._on_progress(self._sent_file_bytes, False)
-        piece: bytes | memoryview
-        if self._rest is not None:
-            piece = self._next_slice()
-        elif self._stage == 0:
-            self.started = True
-            self._stage = 1
-            piece = self._head
-        elif self._stage == 1 and self._replay_left:
-            piece = await self._replayed()
-        elif self._stage == 1:
-            try:
-                chunk, self._rest_raw = await self._chunks.receive()
-                self.taken += len(chunk)
-            except trio.EndOfChannel:
-                self._stage = 3
-                piece = await self._tail()
-            else:
-                self._rest = memoryview(chunk)
-                piece = self._next_slice()
-        else:
-            raise StopAsyncIteration
-        self._on_progress(self._sent_file_bytes, True)
-        return piece
-
-    async def _replayed(self) -> bytes:
-        """The next piece of what a failed element had already been given."""
-        assert self._sent_copy is not None
-        if self._replay is None:
-            self._replay = await self._sent_copy.open_reader()
-        piece = await self._replay.read(min(SEND_PIECE, self._replay_left))
-        if not piece:
-            raise RuntimeError("the copy of the sent bytes is shorter than what was sent")
-        self._replay_left -= len(piece)
-        self._last_len = len(piece)
-        if not self._replay_left:
-            await self._replay.aclose()
-        return piece
-
-    def restart(self, head: bytes | None = None) -> SEUploadBody:
-        """A body for the next element: the same head (or `head`), everything taken so far
-        again from the copy, then the rest of the channel and the tail."""
-        return SEUploadBody(
-            head=self._head if head is None else head,
-            chunks=self._chunks,
-            tail=self._tail,
-            on_progress=self._on_progress,
-            release=self._release,
-            sent_copy=self._sent_copy,
-            replay_bytes=self.taken,
-        )
-
-    def _next_slice(self) -> memoryview:
-        """At most SEND_PIECE bytes: httpcore copies each piece while the socket takes it,
-        so smaller pieces keep that copy small for an upload stuck behind a slow element."""
-        assert self._rest is not None
-        piece, rest = self._rest[:SEND_PIECE], self._rest[SEND_PIECE:]
-        self._last_len = len(piece)
-        if rest:
-            self._rest = rest
-        else:
-            # The chunk's raw bytes are given back once its last slice is written.
-            self._rest, self._last_raw, self._rest_raw = None, self._rest_raw, 0
-        return piece
-
-    async def aclose(self) -> None:
-        self._stage = 3
-        if self._replay is not None:
-            await self._replay.aclose()

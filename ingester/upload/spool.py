@@ -1,32 +1,53 @@
-"""Spool files: a local copy of an upload's original bytes, so they can be sent again.
+"""The spool: one copy of an upload's original bytes, so they can be sent again.
 
-An upload is spooled when its file part arrived before the fields that choose where and
-how it is stored; if a late field changes that choice, the copy in flight is abandoned and
-the spool is sent instead of asking the client to send again. All file I/O runs in
-threads; the file is removed when the upload ends, whatever the outcome.
+One spool serves both reasons to send again: a field after the file part that changes where
+or how the file is stored (the whole upload is sent again from the spool), and a Storage
+Element that fails mid-stream (what it was given is replayed to the next one, transformed
+again: failover is rare, writing every byte twice is not).
+
+Small uploads keep their copy in memory, taken from the process's memory budget without
+waiting for it (and only while the budget is at most a quarter used), and touch no disk.
+Past `memory_limit`, or when the budget has no room, the copy moves to a file under the
+spool directory: large appends (a batch of about 1 MiB at a time, in the worker thread that
+also hashes the batch), no flush (the file descriptor is unbuffered), never fsynced: a spool
+dies with its upload, and is removed whatever the outcome.
+
+The caller appends in three steps so that hashing and spooling share one thread hop:
+`reserve(n)` on the event loop (accounting; says whether the bytes go to disk),
+`write_sync(pieces)` in the worker thread when they do, then `commit(pieces)` on the loop.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import secrets
-from collections.abc import AsyncGenerator
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import Final
 
 import trio
 
 from ..errors import ServiceBusy
+from .budget import MemoryBudget
 
 log = logging.getLogger(__name__)
 
-# Reads during replay: large enough that thread hops cost little, small enough to stay flat.
-REPLAY_CHUNK: Final = 1024 * 1024
+# Reads of a spool file during a replay: large enough that thread hops cost little, small
+# enough to keep memory flat.
+READ_PIECE: Final = 1024 * 1024
+
+# In-memory copies may use the memory budget only while it is at most 1/MEMORY_SHARE full:
+# they are held until their upload ends, and must never starve the readers of uploads in
+# flight (which would then wait for budget that only their own progress frees).
+MEMORY_SHARE: Final = 4
+
+Buffer = bytes | memoryview
 
 
 class SpoolBudget:
-    """Bytes spooled by this process right now, against a ceiling."""
+    """Bytes spooled to disk by this process right now, against a ceiling."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -45,80 +66,174 @@ class SpoolBudget:
 
 
 class Spool:
-    def __init__(self, path: Path, budget: SpoolBudget) -> None:
-        self.path = path
-        self.size = 0
-        self._budget = budget
-        self._file: BinaryIO | None = None
+    """The original bytes of one upload, in memory while small, else in a file."""
 
-    @classmethod
-    async def create(cls, directory: Path, name: str, budget: SpoolBudget) -> Spool:
+    def __init__(
+        self,
+        directory: Path,
+        name: str,
+        *,
+        disk: SpoolBudget,
+        memory: MemoryBudget | None,
+        memory_limit: int,
+    ) -> None:
         # A random part: upload ids may come from clients, and replicas may share the directory.
-        spool = cls(directory / f"{name}.{secrets.token_hex(4)}.spool", budget)
+        self.path = directory / f"{name}.{secrets.token_hex(4)}.spool"
+        self._directory = directory
+        self._disk = disk
+        self._memory = memory
+        self._memory_limit = memory_limit if memory is not None else 0
+        # Committed bytes: what a replay may read.
+        self.size = 0
+        # Bytes in memory (their starts, for replays that begin mid-way) and the budget they hold.
+        self._pieces: list[Buffer] = []
+        self._starts: list[int] = []
+        self._memory_held = 0
+        # Bytes reserved on disk, and the file once it exists (opened in a worker thread).
+        self._disk_held = 0
+        self._to_disk = False
+        # Set once committed bytes are all in the file (reads go there from then on).
+        self._in_file = False
+        self._fd: int | None = None
+        self._written = 0
+        self._discarded = False
 
-        def _open() -> BinaryIO:
-            directory.mkdir(parents=True, exist_ok=True)
-            return open(spool.path, "wb")
+    @property
+    def on_disk(self) -> bool:
+        return self._to_disk
 
-        spool._file = await trio.to_thread.run_sync(_open)
-        return spool
+    @property
+    def bytes_written(self) -> int:
+        """Bytes written to the spool file so far (0 while the copy is in memory)."""
+        return self._written
 
-    def reserve(self, size: int) -> None:
-        """Count `size` bytes against the budget before they are written (on the event loop)."""
-        self._budget.take(size)
-        self.size += size
+    def reserve(self, size: int) -> bool:
+        """Account for `size` more bytes before they are appended; True when they (and any
+        bytes still in memory) must be written to disk with `write_sync`."""
+        if not self._to_disk:
+            fits = self._memory_held + size <= self._memory_limit
+            if (
+                fits
+                and self._memory is not None
+                and self._memory.try_acquire(size, ceiling=self._memory.total // MEMORY_SHARE)
+            ):
+                self._memory_held += size
+                return False
+            # Moving to disk: everything kept so far goes to the file too.
+            self._disk.take(self.size + size)
+            self._disk_held += self.size + size
+            self._to_disk = True
+            return True
+        self._disk.take(size)
+        self._disk_held += size
+        return True
 
-    def write_sync(self, data: bytes) -> None:
-        """Append reserved bytes; called from the transformer's worker thread.
+    def write_sync(self, pieces: Sequence[Buffer]) -> None:
+        """Append reserved bytes to the file (worker thread; only after `reserve` said so).
+        The first call also writes what was kept in memory so far."""
+        if self._fd is None:
+            self._directory.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            if self._pieces:
+                self._write_all(self._pieces)
+        self._write_all(pieces)
 
-        Flushed at once: a failover replays the spool through another handle while this
-        one is still being written."""
-        assert self._file is not None
-        self._file.write(data)
-        self._file.flush()
+    def _write_all(self, pieces: Sequence[Buffer]) -> None:
+        assert self._fd is not None
+        views = [memoryview(p) for p in pieces if len(p)]
+        while views:
+            # At most IOV_MAX buffers per call; a short write leaves the rest for the next.
+            written = os.writev(self._fd, views[:1024])
+            self._written += written
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if written:
+                views[0] = views[0][written:]
 
-    async def finish_writing(self) -> None:
-        if self._file is not None:
-            await trio.to_thread.run_sync(self._file.flush)
+    def commit(self, pieces: Sequence[Buffer]) -> None:
+        """The bytes are appended (on the loop, after `write_sync` when it was needed)."""
+        if self._to_disk:
+            self._in_file = True
+            if self._pieces:
+                # They are in the file now: the memory copy and its budget go.
+                self._pieces.clear()
+                self._starts.clear()
+                self._release_memory()
+        else:
+            for piece in pieces:
+                if len(piece):
+                    self._starts.append(self.size)
+                    self._pieces.append(piece)
+                    self.size += len(piece)
+            return
+        self.size += sum(len(p) for p in pieces)
 
-    async def replay(self) -> AsyncGenerator[bytes, None]:
-        with await trio.to_thread.run_sync(open, self.path, "rb") as reader:
-            while chunk := await trio.to_thread.run_sync(reader.read, REPLAY_CHUNK):
-                yield chunk
+    def _release_memory(self) -> None:
+        if self._memory_held and self._memory is not None:
+            self._memory.release(self._memory_held)
+        self._memory_held = 0
 
-    async def open_reader(self) -> SpoolReader:
-        handle = await trio.to_thread.run_sync(open, self.path, "rb")
-        return SpoolReader(handle)
+    def cursor(self, start: int = 0, end: int | None = None) -> SpoolCursor:
+        """A reader of the bytes from `start` to `end` (default: what is committed now)."""
+        end = self.size if end is None else end
+        if end > self.size:
+            raise RuntimeError(f"the spool holds {self.size} bytes, not {end}")
+        return SpoolCursor(self, start, end)
+
+    async def _read(self, position: int, end: int) -> Buffer:
+        if not self._in_file:
+            index = bisect.bisect_right(self._starts, position) - 1
+            offset = position - self._starts[index]
+            size = min(READ_PIECE, end - position)
+            return memoryview(self._pieces[index])[offset : offset + size]
+        # Committed bytes are all in the file once the spool is on disk.
+        assert self._fd is not None
+        piece: bytes = await trio.to_thread.run_sync(
+            os.pread, self._fd, min(READ_PIECE, end - position), position
+        )
+        if not piece:
+            raise RuntimeError("the spool file is shorter than its committed size")
+        return piece
 
     async def discard(self) -> None:
-        """Close and remove; safe to call twice and from cancelled code (it shields itself)."""
-        with trio.CancelScope(shield=True):
-            handle, self._file = self._file, None
-            await trio.to_thread.run_sync(_close_and_unlink, handle, self.path)
-            self._budget.give_back(self.size)
-            self.size = 0
-
-
-class SpoolReader:
-    """Reads a spool from its start, in a worker thread, while it may still grow."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self._handle: BinaryIO | None = handle
-
-    async def read(self, size: int) -> bytes:
-        assert self._handle is not None
-        return await trio.to_thread.run_sync(self._handle.read, size)
-
-    async def aclose(self) -> None:
-        handle, self._handle = self._handle, None
-        if handle is not None:
+        """Remove the copy; safe to call twice and from cancelled code (it shields itself)."""
+        if self._discarded:
+            return
+        self._discarded = True
+        self._pieces.clear()
+        self._starts.clear()
+        self._release_memory()
+        fd, self._fd = self._fd, None
+        if fd is not None or self._to_disk:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(handle.close)
+                await trio.to_thread.run_sync(_close_and_unlink, fd, self.path)
+        self._disk.give_back(self._disk_held)
+        self._disk_held = 0
 
 
-def _close_and_unlink(handle: BinaryIO | None, path: Path) -> None:
-    if handle is not None:
-        handle.close()
+class SpoolCursor:
+    """Reads a range of a spool in order, in pieces of at most READ_PIECE bytes, while the
+    spool may still grow or move to disk. A class, not an async generator, so a cancelled
+    read leaves nothing to finalize."""
+
+    def __init__(self, spool: Spool, start: int, end: int) -> None:
+        self._spool = spool
+        self.position = start
+        self.end = end
+
+    async def next(self) -> Buffer | None:
+        """The next piece, or None at the end of the range."""
+        if self.position >= self.end:
+            return None
+        piece = await self._spool._read(self.position, self.end)
+        self.position += len(piece)
+        return piece
+
+
+def _close_and_unlink(fd: int | None, path: Path) -> None:
+    if fd is not None:
+        os.close(fd)
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -47,9 +47,9 @@ def summarize(events: list[Event]) -> list[tuple[str, object]]:
     for event in events:
         if isinstance(event, PartData):
             if out and out[-1][0] == "data":
-                out[-1] = ("data", out[-1][1] + event.data)  # type: ignore[operator]
+                out[-1] = ("data", out[-1][1] + bytes(event.data))  # type: ignore[operator]
             else:
-                out.append(("data", event.data))
+                out.append(("data", bytes(event.data)))
         elif isinstance(event, PartStart):
             out.append(("start", (event.name, event.filename, event.content_type)))
         elif isinstance(event, PartEnd):

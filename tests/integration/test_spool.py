@@ -1,0 +1,145 @@
+"""The spool on its own: in memory up to its limit and inside the memory budget, then in one
+file written once; reads of any range while it grows or moves; budgets given back; the file
+gone after `discard`. Real files under `tmp_path`; each test under `fail_after`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from ingester.errors import ServiceBusy
+from ingester.upload.budget import MemoryBudget
+from ingester.upload.spool import READ_PIECE, Spool, SpoolBudget
+
+KIB = 1024
+
+
+def listing(directory: Path) -> list[Path]:
+    return sorted(directory.iterdir())
+
+
+def make(tmp_path: Path, *, memory_limit: int, budget: int = 64 * KIB * KIB) -> Spool:
+    return Spool(
+        tmp_path,
+        "upload",
+        disk=SpoolBudget(1 << 40),
+        memory=MemoryBudget(budget),
+        memory_limit=memory_limit,
+    )
+
+
+async def append(spool: Spool, *pieces: bytes) -> bool:
+    """What the pipeline does: reserve, write in a worker thread when it goes to disk, commit."""
+    to_disk = spool.reserve(sum(len(p) for p in pieces))
+    if to_disk:
+        await trio.to_thread.run_sync(spool.write_sync, list(pieces))
+    spool.commit(list(pieces))
+    return to_disk
+
+
+async def read_all(spool: Spool, start: int = 0, end: int | None = None) -> bytes:
+    cursor = spool.cursor(start, end)
+    out = b""
+    while (piece := await cursor.next()) is not None:
+        assert len(piece) <= READ_PIECE
+        out += bytes(piece)
+    return out
+
+
+async def test_a_small_copy_stays_in_memory(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        spool = make(tmp_path, memory_limit=100)
+        assert not await append(spool, b"abc", b"defg")
+        assert not await append(spool, b"hi")
+        assert spool.size == 9
+        assert await read_all(spool) == b"abcdefghi"
+        # Any range, starting and ending inside pieces.
+        assert await read_all(spool, 2, 8) == b"cdefgh"
+        assert spool.bytes_written == 0
+        assert await trio.to_thread.run_sync(listing, tmp_path) == []
+        await spool.discard()
+
+
+async def test_past_the_limit_everything_moves_to_one_file_once(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        memory = MemoryBudget(64 * KIB * KIB)
+        disk = SpoolBudget(1 << 40)
+        spool = Spool(tmp_path, "upload", disk=disk, memory=memory, memory_limit=10)
+        assert not await append(spool, b"0123456789")
+        assert memory.used == 10
+        cursor = spool.cursor(0, 10)
+        first = await cursor.next()
+        assert first is not None
+        assert bytes(first) == b"0123456789"
+        assert await append(spool, b"abc")
+        # The memory copy went to the file with the new bytes, and its budget back.
+        assert memory.used == 0
+        assert spool.on_disk
+        assert spool.bytes_written == 13
+        assert disk.used == 13
+        assert await read_all(spool) == b"0123456789abc"
+        assert await read_all(spool, 5, 12) == b"56789ab"
+        assert await append(spool, b"d" * (3 * READ_PIECE))
+        assert spool.bytes_written == 13 + 3 * READ_PIECE
+        whole = await read_all(spool)
+        assert whole == b"0123456789abc" + b"d" * (3 * READ_PIECE)
+        (path,) = await trio.to_thread.run_sync(listing, tmp_path)
+        assert await trio.Path(path).read_bytes() == whole
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        await spool.discard()
+        assert await trio.to_thread.run_sync(listing, tmp_path) == []
+        assert disk.used == 0
+        # Twice is harmless.
+        await spool.discard()
+        assert disk.used == 0
+
+
+async def test_a_cursor_goes_on_across_the_move_to_disk(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        spool = make(tmp_path, memory_limit=8)
+        await append(spool, b"aaaa")
+        await append(spool, b"bbbb")
+        cursor = spool.cursor(0, 8)
+        first = await cursor.next()
+        assert first is not None
+        assert bytes(first) == b"aaaa"
+        assert await append(spool, b"cccc")
+        rest = await cursor.next()
+        assert rest is not None
+        assert bytes(rest) == b"bbbb"
+        assert await cursor.next() is None
+        await spool.discard()
+
+
+async def test_a_busy_memory_budget_sends_the_copy_to_disk(tmp_path: Path) -> None:
+    """In-memory copies never take the budget past a quarter: readers need the rest."""
+    with trio.fail_after(10):
+        memory = MemoryBudget(400)
+        assert memory.try_acquire(90)
+        spool = Spool(tmp_path, "u", disk=SpoolBudget(1 << 40), memory=memory, memory_limit=1000)
+        assert not await append(spool, b"x" * 10)
+        assert await append(spool, b"y" * 10)
+        assert memory.used == 90
+        assert await read_all(spool) == b"x" * 10 + b"y" * 10
+        await spool.discard()
+
+
+async def test_a_full_disk_budget_is_a_503(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        spool = Spool(tmp_path, "u", disk=SpoolBudget(10), memory=None, memory_limit=0)
+        with pytest.raises(ServiceBusy):
+            spool.reserve(11)
+        await spool.discard()
+        assert await trio.to_thread.run_sync(listing, tmp_path) == []
+
+
+async def test_reading_past_what_was_committed_is_a_bug(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        spool = make(tmp_path, memory_limit=100)
+        await append(spool, b"abc")
+        with pytest.raises(RuntimeError):
+            spool.cursor(0, 4)
+        await spool.discard()
