@@ -1,8 +1,8 @@
 """A breaker trip cancels an attempt that is streaming at that moment, end to end with processes.
 
 Two uploads stream to element X (`se-proxied`, behind the fault proxy, preferred) at once. The
-proxy cuts only the connection that carries the second upload's request id (the ingester sends
-its upload id to the element as `X-Request-ID`), so that upload fails over to Y (`se-direct`)
+proxy cuts only the connection that carries the second upload's file name (a name no other
+upload has; the ingester forwards it to the element), so that upload fails over to Y (`se-direct`)
 and its failure trips X's breaker (threshold 1). The first upload's attempt on X is healthy and
 idle (its client holds back the rest of its body), so nothing but the trip can end it: it is
 cancelled and moves to Y while its client is still silent, then finishes there. Both files are
@@ -13,6 +13,7 @@ faulted.
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -90,11 +91,14 @@ async def test_a_breaker_trip_moves_the_other_live_upload_to_the_next_element(
                 "storage_element_id"
             ] == proxied.element_id
 
-            # Only the connection carrying the second upload's id is cut, 64 KiB in.
+            # Only the connection carrying the second upload's file name is cut, 64 KiB in.
+            # (Not its X-Upload-ID: the ingester scopes that to the user before the element
+            # sees it.)
+            cut_name = f"cut-{cut_id}.bin"
             proxy.set_plan(
-                FaultPlan(Fault.CUT, after_bytes=64 * 1024, only_matching=cut_id.encode())
+                FaultPlan(Fault.CUT, after_bytes=64 * 1024, only_matching=cut_name.encode())
             )
-            cut_body = upload_of(3 * MIB, seed=32)
+            cut_body = replace(upload_of(3 * MIB, seed=32), filename=cut_name)
             response = await post_upload(
                 http, ingester.url, token(), cut_body, headers={"X-Upload-ID": cut_id}
             )
