@@ -125,7 +125,14 @@ class Finished:
     stderr: str
 
     def output_tail(self) -> str:
-        return tail(self.stdout + "\n" + self.stderr)
+        """The reason first (stderr's last line, where stack.sh says what failed), then the
+        tails of stderr and stdout: a CI log that cuts a long message keeps its start."""
+        errors = self.stderr.strip().splitlines()
+        reason = errors[-1] if errors else "(nothing on stderr)"
+        return (
+            f"{reason}\n--- stderr, last lines ---\n{tail(self.stderr)}"
+            f"\n--- stdout, last lines ---\n{tail(self.stdout)}"
+        )
 
 
 async def run_command(

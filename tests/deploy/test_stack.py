@@ -63,6 +63,17 @@ class StackRun:
     async def run(self, *args: str, check: bool = True) -> Finished:
         return await run_command([str(STACK), *args], env=self.env, check=check)
 
+    async def internal_readiness(self) -> dict[str, Any]:
+        """The ingester's readiness with its detail, from inside its container."""
+        fetch = (
+            "import urllib.request as r; print(r.build_opener(r.ProxyHandler({}))"
+            ".open('http://127.0.0.1:8021/health/ready', timeout=10).read().decode())"
+        )
+        found = await podman("exec", self.container("ingester"), "python", "-c", fetch)
+        detail = json.loads(found.stdout)
+        assert isinstance(detail, dict), detail
+        return detail
+
     def container(self, service: str) -> str:
         return f"{self.project}_{service}_1"
 
@@ -110,8 +121,10 @@ async def test_the_try_it_stack_runs_with_podman_compose_and_stores_uploads(
             async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
                 ready = await http.get(run.url + "/health/ready")
                 assert ready.status_code == 200, ready.text
-                assert ready.json()["registry_source"] == "redis"
-                assert sorted(ready.json()["writable_storage_elements"]) == ["se-edit", "se-rw"]
+                # The detail is on the internal listener (8021), which is not published.
+                detail = await run.internal_readiness()
+                assert detail["registry_source"] == "redis", detail
+                assert sorted(detail["writable_storage_elements"]) == ["se-edit", "se-rw"]
                 uploads: dict[str, Stored] = {}
                 for seed, (retention, element) in enumerate(
                     [("temporary", "se-edit"), ("permanent", "se-rw")]
