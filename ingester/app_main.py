@@ -11,6 +11,7 @@ run_ingester
 
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 import signal
@@ -24,7 +25,7 @@ import trio
 from pydantic import ValidationError
 
 from . import logs
-from .allocator import use_one_malloc_arena
+from .allocator import configure_malloc
 from .http.app import create_app, create_internal_app
 from .server import (
     SHUTDOWN_SIGNALS,
@@ -33,6 +34,7 @@ from .server import (
     pass_received_bodies_through,
     serve_app,
     set_socket_read_size,
+    share_receive_memory,
 )
 from .service import Service
 from .settings import ConfigProblems, Settings
@@ -127,7 +129,11 @@ async def run_ingester(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     app, service = create_app(settings)
-    use_one_malloc_arena()
+    configure_malloc()
+    # What start-up built lives as long as the process: out of every later collection's
+    # scan (the idle one in Service included), which then looks at upload garbage only.
+    gc.collect()
+    gc.freeze()
     set_socket_read_size(settings.socket_read_size)
     pass_received_bodies_through()
     limits = ConnectionLimits(
@@ -141,6 +147,7 @@ async def run_ingester(
         settings.host, settings.port, graceful_timeout=HYPERCORN_GRACE_S, limits=limits
     )
     config.max_app_queue_size = settings.app_queue_size
+    share_receive_memory(config, app.config["RECEIVE_SHARE"])
     stop = trio.Event()
     drain_scope = trio.CancelScope()
 

@@ -44,6 +44,8 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
+from .http.receive import ReceiveShare
+
 log = logging.getLogger(__name__)
 
 SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
@@ -183,6 +185,8 @@ class _Connection:
     requests_seen: int = 0
     read_scope: trio.CancelScope | None = None
     evicted: bool = False
+    # Counted in the receive share as a connection with a request running.
+    receiving: bool = False
 
     def waiting_since(self) -> float | None:
         """Since when it has waited for a request head; None while a request runs."""
@@ -232,6 +236,26 @@ class Connections:
     def _longest_waiting(self) -> _Connection | None:
         waiting = [(since, c) for c in self.open if (since := c.waiting_since()) is not None]
         return min(waiting, key=lambda item: item[0])[1] if waiting else None
+
+
+def _receive_share(config: Config) -> ReceiveShare | None:
+    found = getattr(config, "ingester_receive_share", None)
+    return found if isinstance(found, ReceiveShare) else None
+
+
+def share_receive_memory(config: Config, share: ReceiveShare) -> None:
+    """Size this listener's socket reads from `share` (see `ingester.http.receive`)."""
+    config.ingester_receive_share = share  # type: ignore[attr-defined]
+
+
+def _count_receiving(share: ReceiveShare | None, conn: _Connection, receiving: bool) -> None:
+    if share is None or conn.receiving == receiving:
+        return
+    conn.receiving = receiving
+    if receiving:
+        share.started()
+    else:
+        share.ended()
 
 
 def _connections(config: Config) -> Connections:
@@ -348,6 +372,7 @@ def _patch_run() -> None:
             await run(self)
         finally:
             connections.leave(conn)
+            _count_receiving(_receive_share(self.config), conn, False)
 
     TCPServer.run = _run  # type: ignore[method-assign]
 
@@ -369,9 +394,15 @@ def _patch_read_data() -> None:
     async def _read_data(self: TCPServer) -> None:
         conn: _Connection | None = getattr(self, "_ingester_conn", None)
         timeout_s = _connections(self.config).limits.header_timeout_s
+        share = _receive_share(self.config)
         while True:
             deadline = inf
             waiting = _waiting_for_head(self)
+            if conn is not None:
+                _count_receiving(share, conn, not waiting)
+            read_size = (
+                share.read_size() if share is not None else hypercorn.trio.tcp_server.MAX_RECV
+            )
             protocol = _h11(self)
             if conn is not None and protocol is not None:
                 if protocol.keep_alive_requests != conn.requests_seen:
@@ -392,7 +423,7 @@ def _patch_read_data() -> None:
                 if conn is not None:
                     conn.read_scope = scope
                 try:
-                    data = await self.stream.receive_some(hypercorn.trio.tcp_server.MAX_RECV)
+                    data = await self.stream.receive_some(read_size)
                 except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
                 finally:

@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     socket_read_size: int = Field(default=1 * MIB, ge=4096)
     # hypercorn's per-request queue of body messages (each up to socket_read_size).
     app_queue_size: int = Field(default=2, ge=1)
+    # Request bodies on their way in (socket reads, app queues, body buffers), all
+    # connections together; outside memory_budget_bytes. Reads shrink from socket_read_size
+    # (down to 64 KiB) as more connections receive at once (ingester/http/receive.py).
+    receive_memory_bytes: int = Field(default=64 * MIB, ge=1 * MIB)
     compression_min_size: int = Field(default=4096, ge=0)
     brotli_quality: int = Field(default=4, ge=0, le=11)
     gzip_level: int = Field(default=6, ge=1, le=9)

@@ -40,6 +40,7 @@ from .base import make_app
 from .cors import install_cors
 from .docs import docs
 from .openapi import openapi_document
+from .receive import ReceiveShare
 
 log = logging.getLogger(__name__)
 
@@ -366,16 +367,29 @@ async def openapi() -> Response:
     return json_response(openapi_document(__version__))
 
 
+def receive_share(settings: Settings) -> ReceiveShare:
+    """The one receive share of this process's listeners and request bodies."""
+    return ReceiveShare(
+        total_bytes=settings.receive_memory_bytes,
+        max_read=settings.socket_read_size,
+        queue_size=settings.app_queue_size,
+    )
+
+
 def create_app(settings: Settings) -> tuple[QuartTrio, Service]:
     svc = Service(settings)
+    share = receive_share(settings)
     app = make_app(
         "ingester",
         buffer_limit=settings.body_buffer_limit,
+        receive_share=share,
         min_rate_bytes=settings.client_min_rate_bytes,
         min_rate_window_s=settings.client_min_rate_window_s,
     )
     app.config["RETRY_AFTER_S"] = settings.retry_after_s
     app.config["INGESTER_SERVICE"] = svc
+    # The listener that serves this app sizes its reads from the same share (app_main).
+    app.config["RECEIVE_SHARE"] = share
     install_cors(app, settings.cors_origins)
     app.config[DETAIL_ELSEWHERE] = settings.internal_port is not None
     app.register_blueprint(api)

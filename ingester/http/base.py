@@ -22,6 +22,7 @@ from .body import (
     BoundedBody,
     BoundedRequest,
 )
+from .receive import ReceiveShare
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def make_app(
     access_log: bool = True,
     min_rate_bytes: int = 0,
     min_rate_window_s: float = 60.0,
+    receive_share: ReceiveShare | None = None,
 ) -> QuartTrio:
     """A QuartTrio app with backpressure, request ids, JSON errors and an access log; with
     `min_rate_bytes`, request bodies slower than that per `min_rate_window_s` get 408."""
@@ -74,6 +76,7 @@ def make_app(
             "buffer_limit": buffer_limit,
             "min_rate_bytes": min_rate_bytes,
             "min_rate_window_s": min_rate_window_s,
+            "receive_share": receive_share,
         },
     )
     request_class = type("Request", (BoundedRequest,), {"body_class": body_class})

@@ -33,6 +33,7 @@ from quart_trio.wrappers.request import TrioBody, TrioRequest
 
 from ..errors import ClientTooSlow
 from .pace import ClientPace
+from .receive import ReceiveShare
 
 # Defaults for apps built without settings (the reference Storage Element uses these too).
 DEFAULT_BUFFER_LIMIT: Final = 1024 * 1024
@@ -54,6 +55,8 @@ class BoundedBody(TrioBody):
     """
 
     buffer_limit: int = DEFAULT_BUFFER_LIMIT
+    # When set, the limit shrinks as more connections receive at once (`.receive`).
+    receive_share: ReceiveShare | None = None
     # The minimum rate (0: none): bytes per window of waiting for the client.
     min_rate_bytes: int = 0
     min_rate_window_s: float = 60.0
@@ -82,8 +85,12 @@ class BoundedBody(TrioBody):
         self._chunks.append(data)
         self._buffered += len(data)
         self._has_data.set()
-        if self._buffered >= self.buffer_limit and self._room.is_set():
+        if self._buffered >= self._limit() and self._room.is_set():
             self._room = trio.Event()
+
+    def _limit(self) -> int:
+        share = self.receive_share
+        return self.buffer_limit if share is None else share.body_limit(self.buffer_limit)
 
     async def __anext__(self) -> bytes:
         if not self._complete.is_set():
@@ -95,7 +102,7 @@ class BoundedBody(TrioBody):
         self._buffered -= len(chunk)
         if not self._chunks:
             self._has_data.clear()
-        if self._buffered < self.buffer_limit:
+        if self._buffered < self._limit():
             self._room.set()
         if self.pace is not None:
             self.pace.arrived(len(chunk))
@@ -131,7 +138,10 @@ class BoundedBody(TrioBody):
         return bool(self._complete.is_set())
 
     async def wait_for_room(self) -> None:
-        while self._buffered >= self.buffer_limit and not self._discarding:
+        while self._buffered >= self._limit() and not self._discarding:
+            if self._room.is_set():
+                # The limit shrank (more connections receive now) since room was made.
+                self._room = trio.Event()
             await self._room.wait()
 
     def set_complete(self) -> None:

@@ -1,0 +1,98 @@
+"""The receive share: reads and body buffers shrink as more connections receive at once."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from ingester.http.body import BoundedBody
+from ingester.http.receive import MIN_READ, ReceiveShare
+
+MIB = 1024 * 1024
+
+
+def share(busy: int, *, total: int = 64 * MIB, max_read: int = MIB, queue: int = 2) -> ReceiveShare:
+    return ReceiveShare(total_bytes=total, max_read=max_read, queue_size=queue, busy=busy)
+
+
+def test_a_few_uploads_read_the_largest_size() -> None:
+    for busy in (0, 1, 4, 12):
+        assert share(busy).read_size() == MIB
+        assert share(busy).body_limit(MIB) == MIB
+
+
+def test_many_uploads_share_the_total() -> None:
+    s = share(64)
+    # 1 MiB each: a read in hand, two queued and a body buffer of two reads.
+    assert s.read_size() == 1 * MIB // 5 // 4096 * 4096
+    held = s.read_size() * (1 + 2) + s.body_limit(MIB)
+    assert held <= MIB
+    assert 64 * held <= 64 * MIB
+
+
+def test_reads_never_go_below_the_floor_nor_above_the_setting() -> None:
+    assert share(100_000).read_size() == MIN_READ
+    assert share(100_000).body_limit(MIB) == 2 * MIN_READ
+    assert share(1, max_read=16 * 1024).read_size() == 16 * 1024
+    assert share(1, total=MIB, max_read=8 * MIB).read_size() == MIB // 5 // 4096 * 4096
+
+
+def test_sizes_are_whole_pages_and_fall_as_connections_grow() -> None:
+    sizes = [share(n).read_size() for n in range(1, 300)]
+    assert all(size % 4096 == 0 for size in sizes)
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_the_body_limit_never_exceeds_the_configured_one() -> None:
+    assert share(1).body_limit(256 * 1024) == 256 * 1024
+
+
+def test_counting_requests() -> None:
+    s = share(0)
+    s.started()
+    s.started()
+    s.ended()
+    assert s.busy == 1
+    s.ended()
+    with pytest.raises(AssertionError):
+        s.ended()
+
+
+def test_nonsense_is_refused() -> None:
+    with pytest.raises(ValueError, match="must be"):
+        ReceiveShare(total_bytes=0, max_read=MIB, queue_size=2)
+    with pytest.raises(ValueError, match="must be"):
+        ReceiveShare(total_bytes=MIB, max_read=MIB, queue_size=0)
+
+
+# --- the body buffer under a share ----------------------------------------------------------
+
+
+def shared_body(s: ReceiveShare) -> BoundedBody:
+    cls = type("Body", (BoundedBody,), {"buffer_limit": MIB, "receive_share": s})
+    body = cls(None, None)
+    assert isinstance(body, BoundedBody)
+    return body
+
+
+async def test_a_body_pauses_its_receiver_at_the_shared_limit_even_when_it_shrinks() -> None:
+    s = share(1)
+    body = shared_body(s)
+    body.append(b"x" * (600 * 1024))
+    with trio.fail_after(5):
+        await body.wait_for_room()  # 600 KiB of a 1 MiB limit: room
+        # Many more connections now: the limit falls to 2 x 64 KiB, below what is held.
+        s.busy = 100_000
+        waited = trio.Event()
+
+        async def receiver() -> None:
+            await body.wait_for_room()
+            waited.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not waited.is_set()  # paused, not spinning: every task is blocked
+            assert len(await body.__anext__()) == 600 * 1024
+            await waited.wait()
