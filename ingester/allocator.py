@@ -11,6 +11,15 @@ then keep memory after the uploads are gone:
   allocations (about one per MiB) barely touch.
 - free memory between live allocations is returned only by `malloc_trim`, so a heap that
   grew under load can stay grown after it. `trim_heap` is called when the uploads stop.
+- glibc serves blocks above its mmap threshold with a mapping of their own, returned to the
+  system on free, but it raises that threshold to the size of each such block freed (up
+  to 32 MiB). After the first brotli encoder (a ring buffer and hash tables of several
+  MiB) is freed, every later one lands in the heap, among small long-lived blocks that
+  `malloc_trim` cannot move: the heap stays fragmented. Measured: 160 sequential 4 MiB
+  brotli uploads took RSS from 82 to 110 MB and back to 88; with the threshold fixed at
+  2 MiB it stays at 82-84. A fixed threshold (which also stops the raising) keeps those
+  blocks apart; upload data moves in pieces of about 1 MiB, below it, so no page of the
+  data path pays for a fresh mapping.
 
 Both are no-ops where glibc is not the C library.
 """
@@ -21,8 +30,11 @@ import ctypes
 import ctypes.util
 from typing import Any, Final
 
-# mallopt's parameter number for the arena limit (glibc's malloc.h).
+# mallopt's parameter numbers (glibc's malloc.h).
 _M_ARENA_MAX: Final = -8
+_M_MMAP_THRESHOLD: Final = -3
+# Blocks this large or larger get mappings of their own (see above).
+MMAP_THRESHOLD: Final = 2 * 1024 * 1024
 
 
 def _libc() -> Any:
@@ -38,11 +50,13 @@ def _libc() -> Any:
     return libc
 
 
-def use_one_malloc_arena() -> None:
-    """Keep every thread's allocations in the main arena. Call before worker threads start."""
+def configure_malloc() -> None:
+    """Keep every thread's allocations in the main arena, and blocks of `MMAP_THRESHOLD`
+    or more out of the heap. Call before worker threads start."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_ARENA_MAX, 1)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def trim_heap() -> None:

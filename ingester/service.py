@@ -15,6 +15,7 @@ service nursery
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Final
 
@@ -222,12 +223,20 @@ class Service:
 
     async def _return_memory_when_idle(self) -> None:
         """After a spell of uploads, once none is in flight, give freed heap memory back
-        (see allocator.py): a process that served a burst does not stay its size."""
+        (see allocator.py): a process that served a burst does not stay its size.
+
+        First a full garbage collection: failed attempts leave reference cycles (httpx
+        requests and responses, exceptions with their frames) that hold buffers until the
+        collector's next full pass, which may be far off once uploads stop. Measured in the
+        soak (60 uploads, element kills): RSS settled 11-31 MiB above the warm-up without
+        it, 0.6 MiB with it. It runs on the event loop (its finalizers must run here), only
+        when idle; start-up's objects are frozen out of its scan (app_main)."""
         seen = self.admission.admitted
         while True:
             await trio.sleep(MEMORY_TRIM_INTERVAL_S)
             if self.admission.in_flight == 0 and self.admission.admitted != seen:
                 seen = self.admission.admitted
+                gc.collect()
                 await trio.to_thread.run_sync(trim_heap)
 
     def note_se_failure(self, element_id: str, error: IngesterError) -> None:

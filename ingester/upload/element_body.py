@@ -33,12 +33,15 @@ class Encoder:
 
     def __init__(self, compressor: Compressor | None) -> None:
         self._compressor = compressor
+        self.compressing = compressor is not None
         self._sha256 = hashlib.sha256() if compressor is not None else None
         self.size = 0
 
-    @property
-    def compressing(self) -> bool:
-        return self._compressor is not None
+    def close(self) -> None:
+        """Let the compressor go: its state (MiBs of C memory for brotli) is freed now, even
+        when this encoder lives on in a reference cycle (an exception's traceback, say)
+        until the garbage collector's next full pass."""
+        self._compressor = None
 
     def encode_sync(self, data: Buffer) -> bytes:
         """Compress `data` (worker thread)."""
@@ -53,6 +56,7 @@ class Encoder:
         assert self._compressor is not None
         assert self._sha256 is not None
         out = self._compressor.flush()
+        self.close()
         self._sha256.update(out)
         self.size += len(out)
         return out
@@ -198,6 +202,8 @@ class SEUploadBody(httpx.AsyncByteStream):
         self._release(self._last_raw + self._rest_raw)
         self._last_raw = self._rest_raw = 0
         self._rest = None
+        if self.encoder is not None:
+            self.encoder.close()
         return SEUploadBody(
             head=self._head if head is None else head,
             chunks=self._chunks,
@@ -225,3 +231,5 @@ class SEUploadBody(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         self._stage = 4
         self._replay = None
+        if self.encoder is not None:
+            self.encoder.close()
