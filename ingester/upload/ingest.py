@@ -53,7 +53,27 @@ def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     walk(group)
     if not leaves:
         return group
-    return next((e for e in leaves if isinstance(e, IngesterError)), leaves[0])
+    chosen = next((e for e in leaves if isinstance(e, IngesterError)), leaves[0])
+    # What is not reported must not vanish: a bug beside an element failure, say.
+    for other in leaves:
+        if other is chosen:
+            continue
+        if isinstance(other, IngesterError):
+            log.info(
+                "also failed: %s (%s), reported: %s",
+                other.code,
+                other,
+                getattr(chosen, "code", type(chosen).__name__),
+                extra={"event": "error_not_reported"},
+            )
+        else:
+            log.error(
+                "unexpected error beside the reported one (%s)",
+                getattr(chosen, "code", type(chosen).__name__),
+                exc_info=other,
+                extra={"event": "error_not_reported"},
+            )
+    return chosen
 
 
 def form_reader(svc: Service, body: AsyncIterator[bytes], boundary: bytes) -> FormReader:
