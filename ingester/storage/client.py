@@ -64,6 +64,25 @@ def _error_message(response: httpx.Response) -> str:
     return str(body)[:200]
 
 
+def json_object(response: httpx.Response, element_id: str) -> dict[str, Any]:
+    """A success answer's JSON object; anything else (an HTML page from a proxy in the
+    way, a truncated body) is the element failing the call, not a bug of ours."""
+    try:
+        payload = response.json()
+    except ValueError as exc:
+        raise StorageElementError(
+            f"{element_id} answered {response.status_code} with a body that is not JSON "
+            f"({response.headers.get('content-type', 'no content type')})",
+            element_id=element_id,
+        ) from exc
+    if not isinstance(payload, dict):
+        raise StorageElementError(
+            f"{element_id} answered {response.status_code} with JSON that is not an object",
+            element_id=element_id,
+        )
+    return payload
+
+
 def raise_for_status(response: httpx.Response, element_id: str) -> None:
     status = response.status_code
     if status < 400:
@@ -190,7 +209,7 @@ class StorageElementClient:
             "GET", element_id, f"{api_url}/api/v1/gc/{file_id}/exists", authorization
         )
         raise_for_status(response, element_id)
-        return bool(response.json().get("exists"))
+        return bool(json_object(response, element_id).get("exists"))
 
     async def metadata(
         self, element_id: str, api_url: str, file_id: str, *, authorization: str | None
@@ -202,8 +221,7 @@ class StorageElementClient:
         if response.status_code == 404:
             return None
         raise_for_status(response, element_id)
-        payload = response.json()
-        return payload if isinstance(payload, dict) else None
+        return json_object(response, element_id)
 
     async def delete(
         self, element_id: str, api_url: str, file_id: str, *, authorization: str | None
@@ -264,8 +282,7 @@ class StorageElementClient:
     async def info(self, element_id: str, api_url: str) -> dict[str, Any]:
         response = await self._call("GET", element_id, f"{api_url}/api/v1/info", None)
         raise_for_status(response, element_id)
-        payload = response.json()
-        return payload if isinstance(payload, dict) else {}
+        return json_object(response, element_id)
 
     async def _call(
         self, method: str, element_id: str, url: str, authorization: str | None
