@@ -184,7 +184,8 @@ async def test_a_master_failover_loses_no_file_and_leaves_no_orphan(
             writing_again_s = time.monotonic() - killed_at
             print(  # the figure the README quotes
                 f"master killed: promoted after {promoted_s:.2f}s, ingester writing again after "
-                f"{writing_again_s:.2f}s ({attempt} uploads); the upload in flight: {flight.status_code}"
+                f"{writing_again_s:.2f}s ({attempt} uploads); "
+                f"the upload in flight: {flight.status_code}"
             )
             replay = await post_upload(
                 http,

@@ -6,6 +6,11 @@ from __future__ import annotations
 from ingester.storage.redis_registry import SKIP_AFTER_MISS_S, AckPolicy
 
 
+def replicated(policy: AckPolicy) -> bool:
+    # A call, so the checker does not carry one assertion's narrowing into the next.
+    return policy.replicated
+
+
 def test_plain_redis_never_waits() -> None:
     policy = AckPolicy(enabled=False)
     assert not policy.should_wait(0.0)
@@ -17,13 +22,13 @@ def test_waits_while_replicas_answer() -> None:
     for now in (0.0, 1.0, 2.0):
         assert policy.should_wait(now)
         assert policy.acked(1, now) is None  # no change to report
-    assert policy.replicated
+    assert replicated(policy)
 
 
 def test_a_miss_stops_waiting_for_a_window_then_tries_again() -> None:
     policy = AckPolicy(enabled=True)
     assert policy.acked(0, 100.0) is False  # reported once
-    assert not policy.replicated
+    assert not replicated(policy)
     assert not policy.should_wait(100.0)
     assert not policy.should_wait(100.0 + SKIP_AFTER_MISS_S - 0.01)
     assert policy.should_wait(100.0 + SKIP_AFTER_MISS_S)
@@ -31,5 +36,5 @@ def test_a_miss_stops_waiting_for_a_window_then_tries_again() -> None:
     assert policy.acked(0, 111.0) is None
     assert not policy.should_wait(111.0 + SKIP_AFTER_MISS_S - 0.01)
     assert policy.acked(1, 111.0 + SKIP_AFTER_MISS_S) is True
-    assert policy.replicated
+    assert replicated(policy)
     assert policy.should_wait(111.0 + SKIP_AFTER_MISS_S)
