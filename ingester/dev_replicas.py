@@ -89,19 +89,29 @@ async def _wait_ready(url: str, child: ChildProcess) -> None:
                 await trio.sleep(POLL_S)
 
 
-def servers_up(csv: str) -> set[str]:
-    """The servers haproxy's stats CSV shows up with a passed check."""
+def server_states(csv: str) -> dict[str, tuple[str, str]]:
+    """Each backend server's (status, last check) from haproxy's stats CSV: status `UP`,
+    `UP 1/2` (a check failed, still in rotation), `DOWN`, `DOWN 1/2` (coming back), ..."""
     lines = csv.splitlines()
     if not lines or not lines[0].startswith("# "):
-        return set()
+        return {}
     header = lines[0][2:].split(",")
-    status, check = header.index("status"), header.index("check_status")
-    up = set()
+    kind, status, check = header.index("type"), header.index("status"), header.index("check_status")
+    states = {}
     for line in lines[1:]:
         row = line.split(",")
-        if len(row) > check and row[status] == "UP" and row[check] == "L7OK":
-            up.add(row[1])
-    return up
+        # type 2 is a server (0 frontend, 1 backend, 3 listener).
+        if len(row) > check and row[kind] == "2":
+            states[row[1]] = (row[status], row[check])
+    return states
+
+
+def servers_up(csv: str) -> set[str]:
+    """The servers haproxy has checked up, in rotation with a passed last check."""
+    return {
+        name for name, (status, check) in server_states(csv).items()
+        if status == "UP" and check == "L7OK"
+    }  # fmt: skip
 
 
 async def _wait_all_checked_up(stats_url: str, names: list[str]) -> None:
