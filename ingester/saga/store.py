@@ -220,10 +220,13 @@ class RedisSagaStore:
                 record.upload_id,
                 "1" if must_exist else "0",
             ],
-            # A `receiving` record is written before bytes go to a new copy: lost in a
-            # failover, a dead owner's copy would be an orphan no janitor knows of, and a
-            # live one would take the missing record for a takeover.
-            durable=record.state is SagaState.RECEIVING,
+            # What a failover must not lose (see the README, "Redis with Sentinel"):
+            # - a `receiving` record, written before bytes go to a new copy: lost, a dead
+            #   owner's copy would be an orphan no janitor knows of;
+            # - a record that names the acknowledged copy (`kept`): lost, the earlier
+            #   `receiving` one comes back, and a janitor would remove the file the client
+            #   was told is stored.
+            durable=record.state is SagaState.RECEIVING or record.kept is not None,
         )
         return written == 1
 
@@ -259,6 +262,11 @@ class RedisSagaStore:
             self._delete,
             [KEY_PREFIX + upload_id, DUE_KEY, COMPENSATING_KEY],
             [owner, upload_id],
+            # The delete that acknowledges an upload: lost in a failover, the `receiving`
+            # record comes back and a janitor removes the acknowledged copy (found by
+            # tests/chaos/test_scale_out.py). Other deletes end a compensation, where the
+            # record coming back only has a janitor remove copies already gone.
+            durable=True,
         )
         return deleted == 1
 
