@@ -30,6 +30,7 @@ import trio
 from ingester.dev_replicas import server_states
 from tests.conftest import TokenFactory
 from tests.support.fixtures import KeyPair
+from tests.support.redis_server import RedisServer
 from tests.support.scale_out import (
     JANITOR_S,
     LEASE_S,
@@ -110,7 +111,8 @@ async def check_invariants(world: World, ledger: Ledger, sent: list[bytes], sinc
         extra = world.stored() - expected
         missing = expected - world.stored()
         raise AssertionError(
-            f"left on elements: {dict(extra)}; missing: {dict(missing)}; "
+            f"left on elements: {dict(extra)}; missing: {dict(missing)} "
+            f"(file ids {[ledger.stored.get(sha) for sha in missing]}); "
             f"sagas open: {world.saga_records()}"
         ) from None
     return time.monotonic() - since
@@ -167,3 +169,203 @@ async def test_sigkill_a_replica_mid_upload(world: World, token: TokenFactory) -
         )
         assert ejected_s <= EJECT_WITHIN_S
         assert sum(ledger.retries.values()) >= 1, "the kill hit no upload: the test proved nothing"
+
+
+class Load:
+    """Clients that keep uploading until `stop`: multipart workers and tus workers, each file
+    new random bytes, every one sent recorded in `sent`."""
+
+    def __init__(
+        self, http: httpx.AsyncClient, world: World, token: str, *, prefix: str, seed: int
+    ) -> None:
+        self.http = http
+        self.world = world
+        self.token = token
+        self.prefix = prefix
+        self.rng = random.Random(seed)
+        self.ledger = Ledger()
+        self.sent: list[bytes] = []
+        self.stop = trio.Event()
+
+    def _file(self, size: int) -> bytes:
+        data = self.rng.randbytes(size + self.rng.randrange(size))
+        self.sent.append(data)
+        return data
+
+    async def _multipart(self, worker: int, pace_s: float) -> None:
+        n = 0
+        while not self.stop.is_set():
+            data = self._file(256 * KIB)
+            key = f"{self.prefix}-{worker}-{n}"
+            await upload_retrying(
+                self.http, self.world.url, self.token, data, self.ledger, key=key, pace_s=pace_s
+            )
+            n += 1
+
+    async def _tus(self, worker: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            data = self._file(384 * KIB)
+            name = f"{self.prefix}-tus-{worker}-{n}"
+            await tus_resuming(self.http, self.world.url, self.token, data, self.ledger, name=name)
+            n += 1
+
+    def start(self, nursery: trio.Nursery, *, multipart: int, tus: int, pace_s: float) -> None:
+        for worker in range(multipart):
+            nursery.start_soon(self._multipart, worker, pace_s)
+        for worker in range(tus):
+            nursery.start_soon(self._tus, worker)
+
+    async def uploads_done(self, count: int, timeout_s: float) -> None:
+        """Until `count` files are stored (the load is really running)."""
+        with trio.fail_after(timeout_s):
+            while len(self.ledger.stored) < count:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+
+
+async def test_rolling_restart_clients_following_retry_after_see_no_failure(
+    world: World, token: TokenFactory
+) -> None:
+    with trio.fail_after(150):
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            load = Load(http, world, token(), prefix="roll", seed=3)
+            async with trio.open_nursery() as nursery:
+                load.start(nursery, multipart=6, tus=2, pace_s=0.02)
+                await load.uploads_done(4, timeout_s=20)
+                started = time.monotonic()
+                for index in range(len(world.replicas)):
+                    before = len(load.ledger.stored)
+                    code = await trio.to_thread.run_sync(world.replica(index).terminate)
+                    assert code == 0, world.replica(index).log_tail()
+                    await until_status(http, world, index, "DOWN", EJECT_WITHIN_S + 5)
+                    await trio.to_thread.run_sync(world.start_replica, index)
+                    await until_status(http, world, index, "UP", 15)
+                    # Uploads went on while it was away and back.
+                    await load.uploads_done(before + 2, timeout_s=20)
+                rolled_s = time.monotonic() - started
+                load.stop.set()
+            await check_invariants(world, load.ledger, load.sent, time.monotonic())
+        retries = dict(load.ledger.retries)
+        print(
+            f"rolling restart of 3 replicas in {rolled_s:.1f}s: {len(load.sent)} uploads, "
+            f"retries {retries}"
+        )
+        # The only refusals a client saw are the draining replica's, with Retry-After.
+        assert set(retries) <= {"503 SHUTTING_DOWN", "tus 503 SHUTTING_DOWN"}, retries
+
+
+async def test_sigkill_the_redis_master_under_load(world: World, token: TokenFactory) -> None:
+    await redis_failover(world, token, kill_replica=False)
+
+
+async def test_sigkill_the_redis_master_and_a_replica_together(
+    world: World, token: TokenFactory
+) -> None:
+    await redis_failover(world, token, kill_replica=True)
+
+
+async def until_scripts_run(node: RedisServer, *, timeout_s: float) -> None:
+    def evalsha_calls() -> int:
+        client = node.client()
+        try:
+            stats = client.info("commandstats").get("cmdstat_evalsha", {})
+        finally:
+            client.close()
+        return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+    with trio.fail_after(timeout_s):
+        while not await trio.to_thread.run_sync(evalsha_calls):  # noqa: ASYNC110
+            await trio.sleep(0.05)
+
+
+async def redis_failover(world: World, token: TokenFactory, *, kill_replica: bool) -> None:
+    with trio.fail_after(120):
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            load = Load(http, world, token(), prefix="redis", seed=4 + kill_replica)
+            async with trio.open_nursery() as nursery:
+                load.start(nursery, multipart=6, tus=2, pace_s=0.02)
+                await load.uploads_done(4, timeout_s=20)
+                old_port = world.redis.master.port
+                killed = time.monotonic()
+                world.redis.kill_master()
+                if kill_replica:
+                    world.kill_replica(0)
+                _, promoted_s = await trio.to_thread.run_sync(
+                    lambda: world.redis.wait_failover(old_port, timeout_s=15)
+                )
+                # The replicas write to the new master: their scripts (saga, tus, idempotency)
+                # run there. A replica applies a master's scripts as their effects, so the
+                # first EVALSHA it counts is one sent to it as master.
+                await until_scripts_run(world.redis.replica, timeout_s=15)
+                writing_s = time.monotonic() - killed
+                before = len(load.ledger.stored)
+                await load.uploads_done(before + 6, timeout_s=20)
+                load.stop.set()
+            cleaned_s = await check_invariants(world, load.ledger, load.sent, killed)
+        what = "Redis master and replica-1" if kill_replica else "Redis master"
+        print(
+            f"{what} SIGKILLed: promoted after {promoted_s:.2f}s, ingesters writing to the new "
+            f"master after {writing_s:.2f}s, elements clean after {cleaned_s:.2f}s; "
+            f"{len(load.sent)} uploads, retries {dict(load.ledger.retries)}"
+        )
+
+
+async def restart_as_replica(world: World, node: RedisServer, timeout_s: float) -> None:
+    """Start a killed Redis node again (empty: no persistence); Sentinel makes it a replica of
+    the current master, and it syncs."""
+    await trio.to_thread.run_sync(node.start)
+
+    def synced() -> bool:
+        client = node.client()
+        try:
+            info = client.info("replication")
+        finally:
+            client.close()
+        return info.get("role") == "slave" and info.get("master_link_status") == "up"
+
+    with trio.fail_after(timeout_s):
+        while not await trio.to_thread.run_sync(synced):  # noqa: ASYNC110
+            await trio.sleep(0.1)
+
+
+@pytest.mark.soak
+async def test_soak_random_replica_and_redis_kills(world: World, token: TokenFactory) -> None:
+    """Rounds of a random fault under load until the uploads are done: a replica SIGKILLed,
+    a replica SIGTERMed (each restarted once haproxy has it down), or the Redis master
+    SIGKILLed (restarted once Sentinel promoted the replica, to come back as its replica)."""
+    uploads = SOAK_UPLOADS or 40
+    rng = random.Random(20261206)
+    faults: Counter[str] = Counter()
+    with trio.fail_after(60 + uploads * 2):
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            load = Load(http, world, token(), prefix="soak", seed=6)
+            async with trio.open_nursery() as nursery:
+                load.start(nursery, multipart=6, tus=2, pace_s=0.02)
+                while len(load.ledger.stored) < uploads:
+                    fault = rng.choice(["replica SIGKILL", "replica SIGTERM", "Redis master"])
+                    faults[fault] += 1
+                    before = len(load.ledger.stored)
+                    if fault == "Redis master":
+                        old_port = world.redis.master_port()
+                        assert old_port is not None
+                        dead = world.redis.kill_master()
+                        await trio.to_thread.run_sync(
+                            partial(world.redis.wait_failover, old_port, timeout_s=15)
+                        )
+                        await restart_as_replica(world, dead, timeout_s=30)
+                    else:
+                        index = rng.randrange(len(world.replicas))
+                        if fault == "replica SIGKILL":
+                            world.kill_replica(index)
+                        else:
+                            await trio.to_thread.run_sync(world.replica(index).terminate)
+                        await until_status(http, world, index, "DOWN", EJECT_WITHIN_S + 5)
+                        await trio.to_thread.run_sync(world.start_replica, index)
+                        await until_status(http, world, index, "UP", 15)
+                    await load.uploads_done(before + 5, timeout_s=30)
+                load.stop.set()
+            await check_invariants(world, load.ledger, load.sent, time.monotonic())
+        print(
+            f"scale-out soak: {len(load.sent)} uploads, faults {dict(faults)}, "
+            f"retries {dict(load.ledger.retries)}"
+        )
