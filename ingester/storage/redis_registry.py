@@ -29,6 +29,7 @@ import pydantic
 import redis
 import trio
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -229,10 +230,12 @@ class DurableScripts:
         now = time.monotonic()
         if not durable or not self.policy.should_wait(now):
             return script(keys=keys, args=args)
-        pipe = self._client.pipeline(transaction=False)
-        script(keys=keys, args=args, client=pipe)
-        pipe.wait(1, int(REPLICA_ACK_TIMEOUT_S * 1000))
-        result, replicas = pipe.execute()
+        try:
+            result, replicas = self._with_wait(script, keys, args)
+        except NoScriptError:
+            # A new master (after a failover) has not seen the script yet.
+            script.sha = self._client.script_load(script.script)
+            result, replicas = self._with_wait(script, keys, args)
         changed = self.policy.acked(int(replicas), time.monotonic())
         if changed is False:
             log.warning(
@@ -246,6 +249,14 @@ class DurableScripts:
                 "a Redis replica acknowledges writes again", extra={"event": "redis_replicated"}
             )
         return result
+
+    def _with_wait(self, script: Any, keys: list[str], args: list[str]) -> list[Any]:
+        # EVALSHA itself, not the script object: a pipeline that runs a script object first
+        # asks SCRIPT EXISTS, one more command per write.
+        pipe = self._client.pipeline(transaction=False)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+        pipe.wait(1, int(REPLICA_ACK_TIMEOUT_S * 1000))
+        return list(pipe.execute())
 
 
 def backoff_s(failures: int) -> float:
