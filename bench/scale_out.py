@@ -19,6 +19,7 @@ Results go to bench/results/scale_out.json and a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import tempfile
 import time
@@ -143,15 +144,15 @@ def main() -> None:
             row = one(replicas, args.uploads, args.size_mib * MIB, root, keys, token)
             rows.append(row)
             print(row, flush=True)
-    results = {"cpus": cpu_count(), "runs": rows}
+    results = {"cpus": cpu_count(), "load_average": os.getloadavg(), "runs": rows}
     path = save(results, "scale_out")
     print(
         f"\n{cpu_count()} CPUs; {args.uploads} concurrent uploads of {args.size_mib} MiB via haproxy"
     )
     print(
-        "| replicas | throughput | wall | p50 upload | Redis commands per upload | by command | spread |"
+        "| replicas | throughput | wall | p50 upload | Redis commands per upload | round trips per upload | by command | spread |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         by = ", ".join(f"{k} {v}" for k, v in row["redis_calls_per_upload_by_command"].items())
         print(
@@ -160,7 +161,7 @@ def main() -> None:
             f"{row['redis_round_trips_per_upload']} | {by} | "
             f"{row['uploads_by_replica_incl_warmup']} |"
         )
-    print(f"(results in {path})")
+    print(f"(results in {path}; load average at the end {os.getloadavg()})")
 
 
 if __name__ == "__main__":
