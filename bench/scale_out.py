@@ -51,7 +51,7 @@ NOT_THE_INGESTERS: Final = frozenset(
 )
 # Commands a client sends (the rest run inside its scripts): the round trips.
 ROUND_TRIPS: Final = frozenset(
-    {"evalsha", "eval", "wait", "script|exists", "script|load", "get", "publish", "subscribe"}
+    {"evalsha", "eval", "wait", "script|exists", "script|load", "get", "set", "publish"}
 )
 
 
