@@ -357,8 +357,11 @@ async def test_soak_random_replica_and_redis_kills(world: World, token: TokenFac
                         old_port = world.redis.master_port()
                         assert old_port is not None
                         dead = world.redis.kill_master()
-                        await trio.to_thread.run_sync(
+                        new_port, _ = await trio.to_thread.run_sync(
                             partial(world.redis.wait_failover, old_port, timeout_s=15)
+                        )
+                        await trio.to_thread.run_sync(
+                            partial(world.redis.wait_all_name, new_port, timeout_s=15)
                         )
                         await restart_as_replica(world, dead, timeout_s=30)
                     else:

@@ -149,6 +149,27 @@ class SentinelRedis:
             time.sleep(POLL_S)
         raise TimeoutError(f"no failover within {timeout_s}s")
 
+    def wait_all_name(self, port: int, *, timeout_s: float) -> None:
+        """Until every Sentinel names `port` master. Restart a killed master only after
+        that: a Sentinel still naming the old one would send clients to the restarted,
+        empty node until it is made a replica (and its writes flushed)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            named = set()
+            for sentinel in self.sentinels:
+                client = sentinel.client()
+                try:
+                    address = client.sentinel_get_master_addr_by_name(SERVICE)
+                except redis.RedisError:
+                    address = None
+                finally:
+                    client.close()
+                named.add(int(address[1]) if isinstance(address, tuple) else None)
+            if named == {port}:
+                return
+            time.sleep(POLL_S)
+        raise TimeoutError(f"the Sentinels did not all name {port} within {timeout_s}s")
+
     @staticmethod
     def _is_master(port: int) -> bool:
         client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=1.0)
