@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,11 +194,8 @@ def scale_out(root: Path, keys: KeyPair, *, replicas: int = 3, **env: str) -> It
         yield world
 
 
-def wait_until(check: object, *, timeout_s: float, what: str) -> None:
+def wait_until(check: Callable[[], bool], *, timeout_s: float, what: str) -> None:
     """Sync polling with a deadline, for fixtures (tests use `eventually`)."""
-    import time
-
-    assert callable(check)
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
