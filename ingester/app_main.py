@@ -66,8 +66,9 @@ def settings_or_exit() -> Settings:
             suffix = f" ({detail})" if detail else ""
             message = error["msg"].removeprefix("Value error, ")
             given = error.get("input")
-            # The value helps, but never a secret's, nor a long one.
-            secret = any(word in name for word in ("SECRET", "TOKEN", "KEY"))
+            # The value helps, but never a secret's, nor a long one (a Redis URL may carry
+            # its password).
+            secret = any(word in name for word in ("SECRET", "TOKEN", "KEY", "REDIS_URL"))
             shown = (
                 f" (got {given!r})"
                 if isinstance(given, str | int | float) and not secret and len(str(given)) <= 80

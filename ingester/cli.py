@@ -23,6 +23,14 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=8020)
     dev.add_argument("--host", default="127.0.0.1")
     dev.add_argument("--data-dir", type=Path, default=Path(".dev"))
+    dev.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N ingester replicas behind haproxy on --port, with a local Redis, its replica "
+        "and three Sentinels (needs redis-server and haproxy; make run installs them)",
+    )
 
     token = sub.add_parser("token", help="print an RS256 token (artStore claim layout)")
     token.add_argument("--key", type=Path, default=Path(".dev/keys/private.pem"))

@@ -16,6 +16,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Final
@@ -37,10 +38,13 @@ DEV_TOKEN_TTL_S: Final = 24 * 3600
 
 
 class ChildProcess:
-    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, *, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
+        self.env = env
         self.process: trio.Process | None = None
 
     async def start(self) -> None:
@@ -48,7 +52,11 @@ class ChildProcess:
         handle = await trio.to_thread.run_sync(lambda: open(self.log_path, "ab"))  # noqa: SIM115
         try:
             self.process = await trio.lowlevel.open_process(
-                self.argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.argv,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
             )
         finally:
             handle.close()
@@ -86,43 +94,61 @@ def dev_command(args: argparse.Namespace) -> int:
     base = settings_or_exit()
     logs.configure("text", base.log_level)
     # A Ctrl-C that lands before the signal receivers are installed.
+    if args.replicas is not None and args.replicas < 1:
+        print("ingester dev: --replicas must be 1 or more", file=sys.stderr)
+        return 2
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_dev, args.host, args.port, args.data_dir.resolve(), base)
+        if args.replicas is None:
+            trio.run(run_dev, args.host, args.port, args.data_dir.resolve(), base)
+            return 0
+        from .dev_replicas import MissingTool, run_dev_replicas
+
+        try:
+            trio.run(
+                run_dev_replicas, args.host, args.port, args.data_dir.resolve(), base, args.replicas
+            )
+        except MissingTool as exc:
+            print(f"ingester dev: {exc}", file=sys.stderr)
+            return 2
     return 0
+
+
+async def start_elements(
+    stack: AsyncExitStack, host: str, port: int, data_dir: Path, public_key: Path
+) -> list[StorageElementConfig]:
+    """The two reference Storage Elements on `port + 1` and `port + 2`, healthy."""
+    elements = [("se-edit", SEMode.EDIT, port + 1), ("se-rw", SEMode.RW, port + 2)]
+    children: list[ChildProcess] = []
+    for element_id, mode, se_port in elements:
+        argv = [
+            sys.executable, "-m", "ingester", "storage-element",
+            "--mode", mode.value, "--port", str(se_port), "--host", host,
+            "--data-dir", str(data_dir / element_id), "--public-key", str(public_key),
+            "--id", element_id,
+        ]  # fmt: skip
+        child = ChildProcess(element_id, argv, data_dir / "logs" / f"{element_id}.log")
+        await child.start()
+        stack.push_async_callback(child.stop)
+        children.append(child)
+    for child, (_, _, se_port) in zip(children, elements, strict=True):
+        await _wait_healthy(f"http://{host}:{se_port}", child)
+    return [
+        StorageElementConfig(id=element_id, api_url=f"http://{host}:{se_port}", mode=mode)
+        for element_id, mode, se_port in elements
+    ]
 
 
 async def run_dev(host: str, port: int, data_dir: Path, base: Settings) -> None:
     private_key, public_key = await trio.to_thread.run_sync(generate_keypair, data_dir / "keys")
-    elements = [("se-edit", SEMode.EDIT, port + 1), ("se-rw", SEMode.RW, port + 2)]
-    children: list[ChildProcess] = []
     async with AsyncExitStack() as stack:
-        for element_id, mode, se_port in elements:
-            argv = [
-                sys.executable, "-m", "ingester", "storage-element",
-                "--mode", mode.value, "--port", str(se_port), "--host", host,
-                "--data-dir", str(data_dir / element_id), "--public-key", str(public_key),
-                "--id", element_id,
-            ]  # fmt: skip
-            child = ChildProcess(element_id, argv, data_dir / "logs" / f"{element_id}.log")
-            await child.start()
-            stack.push_async_callback(child.stop)
-            children.append(child)
-        for child, (_, _, se_port) in zip(children, elements, strict=True):
-            await _wait_healthy(f"http://{host}:{se_port}", child)
-
+        elements = await start_elements(stack, host, port, data_dir, public_key)
         settings = base.model_copy(
             update={
                 "host": host,
                 "port": port,
                 "auth_public_key_path": public_key,
                 "auth_jwks_url": None,
-                "storage_elements": base.storage_elements
-                or [
-                    StorageElementConfig(
-                        id=element_id, api_url=f"http://{host}:{se_port}", mode=mode
-                    )
-                    for element_id, mode, se_port in elements
-                ],
+                "storage_elements": base.storage_elements or elements,
                 "spool_dir": data_dir / "spool",
                 "log_format": "text",
                 # The dev stack is where people meet the API: show it.
@@ -151,11 +177,20 @@ def _ingester_command() -> str:
     return shlex.quote(script.as_posix() if relative.startswith("..") else relative)
 
 
-def _print_banner(url: str, binds: list[str], token: str, data_dir: Path, key: Path) -> None:
+def _print_banner(
+    url: str,
+    binds: list[str],
+    token: str,
+    data_dir: Path,
+    key: Path,
+    *,
+    topology: Sequence[str] = (),
+) -> None:
     rel = os.path.relpath(data_dir)
     lines = [
         "",
         f"artStore Ingester (dev) on {url}   [bound: {', '.join(binds)}]",
+        *topology,
         f"  Storage Elements: se-edit (temporary) and se-rw (permanent), data under {rel}/",
         f"  API docs: {url}/docs   (OpenAPI: {url}/openapi.json)",
         f"  token (user, 24 h; more with: ingester token --key {os.path.relpath(key)}):",

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .storage.redis_url import check_redis_url
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -284,6 +286,14 @@ class Settings(BaseSettings):
                 return json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not valid JSON: {exc.msg} at position {exc.pos}") from exc
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        check_redis_url(value)
         return value
 
     @field_validator("cors_origins", mode="before")

@@ -17,14 +17,17 @@ set -euo pipefail
 DEPS='
 venv        python3            python3             the virtualenv
 venv        @python_venv       python3-venv        python3 -m venv with pip (Debian ships it apart)
-test        redis-server       redis-server        tests start their own redis-server on a free port
+run,test    redis-server       redis-server        tests start their own redis-server on a free port; ingester dev --replicas its Redis and Sentinels
+run,test    haproxy            haproxy             ingester dev --replicas and tests/chaos: the load balancer in front of the replicas
 test        @compose           docker-compose      tests/deploy: docker-compose config (no engine)
 test        promtool           prometheus          tests/deploy: promtool check and promtool test
 test        chromium           chromium            tests/interop: Uppy in headless Chromium
 test        @node              nodejs,npm          tests/interop: tus-js-client and playwright-core
 '
-# `make run` (ingester dev) needs nothing beyond the venv: its Storage Elements are Python
-# processes, and with INGESTER_REDIS_URL it uses the Redis you point it at.
+# `make run` (ingester dev) itself needs nothing beyond the venv: its Storage Elements are
+# Python processes, and with INGESTER_REDIS_URL it uses the Redis you point it at. Its replica
+# mode (`ingester dev --replicas N`) runs redis-server (a master, a replica, three Sentinels)
+# and haproxy, so `make run` installs those too.
 
 # Node.js from PyPI when the distribution's is too old (Debian bookworm's nodejs is 18): the
 # official build, repackaged as a wheel, with its npm. Node 22 is the current LTS line.

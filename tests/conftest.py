@@ -18,6 +18,7 @@ import trio
 
 from tests.support.fixtures import KeyPair, keypair, token_factory
 from tests.support.fixtures import TokenFactory as SignedTokens
+from tests.support.redis_sentinel import sentinel_redis
 from tests.support.redis_server import redis_server
 from tests.support.stack import (
     Proc,
@@ -104,4 +105,4 @@ def stack(tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair) -> Iterato
 
 
 # Fixtures defined in tests.support, registered here for every test module.
-__all__ = ["keypair", "redis_server", "token_factory"]
+__all__ = ["keypair", "redis_server", "sentinel_redis", "token_factory"]

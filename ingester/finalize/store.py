@@ -21,7 +21,8 @@ import trio
 from redis.commands.core import Script
 
 from ..saga.store import CLAIM_DUE, StoreUnavailable
-from ..storage.redis_registry import make_client
+from ..storage.redis_registry import DurableScripts, make_client
+from ..storage.redis_url import is_sentinel
 from .record import TERMINAL, Transaction, TxState
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,8 @@ class RedisFinalizeStore:
 
     def __init__(self, url: str, *, timeout_s: float) -> None:
         self._client = make_client(url, timeout_s)
+        # With Sentinel, every state write waits for a replica (see `put`).
+        self._scripts = DurableScripts(self._client, replicated=is_sentinel(url))
         self._create = self._client.register_script(_CREATE)
         self._put = self._client.register_script(_PUT)
         self._renew = self._client.register_script(_RENEW)
@@ -198,14 +201,17 @@ class RedisFinalizeStore:
         except redis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
-    async def _run(self, script: Script, keys: list[str], args: list[str]) -> object:
-        return await self._call(lambda: script(keys=keys, args=args))
+    async def _run(
+        self, script: Script, keys: list[str], args: list[str], *, durable: bool = False
+    ) -> object:
+        return await self._call(lambda: self._scripts.run(script, keys, args, durable=durable))
 
     async def create(self, tx: Transaction, *, due: float) -> str | None:
         holder = await self._run(
             self._create,
             [TX_PREFIX + tx.transaction_id, FILE_PREFIX + tx.file_id, DUE_KEY, INDEX_KEY],
             [tx.owner, tx.to_json(), repr(due), tx.transaction_id, repr(tx.created_at)],
+            durable=True,
         )
         if isinstance(holder, bytes):
             holder = holder.decode()
@@ -223,6 +229,11 @@ class RedisFinalizeStore:
                 tx.transaction_id,
                 str(max(int(retention_s), 1)),
             ],
+            # Lost in a failover, `copying` (written before the first byte goes to the
+            # target) leaves an orphan, and `committed` turned back into `copying` has a
+            # janitor remove the target after the source was deleted: the file is gone.
+            # A move writes a handful of states, so all of them wait.
+            durable=True,
         )
         return written == 1
 

@@ -54,6 +54,12 @@ class Saga:
         self.lost = False
         self.settled = False
         self._compensating = False
+        # One write of this record at a time. The lease keeper writes a record a store
+        # outage kept unsynced; without this, that write (of the record as it was) could
+        # land after the upload's own later one, or still be in flight when the upload is
+        # acknowledged and ended, leaving a `receiving` record no one renews: a janitor
+        # would then remove the acknowledged copy.
+        self.lock = trio.Lock()
 
     @property
     def upload_id(self) -> str:
@@ -61,18 +67,24 @@ class Saga:
 
     async def sending_to(self, copy: Copy) -> None:
         """Before the first byte goes to `copy`'s element: from now on it may hold a copy."""
-        if self.record.add_copy(copy):
-            await self.book.write(self)
+        async with self.lock:
+            if self.record.add_copy(copy):
+                await self.book.write(self)
 
     async def stored(self) -> None:
-        self.record.state = SagaState.STORED
-        await self.book.write(self)
+        async with self.lock:
+            self.record.state = SagaState.STORED
+            await self.book.write(self)
 
     async def succeeded(self, kept: Copy) -> None:
         """The upload is about to be acknowledged on `kept`. Acknowledging needs the store to
         confirm the record is still ours (a replica that claimed it would undo the upload):
         raises `SagaTakenOver`, or `SagaStoreUnavailable` when a record that was written
         cannot be confirmed now. Then `failed` must follow."""
+        async with self.lock:
+            await self._succeeded(kept)
+
+    async def _succeeded(self, kept: Copy) -> None:
         if self.lost:
             raise SagaTakenOver("this upload was taken over by another ingester; retry it")
         self.record.settle_success(kept)
@@ -101,6 +113,10 @@ class Saga:
         """The upload failed: remove every copy. `current` (the element the upload was on)
         is tried at once, bounded, so the answer can say nothing is left; the rest, and a
         `current` that cannot be reached now, go on in the background until done."""
+        async with self.lock:
+            await self._failed(current)
+
+    async def _failed(self, current: Copy | None) -> None:
         self.record.settle_failure()
         self.settled = True
         if (
@@ -267,7 +283,8 @@ class SagaBook:
                     break
                 record.attempts += 1
                 record.last_error = f"{len(record.copies)} copies could not be removed yet"
-                await self.write(saga)
+                async with saga.lock:
+                    await self.write(saga)
                 wait = backoff_s(record.attempts, self.backoff, self._random.random)
                 await trio.sleep(max(wait, 0.05))
             else:
@@ -312,7 +329,19 @@ class SagaBook:
 
     async def renew(self) -> None:
         for saga in [s for s in self.active.values() if s.record.copies and not s.synced]:
-            await self.write(saga)
+            try:
+                # Held: its owner is writing it right now, which syncs it.
+                saga.lock.acquire_nowait()
+            except trio.WouldBlock:
+                continue
+            try:
+                if saga.record.copies and not saga.synced:
+                    await self.write(saga)
+            finally:
+                saga.lock.release()
+            if saga.written and saga.upload_id not in self.active:
+                # Ended while this write was in flight: nothing will renew it, so it goes.
+                self._spawn(self._delete, saga)
         ids = [u for u, s in self.active.items() if s.synced]
         if not ids:
             return

@@ -22,7 +22,8 @@ import redis
 import trio
 from redis.commands.core import Script
 
-from ..storage.redis_registry import make_client
+from ..storage.redis_registry import DurableScripts, make_client
+from ..storage.redis_url import is_sentinel
 from .record import SagaRecord, SagaState
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,8 @@ class RedisSagaStore:
 
     def __init__(self, url: str, *, timeout_s: float) -> None:
         self._client = make_client(url, timeout_s)
+        # With Sentinel, a record that names a new copy waits for a replica (see `put`).
+        self._scripts = DurableScripts(self._client, replicated=is_sentinel(url))
         self._put = self._client.register_script(_PUT)
         self._renew = self._client.register_script(_RENEW)
         self._claim = self._client.register_script(CLAIM_DUE)
@@ -194,9 +197,11 @@ class RedisSagaStore:
     def close(self) -> None:
         self._client.close()
 
-    async def _run(self, script: Script, keys: list[str], args: list[str]) -> object:
+    async def _run(
+        self, script: Script, keys: list[str], args: list[str], *, durable: bool = False
+    ) -> object:
         def call() -> object:
-            return script(keys=keys, args=args)
+            return self._scripts.run(script, keys, args, durable=durable)
 
         try:
             return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
@@ -215,6 +220,13 @@ class RedisSagaStore:
                 record.upload_id,
                 "1" if must_exist else "0",
             ],
+            # What a failover must not lose (see the README, "Redis with Sentinel"):
+            # - a `receiving` record, written before bytes go to a new copy: lost, a dead
+            #   owner's copy would be an orphan no janitor knows of;
+            # - a record that names the acknowledged copy (`kept`): lost, the earlier
+            #   `receiving` one comes back, and a janitor would remove the file the client
+            #   was told is stored.
+            durable=record.state is SagaState.RECEIVING or record.kept is not None,
         )
         return written == 1
 
@@ -250,6 +262,11 @@ class RedisSagaStore:
             self._delete,
             [KEY_PREFIX + upload_id, DUE_KEY, COMPENSATING_KEY],
             [owner, upload_id],
+            # The delete that acknowledges an upload: lost in a failover, the `receiving`
+            # record comes back and a janitor removes the acknowledged copy (found by
+            # tests/chaos/test_scale_out.py). Other deletes end a compensation, where the
+            # record coming back only has a janitor remove copies already gone.
+            durable=True,
         )
         return deleted == 1
 

@@ -93,8 +93,9 @@ def test_a_bare_machine_as_a_user_gets_one_line_naming_the_packages(machine: Mac
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert lines == [
-        "deps: missing: redis-server docker-compose prometheus chromium (as root: apt-get "
-        "install --no-install-recommends redis-server docker-compose prometheus chromium)"
+        "deps: missing: redis-server haproxy docker-compose prometheus chromium (as root: "
+        "apt-get install --no-install-recommends redis-server haproxy docker-compose "
+        "prometheus chromium)"
     ]
     assert machine.calls() == []
 
@@ -108,14 +109,14 @@ def test_as_root_the_missing_packages_are_installed_and_an_old_debian_node_is_le
     assert machine.calls() == [
         "apt-get update -qq",
         "apt-get install -y -qq --no-install-recommends "
-        "redis-server docker-compose prometheus chromium",
+        "redis-server haproxy docker-compose prometheus chromium",
     ]
     assert f"Debian's nodejs is 18 (< {min_node_major()}): Node.js comes from PyPI" in result.stderr
 
 
 def test_as_root_a_recent_enough_debian_node_comes_from_apt(machine: Machine) -> None:
     _stub(machine.bin, "apt-cache", f'echo "nodejs:"; echo "  Candidate: {NEW_DEBIAN_NODE}"')
-    machine.has("redis-server", "docker-compose", "promtool", "chromium")
+    machine.has("redis-server", "haproxy", "docker-compose", "promtool", "chromium")
     result = machine.run("test", root=True)
     assert result.returncode == 0, result.stderr
     assert machine.calls() == [
@@ -125,7 +126,7 @@ def test_as_root_a_recent_enough_debian_node_comes_from_apt(machine: Machine) ->
 
 
 def test_a_machine_with_everything_is_left_alone(machine: Machine) -> None:
-    machine.has("redis-server", "promtool", "chromium")
+    machine.has("redis-server", "haproxy", "promtool", "chromium")
     _stub(machine.bin, "docker", 'test "$1 $2" = "compose version"')  # the compose plugin
     machine.node(f"{min_node_major()}.1.0")
     result = machine.run("test", root=True)
@@ -135,7 +136,7 @@ def test_a_machine_with_everything_is_left_alone(machine: Machine) -> None:
 
 
 def test_node_without_npm_is_not_enough(machine: Machine) -> None:
-    machine.has("redis-server", "docker-compose", "promtool", "chromium")
+    machine.has("redis-server", "haproxy", "docker-compose", "promtool", "chromium")
     machine.node(f"{min_node_major()}.1.0", npm=False)
     _stub(machine.bin, "apt-cache", f'echo "nodejs:"; echo "  Candidate: {NEW_DEBIAN_NODE}"')
     result = machine.run("test", root=True)
@@ -144,9 +145,20 @@ def test_node_without_npm_is_not_enough(machine: Machine) -> None:
 
 
 def test_run_needs_no_test_tools(machine: Machine) -> None:
+    # The dev stack's replica mode: Redis with Sentinel and haproxy; nothing of the tests'.
+    machine.has("redis-server", "haproxy")
     result = machine.run("run", root=False)
     assert result.returncode == 0, result.stderr
     assert (result.stdout, result.stderr) == ("", "")
+
+
+def test_run_installs_what_the_replica_mode_needs(machine: Machine) -> None:
+    result = machine.run("run", root=True)
+    assert result.returncode == 0, result.stderr
+    assert machine.calls() == [
+        "apt-get update -qq",
+        "apt-get install -y -qq --no-install-recommends redis-server haproxy",
+    ]
 
 
 def test_an_unknown_profile_is_a_usage_error(machine: Machine) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -27,9 +27,15 @@ STOP_TIMEOUT_S: Final = 5.0
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, *, extra_args: Sequence[str] = ()
+    ) -> None:
         self.directory = directory
         self.port = port or free_port()
+        # More redis-server options (`--replicaof`, ...), kept across restarts.
+        self.extra_args = list(extra_args)
+        # A config file to start from (a Sentinel's, which it rewrites as it learns).
+        self.config_file: Path | None = None
         self.log_path = directory / "redis.log"
         self._popen: subprocess.Popen[bytes] | None = None
 
@@ -46,9 +52,11 @@ class RedisServer:
             # A test that needs Redis must not pass by not running: `make test` installs it.
             pytest.fail("redis-server is not installed: `make test` installs it (scripts/deps.sh)")
         self.directory.mkdir(parents=True, exist_ok=True)
+        first = [str(self.config_file)] if self.config_file is not None else []
         argv = [
-            binary, "--port", str(self.port), "--bind", LOOPBACK,
+            binary, *first, "--port", str(self.port), "--bind", LOOPBACK,
             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
+            *self.extra_args,
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self._popen = subprocess.Popen(

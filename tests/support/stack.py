@@ -159,8 +159,9 @@ def start_ingester(
     public_key: Path,
     elements: list[dict[str, object]],
     env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> Proc:
-    port = free_port()
+    port = port or free_port()
     settings = {
         "INGESTER_HOST": "127.0.0.1",
         "INGESTER_PORT": str(port),
