@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,6 +43,7 @@ from ..errors import (
 from ..upload.budget import UploadBudget
 from ..upload.fields import parse_upload_fields
 from ..upload.ingest import ingest
+from ..upload.spool import FileCopy
 from .data import DataFiles, DataWriter
 from .errors import (
     ChecksumMismatch,
@@ -708,6 +710,8 @@ class TusService:
                 parts.append((part_id, part.length))
         else:
             parts = [(upload.id, upload.length)]
+        # The data files are the spool: a failover replays from them, no second copy.
+        copy = FileCopy([(self.data.path(part_id), length) for part_id, length in parts])
         form = UploadForm(
             self.data.reader(parts),
             upload.length,
@@ -729,6 +733,7 @@ class TusService:
                 content_length=form.content_length,
                 digest=None,
                 owner=upload.owner,
+                source_copy=copy,
             )
         finally:
             await form.aclose()
@@ -884,25 +889,32 @@ class _Receiver:
         tus = self.tus
         idle_s = tus.settings.client_idle_timeout_s
         room = self.upload.room(tus.max_size)
-        while True:
-            with trio.move_on_after(idle_s) as idle:
+        # One scope for the whole body, armed only while waiting for the client (a slow
+        # disk is not an idle client): a scope per chunk cost more than the rest of the loop.
+        with trio.CancelScope() as idle:
+            while True:
+                idle.deadline = trio.current_time() + idle_s
                 try:
                     chunk = await anext(body)
                 except StopAsyncIteration:
                     break
-            if idle.cancelled_caught:
-                raise RequestTimeout(f"no data from the client for {idle_s:g} s")
-            if self.received + len(chunk) > room:
-                # Only a body without Content-Length gets here (one over the room left is
-                # refused before a byte is read): the whole chunk goes, as it would have.
-                self.refused = True
-                raise ChunkOverrun(
-                    f"the chunk goes past the upload's end ({room} bytes were left); "
-                    "nothing of it was kept"
-                )
-            await self._take(chunk)
+                idle.deadline = math.inf
+                await self._take_checked(chunk, room)
+        if idle.cancelled_caught:
+            raise RequestTimeout(f"no data from the client for {idle_s:g} s")
         await self._flush()
         self.body_complete = True
+
+    async def _take_checked(self, chunk: bytes, room: int) -> None:
+        if self.received + len(chunk) > room:
+            # Only a body without Content-Length gets here (one over the room left is
+            # refused before a byte is read): the whole chunk goes, as it would have.
+            self.refused = True
+            raise ChunkOverrun(
+                f"the chunk goes past the upload's end ({room} bytes were left); "
+                "nothing of it was kept"
+            )
+        await self._take(chunk)
 
     async def _take(self, chunk: bytes) -> None:
         self.tus.take(len(chunk))
