@@ -44,7 +44,7 @@ from ..upload.budget import UploadBudget
 from ..upload.fields import parse_upload_fields
 from ..upload.ingest import ingest
 from ..upload.spool import FileCopy
-from .data import DataFiles, DataWriter
+from .data import DataFiles, DataReader, DataWriter
 from .errors import (
     ChecksumMismatch,
     ChunkOverrun,
@@ -61,6 +61,7 @@ from .errors import (
 )
 from .form import UploadForm
 from .locks import Lease, Locks
+from .pipelined import FollowingReader, LiveStream
 from .protocol import (
     Checksum,
     Concat,
@@ -93,6 +94,12 @@ COMPLETION_POLL_S: Final = 0.25
 ORPHAN_GRACE_S: Final = 300.0
 # Expired uploads removed per janitor round.
 JANITOR_BATCH: Final = 100
+# A pipelined store is started at most this often per upload on one replica: a client that
+# pauses past the window before every PATCH would otherwise have each start read the whole
+# data file again.
+MAX_STREAM_STARTS: Final = 2
+# Uploads whose starts are counted (the count is dropped when it grows past this).
+STREAM_STARTS_KEPT: Final = 10_000
 # How long HEAD waits for a PATCH in progress to let go: a live holder does within about a
 # lock renewal interval and a save.
 HEAD_WAIT_S: Final = 2.0
@@ -134,6 +141,9 @@ class TusService:
         # Bytes of data files counted in the process's spool budget (trued up by the janitor).
         self.held = 0
         self._nursery: trio.Nursery | None = None
+        # Pipelined stores in progress on this replica, and how many each upload started.
+        self._streams: dict[str, LiveStream] = {}
+        self._stream_starts: dict[str, int] = {}
 
     @property
     def max_size(self) -> int:
@@ -394,7 +404,8 @@ class TusService:
                 await self._reserve(upload, length)
             upload.declare_length(length)
             self._check_chunk(upload, offset, content_length)
-            await self._receive(upload, lease, body, content_length, checksum)
+            stream = self._stream_for(upload, principal)
+            await self._receive(upload, lease, body, content_length, checksum, stream)
             if upload.all_received and not upload.is_partial:
                 upload.begin_completion(offset_before=offset)
                 await self._save(upload, lease)
@@ -451,6 +462,7 @@ class TusService:
         body: AsyncIterator[bytes],
         content_length: int | None,
         checksum: Checksum | None,
+        stream: LiveStream | None = None,
     ) -> None:
         """Store the request body at the upload's offset, saving as it goes and at the end,
         whatever the end is: the body's end, a let-go request, the client gone (then this
@@ -458,6 +470,9 @@ class TusService:
         ended it after saving, with the new offset in its headers."""
         receiver = _Receiver(self, upload, lease, checksum)
         receiver.writer = await self.data.open_at(upload.id, upload.offset)
+        receiver.stream = stream
+        if stream is not None:
+            stream.patch_started()
         error: IngesterError | None = None
         gone = False
         async with self.locks.kept(lease):
@@ -473,6 +488,9 @@ class TusService:
             finally:
                 with trio.CancelScope(shield=True):
                     saved = await receiver.finish()
+                if stream is not None:
+                    # What the stream may have read must be what the offset now keeps.
+                    stream.patch_ended(upload.offset, kept=not lease.lost)
                 self.svc.metrics.tus_received.inc(receiver.received)
                 if gone:
                     self.svc.metrics.tus_events.labels("interrupted").inc()
@@ -666,7 +684,7 @@ class TusService:
             result: dict[str, Any] | None = None
             async with self.locks.kept(lease, *part_leases):
                 with lease.interrupt:
-                    result = await self._store_upload(upload, principal)
+                    result = await self._store(upload, principal)
                 if lease.lost or result is None:
                     raise UploadLocked("the upload's lock was lost while it was stored")
                 upload.completed(
@@ -694,13 +712,136 @@ class TusService:
                 await self.locks.release(held)
             completion.done.set()
 
-    async def _store_upload(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
-        """The data files as one multipart form through `ingest`: the `201` result."""
+    # --- pipelined store -------------------------------------------------------------------
+
+    def _stream_for(self, upload: TusUpload, principal: Principal) -> LiveStream | None:
+        """The pipelined store this PATCH feeds (its lock held): the one in progress if it
+        has read exactly what the upload holds, else a new one (which first reads what the
+        data file holds), or none (off, a length not known yet, a partial upload, started
+        too often)."""
+        stream = self._streams.get(upload.id)
+        if stream is not None:
+            if stream.usable and stream.readable == upload.offset:
+                return stream
+            # Bytes came in through another replica, or the stream ended.
+            self._forget_stream(upload.id, "the upload went on without it")
+        window = self.settings.tus_pipeline_window_s
+        nursery = self._nursery
+        if (
+            not window
+            or nursery is None
+            or not upload.length
+            or upload.is_partial
+            or self._stream_starts.get(upload.id, 0) >= MAX_STREAM_STARTS
+        ):
+            return None
+        if len(self._stream_starts) >= STREAM_STARTS_KEPT:
+            self._stream_starts.clear()
+        self._stream_starts[upload.id] = self._stream_starts.get(upload.id, 0) + 1
+        stream = LiveStream(
+            upload.id, str(self.data.path(upload.id)), upload.length, upload.offset, window
+        )
+        self._streams[upload.id] = stream
+        nursery.start_soon(self._run_stream, stream, upload, principal)
+        return stream
+
+    def _forget_stream(self, upload_id: str, reason: str) -> None:
+        stream = self._streams.pop(upload_id, None)
+        if stream is not None:
+            stream.abandon(reason)
+
+    async def _run_stream(
+        self, stream: LiveStream, upload: TusUpload, principal: Principal
+    ) -> None:
+        """The pipelined store, in the service nursery (it outlives each PATCH). Never raises
+        but `Cancelled` at shutdown; the outcome goes to `stream`."""
+        assert upload.length is not None
+        outcome = "failed"
+        try:
+            with stream.scope:
+                form = self._form(upload, FollowingReader(stream))
+                copy = FileCopy([(self.data.path(upload.id), upload.length)])
+                try:
+                    # An id of its own: a fallback store runs under the upload's id while
+                    # this one's saga may still be removing its copy.
+                    result = await self._ingest(upload, principal, str(uuid.uuid4()), form, copy)
+                finally:
+                    await form.aclose()
+                stream.result = result
+                outcome = "stored"
+        except IngesterError as exc:
+            log.info(
+                "pipelined store failed: %s: %s; the upload will be stored from its data file",
+                exc.code,
+                exc.message,
+                extra={"event": "tus_stream_failed", "upload_id": upload.id},
+            )
+        except Exception as exc:
+            log.exception("pipelined store of %s failed", upload.id, exc_info=exc)
+        finally:
+            if stream.result is None and stream.abandoned is not None:
+                outcome = "abandoned"
+            self.svc.metrics.tus_streams.labels(outcome).inc()
+            if self._streams.get(upload.id) is stream:
+                del self._streams[upload.id]
+            stream.done.set()
+
+    async def _store(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
+        """The complete upload stored: by its pipelined store when one has read every byte
+        (it only finishes the form now), else from the data files."""
+        stream = self._streams.pop(upload.id, None)
+        self._stream_starts.pop(upload.id, None)
+        if stream is not None and stream.usable and stream.readable == upload.length:
+            stream.hand_over()
+            try:
+                result = await stream.outcome()
+            finally:
+                if not stream.done.is_set():
+                    stream.abandon("the completion was interrupted")
+            if result is not None:
+                return result
+            log.info(
+                "storing %s from its data file after its pipelined store did not",
+                upload.id,
+                extra={"event": "tus_stream_fallback", "upload_id": upload.id},
+            )
+        elif stream is not None:
+            stream.abandon("it had not read every byte when the upload completed")
+        return await self._store_upload(upload, principal)
+
+    def _form(self, upload: TusUpload, data: DataReader | FollowingReader) -> UploadForm:
         assert upload.length is not None
         description = describe_file(upload.metadata)
         options = parse_upload_fields(
             description.fields, max_description_length=self.settings.max_description_length
         )
+        return UploadForm(data, upload.length, options, description.filename, description.filetype)
+
+    async def _ingest(
+        self,
+        upload: TusUpload,
+        principal: Principal,
+        attempt_id: str,
+        form: UploadForm,
+        copy: FileCopy,
+    ) -> dict[str, Any]:
+        result = await ingest(
+            self.svc,
+            principal=principal,
+            upload_id=attempt_id,
+            boundary=form.boundary.encode(),
+            body=form,
+            content_type=form.content_type,
+            content_length=form.content_length,
+            digest=None,
+            owner=upload.owner,
+            source_copy=copy,
+        )
+        return {**result, "upload_id": upload.id}
+
+    async def _store_upload(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
+        """The data files as one multipart form through `ingest`: the `201` result."""
+        assert upload.length is not None
         if upload.is_final:
             parts = []
             for part_id in upload.parts:
@@ -712,32 +853,14 @@ class TusService:
             parts = [(upload.id, upload.length)]
         # The data files are the spool: a failover replays from them, no second copy.
         copy = FileCopy([(self.data.path(part_id), length) for part_id, length in parts])
-        form = UploadForm(
-            self.data.reader(parts),
-            upload.length,
-            options,
-            description.filename,
-            description.filetype,
-        )
+        form = self._form(upload, self.data.reader(parts))
         # The first attempt runs under the upload's own id (progress, logs, saga); a later one
         # under a fresh id, since a failed attempt's saga may still be removing its copies.
         attempt_id = upload.id if upload.attempts == 0 else str(uuid.uuid4())
         try:
-            result = await ingest(
-                self.svc,
-                principal=principal,
-                upload_id=attempt_id,
-                boundary=form.boundary.encode(),
-                body=form,
-                content_type=form.content_type,
-                content_length=form.content_length,
-                digest=None,
-                owner=upload.owner,
-                source_copy=copy,
-            )
+            return await self._ingest(upload, principal, attempt_id, form, copy)
         finally:
             await form.aclose()
-        return {**result, "upload_id": upload.id}
 
     async def _completion_failed(
         self, upload: TusUpload, lease: Lease, error: IngesterError, created: bool
@@ -779,6 +902,7 @@ class TusService:
     async def terminate(self, raw_id: str, principal: Principal) -> None:
         upload = await self.load(raw_id, principal)
         lease = await self.locks.acquire(upload.id, ask=True)
+        self._forget_stream(upload.id, "the upload was terminated")
         try:
             if await self.store.get(upload.id) is None:
                 raise UploadNotFound(f"no upload {upload.id} is known here")
@@ -884,6 +1008,8 @@ class _Receiver:
         self.length_declared = upload.length is not None
         # The body went past the upload's end: nothing of this request is kept.
         self.refused = False
+        # The pipelined store, told of each batch written.
+        self.stream: LiveStream | None = None
 
     async def pump(self, body: AsyncIterator[bytes]) -> None:
         tus = self.tus
@@ -936,6 +1062,8 @@ class _Receiver:
         try:
             await self.writer.write(chunks, self.hasher)
             self.unsaved += size
+            if self.stream is not None:
+                self.stream.advance(self.writer.start + self.writer.written)
         finally:
             self.budget.release(size)
 
