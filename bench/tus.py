@@ -361,6 +361,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="256 MiB and one round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-resume", action="store_true")
+    parser.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="INGESTER_TUS_PIPELINE_WINDOW_S=0: PATCHes only receive, the final one stores",
+    )
+    parser.add_argument("--curl-only", action="store_true", help="skip the tus clients")
     args = parser.parse_args()
     size = 256 * MIB if args.quick else GIB
     rounds = 1 if args.quick else args.rounds
@@ -370,8 +376,10 @@ def main() -> int:
         "python": sys.version.split()[0],
         "size_mib": size // MIB,
     }
-    with bench_stack() as bench:
-        results.update(run_tus(bench, size, rounds))
+    env = {"INGESTER_TUS_PIPELINE_WINDOW_S": "0"} if args.no_pipeline else {}
+    results["pipelined"] = not args.no_pipeline
+    with bench_stack(env) as bench:
+        results.update(run_tus(bench, size, rounds, clients_too=not args.curl_only))
         if not args.skip_resume:
             mid = make_file(bench.root / "mid.bin", 64 * MIB, compressible=False)
             print("3/3 resume after a cut", flush=True)
@@ -380,20 +388,21 @@ def main() -> int:
                 results["resume_reset"] = resume(bench, mid, "reset", http)
                 clear_data(bench.se)
                 results["resume_silent"] = resume(bench, mid, "silent", http)
-    path = save(results, "tus")
+    path = save(results, "tus" if not args.no_pipeline else "tus-no-pipeline")
     print(report(results))
     print(f"\nsaved to {path}")
     return 0
 
 
-def run_tus(bench: Bench, size: int, rounds: int) -> dict[str, Any]:
+def run_tus(bench: Bench, size: int, rounds: int, *, clients_too: bool = True) -> dict[str, Any]:
     """Sections 1 and 2 (also `make bench`'s tus section)."""
     big = make_file(bench.root / "tus-big.bin", size, compressible=False)
     print("tus 1/2 curl, PATCH path and final PATCH apart", flush=True)
     out: dict[str, Any] = {"size_mib": size // MIB}
     out["throughput"] = throughput(bench, big, size, rounds)
-    print("tus 2/2 tus-js-client and tuspy", flush=True)
-    out["clients"] = clients(bench, big, size, rounds)
+    if clients_too:
+        print("tus 2/2 tus-js-client and tuspy", flush=True)
+        out["clients"] = clients(bench, big, size, rounds)
     big.unlink()
     return out
 

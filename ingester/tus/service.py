@@ -4,11 +4,16 @@
                                     state again, act, save, let go
     PATCH                           body → data file (worker threads); every
                                     CHECKPOINT_BYTES and at the end: fsync, then the offset
+    PATCHes on this replica         a pipelined store (`pipelined.py`) follows the data file
+                                    to the element as the PATCHes write it, until the window
+                                    passes with no PATCH or the upload moves on elsewhere
     last byte in                    state `completing`, the lock handed to a completion task
-                                    in the service nursery: the data file as a multipart form
-                                    through `ingest` (the multipart pipeline: compression,
-                                    element choice, failover, saga); the request waits for it,
-                                    but a client that goes away does not cancel the store
+                                    in the service nursery: the pipelined store finishes, or
+                                    (the fallback) the data file as a multipart form through
+                                    `ingest` (the multipart pipeline: compression, element
+                                    choice, failover from the data file, saga); the request
+                                    waits for it, but a client that goes away does not cancel
+                                    the store
     janitor (service nursery)       expired uploads and orphaned data files removed; the
                                     spool budget trued up to what the data files hold
 
