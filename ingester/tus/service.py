@@ -476,12 +476,12 @@ class TusService:
         receiver = _Receiver(self, upload, lease, checksum)
         receiver.writer = await self.data.open_at(upload.id, upload.offset)
         receiver.stream = stream
-        if stream is not None:
-            stream.patch_started()
         error: IngesterError | None = None
         gone = False
         async with self.locks.kept(lease):
             try:
+                if stream is not None:
+                    stream.patch_started()
                 with lease.interrupt:
                     await receiver.pump(body)
             except IngesterError as exc:
@@ -491,11 +491,14 @@ class TusService:
                 gone = True
                 raise
             finally:
-                with trio.CancelScope(shield=True):
-                    saved = await receiver.finish()
-                if stream is not None:
-                    # What the stream may have read must be what the offset now keeps.
-                    stream.patch_ended(upload.offset, kept=not lease.lost)
+                try:
+                    with trio.CancelScope(shield=True):
+                        saved = await receiver.finish()
+                finally:
+                    if stream is not None:
+                        # What the stream may have read must be what the offset now keeps
+                        # (a save that failed keeps less: the stream is abandoned then).
+                        stream.patch_ended(upload.offset, kept=not lease.lost)
                 self.svc.metrics.tus_received.inc(receiver.received)
                 if gone:
                     self.svc.metrics.tus_events.labels("interrupted").inc()
