@@ -46,8 +46,9 @@ lint: venv
 	$(BIN)/ruff format --check ingester tests bench
 	$(BIN)/mypy
 
-bench: venv
-	$(BIN)/python -m bench.run_all
+# Section 6 (tus) runs tus-js-client under Node: the npm project, Node from the venv first.
+bench: venv $(NODE_STAMP)
+	$(WITH_VENV_PATH) $(BIN)/python -m bench.run_all
 
 # What an element's death costs an upload: failover time p50/p99, extra time (bench/failover.py).
 bench-failover: venv

@@ -12,6 +12,9 @@
 4. Compression (brotli 4, gzip 6) on text: ingester throughput vs the same compressor
    in this process, single-threaded, on the same bytes.
 5. 4 KiB uploads at concurrency 1 and 50, through the ingester and straight to the element.
+6. tus (bench/tus.py, sections 1 and 2): 1 GiB in 8 MiB PATCHes by curl, tus-js-client and
+   tuspy, each paired with a multipart upload: throughput ratio, final PATCH seconds, CPU-s
+   per GiB of each process (the PATCH path apart), the ingester's peak RSS.
 
 Results go to bench/results/latest.json and a Markdown table on stdout.
 """
@@ -45,6 +48,8 @@ from bench.harness import (
 )
 from bench.shapes import SHAPES, run_shapes
 from bench.shapes import report as shapes_report
+from bench.tus import report as tus_report
+from bench.tus import run_tus
 from tests.support.client import MultipartUpload, post_upload
 
 # Fields first: the plan is settled before the file.
@@ -187,7 +192,7 @@ def main() -> int:
         "python": sys.version.split()[0],
     }
     with bench_stack() as bench:
-        print("1/5 request shapes", flush=True)
+        print("1/6 request shapes", flush=True)
         results["shapes"] = run_shapes(bench, sizes, rounds, SHAPES)
         small = make_file(bench.root / "small.bin", 64 * MIB, compressible=False)
         big = make_file(
@@ -197,13 +202,13 @@ def main() -> int:
         text = make_file(
             bench.root / "text.log", (64 if args.quick else 256) * MIB, compressible=True
         )
-        print("2/5 memory", flush=True)
+        print("2/6 memory", flush=True)
         results["memory"] = memory_flat(bench, small, big)
-        print("3/5 concurrency", flush=True)
+        print("3/6 concurrency", flush=True)
         results["concurrent_64x16mib"] = concurrent(bench, mid, 64, 16 * MIB)
-        print("4/5 compression", flush=True)
+        print("4/6 compression", flush=True)
         results["compression"] = compression(bench, text)
-        print("5/5 small uploads", flush=True)
+        print("5/6 small uploads", flush=True)
         count = 500 if args.quick else 3000
         results["small_4kib_c50"] = trio.run(small_uploads, bench, count, 50, 4096)
         results["small_4kib_c50_direct"] = trio.run(
@@ -213,6 +218,8 @@ def main() -> int:
         results["small_4kib_c1_direct"] = trio.run(
             partial(small_uploads, bench, count // 10, 1, 4096, direct=True)
         )
+        print("6/6 tus (curl, tus-js-client, tuspy)", flush=True)
+        results["tus"] = run_tus(bench, (256 if args.quick else 1024) * MIB, rounds)
     path = save(results, "latest")
     print(report(results))
     print(f"\nsaved to {path}")
@@ -273,6 +280,8 @@ def report(r: dict[str, Any]) -> str:
     lines = ["| measure | result | target |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     lines += ["", shapes_report(shapes)]
+    if "tus" in r:
+        lines += ["", tus_report({**r["tus"], "size_mib": r["tus"].get("size_mib", 1024)})]
     return "\n".join(lines)
 
 

@@ -145,6 +145,16 @@ class Metrics:
         )
         for event in ("created", "interrupted", "terminated", "expired"):
             self.tus_events.labels(event)
+        self.tus_streams = Counter(
+            "ingester_tus_streams",
+            "Pipelined stores of resumable uploads by outcome: stored, abandoned (no PATCH "
+            "within the window, the upload went on through another replica, bytes not kept), "
+            "failed (the pipeline's error; the upload is then stored from its data file).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("stored", "abandoned", "failed"):
+            self.tus_streams.labels(outcome)
         self.tus_received = Counter(
             "ingester_tus_received_bytes",
             "Bytes received in resumable uploads' PATCH and creation bodies.",

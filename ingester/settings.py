@@ -254,6 +254,10 @@ class Settings(BaseSettings):
     tus_lock_wait_s: float = Field(default=10.0, gt=0)
     # How long a retried final PATCH waits for the store in progress before answering 503.
     tus_completion_wait_s: float = Field(default=600.0, gt=0)
+    # Pipelined store: while PATCHes keep coming to a replica, it streams the bytes to the
+    # element as they arrive; a stream that sees no PATCH for this long is abandoned (the
+    # upload is then stored from its data file at completion). 0 turns it off.
+    tus_pipeline_window_s: float = Field(default=2.0, ge=0)
     # Per user (the token's `sub`): unfinished uploads at once, and the sum of their declared
     # lengths (a deferred length counts as Tus-Max-Size until declared); past either, 429.
     # 0 turns a cap off.

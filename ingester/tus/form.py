@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 from ..upload.fields import UploadOptions
 from .data import DataReader
+from .pipelined import FollowingReader
 
 
 def _quote(value: str) -> str:
@@ -66,7 +67,7 @@ class UploadForm:
 
     def __init__(
         self,
-        data: DataReader,
+        data: DataReader | FollowingReader,
         size: int,
         options: UploadOptions,
         filename: str | None,

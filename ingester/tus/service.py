@@ -4,11 +4,16 @@
                                     state again, act, save, let go
     PATCH                           body → data file (worker threads); every
                                     CHECKPOINT_BYTES and at the end: fsync, then the offset
+    PATCHes on this replica         a pipelined store (`pipelined.py`) follows the data file
+                                    to the element as the PATCHes write it, until the window
+                                    passes with no PATCH or the upload moves on elsewhere
     last byte in                    state `completing`, the lock handed to a completion task
-                                    in the service nursery: the data file as a multipart form
-                                    through `ingest` (the multipart pipeline: compression,
-                                    element choice, failover, saga); the request waits for it,
-                                    but a client that goes away does not cancel the store
+                                    in the service nursery: the pipelined store finishes, or
+                                    (the fallback) the data file as a multipart form through
+                                    `ingest` (the multipart pipeline: compression, element
+                                    choice, failover from the data file, saga); the request
+                                    waits for it, but a client that goes away does not cancel
+                                    the store
     janitor (service nursery)       expired uploads and orphaned data files removed; the
                                     spool budget trued up to what the data files hold
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,7 +48,8 @@ from ..errors import (
 from ..upload.budget import UploadBudget
 from ..upload.fields import parse_upload_fields
 from ..upload.ingest import ingest
-from .data import DataFiles, DataWriter
+from ..upload.spool import FileCopy
+from .data import DataFiles, DataReader, DataWriter
 from .errors import (
     ChecksumMismatch,
     ChunkOverrun,
@@ -59,6 +66,7 @@ from .errors import (
 )
 from .form import UploadForm
 from .locks import Lease, Locks
+from .pipelined import FollowingReader, LiveStream
 from .protocol import (
     Checksum,
     Concat,
@@ -91,6 +99,12 @@ COMPLETION_POLL_S: Final = 0.25
 ORPHAN_GRACE_S: Final = 300.0
 # Expired uploads removed per janitor round.
 JANITOR_BATCH: Final = 100
+# A pipelined store is started at most this often per upload on one replica: a client that
+# pauses past the window before every PATCH would otherwise have each start read the whole
+# data file again.
+MAX_STREAM_STARTS: Final = 2
+# Uploads whose starts are counted (the count is dropped when it grows past this).
+STREAM_STARTS_KEPT: Final = 10_000
 # How long HEAD waits for a PATCH in progress to let go: a live holder does within about a
 # lock renewal interval and a save.
 HEAD_WAIT_S: Final = 2.0
@@ -132,6 +146,9 @@ class TusService:
         # Bytes of data files counted in the process's spool budget (trued up by the janitor).
         self.held = 0
         self._nursery: trio.Nursery | None = None
+        # Pipelined stores in progress on this replica, and how many each upload started.
+        self._streams: dict[str, LiveStream] = {}
+        self._stream_starts: dict[str, int] = {}
 
     @property
     def max_size(self) -> int:
@@ -392,7 +409,8 @@ class TusService:
                 await self._reserve(upload, length)
             upload.declare_length(length)
             self._check_chunk(upload, offset, content_length)
-            await self._receive(upload, lease, body, content_length, checksum)
+            stream = self._stream_for(upload, principal)
+            await self._receive(upload, lease, body, content_length, checksum, stream)
             if upload.all_received and not upload.is_partial:
                 upload.begin_completion(offset_before=offset)
                 await self._save(upload, lease)
@@ -449,6 +467,7 @@ class TusService:
         body: AsyncIterator[bytes],
         content_length: int | None,
         checksum: Checksum | None,
+        stream: LiveStream | None = None,
     ) -> None:
         """Store the request body at the upload's offset, saving as it goes and at the end,
         whatever the end is: the body's end, a let-go request, the client gone (then this
@@ -456,10 +475,13 @@ class TusService:
         ended it after saving, with the new offset in its headers."""
         receiver = _Receiver(self, upload, lease, checksum)
         receiver.writer = await self.data.open_at(upload.id, upload.offset)
+        receiver.stream = stream
         error: IngesterError | None = None
         gone = False
         async with self.locks.kept(lease):
             try:
+                if stream is not None:
+                    stream.patch_started()
                 with lease.interrupt:
                     await receiver.pump(body)
             except IngesterError as exc:
@@ -469,8 +491,14 @@ class TusService:
                 gone = True
                 raise
             finally:
-                with trio.CancelScope(shield=True):
-                    saved = await receiver.finish()
+                try:
+                    with trio.CancelScope(shield=True):
+                        saved = await receiver.finish()
+                finally:
+                    if stream is not None:
+                        # What the stream may have read must be what the offset now keeps
+                        # (a save that failed keeps less: the stream is abandoned then).
+                        stream.patch_ended(upload.offset, kept=not lease.lost)
                 self.svc.metrics.tus_received.inc(receiver.received)
                 if gone:
                     self.svc.metrics.tus_events.labels("interrupted").inc()
@@ -664,7 +692,7 @@ class TusService:
             result: dict[str, Any] | None = None
             async with self.locks.kept(lease, *part_leases):
                 with lease.interrupt:
-                    result = await self._store_upload(upload, principal)
+                    result = await self._store(upload, principal)
                 if lease.lost or result is None:
                     raise UploadLocked("the upload's lock was lost while it was stored")
                 upload.completed(
@@ -692,13 +720,136 @@ class TusService:
                 await self.locks.release(held)
             completion.done.set()
 
-    async def _store_upload(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
-        """The data files as one multipart form through `ingest`: the `201` result."""
+    # --- pipelined store -------------------------------------------------------------------
+
+    def _stream_for(self, upload: TusUpload, principal: Principal) -> LiveStream | None:
+        """The pipelined store this PATCH feeds (its lock held): the one in progress if it
+        has read exactly what the upload holds, else a new one (which first reads what the
+        data file holds), or none (off, a length not known yet, a partial upload, started
+        too often)."""
+        stream = self._streams.get(upload.id)
+        if stream is not None:
+            if stream.usable and stream.readable == upload.offset:
+                return stream
+            # Bytes came in through another replica, or the stream ended.
+            self._forget_stream(upload.id, "the upload went on without it")
+        window = self.settings.tus_pipeline_window_s
+        nursery = self._nursery
+        if (
+            not window
+            or nursery is None
+            or not upload.length
+            or upload.is_partial
+            or self._stream_starts.get(upload.id, 0) >= MAX_STREAM_STARTS
+        ):
+            return None
+        if len(self._stream_starts) >= STREAM_STARTS_KEPT:
+            self._stream_starts.clear()
+        self._stream_starts[upload.id] = self._stream_starts.get(upload.id, 0) + 1
+        stream = LiveStream(
+            upload.id, str(self.data.path(upload.id)), upload.length, upload.offset, window
+        )
+        self._streams[upload.id] = stream
+        nursery.start_soon(self._run_stream, stream, upload, principal)
+        return stream
+
+    def _forget_stream(self, upload_id: str, reason: str) -> None:
+        stream = self._streams.pop(upload_id, None)
+        if stream is not None:
+            stream.abandon(reason)
+
+    async def _run_stream(
+        self, stream: LiveStream, upload: TusUpload, principal: Principal
+    ) -> None:
+        """The pipelined store, in the service nursery (it outlives each PATCH). Never raises
+        but `Cancelled` at shutdown; the outcome goes to `stream`."""
+        assert upload.length is not None
+        outcome = "failed"
+        try:
+            with stream.scope:
+                form = self._form(upload, FollowingReader(stream))
+                copy = FileCopy([(self.data.path(upload.id), upload.length)])
+                try:
+                    # An id of its own: a fallback store runs under the upload's id while
+                    # this one's saga may still be removing its copy.
+                    result = await self._ingest(upload, principal, str(uuid.uuid4()), form, copy)
+                finally:
+                    await form.aclose()
+                stream.result = result
+                outcome = "stored"
+        except IngesterError as exc:
+            log.info(
+                "pipelined store failed: %s: %s; the upload will be stored from its data file",
+                exc.code,
+                exc.message,
+                extra={"event": "tus_stream_failed", "upload_id": upload.id},
+            )
+        except Exception as exc:
+            log.exception("pipelined store of %s failed", upload.id, exc_info=exc)
+        finally:
+            if stream.result is None and stream.abandoned is not None:
+                outcome = "abandoned"
+            self.svc.metrics.tus_streams.labels(outcome).inc()
+            if self._streams.get(upload.id) is stream:
+                del self._streams[upload.id]
+            stream.done.set()
+
+    async def _store(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
+        """The complete upload stored: by its pipelined store when one has read every byte
+        (it only finishes the form now), else from the data files."""
+        stream = self._streams.pop(upload.id, None)
+        self._stream_starts.pop(upload.id, None)
+        if stream is not None and stream.usable and stream.readable == upload.length:
+            stream.hand_over()
+            try:
+                result = await stream.outcome()
+            finally:
+                if not stream.done.is_set():
+                    stream.abandon("the completion was interrupted")
+            if result is not None:
+                return result
+            log.info(
+                "storing %s from its data file after its pipelined store did not",
+                upload.id,
+                extra={"event": "tus_stream_fallback", "upload_id": upload.id},
+            )
+        elif stream is not None:
+            stream.abandon("it had not read every byte when the upload completed")
+        return await self._store_upload(upload, principal)
+
+    def _form(self, upload: TusUpload, data: DataReader | FollowingReader) -> UploadForm:
         assert upload.length is not None
         description = describe_file(upload.metadata)
         options = parse_upload_fields(
             description.fields, max_description_length=self.settings.max_description_length
         )
+        return UploadForm(data, upload.length, options, description.filename, description.filetype)
+
+    async def _ingest(
+        self,
+        upload: TusUpload,
+        principal: Principal,
+        attempt_id: str,
+        form: UploadForm,
+        copy: FileCopy,
+    ) -> dict[str, Any]:
+        result = await ingest(
+            self.svc,
+            principal=principal,
+            upload_id=attempt_id,
+            boundary=form.boundary.encode(),
+            body=form,
+            content_type=form.content_type,
+            content_length=form.content_length,
+            digest=None,
+            owner=upload.owner,
+            source_copy=copy,
+        )
+        return {**result, "upload_id": upload.id}
+
+    async def _store_upload(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
+        """The data files as one multipart form through `ingest`: the `201` result."""
+        assert upload.length is not None
         if upload.is_final:
             parts = []
             for part_id in upload.parts:
@@ -708,31 +859,16 @@ class TusService:
                 parts.append((part_id, part.length))
         else:
             parts = [(upload.id, upload.length)]
-        form = UploadForm(
-            self.data.reader(parts),
-            upload.length,
-            options,
-            description.filename,
-            description.filetype,
-        )
+        # The data files are the spool: a failover replays from them, no second copy.
+        copy = FileCopy([(self.data.path(part_id), length) for part_id, length in parts])
+        form = self._form(upload, self.data.reader(parts))
         # The first attempt runs under the upload's own id (progress, logs, saga); a later one
         # under a fresh id, since a failed attempt's saga may still be removing its copies.
         attempt_id = upload.id if upload.attempts == 0 else str(uuid.uuid4())
         try:
-            result = await ingest(
-                self.svc,
-                principal=principal,
-                upload_id=attempt_id,
-                boundary=form.boundary.encode(),
-                body=form,
-                content_type=form.content_type,
-                content_length=form.content_length,
-                digest=None,
-                owner=upload.owner,
-            )
+            return await self._ingest(upload, principal, attempt_id, form, copy)
         finally:
             await form.aclose()
-        return {**result, "upload_id": upload.id}
 
     async def _completion_failed(
         self, upload: TusUpload, lease: Lease, error: IngesterError, created: bool
@@ -774,6 +910,7 @@ class TusService:
     async def terminate(self, raw_id: str, principal: Principal) -> None:
         upload = await self.load(raw_id, principal)
         lease = await self.locks.acquire(upload.id, ask=True)
+        self._forget_stream(upload.id, "the upload was terminated")
         try:
             if await self.store.get(upload.id) is None:
                 raise UploadNotFound(f"no upload {upload.id} is known here")
@@ -879,30 +1016,39 @@ class _Receiver:
         self.length_declared = upload.length is not None
         # The body went past the upload's end: nothing of this request is kept.
         self.refused = False
+        # The pipelined store, told of each batch written.
+        self.stream: LiveStream | None = None
 
     async def pump(self, body: AsyncIterator[bytes]) -> None:
         tus = self.tus
         idle_s = tus.settings.client_idle_timeout_s
         room = self.upload.room(tus.max_size)
-        while True:
-            with trio.move_on_after(idle_s) as idle:
+        # One scope for the whole body, armed only while waiting for the client (a slow
+        # disk is not an idle client): a scope per chunk cost more than the rest of the loop.
+        with trio.CancelScope() as idle:
+            while True:
+                idle.deadline = trio.current_time() + idle_s
                 try:
                     chunk = await anext(body)
                 except StopAsyncIteration:
                     break
-            if idle.cancelled_caught:
-                raise RequestTimeout(f"no data from the client for {idle_s:g} s")
-            if self.received + len(chunk) > room:
-                # Only a body without Content-Length gets here (one over the room left is
-                # refused before a byte is read): the whole chunk goes, as it would have.
-                self.refused = True
-                raise ChunkOverrun(
-                    f"the chunk goes past the upload's end ({room} bytes were left); "
-                    "nothing of it was kept"
-                )
-            await self._take(chunk)
+                idle.deadline = math.inf
+                await self._take_checked(chunk, room)
+        if idle.cancelled_caught:
+            raise RequestTimeout(f"no data from the client for {idle_s:g} s")
         await self._flush()
         self.body_complete = True
+
+    async def _take_checked(self, chunk: bytes, room: int) -> None:
+        if self.received + len(chunk) > room:
+            # Only a body without Content-Length gets here (one over the room left is
+            # refused before a byte is read): the whole chunk goes, as it would have.
+            self.refused = True
+            raise ChunkOverrun(
+                f"the chunk goes past the upload's end ({room} bytes were left); "
+                "nothing of it was kept"
+            )
+        await self._take(chunk)
 
     async def _take(self, chunk: bytes) -> None:
         self.tus.take(len(chunk))
@@ -924,6 +1070,8 @@ class _Receiver:
         try:
             await self.writer.write(chunks, self.hasher)
             self.unsaved += size
+            if self.stream is not None:
+                self.stream.advance(self.writer.start + self.writer.written)
         finally:
             self.budget.release(size)
 

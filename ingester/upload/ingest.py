@@ -22,6 +22,7 @@ from .filenames import sanitize_filename
 from .idempotency import fingerprint
 from .pipeline import FormReader, UploadRequest
 from .progress import UploadState
+from .spool import Spool
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -100,11 +101,13 @@ async def ingest(
     content_length: int | None,
     digest: ExpectedDigest | None,
     owner: str | None = None,
+    source_copy: Spool | None = None,
 ) -> dict[str, Any]:
     """Store the file of a multipart `body`; the contract's `201` body. Raises
     `IngesterError`s (and `Cancelled` when the caller goes away). `owner` is who the file is
     recorded as uploaded by (`ingester.ownership`), when not the caller (a resumable upload
-    completed by an admin stays its creator's)."""
+    completed by an admin stays its creator's). `source_copy`: the file's bytes already on
+    disk, which then serve as the upload's spool."""
     settings = svc.settings
     with svc.admission.admit(principal.subject):
         progress = svc.progress.start(upload_id, principal.subject, content_length)
@@ -119,6 +122,7 @@ async def ingest(
             content_length=content_length,
             body=body,
             expected_digest=digest,
+            source_copy=source_copy,
         )
         try:
             try:

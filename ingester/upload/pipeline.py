@@ -130,6 +130,8 @@ class UploadRequest:
     content_length: int | None
     body: AsyncIterator[bytes]
     expected_digest: ExpectedDigest | None
+    # The file's bytes already on disk (a resumable upload's data files): the spool then.
+    source_copy: Spool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +388,11 @@ class UploadPipeline:
     ) -> StoredFile:
         """Store the file: one pass, or two when a late field changed the plan."""
         settings = self.settings
-        if settings.failover_spool or not plan_is_settled(upload.fields):
+        if upload.request.source_copy is not None:
+            # The bytes are on disk already: a failover replays them from there, and no
+            # second copy is written.
+            upload.spool = upload.request.source_copy
+        elif settings.failover_spool or not plan_is_settled(upload.fields):
             # One copy of the original bytes serves both a failover (a failed element's
             # share is sent again to the next) and a later field that changes the plan.
             upload.spool = Spool(

@@ -240,3 +240,69 @@ def _close_and_unlink(fd: int | None, path: Path) -> None:
         pass
     except OSError as exc:
         log.warning("could not remove spool %s: %s", path, exc)
+
+
+class FileCopy(Spool):
+    """Original bytes that are already in files which outlive the upload: a resumable
+    upload's data files, fsynced before the upload is stored. They serve as its spool (a
+    failover replays from them) so the store writes no second copy: nothing is written,
+    nothing counted against the spool budget, and `discard` only closes the files.
+
+    `parts` are (path, length) in order: a concatenated upload spans several files.
+    """
+
+    def __init__(self, parts: Sequence[tuple[Path, int]]) -> None:
+        first = parts[0][0] if parts else Path(".")
+        super().__init__(first.parent, first.name, disk=SpoolBudget(0), memory=None, memory_limit=0)
+        self._parts = [(path, length) for path, length in parts]
+        self._part_starts: list[int] = []
+        total = 0
+        for _, length in self._parts:
+            self._part_starts.append(total)
+            total += length
+        self._total = total
+        self._fds: dict[int, int] = {}
+
+    @property
+    def on_disk(self) -> bool:
+        return True
+
+    def reserve(self, size: int) -> bool:
+        if self.size + size > self._total:
+            raise RuntimeError(f"the files hold {self._total} bytes, not {self.size + size}")
+        return False
+
+    def write_sync(self, pieces: Sequence[Buffer]) -> None:  # pragma: no cover - never asked
+        raise RuntimeError("a file copy is never written")
+
+    def commit(self, pieces: Sequence[Buffer]) -> None:
+        # The bytes the pipeline has taken so far: what a replay may read.
+        self.size += sum(len(p) for p in pieces)
+
+    async def _read(self, position: int, end: int) -> Buffer:
+        index = bisect.bisect_right(self._part_starts, position) - 1
+        part_start = self._part_starts[index]
+        path, length = self._parts[index]
+        size = min(READ_PIECE, end - position, part_start + length - position)
+        fd = self._fds.get(index)
+        if fd is None:
+            fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fds[index] = fd
+        piece: bytes = await trio.to_thread.run_sync(os.pread, fd, size, position - part_start)
+        if not piece:
+            raise RuntimeError(f"{path} is shorter than the {length} bytes it should hold")
+        return piece
+
+    async def discard(self) -> None:
+        if self._discarded:
+            return
+        self._discarded = True
+        fds, self._fds = list(self._fds.values()), {}
+        if fds:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_close_all, fds)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)

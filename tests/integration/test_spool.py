@@ -12,7 +12,7 @@ import trio
 
 from ingester.errors import ServiceBusy
 from ingester.upload.budget import MemoryBudget
-from ingester.upload.spool import READ_PIECE, Spool, SpoolBudget
+from ingester.upload.spool import READ_PIECE, FileCopy, Spool, SpoolBudget
 
 KIB = 1024
 
@@ -143,3 +143,31 @@ async def test_reading_past_what_was_committed_is_a_bug(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError):
             spool.cursor(0, 4)
         await spool.discard()
+
+
+async def test_a_file_copy_replays_existing_files_and_leaves_them(tmp_path: Path) -> None:
+    """A resumable upload's data files as its spool: nothing written or counted, reads of
+    what was committed across file boundaries and in READ_PIECE pieces, files kept."""
+    with trio.fail_after(10):
+        first, second = tmp_path / "a", tmp_path / "b"
+        one = os.urandom(READ_PIECE + 100)
+        two = os.urandom(300)
+        first.write_bytes(one + b"beyond the length")
+        second.write_bytes(two)
+        copy = FileCopy([(first, len(one)), (second, len(two))])
+        assert not await append(copy, one[:1000])
+        # Only what the pipeline has taken may be replayed.
+        with pytest.raises(RuntimeError):
+            copy.cursor(0, 1001)
+        assert not await append(copy, one[1000:], two[:10])
+        assert copy.size == len(one) + 10
+        assert copy.bytes_written == 0
+        assert await read_all(copy) == one + two[:10]
+        assert await append(copy, two[10:]) is False
+        assert await read_all(copy, len(one) - 5) == one[-5:] + two
+        # More than the files hold is a bug, not a short read.
+        with pytest.raises(RuntimeError):
+            copy.reserve(1)
+        await copy.discard()
+        await copy.discard()
+        assert await trio.to_thread.run_sync(listing, tmp_path) == [first, second]

@@ -10,7 +10,9 @@ TinyDB file, `--url-store`), and can be killed whatever it is blocked in.
 Prints one JSON line: `url` (the upload URL), `resumed_at` (the offset the server gave this
 instance before it sent anything: 0 for a new upload), `offset` (the last offset the server
 acknowledged), `file_id`/`storage_element_id` (the final PATCH's `Upload-File-Id` and
-`Upload-Storage-Element-Id`), `error` (why it stopped, or null). Exit code 0 when the upload
+`Upload-Storage-Element-Id`), `error` (why it stopped, or null), and for bench/tus.py
+seconds: `total` (from the client's creation to the stored file) and `final_patch` (the
+request carrying the last byte, from its start to its answer). Exit code 0 when the upload
 completed, 3 when it stopped on an error.
 """
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from tusclient.client import TusClient
@@ -43,6 +46,7 @@ def main() -> int:
     )
     storage = FileStorage(args.url_store)  # type: ignore[no-untyped-call]
     report: dict[str, Any] = {"url": None, "resumed_at": None, "offset": None, "error": None}
+    started = last_started = time.perf_counter()
     try:
         # With a URL in the store for this file's fingerprint, the constructor HEADs it and
         # starts from the server's offset.
@@ -63,7 +67,17 @@ def main() -> int:
         report["url"] = uploader.url
         report["resumed_at"] = uploader.offset
         try:
-            uploader.upload()
+            # uploader.upload(), one chunk at a time so the last one can be timed.
+            uploader.stop_at = size = uploader.get_file_size()  # type: ignore[no-untyped-call]
+            if not uploader.url:
+                uploader.set_url(uploader.create_url())
+                uploader.offset = 0
+            while uploader.offset < size:
+                last_started = time.perf_counter()
+                uploader.upload_chunk()  # type: ignore[no-untyped-call]
+            now = time.perf_counter()
+            report["total"] = now - started
+            report["final_patch"] = now - last_started
         except TusCommunicationError as exc:  # TusUploadFailed is one
             report["error"] = f"{type(exc).__name__}: {exc} (status {exc.status_code})"
         report["url"] = uploader.url

@@ -14,7 +14,9 @@
 //
 // Prints one JSON line: url, resumedAt (the offset of the first PATCH), offset (the last
 // offset the server acknowledged), fileId and storageElementId (the final PATCH's
-// Upload-File-Id and Upload-Storage-Element-Id), error (or null). Exit code 0 when the upload
+// Upload-File-Id and Upload-Storage-Element-Id), error (or null), and for bench/tus.py
+// seconds: total (from the first request to the stored file) and finalPatch (the request
+// carrying the last byte, from its start to its answer). Exit code 0 when the upload
 // completed, 3 when it stopped on an error.
 import { createHash } from 'node:crypto'
 import { readFileSync } from 'node:fs'
@@ -40,7 +42,9 @@ if (!args.endpoint || !args.file || !token) {
 }
 const chunkSize = Number(args['chunk-size'])
 const data = readFileSync(args.file)
-const report = { url: null, resumedAt: null, offset: null, fileId: null, storageElementId: null, error: null }
+const report = { url: null, resumedAt: null, offset: null, fileId: null, storageElementId: null, error: null, total: null, finalPatch: null }
+const started = performance.now()
+let lastPatchAt = null
 
 const outcome = await new Promise((resolve) => {
   const upload = new Upload(data, {
@@ -61,6 +65,7 @@ const outcome = await new Promise((resolve) => {
       if (req.getMethod() !== 'PATCH') return
       const offset = Number(req.getHeader('Upload-Offset'))
       if (report.resumedAt === null) report.resumedAt = offset
+      if (offset + chunkSize >= data.length) lastPatchAt = performance.now()
       if (args.checksum === 'none') return
       const chunk = data.subarray(offset, Math.min(offset + chunkSize, data.length))
       const digest = createHash(args.checksum).update(chunk).digest('base64')
@@ -70,6 +75,9 @@ const outcome = await new Promise((resolve) => {
       report.offset = bytesAccepted
     },
     onSuccess({ lastResponse }) {
+      const now = performance.now()
+      report.total = (now - started) / 1000
+      if (lastPatchAt !== null) report.finalPatch = (now - lastPatchAt) / 1000
       report.fileId = lastResponse.getHeader('Upload-File-Id') ?? null
       report.storageElementId = lastResponse.getHeader('Upload-Storage-Element-Id') ?? null
       resolve(upload)

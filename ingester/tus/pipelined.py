@@ -1,0 +1,160 @@
+"""The pipelined store of a resumable upload: while PATCHes keep coming to this replica, the
+bytes go on to a Storage Element as they are written, through the same pipeline as a
+multipart upload (`ingest`: hashing, compression, failover, saga). The data file stays the
+source of truth: the stream reads it (it never sees a byte the file does not hold), and a
+failover replays from it.
+
+    PATCH (this replica)   its receiver `advance`s the stream after each batch written
+    PATCH ends             `patch_ended`: bytes the offset does not keep (a checksum that
+                           failed, a lost lock, a refused chunk) abandon the stream;
+                           otherwise the window starts
+    window passes          no PATCH came (a pause, or the client went to another replica):
+                           the stream is abandoned
+    last byte in           the completion `hand_over`s: only then does the form end, so the
+                           element commits nothing before the upload's state says `completing`
+
+An abandoned stream's element request is cancelled (the element discards it; the saga
+removes any copy), and the completion stores the upload from its data file as before: the
+fallback. Streams live only in this process: another replica knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Final
+
+import trio
+
+log = logging.getLogger(__name__)
+
+# Reads of the data file: one thread hop per MiB, as everywhere else.
+READ_CHUNK: Final = 1024 * 1024
+
+
+class LiveStream:
+    """One upload's pipelined store: what it may read, its window, its outcome."""
+
+    def __init__(self, upload_id: str, path: str, length: int, readable: int, window_s: float):
+        self.upload_id = upload_id
+        self.path = path
+        self.length = length
+        # Bytes of the data file the stream may read: written there by this replica.
+        self.readable = readable
+        self.window_s = window_s
+        # While a PATCH is being received the window does not run (the client's own idle
+        # timeout does); after it, the next PATCH must come within the window.
+        self.receiving = False
+        self.window_ends = trio.current_time() + window_s
+        self.abandoned: str | None = None
+        self.handed_over = False
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        self.result: dict[str, Any] | None = None
+        self._changed = trio.Event()
+
+    @property
+    def usable(self) -> bool:
+        return self.abandoned is None and not self.done.is_set()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def patch_started(self) -> None:
+        self.receiving = True
+        self._wake()
+
+    def advance(self, readable: int) -> None:
+        if readable > self.readable:
+            self.readable = readable
+            self._wake()
+
+    def patch_ended(self, offset: int, *, kept: bool) -> None:
+        """The PATCH is saved: `offset` is the upload's. Bytes the stream may have read but
+        the offset does not keep end it."""
+        self.receiving = False
+        if not kept or self.readable > offset:
+            self.abandon("the last PATCH's bytes were not all kept")
+            return
+        self.window_ends = trio.current_time() + self.window_s
+        self._wake()
+
+    def hand_over(self) -> None:
+        """The upload's state says `completing`: the form may end."""
+        self.handed_over = True
+        self._wake()
+
+    def abandon(self, reason: str) -> None:
+        if self.abandoned is not None or self.done.is_set():
+            return
+        self.abandoned = reason
+        self.scope.cancel()
+        log.info(
+            "pipelined store abandoned: %s",
+            reason,
+            extra={"event": "tus_stream_abandoned", "upload_id": self.upload_id},
+        )
+        self._wake()
+
+    async def wait_for_change(self) -> None:
+        """Until `readable` moves, a hand-over, or the window passes (then abandoned)."""
+        changed = self._changed
+        deadline = math.inf if self.receiving else self.window_ends
+        with trio.move_on_at(deadline):
+            await changed.wait()
+            return
+        self.abandon(f"no PATCH came within {self.window_s:g} s")
+
+    async def outcome(self) -> dict[str, Any] | None:
+        """The stored result, or None when the stream was abandoned or failed."""
+        await self.done.wait()
+        return self.result
+
+
+class FollowingReader:
+    """The data file as the stream may read it: up to `readable`, waiting for more, ending
+    at the upload's length once handed over. A class, not an async generator: the pipeline
+    may stop reading at any point, and `aclose` then closes the file."""
+
+    def __init__(self, stream: LiveStream) -> None:
+        self._stream = stream
+        self._fd: int | None = None
+        self.position = 0
+
+    def __aiter__(self) -> FollowingReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        stream = self._stream
+        while True:
+            if stream.abandoned is not None:
+                # The stream's scope is cancelled: this ends the store (the element discards
+                # its request, the saga removes any copy).
+                await trio.lowlevel.checkpoint()
+                raise AssertionError("an abandoned stream's store was not cancelled")
+            if self.position < stream.readable:
+                return await self._read(min(READ_CHUNK, stream.readable - self.position))
+            if self.position >= stream.length and stream.handed_over:
+                raise StopAsyncIteration
+            await stream.wait_for_change()
+
+    async def _read(self, size: int) -> bytes:
+        if self._fd is None:
+            self._fd = await trio.to_thread.run_sync(
+                os.open, self._stream.path, os.O_RDONLY | os.O_CLOEXEC
+            )
+        data: bytes = await trio.to_thread.run_sync(os.pread, self._fd, size, self.position)
+        if not data:
+            self._stream.abandon("the data file is shorter than the bytes written to it")
+            await trio.lowlevel.checkpoint()
+            raise AssertionError("an abandoned stream's store was not cancelled")
+        self.position += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(os.close, fd)

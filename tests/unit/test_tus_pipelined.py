@@ -1,0 +1,107 @@
+"""The pipelined store's rules on their own (`LiveStream`, no I/O, virtual time): what it may
+read, when its window runs, what abandons it. The store itself runs in
+tests/chaos/test_tus_pipelined.py against real elements. Tests that wait run under
+`fail_after`; those that never reach a checkpoint cannot hang."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from ingester.tus.pipelined import LiveStream
+
+MIB = 1024 * 1024
+
+
+def stream(*, readable: int = 0, length: int = 4 * MIB, window_s: float = 2.0) -> LiveStream:
+    return LiveStream("a" * 32, "/nonexistent", length, readable, window_s)
+
+
+async def test_it_may_read_what_patches_wrote_and_no_more(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    live = stream(readable=MIB)
+    live.patch_started()
+    live.advance(2 * MIB)
+    live.advance(MIB)  # never backwards
+    assert live.readable == 2 * MIB
+    live.patch_ended(2 * MIB, kept=True)
+    assert live.usable
+    assert live.abandoned is None
+
+
+@pytest.mark.parametrize(
+    ("offset", "kept"),
+    [(MIB, True), (2 * MIB, False)],
+    ids=["the offset keeps less than was read", "the lock was lost"],
+)
+async def test_bytes_read_but_not_kept_abandon_it(
+    autojump_clock: trio.testing.MockClock, offset: int, kept: bool
+) -> None:
+    live = stream()
+    live.patch_started()
+    live.advance(2 * MIB)
+    live.patch_ended(offset, kept=kept)
+    assert not live.usable
+    assert live.abandoned is not None
+    # Its store is cancelled with it.
+    assert live.scope.cancel_called
+
+
+async def test_the_window_runs_only_between_patches(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(100):
+        live = stream(window_s=2.0)
+        live.patch_started()
+        # A long PATCH: the stream waits as long as it takes (the client's idle timeout
+        # is the PATCH's business), and wakes when bytes come.
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(live.wait_for_change)
+            await trio.sleep(30)
+            live.advance(MIB)
+        assert live.abandoned is None
+        live.patch_ended(MIB, kept=True)
+        started = trio.current_time()
+        await live.wait_for_change()
+        assert trio.current_time() - started == pytest.approx(2.0)
+        # Abandoned, and says why (str(): mypy still sees the None asserted above).
+        assert "no PATCH came within 2 s" in str(live.abandoned)
+
+
+async def test_the_next_patch_within_the_window_keeps_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(100):
+        live = stream(window_s=2.0)
+        live.patch_started()
+        live.advance(MIB)
+        live.patch_ended(MIB, kept=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(live.wait_for_change)
+            await trio.sleep(1.5)
+            live.patch_started()
+        assert live.abandoned is None
+        live.advance(2 * MIB)
+        live.patch_ended(2 * MIB, kept=True)
+        live.hand_over()
+        assert live.handed_over
+        assert live.usable
+
+
+async def test_abandoning_twice_or_after_the_end_changes_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(10):
+        live = stream()
+        live.abandon("first")
+        live.abandon("second")
+        assert live.abandoned == "first"
+        done = stream()
+        done.result = {"file_id": "f"}
+        done.done.set()
+        done.abandon("too late")
+        assert done.abandoned is None
+        assert await done.outcome() == {"file_id": "f"}
+        assert not done.scope.cancel_called
