@@ -309,7 +309,12 @@ async def redis_failover(world: World, token: TokenFactory, *, kill_replica: boo
                 before = len(load.ledger.stored)
                 await load.uploads_done(before + 6, timeout_s=20)
                 load.stop.set()
-            cleaned_s = await check_invariants(world, load.ledger, load.sent, killed)
+            # With a replica killed as Redis fails over, the window the README names ("a
+            # replica killed between confirming an upload and answering it") is wide: a
+            # retried upload may be stored twice (seen on CI). Never lost, nothing unknown.
+            cleaned_s = await check_invariants(
+                world, load.ledger, load.sent, killed, duplicates_ok=kill_replica
+            )
         what = "Redis master and replica-1" if kill_replica else "Redis master"
         print(
             f"{what} SIGKILLed: promoted after {promoted_s:.2f}s, ingesters writing to the new "
