@@ -74,7 +74,9 @@ class ChildProcess:
                 await process.wait()
 
 
-async def _wait_healthy(url: str, child: ChildProcess) -> None:
+async def wait_answering(url: str, child: ChildProcess, probe: str = "/health/live") -> None:
+    """Until `url` + `probe` answers 200, within the start-up timeout; fails at once when
+    `child` has exited."""
     async with httpx.AsyncClient(trust_env=False) as http:
         with trio.fail_after(STARTUP_TIMEOUT_S):
             while True:
@@ -83,7 +85,7 @@ async def _wait_healthy(url: str, child: ChildProcess) -> None:
                         f"{child.name} exited with {child.process.returncode}; see {child.log_path}"
                     )
                 try:
-                    if (await http.get(url + "/health/live", timeout=1.0)).status_code == 200:
+                    if (await http.get(url + probe, timeout=1.0)).status_code == 200:
                         return
                 except httpx.HTTPError:
                     pass
@@ -131,7 +133,7 @@ async def start_elements(
         stack.push_async_callback(child.stop)
         children.append(child)
     for child, (_, _, se_port) in zip(children, elements, strict=True):
-        await _wait_healthy(f"http://{host}:{se_port}", child)
+        await wait_answering(f"http://{host}:{se_port}", child)
     return [
         StorageElementConfig(id=element_id, api_url=f"http://{host}:{se_port}", mode=mode)
         for element_id, mode, se_port in elements

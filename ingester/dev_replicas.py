@@ -34,6 +34,7 @@ from .dev import (
     ChildProcess,
     _print_banner,
     start_elements,
+    wait_answering,
 )
 from .haproxy_config import Server, render
 from .settings import Settings
@@ -69,24 +70,6 @@ def ports(port: int, replicas: int) -> dict[str, list[int]]:
         "stats": [port + 5 + SENTINELS],
         "replicas": [port + 6 + SENTINELS + i for i in range(replicas)],
     }
-
-
-async def _wait_ready(url: str, child: ChildProcess) -> None:
-    """Until `url`'s readiness answers 200 (a replica with a healthy element; haproxy with a
-    replica it checked up)."""
-    async with httpx.AsyncClient(trust_env=False) as http:
-        with trio.fail_after(STARTUP_TIMEOUT_S):
-            while True:
-                if child.process is not None and child.process.returncode is not None:
-                    raise RuntimeError(
-                        f"{child.name} exited with {child.process.returncode}; see {child.log_path}"
-                    )
-                try:
-                    if (await http.get(url + "/health/ready", timeout=1.0)).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                await trio.sleep(POLL_S)
 
 
 def server_states(csv: str) -> dict[str, tuple[str, str]]:
@@ -274,13 +257,13 @@ async def run_dev_replicas(
                 children.append(child)
                 servers.append(Server(f"replica-{index}", f"{host}:{replica_port}"))
             for child, server in zip(children, servers, strict=True):
-                await _wait_ready(f"http://{server.address}", child)
+                await wait_answering(f"http://{server.address}", child, "/health/ready")
             config = data_dir / "haproxy.cfg"
             stats = f"{host}:{plan['stats'][0]}"
             await trio.Path(config).write_text(render(f"{host}:{port}", servers, stats_bind=stats))
             proxy = await _start(stack, "haproxy", [haproxy, "-db", "-f", str(config)], data_dir)
             url = f"http://{host}:{port}"
-            await _wait_ready(url, proxy)
+            await wait_answering(url, proxy, "/health/ready")
             await _wait_all_checked_up(f"http://{stats}/stats;csv", [s.name for s in servers])
 
             pem = await trio.Path(private_key).read_bytes()
