@@ -8,7 +8,6 @@ write and the state update); the next `PATCH` cuts it back to the offset before 
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO, Final
 
 import trio
 
+from ..upload.spool import write_all
 from .errors import UploadDataLost
 from .protocol import parse_upload_id
 
@@ -147,7 +147,7 @@ class DataWriter:
             if hasher is not None:
                 for chunk in chunks:
                     hasher.update(chunk)
-            _pwrite_all(fd, chunks, position)
+            write_all(fd, chunks, position)
 
         await trio.to_thread.run_sync(write)
         # Counted once the thread returned: a write that did not finish is not stored.
@@ -172,22 +172,6 @@ class DataWriter:
         if fd is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(os.close, fd)
-
-
-def _pwrite_all(fd: int, chunks: Sequence[bytes], position: int) -> None:
-    """Write `chunks` at `position`, however short the kernel's writes are."""
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        # At most IOV_MAX buffers per call; a short write leaves the rest for the next.
-        written = os.pwritev(fd, views[:1024], position)
-        if written <= 0:
-            raise OSError(errno.EIO, "the file system accepted no bytes")
-        position += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if written:
-            views[0] = views[0][written:]
 
 
 class DataReader:

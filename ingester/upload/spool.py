@@ -20,6 +20,7 @@ The caller appends in three steps so that hashing and spooling share one thread 
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import os
 import secrets
@@ -44,6 +45,8 @@ READ_PIECE: Final = 1024 * 1024
 MEMORY_SHARE: Final = 4
 
 Buffer = bytes | memoryview
+# Buffers one writev call takes at most (Linux).
+IOV_MAX: Final = 1024
 
 
 class SpoolBudget:
@@ -140,16 +143,7 @@ class Spool:
 
     def _write_all(self, pieces: Sequence[Buffer]) -> None:
         assert self._fd is not None
-        views = [memoryview(p) for p in pieces if len(p)]
-        while views:
-            # At most IOV_MAX buffers per call; a short write leaves the rest for the next.
-            written = os.writev(self._fd, views[:1024])
-            self._written += written
-            while views and written >= len(views[0]):
-                written -= len(views[0])
-                views.pop(0)
-            if written:
-                views[0] = views[0][written:]
+        self._written += write_all(self._fd, pieces)
 
     def commit(self, pieces: Sequence[Buffer]) -> None:
         """The bytes are appended (on the loop, after `write_sync` when it was needed)."""
@@ -229,6 +223,30 @@ class SpoolCursor:
         piece = await self._spool._read(self.position, self.end)
         self.position += len(piece)
         return piece
+
+
+def write_all(fd: int, pieces: Sequence[Buffer], position: int | None = None) -> int:
+    """Write every byte of `pieces` to `fd`, at `position` or else at the file's offset, in
+    as few system calls as the kernel allows (blocking: a worker thread's job). Returns the
+    bytes written."""
+    views = [memoryview(p) for p in pieces if len(p)]
+    total = 0
+    while views:
+        # At most IOV_MAX buffers per call; a short write leaves the rest for the next.
+        batch = views[:IOV_MAX]
+        if position is None:
+            written = os.writev(fd, batch)
+        else:
+            written = os.pwritev(fd, batch, position + total)
+        if written <= 0:
+            raise OSError(errno.EIO, "the file system accepted no bytes")
+        total += written
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
+    return total
 
 
 def _close_and_unlink(fd: int | None, path: Path) -> None:
