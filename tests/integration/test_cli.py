@@ -16,7 +16,7 @@ import trio
 from ingester.settings import Settings
 from tests.support.client import MultipartUpload, post_upload
 from tests.support.fixtures import KeyPair
-from tests.support.processes import child_env, free_port_run
+from tests.support.processes import child_env, dev_stack, free_port_run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,27 +134,9 @@ async def test_dev_stack_from_banner_to_stored_file_and_clean_stop(tmp_path: Pat
     """What a newcomer does after `make run`: paste the token, upload, see the file, Ctrl-C."""
     port = free_port_run(3)
     data_dir = tmp_path / "dev"
-    log = tmp_path / "dev.log"
     with trio.fail_after(60):
-        out = await trio.to_thread.run_sync(lambda: open(log, "wb"))  # noqa: SIM115
-        try:
-            argv = ["-m", "ingester", "dev", "--port", str(port), "--data-dir", str(data_dir)]
-            process = await trio.lowlevel.open_process(
-                [sys.executable, *argv],
-                env=child_env(),
-                cwd=tmp_path,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            out.close()
-        try:
-            while "export TOKEN=" not in log.read_text():
-                assert process.returncode is None, log.read_text()
-                await trio.sleep(0.1)
-            banner = log.read_text()
-            token = re.search(r"export TOKEN=(\S+)", banner).group(1)  # type: ignore[union-attr]
+        async with dev_stack(tmp_path, "--port", str(port), "--data-dir", str(data_dir)) as dev:
+            process, log, banner, token = dev.process, dev.log, dev.banner, dev.token
             url = f"http://127.0.0.1:{port}"
             assert f"{url}/api/v1/files/upload" in banner
             # The API is on show: the docs page, listed in the service info.
@@ -209,7 +191,3 @@ async def test_dev_stack_from_banner_to_stored_file_and_clean_stop(tmp_path: Pat
             )
             # pgrep exits 1 when nothing matches (2 would be a usage error, not a pass).
             assert leftovers.returncode == 1, leftovers.stdout
-        finally:
-            if process.returncode is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()

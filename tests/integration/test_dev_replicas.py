@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -20,7 +17,7 @@ from ingester.dev_replicas import ports, servers_up
 from tests.integration.test_tus import Tus
 from tests.support.client import MultipartUpload, post_upload, random_chunks
 from tests.support.haproxy import haproxy_binary
-from tests.support.processes import child_env, free_port_run
+from tests.support.processes import dev_stack, free_port_run
 
 REPLICAS = 2
 
@@ -47,30 +44,11 @@ async def test_replica_mode_serves_through_haproxy_and_stops_cleanly(tmp_path: P
     plan = ports(0, REPLICAS)
     port = free_port_run(max(p for group in plan.values() for p in group) + 1)
     data_dir = tmp_path / "dev"
-    log = tmp_path / "dev.log"
     with trio.fail_after(90):
-        out = await trio.to_thread.run_sync(lambda: open(log, "wb"))  # noqa: SIM115
-        try:
-            argv = [
-                "-m", "ingester", "dev", "--port", str(port), "--data-dir", str(data_dir),
-                "--replicas", str(REPLICAS),
-            ]  # fmt: skip
-            process = await trio.lowlevel.open_process(
-                [sys.executable, *argv],
-                env=child_env(),
-                cwd=tmp_path,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            out.close()
-        try:
-            while "export TOKEN=" not in log.read_text():
-                assert process.returncode is None, log.read_text()
-                await trio.sleep(0.1)
-            banner = log.read_text()
-            token = re.search(r"export TOKEN=(\S+)", banner).group(1)  # type: ignore[union-attr]
+        async with dev_stack(
+            tmp_path, "--port", str(port), "--data-dir", str(data_dir), "--replicas", str(REPLICAS)
+        ) as dev:
+            process, log, banner, token = dev.process, dev.log, dev.banner, dev.token
             url = f"http://127.0.0.1:{port}"
             assert f"{REPLICAS} replicas behind haproxy" in banner
             assert "redis+sentinel://" in banner
@@ -117,7 +95,3 @@ async def test_replica_mode_serves_through_haproxy_and_stops_cleanly(tmp_path: P
             # The replicas' command lines do not name the data directory: their ports do.
             for part_port in [port] + [port + p for group in plan.values() for p in group]:
                 assert not await listening(part_port), f"port {part_port} still served"
-        finally:
-            if process.returncode is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                await process.wait()

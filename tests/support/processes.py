@@ -19,11 +19,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
@@ -416,3 +418,45 @@ async def start_storage_element(
     else:
         await nursery_or_stack.start(_hold, element)
     return element
+
+
+@dataclass
+class DevStack:
+    """`python -m ingester dev ...` as a developer runs it, once its banner is out."""
+
+    process: trio.Process
+    log: Path
+    banner: str
+    token: str
+
+
+@contextlib.asynccontextmanager
+async def dev_stack(tmp_path: Path, *args: str) -> AsyncIterator[DevStack]:
+    """Start `ingester dev ARGS` in a session of its own (so Ctrl-C can reach its whole
+    group), its output in `tmp_path/dev.log`, until the banner prints the token; the group
+    is killed at the end when the test has not stopped it."""
+    log = tmp_path / "dev.log"
+    out = await trio.to_thread.run_sync(lambda: open(log, "wb"))  # noqa: SIM115
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "ingester", "dev", *args],
+            env=child_env(),
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        out.close()
+    try:
+        while "export TOKEN=" not in log.read_text():
+            assert process.returncode is None, log.read_text()
+            await trio.sleep(0.1)
+        banner = log.read_text()
+        found = re.search(r"export TOKEN=(\S+)", banner)
+        assert found is not None, banner
+        yield DevStack(process, log, banner, found.group(1))
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
