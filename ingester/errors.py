@@ -215,6 +215,11 @@ class SagaStoreUnavailable(UploadNotConfirmed):
     code = "SAGA_STORE_UNAVAILABLE"
 
 
+class SagaOutcomeUnknown(SagaStoreUnavailable):
+    """The saga store went away while the upload's success was being written: it may or may
+    not have been recorded. Nothing is undone here; a retry finds the result if it was."""
+
+
 class InsufficientStorage(IngesterError):
     status = 507
     code = "INSUFFICIENT_STORAGE"

@@ -34,7 +34,7 @@ from ..resilience.breaker import BreakerState
 from ..service import Service
 from ..settings import Settings
 from ..upload.digest import ExpectedDigest, parse_content_digest
-from ..upload.idempotency import parse_key, scoped_key
+from ..upload.idempotency import IdempotentResult, parse_key, scoped_key
 from ..upload.ingest import body_fingerprint, collapse, ingest
 from .base import make_app
 from .cors import install_cors
@@ -175,6 +175,7 @@ async def ingest_request(
     shown_id: str,
     boundary: bytes,
     digest: ExpectedDigest | None,
+    commit: IdempotentResult | None = None,
 ) -> dict[str, Any]:
     result = await ingest(
         svc,
@@ -185,6 +186,7 @@ async def ingest_request(
         content_type=request.headers.get("Content-Type"),
         content_length=request.content_length,
         digest=digest,
+        commit=commit,
     )
     return {**result, "upload_id": shown_id}
 
@@ -199,15 +201,17 @@ async def ingest_once(
     key: str,
 ) -> dict[str, Any]:
     """The first request with an Idempotency-Key: run it holding the key; a failure lets the
-    key go (the client may retry with it), a success keeps the result for repeats."""
+    key go (the client may retry with it), a success keeps the result for repeats (written
+    with the upload's saga settle, so a stored file always has it)."""
     guard = svc.idempotency
+    commit = guard.commit(key, upload_id, {"upload_id": shown_id})
     try:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(guard.keep, key, upload_id)
                 try:
                     result = await ingest_request(
-                        svc, principal, upload_id, shown_id, boundary, digest
+                        svc, principal, upload_id, shown_id, boundary, digest, commit
                     )
                 finally:
                     nursery.cancel_scope.cancel()
@@ -216,7 +220,8 @@ async def ingest_once(
     except BaseException:
         await guard.release(key, upload_id)
         raise
-    await guard.complete(key, upload_id, result)
+    if not commit.applied:
+        await guard.complete(key, upload_id, result)
     return result
 
 

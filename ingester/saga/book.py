@@ -20,13 +20,14 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import trio
 
-from ..errors import SagaStoreUnavailable, SagaTakenOver
+from ..errors import SagaOutcomeUnknown, SagaTakenOver
 from ..metrics import Metrics
 from ..resilience.retry import RetryPolicy, backoff_s
+from .commit import ResultCommit, ResultRefused, ResultWrite
 from .record import Copy, SagaRecord, SagaState
 from .store import SagaStore, StoreUnavailable
 
@@ -53,6 +54,9 @@ class Saga:
         self.written = False
         self.lost = False
         self.settled = False
+        # The settle's write may or may not have happened (the store went away while it
+        # ran): the record in the store decides, through a janitor once the lease runs out.
+        self.unresolved = False
         self._compensating = False
         # One write of this record at a time. The lease keeper writes a record a store
         # outage kept unsynced; without this, that write (of the record as it was) could
@@ -76,30 +80,55 @@ class Saga:
             self.record.state = SagaState.STORED
             await self.book.write(self)
 
-    async def succeeded(self, kept: Copy) -> None:
+    async def succeeded(
+        self,
+        kept: Copy,
+        commit: ResultCommit | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
         """The upload is about to be acknowledged on `kept`. Acknowledging needs the store to
         confirm the record is still ours (a replica that claimed it would undo the upload):
         raises `SagaTakenOver`, or `SagaStoreUnavailable` when a record that was written
-        cannot be confirmed now. Then `failed` must follow."""
-        async with self.lock:
-            await self._succeeded(kept)
+        cannot be confirmed now (`SagaOutcomeUnknown` when the store went away during the
+        write itself). Then `failed` must follow.
 
-    async def _succeeded(self, kept: Copy) -> None:
+        `commit` records `result` for the client's retries, in the same atomic step as the
+        settle when the store can (see `saga.commit`); its refusal is raised when its guard
+        does not hold, and nothing is settled."""
+        async with self.lock:
+            await self._succeeded(kept, commit, result or {})
+
+    async def _succeeded(
+        self, kept: Copy, commit: ResultCommit | None, result: dict[str, Any]
+    ) -> None:
         if self.lost:
             raise SagaTakenOver("this upload was taken over by another ingester; retry it")
         self.record.settle_success(kept)
+        write = None
+        if commit is not None and self.book.store.atomic_results:
+            write = commit.redis_write(result)
+        # A record never written and with nothing left to do is not sent to the store.
+        reaches_store = bool(self.record.copies) or self.written
         try:
             if self.record.copies:
-                ok = await self.book.write(self, must_exist=self.written, strict=True)
+                ok = await self.book.write(self, must_exist=self.written, strict=True, result=write)
             else:
-                ok = await self.book.finish(self)
+                ok = await self.book.finish(self, result=write)
+        except ResultRefused:
+            self.record.state = SagaState.STORED
+            assert commit is not None
+            raise commit.refusal() from None
         except StoreUnavailable as exc:
             self.record.state = SagaState.STORED
+            reaches_store = False
             if not self.written:
                 # Never in the store: no one else can know of it, no one can undo it.
                 ok = True
             else:
-                raise SagaStoreUnavailable(
+                # The script may have run (and its result been seen by a retry): undoing
+                # the upload here could remove a file the result names. The record decides.
+                self.unresolved = True
+                raise SagaOutcomeUnknown(
                     f"the upload's saga record could not be confirmed: {exc}"
                 ) from exc
         if not ok:
@@ -107,6 +136,10 @@ class Saga:
             self.lost = True
             raise SagaTakenOver("this upload was taken over by another ingester; retry it")
         self.settled = True
+        if commit is not None:
+            if write is None or not reaches_store:
+                await commit.write(result)
+            commit.mark_applied()
         self.book.compensate_in_background(self)
 
     async def failed(self, current: Copy | None) -> None:
@@ -117,8 +150,16 @@ class Saga:
             await self._failed(current)
 
     async def _failed(self, current: Copy | None) -> None:
-        self.record.settle_failure()
         self.settled = True
+        if self.unresolved:
+            log.warning(
+                "the outcome of saga %s is unknown (the store went away while it was "
+                "settled); a janitor acts on its record once the lease runs out",
+                self.upload_id,
+                extra={"event": "saga_unresolved", "file_id": self.record.file_id},
+            )
+            return
+        self.record.settle_failure()
         if (
             current is not None
             and current in self.record.copies
@@ -187,19 +228,29 @@ class SagaBook:
         forgotten here; one with copies left stays until its compensator finishes."""
         if not saga._compensating:
             self.active.pop(saga.upload_id, None)
-            if saga.written:
+            if saga.written and not saga.unresolved:
                 self._spawn(self._delete, saga)
 
     # --- store calls ------------------------------------------------------------------------
 
-    async def write(self, saga: Saga, *, must_exist: bool = False, strict: bool = False) -> bool:
-        """Write the record. False only when the store says it is not ours. A store that is
-        away raises `StoreUnavailable` when `strict`; otherwise it leaves the saga unsynced
-        (the lease keeper writes it later) and returns True."""
+    async def write(
+        self,
+        saga: Saga,
+        *,
+        must_exist: bool = False,
+        strict: bool = False,
+        result: ResultWrite | None = None,
+    ) -> bool:
+        """Write the record (with `result`, see `SagaStore.put`). False only when the store
+        says it is not ours. A store that is away raises `StoreUnavailable` when `strict`;
+        otherwise it leaves the saga unsynced (the lease keeper writes it later) and returns
+        True."""
         due = time.time() + self.lease_s
         try:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                ok = await self.store.put(saga.record, due=due, must_exist=must_exist)
+                ok = await self.store.put(
+                    saga.record, due=due, must_exist=must_exist, result=result
+                )
         except (StoreUnavailable, trio.TooSlowError) as exc:
             self._store_down(exc)
             saga.synced = False
@@ -211,14 +262,15 @@ class SagaBook:
             saga.synced = saga.written = True
         return ok
 
-    async def finish(self, saga: Saga) -> bool:
-        """Delete a written record that has nothing left to do. False when it was not ours
-        any more; raises `StoreUnavailable`."""
+    async def finish(self, saga: Saga, *, result: ResultWrite | None = None) -> bool:
+        """Delete a written record that has nothing left to do (with `result`, see
+        `SagaStore.delete`). False when it was not ours any more; raises
+        `StoreUnavailable`."""
         if not saga.written:
             return True
         try:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                deleted = await self.store.delete(self.owner, saga.upload_id)
+                deleted = await self.store.delete(self.owner, saga.upload_id, result=result)
         except (StoreUnavailable, trio.TooSlowError) as exc:
             self._store_down(exc)
             raise StoreUnavailable(str(exc) or "timeout") from exc

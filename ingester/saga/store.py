@@ -24,6 +24,7 @@ from redis.commands.core import Script
 
 from ..storage.redis_registry import DurableScripts, make_client
 from ..storage.redis_url import is_sentinel
+from .commit import ResultRefused, ResultWrite
 from .record import SagaRecord, SagaState
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,22 @@ class StoreUnavailable(Exception):
 
 
 class SagaStore(Protocol):
-    async def put(self, record: SagaRecord, *, due: float, must_exist: bool) -> bool:
+    # Whether `put` and `delete` write a `result` in the same atomic step (Redis). A store
+    # that does not ignores it: the caller writes the result itself.
+    atomic_results: bool
+
+    async def put(
+        self,
+        record: SagaRecord,
+        *,
+        due: float,
+        must_exist: bool,
+        result: ResultWrite | None = None,
+    ) -> bool:
         """Write `record` for its owner. False when another owner holds it, or when
-        `must_exist` and it is gone (taken over and finished by someone else)."""
+        `must_exist` and it is gone (taken over and finished by someone else). With
+        `result`, written with it; raises `ResultRefused` (nothing written) when its guard
+        does not hold."""
         ...
 
     async def renew(self, owner: str, upload_ids: list[str], *, due: float) -> list[str]:
@@ -54,8 +68,11 @@ class SagaStore(Protocol):
         new lease until `due`. Each returned record still names its previous owner."""
         ...
 
-    async def delete(self, owner: str, upload_id: str) -> bool:
-        """Delete `owner`'s record. False when it is not `owner`'s (or gone)."""
+    async def delete(
+        self, owner: str, upload_id: str, *, result: ResultWrite | None = None
+    ) -> bool:
+        """Delete `owner`'s record. False when it is not `owner`'s (or gone). `result` as
+        for `put`."""
         ...
 
     async def backlog(self) -> int:
@@ -66,12 +83,21 @@ class SagaStore(Protocol):
 class MemorySagaStore:
     """Without Redis: the same rules in this process (records die with it)."""
 
+    atomic_results = False
+
     def __init__(self) -> None:
         self._records: dict[str, tuple[str, str]] = {}
         self._due: dict[str, float] = {}
         self._compensating: set[str] = set()
 
-    async def put(self, record: SagaRecord, *, due: float, must_exist: bool) -> bool:
+    async def put(
+        self,
+        record: SagaRecord,
+        *,
+        due: float,
+        must_exist: bool,
+        result: ResultWrite | None = None,
+    ) -> bool:
         current = self._records.get(record.upload_id)
         if current is None and must_exist:
             return False
@@ -107,7 +133,9 @@ class MemorySagaStore:
             claimed.append(SagaRecord.from_json(raw))
         return claimed
 
-    async def delete(self, owner: str, upload_id: str) -> bool:
+    async def delete(
+        self, owner: str, upload_id: str, *, result: ResultWrite | None = None
+    ) -> bool:
         current = self._records.get(upload_id)
         if current is None or current[0] != owner:
             return False
@@ -121,10 +149,12 @@ class MemorySagaStore:
 
 
 # KEYS: hash, due zset, compensating set. ARGV: owner, record JSON, state, due, id, must_exist.
-_PUT: Final = """
+_PUT_CHECK: Final = """
 local current = redis.call('HGET', KEYS[1], 'owner')
 if not current and ARGV[6] == '1' then return 0 end
 if current and current ~= ARGV[1] then return 0 end
+"""
+_PUT_WRITE: Final = """
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'record', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
 if ARGV[3] == 'compensating' then
@@ -132,8 +162,28 @@ if ARGV[3] == 'compensating' then
 else
   redis.call('SREM', KEYS[3], ARGV[5])
 end
-return 1
 """
+_PUT: Final = _PUT_CHECK + _PUT_WRITE + "return 1"
+
+
+def _with_result(check: str, write: str, base: int) -> str:
+    """A settle script that also writes an upload's result (`commit.ResultWrite`): KEYS[4]
+    the result, KEYS[5] its guard, KEYS[6] its index; ARGV after the script's own `base`
+    ones: value, expiry (unix ms), guard value ('' for none), index score, index member
+    ('' for none). Answers -1, having written nothing, when the guard does not hold."""
+    value, expire_at, guard, score, member = (f"ARGV[{base + i}]" for i in range(1, 6))
+    return (
+        check
+        + f"if {guard} ~= '' and redis.call('GET', KEYS[5]) ~= {guard} then return -1 end\n"
+        + write
+        + f"redis.call('SET', KEYS[4], {value})\n"
+        + f"redis.call('PEXPIREAT', KEYS[4], {expire_at})\n"
+        + f"if {member} ~= '' then redis.call('ZADD', KEYS[6], {score}, {member}) end\n"
+        + "return 1"
+    )
+
+
+_PUT_WITH_RESULT: Final = _with_result(_PUT_CHECK, _PUT_WRITE, 6)
 
 # KEYS: due zset, then one hash per id. ARGV: owner, due, then the ids.
 _RENEW: Final = """
@@ -170,20 +220,23 @@ return out
 """
 
 # KEYS: hash, due zset, compensating set. ARGV: owner, id.
-_DELETE: Final = """
-if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('ZREM', KEYS[2], ARGV[2])
-  redis.call('SREM', KEYS[3], ARGV[2])
-  return 1
-end
-return 0
+_DELETE_CHECK: Final = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 """
+_DELETE_WRITE: Final = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('SREM', KEYS[3], ARGV[2])
+"""
+_DELETE: Final = _DELETE_CHECK + _DELETE_WRITE + "return 1"
+_DELETE_WITH_RESULT: Final = _with_result(_DELETE_CHECK, _DELETE_WRITE, 2)
 
 
 class RedisSagaStore:
     """Records in Redis. Every call is the sync client in a worker thread, bounded by the
     client's socket timeouts (no retries): a dead Redis costs one timeout, never a hang."""
+
+    atomic_results = True
 
     def __init__(self, url: str, *, timeout_s: float) -> None:
         self._client = make_client(url, timeout_s)
@@ -193,6 +246,8 @@ class RedisSagaStore:
         self._renew = self._client.register_script(_RENEW)
         self._claim = self._client.register_script(CLAIM_DUE)
         self._delete = self._client.register_script(_DELETE)
+        self._put_result = self._client.register_script(_PUT_WITH_RESULT)
+        self._delete_result = self._client.register_script(_DELETE_WITH_RESULT)
 
     def close(self) -> None:
         self._client.close()
@@ -208,10 +263,18 @@ class RedisSagaStore:
         except redis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
 
-    async def put(self, record: SagaRecord, *, due: float, must_exist: bool) -> bool:
+    async def put(
+        self,
+        record: SagaRecord,
+        *,
+        due: float,
+        must_exist: bool,
+        result: ResultWrite | None = None,
+    ) -> bool:
+        keys, args = _result_args(result)
         written = await self._run(
-            self._put,
-            [KEY_PREFIX + record.upload_id, DUE_KEY, COMPENSATING_KEY],
+            self._put if result is None else self._put_result,
+            [KEY_PREFIX + record.upload_id, DUE_KEY, COMPENSATING_KEY, *keys],
             [
                 record.owner,
                 record.to_json(),
@@ -219,6 +282,7 @@ class RedisSagaStore:
                 repr(due),
                 record.upload_id,
                 "1" if must_exist else "0",
+                *args,
             ],
             # What a failover must not lose (see the README, "Redis with Sentinel"):
             # - a `receiving` record, written before bytes go to a new copy: lost, a dead
@@ -226,9 +290,12 @@ class RedisSagaStore:
             # - a record that names the acknowledged copy (`kept`): lost, the earlier
             #   `receiving` one comes back, and a janitor would remove the file the client
             #   was told is stored.
-            durable=record.state is SagaState.RECEIVING or record.kept is not None,
+            # - a result written with the settle: lost, a retry would store the file again.
+            durable=record.state is SagaState.RECEIVING
+            or record.kept is not None
+            or result is not None,
         )
-        return written == 1
+        return _answer(written)
 
     async def renew(self, owner: str, upload_ids: list[str], *, due: float) -> list[str]:
         if not upload_ids:
@@ -257,18 +324,21 @@ class RedisSagaStore:
                 log.error("unreadable saga record in Redis: %s", exc, extra={"event": "saga"})
         return records
 
-    async def delete(self, owner: str, upload_id: str) -> bool:
+    async def delete(
+        self, owner: str, upload_id: str, *, result: ResultWrite | None = None
+    ) -> bool:
+        keys, args = _result_args(result)
         deleted = await self._run(
-            self._delete,
-            [KEY_PREFIX + upload_id, DUE_KEY, COMPENSATING_KEY],
-            [owner, upload_id],
+            self._delete if result is None else self._delete_result,
+            [KEY_PREFIX + upload_id, DUE_KEY, COMPENSATING_KEY, *keys],
+            [owner, upload_id, *args],
             # The delete that acknowledges an upload: lost in a failover, the `receiving`
             # record comes back and a janitor removes the acknowledged copy (found by
             # tests/chaos/test_scale_out.py). Other deletes end a compensation, where the
             # record coming back only has a janitor remove copies already gone.
             durable=True,
         )
-        return deleted == 1
+        return _answer(deleted)
 
     async def backlog(self) -> int:
         def call() -> int:
@@ -278,3 +348,22 @@ class RedisSagaStore:
             return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
         except redis.RedisError as exc:
             raise StoreUnavailable(str(exc)) from exc
+
+
+def _result_args(result: ResultWrite | None) -> tuple[list[str], list[str]]:
+    """The extra KEYS and ARGV of a `_with_result` script (none without a result)."""
+    if result is None:
+        return [], []
+    guard_key, guard_value = result.guard or (result.key, "")
+    index_key, score, member = result.index or (result.key, 0.0, "")
+    return (
+        [result.key, guard_key, index_key],
+        [result.value, str(result.expire_at_ms), guard_value, repr(score), member],
+    )
+
+
+def _answer(reply: object) -> bool:
+    """A write script's reply: 1 written, 0 not this owner's, -1 the result's guard failed."""
+    if reply == -1:
+        raise ResultRefused("the result's guard does not hold")
+    return reply == 1

@@ -27,6 +27,8 @@ from typing import Any, Final
 
 import trio
 
+from ..saga.commit import ResultCommit
+
 log = logging.getLogger(__name__)
 
 # Reads of the data file: one thread hop per MiB, as everywhere else.
@@ -49,6 +51,8 @@ class LiveStream:
         self.window_ends = trio.current_time() + window_s
         self.abandoned: str | None = None
         self.handed_over = False
+        # Set by the hand-over: records the result with the saga's settle.
+        self.commit: ResultCommit | None = None
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.result: dict[str, Any] | None = None
@@ -81,8 +85,10 @@ class LiveStream:
         self.window_ends = trio.current_time() + self.window_s
         self._wake()
 
-    def hand_over(self) -> None:
-        """The upload's state says `completing`: the form may end."""
+    def hand_over(self, commit: ResultCommit | None = None) -> None:
+        """The upload's state says `completing`: the form may end. `commit` records the
+        result (the completion's lock is the one that writes it)."""
+        self.commit = commit
         self.handed_over = True
         self._wake()
 

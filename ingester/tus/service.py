@@ -41,10 +41,12 @@ from ..errors import (
     IngesterError,
     InvalidField,
     RequestTimeout,
+    SagaOutcomeUnknown,
     ServiceBusy,
     ShuttingDown,
     UploadNotFound,
 )
+from ..saga.commit import ResultCommit
 from ..upload.budget import UploadBudget
 from ..upload.fields import parse_upload_fields
 from ..upload.ingest import ingest
@@ -76,6 +78,7 @@ from .protocol import (
     is_offset_stream,
     parse_upload_id,
 )
+from .result import StreamResult, TusResult
 from .state import ConcatKind, Phase, TusUpload
 from .store import MemoryTusStore, QuotaRefusal, RedisTusStore, TusStore
 
@@ -690,21 +693,16 @@ class TusService:
             part.honour_letgo = False
         try:
             result: dict[str, Any] | None = None
+            retention_s = self.settings.tus_result_retention_s
+            commit = TusResult(self.store, upload, lease, retention_s=retention_s)
             async with self.locks.kept(lease, *part_leases):
                 with lease.interrupt:
-                    result = await self._store(upload, principal)
-                if lease.lost or result is None:
+                    result = await self._store(upload, principal, commit)
+                if result is None or (lease.lost and not commit.applied):
                     raise UploadLocked("the upload's lock was lost while it was stored")
-                upload.completed(
-                    result, now=time.time(), retention_s=self.settings.tus_result_retention_s
-                )
-                if not await self.store.put(upload, lease.token):
-                    log.error(
-                        "upload %s was stored as %s but its result could not be recorded",
-                        upload.id,
-                        result["file_id"],
-                        extra={"event": "tus_result_lost", "upload_id": upload.id},
-                    )
+                if not commit.applied:
+                    await commit.write(result)
+                upload.completed(result, now=time.time(), retention_s=retention_s)
             completion.result = result
             await self._forget_data(upload, part_leases)
         except IngesterError as error:
@@ -772,7 +770,9 @@ class TusService:
                 try:
                     # An id of its own: a fallback store runs under the upload's id while
                     # this one's saga may still be removing its copy.
-                    result = await self._ingest(upload, principal, str(uuid.uuid4()), form, copy)
+                    result = await self._ingest(
+                        upload, principal, str(uuid.uuid4()), form, copy, StreamResult(stream)
+                    )
                 finally:
                     await form.aclose()
                 stream.result = result
@@ -794,13 +794,16 @@ class TusService:
                 del self._streams[upload.id]
             stream.done.set()
 
-    async def _store(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
+    async def _store(
+        self, upload: TusUpload, principal: Principal, commit: TusResult
+    ) -> dict[str, Any]:
         """The complete upload stored: by its pipelined store when one has read every byte
-        (it only finishes the form now), else from the data files."""
+        (it only finishes the form now), else from the data files. `commit` records the
+        result with the saga's settle."""
         stream = self._streams.pop(upload.id, None)
         self._stream_starts.pop(upload.id, None)
         if stream is not None and stream.usable and stream.readable == upload.length:
-            stream.hand_over()
+            stream.hand_over(commit)
             try:
                 result = await stream.outcome()
             finally:
@@ -815,7 +818,7 @@ class TusService:
             )
         elif stream is not None:
             stream.abandon("it had not read every byte when the upload completed")
-        return await self._store_upload(upload, principal)
+        return await self._store_upload(upload, principal, commit)
 
     def _form(self, upload: TusUpload, data: DataReader | FollowingReader) -> UploadForm:
         assert upload.length is not None
@@ -832,6 +835,7 @@ class TusService:
         attempt_id: str,
         form: UploadForm,
         copy: FileCopy,
+        commit: ResultCommit,
     ) -> dict[str, Any]:
         result = await ingest(
             self.svc,
@@ -844,10 +848,13 @@ class TusService:
             digest=None,
             owner=upload.owner,
             source_copy=copy,
+            commit=commit,
         )
         return {**result, "upload_id": upload.id}
 
-    async def _store_upload(self, upload: TusUpload, principal: Principal) -> dict[str, Any]:
+    async def _store_upload(
+        self, upload: TusUpload, principal: Principal, commit: ResultCommit
+    ) -> dict[str, Any]:
         """The data files as one multipart form through `ingest`: the `201` result."""
         assert upload.length is not None
         if upload.is_final:
@@ -866,13 +873,18 @@ class TusService:
         # under a fresh id, since a failed attempt's saga may still be removing its copies.
         attempt_id = upload.id if upload.attempts == 0 else str(uuid.uuid4())
         try:
-            return await self._ingest(upload, principal, attempt_id, form, copy)
+            return await self._ingest(upload, principal, attempt_id, form, copy, commit)
         finally:
             await form.aclose()
 
     async def _completion_failed(
         self, upload: TusUpload, lease: Lease, error: IngesterError, created: bool
     ) -> None:
+        if isinstance(error, SagaOutcomeUnknown):
+            # The result may be recorded (the state `done`): leave the state and the data
+            # as they are. A `completing` state is stored again by the next final PATCH.
+            error.headers.setdefault("Upload-Offset", str(upload.offset))
+            return
         with trio.CancelScope(shield=True), trio.move_on_after(self.settings.tus_lock_ttl_s):
             try:
                 if created:

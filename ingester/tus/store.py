@@ -35,6 +35,7 @@ import redis
 import trio
 from redis.commands.core import Script
 
+from ..saga.commit import ResultWrite
 from ..storage.redis_registry import make_client
 from .errors import TusStoreUnavailable
 from .state import Phase, TusUpload
@@ -74,6 +75,11 @@ class TusStore(Protocol):
 
     async def put(self, upload: TusUpload, token: str) -> bool:
         """Write the state if `token` holds the upload's lock; False otherwise."""
+        ...
+
+    def result_write(self, upload: TusUpload, token: str) -> ResultWrite | None:
+        """`put` as a write for a saga's settle script (guarded by the lock); None when the
+        state is not in Redis."""
         ...
 
     async def delete(self, upload_id: str, token: str) -> bool:
@@ -167,6 +173,9 @@ class MemoryTusStore:
             return False
         self._write(upload)
         return True
+
+    def result_write(self, upload: TusUpload, token: str) -> ResultWrite | None:
+        return None
 
     async def delete(self, upload_id: str, token: str) -> bool:
         if self._holder(upload_id) != token:
@@ -379,6 +388,16 @@ class RedisTusStore:
             ],
         )
         return written == 1
+
+    def result_write(self, upload: TusUpload, token: str) -> ResultWrite | None:
+        state, lock, _ = self._keys(upload.id)
+        return ResultWrite(
+            state,
+            upload.to_json(),
+            int(_state_deadline(upload) * 1000),
+            guard=(lock, token),
+            index=(EXPIRING_KEY, upload.expires_at, upload.id),
+        )
 
     async def delete(self, upload_id: str, token: str) -> bool:
         state, lock, _ = self._keys(upload_id)

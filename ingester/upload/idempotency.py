@@ -29,7 +29,8 @@ from typing import Any, Final, Protocol
 import redis
 import trio
 
-from ..errors import InvalidField
+from ..errors import IngesterError, InvalidField
+from ..saga.commit import ResultCommit, ResultWrite
 from ..storage.redis_registry import make_client
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,13 @@ class IdempotencyStore(Protocol):
 
     async def complete(self, key: str, entry: Entry, ttl_s: float) -> None: ...
 
-    async def release(self, key: str, owner: str) -> None: ...
+    async def release(self, key: str, owner: str) -> None:
+        """Drop `owner`'s running claim (never a result: a retry must still find it)."""
+        ...
+
+    def result_write(self, key: str, entry: Entry, ttl_s: float) -> ResultWrite | None:
+        """`complete` as a write for a saga's settle script; None when not in Redis."""
+        ...
 
 
 class MemoryIdempotencyStore:
@@ -133,8 +140,11 @@ class MemoryIdempotencyStore:
 
     async def release(self, key: str, owner: str) -> None:
         existing = self._get(key)
-        if existing is not None and existing.owner == owner:
+        if existing is not None and existing.owner == owner and existing.state == "running":
             del self._entries[key]
+
+    def result_write(self, key: str, entry: Entry, ttl_s: float) -> ResultWrite | None:
+        return None
 
 
 # KEYS: the entry. ARGV: owner, ttl ms. Extends a running claim of `owner` only.
@@ -146,11 +156,16 @@ end
 return 1
 """
 
-# KEYS: the entry. ARGV: owner. Deletes a claim of `owner` only.
+# KEYS: the entry. ARGV: owner. Deletes a running claim of `owner` only: a result written
+# with the saga's settle stays, even when the upload's answer was an error (the settle's
+# reply was lost with the Redis master, say) and its claim is let go.
 _RELEASE: Final = """
 local raw = redis.call('GET', KEYS[1])
-if raw and cjson.decode(raw)['owner'] == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+if raw then
+  local entry = cjson.decode(raw)
+  if entry['owner'] == ARGV[1] and entry['state'] == 'running' then
+    redis.call('DEL', KEYS[1])
+  end
 end
 return 1
 """
@@ -207,6 +222,9 @@ class RedisIdempotencyStore:
     async def release(self, key: str, owner: str) -> None:
         await self._call(lambda: self._release(keys=[KEY_PREFIX + key], args=[owner]))
 
+    def result_write(self, key: str, entry: Entry, ttl_s: float) -> ResultWrite | None:
+        return ResultWrite(KEY_PREFIX + key, entry.to_json(), int((time.time() + ttl_s) * 1000))
+
 
 def scoped_key(user: str, key: str) -> str:
     """Keys are per user; hashed, so Redis never holds a raw key or user name."""
@@ -242,13 +260,21 @@ class IdempotencyGuard:
             await self._quietly(self.store.renew(key, owner, self.lease_s))
 
     async def complete(self, key: str, owner: str, result: dict[str, Any]) -> None:
-        entry = Entry(
+        await self._quietly(self.store.complete(key, self.done(owner, result), self.ttl_s))
+
+    @staticmethod
+    def done(owner: str, result: dict[str, Any]) -> Entry:
+        return Entry(
             "done",
             owner,
             fingerprint(str(result["checksum"]), str(result["original_filename"])),
             result,
         )
-        await self._quietly(self.store.complete(key, entry, self.ttl_s))
+
+    def commit(self, key: str, owner: str, shown: dict[str, Any]) -> IdempotentResult:
+        """The result of `owner`'s upload under `key`, recorded with its saga's settle.
+        `shown`: fields the answer has beside the stored file's (its `upload_id`)."""
+        return IdempotentResult(self, key, owner, shown)
 
     async def release(self, key: str, owner: str) -> None:
         with trio.CancelScope(shield=True):
@@ -264,3 +290,31 @@ class IdempotencyGuard:
                 exc or "timeout",
                 extra={"event": "idempotency_store_down"},
             )
+
+
+class IdempotentResult(ResultCommit):
+    """An upload's `201` body kept under its `Idempotency-Key`, written with the saga's
+    settle: a replica killed between the two cannot leave a stored file a repeat misses."""
+
+    def __init__(
+        self, guard: IdempotencyGuard, key: str, owner: str, shown: dict[str, Any]
+    ) -> None:
+        super().__init__()
+        self._guard = guard
+        self._key = key
+        self._owner = owner
+        self._shown = shown
+
+    def answer(self, result: dict[str, Any]) -> dict[str, Any]:
+        return {**result, **self._shown}
+
+    def redis_write(self, result: dict[str, Any]) -> ResultWrite | None:
+        entry = self._guard.done(self._owner, self.answer(result))
+        return self._guard.store.result_write(self._key, entry, self._guard.ttl_s)
+
+    async def write(self, result: dict[str, Any]) -> None:
+        await self._guard.complete(self._key, self._owner, self.answer(result))
+
+    def refusal(self) -> IngesterError:
+        # Never used: the write has no guard.
+        return IngesterError("the upload's result could not be recorded")

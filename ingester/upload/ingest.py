@@ -16,6 +16,7 @@ from .. import logs
 from ..auth.principal import Principal
 from ..errors import IngesterError, MissingFile, RequestTimeout
 from ..http.multipart import BodyEnd, PartData, PartEnd, PartStart
+from ..saga.commit import ResultCommit
 from .budget import UploadBudget
 from .digest import ExpectedDigest
 from .filenames import sanitize_filename
@@ -102,12 +103,14 @@ async def ingest(
     digest: ExpectedDigest | None,
     owner: str | None = None,
     source_copy: Spool | None = None,
+    commit: ResultCommit | None = None,
 ) -> dict[str, Any]:
     """Store the file of a multipart `body`; the contract's `201` body. Raises
     `IngesterError`s (and `Cancelled` when the caller goes away). `owner` is who the file is
     recorded as uploaded by (`ingester.ownership`), when not the caller (a resumable upload
     completed by an admin stays its creator's). `source_copy`: the file's bytes already on
-    disk, which then serve as the upload's spool."""
+    disk, which then serve as the upload's spool. `commit`: records the result for the client's
+    retries in the same step as the saga's settle (`saga.commit`)."""
     settings = svc.settings
     with svc.admission.admit(principal.subject):
         progress = svc.progress.start(upload_id, principal.subject, content_length)
@@ -123,6 +126,7 @@ async def ingest(
             body=body,
             expected_digest=digest,
             source_copy=source_copy,
+            commit=commit,
         )
         try:
             try:

@@ -51,6 +51,7 @@ from ..http.multipart import BodyEnd, MultipartStreamParser, PartData, PartEnd, 
 from ..resilience.breaker import BreakerState
 from ..resilience.retry import ErrorKind, decide
 from ..saga.book import Saga
+from ..saga.commit import ResultCommit
 from ..saga.record import Copy
 from ..settings import SEAuthMode, SEMode
 from ..storage.capabilities import Fit
@@ -132,6 +133,8 @@ class UploadRequest:
     expected_digest: ExpectedDigest | None
     # The file's bytes already on disk (a resumable upload's data files): the spool then.
     source_copy: Spool | None = None
+    # Records the result for the client's retries, with the saga's settle (`saga.commit`).
+    commit: ResultCommit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +376,7 @@ class UploadPipeline:
             if svc.admin is not None:
                 await saga.stored()
                 await self._register(upload, result)
-            await saga.succeeded(kept)
+            await saga.succeeded(kept, upload.request.commit, result)
         except BaseException:
             current = upload.element
             with trio.CancelScope(shield=True):

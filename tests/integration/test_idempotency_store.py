@@ -48,6 +48,25 @@ async def test_a_held_claim_says_how_long_it_has_left(store: IdempotencyStore) -
         assert renewed.ttl_s > 55
 
 
+async def test_releasing_a_claim_keeps_a_result_written_meanwhile(
+    store: IdempotencyStore,
+) -> None:
+    # The result was written with the saga's settle, whose reply was lost: the request
+    # answers an error and lets its claim go, but a repeat must still find the result.
+    with trio.fail_after(10):
+        assert await store.claim("k", Entry("running", "first"), ttl_s=30) is None
+        done = Entry("done", "first", "fp", {"file_id": "f1"})
+        await store.complete("k", done, ttl_s=600)
+        await store.release("k", "first")
+        kept = await store.claim("k", Entry("running", "second"), ttl_s=30)
+        assert kept is not None
+        assert (kept.state, kept.result) == ("done", {"file_id": "f1"})
+        # A running claim is let go.
+        assert await store.claim("j", Entry("running", "first"), ttl_s=30) is None
+        await store.release("j", "first")
+        assert await store.claim("j", Entry("running", "second"), ttl_s=30) is None
+
+
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert Entry("running", "a", ttl_s=0.2).retry_after_s(default_s=30) == 1
     assert Entry("running", "a", ttl_s=12.1).retry_after_s(default_s=30) == 13

@@ -4,14 +4,23 @@ a record, and only a record whose lease ran out can be claimed, by one claimant.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 import trio
 
+from ingester.saga.commit import ResultRefused, ResultWrite
 from ingester.saga.record import Copy, SagaRecord, SagaState
-from ingester.saga.store import MemorySagaStore, RedisSagaStore, SagaStore, StoreUnavailable
+from ingester.saga.store import (
+    KEY_PREFIX,
+    MemorySagaStore,
+    RedisSagaStore,
+    SagaStore,
+    StoreUnavailable,
+)
 from tests.support.redis_server import RedisServer
 
 A = Copy("se-a", "http://127.0.0.1:1")
@@ -130,3 +139,81 @@ async def test_redis_away_is_a_prompt_store_unavailable(tmp_path: Path) -> None:
                         await call()
         finally:
             store.close()
+
+
+# --- results written with the settle (Redis only: the in-process store has no second
+# process to race, and writes results apart; see tests/unit/test_saga_commit.py) ---------
+
+
+@pytest.fixture
+async def redis_store(tmp_path: Path) -> AsyncIterator[tuple[RedisSagaStore, redis.Redis]]:
+    with RedisServer(tmp_path / "redis") as server:
+        store = RedisSagaStore(server.url, timeout_s=2.0)
+        client = redis.Redis.from_url(server.url)
+        try:
+            yield store, client
+        finally:
+            client.close()
+            store.close()
+
+
+def result(guard: tuple[str, str] | None = None) -> ResultWrite:
+    expire_at_ms = int((time.time() + 600) * 1000)
+    return ResultWrite(
+        "res:u1", '{"file_id": "f-u1"}', expire_at_ms, guard=guard, index=("idx", 42.0, "u1")
+    )
+
+
+async def test_a_settle_writes_its_result_in_the_same_step(
+    redis_store: tuple[RedisSagaStore, redis.Redis],
+) -> None:
+    store, client = redis_store
+    with trio.fail_after(10):
+        assert await store.put(rec(), due=NOW + 30, must_exist=False)
+        done = rec(state=SagaState.COMPENSATING)  # abandoned copies left: a put
+        assert await store.put(done, due=NOW + 30, must_exist=True, result=result())
+        assert client.get("res:u1") == b'{"file_id": "f-u1"}'
+        assert 0 < client.pttl("res:u1") <= 600_000
+        assert client.zscore("idx", "u1") == 42.0
+        client.delete("res:u1")
+        # Nothing left: a delete, with the result.
+        assert await store.delete("one", "u1", result=result())
+        assert client.get("res:u1") == b'{"file_id": "f-u1"}'
+        assert client.exists(KEY_PREFIX + "u1") == 0
+
+
+async def test_a_settle_that_is_not_the_owners_writes_no_result(
+    redis_store: tuple[RedisSagaStore, redis.Redis],
+) -> None:
+    store, client = redis_store
+    with trio.fail_after(10):
+        assert await store.put(rec(owner="one"), due=NOW + 30, must_exist=False)
+        assert not await store.delete("two", "u1", result=result())
+        assert not await store.put(rec(owner="two"), due=NOW + 30, must_exist=True, result=result())
+        assert client.get("res:u1") is None
+        assert client.zscore("idx", "u1") is None
+
+
+async def test_a_guard_that_does_not_hold_refuses_the_settle_and_the_result(
+    redis_store: tuple[RedisSagaStore, redis.Redis],
+) -> None:
+    store, client = redis_store
+    with trio.fail_after(10):
+        assert await store.put(rec(), due=NOW + 30, must_exist=False)
+        client.set("lock:u1", "someone else")
+        with pytest.raises(ResultRefused):
+            await store.delete("one", "u1", result=result(guard=("lock:u1", "mine")))
+        with pytest.raises(ResultRefused):
+            await store.put(
+                rec(state=SagaState.DONE),
+                due=NOW + 30,
+                must_exist=True,
+                result=result(guard=("lock:u1", "mine")),
+            )
+        assert client.get("res:u1") is None
+        claimed = await store.claim_due("x", now=NOW + 31, due=NOW + 60, limit=10)
+        assert [(r.upload_id, r.state) for r in claimed] == [("u1", SagaState.RECEIVING)]
+        # The lock back in our hands: the guard holds.
+        client.set("lock:u1", "mine")
+        assert await store.delete("x", "u1", result=result(guard=("lock:u1", "mine")))
+        assert client.get("res:u1") is not None

@@ -15,6 +15,7 @@ import trio.testing
 from ingester.metrics import Metrics
 from ingester.resilience.retry import RetryPolicy
 from ingester.saga.book import SagaBook
+from ingester.saga.commit import ResultWrite
 from ingester.saga.record import Copy, SagaRecord
 from ingester.saga.store import MemorySagaStore, StoreUnavailable
 
@@ -30,7 +31,14 @@ class GatedStore(MemorySagaStore):
         self.gate: trio.Event | None = None
         self.put_waiting = trio.Event()
 
-    async def put(self, record: SagaRecord, *, due: float, must_exist: bool) -> bool:
+    async def put(
+        self,
+        record: SagaRecord,
+        *,
+        due: float,
+        must_exist: bool,
+        result: ResultWrite | None = None,
+    ) -> bool:
         if self.down:
             raise StoreUnavailable("down")
         if self.gate is not None:

@@ -1,0 +1,98 @@
+"""A finished resumable upload's `done` state, recorded with its saga's settle (`saga.commit`).
+
+The state is what a client that sends its final `PATCH` again, or asks with `HEAD`/`GET`,
+reads the result from. Written in a second step after the settle, a replica killed in between
+would leave the upload `completing` with its file stored: the next replica would store it
+again. Written in the settle's script, guarded by the upload's lock, it is both or neither;
+a lock lost meanwhile refuses the settle, and the copy is removed (the new holder stores it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ..errors import IngesterError
+from ..saga.commit import ResultCommit, ResultWrite
+from .errors import UploadLocked
+from .locks import Lease
+from .pipelined import LiveStream
+from .state import TusUpload
+from .store import TusStore
+
+log = logging.getLogger(__name__)
+
+
+class TusResult(ResultCommit):
+    """`upload`, completed with the stored file's result, written while `lease` holds it."""
+
+    def __init__(
+        self, store: TusStore, upload: TusUpload, lease: Lease, *, retention_s: float
+    ) -> None:
+        super().__init__()
+        self._store = store
+        self._upload = upload
+        self._lease = lease
+        self._retention_s = retention_s
+
+    def done(self, result: dict[str, Any]) -> TusUpload:
+        """The upload's state once `result` (the pipeline's) is its answer."""
+        done = TusUpload.from_json(self._upload.to_json())
+        done.completed(
+            {**result, "upload_id": self._upload.id},
+            now=time.time(),
+            retention_s=self._retention_s,
+        )
+        return done
+
+    def redis_write(self, result: dict[str, Any]) -> ResultWrite | None:
+        return self._store.result_write(self.done(result), self._lease.token)
+
+    async def write(self, result: dict[str, Any]) -> None:
+        try:
+            recorded = await self._store.put(self.done(result), self._lease.token)
+        except IngesterError as exc:
+            log.error("could not record the result of %s: %s", self._upload.id, exc)
+            return
+        if not recorded:
+            log.error(
+                "upload %s was stored as %s but its result could not be recorded",
+                self._upload.id,
+                result.get("file_id"),
+                extra={"event": "tus_result_lost", "upload_id": self._upload.id},
+            )
+
+    def refusal(self) -> IngesterError:
+        return UploadLocked("the upload's lock was lost while it was stored")
+
+
+class StreamResult(ResultCommit):
+    """The commit of a pipelined store: the completion's `TusResult`, which exists once it
+    hands the stream over (the stream's form, and so its saga, cannot end before)."""
+
+    def __init__(self, stream: LiveStream) -> None:
+        super().__init__()
+        self._stream = stream
+
+    def _target(self) -> ResultCommit | None:
+        return self._stream.commit
+
+    def redis_write(self, result: dict[str, Any]) -> ResultWrite | None:
+        target = self._target()
+        return None if target is None else target.redis_write(result)
+
+    async def write(self, result: dict[str, Any]) -> None:
+        target = self._target()
+        if target is not None:
+            await target.write(result)
+
+    def refusal(self) -> IngesterError:
+        target = self._target()
+        return UploadLocked() if target is None else target.refusal()
+
+    def mark_applied(self) -> None:
+        super().mark_applied()
+        target = self._target()
+        if target is not None:
+            target.mark_applied()

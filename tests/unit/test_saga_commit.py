@@ -1,0 +1,260 @@
+"""An upload's result is recorded in the same step as its saga's settle (no I/O: fakes).
+
+The window this closes: a saga settled (the copy kept) and the result for the client's
+retries (its `Idempotency-Key` entry, a tus upload's `done` state) written a step later. An
+ingester killed between the two, or a Redis failover that lost the second write, left a
+stored file no retry knew of, and the retry stored it again (seen in the scale-out chaos).
+
+`AtomicStore` keeps the rules of the Redis scripts (`tests/integration/test_saga_store.py`
+runs those against a real redis-server): the record and the result are written together or
+not at all, a guard that does not hold refuses both, and a reply can be lost after the write.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from ingester.errors import IngesterError, SagaOutcomeUnknown
+from ingester.metrics import Metrics
+from ingester.resilience.retry import RetryPolicy
+from ingester.saga.book import SagaBook
+from ingester.saga.commit import ResultCommit, ResultRefused, ResultWrite
+from ingester.saga.record import Copy, SagaRecord, SagaState
+from ingester.saga.store import MemorySagaStore, StoreUnavailable
+
+KEPT = Copy("se-a", "http://127.0.0.1:1")
+RESULT = {"file_id": "f1", "checksum": "ab" * 32}
+
+
+class Refused(IngesterError):
+    status = 423
+    code = "REFUSED"
+
+
+class AtomicStore(MemorySagaStore):
+    """The in-process store, writing results with the settle as the Redis scripts do."""
+
+    atomic_results = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.strings: dict[str, str] = {}
+        # Down: every call fails before it writes. Reply lost: the next settle writes,
+        # then fails as if the connection died before its answer came back.
+        self.down = False
+        self.lose_reply = False
+
+    def _apply(self, result: ResultWrite | None, ours: bool) -> bool:
+        if self.down:
+            raise StoreUnavailable("down")
+        if not ours:
+            return False
+        guard = None if result is None else result.guard
+        if guard is not None and self.strings.get(guard[0]) != guard[1]:
+            raise ResultRefused("guard")
+        return True
+
+    def _done(self, result: ResultWrite | None) -> None:
+        if result is not None:
+            self.strings[result.key] = result.value
+        if self.lose_reply:
+            self.lose_reply = False
+            raise StoreUnavailable("connection lost before the reply")
+
+    async def put(
+        self,
+        record: SagaRecord,
+        *,
+        due: float,
+        must_exist: bool,
+        result: ResultWrite | None = None,
+    ) -> bool:
+        current = self._records.get(record.upload_id)
+        ours = not (current is None and must_exist) and (
+            current is None or current[0] == record.owner
+        )
+        if not self._apply(result, ours):
+            return False
+        await super().put(record, due=due, must_exist=must_exist)
+        self._done(result)
+        return True
+
+    async def delete(
+        self, owner: str, upload_id: str, *, result: ResultWrite | None = None
+    ) -> bool:
+        current = self._records.get(upload_id)
+        if not self._apply(result, current is not None and current[0] == owner):
+            return False
+        await super().delete(owner, upload_id)
+        self._done(result)
+        return True
+
+    def record(self, upload_id: str) -> SagaRecord | None:
+        found = self._records.get(upload_id)
+        return None if found is None else SagaRecord.from_json(found[1])
+
+
+class Commit(ResultCommit):
+    """The result under `key`; `guard` as the owner's store would set it."""
+
+    def __init__(self, key: str = "result", guard: tuple[str, str] | None = None) -> None:
+        super().__init__()
+        self.key = key
+        self.guard = guard
+        self.written: list[dict[str, Any]] = []
+
+    def redis_write(self, result: dict[str, Any]) -> ResultWrite | None:
+        return ResultWrite(self.key, str(result["file_id"]), 0, guard=self.guard)
+
+    async def write(self, result: dict[str, Any]) -> None:
+        self.written.append(result)
+
+    def refusal(self) -> IngesterError:
+        return Refused("the lock was lost")
+
+
+class Elements:
+    """The compensations asked for: copies removed."""
+
+    def __init__(self) -> None:
+        self.removed: list[Copy] = []
+
+    async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
+        self.removed.append(copy)
+        return True
+
+
+def book_on(store: MemorySagaStore, elements: Elements) -> SagaBook:
+    return SagaBook(
+        store,
+        elements.compensate,
+        Metrics(),
+        lease_s=30.0,
+        janitor_interval_s=10.0,
+        backoff=RetryPolicy(),
+        compensation_timeout_s=1.0,
+    )
+
+
+async def stored_upload(book: SagaBook, upload_id: str = "u1") -> Any:
+    saga = book.begin(upload_id, "f1", user="alice", authorization=None)
+    await saga.sending_to(KEPT)  # the `receiving` record, written before the first byte
+    return saga
+
+
+async def test_the_result_is_written_in_the_settle() -> None:
+    with trio.fail_after(5):
+        store, elements = AtomicStore(), Elements()
+        book = book_on(store, elements)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            saga = await stored_upload(book)
+            commit = Commit()
+            await saga.succeeded(KEPT, commit, RESULT)
+            book.end(saga)
+        assert store.strings == {"result": "f1"}
+        assert store.record("u1") is None  # settled: the record went in the same step
+        assert commit.applied
+        assert commit.written == [], "written a second time, outside the settle"
+        assert elements.removed == []
+
+
+async def test_a_guard_that_fails_settles_nothing_and_the_copy_goes() -> None:
+    # A tus upload whose lock another replica took meanwhile: that replica stores it.
+    with trio.fail_after(5):
+        store, elements = AtomicStore(), Elements()
+        store.strings["lock"] = "someone else"
+        book = book_on(store, elements)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            saga = await stored_upload(book)
+            commit = Commit(guard=("lock", "mine"))
+            with pytest.raises(Refused):
+                await saga.succeeded(KEPT, commit, RESULT)
+            left = store.record("u1")
+            assert left is not None
+            assert left.state is SagaState.RECEIVING
+            await saga.failed(KEPT)
+            book.end(saga)
+        assert "result" not in store.strings
+        assert not commit.applied
+        assert elements.removed == [KEPT]
+        assert store.record("u1") is None
+
+
+async def test_a_lost_reply_undoes_nothing_when_the_settle_was_written() -> None:
+    # The settle and the result reached Redis; its answer did not (the master died). A
+    # retry will read the result, so its file must stay: nothing is compensated here.
+    with trio.fail_after(5):
+        store, elements = AtomicStore(), Elements()
+        book = book_on(store, elements)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            saga = await stored_upload(book)
+            store.lose_reply = True
+            with pytest.raises(SagaOutcomeUnknown) as raised:
+                await saga.succeeded(KEPT, Commit(), RESULT)
+            assert raised.value.code == "SAGA_STORE_UNAVAILABLE"
+            await saga.failed(KEPT)
+            book.end(saga)
+        assert store.strings == {"result": "f1"}
+        assert elements.removed == []
+        assert store.record("u1") is None
+
+
+async def test_a_settle_that_never_arrived_leaves_the_record_to_a_janitor() -> None:
+    # The same error, but nothing was written: the `receiving` record, no longer renewed,
+    # is claimed once its lease runs out and every copy is removed then.
+    with trio.fail_after(5):
+        store, elements = AtomicStore(), Elements()
+        book = book_on(store, elements)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            saga = await stored_upload(book)
+            store.down = True
+            with pytest.raises(SagaOutcomeUnknown):
+                await saga.succeeded(KEPT, Commit(), RESULT)
+            await saga.failed(KEPT)
+            book.end(saga)
+            store.down = False
+        assert elements.removed == []
+        assert saga.upload_id not in book.active, "its lease would still be renewed"
+        claimed = await store.claim_due("janitor", now=1e12, due=2e12, limit=10)
+        assert [(r.upload_id, r.targets()) for r in claimed] == [("u1", [KEPT])]
+        assert store.strings == {}
+
+
+async def test_a_store_without_atomic_results_writes_the_result_after_the_settle() -> None:
+    with trio.fail_after(5):
+        store, elements = MemorySagaStore(), Elements()
+        book = book_on(store, elements)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            saga = await stored_upload(book)
+            commit = Commit()
+            await saga.succeeded(KEPT, commit, RESULT)
+            book.end(saga)
+        assert commit.written == [RESULT]
+        assert commit.applied
+
+
+async def test_a_record_never_written_gets_its_result_written_on_its_own() -> None:
+    # Redis was away for the whole upload: no record to settle, the result is written
+    # (or its failure logged) as before.
+    with trio.fail_after(5):
+        store, elements = AtomicStore(), Elements()
+        book = book_on(store, elements)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            store.down = True
+            saga = await stored_upload(book)
+            assert not saga.written
+            commit = Commit()
+            await saga.succeeded(KEPT, commit, RESULT)
+            book.end(saga)
+        assert commit.written == [RESULT]
+        assert commit.applied
+        assert elements.removed == []
