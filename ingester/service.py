@@ -45,7 +45,7 @@ from .upload.budget import MemoryBudget
 from .upload.idempotency import IdempotencyGuard, MemoryIdempotencyStore, RedisIdempotencyStore
 from .upload.pipeline import Upload, UploadPipeline
 from .upload.progress import ProgressBook
-from .upload.spool import SpoolBudget
+from .upload.spool import SpoolBudget, SpoolFiles
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class Service:
             retry_after_s=settings.retry_after_s,
         )
         self.spool_budget = SpoolBudget(settings.spool_max_bytes)
+        self.spool_files = SpoolFiles(settings.spool_dir, keep_bytes=settings.spool_keep_bytes)
         self.memory_budget = MemoryBudget(settings.memory_budget_bytes)
         # In-memory spools take from the same budget (see upload/spool.py).
         self.spool_memory = self.memory_budget
@@ -213,6 +214,7 @@ class Service:
             if isinstance(self.idempotency.store, RedisIdempotencyStore):
                 self.idempotency.store.close()
             self.ownership.close()
+            self.spool_files.close()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.http.aclose()
 

@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     spool_memory_bytes: int = Field(default=1 * MIB, ge=0)
     # Disk all spools of this process may use together; past it uploads get 503.
     spool_max_bytes: int = Field(default=50 * GIB, gt=0)
+    # Spool files kept open for the next upload, all together at most this size: an upload
+    # writes over their cached pages instead of new ones (see upload/spool.py, SpoolFiles).
+    spool_keep_bytes: int = Field(default=1 * GIB, ge=0)
 
     # --- limits
     max_file_size: int = Field(default=10 * GIB, gt=0)

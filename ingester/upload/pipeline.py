@@ -404,6 +404,7 @@ class UploadPipeline:
                 disk=self.svc.spool_budget,
                 memory=self.svc.spool_memory,
                 memory_limit=settings.spool_memory_bytes,
+                files=self.svc.spool_files,
             )
         try:
             try:

@@ -1,6 +1,7 @@
 """The spool on its own: in memory up to its limit and inside the memory budget, then in one
-file written once; reads of any range while it grows or moves; budgets given back; the file
-gone after `discard`. Real files under `tmp_path`; each test under `fail_after`."""
+file written once; reads of any range while it grows or moves; budgets given back; files
+without a name, reused by the next upload within their budget and closed past it. Real files
+under `tmp_path`; each test under `fail_after`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import trio
 
 from ingester.errors import ServiceBusy
 from ingester.upload.budget import MemoryBudget
-from ingester.upload.spool import READ_PIECE, FileCopy, Spool, SpoolBudget
+from ingester.upload.spool import READ_PIECE, FileCopy, Spool, SpoolBudget, SpoolFiles
 
 KIB = 1024
 
@@ -86,9 +87,8 @@ async def test_past_the_limit_everything_moves_to_one_file_once(tmp_path: Path) 
         assert spool.bytes_written == 13 + 3 * READ_PIECE
         whole = await read_all(spool)
         assert whole == b"0123456789abc" + b"d" * (3 * READ_PIECE)
-        (path,) = await trio.to_thread.run_sync(listing, tmp_path)
-        assert await trio.Path(path).read_bytes() == whole
-        assert os.stat(path).st_mode & 0o777 == 0o600
+        # The file has no name: nothing is left behind even by a process that is killed.
+        assert await trio.to_thread.run_sync(listing, tmp_path) == []
         await spool.discard()
         assert await trio.to_thread.run_sync(listing, tmp_path) == []
         assert disk.used == 0
@@ -171,3 +171,60 @@ async def test_a_file_copy_replays_existing_files_and_leaves_them(tmp_path: Path
         await copy.discard()
         await copy.discard()
         assert await trio.to_thread.run_sync(listing, tmp_path) == [first, second]
+
+
+def pooled(tmp_path: Path, files: SpoolFiles) -> Spool:
+    return Spool(tmp_path, "u", disk=SpoolBudget(1 << 40), memory=None, memory_limit=0, files=files)
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def test_the_next_upload_writes_over_the_last_ones_file(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        files = SpoolFiles(tmp_path, keep_bytes=10 * KIB)
+        first = pooled(tmp_path, files)
+        assert await append(first, b"a" * 3000)
+        await first.discard()
+        assert (files.idle, files.idle_bytes) == (1, 3000)
+        # A shorter upload on the same file reads its own bytes only, never the old tail.
+        second = pooled(tmp_path, files)
+        assert await append(second, b"b" * 1000)
+        assert files.idle == 0, "a second file was opened while one was idle"
+        assert await read_all(second) == b"b" * 1000
+        assert second.size == 1000
+        # Two uploads at once get two files.
+        third = pooled(tmp_path, files)
+        assert await append(third, b"c" * 10)
+        assert await read_all(third) == b"c" * 10
+        await second.discard()
+        await third.discard()
+        # The file keeps its length (3000): written over, never cut.
+        assert (files.idle, files.idle_bytes) == (2, 3010)
+        assert await trio.to_thread.run_sync(listing, tmp_path) == []
+        files.close()
+        assert (files.idle, files.idle_bytes) == (0, 0)
+
+
+async def test_files_past_the_keep_budget_are_closed(tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        files = SpoolFiles(tmp_path, keep_bytes=4 * KIB)
+        spool = pooled(tmp_path, files)
+        assert await append(spool, b"x" * (5 * KIB))
+        fd = spool._fd
+        assert fd is not None
+        await spool.discard()
+        assert files.idle == 0
+        assert not is_open(fd), "a file past the budget was kept open"
+        # With no budget at all (a spool without shared files), nothing is kept either.
+        alone = Spool(tmp_path, "u", disk=SpoolBudget(1 << 40), memory=None, memory_limit=0)
+        assert await append(alone, b"y")
+        fd = alone._fd
+        assert fd is not None
+        await alone.discard()
+        assert not is_open(fd)
