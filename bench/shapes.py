@@ -1,5 +1,5 @@
 """Every request shape, through the ingester and straight to the element, with the cost of
-each process: `python -m bench.shapes [--sizes 256,1024] [--rounds 3]`.
+each process: `python -m bench.shapes [--sizes 256,1024] [--rounds 3] [--env INGESTER_X=V]`.
 
 Shapes (curl is the client everywhere, so the ratio compares servers, not clients):
 
@@ -203,9 +203,16 @@ def run_shapes(
     return results
 
 
-def run(sizes_mib: Sequence[int], rounds: int, shapes: Sequence[str]) -> dict[str, Any]:
+def run(
+    sizes_mib: Sequence[int],
+    rounds: int,
+    shapes: Sequence[str],
+    ingester_env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds}
-    with bench_stack() as bench:
+    if ingester_env:
+        results["ingester_env"] = ingester_env
+    with bench_stack(ingester_env) as bench:
         results.update(run_shapes(bench, sizes_mib, rounds, shapes))
     return results
 
@@ -234,8 +241,16 @@ def main() -> int:
     parser.add_argument("--sizes", default="256,1024", help="MiB, comma separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="INGESTER_X=VALUE",
+        help="a setting of the ingester under test (repeatable)",
+    )
     args = parser.parse_args()
-    results = run([int(s) for s in args.sizes.split(",")], args.rounds, args.shapes.split(","))
+    env = dict(item.split("=", 1) for item in args.env)
+    results = run([int(s) for s in args.sizes.split(",")], args.rounds, args.shapes.split(","), env)
     path = save(results, "shapes")
     print(report(results))
     print(f"\nsaved to {path}")
