@@ -519,12 +519,16 @@ class _PassThroughReceiveBuffer(ReceiveBuffer):
     h11 (0.16) appends every socket read to a bytearray (one copy), and hands body data out
     as a slice of it, sliced twice (`maybe_extract_at_most` slices once to test for
     emptiness, then `_extract` slices again); hypercorn then turns that bytearray into
-    `bytes` (a fourth copy). For an upload's body, a read is almost always consumed whole.
-    This buffer keeps a read as the `bytes` object the socket returned while the buffer is
-    otherwise empty, and hands that same object out when the reader wants all of it: no
-    copy at all, and hypercorn's `bytes()` of a `bytes` is free. Anything else (header
-    lines, chunk framing, a partial take) first merges into the bytearray and goes through
-    h11's own code. Measured: 4 of the 5 copies of each received byte gone.
+    `bytes` (a fourth copy). This buffer keeps a read as the `bytes` object the socket
+    returned while the buffer is otherwise empty, and takes from it without copying: all of
+    it is handed out as that same object (hypercorn's `bytes()` of it is then free), a part
+    as a `memoryview` of it (one copy, hypercorn's), and a chunk header is found and cut from
+    it in place. So a chunked body (the ingester's own requests to an element are chunked,
+    in 1 MiB frames) costs one copy, not four, also when a read spans a chunk's end: with
+    the reads of a busy element that was every read, which made chunked bodies cost it about
+    1.5 CPU-s/GiB more than the same body with `Content-Length` (bench/element_framing.py).
+    Anything else (request heads, a line cut by a read, a partial take of merged bytes)
+    first merges into the bytearray and goes through h11's own code.
 
     Reproduce: feed `h11.Connection(h11.SERVER)` a request head, then a 1 MiB body read;
     `next_event()` returns `Data` whose `data` is a new bytearray, not the bytes fed.
@@ -532,23 +536,26 @@ class _PassThroughReceiveBuffer(ReceiveBuffer):
 
     def __init__(self) -> None:
         super().__init__()
-        self._whole: bytes | None = None
+        # A read not merged into `_data` (then empty), from `_pos` on.
+        self._src: bytes | None = None
+        self._pos = 0
 
     def _merge(self) -> None:
-        if self._whole is not None:
-            self._data += self._whole
-            self._whole = None
+        src = self._src
+        if src is not None:
+            self._data += memoryview(src)[self._pos :]
+            self._src = None
 
     def __iadd__(self, byteslike: bytes | bytearray) -> _PassThroughReceiveBuffer:
-        if self._whole is None and not self._data and type(byteslike) is bytes:
-            self._whole = byteslike
+        if self._src is None and not self._data and type(byteslike) is bytes and byteslike:
+            self._src, self._pos = byteslike, 0
         else:
             self._merge()
             self._data += byteslike
         return self
 
     def __len__(self) -> int:
-        return len(self._data) + (len(self._whole) if self._whole is not None else 0)
+        return len(self._data) + (len(self._src) - self._pos if self._src is not None else 0)
 
     def __bool__(self) -> bool:
         return bool(len(self))
@@ -561,19 +568,36 @@ class _PassThroughReceiveBuffer(ReceiveBuffer):
         self._merge()
         return super()._extract(count)
 
+    def _taken(self) -> None:
+        self._next_line_search = 0
+        self._multiple_lines_search = 0
+
     def maybe_extract_at_most(self, count: int) -> bytearray | None:
-        whole = self._whole
-        if whole is not None and count >= len(whole):
-            self._whole = None
-            self._next_line_search = 0
-            self._multiple_lines_search = 0
-            return whole  # type: ignore[return-value]  # h11's readers take any bytes-like
-        self._merge()
+        src = self._src
+        if src is not None:
+            self._taken()
+            pos = self._pos
+            if pos + count >= len(src):
+                self._src = None
+                # h11's readers take any bytes-like.
+                return src if pos == 0 else memoryview(src)[pos:]  # type: ignore[return-value]
+            self._pos = pos + count
+            return memoryview(src)[pos : pos + count]  # type: ignore[return-value]
         if not self._data:
             return None
         return super()._extract(count)
 
     def maybe_extract_next_line(self) -> bytearray | None:
+        src = self._src
+        if src is not None:
+            end = src.find(b"\r\n", self._pos)
+            if end != -1:
+                self._taken()
+                line = bytearray(memoryview(src)[self._pos : end + 2])
+                self._pos = end + 2
+                if self._pos == len(src):
+                    self._src = None
+                return line
         self._merge()
         return super().maybe_extract_next_line()
 

@@ -78,6 +78,29 @@ def test_a_body_read_is_handed_over_as_the_same_object() -> None:
     assert isinstance(conn.next_event(), h11.EndOfMessage)
 
 
+def test_a_chunked_body_is_handed_over_without_copies_across_chunk_ends() -> None:
+    """Reads that each span a chunk's end (a busy element's reads of the ingester's 1 MiB
+    frames): every piece of data is the read itself or a view of it, never a bytearray
+    copy, and the bytes are exactly the frames'."""
+    frames = [bytes([i]) * 1000 for i in range(1, 6)]
+    stream = b"".join(b"%x\r\n%b\r\n" % (len(f), f) for f in frames) + b"0\r\n\r\n"
+    reads = [stream[i : i + 1500] for i in range(0, len(stream), 1500)]
+    with buffer_class(_PassThroughReceiveBuffer):
+        conn = h11.Connection(h11.SERVER)
+    conn.receive_data(CHUNKED_HEAD)
+    assert isinstance(conn.next_event(), h11.Request)
+    received = b""
+    kinds: set[type] = set()
+    for read in reads:
+        conn.receive_data(read)
+        while isinstance(event := conn.next_event(), h11.Data):
+            kinds.add(type(event.data))
+            received += bytes(event.data)
+    assert isinstance(event, h11.EndOfMessage)
+    assert received == b"".join(frames)
+    assert bytearray not in kinds, "a piece of the body was copied into h11's bytearray"
+
+
 def test_a_read_holding_more_than_the_body_still_splits_where_h11_does() -> None:
     body = b"x" * 1000
     stream = HEAD % len(body) + body + HEAD % 3 + b"abc"
