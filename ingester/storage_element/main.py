@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def storage_element_command(args: argparse.Namespace) -> int:
     from .. import logs
-    from ..server import set_socket_read_size
+    from ..server import pass_received_bodies_through, set_socket_read_size
     from ..settings import SEMode
     from .config import ElementConfig
 
@@ -94,6 +94,8 @@ def storage_element_command(args: argparse.Namespace) -> int:
         artstore_compat=args.artstore_compat,
     )
     set_socket_read_size(SOCKET_READ_SIZE)
+    # Bodies as the socket returns them, as the real element's C parser (httptools) does.
+    pass_received_bodies_through()
     status = 0
     try:
         trio.run(run_storage_element, config)
