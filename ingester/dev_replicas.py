@@ -28,11 +28,11 @@ import httpx
 import trio
 
 from .auth.tokens import generate_keypair, make_token
-from .dev import (
+from .dev_parts import (
     DEV_TOKEN_TTL_S,
     STARTUP_TIMEOUT_S,
     ChildProcess,
-    _print_banner,
+    print_banner,
     start_elements,
     wait_answering,
 )
@@ -273,7 +273,7 @@ async def run_dev_replicas(
             topology = _topology(
                 servers, data_dir, stats, redis_url, None if base.redis_url else plan["redis"][0]
             )
-            _print_banner(url, [f"{host}:{port}"], token, data_dir, private_key, topology=topology)
+            print_banner(url, [f"{host}:{port}"], token, data_dir, private_key, topology=topology)
             # The stack runs until the user stops it: no deadline on this wait by design.
             async for _ in signals:
                 break

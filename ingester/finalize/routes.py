@@ -5,7 +5,7 @@ from __future__ import annotations
 from quart import Blueprint, Response, request
 
 from ..errors import Forbidden, InvalidField
-from ..http.app import authenticate, authenticate_uploader, json_response, service
+from ..http.common import authenticate, authenticate_uploader, json_response, service
 from .errors import TransactionNotFound
 from .record import TxState
 

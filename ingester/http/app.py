@@ -5,12 +5,11 @@ states and load are nobody else's business)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 import uuid
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import trio
 from quart import Blueprint, Response, current_app, request
@@ -18,25 +17,24 @@ from quart_trio import QuartTrio
 
 from .. import __version__, logs
 from ..auth.principal import Principal
-from ..auth.verifier import bearer_from_header, require_upload
 from ..errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
-    IngesterError,
     InvalidField,
     NotFound,
-    Unauthorized,
     UploadIdInUse,
     UploadNotFound,
 )
+from ..groups import collapse
 from ..http.multipart import parse_boundary
 from ..resilience.breaker import BreakerState
 from ..service import Service
 from ..settings import Settings
 from ..upload.digest import ExpectedDigest, parse_content_digest
 from ..upload.idempotency import IdempotentResult, parse_key, scoped_key
-from ..upload.ingest import body_fingerprint, collapse, ingest
+from ..upload.ingest import body_fingerprint, ingest
 from .base import make_app
+from .common import authenticate, authenticate_uploader, json_response, service
 from .cors import install_cors
 from .docs import docs
 from .openapi import openapi_document
@@ -61,46 +59,6 @@ ops = Blueprint("ops", __name__)
 probes = Blueprint("probes", __name__)
 # app.config key: true when an internal listener serves metrics and readiness detail.
 DETAIL_ELSEWHERE: Final = "INGESTER_DETAIL_ON_INTERNAL_PORT"
-
-
-def service() -> Service:
-    return cast(Service, current_app.config["INGESTER_SERVICE"])
-
-
-def json_response(
-    payload: Any, status: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(
-        json.dumps(payload, ensure_ascii=False),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
-
-
-async def authenticate() -> Principal:
-    svc = service()
-    try:
-        if svc.verifier is None:
-            raise Unauthorized("token verification is not configured on this ingester")
-        token = await bearer_from_header(request.headers.get("Authorization"))
-        principal = await svc.verifier.verify(token)
-    except Unauthorized:
-        svc.metrics.auth_failures.labels("401").inc()
-        raise
-    logs.bind(user=principal.username)
-    return principal
-
-
-async def authenticate_uploader() -> Principal:
-    """The caller, who must be allowed to upload (403 otherwise, counted)."""
-    principal = await authenticate()
-    try:
-        require_upload(principal)
-    except IngesterError:
-        service().metrics.auth_failures.labels("403").inc()
-        raise
-    return principal
 
 
 # --- uploads -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Final
 
 import trio
 
-from ..upload.ingest import collapse
+from ..groups import collapse
 from .errors import TusStoreUnavailable, UploadLocked
 from .store import LockState, TusStore
 

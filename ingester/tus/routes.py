@@ -13,7 +13,7 @@ from typing import Final
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
-from ..http.app import authenticate, authenticate_uploader, json_response, service
+from ..http.common import authenticate, authenticate_uploader, json_response, service
 from .errors import InvalidTusHeader
 from .protocol import (
     TUS_VERSION,

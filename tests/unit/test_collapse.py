@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from ingester.errors import NoStorageAvailable, StorageElementError
-from ingester.upload.ingest import collapse
+from ingester.groups import collapse
 
 
 def cancelled() -> trio.Cancelled:
@@ -33,7 +33,7 @@ def test_the_project_error_is_reported_and_a_bug_beside_it_is_logged_with_its_tr
         raise TypeError("a bug")
     except TypeError as exc:
         bug = exc
-    with caplog.at_level(logging.INFO, logger="ingester.upload.ingest"):
+    with caplog.at_level(logging.INFO, logger="ingester.groups"):
         chosen = collapse(BaseExceptionGroup("g", [bug, element]))
     assert chosen is element
     (record,) = caplog.records
@@ -47,7 +47,7 @@ def test_a_second_project_error_is_logged_as_information(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     first, second = StorageElementError("se-1 went away"), NoStorageAvailable()
-    with caplog.at_level(logging.INFO, logger="ingester.upload.ingest"):
+    with caplog.at_level(logging.INFO, logger="ingester.groups"):
         chosen = collapse(BaseExceptionGroup("g", [BaseExceptionGroup("inner", [first]), second]))
     assert chosen is first
     (record,) = caplog.records
@@ -58,7 +58,7 @@ def test_a_second_project_error_is_logged_as_information(
 def test_cancellations_are_not_errors_and_only_cancellations_stay_a_group(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="ingester.upload.ingest"):
+    with caplog.at_level(logging.INFO, logger="ingester.groups"):
         only = BaseExceptionGroup("g", [cancelled(), cancelled()])
         assert collapse(only) is only
         error = StorageElementError("x")

@@ -6,8 +6,8 @@ import pytest
 import trio
 
 from ingester.errors import InvalidField, ServiceBusy, ShuttingDown, TooManyUploads
+from ingester.groups import collapse, only_cancelled
 from ingester.upload.admission import Admission
-from ingester.upload.ingest import collapse, only_cancelled
 from ingester.upload.pipeline import plan_is_settled
 from ingester.upload.progress import ProgressBook, UploadState
 

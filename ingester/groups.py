@@ -1,0 +1,61 @@
+"""Exception groups from nurseries: what a request reports when several of its tasks fail.
+
+Below every feature (it knows only the project's error tree), so any part may use it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from .errors import IngesterError
+
+log = logging.getLogger(__name__)
+
+
+def only_cancelled(exc: BaseException) -> bool:
+    """A `Cancelled`, or a group holding nothing else: the request itself was cancelled."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(only_cancelled(inner) for inner in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
+
+
+def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error to report for a nursery's group: the first project error, else the first one.
+
+    A group of nothing but `Cancelled` is the caller's own cancellation and goes on as is.
+    """
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    walk(group)
+    if not leaves:
+        return group
+    chosen = next((e for e in leaves if isinstance(e, IngesterError)), leaves[0])
+    # What is not reported must not vanish: a bug beside an element failure, say.
+    for other in leaves:
+        if other is chosen:
+            continue
+        if isinstance(other, IngesterError):
+            log.info(
+                "also failed: %s (%s), reported: %s",
+                other.code,
+                other,
+                getattr(chosen, "code", type(chosen).__name__),
+                extra={"event": "error_not_reported"},
+            )
+        else:
+            log.error(
+                "unexpected error beside the reported one (%s)",
+                getattr(chosen, "code", type(chosen).__name__),
+                exc_info=other,
+                extra={"event": "error_not_reported"},
+            )
+    return chosen
