@@ -12,6 +12,8 @@ not at all, a guard that does not hold refuses both, and a reply can be lost aft
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -20,7 +22,7 @@ import trio
 from ingester.errors import IngesterError, SagaOutcomeUnknown
 from ingester.metrics import Metrics
 from ingester.resilience.retry import RetryPolicy
-from ingester.saga.book import SagaBook
+from ingester.saga.book import Saga, SagaBook
 from ingester.saga.commit import ResultCommit, ResultRefused, ResultWrite
 from ingester.saga.record import Copy, SagaRecord, SagaState
 from ingester.saga.store import MemorySagaStore, StoreUnavailable
@@ -127,134 +129,114 @@ class Elements:
         return True
 
 
-def book_on(store: MemorySagaStore, elements: Elements) -> SagaBook:
-    return SagaBook(
-        store,
-        elements.compensate,
-        Metrics(),
-        lease_s=30.0,
-        janitor_interval_s=10.0,
-        backoff=RetryPolicy(),
-        compensation_timeout_s=1.0,
-    )
+class Running:
+    """A saga book running in a nursery, with one upload that sent bytes to `KEPT`."""
+
+    def __init__(self, store: MemorySagaStore) -> None:
+        self.store = store
+        self.elements = Elements()
+        self.book = SagaBook(
+            store,
+            self.elements.compensate,
+            Metrics(),
+            lease_s=30.0,
+            janitor_interval_s=10.0,
+            backoff=RetryPolicy(),
+            compensation_timeout_s=1.0,
+        )
+        self.saga: Saga
 
 
-async def stored_upload(book: SagaBook, upload_id: str = "u1") -> Any:
-    saga = book.begin(upload_id, "f1", user="alice", authorization=None)
-    await saga.sending_to(KEPT)  # the `receiving` record, written before the first byte
-    return saga
+@asynccontextmanager
+async def upload_on(store: MemorySagaStore) -> AsyncIterator[Running]:
+    """The upload's `receiving` record written (before its first byte), then the test; the
+    handler's end (`book.end`) and the book's background work once the test is done."""
+    with trio.fail_after(5):
+        running = Running(store)
+        async with trio.open_nursery() as nursery:
+            running.book._nursery = nursery
+            running.saga = running.book.begin("u1", "f1", user="alice", authorization=None)
+            await running.saga.sending_to(KEPT)
+            yield running
+            running.book.end(running.saga)
 
 
 async def test_the_result_is_written_in_the_settle() -> None:
-    with trio.fail_after(5):
-        store, elements = AtomicStore(), Elements()
-        book = book_on(store, elements)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = await stored_upload(book)
-            commit = Commit()
-            await saga.succeeded(KEPT, commit, RESULT)
-            book.end(saga)
-        assert store.strings == {"result": "f1"}
-        assert store.record("u1") is None  # settled: the record went in the same step
-        assert commit.applied
-        assert commit.written == [], "written a second time, outside the settle"
-        assert elements.removed == []
+    store, commit = AtomicStore(), Commit()
+    async with upload_on(store) as up:
+        await up.saga.succeeded(KEPT, commit, RESULT)
+    assert store.strings == {"result": "f1"}
+    assert store.record("u1") is None  # settled: the record went in the same step
+    assert commit.applied
+    assert commit.written == [], "written a second time, outside the settle"
+    assert up.elements.removed == []
 
 
 async def test_a_guard_that_fails_settles_nothing_and_the_copy_goes() -> None:
     # A tus upload whose lock another replica took meanwhile: that replica stores it.
-    with trio.fail_after(5):
-        store, elements = AtomicStore(), Elements()
-        store.strings["lock"] = "someone else"
-        book = book_on(store, elements)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = await stored_upload(book)
-            commit = Commit(guard=("lock", "mine"))
-            with pytest.raises(Refused):
-                await saga.succeeded(KEPT, commit, RESULT)
-            left = store.record("u1")
-            assert left is not None
-            assert left.state is SagaState.RECEIVING
-            await saga.failed(KEPT)
-            book.end(saga)
-        assert "result" not in store.strings
-        assert not commit.applied
-        assert elements.removed == [KEPT]
-        assert store.record("u1") is None
+    store, commit = AtomicStore(), Commit(guard=("lock", "mine"))
+    store.strings["lock"] = "someone else"
+    async with upload_on(store) as up:
+        with pytest.raises(Refused):
+            await up.saga.succeeded(KEPT, commit, RESULT)
+        left = store.record("u1")
+        assert left is not None
+        assert left.state is SagaState.RECEIVING
+        await up.saga.failed(KEPT)
+    assert "result" not in store.strings
+    assert not commit.applied
+    assert up.elements.removed == [KEPT]
+    assert store.record("u1") is None
 
 
 async def test_a_lost_reply_undoes_nothing_when_the_settle_was_written() -> None:
     # The settle and the result reached Redis; its answer did not (the master died). A
     # retry will read the result, so its file must stay: nothing is compensated here.
-    with trio.fail_after(5):
-        store, elements = AtomicStore(), Elements()
-        book = book_on(store, elements)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = await stored_upload(book)
-            store.lose_reply = True
-            with pytest.raises(SagaOutcomeUnknown) as raised:
-                await saga.succeeded(KEPT, Commit(), RESULT)
-            assert raised.value.code == "SAGA_STORE_UNAVAILABLE"
-            await saga.failed(KEPT)
-            book.end(saga)
-        assert store.strings == {"result": "f1"}
-        assert elements.removed == []
-        assert store.record("u1") is None
+    store = AtomicStore()
+    async with upload_on(store) as up:
+        store.lose_reply = True
+        with pytest.raises(SagaOutcomeUnknown) as raised:
+            await up.saga.succeeded(KEPT, Commit(), RESULT)
+        assert raised.value.code == "SAGA_STORE_UNAVAILABLE"
+        await up.saga.failed(KEPT)
+    assert store.strings == {"result": "f1"}
+    assert up.elements.removed == []
+    assert store.record("u1") is None
 
 
 async def test_a_settle_that_never_arrived_leaves_the_record_to_a_janitor() -> None:
     # The same error, but nothing was written: the `receiving` record, no longer renewed,
     # is claimed once its lease runs out and every copy is removed then.
-    with trio.fail_after(5):
-        store, elements = AtomicStore(), Elements()
-        book = book_on(store, elements)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = await stored_upload(book)
-            store.down = True
-            with pytest.raises(SagaOutcomeUnknown):
-                await saga.succeeded(KEPT, Commit(), RESULT)
-            await saga.failed(KEPT)
-            book.end(saga)
-            store.down = False
-        assert elements.removed == []
-        assert saga.upload_id not in book.active, "its lease would still be renewed"
-        claimed = await store.claim_due("janitor", now=1e12, due=2e12, limit=10)
-        assert [(r.upload_id, r.targets()) for r in claimed] == [("u1", [KEPT])]
-        assert store.strings == {}
+    store = AtomicStore()
+    async with upload_on(store) as up:
+        store.down = True
+        with pytest.raises(SagaOutcomeUnknown):
+            await up.saga.succeeded(KEPT, Commit(), RESULT)
+        await up.saga.failed(KEPT)
+    store.down = False
+    assert up.elements.removed == []
+    assert up.saga.upload_id not in up.book.active, "its lease would still be renewed"
+    claimed = await store.claim_due("janitor", now=1e12, due=2e12, limit=10)
+    assert [(r.upload_id, r.targets()) for r in claimed] == [("u1", [KEPT])]
+    assert store.strings == {}
 
 
 async def test_a_store_without_atomic_results_writes_the_result_after_the_settle() -> None:
-    with trio.fail_after(5):
-        store, elements = MemorySagaStore(), Elements()
-        book = book_on(store, elements)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = await stored_upload(book)
-            commit = Commit()
-            await saga.succeeded(KEPT, commit, RESULT)
-            book.end(saga)
-        assert commit.written == [RESULT]
-        assert commit.applied
+    commit = Commit()
+    async with upload_on(MemorySagaStore()) as up:
+        await up.saga.succeeded(KEPT, commit, RESULT)
+    assert commit.written == [RESULT]
+    assert commit.applied
 
 
 async def test_a_record_never_written_gets_its_result_written_on_its_own() -> None:
     # Redis was away for the whole upload: no record to settle, the result is written
     # (or its failure logged) as before.
-    with trio.fail_after(5):
-        store, elements = AtomicStore(), Elements()
-        book = book_on(store, elements)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            store.down = True
-            saga = await stored_upload(book)
-            assert not saga.written
-            commit = Commit()
-            await saga.succeeded(KEPT, commit, RESULT)
-            book.end(saga)
-        assert commit.written == [RESULT]
-        assert commit.applied
-        assert elements.removed == []
+    store, commit = AtomicStore(), Commit()
+    store.down = True
+    async with upload_on(store) as up:
+        assert not up.saga.written
+        await up.saga.succeeded(KEPT, commit, RESULT)
+    assert commit.written == [RESULT]
+    assert commit.applied
+    assert up.elements.removed == []
