@@ -24,10 +24,10 @@ from typing import Any, Final
 
 import trio
 
-from ..errors import SagaOutcomeUnknown, SagaTakenOver
+from ..errors import SagaOutcomeUnknown, SagaStoreUnavailable, SagaTakenOver
 from ..metrics import Metrics
 from ..resilience.retry import RetryPolicy, backoff_s
-from .commit import ResultCommit, ResultRefused, ResultWrite
+from .commit import ResultCommit, ResultRefused, ResultUnknown, ResultWrite
 from .record import Copy, SagaRecord, SagaState
 from .store import SagaStore, StoreUnavailable
 
@@ -55,8 +55,9 @@ class Saga:
         self.lost = False
         self.settled = False
         # The settle's write may or may not have happened (the store went away while it
-        # ran): the record in the store decides, through a janitor once the lease runs out.
-        self.unresolved = False
+        # ran), and it carried a result a retry may read: the result's store decides
+        # (`SagaBook.resolve`), with this commit and result.
+        self.unresolved: tuple[ResultCommit, dict[str, Any]] | None = None
         self._compensating = False
         # One write of this record at a time. The lease keeper writes a record a store
         # outage kept unsynced; without this, that write (of the record as it was) could
@@ -124,11 +125,17 @@ class Saga:
             if not self.written:
                 # Never in the store: no one else can know of it, no one can undo it.
                 ok = True
-            else:
-                # The script may have run (and its result been seen by a retry): undoing
-                # the upload here could remove a file the result names. The record decides.
-                self.unresolved = True
+            elif write is not None and commit is not None:
+                # The script may have run, and its result reached a replica a retry will
+                # read: undoing the upload now could remove the file that result names.
+                self.unresolved = (commit, result)
                 raise SagaOutcomeUnknown(
+                    f"the upload's saga record could not be confirmed: {exc}"
+                ) from exc
+            else:
+                # No result rides on it: whatever the store holds, no retry can learn of
+                # this copy, so the upload fails and its copies go.
+                raise SagaStoreUnavailable(
                     f"the upload's saga record could not be confirmed: {exc}"
                 ) from exc
         if not ok:
@@ -151,13 +158,14 @@ class Saga:
 
     async def _failed(self, current: Copy | None) -> None:
         self.settled = True
-        if self.unresolved:
+        if self.unresolved is not None:
             log.warning(
                 "the outcome of saga %s is unknown (the store went away while it was "
-                "settled); a janitor acts on its record once the lease runs out",
+                "settled): asking the result's store before removing anything",
                 self.upload_id,
                 extra={"event": "saga_unresolved", "file_id": self.record.file_id},
             )
+            self.book.resolve_in_background(self)
             return
         self.record.settle_failure()
         if (
@@ -228,7 +236,7 @@ class SagaBook:
         forgotten here; one with copies left stays until its compensator finishes."""
         if not saga._compensating:
             self.active.pop(saga.upload_id, None)
-            if saga.written and not saga.unresolved:
+            if saga.written:
                 self._spawn(self._delete, saga)
 
     # --- store calls ------------------------------------------------------------------------
@@ -315,6 +323,60 @@ class SagaBook:
                 saga.record.forget(copy)
 
         self._spawn_fn(one)
+
+    def resolve_in_background(self, saga: Saga) -> None:
+        saga._compensating = True
+        self.active[saga.upload_id] = saga
+        self._spawn(self.resolve, saga)
+
+    async def resolve(self, saga: Saga) -> None:
+        """A settle whose outcome is unknown: ask the result's store (with backoff, for as
+        long as it cannot answer) whether the result is there. There: the upload happened,
+        a retry will be told of its copy, which stays (abandoned copies go). Not there: no
+        retry can learn of any copy, and every one goes. The saga's lock is held meanwhile,
+        so the lease keeper does not write the record as it stands."""
+        assert saga.unresolved is not None
+        commit, result = saga.unresolved
+        record = saga.record
+        attempts = 0
+        async with saga.lock:
+            while True:
+                try:
+                    with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                        recorded = await commit.recorded(result)
+                    break
+                except (ResultUnknown, trio.TooSlowError) as exc:
+                    attempts += 1
+                    wait = backoff_s(attempts, self.backoff, self._random.random)
+                    log.info(
+                        "saga %s: the result's store cannot say yet (%s); again in %.1f s",
+                        saga.upload_id,
+                        exc or "timeout",
+                        wait,
+                        extra={"event": "saga_unresolved"},
+                    )
+                    await trio.sleep(max(wait, 0.05))
+            saga.unresolved = None
+            # Whatever the lease keeper saw meanwhile, this process finishes the record.
+            saga.lost = False
+            if recorded:
+                assert record.kept is not None
+                record.settle_success(record.kept)
+            else:
+                record.settle_failure()
+        log.warning(
+            "saga %s resolved: the result %s; %s",
+            saga.upload_id,
+            "was recorded" if recorded else "was not recorded",
+            "its copy stays" if recorded else "every copy goes",
+            extra={"event": "saga_resolved", "file_id": record.file_id},
+        )
+        saga._compensating = False
+        if record.copies:
+            self.compensate_in_background(saga)
+        else:
+            self.active.pop(saga.upload_id, None)
+            await self._delete(saga)
 
     def compensate_in_background(self, saga: Saga) -> None:
         if not saga.record.copies:

@@ -40,6 +40,10 @@ class ResultRefused(Exception):
     """The result's guard did not hold: nothing was settled or written."""
 
 
+class ResultUnknown(Exception):
+    """The result's store could not be asked."""
+
+
 class ResultCommit(ABC):
     """How one upload's result is recorded. Built by the result's owner (HTTP idempotency,
     tus), used once by the saga when the upload succeeds."""
@@ -62,3 +66,8 @@ class ResultCommit(ABC):
     @abstractmethod
     def refusal(self) -> IngesterError:
         """The error the upload fails with when the guard does not hold."""
+
+    @abstractmethod
+    async def recorded(self, result: dict[str, Any]) -> bool:
+        """Whether the store holds `result` (after a settle whose answer was lost); raises
+        `ResultUnknown` when the store cannot be asked."""

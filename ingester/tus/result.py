@@ -14,11 +14,11 @@ import time
 from typing import Any
 
 from ..errors import IngesterError
-from ..saga.commit import ResultCommit, ResultWrite
-from .errors import UploadLocked
+from ..saga.commit import ResultCommit, ResultUnknown, ResultWrite
+from .errors import TusStoreUnavailable, UploadLocked
 from .locks import Lease
 from .pipelined import LiveStream
-from .state import TusUpload
+from .state import Phase, TusUpload
 from .store import TusStore
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,18 @@ class TusResult(ResultCommit):
     def refusal(self) -> IngesterError:
         return UploadLocked("the upload's lock was lost while it was stored")
 
+    async def recorded(self, result: dict[str, Any]) -> bool:
+        try:
+            state = await self._store.get(self._upload.id)
+        except TusStoreUnavailable as exc:
+            raise ResultUnknown(str(exc)) from exc
+        return (
+            state is not None
+            and state.phase is Phase.DONE
+            and state.result is not None
+            and state.result.get("file_id") == result.get("file_id")
+        )
+
 
 class StreamResult(ResultCommit):
     """The commit of a pipelined store: the completion's `TusResult`, which exists once it
@@ -90,6 +102,11 @@ class StreamResult(ResultCommit):
     def refusal(self) -> IngesterError:
         target = self._target()
         return UploadLocked() if target is None else target.refusal()
+
+    async def recorded(self, result: dict[str, Any]) -> bool:
+        target = self._target()
+        # Without the completion's commit nothing could have been written with the settle.
+        return False if target is None else await target.recorded(result)
 
     def mark_applied(self) -> None:
         super().mark_applied()

@@ -30,7 +30,7 @@ import redis
 import trio
 
 from ..errors import IngesterError, InvalidField
-from ..saga.commit import ResultCommit, ResultWrite
+from ..saga.commit import ResultCommit, ResultUnknown, ResultWrite
 from ..storage.redis_registry import make_client
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class IdempotencyStore(Protocol):
 
     async def renew(self, key: str, owner: str, ttl_s: float) -> None: ...
 
+    async def get(self, key: str) -> Entry | None: ...
+
     async def complete(self, key: str, entry: Entry, ttl_s: float) -> None: ...
 
     async def release(self, key: str, owner: str) -> None:
@@ -129,6 +131,9 @@ class MemoryIdempotencyStore:
             for k in list(self._entries):
                 self._get(k)
         return None
+
+    async def get(self, key: str) -> Entry | None:
+        return self._get(key)
 
     async def renew(self, key: str, owner: str, ttl_s: float) -> None:
         existing = self._get(key)
@@ -208,6 +213,10 @@ class RedisIdempotencyStore:
             return None
         raw, left_ms = found
         return replace(Entry.from_json(raw), ttl_s=left_ms / 1000 if left_ms > 0 else None)
+
+    async def get(self, key: str) -> Entry | None:
+        raw = await self._call(lambda: self._client.get(KEY_PREFIX + key))
+        return None if raw is None else Entry.from_json(raw)
 
     async def renew(self, key: str, owner: str, ttl_s: float) -> None:
         await self._call(
@@ -318,3 +327,15 @@ class IdempotentResult(ResultCommit):
     def refusal(self) -> IngesterError:
         # Never used: the write has no guard.
         return IngesterError("the upload's result could not be recorded")
+
+    async def recorded(self, result: dict[str, Any]) -> bool:
+        try:
+            entry = await self._guard.store.get(self._key)
+        except StoreUnavailable as exc:
+            raise ResultUnknown(str(exc)) from exc
+        return (
+            entry is not None
+            and entry.state == "done"
+            and entry.result is not None
+            and entry.result.get("file_id") == result.get("file_id")
+        )

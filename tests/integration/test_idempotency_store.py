@@ -58,6 +58,10 @@ async def test_releasing_a_claim_keeps_a_result_written_meanwhile(
         done = Entry("done", "first", "fp", {"file_id": "f1"})
         await store.complete("k", done, ttl_s=600)
         await store.release("k", "first")
+        read = await store.get("k")
+        assert read is not None
+        assert (read.state, read.result) == ("done", {"file_id": "f1"})
+        assert await store.get("nothing") is None
         kept = await store.claim("k", Entry("running", "second"), ttl_s=30)
         assert kept is not None
         assert (kept.state, kept.result) == ("done", {"file_id": "f1"})

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 import trio
 
-from ingester.errors import IngesterError, SagaOutcomeUnknown
+from ingester.errors import IngesterError, SagaOutcomeUnknown, SagaStoreUnavailable
 from ingester.metrics import Metrics
 from ingester.resilience.retry import RetryPolicy
 from ingester.saga.book import Saga, SagaBook
-from ingester.saga.commit import ResultCommit, ResultRefused, ResultWrite
+from ingester.saga.commit import ResultCommit, ResultRefused, ResultUnknown, ResultWrite
 from ingester.saga.record import Copy, SagaRecord, SagaState
 from ingester.saga.store import MemorySagaStore, StoreUnavailable
 
@@ -100,13 +100,17 @@ class AtomicStore(MemorySagaStore):
 
 
 class Commit(ResultCommit):
-    """The result under `key`; `guard` as the owner's store would set it."""
+    """The result under `key` in `store`'s strings; `guard` as the owner's store sets it."""
 
-    def __init__(self, key: str = "result", guard: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, store: AtomicStore | None = None, guard: tuple[str, str] | None = None
+    ) -> None:
         super().__init__()
-        self.key = key
+        self.store = store
+        self.key = "result"
         self.guard = guard
         self.written: list[dict[str, Any]] = []
+        self.asked = 0
 
     def redis_write(self, result: dict[str, Any]) -> ResultWrite | None:
         return ResultWrite(self.key, str(result["file_id"]), 0, guard=self.guard)
@@ -116,6 +120,13 @@ class Commit(ResultCommit):
 
     def refusal(self) -> IngesterError:
         return Refused("the lock was lost")
+
+    async def recorded(self, result: dict[str, Any]) -> bool:
+        assert self.store is not None
+        self.asked += 1
+        if self.store.down:
+            raise ResultUnknown("down")
+        return bool(self.store.strings.get(self.key) == result["file_id"])
 
 
 class Elements:
@@ -148,10 +159,10 @@ class Running:
 
 
 @asynccontextmanager
-async def upload_on(store: MemorySagaStore) -> AsyncIterator[Running]:
+async def upload_on(store: MemorySagaStore, within_s: float = 5) -> AsyncIterator[Running]:
     """The upload's `receiving` record written (before its first byte), then the test; the
     handler's end (`book.end`) and the book's background work once the test is done."""
-    with trio.fail_after(5):
+    with trio.fail_after(within_s):
         running = Running(store)
         async with trio.open_nursery() as nursery:
             running.book._nursery = nursery
@@ -162,7 +173,8 @@ async def upload_on(store: MemorySagaStore) -> AsyncIterator[Running]:
 
 
 async def test_the_result_is_written_in_the_settle() -> None:
-    store, commit = AtomicStore(), Commit()
+    store = AtomicStore()
+    commit = Commit(store)
     async with upload_on(store) as up:
         await up.saga.succeeded(KEPT, commit, RESULT)
     assert store.strings == {"result": "f1"}
@@ -174,7 +186,8 @@ async def test_the_result_is_written_in_the_settle() -> None:
 
 async def test_a_guard_that_fails_settles_nothing_and_the_copy_goes() -> None:
     # A tus upload whose lock another replica took meanwhile: that replica stores it.
-    store, commit = AtomicStore(), Commit(guard=("lock", "mine"))
+    store = AtomicStore()
+    commit = Commit(store, guard=("lock", "mine"))
     store.strings["lock"] = "someone else"
     async with upload_on(store) as up:
         with pytest.raises(Refused):
@@ -189,36 +202,59 @@ async def test_a_guard_that_fails_settles_nothing_and_the_copy_goes() -> None:
     assert store.record("u1") is None
 
 
-async def test_a_lost_reply_undoes_nothing_when_the_settle_was_written() -> None:
+async def test_a_lost_reply_keeps_the_copy_the_recorded_result_names() -> None:
     # The settle and the result reached Redis; its answer did not (the master died). A
-    # retry will read the result, so its file must stay: nothing is compensated here.
+    # retry will read the result, so its file must stay: the result's store is asked first.
     store = AtomicStore()
+    commit = Commit(store)
     async with upload_on(store) as up:
         store.lose_reply = True
         with pytest.raises(SagaOutcomeUnknown) as raised:
-            await up.saga.succeeded(KEPT, Commit(), RESULT)
+            await up.saga.succeeded(KEPT, commit, RESULT)
         assert raised.value.code == "SAGA_STORE_UNAVAILABLE"
         await up.saga.failed(KEPT)
+    assert commit.asked == 1
     assert store.strings == {"result": "f1"}
     assert up.elements.removed == []
     assert store.record("u1") is None
+    assert up.saga.upload_id not in up.book.active
 
 
-async def test_a_settle_that_never_arrived_leaves_the_record_to_a_janitor() -> None:
-    # The same error, but nothing was written: the `receiving` record, no longer renewed,
-    # is claimed once its lease runs out and every copy is removed then.
+async def test_a_settle_that_never_arrived_removes_the_copy_once_the_store_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The same error, but nothing was written, and the store stays away a while: nothing is
+    # removed until it can say the result is not there; then every copy goes.
     store = AtomicStore()
-    async with upload_on(store) as up:
+    commit = Commit(store)
+    async with upload_on(store, within_s=600) as up:
         store.down = True
         with pytest.raises(SagaOutcomeUnknown):
-            await up.saga.succeeded(KEPT, Commit(), RESULT)
+            await up.saga.succeeded(KEPT, commit, RESULT)
         await up.saga.failed(KEPT)
-    store.down = False
-    assert up.elements.removed == []
-    assert up.saga.upload_id not in up.book.active, "its lease would still be renewed"
-    claimed = await store.claim_due("janitor", now=1e12, due=2e12, limit=10)
-    assert [(r.upload_id, r.targets()) for r in claimed] == [("u1", [KEPT])]
+        up.book.end(up.saga)
+        await trio.sleep(30)
+        assert commit.asked > 1, "the store was not asked again"
+        assert up.elements.removed == [], "a copy was removed before the store answered"
+        store.down = False
+        # Longer than the backoff's longest wait: the store has been asked again since.
+        await trio.sleep(120)
+        assert up.saga.upload_id not in up.book.active
+    assert up.elements.removed == [KEPT]
+    assert store.record("u1") is None
     assert store.strings == {}
+
+
+async def test_without_a_result_a_lost_reply_fails_the_upload_and_removes_its_copy() -> None:
+    # No Idempotency-Key, no tus state: no retry can ever learn of this copy.
+    store = AtomicStore()
+    async with upload_on(store) as up:
+        store.lose_reply = True
+        with pytest.raises(SagaStoreUnavailable) as raised:
+            await up.saga.succeeded(KEPT)
+        assert not isinstance(raised.value, SagaOutcomeUnknown)
+        await up.saga.failed(KEPT)
+    assert up.elements.removed == [KEPT]
 
 
 async def test_a_store_without_atomic_results_writes_the_result_after_the_settle() -> None:
@@ -232,7 +268,8 @@ async def test_a_store_without_atomic_results_writes_the_result_after_the_settle
 async def test_a_record_never_written_gets_its_result_written_on_its_own() -> None:
     # Redis was away for the whole upload: no record to settle, the result is written
     # (or its failure logged) as before.
-    store, commit = AtomicStore(), Commit()
+    store = AtomicStore()
+    commit = Commit(store)
     store.down = True
     async with upload_on(store) as up:
         assert not up.saga.written
