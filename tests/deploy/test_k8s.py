@@ -222,7 +222,10 @@ def test_spool_is_the_shared_read_write_many_claim_sized_for_every_replica() -> 
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     size = quantity(claim["spec"]["resources"]["requests"]["storage"])
     max_replicas = the("HorizontalPodAutoscaler")["spec"]["maxReplicas"]
-    assert size >= max_replicas * int(config()["INGESTER_SPOOL_MAX_BYTES"])
+    per_replica = int(config()["INGESTER_SPOOL_MAX_BYTES"]) + int(
+        config()["INGESTER_SPOOL_KEEP_BYTES"]
+    )
+    assert size >= max_replicas * per_replica
 
 
 def test_pod_runs_the_image_entry_point_as_its_user_with_a_read_only_root() -> None:
