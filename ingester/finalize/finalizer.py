@@ -323,7 +323,7 @@ class Finalizer:
         file_id = _uuid(raw_file_id)
         svc = self.svc
         if svc.draining:
-            raise ShuttingDown(headers={"Retry-After": str(self.settings.retry_after_s)})
+            raise ShuttingDown()
         authorization = await svc.se_auth.authorization(principal)
         source, meta = await self._locate(file_id, authorization)
         # Who uploaded it through an ingester comes first: the element may have recorded the
@@ -348,9 +348,7 @@ class Finalizer:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
                 holder = await self.store.create(tx, due=now + self.lease_s)
         except (StoreUnavailable, trio.TooSlowError) as exc:
-            raise FinalizeStoreUnavailable(
-                headers={"Retry-After": str(self.settings.retry_after_s)}
-            ) from exc
+            raise FinalizeStoreUnavailable() from exc
         if holder is not None:
             raise FinalizationInProgress(
                 f"file {file_id} is being (or was just) finalized by transaction {holder}"
@@ -373,18 +371,14 @@ class Finalizer:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
                 return await self.store.get(transaction_id)
         except (StoreUnavailable, trio.TooSlowError) as exc:
-            raise FinalizeStoreUnavailable(
-                headers={"Retry-After": str(self.settings.retry_after_s)}
-            ) from exc
+            raise FinalizeStoreUnavailable() from exc
 
     async def recent(self, limit: int) -> list[Transaction]:
         try:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
                 stored = await self.store.recent(limit)
         except (StoreUnavailable, trio.TooSlowError) as exc:
-            raise FinalizeStoreUnavailable(
-                headers={"Retry-After": str(self.settings.retry_after_s)}
-            ) from exc
+            raise FinalizeStoreUnavailable() from exc
         # This process's view of its own transactions is the freshest.
         return [self.active.get(tx.transaction_id, tx) for tx in stored]
 
@@ -445,8 +439,7 @@ class Finalizer:
                 raise AlreadyPermanent(f"file {file_id} is already on an rw element")
             if errors:
                 raise NoStorageAvailable(
-                    f"file {file_id} not found; some elements did not answer: {errors[-1]}",
-                    headers={"Retry-After": str(self.settings.retry_after_s)},
+                    f"file {file_id} not found; some elements did not answer: {errors[-1]}"
                 )
             raise FileNotFound(f"no temporary file {file_id} is known")
         copy, meta = found

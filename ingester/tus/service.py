@@ -236,7 +236,7 @@ class TusService:
         body: AsyncIterator[bytes],
     ) -> Answer:
         if self.svc.draining:
-            raise ShuttingDown(headers={"Retry-After": str(self.settings.retry_after_s)})
+            raise ShuttingDown()
         # The fields are checked now: a bad one fails before any byte is sent.
         description = describe_file(metadata)
         parse_upload_fields(
@@ -389,7 +389,7 @@ class TusService:
         if upload.phase is not Phase.RECEIVING:
             raise self._offset_error(upload)
         if self.svc.draining:
-            raise ShuttingDown(headers={"Retry-After": str(self.settings.retry_after_s)})
+            raise ShuttingDown()
         # What can be refused before waiting for the lock (the offset only can be checked
         # under it: a holder may still save bytes).
         upload.check_length(length, self.max_size)
@@ -459,8 +459,7 @@ class TusService:
         budget = self.svc.spool_budget
         if budget.used + content_length > budget.max_bytes:
             raise ServiceBusy(
-                f"the spool is full ({budget.used} of {budget.max_bytes} bytes in use)",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
+                f"the spool is full ({budget.used} of {budget.max_bytes} bytes in use)"
             )
 
     async def _receive(
@@ -562,18 +561,15 @@ class TusService:
             max_uploads=settings.tus_max_uploads_per_user,
             max_bytes=settings.tus_max_bytes_per_user,
         )
-        retry = {"Retry-After": str(settings.retry_after_s)}
         if refusal is QuotaRefusal.UPLOADS:
             raise TooManyOpenUploads(
                 f"this user has {settings.tus_max_uploads_per_user} unfinished uploads "
-                "(INGESTER_TUS_MAX_UPLOADS_PER_USER); finish or terminate one first",
-                headers=retry,
+                "(INGESTER_TUS_MAX_UPLOADS_PER_USER); finish or terminate one first"
             )
         if refusal is QuotaRefusal.BYTES:
             raise UploadQuotaExceeded(
                 f"declaring {size} more bytes would take this user's unfinished uploads past "
-                f"{settings.tus_max_bytes_per_user} bytes (INGESTER_TUS_MAX_BYTES_PER_USER)",
-                headers=retry,
+                f"{settings.tus_max_bytes_per_user} bytes (INGESTER_TUS_MAX_BYTES_PER_USER)"
             )
 
     async def _unreserve(self, upload: TusUpload) -> None:
@@ -633,7 +629,7 @@ class TusService:
                 result = await self._complete(fresh, lease, principal, leases, created=False)
                 return Answer(fresh, result)
             if trio.current_time() >= deadline:
-                raise UploadCompleting(headers={"Retry-After": str(self.settings.retry_after_s)})
+                raise UploadCompleting()
             await trio.sleep(COMPLETION_POLL_S)
             fresh = await self.store.get(upload.id)
             if fresh is None:
@@ -670,7 +666,7 @@ class TusService:
             await completion.done.wait()
         if not completion.done.is_set():
             # The store goes on; a final PATCH sent again later gets its result.
-            raise UploadCompleting(headers={"Retry-After": str(self.settings.retry_after_s)})
+            raise UploadCompleting()
         if completion.error is not None:
             raise completion.error
         assert completion.result is not None

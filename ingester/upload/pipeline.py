@@ -896,8 +896,6 @@ class UploadPipeline:
                 self.svc.registry.candidates(), mode=mode, declared_size=declared
             )
         )
-        if isinstance(error, NoStorageAvailable):
-            error.headers.setdefault("Retry-After", str(self.settings.retry_after_s))
         return error
 
     async def _tail(self, boundary: str, upload: Upload, encoder: Encoder) -> bytes:
