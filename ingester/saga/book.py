@@ -345,14 +345,20 @@ class SagaBook:
                     with trio.fail_after(STORE_CALL_TIMEOUT_S):
                         recorded = await commit.recorded(result)
                     break
-                except (ResultUnknown, trio.TooSlowError) as exc:
+                except Exception as exc:
+                    # A store that cannot answer, or a bug: never the end of the saga book
+                    # (it runs in the service nursery), and never a guess.
                     attempts += 1
                     wait = backoff_s(attempts, self.backoff, self._random.random)
-                    log.info(
+                    log.log(
+                        logging.INFO
+                        if isinstance(exc, ResultUnknown | trio.TooSlowError)
+                        else logging.ERROR,
                         "saga %s: the result's store cannot say yet (%s); again in %.1f s",
                         saga.upload_id,
                         exc or "timeout",
                         wait,
+                        exc_info=not isinstance(exc, ResultUnknown | trio.TooSlowError),
                         extra={"event": "saga_unresolved"},
                     )
                     await trio.sleep(max(wait, 0.05))
