@@ -178,8 +178,7 @@ async def ingest_once(
     except BaseException:
         await guard.release(key, upload_id)
         raise
-    if not commit.applied:
-        await guard.complete(key, upload_id, result)
+    # The result is recorded: the upload's saga settled with `commit`.
     return result
 
 

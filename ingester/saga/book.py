@@ -108,8 +108,9 @@ class Saga:
         write = None
         if commit is not None and self.book.store.atomic_results:
             write = commit.redis_write(result)
-        # A record never written and with nothing left to do is not sent to the store.
-        reaches_store = bool(self.record.copies) or self.written
+        # In the settle's own script only when the settle reaches the store (a record never
+        # written with nothing left to do is not sent): else written on its own after.
+        atomic = write is not None and (bool(self.record.copies) or self.written)
         try:
             if self.record.copies:
                 ok = await self.book.write(self, must_exist=self.written, strict=True, result=write)
@@ -121,7 +122,7 @@ class Saga:
             raise commit.refusal() from None
         except StoreUnavailable as exc:
             self.record.state = SagaState.STORED
-            reaches_store = False
+            atomic = False
             if not self.written:
                 # Never in the store: no one else can know of it, no one can undo it.
                 ok = True
@@ -144,7 +145,7 @@ class Saga:
             raise SagaTakenOver("this upload was taken over by another ingester; retry it")
         self.settled = True
         if commit is not None:
-            if write is None or not reaches_store:
+            if not atomic:
                 await commit.write(result)
             commit.mark_applied()
         self.book.compensate_in_background(self)
@@ -350,15 +351,14 @@ class SagaBook:
                     # (it runs in the service nursery), and never a guess.
                     attempts += 1
                     wait = backoff_s(attempts, self.backoff, self._random.random)
+                    bug = not isinstance(exc, ResultUnknown | trio.TooSlowError)
                     log.log(
-                        logging.INFO
-                        if isinstance(exc, ResultUnknown | trio.TooSlowError)
-                        else logging.ERROR,
+                        logging.ERROR if bug else logging.INFO,
                         "saga %s: the result's store cannot say yet (%s); again in %.1f s",
                         saga.upload_id,
                         exc or "timeout",
                         wait,
-                        exc_info=not isinstance(exc, ResultUnknown | trio.TooSlowError),
+                        exc_info=bug,
                         extra={"event": "saga_unresolved"},
                     )
                     await trio.sleep(max(wait, 0.05))

@@ -107,9 +107,3 @@ class StreamResult(ResultCommit):
         target = self._target()
         # Without the completion's commit nothing could have been written with the settle.
         return False if target is None else await target.recorded(result)
-
-    def mark_applied(self) -> None:
-        super().mark_applied()
-        target = self._target()
-        if target is not None:
-            target.mark_applied()

@@ -694,10 +694,10 @@ class TusService:
             async with self.locks.kept(lease, *part_leases):
                 with lease.interrupt:
                     result = await self._store(upload, principal, commit)
-                if result is None or (lease.lost and not commit.applied):
+                if result is None:
                     raise UploadLocked("the upload's lock was lost while it was stored")
-                if not commit.applied:
-                    await commit.write(result)
+                # The `done` state is recorded: the saga settled with `commit` (a lock lost
+                # before that refused the settle).
                 upload.completed(result, now=time.time(), retention_s=retention_s)
             completion.result = result
             await self._forget_data(upload, part_leases)

@@ -51,7 +51,7 @@ READ_PIECE: Final = 1024 * 1024
 MEMORY_SHARE: Final = 4
 
 Buffer = bytes | memoryview
-# Buffers one writev call takes at most (Linux).
+# Buffers one pwritev call takes at most (Linux).
 IOV_MAX: Final = 1024
 
 
@@ -304,19 +304,15 @@ class SpoolCursor:
         return piece
 
 
-def write_all(fd: int, pieces: Sequence[Buffer], position: int | None = None) -> int:
-    """Write every byte of `pieces` to `fd`, at `position` or else at the file's offset, in
-    as few system calls as the kernel allows (blocking: a worker thread's job). Returns the
-    bytes written."""
+def write_all(fd: int, pieces: Sequence[Buffer], position: int) -> int:
+    """Write every byte of `pieces` to `fd` from `position` on, in as few system calls as the
+    kernel allows (blocking: a worker thread's job). Returns the bytes written."""
     views = [memoryview(p) for p in pieces if len(p)]
     total = 0
     while views:
         # At most IOV_MAX buffers per call; a short write leaves the rest for the next.
         batch = views[:IOV_MAX]
-        if position is None:
-            written = os.writev(fd, batch)
-        else:
-            written = os.pwritev(fd, batch, position + total)
+        written = os.pwritev(fd, batch, position + total)
         if written <= 0:
             raise OSError(errno.EIO, "the file system accepted no bytes")
         total += written
