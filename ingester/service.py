@@ -24,18 +24,17 @@ import trio
 
 from .allocator import trim_heap
 from .auth.verifier import TokenVerifier, build_verifier
-from .errors import IngesterError, StorageElementError
 from .finalize.finalizer import Finalizer
 from .metrics import Metrics
 from .ownership import MemoryOwnershipStore, Ownership, RedisOwnershipStore
 from .resilience.breaker import BreakerBoard, BreakerPolicy
-from .resilience.retry import RetryBudget, RetryPolicy
+from .resilience.retry import RetryPolicy
 from .saga.book import SagaBook
-from .saga.record import Copy
 from .saga.store import MemorySagaStore, RedisSagaStore, SagaStore
 from .settings import Settings
 from .storage.admin import AdminRegistry
 from .storage.client import StorageElementClient
+from .storage.pool import ElementPool
 from .storage.redis_registry import RedisRegistrySync
 from .storage.registry import Prober, Registry, configured_elements
 from .storage.se_auth import SETokenProvider, build_se_token_provider
@@ -43,9 +42,10 @@ from .tus.service import TusService
 from .upload.admission import Admission
 from .upload.budget import MemoryBudget
 from .upload.idempotency import IdempotencyGuard, MemoryIdempotencyStore, RedisIdempotencyStore
-from .upload.pipeline import Upload, UploadPipeline
+from .upload.ingest import Ingest
+from .upload.pipeline import UploadPipeline
 from .upload.progress import ProgressBook
-from .upload.spool import SpoolBudget, SpoolFiles
+from .upload.spool import Spool, SpoolBudget, SpoolFiles
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,6 @@ class Service:
                 max_ejected_share=settings.breaker_max_ejected_share,
             )
         )
-        # Element attempts in flight, so a breaker that trips can cancel them (they fail over).
-        self.attempts: dict[str, set[Upload]] = {}
         self.prober = Prober(
             self.registry,
             self.se_client,
@@ -105,12 +103,23 @@ class Service:
                 refresh_s=settings.redis_registry_refresh_s,
                 timeout_s=settings.redis_timeout_s,
             )
-        self.retry_policy = RetryPolicy(
-            base_s=settings.retry_base_s,
-            cap_s=max(settings.retry_cap_s, settings.retry_base_s),
-            max_attempts=settings.retry_max_attempts,
+        # Which element next, breakers, retry budgets, attempts in flight, compensation:
+        # shared by uploads and finalization.
+        self.pool = ElementPool(
+            self.registry,
+            self.breakers,
+            self.se_client,
+            self.se_auth,
+            self.metrics,
+            retry_policy=RetryPolicy(
+                base_s=settings.retry_base_s,
+                cap_s=max(settings.retry_cap_s, settings.retry_base_s),
+                max_attempts=settings.retry_max_attempts,
+            ),
+            retry_budget_ratio=settings.retry_budget_ratio,
+            compensation_timeout_s=settings.compensation_timeout_s,
+            on_failure=self.prober.poke,
         )
-        self.retry_budgets: dict[str, RetryBudget] = {}
         self.saga_store: SagaStore = (
             RedisSagaStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
             if settings.redis_url
@@ -118,7 +127,7 @@ class Service:
         )
         self.sagas = SagaBook(
             self.saga_store,
-            self.compensate,
+            self.pool.compensate,
             self.metrics,
             lease_s=settings.saga_lease_s,
             janitor_interval_s=settings.saga_janitor_interval_s,
@@ -164,13 +173,55 @@ class Service:
         self.memory_budget = MemoryBudget(settings.memory_budget_bytes)
         # In-memory spools take from the same budget (see upload/spool.py).
         self.spool_memory = self.memory_budget
-        self.pipeline = UploadPipeline(self)
+        self.pipeline = UploadPipeline(
+            settings,
+            pool=self.pool,
+            sagas=self.sagas,
+            metrics=self.metrics,
+            spool_for=self._new_spool,
+            admin=self.admin,
+            clock=self.progress.now,
+        )
+        self.ingest = Ingest(
+            settings,
+            pipeline=self.pipeline,
+            admission=self.admission,
+            progress=self.progress,
+            ownership=self.ownership,
+            metrics=self.metrics,
+            memory=self.memory_budget,
+        )
         # Resumable uploads (tus): state store, locks, data files; completes through `ingest`.
-        self.tus = TusService(self)
+        self.tus = TusService(
+            settings,
+            ingest=self.ingest,
+            metrics=self.metrics,
+            spool_budget=self.spool_budget,
+            memory=self.memory_budget,
+            draining=lambda: self.draining,
+        )
         # Finalization (temporary -> permanent), run in the service nursery.
-        self.finalizer = Finalizer(self)
+        self.finalizer = Finalizer(
+            settings,
+            pool=self.pool,
+            ownership=self.ownership,
+            metrics=self.metrics.registry,
+            draining=lambda: self.draining,
+            admin=self.admin,
+        )
         self.started = False
         self._nursery: trio.Nursery | None = None
+
+    def _new_spool(self, upload_id: str) -> Spool:
+        """An upload's failover and re-plan copy: in memory while small, then on disk."""
+        return Spool(
+            self.settings.spool_dir,
+            upload_id,
+            disk=self.spool_budget,
+            memory=self.spool_memory,
+            memory_limit=self.settings.spool_memory_bytes,
+            files=self.spool_files,
+        )
 
     @property
     def draining(self) -> bool:
@@ -240,69 +291,3 @@ class Service:
                 seen = self.admission.admitted
                 gc.collect()
                 await trio.to_thread.run_sync(trim_heap)
-
-    def note_se_failure(self, element_id: str, error: IngesterError) -> None:
-        self.metrics.se_errors.labels(element_id, error.code).inc()
-        if not (isinstance(error, StorageElementError) and error.retryable):
-            return
-        # Traffic failures count against the breaker (threshold, ejection cap); the prober
-        # is asked to look now, so a dead element is marked not ready at once.
-        self.prober.poke()
-        known = [element.id for element in self.registry.elements]
-        if self.breakers.record_failure(element_id, trio.current_time(), known=known):
-            in_flight = self.attempts.get(element_id, set())
-            log.warning(
-                "circuit breaker for %s opened; cancelling %d attempts in flight there",
-                element_id,
-                len(in_flight),
-                extra={"event": "breaker_open", "storage_element_id": element_id},
-            )
-            for upload in list(in_flight):
-                upload.trip()
-
-    def note_se_success(self, element_id: str) -> None:
-        self.breakers.record_success(element_id, trio.current_time())
-
-    def retry_budget(self, element_id: str) -> RetryBudget:
-        budget = self.retry_budgets.get(element_id)
-        if budget is None:
-            budget = self.retry_budgets[element_id] = RetryBudget(
-                ratio=self.settings.retry_budget_ratio
-            )
-        return budget
-
-    async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
-        """Remove what an abandoned upload may have left on `copy`'s element: True when it is
-        gone. Shielded and bounded: it runs on the way out of cancelled uploads too."""
-        timeout_s = self.settings.compensation_timeout_s
-        with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
-            try:
-                if authorization is None:
-                    authorization = await self.se_auth.authorization(None)
-                gone = await self.se_client.gc_delete(
-                    copy.element_id, copy.api_url, file_id, authorization=authorization
-                )
-            except IngesterError as exc:
-                log.warning(
-                    "compensation of %s on %s failed: %s",
-                    file_id,
-                    copy.element_id,
-                    exc.message,
-                    extra={"event": "compensation_failed", "file_id": file_id},
-                )
-                return False
-            log.info(
-                "compensated %s on %s",
-                file_id,
-                copy.element_id,
-                extra={"event": "compensated", "file_id": file_id},
-            )
-            return gone
-        log.warning(
-            "compensation of %s on %s timed out after %g s",
-            file_id,
-            copy.element_id,
-            timeout_s,
-            extra={"event": "compensation_failed", "file_id": file_id},
-        )
-        return False

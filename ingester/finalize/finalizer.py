@@ -23,11 +23,11 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 import httpx
 import trio
-from prometheus_client import Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..auth.principal import Principal
 from ..errors import (
@@ -40,12 +40,15 @@ from ..errors import (
     StorageElementError,
     StorageElementUnavailable,
 )
+from ..ownership import Ownership
 from ..resilience.retry import RetryPolicy, backoff_s
 from ..saga.record import Copy
-from ..settings import SEAuthMode, SEMode
+from ..settings import SEAuthMode, SEMode, Settings
+from ..storage.admin import AdminRegistry
 from ..storage.capabilities import StoredForm, compressed_by_metadata, stored_as
 from ..storage.client import StoredFile, translate
-from ..storage.selection import Candidate, rank_candidates
+from ..storage.pool import ElementPool
+from ..storage.selection import Candidate
 from .errors import (
     AdminCommitFailed,
     AdminLookupFailed,
@@ -59,9 +62,6 @@ from .errors import (
 )
 from .record import SourceFile, Transaction, TxState, iso
 from .store import FinalizeStore, MemoryFinalizeStore, RedisFinalizeStore, StoreUnavailable
-
-if TYPE_CHECKING:
-    from ..service import Service
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +192,26 @@ def as_stored_on(file: SourceFile, target: Candidate) -> SourceFile:
 
 
 class Finalizer:
-    def __init__(self, service: Service) -> None:
-        self.svc = service
-        settings = service.settings
+    """Runs moves from temporary to permanent; `ingester.service` gives it what it uses.
+
+    `draining()`: whether the process refuses new work (a new move is then 503).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pool: ElementPool,
+        ownership: Ownership,
+        metrics: CollectorRegistry,
+        draining: Callable[[], bool],
+        admin: AdminRegistry | None = None,
+    ) -> None:
         self.settings = settings
+        self.pool = pool
+        self.ownership = ownership
+        self.admin = admin
+        self._draining = draining
         self.store: FinalizeStore = (
             RedisFinalizeStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
             if settings.redis_url
@@ -214,7 +230,7 @@ class Finalizer:
             cap_s=max(settings.retry_cap_s, settings.retry_base_s, 0.05),
             max_attempts=settings.finalize_max_attempts,
         )
-        registry = service.metrics.registry
+        registry = metrics
         self.m_total = Counter(
             "ingester_finalizations",
             "Finished finalizations by outcome (done, rolled_back).",
@@ -321,14 +337,13 @@ class Finalizer:
     async def begin(self, raw_file_id: str, principal: Principal) -> Transaction:
         """Find the file, check who asks, record the transaction and start it (202)."""
         file_id = _uuid(raw_file_id)
-        svc = self.svc
-        if svc.draining:
+        if self._draining():
             raise ShuttingDown()
-        authorization = await svc.se_auth.authorization(principal)
+        authorization = await self.pool.authorization(principal)
         source, meta = await self._locate(file_id, authorization)
         # Who uploaded it through an ingester comes first: the element may have recorded the
         # ingester's service account, or nobody it tells (see `ingester.ownership`).
-        meta.uploaded_by = await svc.ownership.owner_of(file_id) or meta.uploaded_by
+        meta.uploaded_by = await self.ownership.owner_of(file_id) or meta.uploaded_by
         if principal.subject != meta.uploaded_by and not principal.is_admin:
             raise FileNotFound(f"no temporary file {file_id} is known")
         now = time.time()
@@ -385,12 +400,12 @@ class Finalizer:
     async def _locate(self, file_id: str, authorization: str | None) -> tuple[Copy, SourceFile]:
         """The temporary copy: where the Admin Module says (with INGESTER_ADMIN_URL), else the
         first `edit` element that has it. 409 when it is already permanent, 404 when unknown."""
-        svc = self.svc
-        elements = {e.id: e for e in svc.registry.elements}
+        pool = self.pool
+        elements = {e.id: e for e in pool.registry.elements}
         uploaded_by = ""
-        if svc.admin is not None:
+        if self.admin is not None:
             try:
-                record = await svc.admin.lookup(file_id, authorization=authorization)
+                record = await self.admin.lookup(file_id, authorization=authorization)
             except AdminRegistrationFailed as exc:
                 raise AdminLookupFailed(exc.message) from exc
             if record is None:
@@ -407,7 +422,7 @@ class Finalizer:
                 raise FileNotFound(f"the Admin Module names no element for {file_id}")
             places = [(element_id, api_url, SEMode.EDIT)]
         else:
-            places = [(e.id, e.api_url, e.mode) for e in svc.registry.elements]
+            places = [(e.id, e.api_url, e.mode) for e in pool.registry.elements]
         found: tuple[Copy, dict[str, Any]] | None = None
         permanent = False
         errors: list[str] = []
@@ -416,7 +431,7 @@ class Finalizer:
                 if element_mode is not mode:
                     continue
                 try:
-                    meta = await svc.se_client.metadata(
+                    meta = await pool.client.metadata(
                         element_id, api_url, file_id, authorization=authorization
                     )
                 except StorageElementError as exc:
@@ -519,7 +534,7 @@ class Finalizer:
             return self._credentials[tx.transaction_id]
         if tx.authorization is not None:
             return tx.authorization
-        return await self.svc.se_auth.authorization(None)
+        return await self.pool.authorization(None)
 
     async def _save(self, tx: Transaction) -> None:
         """Write `tx` before going on. A store that is away is tried again (with backoff)
@@ -544,29 +559,17 @@ class Finalizer:
                 raise _Lost("the record is another ingester's")
             return
 
-    def _next_element(self, size: int, tried: list[str]) -> Candidate | None:
-        svc = self.svc
-        ranked = rank_candidates(
-            svc.registry.candidates(), mode=SEMode.RW, declared_size=size, exclude=tried
-        )
-        now = trio.current_time()
-        allowed = set(svc.breakers.allowed([c.id for c in ranked], now))
-        return next(
-            (c for c in ranked if c.id in allowed and svc.breakers.breaker(c.id).allow(now)),
-            None,
-        )
-
     async def _copy(self, tx: Transaction) -> None:
         """Copy to the best rw element, failing over; `tx` ends `copying` with a verified
         target. Raises what ends the move (the caller rolls back)."""
-        svc = self.svc
+        pool = self.pool
         tx.move(TxState.COPYING, time.time())
         failures: list[IngesterError] = []
         for round_ in range(self.settings.finalize_max_attempts):
             if round_:
                 await trio.sleep(backoff_s(round_ - 1, self._backoff, self._random.random))
             tried: list[str] = []
-            while (element := self._next_element(tx.file.file_size, tried)) is not None:
+            while (element := pool.next_element(SEMode.RW, tx.file.file_size, tried)) is not None:
                 tried.append(element.id)
                 copy = Copy(element.id, element.api_url)
                 # Written before the first byte leaves: whoever continues knows where to look.
@@ -576,13 +579,13 @@ class Finalizer:
                 try:
                     stored, sha256 = await self._copy_to(tx, element)
                 except StorageElementError as exc:
-                    svc.note_se_failure(element.id, exc)
+                    pool.note_failure(element.id, exc)
                     failures.append(exc)
                     self.m_failovers.labels(element.id).inc()
                     _log(tx, logging.WARNING, f"copy to {element.id} failed: {exc.message}")
                     await self._remove_target(tx, copy)
                     continue
-                svc.note_se_success(element.id)
+                pool.note_success(element.id)
                 if sha256 != tx.file.checksum:
                     await self._remove_target(tx, copy)
                     raise SourceChecksumMismatch(
@@ -609,18 +612,18 @@ class Finalizer:
         raise NoStorageAvailable("no rw Storage Element is available")
 
     async def _copy_to(self, tx: Transaction, element: Candidate) -> tuple[StoredFile, str]:
-        svc = self.svc
+        client = self.pool.client
         authorization = await self._authorization(tx)
         boundary = secrets.token_hex(16)
         head, tail = multipart_parts(boundary, tx.file_id, as_stored_on(tx.file, element))
         try:
-            async with svc.se_client.download(
+            async with client.download(
                 tx.source.element_id, tx.source.api_url, tx.file_id, authorization=authorization
             ) as response:
                 pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw(PIECE))
                 body = CopyBody(head, pieces, tail, tx.source.element_id, self.m_bytes.inc)
                 try:
-                    stored = await svc.se_client.upload(
+                    stored = await client.upload(
                         element.id,
                         element.api_url,
                         body=body,
@@ -645,14 +648,14 @@ class Finalizer:
     async def _remove_target(self, tx: Transaction, copy: Copy) -> None:
         """Remove a failed or partial copy now (bounded); one that cannot be removed now stays
         in the record and goes with the rollback or after the commit."""
-        if await self.svc.compensate(copy, tx.file_id, await self._authorization(tx)):
+        if await self.pool.compensate(copy, tx.file_id, await self._authorization(tx)):
             tx.copies = [c for c in tx.copies if c != copy]
             if tx.target == copy:
                 tx.target = None
             await self._save(tx)
 
     async def _commit(self, tx: Transaction) -> None:
-        admin = self.svc.admin
+        admin = self.admin
         now = time.time()
         target = tx.target
         assert target is not None
@@ -697,7 +700,7 @@ class Finalizer:
         try:
             await self._save(tx)
         except _Lost:
-            await self.svc.compensate(target, tx.file_id, await self._authorization(tx))
+            await self.pool.compensate(target, tx.file_id, await self._authorization(tx))
             raise
 
     async def _finish(self, tx: Transaction) -> None:
@@ -713,7 +716,7 @@ class Finalizer:
             if not tx.source_deleted:
                 tx.source_deleted = await self._delete_source(tx, authorization)
             for copy in tx.abandoned():
-                if await self.svc.compensate(copy, tx.file_id, authorization):
+                if await self.pool.compensate(copy, tx.file_id, authorization):
                     tx.copies = [c for c in tx.copies if c != copy]
             if tx.source_deleted and not tx.abandoned():
                 break
@@ -725,7 +728,7 @@ class Finalizer:
         _log(tx, logging.INFO, f"done: source copy on {tx.source.element_id} deleted")
 
     async def _delete_source(self, tx: Transaction, authorization: str | None) -> bool:
-        client = self.svc.se_client
+        client = self.pool.client
         source = tx.source
         timeout_s = self.settings.compensation_timeout_s
         with trio.move_on_after(timeout_s):
@@ -740,7 +743,7 @@ class Finalizer:
                 # Not an edit element after all (or it refuses DELETE): the gc route removes
                 # a copy in any mode.
                 _log(tx, logging.WARNING, f"source delete refused ({exc.message}); using gc")
-            return await self.svc.compensate(source, tx.file_id, authorization)
+            return await self.pool.compensate(source, tx.file_id, authorization)
         return False
 
     async def _rollback(self, tx: Transaction) -> None:
@@ -749,7 +752,7 @@ class Finalizer:
         attempt = 0
         while tx.copies:
             for copy in list(tx.copies):
-                if await self.svc.compensate(copy, tx.file_id, authorization):
+                if await self.pool.compensate(copy, tx.file_id, authorization):
                     tx.copies = [c for c in tx.copies if c != copy]
             if not tx.copies:
                 break

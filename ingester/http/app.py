@@ -32,7 +32,6 @@ from ..service import Service
 from ..settings import Settings
 from ..upload.digest import ExpectedDigest, parse_content_digest
 from ..upload.idempotency import IdempotentResult, parse_key, scoped_key
-from ..upload.ingest import body_fingerprint, ingest
 from .base import make_app
 from .common import authenticate, authenticate_uploader, json_response, service
 from .cors import install_cors
@@ -106,7 +105,7 @@ async def upload_file() -> Response:
             retry_after = first.retry_after_s(svc.idempotency.lease_s)
             raise IdempotencyInProgress(headers={"Retry-After": str(retry_after)})
         else:
-            seen = await body_fingerprint(svc, boundary=boundary, body=request.body)
+            seen = await svc.ingest.body_fingerprint(boundary=boundary, body=request.body)
             if seen != first.fingerprint:
                 raise IdempotencyKeyReused()
             log.info(
@@ -135,8 +134,7 @@ async def ingest_request(
     digest: ExpectedDigest | None,
     commit: IdempotentResult | None = None,
 ) -> dict[str, Any]:
-    result = await ingest(
-        svc,
+    result = await svc.ingest.run(
         principal=principal,
         upload_id=upload_id,
         boundary=boundary,

@@ -28,7 +28,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -46,11 +46,13 @@ from ..errors import (
     ShuttingDown,
     UploadNotFound,
 )
+from ..metrics import Metrics
 from ..saga.commit import ResultCommit
-from ..upload.budget import UploadBudget
+from ..settings import Settings
+from ..upload.budget import MemoryBudget, UploadBudget
 from ..upload.fields import parse_upload_fields
-from ..upload.ingest import ingest
-from ..upload.spool import FileCopy
+from ..upload.ingest import Ingest
+from ..upload.spool import FileCopy, SpoolBudget
 from .data import DataFiles, DataReader, DataWriter
 from .errors import (
     ChecksumMismatch,
@@ -84,8 +86,6 @@ from .store import MemoryTusStore, QuotaRefusal, RedisTusStore, TusStore
 
 if TYPE_CHECKING:
     from hashlib import _Hash
-
-    from ..service import Service
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,28 @@ class _Completion:
 
 
 class TusService:
-    def __init__(self, svc: Service) -> None:
-        self.svc = svc
-        settings = svc.settings
+    """Resumable uploads; `ingester.service` gives it what it uses.
+
+    `ingest`: where a completed upload is stored. `spool_budget` holds the data files' bytes,
+    `memory` the buffers of PATCHes. `draining()`: whether new work is refused.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        ingest: Ingest,
+        metrics: Metrics,
+        spool_budget: SpoolBudget,
+        memory: MemoryBudget,
+        draining: Callable[[], bool],
+    ) -> None:
         self.settings = settings
+        self.ingest = ingest
+        self.metrics = metrics
+        self.spool_budget = spool_budget
+        self.memory = memory
+        self._draining = draining
         self.store: TusStore = (
             RedisTusStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
             if settings.redis_url
@@ -235,7 +253,7 @@ class TusService:
         checksum: Checksum | None,
         body: AsyncIterator[bytes],
     ) -> Answer:
-        if self.svc.draining:
+        if self._draining():
             raise ShuttingDown()
         # The fields are checked now: a bad one fails before any byte is sent.
         description = describe_file(metadata)
@@ -279,7 +297,7 @@ class TusService:
         except BaseException:
             await self._unreserve(upload)
             raise
-        self.svc.metrics.tus_events.labels("created").inc()
+        self.metrics.tus_events.labels("created").inc()
         log.info(
             "resumable upload created",
             extra={"event": "tus_created", "upload_id": upload.id, "bytes": length},
@@ -388,7 +406,7 @@ class TusService:
             return await self._finish(upload, principal)
         if upload.phase is not Phase.RECEIVING:
             raise self._offset_error(upload)
-        if self.svc.draining:
+        if self._draining():
             raise ShuttingDown()
         # What can be refused before waiting for the lock (the offset only can be checked
         # under it: a holder may still save bytes).
@@ -456,7 +474,7 @@ class TusService:
                 f"the chunk of {content_length} bytes goes past the upload's end "
                 f"({room} bytes left)"
             )
-        budget = self.svc.spool_budget
+        budget = self.spool_budget
         if budget.used + content_length > budget.max_bytes:
             raise ServiceBusy(
                 f"the spool is full ({budget.used} of {budget.max_bytes} bytes in use)"
@@ -501,9 +519,9 @@ class TusService:
                         # What the stream may have read must be what the offset now keeps
                         # (a save that failed keeps less: the stream is abandoned then).
                         stream.patch_ended(upload.offset, kept=not lease.lost)
-                self.svc.metrics.tus_received.inc(receiver.received)
+                self.metrics.tus_received.inc(receiver.received)
                 if gone:
-                    self.svc.metrics.tus_events.labels("interrupted").inc()
+                    self.metrics.tus_events.labels("interrupted").inc()
                     log.info(
                         "chunk interrupted: the client went away after %d bytes; offset %d",
                         receiver.received,
@@ -785,7 +803,7 @@ class TusService:
         finally:
             if stream.result is None and stream.abandoned is not None:
                 outcome = "abandoned"
-            self.svc.metrics.tus_streams.labels(outcome).inc()
+            self.metrics.tus_streams.labels(outcome).inc()
             if self._streams.get(upload.id) is stream:
                 del self._streams[upload.id]
             stream.done.set()
@@ -833,8 +851,7 @@ class TusService:
         copy: FileCopy,
         commit: ResultCommit,
     ) -> dict[str, Any]:
-        result = await ingest(
-            self.svc,
+        result = await self.ingest.run(
             principal=principal,
             upload_id=attempt_id,
             boundary=form.boundary.encode(),
@@ -927,7 +944,7 @@ class TusService:
             await self._unreserve(upload)
         finally:
             await self.locks.release(lease)
-        self.svc.metrics.tus_events.labels("terminated").inc()
+        self.metrics.tus_events.labels("terminated").inc()
         log.info("resumable upload terminated", extra={"event": "tus_terminated"})
 
     # --- janitor ---------------------------------------------------------------------------
@@ -962,7 +979,7 @@ class TusService:
                 removed += 1
                 if upload is not None:
                     await self._unreserve(upload)
-                    self.svc.metrics.tus_events.labels("expired").inc()
+                    self.metrics.tus_events.labels("expired").inc()
                 log.info(
                     "expired upload removed",
                     extra={"event": "tus_expired", "upload_id": upload_id, "bytes": freed},
@@ -982,20 +999,20 @@ class TusService:
     # --- spool accounting ------------------------------------------------------------------
 
     def take(self, size: int) -> None:
-        self.svc.spool_budget.take(size)
+        self.spool_budget.take(size)
         self.held += size
 
     def _give_back(self, size: int) -> None:
         size = min(size, self.held)
         if size > 0:
             self.held -= size
-            self.svc.spool_budget.give_back(size)
+            self.spool_budget.give_back(size)
 
     def _true_up(self, total: int) -> None:
         """The data files of every replica take room on the shared disk: count what they hold."""
         if total > self.held:
             # Counted without the ceiling check: the bytes are there already.
-            self.svc.spool_budget.used += total - self.held
+            self.spool_budget.used += total - self.held
             self.held = total
         else:
             self._give_back(self.held - total)
@@ -1014,7 +1031,7 @@ class _Receiver:
         self.checksum = checksum
         self.hasher: _Hash | None = checksum.hasher() if checksum else None
         self.writer: DataWriter | None = None
-        self.budget = UploadBudget(tus.svc.memory_budget)
+        self.budget = UploadBudget(tus.memory)
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.received = 0

@@ -22,60 +22,54 @@ import logging
 import mimetypes
 import random
 import secrets
+import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import trio
 
 from .. import logs
-from ..auth.principal import Principal
 from ..errors import (
     FileTooLarge,
     IngesterError,
     InsufficientStorage,
     IntegrityError,
     InvalidField,
-    MalformedMultipart,
     MissingFile,
     NoStorageAvailable,
-    RequestTimeout,
     StorageElementError,
     StorageElementFull,
     StorageElementTimeout,
     StorageElementUnavailable,
 )
-from ..http.multipart import BodyEnd, MultipartStreamParser, PartData, PartEnd, PartStart
+from ..http.multipart import BodyEnd, PartData, PartEnd, PartStart
+from ..metrics import Metrics
 from ..resilience.breaker import BreakerState
 from ..resilience.retry import ErrorKind, decide
-from ..saga.book import Saga
-from ..saga.commit import ResultCommit
+from ..saga.book import SagaBook
 from ..saga.record import Copy
-from ..settings import SEAuthMode, SEMode
-from ..storage.capabilities import Fit
+from ..settings import SEAuthMode, SEMode, Settings
+from ..storage.admin import AdminRegistry
 from ..storage.client import StoredFile
+from ..storage.pool import ElementPool
 from ..storage.refusals import repeated_refusal
-from ..storage.selection import Candidate, no_candidate_error, rank_candidates
+from ..storage.selection import no_candidate_error, rank_candidates
 from . import placement
-from .budget import UploadBudget
 from .compression import (
-    Algorithm,
     CompressionDecision,
     decide_compression,
     make_compressor,
     sniff_first_chunk,
 )
-from .digest import DigestHashing, ExpectedDigest
 from .element_body import Encoder, SEUploadBody
 from .fields import TRUE_WORDS, RetentionPolicy, UploadOptions, parse_upload_fields
 from .filenames import sanitize_filename
+from .form import MAX_FIELDS_TOTAL, FormReader, add_field, read_field
 from .progress import UploadProgress, UploadState
+from .records import FileFacts, Plan, Upload, UploadRequest
 from .spool import Buffer, Spool
-
-if TYPE_CHECKING:
-    from ..service import Service
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +91,12 @@ def plan_is_settled(fields: Mapping[str, str]) -> bool:
     return policy and not algorithm_open
 
 
-# A text field larger than this is not a form field but an attempt to exhaust memory
-# (metadata's own limit is 64 KiB).
-MAX_FIELD_BYTES: Final = 128 * 1024
-MAX_FIELDS_TOTAL: Final = 256 * 1024
 # Compression decisions look at this much of the start of the file.
 SNIFF_BYTES: Final = 64 * 1024
 # File bytes are hashed, spooled and sent in batches of about this much: one worker-thread
 # hop per batch (a hop costs about as much as hashing 64 KiB, so per-chunk hops were a
 # large share of the CPU), and one chunked frame per batch for the element.
 BATCH_BYTES: Final = 1024 * 1024
-# A partial batch goes out when the client sends nothing more for this long, so a slow
-# client's bytes do not wait for a full batch.
-BATCH_WAIT_S: Final = 0.01
 # Below this, hashing on the event loop is cheaper than a hop to a worker thread.
 INLINE_HASH_BYTES: Final = 64 * 1024
 HEARTBEAT_S: Final = 0.5
@@ -123,195 +110,31 @@ class _Replan(Exception):
     """A field after the file part changed where or how to store: send again from the spool."""
 
 
-@dataclass(slots=True)
-class UploadRequest:
-    upload_id: str
-    principal: Principal
-    content_type: str | None
-    content_length: int | None
-    body: AsyncIterator[bytes]
-    expected_digest: ExpectedDigest | None
-    # The file's bytes already on disk (a resumable upload's data files): the spool then.
-    source_copy: Spool | None = None
-    # Records the result for the client's retries, with the saga's settle (`saga.commit`).
-    commit: ResultCommit | None = None
+class UploadPipeline:
+    """Stores uploads: what it needs is given, nothing else (`ingester.service` wires it).
 
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What must be fixed before the first byte goes out."""
-
-    retention_policy: RetentionPolicy
-    compress: bool
-    algorithm: Algorithm | None
-
-    @classmethod
-    def of(cls, options: UploadOptions) -> Plan:
-        return cls(options.retention_policy, options.compress, options.compression_algorithm)
-
-
-@dataclass(slots=True)
-class FileFacts:
-    """What the transformer learned about the bytes."""
-
-    original_size: int = 0
-    stored_size: int = 0
-    sha256: str = ""
-    stored_sha256: str = ""
-    compressed: bool = False
-    algorithm: Algorithm | None = None
-    decision_reason: str = "not_requested"
-    # Content-Digest's other algorithms (sha-512), hashed in the same pass.
-    digests: DigestHashing | None = None
-
-
-@dataclass(slots=True, eq=False)
-class Upload:
-    """State shared by the tasks of one upload's nursery (hashed by identity)."""
-
-    request: UploadRequest
-    progress: UploadProgress
-    file_id: str
-    fields: dict[str, str]
-    filename: str
-    content_type: str
-    plan: Plan
-    budget: UploadBudget
-    fields_complete: trio.Event = field(default_factory=trio.Event)
-    options: UploadOptions | None = None
-    facts: FileFacts = field(default_factory=FileFacts)
-    spool: Spool | None = None
-    # Compress or not, settled from the start of the file (None until then).
-    compression: CompressionDecision | None = None
-    # Original bytes the spool held at the end of the live pass.
-    spooled_bytes: int = 0
-    element: Candidate | None = None
-    # Set while a piece handed to httpx has not been written yet: the stall watchdog's clock.
-    in_flight_since: float | None = None
-    # The current element attempt, which the stall watchdog or a breaker trip cancels.
-    attempt: trio.CancelScope | None = None
-    tripped: bool = False
-    saga: Saga | None = None
-    # trio clock time by which the upload must end (INGESTER_UPLOAD_DEADLINE_S), or None.
-    deadline: float | None = None
-    # The Authorization header for element calls (None when elements need none).
-    authorization: str | None = None
-    # Set by the hasher with its first batch (or at its end): the file is then known to be
-    # empty or not, compressed or not, and the streamer may choose an element.
-    data_ready: trio.Event = field(default_factory=trio.Event)
-    # The name and media type the current element is given (`placement.stored_identity`).
-    stored_as: tuple[str, str] | None = None
-
-    def trip(self) -> None:
-        """The element's breaker opened: end this attempt (the upload fails over)."""
-        self.tripped = True
-        if self.attempt is not None:
-            self.attempt.cancel()
-
-
-class FormReader:
-    """Pulls the request body under the client idle timeout and yields multipart events.
-
-    Before each read it takes `quantum` bytes of the memory budget (trued up to what was
-    read); framing is given back at once, part data is held by whoever consumes it.
+    `spool_for(upload_id)`: a new spool (the failover and re-plan copy) for an upload.
+    `admin`: the Admin Module's registry, the saga's second step, when there is one.
     """
 
     def __init__(
         self,
-        body: AsyncIterator[bytes],
-        boundary: bytes,
-        idle_timeout_s: float,
-        budget: UploadBudget,
-        quantum: int,
+        settings: Settings,
+        *,
+        pool: ElementPool,
+        sagas: SagaBook,
+        metrics: Metrics,
+        spool_for: Callable[[str], Spool],
+        admin: AdminRegistry | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self._body = body
-        self._parser = MultipartStreamParser(boundary)
-        self._idle_timeout_s = idle_timeout_s
-        self._pending: list[Any] = []
-        self._exhausted = False
-        self.budget = budget
-        self._quantum = quantum
-        self.bytes_read = 0
-        # When the current wait for client data began (the idle timer's start).
-        self._waiting_since: float | None = None
-
-    async def next_event(self, *, batch_pending: bool = False) -> Any:
-        """The next multipart event. With `batch_pending` (the caller holds file bytes it
-        has not passed on), None instead of waiting: when the memory budget has no room
-        now, or the client sends nothing for BATCH_WAIT_S. The caller then passes its batch
-        on (giving budget back) and asks again."""
-        while not self._pending:
-            if self._exhausted:
-                self._parser.close()
-                raise MalformedMultipart("the body ended before the form was complete")
-            # Waiting for budget is our pace, not the client's: outside the idle timer.
-            if batch_pending:
-                if not self.budget.try_acquire(self._quantum):
-                    return None
-            else:
-                await self.budget.acquire(self._quantum)
-            now = trio.current_time()
-            if self._waiting_since is None:
-                self._waiting_since = now
-            idle_deadline = self._waiting_since + self._idle_timeout_s
-            wait_until = min(idle_deadline, now + BATCH_WAIT_S) if batch_pending else idle_deadline
-            with trio.move_on_at(wait_until) as waited:
-                try:
-                    chunk = await anext(self._body)
-                except StopAsyncIteration:
-                    self._exhausted = True
-                    self.budget.release(self._quantum)
-                    continue
-            if waited.cancelled_caught:
-                self.budget.release(self._quantum)
-                if trio.current_time() >= idle_deadline:
-                    raise RequestTimeout(f"no data from the client for {self._idle_timeout_s:g} s")
-                return None
-            self._waiting_since = None
-            self.bytes_read += len(chunk)
-            if len(chunk) > self._quantum:
-                await self.budget.acquire(len(chunk) - self._quantum)
-            events = self._parser.feed(chunk)
-            part_bytes = sum(len(e.data) for e in events if isinstance(e, PartData))
-            # The parser may emit a few bytes it held back from the previous chunk (a
-            # possible boundary), so part data can exceed this chunk's share.
-            self.budget.release(max(self._quantum, len(chunk)) - part_bytes)
-            events.reverse()
-            self._pending = events
-        return self._pending.pop()
-
-
-async def _read_field(reader: FormReader, budget: list[int]) -> str:
-    parts: list[Buffer] = []
-    size = 0
-    while True:
-        event = await reader.next_event()
-        if isinstance(event, PartData):
-            reader.budget.release(len(event.data))
-            size += len(event.data)
-            budget[0] -= len(event.data)
-            if size > MAX_FIELD_BYTES or budget[0] < 0:
-                raise InvalidField("a form field is larger than 128 KiB")
-            parts.append(event.data)
-        elif isinstance(event, PartEnd):
-            try:
-                return b"".join(parts).decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidField("form fields must be UTF-8 text") from None
-        else:  # pragma: no cover - the parser always ends a part before starting another
-            raise MalformedMultipart("unexpected multipart structure")
-
-
-def _add_field(fields: dict[str, str], name: str, value: str) -> None:
-    if name in fields:
-        raise InvalidField(f"{name} was sent more than once")
-    fields[name] = value
-
-
-class UploadPipeline:
-    def __init__(self, service: Service) -> None:
-        self.svc = service
-        self.settings = service.settings
+        self.settings = settings
+        self.pool = pool
+        self.sagas = sagas
+        self.metrics = metrics
+        self.admin = admin
+        self._spool_for = spool_for
+        self._clock = clock
         self._random = random.Random()
 
     # --- entry point ------------------------------------------------------------------------
@@ -337,7 +160,7 @@ class UploadPipeline:
                 if event.name == "file":
                     file_part = event
                 else:
-                    _add_field(fields, event.name, await _read_field(reader, field_budget))
+                    add_field(fields, event.name, await read_field(reader, field_budget))
             elif isinstance(event, BodyEnd):
                 raise MissingFile()
         # Validate what is known now: a bad early field fails before any byte goes out.
@@ -355,9 +178,8 @@ class UploadPipeline:
             budget=reader.budget,
         )
         progress.filename = filename
-        svc = self.svc
-        upload.authorization = await svc.se_auth.authorization(request.principal)
-        saga = svc.sagas.begin(
+        upload.authorization = await self.pool.authorization(request.principal)
+        saga = self.sagas.begin(
             request.upload_id,
             upload.file_id,
             user=request.principal.subject,
@@ -373,7 +195,7 @@ class UploadPipeline:
             result = self._result(upload, stored)
             assert upload.element is not None
             kept = Copy(upload.element.id, upload.element.api_url)
-            if svc.admin is not None:
+            if self.admin is not None:
                 await saga.stored()
                 await self._register(upload, result)
             await saga.succeeded(kept, upload.request.commit, result)
@@ -383,7 +205,7 @@ class UploadPipeline:
                 await saga.failed(None if current is None else Copy(current.id, current.api_url))
             raise
         finally:
-            svc.sagas.end(saga)
+            self.sagas.end(saga)
         return result
 
     async def _store_all(
@@ -398,14 +220,7 @@ class UploadPipeline:
         elif settings.failover_spool or not plan_is_settled(upload.fields):
             # One copy of the original bytes serves both a failover (a failed element's
             # share is sent again to the next) and a later field that changes the plan.
-            upload.spool = Spool(
-                settings.spool_dir,
-                upload.request.upload_id,
-                disk=self.svc.spool_budget,
-                memory=self.svc.spool_memory,
-                memory_limit=settings.spool_memory_bytes,
-                files=self.svc.spool_files,
-            )
+            upload.spool = self._spool_for(upload.request.upload_id)
         try:
             try:
                 stored = await self._store(upload, live=(reader, field_budget))
@@ -427,7 +242,7 @@ class UploadPipeline:
         finally:
             # The budget goes back in the request handler, which owns it.
             if upload.spool is not None:
-                self.svc.metrics.spool_written.inc(upload.spool.bytes_written)
+                self.metrics.spool_written.inc(upload.spool.bytes_written)
                 await upload.spool.discard()
         return stored
 
@@ -447,7 +262,7 @@ class UploadPipeline:
 
     async def _register(self, upload: Upload, result: dict[str, Any]) -> None:
         """The saga's second step: the Admin Module's file registry."""
-        assert self.svc.admin is not None
+        assert self.admin is not None
         options = upload.options
         assert options is not None
         principal = upload.request.principal
@@ -461,11 +276,11 @@ class UploadPipeline:
             "compression": placement.compression_facts(upload),
         }
         try:
-            await self.svc.admin.register(record, authorization=upload.authorization)
+            await self.admin.register(record, authorization=upload.authorization)
         except IngesterError:
-            self.svc.metrics.admin_registrations.labels("failed").inc()
+            self.metrics.admin_registrations.labels("failed").inc()
             raise
-        self.svc.metrics.admin_registrations.labels("ok").inc()
+        self.metrics.admin_registrations.labels("ok").inc()
 
     # --- the nursery -------------------------------------------------------------------------
 
@@ -499,7 +314,7 @@ class UploadPipeline:
         """The client's file bytes, in batches of about BATCH_BYTES, then the late fields."""
         max_size = self.settings.max_file_size
         progress = upload.progress
-        received = self.svc.metrics.bytes_received
+        received = self.metrics.bytes_received
         batch: list[Buffer] = []
         batched = 0
         async with raw_send:
@@ -529,7 +344,7 @@ class UploadPipeline:
             if isinstance(event, PartStart):
                 if event.name == "file":
                     raise InvalidField("only one 'file' part is accepted")
-                _add_field(upload.fields, event.name, await _read_field(reader, field_budget))
+                add_field(upload.fields, event.name, await read_field(reader, field_budget))
             elif isinstance(event, BodyEnd):
                 break
         self._complete_fields(upload)
@@ -579,7 +394,7 @@ class UploadPipeline:
             filename=upload.filename,
             min_size=settings.compression_min_size,
         )
-        decision = placement.compression_decision(self.svc, upload, decision)
+        decision = placement.compression_decision(self.pool, self.settings, upload, decision)
         upload.compression = None if decision.compress else decision
         held: list[Buffer] = []
         held_bytes = 0
@@ -641,7 +456,7 @@ class UploadPipeline:
             upload.compression.reason if upload.plan.compress else "not_requested"
         )
         if upload.plan.compress and not upload.compression.compress:
-            self.svc.metrics.compression_skipped.labels(upload.compression.reason).inc()
+            self.metrics.compression_skipped.labels(upload.compression.reason).inc()
 
     async def _decide(
         self, decision: CompressionDecision, sample: bytes, is_last: bool
@@ -687,7 +502,7 @@ class UploadPipeline:
         that was sent bytes is never used again by this upload: its copy is being removed,
         and a removal arriving late must not hit a new copy.
         """
-        svc = self.svc
+        pool = self.pool
         saga = upload.saga
         assert saga is not None
         plan = upload.plan
@@ -696,7 +511,7 @@ class UploadPipeline:
         boundary = secrets.token_hex(16)
         # Empty or not, compressed or not: what the element must be able to take.
         await upload.data_ready.wait()
-        fit = await placement.fit(svc, upload)
+        fit = await placement.fit(pool, self.settings, upload)
         body = SEUploadBody(
             head=_multipart_head(boundary, upload),
             chunks=out_recv,
@@ -715,7 +530,7 @@ class UploadPipeline:
         try:
             async with out_recv:
                 while True:
-                    element = self._next_element(mode, declared, tried, fit)
+                    element = pool.next_element(mode, declared, tried, fit)
                     if element is None:
                         if not failures or not failures[-1].retryable:
                             raise self._nothing_left(mode, declared, failures)
@@ -727,34 +542,32 @@ class UploadPipeline:
                         tried = list(burned)
                         continue
                     took_trial = (
-                        svc.breakers.breaker(element.id).state(trio.current_time())
+                        pool.breakers.breaker(element.id).state(trio.current_time())
                         is BreakerState.HALF_OPEN
                     )
                     tried.append(element.id)
                     upload.element = element
                     # The head is per attempt: elements of another kind get another name.
-                    upload.stored_as = placement.stored_identity(svc, upload, element)
+                    upload.stored_as = placement.stored_identity(self.settings, upload, element)
                     body = body.restart(head=_multipart_head(boundary, upload))
                     upload.progress.storage_element_id = element.id
                     logs.bind(storage_element_id=element.id)
                     if rounds and element.id not in burned:
-                        svc.metrics.retries.labels(element.id).inc()
+                        self.metrics.retries.labels(element.id).inc()
                     else:
-                        svc.retry_budget(element.id).on_request(trio.current_time())
+                        pool.retry_budget(element.id).on_request(trio.current_time())
                     # Written before the first byte leaves: if this process dies, whoever
                     # takes the record over knows where to look.
                     await saga.sending_to(Copy(element.id, element.api_url))
                     error: StorageElementError | None = None
                     # The stall watchdog or a breaker trip cancels this scope: the attempt
                     # ends, the upload goes on elsewhere.
-                    in_flight = svc.attempts.setdefault(element.id, set())
-                    in_flight.add(upload)
                     reported = False
                     try:
-                        with trio.CancelScope() as attempt:
+                        with pool.attempt(element.id, upload), trio.CancelScope() as attempt:
                             upload.attempt = attempt
                             try:
-                                stored = await svc.se_client.upload(
+                                stored = await pool.client.upload(
                                     element.id,
                                     element.api_url,
                                     body=body,
@@ -766,9 +579,8 @@ class UploadPipeline:
                                 error = exc
                         reported = True
                     finally:
-                        in_flight.discard(upload)
                         if not reported and took_trial:
-                            svc.breakers.breaker(element.id).release_trial(trio.current_time())
+                            pool.breakers.breaker(element.id).release_trial(trio.current_time())
                     upload.attempt = None
                     upload.in_flight_since = None
                     if upload.tripped:
@@ -786,12 +598,12 @@ class UploadPipeline:
                             element_id=element.id,
                         )
                     if error is None:
-                        svc.note_se_success(element.id)
+                        pool.note_success(element.id)
                         if failed_at is not None:
-                            svc.metrics.failover_seconds.observe(trio.current_time() - failed_at)
+                            self.metrics.failover_seconds.observe(trio.current_time() - failed_at)
                         break
                     if not failures or failures[-1] is not error:
-                        svc.note_se_failure(element.id, error)
+                        pool.note_failure(element.id, error)
                         failures.append(error)
                     if (refusal := repeated_refusal(failures)) is not None:
                         raise refusal
@@ -808,7 +620,7 @@ class UploadPipeline:
                         if error.upstream_status is None or not await saga.remove_now(copy):
                             burned.append(element.id)
                             saga.abandoned(copy)
-                        svc.metrics.failovers.labels(element.id).inc()
+                        self.metrics.failovers.labels(element.id).inc()
                         log.warning(
                             "failing over from %s after %d bytes: %s",
                             element.id,
@@ -824,32 +636,13 @@ class UploadPipeline:
         finally:
             done.set()
 
-    def _next_element(
-        self, mode: SEMode, declared: int | None, tried: list[str], fit: Fit | None = None
-    ) -> Candidate | None:
-        """The best candidate not tried yet that can take the file (`fit`) and whose breaker
-        lets a request through."""
-        svc = self.svc
-        ranked = rank_candidates(
-            svc.registry.candidates(), mode=mode, declared_size=declared, exclude=tried
-        )
-        if fit is not None:
-            ranked = [c for c in ranked if fit.takes(c)]
-        now = trio.current_time()
-        allowed = set(svc.breakers.allowed([c.id for c in ranked], now))
-        return next(
-            (c for c in ranked if c.id in allowed and svc.breakers.breaker(c.id).allow(now)),
-            None,
-        )
-
     def _retry_wait(
         self, upload: Upload, rounds: int, last: StorageElementError, burned: list[str]
     ) -> float | None:
         """Every candidate failed this round: the wait before the next round, or None."""
-        svc = self.svc
         now = trio.current_time()
         ranked = rank_candidates(
-            svc.registry.candidates(),
+            self.pool.candidates(),
             mode=upload.plan.retention_policy.target_mode,
             declared_size=upload.request.content_length,
             exclude=burned,
@@ -864,8 +657,8 @@ class UploadPipeline:
             bytes_acknowledged=False,
             now=now,
             deadline=upload.deadline,
-            policy=svc.retry_policy,
-            budget=svc.retry_budget(ranked[0].id),
+            policy=self.pool.retry_policy,
+            budget=self.pool.retry_budget(ranked[0].id),
             rand=self._random.random,
         )
         if not decision.retry:
@@ -892,9 +685,7 @@ class UploadPipeline:
                 f"{len(failures)} failed: {failures[-1].message}"
             )
             if failures
-            else no_candidate_error(
-                self.svc.registry.candidates(), mode=mode, declared_size=declared
-            )
+            else no_candidate_error(self.pool.candidates(), mode=mode, declared_size=declared)
         )
         return error
 
@@ -942,7 +733,7 @@ class UploadPipeline:
         while not done.is_set():
             with trio.move_on_after(HEARTBEAT_S):
                 await done.wait()
-            progress.updated_at = self.svc.progress.now()
+            progress.updated_at = self._clock()
             since = upload.in_flight_since
             if since is not None and trio.current_time() - since > stall_s:
                 upload.in_flight_since = None

@@ -16,48 +16,34 @@ The pipeline asks here at three points (`ingester.storage.capabilities` has the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
-
-import trio
+from typing import Any, Final
 
 from ..errors import EmptyFile
+from ..settings import Settings
 from ..storage.capabilities import ELEMENT_POLICY, Fit, StoredForm, stored_as, stored_form
-from ..storage.selection import Candidate, rank_candidates
+from ..storage.pool import ElementPool
+from ..storage.selection import Candidate
 from .compression import CompressionDecision
-
-if TYPE_CHECKING:
-    from ..service import Service
-    from .pipeline import Upload
+from .records import Upload
 
 NOT_FOR_ELEMENT: Final = CompressionDecision(False, None, ELEMENT_POLICY)
 
 
-def _first_choice(svc: Service, upload: Upload) -> Candidate | None:
-    """The element the upload would go to now (no breaker trial is taken)."""
-    ranked = rank_candidates(
-        svc.registry.candidates(),
-        mode=upload.plan.retention_policy.target_mode,
-        declared_size=upload.request.content_length,
-    )
-    allowed = set(svc.breakers.allowed([c.id for c in ranked], trio.current_time()))
-    return next((c for c in ranked if c.id in allowed), None)
-
-
 def compression_decision(
-    svc: Service, upload: Upload, decision: CompressionDecision
+    pool: ElementPool, settings: Settings, upload: Upload, decision: CompressionDecision
 ) -> CompressionDecision:
     """`decision`, unless the element the upload would go to must not get compressed bytes."""
     if not decision.compress:
         return decision
-    element = _first_choice(svc, upload)
-    if element is not None and stored_form(element, svc.settings.compressed_names) is (
-        StoredForm.OFF
-    ):
+    element = pool.first_choice(
+        upload.plan.retention_policy.target_mode, upload.request.content_length
+    )
+    if element is not None and stored_form(element, settings.compressed_names) is (StoredForm.OFF):
         return NOT_FOR_ELEMENT
     return decision
 
 
-async def fit(svc: Service, upload: Upload) -> Fit:
+async def fit(pool: ElementPool, settings: Settings, upload: Upload) -> Fit:
     """What the upload needs of its element; `EmptyFile` when it is empty and no element of
     its mode in the registry stores empty files. Call once the transformer has announced
     its first piece (`Upload.data_ready`)."""
@@ -69,20 +55,18 @@ async def fit(svc: Service, upload: Upload) -> Fit:
         await upload.fields_complete.wait()
         assert upload.options is not None
         mode = upload.options.retention_policy.target_mode
-        if not any(c.accepts_empty_files for c in svc.registry.candidates() if c.mode is mode):
+        if not any(c.accepts_empty_files for c in pool.candidates() if c.mode is mode):
             raise EmptyFile(
                 f"the file is empty, and no {mode.value} Storage Element stores empty files"
             )
-    return Fit(
-        empty=empty, compressed=facts.compressed, default_names=svc.settings.compressed_names
-    )
+    return Fit(empty=empty, compressed=facts.compressed, default_names=settings.compressed_names)
 
 
-def stored_identity(svc: Service, upload: Upload, element: Candidate) -> tuple[str, str]:
+def stored_identity(settings: Settings, upload: Upload, element: Candidate) -> tuple[str, str]:
     """The file name and media type `element` is given for this upload."""
     facts = upload.facts
     algorithm = facts.algorithm.value if facts.compressed and facts.algorithm else None
-    form = stored_form(element, svc.settings.compressed_names)
+    form = stored_form(element, settings.compressed_names)
     return stored_as(upload.filename, upload.content_type, algorithm, form)
 
 
