@@ -58,7 +58,7 @@ from .errors import (
     SourceUnavailable,
 )
 from .record import SourceFile, Transaction, TxState, iso
-from .store import FinalizeStore, MemoryFinalizeStore, RedisFinalizeStore, StoreUnavailable
+from .store import FinalizeStore, StoreUnavailable
 
 if TYPE_CHECKING:
     from ..service import Service
@@ -196,11 +196,7 @@ class Finalizer:
         self.svc = service
         settings = service.settings
         self.settings = settings
-        self.store: FinalizeStore = (
-            RedisFinalizeStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if settings.redis_url
-            else MemoryFinalizeStore()
-        )
+        self.store: FinalizeStore = service.finalize_store
         self.owner = f"finalizer-{uuid.uuid4().hex[:12]}"
         self.lease_s = settings.finalize_lease_s
         self.active: dict[str, Transaction] = {}
@@ -254,8 +250,6 @@ class Finalizer:
                 task_status.started()
         finally:
             self._nursery = None
-            if isinstance(self.store, RedisFinalizeStore):
-                self.store.close()
 
     async def _lease_keeper(self) -> None:
         while True:

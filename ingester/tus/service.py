@@ -80,7 +80,7 @@ from .protocol import (
 )
 from .result import StreamResult, TusResult
 from .state import ConcatKind, Phase, TusUpload
-from .store import MemoryTusStore, QuotaRefusal, RedisTusStore, TusStore
+from .store import QuotaRefusal, TusStore
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -134,11 +134,7 @@ class TusService:
         self.svc = svc
         settings = svc.settings
         self.settings = settings
-        self.store: TusStore = (
-            RedisTusStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if settings.redis_url
-            else MemoryTusStore()
-        )
+        self.store: TusStore = svc.tus_store
         self.locks = Locks(
             self.store,
             ttl_s=settings.tus_lock_ttl_s,
@@ -166,7 +162,6 @@ class TusService:
                 task_status.started()
         finally:
             self._nursery = None
-            self.store.close()
 
     # --- reading state ---------------------------------------------------------------------
 
