@@ -161,7 +161,9 @@ end
 return 1
 """
 
-# KEYS: due zset, then one hash per id. ARGV: owner, due, then the ids.
+# KEYS: due zset, then one hash per id. ARGV: owner, due, then the ids. Not the saga's: a
+# finished transaction keeps its hash (expiring) but is out of the due set, and renewing it
+# must not put it back there for a janitor to claim.
 _RENEW: Final = """
 local lost = {}
 for i = 2, #KEYS do
