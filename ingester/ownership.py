@@ -25,18 +25,15 @@ import heapq
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol
 
 import redis
 import trio
 
-from .storage.redis_registry import make_client
+from .storage.redis_gateway import RedisGateway, RedisUnavailable
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 KEY_PREFIX: Final = "ingester:owner:"
 DAY_S: Final = 86400.0
@@ -45,8 +42,8 @@ DAY_S: Final = 86400.0
 CALL_TIMEOUT_S: Final = 2.0
 
 
-class OwnershipUnavailable(Exception):
-    """The store could not be reached."""
+# The store could not be reached: the gateway's one error, under the name `Ownership` catches.
+OwnershipUnavailable = RedisUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,25 +134,22 @@ class MemoryOwnershipStore:
 class RedisOwnershipStore:
     """`ingester:owner:<file_id>` with a time to live; shared by replicas."""
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        self._client = make_client(url, timeout_s)
-
-    def close(self) -> None:
-        self._client.close()
+    def __init__(self, gateway: RedisGateway) -> None:
+        self._gateway = gateway
 
     async def put(self, file_id: str, owner: Owner, *, ttl_s: float) -> None:
-        def call() -> None:
-            self._client.set(KEY_PREFIX + file_id, owner.to_json(), px=max(int(ttl_s * 1000), 1))
+        def call(client: redis.Redis) -> None:
+            client.set(KEY_PREFIX + file_id, owner.to_json(), px=max(int(ttl_s * 1000), 1))
 
-        await self._run(call)
+        await self._gateway.call(call)
 
     async def get(self, file_id: str) -> Owner | None:
-        def call() -> bytes | None:
-            value = self._client.get(KEY_PREFIX + file_id)
+        def call(client: redis.Redis) -> bytes | None:
+            value = client.get(KEY_PREFIX + file_id)
             assert value is None or isinstance(value, bytes)
             return value
 
-        raw = await self._run(call)
+        raw = await self._gateway.call(call)
         if raw is None:
             return None
         try:
@@ -163,13 +157,6 @@ class RedisOwnershipStore:
         except (ValueError, TypeError) as exc:
             log.warning("unreadable ownership record of %s: %s", file_id, exc)
             return None
-
-    async def _run(self, call: Callable[[], _T]) -> _T:
-        try:
-            # Abandoned on cancel: the thread ends within the socket timeout by itself.
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        except redis.RedisError as exc:
-            raise OwnershipUnavailable(str(exc)) from exc
 
 
 class Ownership:
@@ -220,7 +207,3 @@ class Ownership:
             )
             return None
         return None if owner is None else owner.subject
-
-    def close(self) -> None:
-        if isinstance(self.store, RedisOwnershipStore):
-            self.store.close()

@@ -4,6 +4,9 @@ Writes are read-modify-write under WATCH/MULTI, so two operators changing the re
 once never lose an update (the loser's transaction is retried on the new value). Each write
 bumps `version`, sets `timestamp` and `count`, and PUBLISHes on the discovery channel in the
 same transaction, so ingesters re-read at once. Errors are one line on stderr and exit 2.
+
+A one-shot command with no trio: it takes a bare fail-fast client (`make_client`), not the
+service's `RedisGateway`, whose worker threads and limiter it would not use.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from typing import Any, Final
 import redis
 
 from .settings import SEMode
+from .storage.redis_gateway import make_client
 from .storage.redis_registry import (
     DISCOVERY_CHANNEL,
     REGISTRY_KEY,
     STATUSES,
     WRITABLE_MODES,
-    make_client,
     parse_registry,
 )
 

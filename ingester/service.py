@@ -25,8 +25,9 @@ import trio
 from .allocator import trim_heap
 from .auth.verifier import TokenVerifier, build_verifier
 from .finalize.finalizer import Finalizer
+from .finalize.store import FinalizeStore, MemoryFinalizeStore, RedisFinalizeStore
 from .metrics import Metrics
-from .ownership import MemoryOwnershipStore, Ownership, RedisOwnershipStore
+from .ownership import MemoryOwnershipStore, Ownership, OwnershipStore, RedisOwnershipStore
 from .resilience.breaker import BreakerBoard, BreakerPolicy
 from .resilience.retry import RetryPolicy
 from .saga.book import SagaBook
@@ -35,13 +36,20 @@ from .settings import Settings
 from .storage.admin import AdminRegistry
 from .storage.client import StorageElementClient
 from .storage.pool import ElementPool
+from .storage.redis_gateway import RedisGateway
 from .storage.redis_registry import RedisRegistrySync
 from .storage.registry import Prober, Registry, configured_elements
 from .storage.se_auth import SETokenProvider, build_se_token_provider
 from .tus.service import TusService
+from .tus.store import MemoryTusStore, RedisTusStore, TusStore
 from .upload.admission import Admission
 from .upload.budget import MemoryBudget
-from .upload.idempotency import IdempotencyGuard, MemoryIdempotencyStore, RedisIdempotencyStore
+from .upload.idempotency import (
+    IdempotencyGuard,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    RedisIdempotencyStore,
+)
 from .upload.ingest import Ingest
 from .upload.pipeline import UploadPipeline
 from .upload.progress import ProgressBook
@@ -93,16 +101,31 @@ class Service:
             interval_s=settings.se_probe_interval_s,
             breakers=self.breakers,
         )
-        # Redis replaces the static registry once it has one.
+        # One way to Redis for the process (one pool, one thread limiter, one replica-ack
+        # policy), closed once at exit; every store is chosen here, Redis or this process.
+        self.redis: RedisGateway | None = None
         self.registry_sync: RedisRegistrySync | None = None
+        self.saga_store: SagaStore = MemorySagaStore()
+        idempotency_store: IdempotencyStore = MemoryIdempotencyStore()
+        ownership_store: OwnershipStore = MemoryOwnershipStore(settings.ownership_memory_max)
+        self.tus_store: TusStore = MemoryTusStore()
+        self.finalize_store: FinalizeStore = MemoryFinalizeStore()
         if settings.redis_url:
+            redis = self.redis = RedisGateway(
+                settings.redis_url, timeout_s=settings.redis_timeout_s
+            )
+            # Redis replaces the static registry once it has one.
             self.registry_sync = RedisRegistrySync(
                 self.registry,
                 self.prober,
-                url=settings.redis_url,
+                gateway=redis,
                 refresh_s=settings.redis_registry_refresh_s,
-                timeout_s=settings.redis_timeout_s,
             )
+            self.saga_store = RedisSagaStore(redis)
+            idempotency_store = RedisIdempotencyStore(redis)
+            ownership_store = RedisOwnershipStore(redis)
+            self.tus_store = RedisTusStore(redis)
+            self.finalize_store = RedisFinalizeStore(redis)
         # Which element next, breakers, retry budgets, attempts in flight, compensation:
         # shared by uploads and finalization.
         self.pool = ElementPool(
@@ -120,11 +143,6 @@ class Service:
             compensation_timeout_s=settings.compensation_timeout_s,
             on_failure=self.prober.poke,
         )
-        self.saga_store: SagaStore = (
-            RedisSagaStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if settings.redis_url
-            else MemorySagaStore()
-        )
         self.sagas = SagaBook(
             self.saga_store,
             self.pool.compensate,
@@ -137,19 +155,12 @@ class Service:
             compensation_timeout_s=settings.compensation_timeout_s,
         )
         self.idempotency = IdempotencyGuard(
-            RedisIdempotencyStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if settings.redis_url
-            else MemoryIdempotencyStore(),
+            idempotency_store,
             ttl_s=settings.idempotency_ttl_s,
             lease_s=settings.saga_lease_s,
         )
         # Who uploaded each file, beside the saga records (see `ingester.ownership`).
-        self.ownership = Ownership(
-            RedisOwnershipStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if settings.redis_url
-            else MemoryOwnershipStore(settings.ownership_memory_max),
-            grace_s=settings.ownership_grace_s,
-        )
+        self.ownership = Ownership(ownership_store, grace_s=settings.ownership_grace_s)
         self.admin: AdminRegistry | None = None
         if settings.admin_url:
             self.admin = AdminRegistry(
@@ -194,6 +205,7 @@ class Service:
         # Resumable uploads (tus): state store, locks, data files; completes through `ingest`.
         self.tus = TusService(
             settings,
+            store=self.tus_store,
             ingest=self.ingest,
             metrics=self.metrics,
             spool_budget=self.spool_budget,
@@ -203,6 +215,7 @@ class Service:
         # Finalization (temporary -> permanent), run in the service nursery.
         self.finalizer = Finalizer(
             settings,
+            store=self.finalize_store,
             pool=self.pool,
             ownership=self.ownership,
             metrics=self.metrics.registry,
@@ -256,15 +269,13 @@ class Service:
                     "stopping with %d sagas still compensating; %s",
                     len(pending),
                     "another replica's janitor takes them over when their lease runs out"
-                    if isinstance(self.saga_store, RedisSagaStore)
+                    if self.redis is not None
                     else "without Redis they are lost: their copies stay",
                     extra={"event": "saga_pending_at_exit"},
                 )
-            if isinstance(self.saga_store, RedisSagaStore):
-                self.saga_store.close()
-            if isinstance(self.idempotency.store, RedisIdempotencyStore):
-                self.idempotency.store.close()
-            self.ownership.close()
+            # Last: every user of the gateway lived in the nursery above.
+            if self.redis is not None:
+                self.redis.close()
             self.spool_files.close()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.http.aclose()

@@ -61,7 +61,7 @@ from .errors import (
     SourceUnavailable,
 )
 from .record import SourceFile, Transaction, TxState, iso
-from .store import FinalizeStore, MemoryFinalizeStore, RedisFinalizeStore, StoreUnavailable
+from .store import FinalizeStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ class Finalizer:
         self,
         settings: Settings,
         *,
+        store: FinalizeStore,
         pool: ElementPool,
         ownership: Ownership,
         metrics: CollectorRegistry,
@@ -212,11 +213,7 @@ class Finalizer:
         self.ownership = ownership
         self.admin = admin
         self._draining = draining
-        self.store: FinalizeStore = (
-            RedisFinalizeStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if settings.redis_url
-            else MemoryFinalizeStore()
-        )
+        self.store = store
         self.owner = f"finalizer-{uuid.uuid4().hex[:12]}"
         self.lease_s = settings.finalize_lease_s
         self.active: dict[str, Transaction] = {}
@@ -270,8 +267,6 @@ class Finalizer:
                 task_status.started()
         finally:
             self._nursery = None
-            if isinstance(self.store, RedisFinalizeStore):
-                self.store.close()
 
     async def _lease_keeper(self) -> None:
         while True:

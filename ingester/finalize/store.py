@@ -17,12 +17,9 @@ import logging
 from typing import Final, Protocol
 
 import redis
-import trio
-from redis.commands.core import Script
 
 from ..saga.store import CLAIM_DUE, StoreUnavailable
-from ..storage.redis_registry import DurableScripts, make_client
-from ..storage.redis_url import is_sentinel
+from ..storage.redis_gateway import RedisGateway
 from .record import TERMINAL, Transaction, TxState
 
 log = logging.getLogger(__name__)
@@ -164,7 +161,9 @@ end
 return 1
 """
 
-# KEYS: due zset, then one hash per id. ARGV: owner, due, then the ids.
+# KEYS: due zset, then one hash per id. ARGV: owner, due, then the ids. Not the saga's: a
+# finished transaction keeps its hash (expiring) but is out of the due set, and renewing it
+# must not put it back there for a janitor to claim.
 _RENEW: Final = """
 local lost = {}
 for i = 2, #KEYS do
@@ -180,31 +179,16 @@ return lost
 
 
 class RedisFinalizeStore:
-    """Transactions in Redis; the sync client in a worker thread, no retries, bounded calls."""
+    """Transactions in Redis, through the process's gateway (bounded calls, no retries; a
+    dead Redis is `StoreUnavailable`)."""
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        self._client = make_client(url, timeout_s)
-        # With Sentinel, every state write waits for a replica (see `put`).
-        self._scripts = DurableScripts(self._client, replicated=is_sentinel(url))
-        self._create = self._client.register_script(_CREATE)
-        self._put = self._client.register_script(_PUT)
-        self._renew = self._client.register_script(_RENEW)
-        self._claim = self._client.register_script(CLAIM_DUE)
-
-    def close(self) -> None:
-        self._client.close()
-
-    async def _call(self, fn: object) -> object:
-        assert callable(fn)
-        try:
-            return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
-        except redis.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
-
-    async def _run(
-        self, script: Script, keys: list[str], args: list[str], *, durable: bool = False
-    ) -> object:
-        return await self._call(lambda: self._scripts.run(script, keys, args, durable=durable))
+    def __init__(self, gateway: RedisGateway) -> None:
+        self._gateway = gateway
+        self._run = gateway.run_script
+        self._create = gateway.script(_CREATE)
+        self._put = gateway.script(_PUT)
+        self._renew = gateway.script(_RENEW)
+        self._claim = gateway.script(CLAIM_DUE)
 
     async def create(self, tx: Transaction, *, due: float) -> str | None:
         holder = await self._run(
@@ -254,17 +238,16 @@ class RedisFinalizeStore:
         return [x.decode() if isinstance(x, bytes) else str(x) for x in raw]
 
     async def get(self, transaction_id: str) -> Transaction | None:
-        client = self._client
-        raw = await self._call(lambda: client.hget(TX_PREFIX + transaction_id, "record"))
+        raw = await self._gateway.call(
+            lambda client: client.hget(TX_PREFIX + transaction_id, "record")
+        )
         if raw is None:
             return None
         assert isinstance(raw, bytes | str)
         return Transaction.from_json(raw)
 
     async def recent(self, limit: int) -> list[Transaction]:
-        client = self._client
-
-        def read() -> list[bytes | None]:
+        def read(client: redis.Redis) -> list[bytes | None]:
             ids: list[bytes] = list(client.zrevrange(INDEX_KEY, 0, max(limit, 1) - 1))  # type: ignore[arg-type]
             if not ids:
                 return []
@@ -277,7 +260,7 @@ class RedisFinalizeStore:
                 client.zrem(INDEX_KEY, *gone)
             return list(values)
 
-        values = await self._call(read)
+        values = await self._gateway.call(read)
         assert isinstance(values, list)
         out = []
         for value in values:

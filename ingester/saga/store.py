@@ -18,12 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Final, Protocol
 
-import redis
-import trio
-from redis.commands.core import Script
-
-from ..storage.redis_registry import DurableScripts, make_client
-from ..storage.redis_url import is_sentinel
+from ..storage.redis_gateway import RedisGateway, RedisUnavailable
 from .commit import ResultRefused, ResultWrite
 from .record import SagaRecord, SagaState
 
@@ -34,8 +29,9 @@ DUE_KEY: Final = "ingester:saga:due"
 COMPENSATING_KEY: Final = "ingester:saga:compensating"
 
 
-class StoreUnavailable(Exception):
-    """The store could not be reached (Redis down or too slow)."""
+# The store could not be reached (Redis down or too slow): the gateway's one error, under
+# the name the saga book (and finalization) catch.
+StoreUnavailable = RedisUnavailable
 
 
 class SagaStore(Protocol):
@@ -233,35 +229,20 @@ _DELETE_WITH_RESULT: Final = _with_result(_DELETE_CHECK, _DELETE_WRITE, 2)
 
 
 class RedisSagaStore:
-    """Records in Redis. Every call is the sync client in a worker thread, bounded by the
-    client's socket timeouts (no retries): a dead Redis costs one timeout, never a hang."""
+    """Records in Redis, through the process's gateway: a dead Redis costs one timeout, never
+    a hang, and comes out as `StoreUnavailable`."""
 
     atomic_results = True
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        self._client = make_client(url, timeout_s)
-        # With Sentinel, a record that names a new copy waits for a replica (see `put`).
-        self._scripts = DurableScripts(self._client, replicated=is_sentinel(url))
-        self._put = self._client.register_script(_PUT)
-        self._renew = self._client.register_script(_RENEW)
-        self._claim = self._client.register_script(CLAIM_DUE)
-        self._delete = self._client.register_script(_DELETE)
-        self._put_result = self._client.register_script(_PUT_WITH_RESULT)
-        self._delete_result = self._client.register_script(_DELETE_WITH_RESULT)
-
-    def close(self) -> None:
-        self._client.close()
-
-    async def _run(
-        self, script: Script, keys: list[str], args: list[str], *, durable: bool = False
-    ) -> object:
-        def call() -> object:
-            return self._scripts.run(script, keys, args, durable=durable)
-
-        try:
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        except redis.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+    def __init__(self, gateway: RedisGateway) -> None:
+        self._gateway = gateway
+        self._run = gateway.run_script
+        self._put = gateway.script(_PUT)
+        self._renew = gateway.script(_RENEW)
+        self._claim = gateway.script(CLAIM_DUE)
+        self._delete = gateway.script(_DELETE)
+        self._put_result = gateway.script(_PUT_WITH_RESULT)
+        self._delete_result = gateway.script(_DELETE_WITH_RESULT)
 
     async def put(
         self,
@@ -341,13 +322,7 @@ class RedisSagaStore:
         return _answer(deleted)
 
     async def backlog(self) -> int:
-        def call() -> int:
-            return int(self._client.scard(COMPENSATING_KEY))
-
-        try:
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        except redis.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+        return await self._gateway.call(lambda client: int(client.scard(COMPENSATING_KEY)))
 
 
 def _result_args(result: ResultWrite | None) -> tuple[list[str], list[str]]:

@@ -7,13 +7,14 @@ the in-memory `Registry` in step with it:
   registry sync (service nursery)
     ├── refresher   reads the key at start, on each announcement, and every
     │               `redis_registry_refresh_s` (exponential backoff while Redis is down)
-    └── listener    pub/sub in a worker thread, polling `get_message(timeout=...)`
+    └── listener    the change feed: `RedisGateway.listen` (a connection and a thread
+                    of its own, polling `get_message(timeout=...)`)
 
-redis-py's asyncio client does not run under trio, so every call is the sync client in
-`trio.to_thread.run_sync`, with retries off and socket timeouts set: a dead Redis costs one
-timeout per attempt, never the 4-15 s of redis-py's default retry loop. When Redis is down, the
-key is missing or holds something invalid, the last known good registry stays in force (or the
-static `INGESTER_STORAGE_ELEMENTS` when nothing was ever read), and each state change is logged
+Every read goes through the process's `RedisGateway` (`ingester.storage.redis_gateway`):
+retries off and socket timeouts set, so a dead Redis costs one timeout per attempt, never
+the 4-15 s of redis-py's default retry loop. When Redis is down, the key is missing or holds
+something invalid, the last known good registry stays in force (or the static
+`INGESTER_STORAGE_ELEMENTS` when nothing was ever read), and each state change is logged
 once, not every attempt.
 """
 
@@ -21,20 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any, Final, Literal
 
 import pydantic
 import redis
 import trio
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
 from ..settings import SEMode, StorageElementConfig
-from .redis_url import is_sentinel, parse_sentinel_url
+from .redis_gateway import RedisGateway, RedisUnavailable
 from .registry import Prober, Registry
 
 log = logging.getLogger(__name__)
@@ -44,19 +40,9 @@ DISCOVERY_CHANNEL: Final = "artstore:service_discovery"
 STATUSES: Final = frozenset({"online", "offline", "degraded", "maintenance"})
 WRITABLE_MODES: Final = frozenset({SEMode.EDIT, SEMode.RW})
 
-# How long one `get_message` blocks in the listener thread: also the worst-case delay before
-# the thread sees a cancellation (shutdown), so keep it short.
-PUBSUB_POLL_S: Final = 0.5
 # Reconnect backoff while Redis is unreachable: 0.25, 0.5, 1, 2, 4, 5, 5, ... seconds.
 BACKOFF_BASE_S: Final = 0.25
 BACKOFF_MAX_S: Final = 5.0
-
-# `WAIT 1`'s bound. A replica on the same network acknowledges in well under a millisecond
-# (on loopback the script plus WAIT took 0.48 ms at p50 against 0.26 ms without); one that
-# takes longer is down, or still syncing.
-REPLICA_ACK_TIMEOUT_S: Final = 0.2
-# After a `WAIT` no replica answered, writes stop waiting for this long, then try again.
-SKIP_AFTER_MISS_S: Final = 10.0
 
 Source = Literal["redis", "static", "redis-stale"]
 
@@ -153,112 +139,6 @@ def parse_registry(raw: bytes | str) -> list[StorageElementConfig]:
 # --- the sync --------------------------------------------------------------------------------
 
 
-def make_client(url: str, timeout_s: float) -> redis.Redis:
-    """A sync client that fails fast: no retries, bounded connect and read.
-
-    With a `redis+sentinel://` URL it is the master of the service as the Sentinels name it:
-    each new connection asks them, so after a failover the first call on an old connection
-    fails (one timeout at most, no retry) and the next one reaches the promoted replica.
-    """
-    fail_fast: dict[str, Any] = {
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 0,
-    }
-    if not is_sentinel(url):
-        return redis.Redis.from_url(url, **fail_fast)
-    parsed = parse_sentinel_url(url)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(parsed.sentinels),
-        # The Sentinels themselves fail fast too: a dead one costs a refused connect or one
-        # timeout, then the next is asked.
-        sentinel_kwargs=dict(fail_fast),
-        **fail_fast,
-    )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
-        parsed.service,
-        db=parsed.db,
-        username=parsed.username,
-        password=parsed.password,
-    )
-    return client
-
-
-class AckPolicy:
-    """When a write must wait for a replica's acknowledgement (`WAIT 1`). No I/O.
-
-    A write that would lose a file or leave an orphan if a Sentinel failover dropped it (a
-    saga record before the first byte leaves) waits until one replica has it, at most
-    `REPLICA_ACK_TIMEOUT_S`. When none acknowledged in time (the replica is down or still
-    syncing), the write stands on the master alone, which is no worse than Redis without
-    replicas: the upload goes on, and for `SKIP_AFTER_MISS_S` writes do not wait, so a dead
-    replica costs one timeout per window, not one per upload.
-    """
-
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled
-        self._skip_until = float("-inf")
-        self.replicated = True
-
-    def should_wait(self, now: float) -> bool:
-        return self.enabled and now >= self._skip_until
-
-    def acked(self, replicas: int, now: float) -> bool | None:
-        """Note what `WAIT` answered; the new `replicated` when it changed, else None."""
-        ok = replicas >= 1
-        if not ok:
-            self._skip_until = now + SKIP_AFTER_MISS_S
-        if ok == self.replicated:
-            return None
-        self.replicated = ok
-        return ok
-
-
-class DurableScripts:
-    """Runs Lua scripts on `client`, with `WAIT 1` after those that must outlive a failover.
-
-    Sync: called in a worker thread. The script and the `WAIT` go in one pipeline on one
-    connection, since `WAIT` counts the acknowledgement of that connection's writes.
-    """
-
-    def __init__(self, client: redis.Redis, *, replicated: bool) -> None:
-        self._client = client
-        self.policy = AckPolicy(enabled=replicated)
-
-    def run(self, script: Any, keys: list[str], args: list[str], *, durable: bool) -> object:
-        now = time.monotonic()
-        if not durable or not self.policy.should_wait(now):
-            return script(keys=keys, args=args)
-        try:
-            result, replicas = self._with_wait(script, keys, args)
-        except NoScriptError:
-            # A new master (after a failover) has not seen the script yet.
-            script.sha = self._client.script_load(script.script)
-            result, replicas = self._with_wait(script, keys, args)
-        changed = self.policy.acked(int(replicas), time.monotonic())
-        if changed is False:
-            log.warning(
-                "no Redis replica acknowledged a write within %.0f ms: records written now "
-                "live on the master alone and a failover may lose them",
-                REPLICA_ACK_TIMEOUT_S * 1000,
-                extra={"event": "redis_unreplicated"},
-            )
-        elif changed:
-            log.info(
-                "a Redis replica acknowledges writes again", extra={"event": "redis_replicated"}
-            )
-        return result
-
-    def _with_wait(self, script: Any, keys: list[str], args: list[str]) -> list[Any]:
-        # EVALSHA itself, not the script object: a pipeline that runs a script object first
-        # asks SCRIPT EXISTS, one more command per write.
-        pipe = self._client.pipeline(transaction=False)
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-        pipe.wait(1, int(REPLICA_ACK_TIMEOUT_S * 1000))
-        return list(pipe.execute())
-
-
 def backoff_s(failures: int) -> float:
     """Delay before the next attempt after `failures` consecutive failures (≥ 1)."""
     return float(min(BACKOFF_BASE_S * 2 ** max(failures - 1, 0), BACKOFF_MAX_S))
@@ -272,14 +152,13 @@ class RedisRegistrySync:
         registry: Registry,
         prober: Prober,
         *,
-        url: str,
+        gateway: RedisGateway,
         refresh_s: float,
-        timeout_s: float,
     ) -> None:
         self._registry = registry
         self._prober = prober
         self._refresh_s = refresh_s
-        self._client = make_client(url, timeout_s)
+        self._gateway = gateway
         # Set by the listener (a message, a fresh subscription) to ask for a read now.
         self._wanted = trio.Event()
         self._read_failures = 0
@@ -305,23 +184,17 @@ class RedisRegistrySync:
         # One attempt, whatever it gives: startup must not wait for Redis.
         await self.refresh()
         task_status.started()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._refresher)
-                nursery.start_soon(self._listener)
-        finally:
-            # Closing pooled sockets does not block (no network round trip); no thread needed.
-            self._client.close()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._refresher)
+            nursery.start_soon(self._listener)
 
     # --- reading ---------------------------------------------------------------------------
 
     async def refresh(self) -> None:
         """Read the key once and apply it; never raises for Redis or content problems."""
         try:
-            # abandon_on_cancel: at shutdown the thread ends by itself within the socket
-            # timeout, and its result is not wanted any more.
-            raw = await trio.to_thread.run_sync(self._get, abandon_on_cancel=True)
-        except redis.RedisError as exc:
+            raw = await self._gateway.call(_get_registry)
+        except RedisUnavailable as exc:
             self._read_failures += 1
             self._set_connected(False)
             self._set_state("down", f"Redis unreachable: {exc}")
@@ -355,11 +228,6 @@ class RedisRegistrySync:
         # New elements have no health yet: probe now rather than at the next interval.
         self._prober.poke()
 
-    def _get(self) -> bytes | None:
-        value = self._client.get(REGISTRY_KEY)
-        assert value is None or isinstance(value, bytes)
-        return value
-
     def _set_state(self, state: str, message: str | None) -> None:
         if state != self._state:
             if state == "ok":
@@ -392,8 +260,10 @@ class RedisRegistrySync:
         failures = 0
         while True:
             try:
-                await trio.to_thread.run_sync(self._listen_blocking)
-            except redis.RedisError as exc:
+                await self._gateway.listen(
+                    DISCOVERY_CHANNEL, subscribed=self._on_subscribed, message=self._want
+                )
+            except RedisUnavailable as exc:
                 if self._listener_up:
                     log.warning(
                         "registry change feed lost: %s",
@@ -408,21 +278,6 @@ class RedisRegistrySync:
                 self._want()
             await trio.sleep(backoff_s(failures))
 
-    def _listen_blocking(self) -> None:
-        """In a worker thread: subscribe, then forward each message to the trio side."""
-        pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-        try:
-            pubsub.subscribe(DISCOVERY_CHANNEL)
-            # Changes made while we were not subscribed were missed: read once now.
-            trio.from_thread.run_sync(self._on_subscribed)
-            while True:
-                trio.from_thread.check_cancelled()
-                message = pubsub.get_message(timeout=PUBSUB_POLL_S)
-                if message is not None and message.get("type") == "message":
-                    trio.from_thread.run_sync(self._want)
-        finally:
-            pubsub.close()
-
     def _on_subscribed(self) -> None:
         if not self._listener_up:
             log.info("subscribed to %s", DISCOVERY_CHANNEL, extra={"event": "registry_feed"})
@@ -432,3 +287,9 @@ class RedisRegistrySync:
     def _want(self) -> None:
         # On the trio side, so it sets whichever event the refresher waits on right now.
         self._wanted.set()
+
+
+def _get_registry(client: redis.Redis) -> bytes | None:
+    value = client.get(REGISTRY_KEY)
+    assert value is None or isinstance(value, bytes)
+    return value

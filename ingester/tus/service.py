@@ -82,7 +82,7 @@ from .protocol import (
 )
 from .result import StreamResult, TusResult
 from .state import ConcatKind, Phase, TusUpload
-from .store import MemoryTusStore, QuotaRefusal, RedisTusStore, TusStore
+from .store import QuotaRefusal, TusStore
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -132,7 +132,8 @@ class _Completion:
 class TusService:
     """Resumable uploads; `ingester.service` gives it what it uses.
 
-    `ingest`: where a completed upload is stored. `spool_budget` holds the data files' bytes,
+    `store`: the uploads' state (Redis or in-process). `ingest`: where a completed upload is
+    stored. `spool_budget` holds the data files' bytes,
     `memory` the buffers of PATCHes. `draining()`: whether new work is refused.
     """
 
@@ -140,6 +141,7 @@ class TusService:
         self,
         settings: Settings,
         *,
+        store: TusStore,
         ingest: Ingest,
         metrics: Metrics,
         spool_budget: SpoolBudget,
@@ -152,11 +154,7 @@ class TusService:
         self.spool_budget = spool_budget
         self.memory = memory
         self._draining = draining
-        self.store: TusStore = (
-            RedisTusStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
-            if settings.redis_url
-            else MemoryTusStore()
-        )
+        self.store = store
         self.locks = Locks(
             self.store,
             ttl_s=settings.tus_lock_ttl_s,
@@ -184,7 +182,6 @@ class TusService:
                 task_status.started()
         finally:
             self._nursery = None
-            self.store.close()
 
     # --- reading state ---------------------------------------------------------------------
 

@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import redis
-import trio
 from redis.commands.core import Script
 
 from ..saga.commit import ResultWrite
-from ..storage.redis_registry import make_client
+from ..storage.redis_gateway import RedisGateway, RedisUnavailable
 from .errors import TusStoreUnavailable
 from .state import Phase, TusUpload
 
@@ -50,6 +49,8 @@ OWNER_PREFIX: Final = "ingester:tus:owner:"
 RESERVATION_GRACE_S: Final = 60.0
 # An index nobody reserved in for this long goes (its uploads expired long ago).
 OWNER_INDEX_TTL_S: Final = 8 * 86400.0
+
+_T = TypeVar("_T")
 
 
 class QuotaRefusal(Enum):
@@ -116,8 +117,6 @@ class TusStore(Protocol):
         ...
 
     async def unreserve(self, owner: str, upload_id: str) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def _state_deadline(upload: TusUpload) -> float:
@@ -238,9 +237,6 @@ class MemoryTusStore:
         if not entries:
             self._owners.pop(owner, None)
 
-    def close(self) -> None:
-        pass
-
 
 # KEYS: state, lock, expiring. ARGV: token, json, expires_at, id, state deadline (ms).
 _PUT: Final = """
@@ -319,33 +315,24 @@ return 0
 
 
 class RedisTusStore:
-    """State in Redis. Every call is the sync client in a worker thread, bounded by the
-    client's socket timeouts (no retries): a dead Redis costs one timeout, never a hang."""
+    """State in Redis, through the process's gateway: a dead Redis costs one timeout, never a
+    hang, and is a `TusStoreUnavailable` (503)."""
 
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        self._client = make_client(url, timeout_s)
-        self._put = self._client.register_script(_PUT)
-        self._create = self._client.register_script(_CREATE)
-        self._delete = self._client.register_script(_DELETE)
-        self._lock = self._client.register_script(_LOCK)
-        self._keep = self._client.register_script(_KEEP)
-        self._release = self._client.register_script(_RELEASE)
-        self._reserve = self._client.register_script(_RESERVE)
-
-    def close(self) -> None:
-        self._client.close()
+    def __init__(self, gateway: RedisGateway) -> None:
+        self._gateway = gateway
+        self._put = gateway.script(_PUT)
+        self._create = gateway.script(_CREATE)
+        self._delete = gateway.script(_DELETE)
+        self._lock = gateway.script(_LOCK)
+        self._keep = gateway.script(_KEEP)
+        self._release = gateway.script(_RELEASE)
+        self._reserve = gateway.script(_RESERVE)
 
     async def _call(self, script: Script, keys: list[str], args: list[str]) -> object:
-        def call() -> object:
-            return script(keys=keys, args=args)
+        return await _tus_error(self._gateway.run_script(script, keys, args))
 
-        return await self._run(call)
-
-    async def _run(self, call: Callable[[], object]) -> object:
-        try:
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        except redis.RedisError as exc:
-            raise TusStoreUnavailable(f"Redis: {exc}") from exc
+    async def _run(self, call: Callable[[redis.Redis], _T]) -> _T:
+        return await _tus_error(self._gateway.call(call))
 
     @staticmethod
     def _keys(upload_id: str) -> tuple[str, str, str]:
@@ -368,7 +355,7 @@ class RedisTusStore:
 
     async def get(self, upload_id: str) -> TusUpload | None:
         state, _, _ = self._keys(upload_id)
-        raw = await self._run(lambda: self._client.get(state))
+        raw = await self._run(lambda client: client.get(state))
         if raw is None:
             return None
         assert isinstance(raw, bytes)
@@ -406,13 +393,13 @@ class RedisTusStore:
 
     async def due(self, now: float, limit: int) -> list[str]:
         raw = await self._run(
-            lambda: self._client.zrangebyscore(EXPIRING_KEY, "-inf", repr(now), start=0, num=limit)
+            lambda client: client.zrangebyscore(EXPIRING_KEY, "-inf", repr(now), start=0, num=limit)
         )
         assert isinstance(raw, list)
         return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
 
     async def forget(self, upload_id: str) -> None:
-        await self._run(lambda: self._client.zrem(EXPIRING_KEY, upload_id))
+        await self._run(lambda client: client.zrem(EXPIRING_KEY, upload_id))
 
     async def try_lock(self, upload_id: str, token: str, ttl_s: float) -> bool:
         _, lock, letgo = self._keys(upload_id)
@@ -432,7 +419,7 @@ class RedisTusStore:
 
     async def ask(self, upload_id: str, ttl_s: float) -> None:
         _, _, letgo = self._keys(upload_id)
-        await self._run(lambda: self._client.set(letgo, b"1", px=int(ttl_s * 1000)))
+        await self._run(lambda client: client.set(letgo, b"1", px=int(ttl_s * 1000)))
 
     async def reserve(
         self, owner: str, upload_id: str, size: int, *, max_uploads: int, max_bytes: int
@@ -458,7 +445,15 @@ class RedisTusStore:
 
     async def unreserve(self, owner: str, upload_id: str) -> None:
         key = _owner_key(owner)
-        await self._run(lambda: self._client.hdel(key, upload_id))
+        await self._run(lambda client: client.hdel(key, upload_id))
+
+
+async def _tus_error(call: Awaitable[_T]) -> _T:
+    """The gateway's error as this store's own: a 503 the tus routes answer."""
+    try:
+        return await call
+    except RedisUnavailable as exc:
+        raise TusStoreUnavailable(f"Redis: {exc}") from exc
 
 
 def _owner_key(owner: str) -> str:

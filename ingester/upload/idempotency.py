@@ -31,7 +31,7 @@ import trio
 
 from ..errors import IngesterError, InvalidField
 from ..saga.commit import ResultCommit, ResultUnknown, ResultWrite
-from ..storage.redis_registry import make_client
+from ..storage.redis_gateway import RedisGateway, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class Entry:
         return cls(data["state"], data["owner"], data.get("fingerprint"), data.get("result"))
 
 
-class StoreUnavailable(Exception):
-    pass
+# The store could not be reached: the gateway's one error, under the name the guard catches.
+StoreUnavailable = RedisUnavailable
 
 
 class IdempotencyStore(Protocol):
@@ -177,59 +177,50 @@ return 1
 
 
 class RedisIdempotencyStore:
-    def __init__(self, url: str, *, timeout_s: float) -> None:
-        self._client = make_client(url, timeout_s)
-        self._renew = self._client.register_script(_RENEW)
-        self._release = self._client.register_script(_RELEASE)
-
-    def close(self) -> None:
-        self._client.close()
-
-    async def _call(self, fn: Any) -> Any:
-        try:
-            return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
-        except redis.RedisError as exc:
-            raise StoreUnavailable(str(exc)) from exc
+    def __init__(self, gateway: RedisGateway) -> None:
+        self._gateway = gateway
+        self._renew = gateway.script(_RENEW)
+        self._release = gateway.script(_RELEASE)
 
     async def claim(self, key: str, entry: Entry, ttl_s: float) -> Entry | None:
         name = KEY_PREFIX + key
 
-        def call() -> tuple[bytes, int] | None:
+        def call(client: redis.Redis) -> tuple[bytes, int] | None:
             # Twice: an entry that expires between SET and GET is claimable again.
             for _ in range(2):
-                if self._client.set(name, entry.to_json(), nx=True, px=int(ttl_s * 1000)):
+                if client.set(name, entry.to_json(), nx=True, px=int(ttl_s * 1000)):
                     return None
-                pipe = self._client.pipeline(transaction=True)
+                pipe = client.pipeline(transaction=True)
                 pipe.get(name)
                 pipe.pttl(name)
                 existing, left_ms = pipe.execute()
                 if existing is not None:
                     assert isinstance(existing, bytes)
                     return existing, int(left_ms)
-            raise redis.RedisError("the key kept expiring under us")
+            raise StoreUnavailable("the key kept expiring under us")
 
-        found = await self._call(call)
+        found = await self._gateway.call(call)
         if found is None:
             return None
         raw, left_ms = found
         return replace(Entry.from_json(raw), ttl_s=left_ms / 1000 if left_ms > 0 else None)
 
     async def get(self, key: str) -> Entry | None:
-        raw = await self._call(lambda: self._client.get(KEY_PREFIX + key))
+        raw = await self._gateway.call(lambda client: client.get(KEY_PREFIX + key))
         return None if raw is None else Entry.from_json(raw)
 
     async def renew(self, key: str, owner: str, ttl_s: float) -> None:
-        await self._call(
-            lambda: self._renew(keys=[KEY_PREFIX + key], args=[owner, int(ttl_s * 1000)])
+        await self._gateway.run_script(
+            self._renew, [KEY_PREFIX + key], [owner, str(int(ttl_s * 1000))]
         )
 
     async def complete(self, key: str, entry: Entry, ttl_s: float) -> None:
-        await self._call(
-            lambda: self._client.set(KEY_PREFIX + key, entry.to_json(), px=int(ttl_s * 1000))
+        await self._gateway.call(
+            lambda client: client.set(KEY_PREFIX + key, entry.to_json(), px=int(ttl_s * 1000))
         )
 
     async def release(self, key: str, owner: str) -> None:
-        await self._call(lambda: self._release(keys=[KEY_PREFIX + key], args=[owner]))
+        await self._gateway.run_script(self._release, [KEY_PREFIX + key], [owner])
 
     def result_write(self, key: str, entry: Entry, ttl_s: float) -> ResultWrite | None:
         return ResultWrite(KEY_PREFIX + key, entry.to_json(), int((time.time() + ttl_s) * 1000))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from ingester.storage.redis_gateway import RedisGateway
 from ingester.upload.idempotency import (
     Entry,
     IdempotencyStore,
@@ -24,11 +25,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield MemoryIdempotencyStore()
         return
     with RedisServer(tmp_path / "redis") as server:
-        redis_store = RedisIdempotencyStore(server.url, timeout_s=2.0)
+        gateway = RedisGateway(server.url, timeout_s=2.0)
+        redis_store = RedisIdempotencyStore(gateway)
         try:
             yield redis_store
         finally:
-            redis_store.close()
+            gateway.close()
 
 
 async def test_a_held_claim_says_how_long_it_has_left(store: IdempotencyStore) -> None:

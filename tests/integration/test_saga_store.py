@@ -21,6 +21,7 @@ from ingester.saga.store import (
     SagaStore,
     StoreUnavailable,
 )
+from ingester.storage.redis_gateway import RedisGateway
 from tests.support.redis_server import RedisServer
 
 A = Copy("se-a", "http://127.0.0.1:1")
@@ -33,11 +34,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield MemorySagaStore()
         return
     with RedisServer(tmp_path / "redis") as server:
-        redis_store = RedisSagaStore(server.url, timeout_s=2.0)
+        gateway = RedisGateway(server.url, timeout_s=2.0)
+        redis_store = RedisSagaStore(gateway)
         try:
             yield redis_store
         finally:
-            redis_store.close()
+            gateway.close()
 
 
 def rec(
@@ -124,7 +126,8 @@ async def test_backlog_counts_records_being_compensated(store: SagaStore) -> Non
 
 async def test_redis_away_is_a_prompt_store_unavailable(tmp_path: Path) -> None:
     with RedisServer(tmp_path / "redis") as server:
-        store = RedisSagaStore(server.url, timeout_s=0.5)
+        gateway = RedisGateway(server.url, timeout_s=0.5)
+        store = RedisSagaStore(gateway)
         server.kill()
         try:
             with trio.fail_after(5):
@@ -138,7 +141,7 @@ async def test_redis_away_is_a_prompt_store_unavailable(tmp_path: Path) -> None:
                     with pytest.raises(StoreUnavailable):
                         await call()
         finally:
-            store.close()
+            gateway.close()
 
 
 # --- results written with the settle (Redis only: the in-process store has no second
@@ -148,13 +151,14 @@ async def test_redis_away_is_a_prompt_store_unavailable(tmp_path: Path) -> None:
 @pytest.fixture
 async def redis_store(tmp_path: Path) -> AsyncIterator[tuple[RedisSagaStore, redis.Redis]]:
     with RedisServer(tmp_path / "redis") as server:
-        store = RedisSagaStore(server.url, timeout_s=2.0)
+        gateway = RedisGateway(server.url, timeout_s=2.0)
+        store = RedisSagaStore(gateway)
         client = redis.Redis.from_url(server.url)
         try:
             yield store, client
         finally:
             client.close()
-            store.close()
+            gateway.close()
 
 
 def result(guard: tuple[str, str] | None = None) -> ResultWrite:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from ingester.storage.redis_gateway import RedisGateway
 from ingester.tus import store as store_module
 from ingester.tus.state import TusUpload
 from ingester.tus.store import MemoryTusStore, QuotaRefusal, RedisTusStore, TusStore
@@ -23,11 +24,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield MemoryTusStore()
         return
     with RedisServer(tmp_path / "redis") as server:
-        redis_store = RedisTusStore(server.url, timeout_s=2.0)
+        gateway = RedisGateway(server.url, timeout_s=2.0)
+        redis_store = RedisTusStore(gateway)
         try:
             yield redis_store
         finally:
-            redis_store.close()
+            gateway.close()
 
 
 def uid(n: int) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from ingester.storage.redis_gateway import RedisGateway
 from ingester.tus.errors import TusStoreUnavailable
 from ingester.tus.locks import Locks
 from ingester.tus.state import Phase, TusUpload
@@ -27,11 +28,12 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield MemoryTusStore()
         return
     with RedisServer(tmp_path / "redis") as server:
-        redis_store = RedisTusStore(server.url, timeout_s=2.0)
+        gateway = RedisGateway(server.url, timeout_s=2.0)
+        redis_store = RedisTusStore(gateway)
         try:
             yield redis_store
         finally:
-            redis_store.close()
+            gateway.close()
 
 
 def upload(upload_id: str = UID, expires_in: float = 60.0) -> TusUpload:
@@ -140,7 +142,8 @@ async def test_let_go_through_the_store(store: TusStore) -> None:
 async def test_a_dead_redis_is_a_503_not_a_hang(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis")
     server.start()
-    store = RedisTusStore(server.url, timeout_s=0.5)
+    gateway = RedisGateway(server.url, timeout_s=0.5)
+    store = RedisTusStore(gateway)
     try:
         with trio.fail_after(10):
             assert await store.create(upload())
@@ -151,5 +154,5 @@ async def test_a_dead_redis_is_a_503_not_a_hang(tmp_path: Path) -> None:
             with pytest.raises(TusStoreUnavailable):
                 await store.try_lock(UID, "t", 5)
     finally:
-        store.close()
+        gateway.close()
         server.kill()

@@ -3,6 +3,7 @@
     with RedisServer(tmp_path) as server:     # started, PING answers
         server.url                            # redis://127.0.0.1:<port>/0
         server.kill(); server.start()         # an outage, then back on the same port
+        server.pause(); server.resume()       # a hung Redis: connections open, no answers
 
 No persistence (`--save ""`, no AOF): a restart comes back empty, like a lost Redis.
 """
@@ -10,6 +11,7 @@ No persistence (`--save ""`, no AOF): a restart comes back empty, like a lost Re
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -85,6 +87,16 @@ class RedisServer:
             self._popen.kill()
             self._popen.wait(STOP_TIMEOUT_S)
         self._popen = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open (the kernel still accepts new ones) and nothing
+        answers, as with a hung Redis or a cut link."""
+        assert self._popen is not None, "not running"
+        self._popen.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._popen is not None, "not running"
+        self._popen.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> Self:
         self.start()

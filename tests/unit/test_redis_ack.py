@@ -3,7 +3,7 @@ did not answer costs one timeout per window, not one per upload."""
 
 from __future__ import annotations
 
-from ingester.storage.redis_registry import SKIP_AFTER_MISS_S, AckPolicy
+from ingester.storage.redis_gateway import SKIP_AFTER_MISS_S, AckPolicy
 
 
 def replicated(policy: AckPolicy) -> bool:
