@@ -40,7 +40,8 @@ import httpx
 
 from bench.harness import MIB, clear_data, curl_upload_argv, make_file, save
 from ingester.auth.tokens import generate_keypair, make_token
-from tests.support.chaos import metric, temporary_sizes
+from tests.support.chaos import temporary_sizes
+from tests.support.metrics import metric
 from tests.support.stack import (
     Proc,
     StorageElementProc,

@@ -32,6 +32,7 @@ from enum import Enum
 from typing import Final, Protocol, TypeVar
 
 import redis
+import trio
 from redis.commands.core import Script
 
 from ..saga.commit import ResultWrite
@@ -125,9 +126,12 @@ def _state_deadline(upload: TusUpload) -> float:
 
 
 class MemoryTusStore:
-    """Without Redis: the same rules in this process (state dies with it)."""
+    """Without Redis: the same rules in this process (state dies with it). Locks run out on
+    `clock` (trio's, so a test's `MockClock` moves them); states on wall-clock seconds, as
+    their expiry dates are."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = trio.current_time) -> None:
+        self._clock = clock
         self._states: dict[str, tuple[str, float]] = {}
         self._expiring: dict[str, float] = {}
         self._locks: dict[str, tuple[str, float]] = {}
@@ -143,7 +147,7 @@ class MemoryTusStore:
         entry = self._locks.get(upload_id)
         if entry is None:
             return None
-        if entry[1] <= time.monotonic():
+        if entry[1] <= self._clock():
             del self._locks[upload_id]
             return None
         return entry[0]
@@ -193,14 +197,14 @@ class MemoryTusStore:
     async def try_lock(self, upload_id: str, token: str, ttl_s: float) -> bool:
         if self._holder(upload_id) is not None:
             return False
-        self._locks[upload_id] = (token, time.monotonic() + ttl_s)
+        self._locks[upload_id] = (token, self._clock() + ttl_s)
         self._asked.pop(upload_id, None)
         return True
 
     async def keep(self, upload_id: str, token: str, ttl_s: float) -> LockState:
         if self._holder(upload_id) != token:
             return LockState.LOST
-        now = time.monotonic()
+        now = self._clock()
         self._locks[upload_id] = (token, now + ttl_s)
         asked = self._asked.get(upload_id)
         if asked is not None and asked > now:
@@ -212,7 +216,7 @@ class MemoryTusStore:
             del self._locks[upload_id]
 
     async def ask(self, upload_id: str, ttl_s: float) -> None:
-        self._asked[upload_id] = time.monotonic() + ttl_s
+        self._asked[upload_id] = self._clock() + ttl_s
 
     async def reserve(
         self, owner: str, upload_id: str, size: int, *, max_uploads: int, max_bytes: int

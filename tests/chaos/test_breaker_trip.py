@@ -26,7 +26,6 @@ from tests.support.chaos import (
     PacedBody,
     assert_no_orphans,
     behind_proxy,
-    metric,
     post_paced,
     receiving,
     snapshot,
@@ -36,6 +35,7 @@ from tests.support.chaos import (
 from tests.support.client import MIB, auth, post_upload
 from tests.support.fault_proxy import Fault, FaultPlan
 from tests.support.fixtures import KeyPair
+from tests.support.metrics import metric
 from tests.support.stack import StorageElementProc
 
 ENV: Final = {

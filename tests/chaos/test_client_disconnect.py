@@ -22,7 +22,6 @@ from tests.support.chaos import (
     PacedBody,
     assert_no_orphans,
     behind_proxy,
-    metric,
     post_paced,
     receiving,
     snapshot,
@@ -33,6 +32,7 @@ from tests.support.chaos import (
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
 from tests.support.fault_proxy import Fault, FaultPlan
 from tests.support.fixtures import KeyPair
+from tests.support.metrics import metric
 from tests.support.stack import StorageElementProc
 from tests.support.waiting import eventually
 

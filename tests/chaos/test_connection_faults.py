@@ -17,7 +17,6 @@ from tests.support.chaos import (
     assert_intact,
     assert_no_orphans,
     behind_proxy,
-    metric,
     snapshot,
     spool_files,
     upload_of,
@@ -25,6 +24,7 @@ from tests.support.chaos import (
 from tests.support.client import MIB, post_upload
 from tests.support.fault_proxy import Fault, FaultPlan
 from tests.support.fixtures import KeyPair
+from tests.support.metrics import metric
 from tests.support.stack import StorageElementProc
 
 KIB: Final = 1024

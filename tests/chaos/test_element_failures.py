@@ -17,7 +17,6 @@ from tests.support.chaos import (
     Ledger,
     assert_intact,
     assert_no_orphans,
-    metric,
     readiness,
     receiving,
     registry_entry,
@@ -30,6 +29,7 @@ from tests.support.chaos import (
 )
 from tests.support.client import MIB, post_upload
 from tests.support.fixtures import KeyPair
+from tests.support.metrics import metric
 from tests.support.processes import StorageElementProcess
 
 STALL_S: Final = 1.5

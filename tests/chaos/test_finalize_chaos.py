@@ -17,7 +17,6 @@ a fault proxy in front of the preferred target, and ingesters under hypercorn.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import pytest
 import trio
 
 from tests.conftest import TokenFactory
+from tests.support.chaos import download_sha256
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
 from tests.support.fault_proxy import Fault, FaultPlan, serve_fault_proxy
 from tests.support.fixtures import KeyPair
@@ -212,19 +212,6 @@ async def wait_status(
         await trio.sleep(POLL_S)
 
 
-async def download_sha256(
-    http: httpx.AsyncClient, se: StorageElementProc, file_id: str, token: str
-) -> str:
-    digest = hashlib.sha256()
-    async with http.stream(
-        "GET", f"{se.url}/api/v1/files/{file_id}/download", headers=auth(token)
-    ) as response:
-        assert response.status_code == 200
-        async for chunk in response.aiter_bytes():
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 async def until(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
     await eventually(check, timeout_s=timeout_s)
 
@@ -260,7 +247,10 @@ async def test_target_killed_mid_copy_fails_over_and_leaves_no_orphan(
                 await trio.sleep(POLL_S)
             assert moved["status"] == "committed"
             assert moved["storage_element_id"] == "rw-b"
-            assert await download_sha256(http, world.rw_b, file_id, token) == body.sha256
+            assert await download_sha256(http, world.rw_b.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
             assert files_of(world.edit, file_id) == []
             await world.restart_rw_a()
             done = await wait_status(http, proc.url, token, tx_id, {"done", "rolled_back"})
@@ -307,7 +297,10 @@ async def test_admin_commit_failing_rolls_back(world: World, token_factory: Toke
             # Target copy removed, source intact.
             assert files_of(world.rw_a, file_id) == []
             assert files_of(world.rw_b, file_id) == []
-            assert await download_sha256(http, world.edit, file_id, token) == body.sha256
+            assert await download_sha256(http, world.edit.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
 
             # The file can be finalized again once the Admin Module accepts.
             admin.commit_status = 200
@@ -315,7 +308,10 @@ async def test_admin_commit_failing_rolls_back(world: World, token_factory: Toke
             done = await wait_status(http, proc.url, token, tx2, {"done", "rolled_back"})
             assert done["status"] == "done", done
             assert admin.files[file_id]["retention_policy"] == "permanent"
-            assert await download_sha256(http, world.rw_a, file_id, token) == body.sha256
+            assert await download_sha256(http, world.rw_a.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
             assert files_of(world.edit, file_id) == []
             # Now permanent in the Admin Module: 409.
             again = await http.post(f"{proc.url}/api/v1/finalize/{file_id}", headers=auth(token))
@@ -335,7 +331,10 @@ async def test_ingester_killed_between_commit_and_source_delete(
             assert committed["status"] == "committed"
             first.kill()
             # Committed: the new copy is there, the old one waits for its delete.
-            assert await download_sha256(http, world.rw_a, file_id, token) == body.sha256
+            assert await download_sha256(http, world.rw_a.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
             assert files_of(world.edit, file_id)
 
             second = await world.ingester("second")
@@ -343,7 +342,10 @@ async def test_ingester_killed_between_commit_and_source_delete(
             assert done["status"] == "done", done
             assert done["source_deleted"] is True
             assert files_of(world.edit, file_id) == []
-            assert await download_sha256(http, world.rw_a, file_id, token) == body.sha256
+            assert await download_sha256(http, world.rw_a.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
             text = (await http.get(second.url + "/metrics")).text
             assert "ingester_finalize_takeovers_total 1.0" in text
 
@@ -378,7 +380,10 @@ async def test_ingester_killed_during_the_commit_commits_again_on_restart(
             assert len(admin.commits) == 2
             assert {c["storage_element_id"] for c in admin.commits} == {"rw-a"}
             assert admin.files[file_id]["retention_policy"] == "permanent"
-            assert await download_sha256(http, world.rw_a, file_id, token) == body.sha256
+            assert await download_sha256(http, world.rw_a.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
             assert files_of(world.edit, file_id) == []
 
 
@@ -408,7 +413,10 @@ async def test_ingester_killed_mid_copy_is_rolled_back_by_the_next(
             assert rolled["error"]["code"] == "INTERRUPTED"
             await until(lambda: files_of(world.rw_a, file_id) == [])
             assert files_of(world.rw_b, file_id) == []
-            assert await download_sha256(http, world.edit, file_id, token) == body.sha256
+            assert await download_sha256(http, world.edit.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
             nursery.cancel_scope.cancel()
 
 
@@ -438,7 +446,10 @@ async def test_two_replicas_finalizing_the_same_file_one_wins(
             # Either replica answers the status: it is in Redis.
             done = await wait_status(http, b.url, token, tx_id, {"done", "rolled_back"})
             assert done["status"] == "done", done
-            assert await download_sha256(http, world.rw_a, file_id, token) == body.sha256
+            assert await download_sha256(http, world.rw_a.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
             assert files_of(world.rw_b, file_id) == []
             assert files_of(world.edit, file_id) == []
             # The admin list comes from Redis: both replicas show the transaction.

@@ -11,9 +11,7 @@ file registry (a small HTTP server of the test's), and ingesters under hypercorn
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +22,11 @@ import pytest
 import trio
 
 from tests.conftest import TokenFactory
-from tests.support.chaos import PacedBody, post_paced
+from tests.support.chaos import PacedBody, download_sha256, post_paced
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
+from tests.support.metrics import metric
 from tests.support.redis_server import RedisServer
 from tests.support.stack import (
     Proc,
@@ -136,22 +135,10 @@ async def admin_module(admin: AdminModule) -> AsyncIterator[str]:
         yield server.url
 
 
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    assert match is not None, f"{name} not in /metrics"
-    return float(match.group(1))
-
-
 async def metrics(http: httpx.AsyncClient, proc: Proc) -> str:
     response = await http.get(proc.url + "/metrics")
     assert response.status_code == 200
     return response.text
-
-
-async def download_sha256(http: httpx.AsyncClient, base: str, file_id: str, token: str) -> str:
-    response = await http.get(f"{base}/api/v1/files/{file_id}/download", headers=auth(token))
-    assert response.status_code == 200, response.text
-    return hashlib.sha256(response.content).hexdigest()
 
 
 async def until(read: Callable[[], Awaitable[float]], value: float) -> None:
@@ -209,7 +196,10 @@ async def test_a_stored_upload_is_registered_in_the_admin_module(
                 "stored_content_type": "application/octet-stream",
             }
             assert admin.posted[0].headers["authorization"] == f"Bearer {token}"
-            assert await download_sha256(http, world.a.url, result["file_id"], token) == body.sha256
+            assert await download_sha256(http, world.a.url, result["file_id"], token, None) == (
+                body.sha256,
+                body.size,
+            )
             text = await metrics(http, proc)
             assert metric(text, 'ingester_admin_registrations_total{outcome="ok"}') == 1
             # Nothing left in the saga store once the upload is acknowledged; its owner is
@@ -384,7 +374,10 @@ async def test_a_compensation_that_cannot_run_now_is_retried_until_done(
             assert response.status_code == 201, response.text
             file_id = response.json()["file_id"]
             assert response.json()["storage_element_id"] == "se-b"
-            assert await download_sha256(http, world.b.url, file_id, token) == body.sha256
+            assert await download_sha256(http, world.b.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
 
             # Kept in Redis, counted in the backlog, retried.
             await eventually(lambda: world.saga_keys() != [], timeout_s=5)
@@ -421,4 +414,7 @@ async def test_a_compensation_that_cannot_run_now_is_retried_until_done(
             assert world.element_files()["se-a"] == []
             gone = await http.get(f"{world.a.url}/api/v1/files/{file_id}", headers=auth(token))
             assert gone.status_code == 404
-            assert await download_sha256(http, world.b.url, file_id, token) == body.sha256
+            assert await download_sha256(http, world.b.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )

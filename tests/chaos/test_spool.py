@@ -22,7 +22,6 @@ from tests.support.chaos import (
     Ledger,
     assert_intact,
     assert_no_orphans,
-    metric,
     receiving,
     registry_entry,
     restart_element,
@@ -33,6 +32,7 @@ from tests.support.chaos import (
 )
 from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
+from tests.support.metrics import metric
 
 # The default in-memory threshold (INGESTER_SPOOL_MEMORY_BYTES).
 MEMORY_LIMIT: Final = MIB

@@ -17,7 +17,6 @@ from tests.conftest import TokenFactory
 from tests.support.chaos import (
     assert_no_orphans,
     download_sha256,
-    metric,
     receiving,
     registry_entry,
     restart_element,
@@ -27,6 +26,7 @@ from tests.support.chaos import (
 )
 from tests.support.client import MIB, auth, random_chunks
 from tests.support.fixtures import KeyPair
+from tests.support.metrics import metric
 
 SIZE: Final = 64 * MIB
 CHUNK: Final = 16 * MIB

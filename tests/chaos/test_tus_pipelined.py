@@ -20,7 +20,6 @@ from tests.conftest import Stack, TokenFactory
 from tests.support.chaos import (
     assert_no_orphans,
     download_sha256,
-    metric,
     receiving,
     registry_entry,
     restart_element,
@@ -31,6 +30,7 @@ from tests.support.chaos import (
 )
 from tests.support.client import MIB, auth, random_chunks
 from tests.support.fixtures import KeyPair
+from tests.support.metrics import metric
 from tests.support.redis_server import RedisServer
 from tests.support.stack import Proc
 from tests.support.waiting import eventually

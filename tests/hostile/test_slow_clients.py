@@ -6,7 +6,6 @@ slot, the memory budget and nothing else held."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 import httpx
@@ -16,6 +15,7 @@ import trio
 from tests.conftest import Stack, TokenFactory
 from tests.hostile.common import OFFSET_STREAM, Spawn, Tus, assert_unharmed, error_code
 from tests.support.client import MultipartUpload, auth, post_upload, send_stream
+from tests.support.metrics import metric
 from tests.support.stack import Proc
 
 MIN_RATE_BYTES = 2000
@@ -67,12 +67,6 @@ def multipart_trickle(every_s: float, piece: bytes, count: int) -> tuple[Trickle
     head, *_rest = form.parts()
     tail = f"\r\n--{form.boundary}--\r\n".encode()
     return Trickle(head, piece, every_s, count, tail), form.content_type
-
-
-def metric(text: str, name: str) -> float:
-    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-    assert match is not None, name
-    return float(match[1])
 
 
 async def test_a_trickling_multipart_body_is_cut_and_frees_its_slot(

@@ -31,7 +31,6 @@ from tests.support.chaos import (
     Ledger,
     assert_no_orphans,
     behind_proxy,
-    metric,
     snapshot,
     spool_files,
 )
@@ -39,6 +38,7 @@ from tests.support.client import MIB, MultipartUpload, auth, post_upload, random
 from tests.support.fault_proxy import Fault, FaultPlan
 from tests.support.fixtures import KeyPair
 from tests.support.fixtures import TokenFactory as SignedTokens
+from tests.support.metrics import metric
 from tests.support.stack import (
     Proc,
     StorageElementProc,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ import trio
 
 from tests.conftest import Stack, TokenFactory
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
+from tests.support.metrics import metric
 from tests.support.stack import Proc, StorageElementProc
 
 POLL_S = 0.05
@@ -97,12 +97,6 @@ async def sha256_of_download(
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-def metric(text: str, sample: str) -> float:
-    match = re.search(rf"^{re.escape(sample)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    assert match is not None, f"{sample} not in /metrics"
-    return float(match.group(1))
 
 
 async def test_finalize_moves_the_file_to_rw_and_deletes_the_source_after_the_delay(

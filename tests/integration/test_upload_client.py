@@ -34,6 +34,7 @@ from tests.interop.support import Source, make_source, stored_sha256
 from tests.support.client import MIB, MultipartUpload, auth, post_upload
 from tests.support.fault_proxy import Fault, FaultPlan, FaultProxy, serve_fault_proxy
 from tests.support.http_server import Request, Response, serve_http
+from tests.support.metrics import read_metric
 from tests.support.processes import child_env
 from tests.support.waiting import eventually
 
@@ -81,14 +82,6 @@ async def run_upload(*args: str, env: dict[str, str]) -> Run:
 def state_files(cache: Path) -> list[Path]:
     directory = cache_dir({"XDG_CACHE_HOME": str(cache)})
     return sorted(directory.glob("*.json")) if directory.exists() else []
-
-
-async def metric(url: str, name: str) -> float:
-    async with httpx.AsyncClient(trust_env=False) as http:
-        text = (await http.get(url + "/metrics")).text
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.MULTILINE)
-    assert match is not None, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 async def assert_stored(record: dict[str, Any], source: Source, token: str) -> None:
@@ -220,7 +213,7 @@ async def test_a_cut_mid_upload_resumes_in_the_same_run(
 ) -> None:
     size = 24 * MIB + 123  # above the 16 MiB threshold: tus
     source = make_source(tmp_path / "cut.bin", size, seed=21)
-    received_before = await metric(stack.url, TUS_METRIC)
+    received_before = await read_metric(stack.url, TUS_METRIC)
 
     async def body(proxy: FaultProxy) -> None:
         env = client_env(cache, INGESTER_TOKEN=token())
@@ -249,7 +242,7 @@ async def test_a_cut_mid_upload_resumes_in_the_same_run(
         assert proxy.connections >= 2
 
     await through_proxy(stack, body)
-    received = await metric(stack.url, TUS_METRIC) - received_before
+    received = await read_metric(stack.url, TUS_METRIC) - received_before
     # Resumed, not restarted: at most the cut chunk (and one more on a slow machine) twice.
     assert size <= received <= size + 3 * MIB, received
     assert state_files(cache) == []
@@ -260,7 +253,7 @@ async def test_a_killed_client_resumes_when_run_again(
 ) -> None:
     size = 32 * MIB
     source = make_source(tmp_path / "killed.bin", size, seed=31)
-    received_before = await metric(stack.url, TUS_METRIC)
+    received_before = await read_metric(stack.url, TUS_METRIC)
     files_before = stack.all_files()
 
     async def body(proxy: FaultProxy) -> None:
@@ -302,7 +295,7 @@ async def test_a_killed_client_resumes_when_run_again(
             assert await stored_sha256(http, record, token()) == source.sha256
 
     await through_proxy(stack, body)
-    received = await metric(stack.url, TUS_METRIC) - received_before
+    received = await read_metric(stack.url, TUS_METRIC) - received_before
     # Well under twice the file: the second run sent only what the server did not have.
     assert size <= received <= size * 1.4, received
     assert state_files(cache) == []

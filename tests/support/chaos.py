@@ -560,19 +560,6 @@ async def wait_writable(
     raise AssertionError(f"writable never became {sorted(element_ids)}: {last}")
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """One sample of a Prometheus text exposition; 0.0 when absent."""
-    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        sample, _, rest = key.partition("{")
-        if sample == name and ",".join(sorted(rest.rstrip("}").split(","))) == wanted:
-            return float(value)
-    return 0.0
-
-
 # --- Redis registry, as the Admin Module writes it ------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """The in-process store and the lock protocol on it: exclusive locks with a time to live,
-writes fenced by the lock, and a waiting request that makes the holder let go."""
+writes fenced by the lock, and a waiting request that makes the holder let go. Time is
+trio's `MockClock` (autojump) wherever a lock runs out or a holder is waited for."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from ingester.tus.errors import UploadLocked
 from ingester.tus.locks import KEEP_INTERVAL_S, Lease, Locks
@@ -49,7 +51,7 @@ async def test_one_holder_at_a_time_and_only_it_writes() -> None:
         assert await store.get(UID) is None
 
 
-async def test_a_lock_runs_out_when_not_renewed() -> None:
+async def test_a_lock_runs_out_when_not_renewed(autojump_clock: trio.testing.MockClock) -> None:
     store = MemoryTusStore()
     with trio.fail_after(5):
         assert await store.try_lock(UID, "t1", 0.1)
@@ -78,7 +80,9 @@ async def test_expired_ids_come_due() -> None:
         assert await store.due(time.time(), 10) == []
 
 
-async def test_a_waiting_request_makes_the_holder_let_go() -> None:
+async def test_a_waiting_request_makes_the_holder_let_go(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     store = MemoryTusStore()
     lock = locks(store)
     with trio.fail_after(5):
@@ -104,7 +108,9 @@ async def test_a_waiting_request_makes_the_holder_let_go() -> None:
         assert await store.keep(UID, waiter.token, 5) is LockState.HELD
 
 
-async def test_a_holder_that_does_not_let_go_makes_the_waiter_423() -> None:
+async def test_a_holder_that_does_not_let_go_makes_the_waiter_423(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     store = MemoryTusStore()
     lock = locks(store, wait_s=0.5)
     with trio.fail_after(5):
@@ -126,7 +132,9 @@ async def test_a_holder_that_does_not_let_go_makes_the_waiter_423() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_a_holder_that_lost_its_lock_is_interrupted() -> None:
+async def test_a_holder_that_lost_its_lock_is_interrupted(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     store = MemoryTusStore()
     lock = locks(store)
     with trio.fail_after(5):
@@ -134,7 +142,7 @@ async def test_a_holder_that_lost_its_lock_is_interrupted() -> None:
         async with lock.kept(holder):
             with holder.interrupt:
                 # Someone else's lock now (the holder's ran out, another took it).
-                store._locks[UID] = ("other", time.monotonic() + 5)
+                store._locks[UID] = ("other", trio.current_time() + 5)
                 await trio.sleep_forever()
         assert holder.lost
 

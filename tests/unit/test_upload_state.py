@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from ingester.errors import InvalidField, ServiceBusy, ShuttingDown, TooManyUploads
 from ingester.groups import collapse, only_cancelled
@@ -37,7 +38,9 @@ def test_admission_releases_on_error_and_refuses_while_draining() -> None:
         pass
 
 
-async def test_wait_idle_returns_when_the_last_upload_ends() -> None:
+async def test_wait_idle_returns_when_the_last_upload_ends(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     admission = Admission(max_in_flight=4, max_per_user=4, retry_after_s=1)
     with trio.fail_after(2):
         await admission.wait_idle()
