@@ -34,28 +34,23 @@ from .. import logs
 from ..errors import (
     FileTooLarge,
     IngesterError,
-    InsufficientStorage,
     IntegrityError,
     InvalidField,
     MissingFile,
-    NoStorageAvailable,
     StorageElementError,
-    StorageElementFull,
     StorageElementTimeout,
     StorageElementUnavailable,
 )
 from ..http.multipart import BodyEnd, PartData, PartEnd, PartStart
 from ..metrics import Metrics
 from ..resilience.breaker import BreakerState
-from ..resilience.retry import ErrorKind, decide
+from ..resilience.failover import Failover, FailoverPlan, GiveUp
 from ..saga.book import SagaBook
 from ..saga.record import Copy
-from ..settings import SEAuthMode, SEMode, Settings
+from ..settings import SEAuthMode, Settings
 from ..storage.admin import AdminRegistry
 from ..storage.client import StoredFile
 from ..storage.pool import ElementPool
-from ..storage.refusals import repeated_refusal
-from ..storage.selection import no_candidate_error, rank_candidates
 from . import placement
 from .compression import (
     CompressionDecision,
@@ -499,14 +494,13 @@ class UploadPipeline:
 
         An element that fails before taking any byte may be tried again in a later round
         (after a full-jitter backoff, within the retry budget and the upload's deadline); one
-        that was sent bytes is never used again by this upload: its copy is being removed,
-        and a removal arriving late must not hit a new copy.
+        that was sent bytes only once its copy is confirmed removed: a removal arriving late
+        must not hit a new copy. What to do after each failure is `FailoverPlan`'s to say.
         """
         pool = self.pool
         saga = upload.saga
         assert saga is not None
-        plan = upload.plan
-        mode = plan.retention_policy.target_mode
+        mode = upload.plan.retention_policy.target_mode
         declared = upload.request.content_length
         boundary = secrets.token_hex(16)
         # Empty or not, compressed or not: what the element must be able to take.
@@ -521,38 +515,48 @@ class UploadPipeline:
             release=upload.budget.release,
             spool=upload.spool,
         )
-        # Elements this round has tried, and elements that were sent bytes (never again).
-        tried: list[str] = []
-        burned: list[str] = []
-        failures: list[StorageElementError] = []
-        rounds = 0
-        failed_at: float | None = None
+        failover = FailoverPlan(
+            mode,
+            declared,
+            policy=pool.retry_policy,
+            budget_for=pool.retry_budget,
+            deadline=upload.deadline,
+            rand=self._random.random,
+        )
         try:
             async with out_recv:
                 while True:
-                    element = pool.next_element(mode, declared, tried, fit)
+                    element = pool.next_element(mode, declared, failover.excluded, fit)
                     if element is None:
-                        if not failures or not failures[-1].retryable:
-                            raise self._nothing_left(mode, declared, failures)
-                        wait = self._retry_wait(upload, rounds, failures[-1], burned)
-                        if wait is None:
-                            raise self._nothing_left(mode, declared, failures)
-                        rounds += 1
-                        await trio.sleep(wait)
-                        tried = list(burned)
+                        verdict = failover.nothing_left(pool.candidates(), trio.current_time())
+                        if isinstance(verdict, GiveUp):
+                            if verdict.refused is not None:
+                                log.info(
+                                    "not retrying: %s",
+                                    verdict.refused,
+                                    extra={"event": "retry_refused"},
+                                )
+                            raise verdict.error
+                        log.info(
+                            "every candidate failed; round %d in %.2f s",
+                            verdict.number,
+                            verdict.wait_s,
+                            extra={"event": "retry", "reason": verdict.reason},
+                        )
+                        await trio.sleep(verdict.wait_s)
                         continue
                     took_trial = (
                         pool.breakers.breaker(element.id).state(trio.current_time())
                         is BreakerState.HALF_OPEN
                     )
-                    tried.append(element.id)
+                    is_retry = failover.attempting(element.id)
                     upload.element = element
                     # The head is per attempt: elements of another kind get another name.
                     upload.stored_as = placement.stored_identity(self.settings, upload, element)
                     body = body.restart(head=_multipart_head(boundary, upload))
                     upload.progress.storage_element_id = element.id
                     logs.bind(storage_element_id=element.id)
-                    if rounds and element.id not in burned:
+                    if is_retry:
                         self.metrics.retries.labels(element.id).inc()
                     else:
                         pool.retry_budget(element.id).on_request(trio.current_time())
@@ -590,7 +594,7 @@ class UploadPipeline:
                             f"the circuit breaker for {element.id} opened",
                             element_id=element.id,
                         )
-                        failures.append(error)
+                        failover.record(error)
                     elif attempt.cancelled_caught:
                         error = StorageElementTimeout(
                             f"{element.id} accepted nothing for "
@@ -599,26 +603,28 @@ class UploadPipeline:
                         )
                     if error is None:
                         pool.note_success(element.id)
-                        if failed_at is not None:
-                            self.metrics.failover_seconds.observe(trio.current_time() - failed_at)
+                        took = failover.succeeded(trio.current_time())
+                        if took is not None:
+                            self.metrics.failover_seconds.observe(took)
                         break
-                    if not failures or failures[-1] is not error:
+                    if failover.record(error):
                         pool.note_failure(element.id, error)
-                        failures.append(error)
-                    if (refusal := repeated_refusal(failures)) is not None:
-                        raise refusal
-                    if not error.retryable or (body.started and upload.spool is None):
-                        raise error
-                    failed_at = trio.current_time()
-                    if body.started:
+                    move = failover.failed(
+                        error,
+                        bytes_sent=body.started,
+                        spooled=upload.spool is not None,
+                        now=trio.current_time(),
+                    )
+                    if isinstance(move, Failover):
                         # Bytes went out; the next element gets the same bytes from the copy.
                         # An element that answered (5xx) is asked to drop what it has now:
                         # once that is confirmed it may be tried again in a later round.
                         # Otherwise its copy is removed in the background, and it is never
                         # used again by this upload (a late removal must not hit a new copy).
                         copy = Copy(element.id, element.api_url)
-                        if error.upstream_status is None or not await saga.remove_now(copy):
-                            burned.append(element.id)
+                        removed = move.remove_now and await saga.remove_now(copy)
+                        failover.copy_removed(element.id, confirmed=removed)
+                        if not removed:
                             saga.abandoned(copy)
                         self.metrics.failovers.labels(element.id).inc()
                         log.warning(
@@ -635,59 +641,6 @@ class UploadPipeline:
             result.append(stored)
         finally:
             done.set()
-
-    def _retry_wait(
-        self, upload: Upload, rounds: int, last: StorageElementError, burned: list[str]
-    ) -> float | None:
-        """Every candidate failed this round: the wait before the next round, or None."""
-        now = trio.current_time()
-        ranked = rank_candidates(
-            self.pool.candidates(),
-            mode=upload.plan.retention_policy.target_mode,
-            declared_size=upload.request.content_length,
-            exclude=burned,
-        )
-        if not ranked or isinstance(last, StorageElementFull):
-            return None
-        decision = decide(
-            attempt=rounds,
-            error_kind=_error_kind(last),
-            # With the failover copy nothing is lost by going again: an element that was
-            # sent bytes is never retried, and its copy is compensated.
-            bytes_acknowledged=False,
-            now=now,
-            deadline=upload.deadline,
-            policy=self.pool.retry_policy,
-            budget=self.pool.retry_budget(ranked[0].id),
-            rand=self._random.random,
-        )
-        if not decision.retry:
-            log.info("not retrying: %s", decision.reason, extra={"event": "retry_refused"})
-            return None
-        log.info(
-            "every candidate failed; round %d in %.2f s",
-            rounds + 2,
-            decision.wait_s,
-            extra={"event": "retry", "reason": decision.reason},
-        )
-        return decision.wait_s
-
-    def _nothing_left(
-        self, mode: SEMode, declared: int | None, failures: list[StorageElementError]
-    ) -> IngesterError:
-        """The answer when no candidate is left: 507 when every try found the element full
-        (or the registry says none has room), 503 with Retry-After otherwise."""
-        if failures and all(isinstance(f, StorageElementFull) for f in failures):
-            return InsufficientStorage(failures[-1].message)
-        error = (
-            NoStorageAvailable(
-                f"no {mode.value} Storage Element left after "
-                f"{len(failures)} failed: {failures[-1].message}"
-            )
-            if failures
-            else no_candidate_error(self.pool.candidates(), mode=mode, declared_size=declared)
-        )
-        return error
 
     async def _tail(self, boundary: str, upload: Upload, encoder: Encoder) -> bytes:
         """The closing fields; sent only once the client's form is complete and checked."""
@@ -782,21 +735,6 @@ def _join(pieces: list[Buffer]) -> Buffer:
     if len(pieces) == 1:
         return pieces[0]
     return b"".join(pieces)
-
-
-def _error_kind(error: StorageElementError) -> ErrorKind:
-    """Our element errors as the retry policy names them."""
-    if isinstance(error, StorageElementFull):
-        return "507"
-    if isinstance(error, StorageElementTimeout):
-        return "timeout"
-    if not error.retryable:
-        return "4xx"
-    if error.upstream_status in (429, 503):
-        return "503"
-    if isinstance(error, StorageElementUnavailable):
-        return "connect"
-    return "5xx"
 
 
 def _content_type(declared: str | None, filename: str) -> str:
