@@ -25,8 +25,9 @@ import heapq
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import redis
 import trio
@@ -179,31 +180,40 @@ class Ownership:
         upload is still acknowledged, and the owner check falls back for this file."""
         owner = Owner(subject, username, retention_policy, time.time())
         ttl_s = retention_s(retention_policy, ttl_days, self._grace_s)
-        try:
-            with trio.fail_after(CALL_TIMEOUT_S):
-                await self.store.put(file_id, owner, ttl_s=ttl_s)
-        except (OwnershipUnavailable, trio.TooSlowError) as exc:
-            log.warning(
-                "could not record the owner of %s: %s",
-                file_id,
-                exc or "timed out",
-                extra={"event": "ownership_unrecorded", "file_id": file_id},
-            )
-            return False
-        return True
+        written = await _bounded(
+            self.store.put(file_id, owner, ttl_s=ttl_s),
+            file_id,
+            doing="record",
+            event="ownership_unrecorded",
+        )
+        return written is not _AWAY
 
     async def owner_of(self, file_id: str) -> str | None:
         """The subject that uploaded `file_id` through an ingester, or None when unknown (not
         recorded, expired, or the store is away: then logged)."""
-        try:
-            with trio.fail_after(CALL_TIMEOUT_S):
-                owner = await self.store.get(file_id)
-        except (OwnershipUnavailable, trio.TooSlowError) as exc:
-            log.warning(
-                "could not read the owner of %s: %s",
-                file_id,
-                exc or "timed out",
-                extra={"event": "ownership_unreadable", "file_id": file_id},
-            )
-            return None
-        return None if owner is None else owner.subject
+        owner = await _bounded(
+            self.store.get(file_id), file_id, doing="read", event="ownership_unreadable"
+        )
+        return owner.subject if isinstance(owner, Owner) else None
+
+
+T = TypeVar("T")
+
+# What `_bounded` answers when the store is away (None is a store's own answer).
+_AWAY: Final = object()
+
+
+async def _bounded(call: Awaitable[T], file_id: str, *, doing: str, event: str) -> T | object:
+    """`call` within CALL_TIMEOUT_S; `_AWAY` (logged) when the store is away or slow."""
+    try:
+        with trio.fail_after(CALL_TIMEOUT_S):
+            return await call
+    except (OwnershipUnavailable, trio.TooSlowError) as exc:
+        log.warning(
+            "could not %s the owner of %s: %s",
+            doing,
+            file_id,
+            exc or "timed out",
+            extra={"event": event, "file_id": file_id},
+        )
+        return _AWAY

@@ -48,11 +48,10 @@ from ..http.multipart import (
     PartStart,
     parse_boundary,
 )
-from ..upload.filenames import sanitize_filename
 from . import compat
 from .config import ElementConfig
 from .form import UploadForm
-from .store import FileNotFound, FileRecord, FileStore, NewFile, PendingUpload, parse_file_id
+from .store import FileNotFound, FileRecord, FileStore, PendingUpload, parse_file_id
 
 log = logging.getLogger(__name__)
 
@@ -174,19 +173,7 @@ def create_storage_element_app(
                 raise MissingFile()
             file_id = form.file_id() or str(uuid.uuid4())
             logs.bind(upload_id=file_id)
-            record = await pending.commit(
-                NewFile(
-                    file_id=file_id,
-                    original_filename=sanitize_filename(form.filename),
-                    content_type=form.content_type(),
-                    created_by_id=principal.subject,
-                    created_by_username=principal.username,
-                    description=form.text("description"),
-                    version=form.text("version"),
-                    retention_policy=form.text("retention_policy"),
-                    metadata=form.metadata(),
-                )
-            )
+            record = await pending.commit(form.new_file(file_id, principal))
         return {
             "file_id": record.file_id,
             "original_filename": record.original_filename,

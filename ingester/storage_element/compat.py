@@ -40,7 +40,6 @@ from quart_trio import QuartTrio
 from .. import __version__
 from ..auth.principal import Principal
 from ..errors import IngesterError, InvalidField, RequestTimeout
-from ..upload.filenames import sanitize_filename
 from .config import ElementConfig
 from .form import UploadForm
 from .store import (
@@ -48,7 +47,6 @@ from .store import (
     FileExists,
     FileRecord,
     FileStore,
-    NewFile,
     PendingUpload,
     UploadAborted,
 )
@@ -138,18 +136,7 @@ async def upload(
             if pending.size == 0:
                 # Its attribute record requires file_size > 0; the file service rolls back.
                 raise ArtStoreAnswer(500, CREATE_FAILED)
-            record = await pending.commit(
-                NewFile(
-                    file_id=file_id or str(uuid.uuid4()),
-                    original_filename=sanitize_filename(form.filename),
-                    content_type=form.content_type(),
-                    created_by_id=principal.subject,
-                    created_by_username=principal.username,
-                    description=form.text("description"),
-                    version=form.text("version"),
-                    retention_policy=form.text("retention_policy"),
-                )
-            )
+            record = await pending.commit(form.new_file(file_id or str(uuid.uuid4()), principal))
     except FileExists as exc:
         await drain(body, config.client_idle_timeout_s)
         raise ArtStoreAnswer(

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from ..auth.principal import Principal
 from ..errors import InvalidField, InvalidMetadata
 from ..http.multipart import PartStart
 from ..upload.fields import loads_strict_json
-from .store import parse_file_id
+from ..upload.filenames import sanitize_filename
+from .store import NewFile, parse_file_id
 
 FILE_FIELD: Final = "file"
 # What artStore's own upload route reads besides the file.
@@ -33,6 +35,7 @@ class UploadForm:
     """Feed it the parts as they come; the file's bytes go elsewhere (see `in_file`)."""
 
     def __init__(self, *, extras: bool = True) -> None:
+        self._extras = extras
         self._known = TEXT_FIELDS if extras else ARTSTORE_FIELDS
         self.fields: dict[str, str] = {}
         self.has_file = False
@@ -119,3 +122,18 @@ class UploadForm:
         if not isinstance(parsed, dict):
             raise InvalidMetadata("metadata must be a JSON object")
         return parsed
+
+    def new_file(self, file_id: str, principal: Principal) -> NewFile:
+        """The stored file's record, as the form describes it (metadata only where the
+        element keeps it: artStore's own drops it)."""
+        return NewFile(
+            file_id=file_id,
+            original_filename=sanitize_filename(self.filename),
+            content_type=self.content_type(),
+            created_by_id=principal.subject,
+            created_by_username=principal.username,
+            description=self.text("description"),
+            version=self.text("version"),
+            retention_policy=self.text("retention_policy"),
+            metadata=self.metadata() if self._extras else {},
+        )
