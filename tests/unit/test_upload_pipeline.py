@@ -1,0 +1,360 @@
+"""The upload pipeline built from its parts, with no server and no process: a form body fed
+in chunks, a saga book on the in-process store, and elements answering through an httpx
+transport in this process that keeps what it is sent (and can fail the way a real element
+does). Time is trio's `MockClock` (see `clock`), so retry backoffs cost nothing.
+
+What a user would check: the bytes the element keeps are the bytes sent (sha256), a late
+field that changes the plan stores the file where the plan says, a failover mid-stream
+leaves one copy, and nothing is left on an element after a failure."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from ingester.auth.principal import Principal
+from ingester.errors import NoStorageAvailable
+from ingester.groups import collapse
+from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
+from ingester.metrics import Metrics
+from ingester.resilience.breaker import BreakerBoard, BreakerPolicy
+from ingester.resilience.retry import RetryPolicy
+from ingester.saga.book import SagaBook
+from ingester.saga.store import MemorySagaStore
+from ingester.settings import Settings
+from ingester.storage.client import StorageElementClient
+from ingester.storage.pool import ElementPool
+from ingester.storage.registry import Registry, configured_elements
+from ingester.storage.se_auth import build_se_token_provider
+from ingester.upload.budget import MemoryBudget, UploadBudget
+from ingester.upload.form import FormReader
+from ingester.upload.pipeline import UploadPipeline
+from ingester.upload.progress import ProgressBook
+from ingester.upload.records import UploadRequest
+from ingester.upload.spool import Spool, SpoolBudget, SpoolFiles
+
+MIB = 1024 * 1024
+BOUNDARY = "test-boundary-0123456789"
+ELEMENTS = {"se-a": ("edit", 1), "se-b": ("edit", 2), "se-r": ("rw", 1)}
+
+
+@dataclass
+class Element:
+    """One fake element: the files it keeps, and how it fails next."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    # Refuse connections (as a dead element does).
+    down: bool = False
+    # Reset the connection once this many body bytes have arrived.
+    reset_after: int | None = None
+    removed: list[str] = field(default_factory=list)
+
+
+class Elements(httpx.AsyncBaseTransport):
+    """Storage Elements in this process: `POST /api/v1/files/upload` reads the streamed form
+    and keeps its file; `DELETE /api/v1/gc/{id}` removes it."""
+
+    def __init__(self) -> None:
+        self.by_port = {port: name for port, name in enumerate(ELEMENTS, start=1)}
+        self.elements = {name: Element() for name in ELEMENTS}
+
+    def __getitem__(self, name: str) -> Element:
+        return self.elements[name]
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        element = self.elements[self.by_port[request.url.port or 0]]
+        if element.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.method == "DELETE":
+            file_id = request.url.path.rsplit("/", 1)[1]
+            element.removed.append(file_id)
+            element.files.pop(file_id, None)
+            return httpx.Response(204)
+        assert request.url.path == "/api/v1/files/upload"
+        received = bytearray()
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        async for chunk in request.stream:
+            received += chunk
+            if element.reset_after is not None and len(received) >= element.reset_after:
+                element.reset_after = None
+                raise httpx.ReadError("connection reset by peer", request=request)
+        fields, data = parse_form(bytes(received), request.headers["Content-Type"])
+        element.files[fields["file_id"]] = data
+        return httpx.Response(
+            201,
+            json={
+                "file_id": fields["file_id"],
+                "file_size": len(data),
+                "checksum": hashlib.sha256(data).hexdigest(),
+                "storage_filename": fields["file_id"],
+            },
+        )
+
+
+def parse_form(body: bytes, content_type: str) -> tuple[dict[str, str], bytes]:
+    """The text fields and the file of a multipart body, read with the project's parser."""
+    boundary = content_type.split("boundary=", 1)[1].encode()
+    parser = MultipartStreamParser(boundary)
+    fields: dict[str, str] = {}
+    data = bytearray()
+    name = ""
+    value = bytearray()
+    for event in parser.feed(body):
+        if isinstance(event, PartStart):
+            name = event.name
+            value = bytearray()
+        elif isinstance(event, PartData):
+            (data if name == "file" else value).extend(event.data)
+        elif isinstance(event, PartEnd) and name != "file":
+            fields[name] = value.decode()
+    parser.close()
+    return fields, bytes(data)
+
+
+def form(fields_before: dict[str, str], data: bytes, fields_after: dict[str, str]) -> bytes:
+    def field_part(name: str, value: str) -> bytes:
+        return (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
+        ).encode()
+
+    return b"".join(
+        [
+            *(field_part(k, v) for k, v in fields_before.items()),
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; '
+            'filename="report.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode(),
+            data,
+            b"\r\n",
+            *(field_part(k, v) for k, v in fields_after.items()),
+            f"--{BOUNDARY}--\r\n".encode(),
+        ]
+    )
+
+
+class Chunks:
+    """A request body arriving in pieces (an iterator, not a generator: nothing to finalize
+    when the pipeline stops reading early)."""
+
+    def __init__(self, body: bytes, size: int = 64 * 1024) -> None:
+        self._body = body
+        self._size = size
+        self._at = 0
+
+    def __aiter__(self) -> Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if self._at >= len(self._body):
+            raise StopAsyncIteration
+        piece = self._body[self._at : self._at + self._size]
+        self._at += len(piece)
+        return piece
+
+
+@dataclass
+class World:
+    pipeline: UploadPipeline
+    elements: Elements
+    sagas: SagaBook
+    store: MemorySagaStore
+    settings: Settings
+    metrics: Metrics
+    memory: MemoryBudget
+
+    async def upload(self, body: bytes) -> dict[str, object]:
+        upload_id = str(uuid.uuid4())
+        arriving = Chunks(body)
+        reader = FormReader(
+            arriving,
+            BOUNDARY.encode(),
+            self.settings.client_idle_timeout_s,
+            UploadBudget(self.memory),
+            quantum=self.settings.body_buffer_limit,
+        )
+        progress = ProgressBook(60).start(upload_id, "alice", len(body))
+        request = UploadRequest(
+            upload_id=upload_id,
+            principal=ALICE,
+            content_type=f"multipart/form-data; boundary={BOUNDARY}",
+            content_length=len(body),
+            body=arriving,
+            expected_digest=None,
+        )
+        try:
+            return await self.pipeline.run(request, reader, progress)
+        finally:
+            reader.budget.release_all()
+
+
+ALICE = Principal(
+    subject="alice",
+    username="alice",
+    roles=frozenset({"uploader"}),
+    scopes=frozenset(),
+    token_type="access",
+    client_id=None,
+    raw_token="t",
+)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only once every task has been blocked for a while in real
+    time: hashing and spool writes run in worker threads, and a clock that jumped whenever
+    the loop waited for one would fire the stall watchdog in the middle of a hash."""
+    return trio.testing.MockClock(autojump_threshold=0.05)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    elements = [
+        {"id": name, "api_url": f"http://127.0.0.1:{port}", "mode": mode, "priority": priority}
+        for port, (name, (mode, priority)) in enumerate(ELEMENTS.items(), start=1)
+    ]
+    return Settings(
+        storage_elements=json.dumps(elements),  # type: ignore[arg-type]
+        spool_dir=tmp_path,
+        retry_max_attempts=3,
+    )
+
+
+@pytest.fixture
+async def world(settings: Settings, tmp_path: Path) -> AsyncIterator[World]:
+    elements = Elements()
+    metrics = Metrics()
+    async with httpx.AsyncClient(transport=elements) as http:
+        pool = ElementPool(
+            Registry(configured_elements(settings.storage_elements)),
+            BreakerBoard(BreakerPolicy(failure_threshold=5)),
+            StorageElementClient(
+                http,
+                stall_timeout_s=settings.se_stall_timeout_s,
+                response_timeout_s=30,
+                connect_timeout_s=5,
+                probe_timeout_s=5,
+            ),
+            build_se_token_provider(settings, http),
+            metrics,
+            retry_policy=RetryPolicy(base_s=0.5, cap_s=4, max_attempts=3),
+            retry_budget_ratio=1.0,
+            compensation_timeout_s=10,
+        )
+        store = MemorySagaStore()
+        sagas = SagaBook(
+            store,
+            pool.compensate,
+            metrics,
+            lease_s=30,
+            janitor_interval_s=10,
+            backoff=RetryPolicy(base_s=1, cap_s=5, max_attempts=1),
+            compensation_timeout_s=10,
+        )
+        memory = MemoryBudget(settings.memory_budget_bytes)
+        files = SpoolFiles(tmp_path, keep_bytes=0)
+
+        def spool_for(upload_id: str) -> Spool:
+            return Spool(
+                tmp_path,
+                upload_id,
+                disk=SpoolBudget(settings.spool_max_bytes),
+                memory=memory,
+                memory_limit=settings.spool_memory_bytes,
+                files=files,
+            )
+
+        pipeline = UploadPipeline(
+            settings, pool=pool, sagas=sagas, metrics=metrics, spool_for=spool_for
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sagas.run)
+            yield World(pipeline, elements, sagas, store, settings, metrics, memory)
+            nursery.cancel_scope.cancel()
+        files.close()
+
+
+def random_bytes(size: int) -> bytes:
+    return hashlib.shake_256(str(size).encode()).digest(size)
+
+
+def stored(world: World) -> Iterator[tuple[str, str, bytes]]:
+    for name, element in world.elements.elements.items():
+        for file_id, data in element.files.items():
+            yield name, file_id, data
+
+
+@pytest.mark.parametrize("size", [0, 1, 300 * 1024, 3 * MIB])
+async def test_a_file_only_form_lands_whole_on_the_preferred_element(
+    world: World, clock: trio.testing.MockClock, size: int
+) -> None:
+    # An empty file goes nowhere without an element that takes empty files: not the point.
+    data = random_bytes(size) if size else b"x"
+    with trio.fail_after(60):
+        result = await world.upload(form({}, data, {}))
+    assert result["storage_element_id"] == "se-a"
+    assert result["checksum"] == hashlib.sha256(data).hexdigest()
+    assert list(stored(world)) == [("se-a", result["file_id"], data)]
+    assert world.store._records == {}
+
+
+async def test_a_late_field_that_changes_the_plan_stores_from_the_spool(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    data = random_bytes(2 * MIB + 17)
+    with trio.fail_after(60):
+        result = await world.upload(form({}, data, {"retention_policy": "permanent"}))
+    # Permanent files live on rw elements: the first pass (to an edit element) was
+    # abandoned before its end, and the spool went to the rw one.
+    assert result["storage_element_id"] == "se-r"
+    assert result["retention_policy"] == "permanent"
+    assert list(stored(world)) == [("se-r", result["file_id"], data)]
+
+
+async def test_an_element_reset_mid_stream_fails_over_and_leaves_one_copy(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    data = random_bytes(3 * MIB)
+    world.elements["se-a"].reset_after = MIB
+    with trio.fail_after(60):
+        result = await world.upload(form({"compress": "false"}, data, {}))
+        # The failed element's leftovers are removed by the saga (in its nursery).
+        await trio.testing.wait_all_tasks_blocked()
+    assert result["storage_element_id"] == "se-b"
+    assert list(stored(world)) == [("se-b", result["file_id"], data)]
+    assert world.elements["se-a"].removed == [result["file_id"]]
+    assert world.metrics.failovers.labels("se-a")._value.get() == 1
+
+
+async def test_every_element_down_is_a_503_after_the_retry_rounds_and_leaves_nothing(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    world.elements["se-a"].down = True
+    world.elements["se-b"].down = True
+    with trio.fail_after(300):
+        start = trio.current_time()
+        with pytest.raises(BaseExceptionGroup) as caught:
+            await world.upload(form({}, random_bytes(MIB), {}))
+        error = collapse(caught.value)
+        waited = trio.current_time() - start
+        assert isinstance(error, NoStorageAvailable)
+        assert error.status == 503
+        # Three rounds, full-jitter backoffs between them (virtual seconds).
+        assert 0 < waited <= 0.5 + 1.0
+        # The saga asked both elements to drop what they might hold; they are down, so the
+        # removals wait in the record and are retried until the elements answer.
+        assert len(world.store._records) == 1
+        world.elements["se-a"].down = False
+        world.elements["se-b"].down = False
+        # A virtual minute: the compensator's backoff (at most 5 s) comes round several times.
+        await trio.sleep(60)
+        assert world.store._records == {}
+    assert list(stored(world)) == []
+    assert {name for name in ELEMENTS if world.elements[name].removed} == {"se-a", "se-b"}
