@@ -18,6 +18,24 @@ patch below, in one place, with its reason (installed once per process by `serve
   all of the above.
 - `_send_error_response`: connection-level refusals (400, 408, 431, 505) carry the
   project's JSON envelope and an `X-Request-ID`, like every other answer.
+
+Why patches and not settings: hypercorn's `Config` (0.18) has `keep_alive_timeout`,
+`h11_max_incomplete_size` and `backlog`, and none of a header-read timeout, a connection cap
+or head caps that hold for a complete head. Each patch has a minimal reproduction against
+stock hypercorn, kept as a test that fails without it (tests/hostile/test_connections.py):
+
+- header timeout: connect and send `GET / HTTP/1.1\r\n` one line every 5 s; stock hypercorn
+  keeps reading for as long as lines come
+  (`test_a_head_dribbled_a_line_at_a_time_gets_408_at_the_header_timeout`), and a
+  connection that sends nothing waits out the 75 s keep-alive timer
+  (`test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout`);
+- connection cap: open a thousand idle connections, then ask `/health/live`: stock
+  hypercorn accepts them all and the probe waits behind them
+  (`test_probes_answer_under_a_thousand_idle_connections`, `test_at_the_connection_cap_*`);
+- head caps: send a head of 10,000 headers in one `send()`: h11 parses it, as its cap only
+  counts incomplete heads (`test_an_oversized_head_gets_431_however_it_is_segmented`);
+- HTTP/2: send the h2 prior-knowledge preface: stock hypercorn switches to h2, where none of
+  the above applies (`test_http2_prior_knowledge_gets_an_http1_answer`).
 """
 
 from __future__ import annotations
