@@ -24,11 +24,10 @@ Why patches and not settings: hypercorn's `Config` (0.18) has `keep_alive_timeou
 or head caps that hold for a complete head. Each patch has a minimal reproduction against
 stock hypercorn, kept as a test that fails without it (tests/hostile/test_connections.py):
 
-- header timeout: connect and send `GET / HTTP/1.1\r\n` one line every 5 s; stock hypercorn
-  keeps reading for as long as lines come
-  (`test_a_head_dribbled_a_line_at_a_time_gets_408_at_the_header_timeout`), and a
-  connection that sends nothing waits out the 75 s keep-alive timer
-  (`test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout`);
+- header timeout: connect and send `GET / HTTP/1.1\r\n` then one header line every 5 s, or
+  nothing at all: stock hypercorn has only its 75 s keep-alive timer for either
+  (`test_a_head_dribbled_a_line_at_a_time_gets_408_at_the_header_timeout`,
+  `test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout`);
 - connection cap: open a thousand idle connections, then ask `/health/live`: stock
   hypercorn accepts them all and the probe waits behind them
   (`test_probes_answer_under_a_thousand_idle_connections`, `test_at_the_connection_cap_*`);
