@@ -27,12 +27,14 @@ import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
-import redis
 import trio
 
 from .storage.redis_gateway import RedisGateway, RedisUnavailable
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,14 @@ Redis layout:
 from __future__ import annotations
 
 import logging
-from typing import Final, Protocol
-
-import redis
+from typing import TYPE_CHECKING, Final, Protocol
 
 from ..saga.store import CLAIM_DUE, StoreUnavailable
 from ..storage.redis_gateway import RedisGateway
 from .record import TERMINAL, Transaction, TxState
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 

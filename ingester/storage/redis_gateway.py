@@ -28,17 +28,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import redis
 import trio
-from redis.backoff import NoBackoff
-from redis.commands.core import Script
-from redis.exceptions import NoScriptError
-from redis.retry import Retry
-from redis.sentinel import Sentinel
 
 from .redis_url import is_sentinel, parse_sentinel_url
+
+if TYPE_CHECKING:
+    import redis
+    from redis.commands.core import Script
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +69,13 @@ def make_client(url: str, timeout_s: float) -> redis.Redis:
     each new connection asks them, so after a failover the first call on an old connection
     fails (one timeout at most, no retry) and the next one reaches the promoted replica.
     """
+    # redis-py is loaded here, with the first client: a process without Redis never pays
+    # for it (about 5 MB of RSS).
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    from redis.sentinel import Sentinel
+
     fail_fast: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
@@ -129,6 +134,8 @@ class AckPolicy:
 @contextmanager
 def _unavailable() -> Iterator[None]:
     """The one place redis-py's errors become ours."""
+    import redis
+
     try:
         yield
     # OSError too: a socket error a path of redis-py leaves unwrapped is the same outage.
@@ -223,6 +230,8 @@ def _with_wait(
 ) -> tuple[object, int]:
     """The script, then `WAIT 1`, in one pipeline on one connection: `WAIT` counts the
     acknowledgements of that connection's writes."""
+    from redis.exceptions import NoScriptError
+
     try:
         return _pipelined(client, script, keys, args)
     except NoScriptError:

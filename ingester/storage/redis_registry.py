@@ -23,15 +23,17 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pydantic
-import redis
 import trio
 
 from ..settings import SEMode, StorageElementConfig
 from .redis_gateway import RedisGateway, RedisUnavailable
 from .registry import Prober, Registry
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 

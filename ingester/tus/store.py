@@ -29,16 +29,18 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
-import redis
 import trio
-from redis.commands.core import Script
 
 from ..saga.commit import ResultWrite
 from ..storage.redis_gateway import RedisGateway, RedisUnavailable
 from .errors import TusStoreUnavailable
 from .state import Phase, TusUpload
+
+if TYPE_CHECKING:
+    import redis
+    from redis.commands.core import Script
 
 KEY_PREFIX: Final = "ingester:tus:"
 EXPIRING_KEY: Final = "ingester:tus:expiring"

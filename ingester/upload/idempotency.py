@@ -24,14 +24,16 @@ import math
 import re
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-import redis
 import trio
 
 from ..errors import IngesterError, InvalidField
 from ..saga.commit import ResultCommit, ResultUnknown, ResultWrite
 from ..storage.redis_gateway import RedisGateway, RedisUnavailable
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
