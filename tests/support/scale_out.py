@@ -108,7 +108,15 @@ class World:
             for path in se.stored_files():
                 if path.name == ".lock" or path.name.endswith(".attr.json"):
                     continue
-                found[hashlib.sha256(path.read_bytes()).hexdigest()] += 1
+                try:
+                    data = path.read_bytes()
+                except FileNotFoundError:
+                    # A temporary file the element removed (an aborted upload's, or one
+                    # just committed under its final name) between listing and reading:
+                    # whatever became of it shows up in the next look.
+                    found["(vanished while read)"] += 1
+                    continue
+                found[hashlib.sha256(data).hexdigest()] += 1
         return found
 
     def saga_records(self) -> int:
