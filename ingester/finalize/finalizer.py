@@ -41,6 +41,7 @@ from ..errors import (
     StorageElementUnavailable,
 )
 from ..ownership import Ownership
+from ..resilience.leases import STORE_CALL_TIMEOUT_S, Leases, Reachability, TryAgain, retry
 from ..resilience.retry import RetryPolicy, backoff_s
 from ..saga.record import Copy
 from ..settings import SEAuthMode, SEMode, Settings
@@ -65,8 +66,6 @@ from .store import FinalizeStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# A store call that takes longer than this is a store that is away.
-STORE_CALL_TIMEOUT_S: Final = 5.0
 CLAIM_BATCH: Final = 20
 # The download is read in pieces this large: one chunked frame each to the target (smaller
 # frames cost the element CPU, see the pipeline's SEND_PIECE).
@@ -227,6 +226,30 @@ class Finalizer:
             cap_s=max(settings.retry_cap_s, settings.retry_base_s, 0.05),
             max_attempts=settings.finalize_max_attempts,
         )
+        # Between rounds of removals (the source, abandoned copies, a rollback's targets),
+        # as the saga book's compensations.
+        self._removal_backoff = RetryPolicy(
+            base_s=1.0, cap_s=settings.compensation_backoff_max_s, max_attempts=1
+        )
+        self.leases = Leases[str](
+            Reachability(
+                log,
+                StoreUnavailable,
+                away="finalize store unreachable: %s",
+                away_event="finalize",
+                back="finalize store reachable again",
+                back_event="finalize",
+            ),
+            lease_s=self.lease_s,
+            janitor_interval_s=settings.finalize_janitor_interval_s,
+            held=lambda: list(self.active),
+            renew=lambda ids, due: self.store.renew(self.owner, ids, due=due),
+            lost=self._lost,
+            claim=lambda now, due: self.store.claim_due(
+                self.owner, now=now, due=due, limit=CLAIM_BATCH
+            ),
+            take=self._take_over,
+        )
         registry = metrics
         self.m_total = Counter(
             "ingester_finalizations",
@@ -262,63 +285,37 @@ class Finalizer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._lease_keeper)
-                nursery.start_soon(self._janitor)
+                nursery.start_soon(self.leases.keep)
+                nursery.start_soon(self.leases.janitor)
                 task_status.started()
         finally:
             self._nursery = None
 
-    async def _lease_keeper(self) -> None:
-        while True:
-            await trio.sleep(self.lease_s / 3)
-            ids = list(self.active)
-            if not ids:
-                continue
-            try:
-                with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                    lost = await self.store.renew(self.owner, ids, due=time.time() + self.lease_s)
-            except (StoreUnavailable, trio.TooSlowError) as exc:
-                log.warning("finalize store unreachable: %s", exc, extra={"event": "finalize"})
-                continue
-            for tx_id in lost:
-                tx = self.active.get(tx_id)
-                if tx is not None and not tx.terminal:
-                    log.warning(
-                        "lost the lease on finalization %s",
-                        tx_id,
-                        extra={"event": "finalize_lost", "transaction_id": tx_id},
-                    )
+    def _lost(self, tx_id: str) -> None:
+        tx = self.active.get(tx_id)
+        if tx is not None and not tx.terminal:
+            log.warning(
+                "lost the lease on finalization %s",
+                tx_id,
+                extra={"event": "finalize_lost", "transaction_id": tx_id},
+            )
 
-    async def _janitor(self) -> None:
-        while True:
-            await self.sweep()
-            await trio.sleep(self.settings.finalize_janitor_interval_s)
-
-    async def sweep(self) -> None:
-        """Claim the transactions whose owner's lease ran out and continue or roll them back."""
-        now = time.time()
+    def _take_over(self, raw: str) -> None:
+        """A transaction the janitor claimed (its owner's lease ran out): continue it or roll
+        it back."""
         try:
-            with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                claimed = await self.store.claim_due(
-                    self.owner, now=now, due=now + self.lease_s, limit=CLAIM_BATCH
-                )
-        except (StoreUnavailable, trio.TooSlowError) as exc:
-            log.warning("finalize store unreachable: %s", exc, extra={"event": "finalize"})
+            tx = Transaction.from_json(raw)
+        except ValueError as exc:
+            log.error("unreadable finalization record: %s", exc)
             return
-        for raw in claimed:
-            try:
-                tx = Transaction.from_json(raw)
-            except ValueError as exc:
-                log.error("unreadable finalization record: %s", exc)
-                continue
-            if tx.transaction_id in self.active:
-                continue  # ours and alive: a late renewal
-            previous = tx.owner
-            tx.owner = self.owner
-            if previous != self.owner:
-                self.m_takeovers.inc()
-            _log(tx, logging.WARNING, f"took over from {previous} in state {tx.state.value}")
-            self._spawn(tx, recovered=True)
+        if tx.transaction_id in self.active:
+            return  # ours and alive: a late renewal
+        previous = tx.owner
+        tx.owner = self.owner
+        if previous != self.owner:
+            self.m_takeovers.inc()
+        _log(tx, logging.WARNING, f"took over from {previous} in state {tx.state.value}")
+        self._spawn(tx, recovered=True)
 
     def _spawn(self, tx: Transaction, *, recovered: bool) -> None:
         if self._nursery is None:  # pragma: no cover - requests arrive after the service runs
@@ -534,25 +531,27 @@ class Finalizer:
     async def _save(self, tx: Transaction) -> None:
         """Write `tx` before going on. A store that is away is tried again (with backoff)
         for up to the lease; a record that is not ours any more stops the move."""
-        deadline = trio.current_time() + self.lease_s
-        attempt = 0
-        while True:
-            try:
-                with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                    ok = await self.store.put(
-                        tx,
-                        due=time.time() + self.lease_s,
-                        retention_s=self.settings.finalize_retention_s,
-                    )
-            except (StoreUnavailable, trio.TooSlowError) as exc:
-                if trio.current_time() >= deadline:
-                    raise _Lost(f"store unreachable: {exc}") from exc
-                await trio.sleep(backoff_s(attempt, self._backoff, self._random.random) + 0.05)
-                attempt += 1
-                continue
-            if not ok:
-                raise _Lost("the record is another ingester's")
-            return
+
+        async def put() -> bool:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                return await self.store.put(
+                    tx,
+                    due=time.time() + self.lease_s,
+                    retention_s=self.settings.finalize_retention_s,
+                )
+
+        try:
+            ok = await retry(
+                put,
+                self._backoff,
+                self._random.random,
+                retry_on=(StoreUnavailable, trio.TooSlowError),
+                deadline=trio.current_time() + self.lease_s,
+            )
+        except (StoreUnavailable, trio.TooSlowError) as exc:
+            raise _Lost(f"store unreachable: {exc}") from exc
+        if not ok:
+            raise _Lost("the record is another ingester's")
 
     async def _copy(self, tx: Transaction) -> None:
         """Copy to the best rw element, failing over; `tx` ends `copying` with a verified
@@ -706,18 +705,18 @@ class Finalizer:
         if wait > 0:
             await trio.sleep(wait)
         authorization = await self._authorization(tx)
-        attempt = 0
-        while True:
+
+        async def remove() -> None:
             if not tx.source_deleted:
                 tx.source_deleted = await self._delete_source(tx, authorization)
             for copy in tx.abandoned():
                 if await self.pool.compensate(copy, tx.file_id, authorization):
                     tx.copies = [c for c in tx.copies if c != copy]
-            if tx.source_deleted and not tx.abandoned():
-                break
-            await self._save(tx)
-            attempt += 1
-            await trio.sleep(self._retry_wait(attempt))
+            if not tx.source_deleted or tx.abandoned():
+                await self._save(tx)
+                raise TryAgain("the source or an abandoned copy is still there")
+
+        await retry(remove, self._removal_backoff, self._random.random)
         tx.move(TxState.DONE, time.time())
         await self._save(tx)
         _log(tx, logging.INFO, f"done: source copy on {tx.source.element_id} deleted")
@@ -744,26 +743,20 @@ class Finalizer:
     async def _rollback(self, tx: Transaction) -> None:
         """Remove every target copy (retried until done); the source is not touched."""
         authorization = await self._authorization(tx)
-        attempt = 0
-        while tx.copies:
+
+        async def remove() -> None:
             for copy in list(tx.copies):
                 if await self.pool.compensate(copy, tx.file_id, authorization):
                     tx.copies = [c for c in tx.copies if c != copy]
-            if not tx.copies:
-                break
-            await self._save(tx)
-            attempt += 1
-            await trio.sleep(self._retry_wait(attempt))
+            if tx.copies:
+                await self._save(tx)
+                raise TryAgain(f"{len(tx.copies)} copies are still there")
+
+        await retry(remove, self._removal_backoff, self._random.random)
         tx.target = None
         tx.move(TxState.ROLLED_BACK, time.time())
         await self._save(tx)
         _log(tx, logging.WARNING, f"rolled back ({tx.error_code}); the source is intact")
-
-    def _retry_wait(self, attempt: int) -> float:
-        policy = RetryPolicy(
-            base_s=1.0, cap_s=self.settings.compensation_backoff_max_s, max_attempts=1
-        )
-        return max(backoff_s(attempt, policy, self._random.random), 0.05)
 
 
 def _log(tx: Transaction, level: int, message: str) -> None:

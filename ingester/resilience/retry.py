@@ -44,7 +44,8 @@ class RetryPolicy:
 def backoff_s(attempt: int, policy: RetryPolicy, rand: Callable[[], float]) -> float:
     """The wait after failed attempt `attempt` (from 0): uniform(0, min(cap, base * 2**attempt)).
 
-    `rand()` returns a float in [0, 1), as `random.random` does.
+    `rand()` returns a float in [0, 1), as `random.random` does; one that returns 1.0 gives
+    the ceiling itself (a backoff with no jitter).
     """
     if attempt < 0:
         raise ValueError(f"attempt counts from 0, not {attempt}")

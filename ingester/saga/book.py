@@ -26,15 +26,14 @@ import trio
 
 from ..errors import SagaOutcomeUnknown, SagaStoreUnavailable, SagaTakenOver
 from ..metrics import Metrics
-from ..resilience.retry import RetryPolicy, backoff_s
+from ..resilience.leases import STORE_CALL_TIMEOUT_S, Leases, Reachability, TryAgain, retry
+from ..resilience.retry import RetryPolicy
 from .commit import ResultCommit, ResultRefused, ResultUnknown, ResultWrite
 from .record import Copy, SagaRecord, SagaState
 from .store import SagaStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-# A store call that takes longer than this is a store that is away.
-STORE_CALL_TIMEOUT_S: Final = 5.0
 # Records claimed per janitor round.
 CLAIM_BATCH: Final = 50
 
@@ -209,14 +208,31 @@ class SagaBook:
         self.metrics = metrics
         self.owner = owner or f"ingester-{uuid.uuid4().hex[:12]}"
         self.lease_s = lease_s
-        self.janitor_interval_s = janitor_interval_s
         self.backoff = backoff
         self.compensation_timeout_s = compensation_timeout_s
         self._compensate = compensate
         self.active: dict[str, Saga] = {}
         self._nursery: trio.Nursery | None = None
         self._random = random.Random()
-        self.store_up = True
+        self.reach = Reachability(
+            log,
+            StoreUnavailable,
+            away="saga store unreachable (%s); sagas are kept in memory until it is back",
+            away_event="saga_store_down",
+            back="saga store reachable again",
+            back_event="saga_store_up",
+        )
+        self.leases = Leases[SagaRecord](
+            self.reach,
+            lease_s=lease_s,
+            janitor_interval_s=janitor_interval_s,
+            held=lambda: [u for u, s in self.active.items() if s.synced],
+            renew=lambda ids, due: self.store.renew(self.owner, ids, due=due),
+            lost=self._lost,
+            claim=self._claim,
+            take=self._take_over,
+            catch_up=self._catch_up,
+        )
 
     def begin(self, upload_id: str, file_id: str, *, user: str, authorization: str | None) -> Saga:
         """A saga for a new upload; written to the store with its first copy."""
@@ -261,12 +277,12 @@ class SagaBook:
                     saga.record, due=due, must_exist=must_exist, result=result
                 )
         except (StoreUnavailable, trio.TooSlowError) as exc:
-            self._store_down(exc)
+            self.reach.away(exc)
             saga.synced = False
             if strict:
                 raise StoreUnavailable(str(exc) or "timeout") from exc
             return True
-        self._store_back()
+        self.reach.back()
         if ok:
             saga.synced = saga.written = True
         return ok
@@ -281,9 +297,9 @@ class SagaBook:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
                 deleted = await self.store.delete(self.owner, saga.upload_id, result=result)
         except (StoreUnavailable, trio.TooSlowError) as exc:
-            self._store_down(exc)
+            self.reach.away(exc)
             raise StoreUnavailable(str(exc) or "timeout") from exc
-        self._store_back()
+        self.reach.back()
         saga.written = saga.synced = False
         return deleted
 
@@ -293,23 +309,9 @@ class SagaBook:
                 await self.store.delete(self.owner, saga.upload_id)
         except (StoreUnavailable, trio.TooSlowError) as exc:
             # Left behind, its lease runs out and a janitor finds nothing to do.
-            self._store_down(exc)
+            self.reach.away(exc)
             return
         saga.written = saga.synced = False
-
-    def _store_down(self, exc: BaseException) -> None:
-        if self.store_up:
-            log.warning(
-                "saga store unreachable (%s); sagas are kept in memory until it is back",
-                exc or "timeout",
-                extra={"event": "saga_store_down"},
-            )
-        self.store_up = False
-
-    def _store_back(self) -> None:
-        if not self.store_up:
-            log.info("saga store reachable again", extra={"event": "saga_store_up"})
-        self.store_up = True
 
     # --- compensation -----------------------------------------------------------------------
 
@@ -339,29 +341,29 @@ class SagaBook:
         assert saga.unresolved is not None
         commit, result = saga.unresolved
         record = saga.record
-        attempts = 0
+
+        async def ask() -> bool:
+            with trio.fail_after(STORE_CALL_TIMEOUT_S):
+                return await commit.recorded(result)
+
+        def cannot_say(exc: Exception, wait: float) -> None:
+            # A store that cannot answer, or a bug: never the end of the saga book (it runs
+            # in the service nursery), and never a guess.
+            bug = not isinstance(exc, ResultUnknown | trio.TooSlowError)
+            log.log(
+                logging.ERROR if bug else logging.INFO,
+                "saga %s: the result's store cannot say yet (%s); again in %.1f s",
+                saga.upload_id,
+                exc or "timeout",
+                wait,
+                exc_info=bug,
+                extra={"event": "saga_unresolved"},
+            )
+
         async with saga.lock:
-            while True:
-                try:
-                    with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                        recorded = await commit.recorded(result)
-                    break
-                except Exception as exc:
-                    # A store that cannot answer, or a bug: never the end of the saga book
-                    # (it runs in the service nursery), and never a guess.
-                    attempts += 1
-                    wait = backoff_s(attempts, self.backoff, self._random.random)
-                    bug = not isinstance(exc, ResultUnknown | trio.TooSlowError)
-                    log.log(
-                        logging.ERROR if bug else logging.INFO,
-                        "saga %s: the result's store cannot say yet (%s); again in %.1f s",
-                        saga.upload_id,
-                        exc or "timeout",
-                        wait,
-                        exc_info=bug,
-                        extra={"event": "saga_unresolved"},
-                    )
-                    await trio.sleep(max(wait, 0.05))
+            recorded = await retry(
+                ask, self.backoff, self._random.random, retry_on=Exception, on_retry=cannot_say
+            )
             saga.unresolved = None
             # Whatever the lease keeper saw meanwhile, this process finishes the record.
             saga.lost = False
@@ -394,20 +396,25 @@ class SagaBook:
     async def _compensator(self, saga: Saga) -> None:
         """Remove every copy left, with backoff between rounds, until done or lost."""
         record = saga.record
+
+        async def round_() -> bool:
+            """True once every copy is gone; False when the saga was taken over."""
+            if saga.lost:
+                return False
+            for copy in record.targets():
+                if await self.compensate_now(saga, copy):
+                    record.forget(copy)
+            if not record.targets():
+                return True
+            record.attempts += 1
+            record.last_error = f"{len(record.copies)} copies could not be removed yet"
+            async with saga.lock:
+                await self.write(saga)
+            raise TryAgain(record.last_error)
+
         try:
-            while not saga.lost:
-                for copy in record.targets():
-                    if await self.compensate_now(saga, copy):
-                        record.forget(copy)
-                if not record.targets():
-                    break
-                record.attempts += 1
-                record.last_error = f"{len(record.copies)} copies could not be removed yet"
-                async with saga.lock:
-                    await self.write(saga)
-                wait = backoff_s(record.attempts, self.backoff, self._random.random)
-                await trio.sleep(max(wait, 0.05))
-            else:
+            # The backoff goes on from the attempts the record carries (a claimed one's too).
+            if not await retry(round_, self.backoff, self._random.random, failures=record.attempts):
                 log.info(
                     "saga %s was taken over by another ingester",
                     saga.upload_id,
@@ -430,8 +437,8 @@ class SagaBook:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            nursery.start_soon(self._lease_keeper)
-            nursery.start_soon(self._janitor)
+            nursery.start_soon(self.leases.keep)
+            nursery.start_soon(self.leases.janitor)
             task_status.started()
 
     def _spawn(self, fn: Callable[[Saga], Awaitable[None]], saga: Saga) -> None:
@@ -442,12 +449,12 @@ class SagaBook:
             raise RuntimeError("the saga book is not running")
         self._nursery.start_soon(fn)
 
-    async def _lease_keeper(self) -> None:
-        while True:
-            await trio.sleep(self.lease_s / 3)
-            await self.renew()
-
     async def renew(self) -> None:
+        """One round of the lease keeper (`Leases.renew`)."""
+        await self.leases.renew()
+
+    async def _catch_up(self) -> None:
+        """Before a renewal: write the records a store outage kept from being written."""
         for saga in [s for s in self.active.values() if s.record.copies and not s.synced]:
             try:
                 # Held: its owner is writing it right now, which syncs it.
@@ -462,68 +469,46 @@ class SagaBook:
             if saga.written and saga.upload_id not in self.active:
                 # Ended while this write was in flight: nothing will renew it, so it goes.
                 self._spawn(self._delete, saga)
-        ids = [u for u, s in self.active.items() if s.synced]
-        if not ids:
-            return
-        try:
-            with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                lost = await self.store.renew(self.owner, ids, due=time.time() + self.lease_s)
-        except (StoreUnavailable, trio.TooSlowError) as exc:
-            self._store_down(exc)
-            return
-        self._store_back()
-        for upload_id in lost:
-            mine = self.active.get(upload_id)
-            if mine is not None and mine.written:
-                log.warning(
-                    "lost the lease on saga %s: another ingester took it over",
-                    upload_id,
-                    extra={"event": "saga_lost"},
-                )
-                mine.lost = True
 
-    async def _janitor(self) -> None:
-        while True:
-            await self.sweep()
-            await trio.sleep(self.janitor_interval_s)
-
-    async def sweep(self) -> None:
-        """Claim the records whose owner's lease ran out and compensate them."""
-        now = time.time()
-        try:
-            with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                claimed = await self.store.claim_due(
-                    self.owner, now=now, due=now + self.lease_s, limit=CLAIM_BATCH
-                )
-                backlog = await self.store.backlog()
-        except (StoreUnavailable, trio.TooSlowError) as exc:
-            self._store_down(exc)
-            return
-        self._store_back()
-        self.metrics.compensation_backlog.set(backlog)
-        for record in claimed:
-            if record.upload_id in self.active:
-                # Ours and alive: a late renewal, not a dead owner.
-                continue
-            previous = record.owner
-            record.owner = self.owner
-            if previous != self.owner:
-                self.metrics.saga_takeovers.inc()
-            was = record.state.value
-            if record.state in (SagaState.RECEIVING, SagaState.STORED):
-                record.settle_failure()
+    def _lost(self, upload_id: str) -> None:
+        mine = self.active.get(upload_id)
+        if mine is not None and mine.written:
             log.warning(
-                "took over saga %s of %s (%s): removing %d copies",
-                record.upload_id,
-                previous,
-                was,
-                len(record.targets()),
-                extra={"event": "saga_takeover", "file_id": record.file_id},
+                "lost the lease on saga %s: another ingester took it over",
+                upload_id,
+                extra={"event": "saga_lost"},
             )
-            saga = Saga(self, record)
-            saga.written = saga.synced = True
-            saga.settled = True
-            if record.targets():
-                self.compensate_in_background(saga)
-            else:
-                self._spawn(self._delete, saga)
+            mine.lost = True
+
+    async def _claim(self, now: float, due: float) -> list[SagaRecord]:
+        claimed = await self.store.claim_due(self.owner, now=now, due=due, limit=CLAIM_BATCH)
+        self.metrics.compensation_backlog.set(await self.store.backlog())
+        return claimed
+
+    def _take_over(self, record: SagaRecord) -> None:
+        """A record the janitor claimed (its owner's lease ran out): compensate it."""
+        if record.upload_id in self.active:
+            # Ours and alive: a late renewal, not a dead owner.
+            return
+        previous = record.owner
+        record.owner = self.owner
+        if previous != self.owner:
+            self.metrics.saga_takeovers.inc()
+        was = record.state.value
+        if record.state in (SagaState.RECEIVING, SagaState.STORED):
+            record.settle_failure()
+        log.warning(
+            "took over saga %s of %s (%s): removing %d copies",
+            record.upload_id,
+            previous,
+            was,
+            len(record.targets()),
+            extra={"event": "saga_takeover", "file_id": record.file_id},
+        )
+        saga = Saga(self, record)
+        saga.written = saga.synced = True
+        saga.settled = True
+        if record.targets():
+            self.compensate_in_background(saga)
+        else:
+            self._spawn(self._delete, saga)

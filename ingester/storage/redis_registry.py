@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import pydantic
 import trio
 
+from ..resilience.retry import RetryPolicy, backoff_s
 from ..settings import SEMode, StorageElementConfig
 from .redis_gateway import RedisGateway, RedisUnavailable
 from .registry import Prober, Registry
@@ -42,9 +43,9 @@ DISCOVERY_CHANNEL: Final = "artstore:service_discovery"
 STATUSES: Final = frozenset({"online", "offline", "degraded", "maintenance"})
 WRITABLE_MODES: Final = frozenset({SEMode.EDIT, SEMode.RW})
 
-# Reconnect backoff while Redis is unreachable: 0.25, 0.5, 1, 2, 4, 5, 5, ... seconds.
-BACKOFF_BASE_S: Final = 0.25
-BACKOFF_MAX_S: Final = 5.0
+# Reconnect backoff while Redis is unreachable: 0.25, 0.5, 1, 2, 4, 5, 5, ... seconds; not
+# jittered (one reader per process), so the ceiling of `resilience.retry.backoff_s`.
+RECONNECT_BACKOFF: Final = RetryPolicy(base_s=0.25, cap_s=5.0)
 
 Source = Literal["redis", "static", "redis-stale"]
 
@@ -141,9 +142,13 @@ def parse_registry(raw: bytes | str) -> list[StorageElementConfig]:
 # --- the sync --------------------------------------------------------------------------------
 
 
-def backoff_s(failures: int) -> float:
+def reconnect_wait_s(failures: int) -> float:
     """Delay before the next attempt after `failures` consecutive failures (≥ 1)."""
-    return float(min(BACKOFF_BASE_S * 2 ** max(failures - 1, 0), BACKOFF_MAX_S))
+    return backoff_s(max(failures - 1, 0), RECONNECT_BACKOFF, _no_jitter)
+
+
+def _no_jitter() -> float:
+    return 1.0
 
 
 class RedisRegistrySync:
@@ -250,7 +255,9 @@ class RedisRegistrySync:
 
     async def _refresher(self) -> None:
         while True:
-            delay = backoff_s(self._read_failures) if self._read_failures else self._refresh_s
+            delay = (
+                reconnect_wait_s(self._read_failures) if self._read_failures else self._refresh_s
+            )
             with trio.move_on_after(delay):
                 await self._wanted.wait()
             self._wanted = trio.Event()
@@ -278,7 +285,7 @@ class RedisRegistrySync:
                 # The feed going down says Redis is down: report it now, not at the next read.
                 self._set_connected(False)
                 self._want()
-            await trio.sleep(backoff_s(failures))
+            await trio.sleep(reconnect_wait_s(failures))
 
     def _on_subscribed(self) -> None:
         if not self._listener_up:

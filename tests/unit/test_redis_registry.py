@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from ingester.settings import SEMode
-from ingester.storage.redis_registry import backoff_s, parse_registry
+from ingester.storage.redis_registry import parse_registry, reconnect_wait_s
 
 
 def document(*elements: dict[str, Any]) -> str:
@@ -108,7 +108,7 @@ def test_invalid_documents_are_rejected_precisely(raw: str | bytes, message: str
 
 
 def test_backoff_grows_and_is_capped() -> None:
-    delays = [backoff_s(n) for n in range(1, 10)]
+    delays = [reconnect_wait_s(n) for n in range(1, 10)]
     assert delays[:3] == [0.25, 0.5, 1.0]
     assert delays == sorted(delays)
     assert max(delays) == 5.0
