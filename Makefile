@@ -38,8 +38,11 @@ $(NODE_STAMP): $(NODE_PROJECT)/package.json $(NODE_PROJECT)/package-lock.json $(
 	cd $(NODE_PROJECT) && $(WITH_VENV_PATH) npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
+# Most tests wait on real processes (elements, Redis, the ingester), so a few workers more
+# than cores keep the machine busy; TEST_WORKERS=0 runs them in this process, in order.
+TEST_WORKERS ?= 3
 test: deps venv $(NODE_STAMP)
-	$(WITH_VENV_PATH) $(BIN)/pytest $(PYTEST_ARGS)
+	$(WITH_VENV_PATH) $(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check ingester tests bench

@@ -106,3 +106,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair) -> Iterato
 
 # Fixtures defined in tests.support, registered here for every test module.
 __all__ = ["keypair", "redis_server", "sentinel_redis", "token_factory"]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The lines tests record as `summary` (`record_property`): a soak's figures, where an
+    interop screenshot was kept. Read from the reports, so tests run in xdist's workers
+    show theirs too."""
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            for name, value in getattr(report, "user_properties", ()):
+                if name == "summary" and getattr(report, "when", "call") == "call":
+                    terminalreporter.write_line(str(value))

@@ -19,7 +19,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -332,7 +332,9 @@ async def restart_as_replica(world: World, node: RedisServer, timeout_s: float) 
 
 
 @pytest.mark.soak
-async def test_soak_random_replica_and_redis_kills(world: World, token: TokenFactory) -> None:
+async def test_soak_random_replica_and_redis_kills(
+    world: World, token: TokenFactory, record_property: Callable[[str, object], None]
+) -> None:
     """Rounds of a random fault under load until the uploads are done: a replica SIGKILLed,
     a replica SIGTERMed (each restarted once haproxy has it down), or the Redis master
     SIGKILLed (restarted once Sentinel promoted the replica, to come back as its replica)."""
@@ -372,7 +374,8 @@ async def test_soak_random_replica_and_redis_kills(world: World, token: TokenFac
                 load.stop.set()
             await check_invariants(world, load.ledger, load.sent, time.monotonic())
         twice = sum(1 for count in world.stored().values() if count > 1)
-        print(
+        record_property(
+            "summary",
             f"scale-out soak: {len(load.sent)} uploads, faults {dict(faults)}, "
-            f"stored twice {twice}, retries {dict(load.ledger.retries)}"
+            f"stored twice {twice}, retries {dict(load.ledger.retries)}",
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -192,7 +192,10 @@ def grown(warm: Resources, now: Resources) -> list[str]:
 
 @pytest.mark.soak
 async def test_soak_with_random_element_kills(
-    tmp_path: Path, keypair: KeyPair, token: TokenFactory, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    keypair: KeyPair,
+    token: TokenFactory,
+    record_property: Callable[[str, object], None],
 ) -> None:
     max_kills = max(3, UPLOADS // UPLOADS_PER_KILL)
     # Generous: a long soak on a loaded CI machine; the small one takes about a minute.
@@ -247,8 +250,8 @@ async def test_soak_with_random_element_kills(
                 f"{after.threads} threads ({warm.threads}), RSS {after.rss_bytes / MIB:.1f} "
                 f"MiB ({warm.rss_bytes / MIB:.1f}); {run_s:.0f} s of uploads, {took:.0f} s in all"
             )
-            with capsys.disabled():
-                print(f"\n{summary}")
+            # Shown at the end of the run (tests/conftest.py), with xdist's workers too.
+            record_property("summary", summary)
             assert not soak.transport_errors, soak.transport_errors
             assert not left, left
             assert spool_files(ingester) == []

@@ -16,7 +16,6 @@ from tests.support.fixtures import KeyPair
 from tests.support.stack import Proc, start_storage_element
 
 # Paths worth a look after the run (the browser test's screenshot), printed at the end.
-ARTIFACTS: list[str] = []
 
 
 @dataclass
@@ -70,8 +69,3 @@ def node() -> str:
 @pytest.fixture(scope="session")
 def chromium() -> str:
     return chromium_binary()
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    for line in ARTIFACTS:
-        terminalreporter.write_line(line)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -18,7 +19,7 @@ import psutil
 import trio
 
 from tests.conftest import TokenFactory
-from tests.interop.conftest import ARTIFACTS, Interop
+from tests.interop.conftest import Interop
 from tests.interop.support import (
     ARTIFACTS_DIR,
     BASE,
@@ -50,7 +51,12 @@ def kill_browsers_of(profile: Path) -> list[int]:
 
 
 async def test_uppy_uploads_a_file_through_tus_in_chromium(
-    interop: Interop, token: TokenFactory, tmp_path: Path, node: str, chromium: str
+    interop: Interop,
+    token: TokenFactory,
+    tmp_path: Path,
+    node: str,
+    chromium: str,
+    record_property: Callable[[str, object], None],
 ) -> None:
     with trio.fail_after(75):
         source = make_source(tmp_path / "uppy-source.bin", SIZE, seed=47)
@@ -76,7 +82,9 @@ async def test_uppy_uploads_a_file_through_tus_in_chromium(
         ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
         kept = ARTIFACTS_DIR / screenshot.name
         shutil.copyfile(screenshot, kept)
-        ARTIFACTS.append(f"interop: Uppy upload screenshot (Chromium {report['browser']}): {kept}")
+        record_property(
+            "summary", f"interop: Uppy upload screenshot (Chromium {report['browser']}): {kept}"
+        )
         print(f"screenshot: {screenshot} -> {kept}")
 
         assert set(interop.page.served) >= set(PAGE_FILES), interop.page.served
