@@ -10,38 +10,18 @@ import json
 import secrets
 from collections.abc import Mapping
 
+from ..http import multipart_writer
 from ..upload.fields import UploadOptions
 from .data import DataReader
 from .pipelined import FollowingReader
 
 
-def _quote(value: str) -> str:
-    """A quoted-string for the part header; line breaks (never valid in a name) become spaces."""
-    cleaned = value.replace("\r", " ").replace("\n", " ").replace("\0", "")
-    return cleaned.replace("\\", "\\\\").replace('"', '\\"')
-
-
 def form_head(
     boundary: str, fields: Mapping[str, str], filename: str | None, filetype: str | None
 ) -> bytes:
-    parts = [
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-        ).encode()
-        for name, value in fields.items()
-    ]
-    disposition = 'form-data; name="file"'
-    if filename:
-        disposition += f'; filename="{_quote(filename)}"'
-    part_head = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
-    if filetype:
-        part_head += f"Content-Type: {filetype}\r\n"
-    parts.append((part_head + "\r\n").encode())
-    return b"".join(parts)
-
-
-def form_tail(boundary: str) -> bytes:
-    return f"\r\n--{boundary}--\r\n".encode()
+    return multipart_writer.fields(boundary, fields.items()) + multipart_writer.file_head(
+        boundary, "file", filename or None, filetype
+    )
 
 
 def canonical_fields(options: UploadOptions) -> dict[str, str]:
@@ -76,13 +56,13 @@ class UploadForm:
         self.boundary = "tus" + secrets.token_hex(16)
         fields = canonical_fields(options)
         self._head: bytes | None = form_head(self.boundary, fields, filename, filetype)
-        self._tail: bytes | None = form_tail(self.boundary)
+        self._tail: bytes | None = multipart_writer.tail(self.boundary)
         self._data = data
         self.content_length = len(self._head) + size + len(self._tail)
 
     @property
     def content_type(self) -> str:
-        return f"multipart/form-data; boundary={self.boundary}"
+        return multipart_writer.form_content_type(self.boundary)
 
     def __aiter__(self) -> UploadForm:
         return self

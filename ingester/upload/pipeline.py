@@ -41,6 +41,7 @@ from ..errors import (
     StorageElementTimeout,
     StorageElementUnavailable,
 )
+from ..http import multipart_writer
 from ..http.multipart import BodyEnd, PartData, PartEnd, PartStart
 from ..metrics import Metrics
 from ..resilience.breaker import BreakerState
@@ -575,7 +576,7 @@ class UploadPipeline:
                                     element.id,
                                     element.api_url,
                                     body=body,
-                                    content_type=f"multipart/form-data; boundary={boundary}",
+                                    content_type=multipart_writer.form_content_type(boundary),
                                     authorization=upload.authorization,
                                     extra_headers={"X-Request-ID": upload.request.upload_id},
                                 )
@@ -746,30 +747,15 @@ def _content_type(declared: str | None, filename: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def _quote(value: str) -> str:
-    # RFC 7578 §4.2 as browsers do it: percent-encode the three characters that break quoting.
-    return value.replace("\\", "%5C").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _field(boundary: str, name: str, value: str) -> bytes:
-    return (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-    ).encode()
-
-
 def _multipart_head(boundary: str, upload: Upload) -> bytes:
     filename, content_type = upload.stored_as or (upload.filename, upload.content_type)
-    return b"".join(
-        (
-            _field(boundary, "file_id", upload.file_id),
-            _field(boundary, "retention_policy", upload.plan.retention_policy.value),
-            _field(boundary, "version", VERSION_FIELD),
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-                f'filename="{_quote(filename)}"\r\n'
-                f"Content-Type: {content_type}\r\n\r\n"
-            ).encode(),
-        )
+    plan_fields = [
+        ("file_id", upload.file_id),
+        ("retention_policy", upload.plan.retention_policy.value),
+        ("version", VERSION_FIELD),
+    ]
+    return multipart_writer.fields(boundary, plan_fields) + multipart_writer.file_head(
+        boundary, "file", filename, content_type
     )
 
 
@@ -785,11 +771,10 @@ def _multipart_tail(boundary: str, upload: Upload, options: UploadOptions) -> by
         "compression_algorithm": facts.algorithm.value if facts.algorithm else None,
         "ttl_days": options.ttl_days,
     }
-    parts = [b"\r\n"]
+    after = []
     if options.description:
-        parts.append(_field(boundary, "description", options.description))
+        after.append(("description", options.description))
     _, content_type = upload.stored_as or (upload.filename, upload.content_type)
-    parts.append(_field(boundary, "content_type", content_type))
-    parts.append(_field(boundary, "metadata", json.dumps(metadata, ensure_ascii=False)))
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts)
+    after.append(("content_type", content_type))
+    after.append(("metadata", json.dumps(metadata, ensure_ascii=False)))
+    return multipart_writer.tail(boundary, after)

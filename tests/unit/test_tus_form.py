@@ -13,7 +13,8 @@ from ingester.http.multipart import (
     PartEnd,
     PartStart,
 )
-from ingester.tus.form import canonical_fields, form_head, form_tail
+from ingester.http.multipart_writer import tail
+from ingester.tus.form import canonical_fields, form_head
 from ingester.upload.fields import parse_upload_fields
 from ingester.upload.pipeline import plan_is_settled
 
@@ -49,7 +50,7 @@ def test_canonical_fields_mean_the_same_and_settle_the_plan(fields: dict[str, st
     [
         ("plain.txt", "plain.txt"),
         ('quo"te\\back.txt', 'quo"te\\back.txt'),
-        ("line\r\nbreak.txt", "line  break.txt"),
+        ("line\r\nbreak.txt", "linebreak.txt"),
         ("héllo wörld.txt", "héllo wörld.txt"),
         (None, None),
     ],
@@ -62,7 +63,7 @@ def test_the_parser_reads_back_fields_name_type_and_bytes(
         boundary, {"retention_policy": "temporary", "compress": "false"}, filename, "text/plain"
     )
     data = b"--tusabc12 not the boundary\r\n" * 3
-    events = parse(head + data + form_tail(boundary), boundary)
+    events = parse(head + data + tail(boundary), boundary)
     starts = [e for e in events if isinstance(e, PartStart)]
     assert [s.name for s in starts] == ["retention_policy", "compress", "file"]
     assert starts[-1].filename == expected
