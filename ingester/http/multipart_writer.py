@@ -1,9 +1,8 @@
 """Writing `multipart/form-data` (RFC 7578): the one place the ingester frames a form. No I/O.
 
 Every form the ingester writes is made of these pieces: the body sent to a Storage Element
-(`upload.pipeline`), finalization's copy (`finalize.finalizer`), a finished resumable upload
-as the pipeline reads it (`tus.form`) and the command-line client's request
-(`client.multipart`).
+(`upload.pipeline`), finalization's copy (`finalize.finalizer`) and the command-line client's
+request (`client.multipart`).
 
     field(boundary, name, value)                       one text part
     fields(boundary, items)                            text parts, in order
