@@ -18,16 +18,12 @@ from typing import Any, Final
 
 import httpx
 
+from ..http import multipart_writer
 from .answers import raise_for, transport_error
 from .errors import GaveUp, Retryable, UploadFailed
 from .job import PIECE, Job, Stored, store_timeout
 
 ENDPOINT: Final = "/api/v1/files/upload"
-
-
-def _quote(value: str) -> str:
-    """A value for a quoted Content-Disposition parameter, as browsers write it."""
-    return value.replace("\\", "\\\\").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
 class MultipartBody:
@@ -42,25 +38,16 @@ class MultipartBody:
             fields.append(("description", options.description))
         if options.metadata is not None:
             fields.append(("metadata", options.metadata))
-        head = b"".join(
-            f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-            + value.encode("utf-8")
-            + b"\r\n"
-            for name, value in fields
-        )
         name = job.source.path.name
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-        head += (
-            f"--{self.boundary}\r\n"
-            f'Content-Disposition: form-data; name="file"; filename="{_quote(name)}"\r\n'
-            f"Content-Type: {content_type}\r\n\r\n"
-        ).encode()
-        self.head = head
-        self.tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self.head = multipart_writer.fields(self.boundary, fields) + multipart_writer.file_head(
+            self.boundary, "file", name, content_type
+        )
+        self.tail = multipart_writer.tail(self.boundary)
 
     @property
     def content_type(self) -> str:
-        return f"multipart/form-data; boundary={self.boundary}"
+        return multipart_writer.form_content_type(self.boundary)
 
     @property
     def length(self) -> int:

@@ -40,6 +40,7 @@ from ..errors import (
     StorageElementError,
     StorageElementUnavailable,
 )
+from ..http import multipart_writer
 from ..ownership import Ownership
 from ..resilience.leases import STORE_CALL_TIMEOUT_S, Leases, Reachability, TryAgain, retry
 from ..resilience.retry import RetryPolicy, backoff_s
@@ -145,36 +146,21 @@ class CopyBody(httpx.AsyncByteStream):
         self._stage = 3
 
 
-def _field(boundary: str, name: str, value: str) -> bytes:
-    return (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-    ).encode()
-
-
-def _quote(value: str) -> str:
-    return value.replace("\\", "%5C").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-
-
 def multipart_parts(boundary: str, file_id: str, source: SourceFile) -> tuple[bytes, bytes]:
     """Head and tail of the target's form: every field before the file (all are known)."""
     fields = [
-        _field(boundary, "file_id", file_id),
-        _field(boundary, "retention_policy", "permanent"),
-        _field(boundary, "version", source.version or VERSION_FIELD),
-        _field(boundary, "content_type", source.content_type),
-        _field(boundary, "metadata", json.dumps(source.metadata, ensure_ascii=False)),
+        ("file_id", file_id),
+        ("retention_policy", "permanent"),
+        ("version", source.version or VERSION_FIELD),
+        ("content_type", source.content_type),
+        ("metadata", json.dumps(source.metadata, ensure_ascii=False)),
     ]
     if source.description:
-        fields.append(_field(boundary, "description", source.description))
-    head = (
-        b"".join(fields)
-        + (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="{_quote(source.original_filename)}"\r\n'
-            f"Content-Type: {source.content_type}\r\n\r\n"
-        ).encode()
+        fields.append(("description", source.description))
+    head = multipart_writer.fields(boundary, fields) + multipart_writer.file_head(
+        boundary, "file", source.original_filename, source.content_type
     )
-    return head, f"\r\n--{boundary}--\r\n".encode()
+    return head, multipart_writer.tail(boundary)
 
 
 def as_stored_on(file: SourceFile, target: Candidate) -> SourceFile:
@@ -621,7 +607,7 @@ class Finalizer:
                         element.id,
                         element.api_url,
                         body=body,
-                        content_type=f"multipart/form-data; boundary={boundary}",
+                        content_type=multipart_writer.form_content_type(boundary),
                         authorization=authorization,
                         extra_headers={"X-Request-ID": tx.transaction_id},
                     )

@@ -137,9 +137,7 @@ async def ingest_request(
     result = await svc.ingest.run(
         principal=principal,
         upload_id=upload_id,
-        boundary=boundary,
-        body=request.body,
-        content_type=request.headers.get("Content-Type"),
+        source=svc.ingest.form_source(request.body, boundary),
         content_length=request.content_length,
         digest=digest,
         commit=commit,

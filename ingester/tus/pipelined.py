@@ -10,7 +10,7 @@ failover replays from it.
                            otherwise the window starts
     window passes          no PATCH came (a pause, or the client went to another replica):
                            the stream is abandoned
-    last byte in           the completion `hand_over`s: only then does the form end, so the
+    last byte in           the completion `hand_over`s: only then does the file end, so the
                            element commits nothing before the upload's state says `completing`
 
 An abandoned stream's element request is cancelled (the element discards it; the saga
@@ -86,7 +86,7 @@ class LiveStream:
         self._wake()
 
     def hand_over(self, commit: ResultCommit | None = None) -> None:
-        """The upload's state says `completing`: the form may end. `commit` records the
+        """The upload's state says `completing`: the file may end. `commit` records the
         result (the completion's lock is the one that writes it)."""
         self.commit = commit
         self.handed_over = True

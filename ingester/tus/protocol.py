@@ -46,12 +46,12 @@ METHODS: Final = frozenset({"OPTIONS", "POST", "HEAD", "PATCH", "DELETE", "GET"}
 _INTEGER_RE: Final = re.compile(r"[0-9]{1,18}")
 _UPLOAD_ID_RE: Final = re.compile(r"[0-9a-f]{32}")
 # A media type as RFC 9110 tokens allow; anything else is dropped rather than carried into
-# the multipart part header of the completed upload.
+# the part header the completed upload is sent to its element with.
 _MEDIA_TYPE_RE: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,128}")
 _METADATA_KEY_RE: Final = re.compile(r"[\x21-\x2b\x2d-\x7e]+")  # printable ASCII, no , or space
 
-# Upload-Metadata keys that become form fields of the stored upload (validated like the
-# multipart form's); `filename`/`filetype` name the file part. Uppy and tus-js-client send
+# Upload-Metadata keys that stand for the form fields of a multipart upload (validated as
+# they are); `filename`/`filetype` name the file and its type. Uppy and tus-js-client send
 # `name`/`type` for the same. Other keys are ignored, as unknown form fields are.
 FIELD_KEYS: Final = (
     "description",

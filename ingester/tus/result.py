@@ -81,7 +81,7 @@ class TusResult(ResultCommit):
 
 class StreamResult(ResultCommit):
     """The commit of a pipelined store: the completion's `TusResult`, which exists once it
-    hands the stream over (the stream's form, and so its saga, cannot end before)."""
+    hands the stream over (the stream's file, and so its saga, cannot end before)."""
 
     def __init__(self, stream: LiveStream) -> None:
         super().__init__()

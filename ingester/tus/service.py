@@ -9,8 +9,8 @@
                                     passes with no PATCH or the upload moves on elsewhere
     last byte in                    state `completing`, the lock handed to a completion task
                                     in the service nursery: the pipelined store finishes, or
-                                    (the fallback) the data file as a multipart form through
-                                    `ingest` (the multipart pipeline: compression, element
+                                    (the fallback) the data file through `ingest` (the
+                                    pipeline multipart uploads take: compression, element
                                     choice, failover from the data file, saga); the request
                                     waits for it, but a client that goes away does not cancel
                                     the store
@@ -68,7 +68,6 @@ from .errors import (
     UploadQuotaExceeded,
     WrongContentType,
 )
-from .form import UploadForm
 from .locks import Lease, Locks
 from .pipelined import FollowingReader, LiveStream
 from .protocol import (
@@ -776,16 +775,17 @@ class TusService:
         outcome = "failed"
         try:
             with stream.scope:
-                form = self._form(upload, FollowingReader(stream))
                 copy = FileCopy([(self.data.path(upload.id), upload.length)])
-                try:
-                    # An id of its own: a fallback store runs under the upload's id while
-                    # this one's saga may still be removing its copy.
-                    result = await self._ingest(
-                        upload, principal, str(uuid.uuid4()), form, copy, StreamResult(stream)
-                    )
-                finally:
-                    await form.aclose()
+                # An id of its own: a fallback store runs under the upload's id while this
+                # one's saga may still be removing its copy.
+                result = await self._ingest(
+                    upload,
+                    principal,
+                    str(uuid.uuid4()),
+                    FollowingReader(stream),
+                    copy,
+                    StreamResult(stream),
+                )
                 stream.result = result
                 outcome = "stored"
         except IngesterError as exc:
@@ -809,7 +809,7 @@ class TusService:
         self, upload: TusUpload, principal: Principal, commit: TusResult
     ) -> dict[str, Any]:
         """The complete upload stored: by its pipelined store when one has read every byte
-        (it only finishes the form now), else from the data files. `commit` records the
+        (it only finishes the file now), else from the data files. `commit` records the
         result with the saga's settle."""
         stream = self._streams.pop(upload.id, None)
         self._stream_starts.pop(upload.id, None)
@@ -831,41 +831,47 @@ class TusService:
             stream.abandon("it had not read every byte when the upload completed")
         return await self._store_upload(upload, principal, commit)
 
-    def _form(self, upload: TusUpload, data: DataReader | FollowingReader) -> UploadForm:
-        assert upload.length is not None
-        description = describe_file(upload.metadata)
-        options = parse_upload_fields(
-            description.fields, max_description_length=self.settings.max_description_length
-        )
-        return UploadForm(data, upload.length, options, description.filename, description.filetype)
-
     async def _ingest(
         self,
         upload: TusUpload,
         principal: Principal,
         attempt_id: str,
-        form: UploadForm,
+        data: DataReader | FollowingReader,
         copy: FileCopy,
         commit: ResultCommit,
     ) -> dict[str, Any]:
-        result = await self.ingest.run(
-            principal=principal,
-            upload_id=attempt_id,
-            boundary=form.boundary.encode(),
-            body=form,
-            content_type=form.content_type,
-            content_length=form.content_length,
-            digest=None,
-            owner=upload.owner,
-            source_copy=copy,
-            commit=commit,
-        )
+        """`data` (closed here) stored through `ingest` as the upload's file, with the name,
+        type and options checked at its creation: no form to write and parse again."""
+        assert upload.length is not None
+        try:
+            description = describe_file(upload.metadata)
+            options = parse_upload_fields(
+                description.fields, max_description_length=self.settings.max_description_length
+            )
+            source = self.ingest.bytes_source(
+                data,
+                options=options,
+                filename=description.filename,
+                content_type=description.filetype,
+            )
+            result = await self.ingest.run(
+                principal=principal,
+                upload_id=attempt_id,
+                source=source,
+                content_length=upload.length,
+                digest=None,
+                owner=upload.owner,
+                source_copy=copy,
+                commit=commit,
+            )
+        finally:
+            await data.aclose()
         return {**result, "upload_id": upload.id}
 
     async def _store_upload(
         self, upload: TusUpload, principal: Principal, commit: ResultCommit
     ) -> dict[str, Any]:
-        """The data files as one multipart form through `ingest`: the `201` result."""
+        """The data files through `ingest`: the `201` result."""
         assert upload.length is not None
         if upload.is_final:
             parts = []
@@ -878,14 +884,12 @@ class TusService:
             parts = [(upload.id, upload.length)]
         # The data files are the spool: a failover replays from them, no second copy.
         copy = FileCopy([(self.data.path(part_id), length) for part_id, length in parts])
-        form = self._form(upload, self.data.reader(parts))
         # The first attempt runs under the upload's own id (progress, logs, saga); a later one
         # under a fresh id, since a failed attempt's saga may still be removing its copies.
         attempt_id = upload.id if upload.attempts == 0 else str(uuid.uuid4())
-        try:
-            return await self._ingest(upload, principal, attempt_id, form, copy, commit)
-        finally:
-            await form.aclose()
+        return await self._ingest(
+            upload, principal, attempt_id, self.data.reader(parts), copy, commit
+        )
 
     async def _completion_failed(
         self, upload: TusUpload, lease: Lease, error: IngesterError, created: bool

@@ -1,6 +1,7 @@
-"""One upload from a multipart body to a `201` result: admission, progress, the pipeline,
-and the bookkeeping of its outcome (logs, metrics). Used by `POST /api/v1/files/upload` and
-by resumable uploads when their last byte has arrived (the body is then read from the spool).
+"""One upload from its file source to a `201` result: admission, progress, the pipeline,
+and the bookkeeping of its outcome (logs, metrics). Used by `POST /api/v1/files/upload` (a
+multipart form) and by resumable uploads when their last byte has arrived (the file's bytes
+read from its data files, its options checked at creation).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from ..settings import Settings
 from .admission import Admission
 from .budget import MemoryBudget, UploadBudget
 from .digest import ExpectedDigest
+from .fields import UploadOptions
 from .filenames import sanitize_filename
-from .form import FormReader
+from .form import FormReader, FormSource
 from .idempotency import fingerprint
 from .pipeline import UploadPipeline
 from .progress import ProgressBook, UploadState
 from .records import UploadRequest
+from .source import BytesSource, FileSource, FileStart
 from .spool import Spool
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,9 @@ _THREAD_HASH_MIN: int = 64 * 1024
 
 
 class Ingest:
-    """Uploads from a multipart body to their answer; `ingester.service` gives it its parts.
+    """Uploads from their file source to their answer; `ingester.service` gives it its parts.
 
-    `memory`: the process's memory budget, of which each form reader takes its share.
+    `memory`: the process's memory budget, of which each file source takes its share.
     """
 
     def __init__(
@@ -75,21 +78,46 @@ class Ingest:
             quantum=settings.body_buffer_limit,
         )
 
+    def form_source(self, body: AsyncIterator[bytes], boundary: bytes) -> FormSource:
+        """The file of a multipart upload form, for `run`."""
+        return FormSource(
+            self.form_reader(body, boundary),
+            max_description_length=self.settings.max_description_length,
+        )
+
+    def bytes_source(
+        self,
+        data: AsyncIterator[bytes],
+        *,
+        options: UploadOptions,
+        filename: str | None,
+        content_type: str | None,
+    ) -> BytesSource:
+        """A file that is all of `data`, its `options` checked beforehand, for `run`: read
+        under the same idle timeout and memory budget as a form, with nothing to parse."""
+        settings = self.settings
+        return BytesSource(
+            data,
+            FileStart(options, settled=True, filename=filename, content_type=content_type),
+            idle_timeout_s=settings.client_idle_timeout_s,
+            budget=UploadBudget(self.memory),
+            quantum=settings.body_buffer_limit,
+        )
+
     async def run(
         self,
         *,
         principal: Principal,
         upload_id: str,
-        boundary: bytes,
-        body: AsyncIterator[bytes],
-        content_type: str | None,
+        source: FileSource,
         content_length: int | None,
         digest: ExpectedDigest | None,
         owner: str | None = None,
         source_copy: Spool | None = None,
         commit: ResultCommit | None = None,
     ) -> dict[str, Any]:
-        """Store the file of a multipart `body`; the contract's `201` body. Raises
+        """Store the file of `source` (`form_source`, `bytes_source`; `content_length` is
+        what it declares it will read); the contract's `201` body. Raises
         `IngesterError`s (and `Cancelled` when the caller goes away). `owner` is who the file is
         recorded as uploaded by (`ingester.ownership`), when not the caller (a resumable upload
         completed by an admin stays its creator's). `source_copy`: the file's bytes already on
@@ -101,13 +129,10 @@ class Ingest:
             self.metrics.in_flight.inc()
             started = trio.current_time()
             outcome = "cancelled"
-            reader = self.form_reader(body, boundary)
             upload_request = UploadRequest(
                 upload_id=upload_id,
                 principal=principal,
-                content_type=content_type,
                 content_length=content_length,
-                body=body,
                 expected_digest=digest,
                 source_copy=source_copy,
                 commit=commit,
@@ -117,7 +142,7 @@ class Ingest:
                     deadline = settings.upload_deadline_s or float("inf")
                     with trio.fail_after(deadline):
                         try:
-                            result = await self.pipeline.run(upload_request, reader, progress)
+                            result = await self.pipeline.run(upload_request, source, progress)
                         finally:
                             # The element was chosen in a child task, whose log context does
                             # not flow back here: bind it for this request's remaining lines.
@@ -139,7 +164,7 @@ class Ingest:
                     extra={
                         "event": "upload_failed",
                         "error_code": error.code,
-                        "bytes": reader.bytes_read,
+                        "bytes": source.bytes_read,
                     },
                 )
                 error.logged = True
@@ -152,7 +177,7 @@ class Ingest:
                     )
                     log.info(
                         "upload cancelled: the client went away",
-                        extra={"event": "upload_cancelled", "bytes": reader.bytes_read},
+                        extra={"event": "upload_cancelled", "bytes": source.bytes_read},
                     )
                 else:
                     outcome = "INTERNAL_ERROR"
@@ -192,7 +217,7 @@ class Ingest:
             finally:
                 # Whatever the way out (even a bad field before the store began), this
                 # upload's share of the memory budget goes back.
-                reader.budget.release_all()
+                source.budget.release_all()
                 self.metrics.in_flight.dec()
                 self.metrics.uploads.labels(outcome).inc()
                 self.metrics.duration.labels(

@@ -1,6 +1,6 @@
 """One upload, end to end: a nursery of four tasks joined by bounded channels.
 
-    reader       request body -> multipart events -> raw file chunks      (+ form fields)
+    reader       file source (a form, or a file's bytes) -> raw file chunks  (+ late fields)
     transformer  raw chunks -> sha256 (+ gzip/brotli), in a worker thread  (+ spool tee)
     streamer     transformed chunks -> streaming multipart POST to a Storage Element
     heartbeat    progress record, stall watchdog
@@ -24,7 +24,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -35,13 +35,11 @@ from ..errors import (
     FileTooLarge,
     IngesterError,
     IntegrityError,
-    InvalidField,
-    MissingFile,
     StorageElementError,
     StorageElementTimeout,
     StorageElementUnavailable,
 )
-from ..http.multipart import BodyEnd, PartData, PartEnd, PartStart
+from ..http import multipart_writer
 from ..metrics import Metrics
 from ..resilience.breaker import BreakerState
 from ..resilience.failover import Failover, FailoverPlan, GiveUp
@@ -59,31 +57,14 @@ from .compression import (
     sniff_first_chunk,
 )
 from .element_body import Encoder, SEUploadBody
-from .fields import TRUE_WORDS, RetentionPolicy, UploadOptions, parse_upload_fields
+from .fields import RetentionPolicy, UploadOptions
 from .filenames import sanitize_filename
-from .form import MAX_FIELDS_TOTAL, FormReader, add_field, read_field
 from .progress import UploadProgress, UploadState
 from .records import FileFacts, Plan, Upload, UploadRequest
+from .source import FileSource
 from .spool import Buffer, Spool
 
 log = logging.getLogger(__name__)
-
-
-def plan_is_settled(fields: Mapping[str, str]) -> bool:
-    """Whether the fields seen so far fix where and how the bytes are stored.
-
-    Those choices must be made before the first byte leaves for a Storage Element (the other
-    fields travel after the file data). When a later field could still change them, the
-    upload is teed into a spool so it can be sent again without asking the client.
-    """
-    policy = "retention_policy" in fields or "storage_mode" in fields
-    compress = fields.get("compress")
-    if compress is None:
-        return False
-    algorithm_open = (
-        compress.strip().lower() in TRUE_WORDS and "compression_algorithm" not in fields
-    )
-    return policy and not algorithm_open
 
 
 # Compression decisions look at this much of the start of the file.
@@ -135,7 +116,7 @@ class UploadPipeline:
     # --- entry point ------------------------------------------------------------------------
 
     async def run(
-        self, request: UploadRequest, reader: FormReader, progress: UploadProgress
+        self, request: UploadRequest, source: FileSource, progress: UploadProgress
     ) -> dict[str, Any]:
         settings = self.settings
         if (
@@ -146,31 +127,18 @@ class UploadPipeline:
                 f"declared body of {request.content_length} bytes exceeds the limit of "
                 f"{settings.max_file_size} bytes"
             )
-        fields: dict[str, str] = {}
-        field_budget = [MAX_FIELDS_TOTAL]
-        file_part: PartStart | None = None
-        while file_part is None:
-            event = await reader.next_event()
-            if isinstance(event, PartStart):
-                if event.name == "file":
-                    file_part = event
-                else:
-                    add_field(fields, event.name, await read_field(reader, field_budget))
-            elif isinstance(event, BodyEnd):
-                raise MissingFile()
-        # Validate what is known now: a bad early field fails before any byte goes out.
-        early = parse_upload_fields(fields, max_description_length=settings.max_description_length)
-        filename = sanitize_filename(file_part.filename, max_length=settings.max_filename_length)
-        content_type = _content_type(file_part.content_type, filename)
+        start = await source.begin()
+        filename = sanitize_filename(start.filename, max_length=settings.max_filename_length)
+        content_type = _content_type(start.content_type, filename)
         upload = Upload(
             request=request,
             progress=progress,
             file_id=str(uuid.uuid4()),
-            fields=fields,
+            settled=start.settled,
             filename=filename,
             content_type=content_type,
-            plan=Plan.of(early),
-            budget=reader.budget,
+            plan=Plan.of(start.options),
+            budget=source.budget,
         )
         progress.filename = filename
         upload.authorization = await self.pool.authorization(request.principal)
@@ -186,7 +154,7 @@ class UploadPipeline:
         if settings.upload_deadline_s:
             upload.deadline = trio.current_time() + settings.upload_deadline_s
         try:
-            stored = await self._store_all(upload, reader, field_budget)
+            stored = await self._store_all(upload, source)
             result = self._result(upload, stored)
             assert upload.element is not None
             kept = Copy(upload.element.id, upload.element.api_url)
@@ -203,22 +171,20 @@ class UploadPipeline:
             self.sagas.end(saga)
         return result
 
-    async def _store_all(
-        self, upload: Upload, reader: FormReader, field_budget: list[int]
-    ) -> StoredFile:
+    async def _store_all(self, upload: Upload, source: FileSource) -> StoredFile:
         """Store the file: one pass, or two when a late field changed the plan."""
         settings = self.settings
         if upload.request.source_copy is not None:
             # The bytes are on disk already: a failover replays them from there, and no
             # second copy is written.
             upload.spool = upload.request.source_copy
-        elif settings.failover_spool or not plan_is_settled(upload.fields):
+        elif settings.failover_spool or not upload.settled:
             # One copy of the original bytes serves both a failover (a failed element's
             # share is sent again to the next) and a later field that changes the plan.
             upload.spool = self._spool_for(upload.request.upload_id)
         try:
             try:
-                stored = await self._store(upload, live=(reader, field_budget))
+                stored = await self._store(upload, live=source)
             except* _Replan:
                 stored = None
             if stored is None:
@@ -279,9 +245,7 @@ class UploadPipeline:
 
     # --- the nursery -------------------------------------------------------------------------
 
-    async def _store(
-        self, upload: Upload, *, live: tuple[FormReader, list[int]] | None
-    ) -> StoredFile:
+    async def _store(self, upload: Upload, *, live: FileSource | None) -> StoredFile:
         depth = self.settings.pipeline_queue_depth
         # Batches of original bytes: from the reader to the hasher, then to the element's body.
         raw_send, raw_recv = trio.open_memory_channel[list[Buffer]](depth)
@@ -291,7 +255,7 @@ class UploadPipeline:
         upload.data_ready = trio.Event()
         async with trio.open_nursery() as nursery:
             if live is not None:
-                nursery.start_soon(self._read_live, upload, live[0], live[1], raw_send)
+                nursery.start_soon(self._read_live, upload, live, raw_send)
             else:
                 nursery.start_soon(self._read_spool, upload, raw_send)
             nursery.start_soon(self._transform, upload, raw_recv, out_send, live is not None)
@@ -302,11 +266,10 @@ class UploadPipeline:
     async def _read_live(
         self,
         upload: Upload,
-        reader: FormReader,
-        field_budget: list[int],
+        source: FileSource,
         raw_send: trio.MemorySendChannel[list[Buffer]],
     ) -> None:
-        """The client's file bytes, in batches of about BATCH_BYTES, then the late fields."""
+        """The file's bytes, in batches of about BATCH_BYTES, then the options complete."""
         max_size = self.settings.max_file_size
         progress = upload.progress
         received = self.metrics.bytes_received
@@ -314,35 +277,27 @@ class UploadPipeline:
         batched = 0
         async with raw_send:
             while True:
-                event = await reader.next_event(batch_pending=bool(batch))
-                if event is None or isinstance(event, PartEnd):
+                piece = await source.read(batch_pending=bool(batch))
+                if not piece:
                     if batch:
                         await raw_send.send(batch)
                         batch, batched = [], 0
-                    if event is None:
+                    if piece is None:
                         continue
                     break
-                if isinstance(event, PartData):
-                    size = len(event.data)
-                    progress.bytes_received += size
-                    received.inc(size)
-                    if progress.bytes_received > max_size:
-                        raise FileTooLarge(f"the file exceeds the limit of {max_size} bytes")
-                    batch.append(event.data)
-                    batched += size
-                    if batched >= BATCH_BYTES:
-                        await raw_send.send(batch)
-                        batch, batched = [], 0
-        # The rest of the form: fields after the file part.
-        while True:
-            event = await reader.next_event()
-            if isinstance(event, PartStart):
-                if event.name == "file":
-                    raise InvalidField("only one 'file' part is accepted")
-                add_field(upload.fields, event.name, await read_field(reader, field_budget))
-            elif isinstance(event, BodyEnd):
-                break
-        self._complete_fields(upload)
+                size = len(piece)
+                progress.bytes_received += size
+                received.inc(size)
+                if progress.bytes_received > max_size:
+                    raise FileTooLarge(f"the file exceeds the limit of {max_size} bytes")
+                batch.append(piece)
+                batched += size
+                if batched >= BATCH_BYTES:
+                    await raw_send.send(batch)
+                    batch, batched = [], 0
+        # A form's fields after the file part.
+        upload.options = await source.finish()
+        upload.fields_complete.set()
 
     async def _read_spool(
         self, upload: Upload, raw_send: trio.MemorySendChannel[list[Buffer]]
@@ -355,13 +310,6 @@ class UploadPipeline:
             while (piece := await cursor.next()) is not None:
                 await budget.acquire(len(piece))
                 await raw_send.send([piece])
-
-    def _complete_fields(self, upload: Upload) -> None:
-        options = parse_upload_fields(
-            upload.fields, max_description_length=self.settings.max_description_length
-        )
-        upload.options = options
-        upload.fields_complete.set()
 
     async def _transform(
         self,
@@ -575,7 +523,7 @@ class UploadPipeline:
                                     element.id,
                                     element.api_url,
                                     body=body,
-                                    content_type=f"multipart/form-data; boundary={boundary}",
+                                    content_type=multipart_writer.form_content_type(boundary),
                                     authorization=upload.authorization,
                                     extra_headers={"X-Request-ID": upload.request.upload_id},
                                 )
@@ -746,30 +694,15 @@ def _content_type(declared: str | None, filename: str) -> str:
     return guessed or "application/octet-stream"
 
 
-def _quote(value: str) -> str:
-    # RFC 7578 §4.2 as browsers do it: percent-encode the three characters that break quoting.
-    return value.replace("\\", "%5C").replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _field(boundary: str, name: str, value: str) -> bytes:
-    return (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-    ).encode()
-
-
 def _multipart_head(boundary: str, upload: Upload) -> bytes:
     filename, content_type = upload.stored_as or (upload.filename, upload.content_type)
-    return b"".join(
-        (
-            _field(boundary, "file_id", upload.file_id),
-            _field(boundary, "retention_policy", upload.plan.retention_policy.value),
-            _field(boundary, "version", VERSION_FIELD),
-            (
-                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-                f'filename="{_quote(filename)}"\r\n'
-                f"Content-Type: {content_type}\r\n\r\n"
-            ).encode(),
-        )
+    plan_fields = [
+        ("file_id", upload.file_id),
+        ("retention_policy", upload.plan.retention_policy.value),
+        ("version", VERSION_FIELD),
+    ]
+    return multipart_writer.fields(boundary, plan_fields) + multipart_writer.file_head(
+        boundary, "file", filename, content_type
     )
 
 
@@ -785,11 +718,10 @@ def _multipart_tail(boundary: str, upload: Upload, options: UploadOptions) -> by
         "compression_algorithm": facts.algorithm.value if facts.algorithm else None,
         "ttl_days": options.ttl_days,
     }
-    parts = [b"\r\n"]
+    after = []
     if options.description:
-        parts.append(_field(boundary, "description", options.description))
+        after.append(("description", options.description))
     _, content_type = upload.stored_as or (upload.filename, upload.content_type)
-    parts.append(_field(boundary, "content_type", content_type))
-    parts.append(_field(boundary, "metadata", json.dumps(metadata, ensure_ascii=False)))
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts)
+    after.append(("content_type", content_type))
+    after.append(("metadata", json.dumps(metadata, ensure_ascii=False)))
+    return multipart_writer.tail(boundary, after)

@@ -3,7 +3,6 @@ first byte leaves, the facts the transformer learns, and the state its tasks sha
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import trio
@@ -24,9 +23,8 @@ from .spool import Spool
 class UploadRequest:
     upload_id: str
     principal: Principal
-    content_type: str | None
+    # What the source declares it will read (a form's Content-Length, a file's length).
     content_length: int | None
-    body: AsyncIterator[bytes]
     expected_digest: ExpectedDigest | None
     # The file's bytes already on disk (a resumable upload's data files): the spool then.
     source_copy: Spool | None = None
@@ -69,7 +67,8 @@ class Upload:
     request: UploadRequest
     progress: UploadProgress
     file_id: str
-    fields: dict[str, str]
+    # No field after the file part can change the plan (`FileStart.settled`).
+    settled: bool
     filename: str
     content_type: str
     plan: Plan

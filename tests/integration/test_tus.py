@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from ingester.auth.tokens import make_token
+from ingester.upload.filenames import sanitize_filename
 from tests.conftest import Stack, TokenFactory
 from tests.support.client import MIB, auth, random_chunks, text_chunks
 from tests.support.stack import start_ingester
@@ -557,6 +558,26 @@ async def test_upload_fields_in_metadata(stack: Stack, token: TokenFactory) -> N
             assert result["content_type"] == "text/plain"
             assert result["checksum"] == sha256(data)
             assert result["upload_id"] == url.rsplit("/", 1)[-1]
+
+
+async def test_the_file_name_is_taken_as_a_multipart_uploads_is(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """The name goes to the pipeline as it came, with no form written and read again on the
+    way (issue 13): sanitized as a multipart upload's, and whatever its length (this one is
+    over the 4224 bytes python-multipart allows a part header, which used to fail the
+    completion with 400 MALFORMED_MULTIPART)."""
+    name = 'q"uote\r\n' + "日本" * 1000 + ".txt"
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            tus = Tus(http, stack.url, token())
+            created = await tus.create(3, data=b"abc", metadata={"filename": name})
+            assert created.status_code == 201, created.text
+            state = (await tus.state(tus.url(created.headers["Location"]))).json()
+    result = state["result"]
+    assert result["original_filename"] == sanitize_filename(name)
+    assert result["original_filename"].startswith('q"uote日本')
+    assert result["content_type"] == "text/plain"
 
 
 @pytest.mark.parametrize(

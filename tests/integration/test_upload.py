@@ -90,6 +90,27 @@ async def test_every_contract_field_is_in_the_answer(stack: Stack, token: TokenF
         assert record["checksum"] == result["checksum"]
 
 
+async def test_a_quoted_filename_reaches_the_element_as_sent(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """A `"` in a name travels as a quoted-pair both ways (`http.multipart_writer`): the
+    element records the client's name, not a percent-encoded one."""
+    with trio.fail_after(15):
+        # As the part header has it; the name is a q"uote.txt.
+        body = MultipartUpload([b"x"], filename='a q\\"uote.txt')
+        async with httpx.AsyncClient(trust_env=False) as http:
+            response = await post_upload(http, stack.url, token(), body)
+        assert response.status_code == 201, response.text
+        result = response.json()
+        assert result["original_filename"] == 'a q"uote.txt'
+        attr = next(
+            p
+            for p in stack.se_edit.stored_files()
+            if p.name.endswith(result["file_id"] + ".txt.attr.json")
+        )
+        assert json.loads(attr.read_text())["original_filename"] == 'a q"uote.txt'
+
+
 @pytest.mark.parametrize("file_first", [False, True])
 async def test_permanent_goes_to_an_rw_element_whatever_the_field_order(
     stack: Stack, token: TokenFactory, file_first: bool

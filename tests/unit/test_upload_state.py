@@ -9,7 +9,7 @@ import trio.testing
 from ingester.errors import InvalidField, ServiceBusy, ShuttingDown, TooManyUploads
 from ingester.groups import collapse, only_cancelled
 from ingester.upload.admission import Admission
-from ingester.upload.pipeline import plan_is_settled
+from ingester.upload.form import plan_is_settled
 from ingester.upload.progress import ProgressBook, UploadState
 
 
