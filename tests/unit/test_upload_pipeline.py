@@ -36,7 +36,7 @@ from ingester.storage.pool import ElementPool
 from ingester.storage.registry import Registry, configured_elements
 from ingester.storage.se_auth import build_se_token_provider
 from ingester.upload.budget import MemoryBudget, UploadBudget
-from ingester.upload.form import FormReader
+from ingester.upload.form import FormReader, FormSource
 from ingester.upload.pipeline import UploadPipeline
 from ingester.upload.progress import ProgressBook
 from ingester.upload.records import UploadRequest
@@ -172,27 +172,25 @@ class World:
 
     async def upload(self, body: bytes) -> dict[str, object]:
         upload_id = str(uuid.uuid4())
-        arriving = Chunks(body)
         reader = FormReader(
-            arriving,
+            Chunks(body),
             BOUNDARY.encode(),
             self.settings.client_idle_timeout_s,
             UploadBudget(self.memory),
             quantum=self.settings.body_buffer_limit,
         )
+        source = FormSource(reader, max_description_length=1000)
         progress = ProgressBook(60).start(upload_id, "alice", len(body))
         request = UploadRequest(
             upload_id=upload_id,
             principal=ALICE,
-            content_type=f"multipart/form-data; boundary={BOUNDARY}",
             content_length=len(body),
-            body=arriving,
             expected_digest=None,
         )
         try:
-            return await self.pipeline.run(request, reader, progress)
+            return await self.pipeline.run(request, source, progress)
         finally:
-            reader.budget.release_all()
+            source.budget.release_all()
 
 
 ALICE = Principal(
