@@ -36,7 +36,6 @@ from .base import make_app
 from .common import authenticate, authenticate_uploader, json_response, service
 from .cors import install_cors
 from .docs import docs
-from .openapi import openapi_document
 from .receive import ReceiveShare
 
 log = logging.getLogger(__name__)
@@ -322,6 +321,10 @@ async def info() -> Response:
 
 @ops.get("/openapi.json")
 async def openapi() -> Response:
+    # Imported when first asked for: the description's builders are a megabyte of RSS in
+    # every replica, and most never serve it.
+    from .openapi import openapi_document
+
     return json_response(openapi_document(__version__))
 
 
