@@ -57,6 +57,15 @@ class World:
             for se in (self.a, self.b)
         }
 
+    def received(self, se: StorageElementProc) -> int:
+        """Bytes an element holds, its temporary files included (an upload in progress)."""
+        total = 0
+        for path in se.stored_files():
+            if path.name != ".lock":
+                with contextlib.suppress(FileNotFoundError):
+                    total += path.stat().st_size
+        return total
+
     def saga_keys(self) -> list[bytes]:
         client = self.redis.client()
         try:
@@ -329,8 +338,7 @@ async def test_an_ingester_killed_mid_stream_leaves_nothing_behind(
                 nursery.start_soon(client)
                 # The element is receiving (its temporary file grows) and the saga says so.
                 await eventually(lambda: world.saga_keys() != [], timeout_s=20)
-                await eventually(lambda: world.element_files()["se-a"] != [], timeout_s=20)
-                await trio.sleep(0.5)
+                await eventually(lambda: world.received(world.a) >= 2 * MIB, timeout_s=20)
                 one.kill()
                 nursery.cancel_scope.cancel()
 
@@ -365,8 +373,7 @@ async def test_a_compensation_that_cannot_run_now_is_retried_until_done(
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client)
-                await eventually(lambda: world.element_files()["se-a"] != [], timeout_s=20)
-                await trio.sleep(0.3)
+                await eventually(lambda: world.received(world.a) >= 2 * MIB, timeout_s=20)
                 # se-a dies with part of the file: the upload fails over to se-b, and the
                 # removal of se-a's part cannot run while se-a is down.
                 world.a.kill()
@@ -392,9 +399,13 @@ async def test_a_compensation_that_cannot_run_now_is_retried_until_done(
             )
             assert record["state"] == "compensating"
             assert [c[0] for c in record["copies"]] == ["se-a"]
-            await trio.sleep(1.5)
-            text = await metrics(http, proc)
-            assert metric(text, 'ingester_compensations_total{outcome="retry"}') >= 2
+
+            async def retried() -> float:
+                text = await metrics(http, proc)
+                return min(metric(text, 'ingester_compensations_total{outcome="retry"}'), 2)
+
+            # Retried at least twice while se-a is down (backoff from 1 s).
+            await until(retried, 2)
 
             # se-a back (same port, same data): the compensation goes through, the record goes.
             def restart() -> None:
