@@ -30,14 +30,7 @@ class MultipartBody:
     def __init__(self, job: Job) -> None:
         self.job = job
         self.boundary = f"artstore-{uuid.uuid4().hex}"
-        options = job.options
-        fields = [("retention_policy", options.retention)]
-        if options.compress:
-            fields.append(("compress", "true"))
-        if options.description is not None:
-            fields.append(("description", options.description))
-        if options.metadata is not None:
-            fields.append(("metadata", options.metadata))
+        fields = job.options.form_fields()
         name = job.source.path.name
         content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
         self.head = multipart_writer.fields(self.boundary, fields) + multipart_writer.file_head(

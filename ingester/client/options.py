@@ -102,6 +102,18 @@ class Options:
     resumable_above: int
     chunk_size: int
 
+    def form_fields(self) -> list[tuple[str, str]]:
+        """The upload's form fields, as a multipart form sends them and as a tus upload's
+        `Upload-Metadata` carries them."""
+        fields = [("retention_policy", self.retention)]
+        if self.compress:
+            fields.append(("compress", "true"))
+        if self.description is not None:
+            fields.append(("description", self.description))
+        if self.metadata is not None:
+            fields.append(("metadata", self.metadata))
+        return fields
+
     def fingerprint(self) -> str:
         """What decides how a file is stored: an interrupted upload made with other
         choices is not resumed (the server fixed them when it was created)."""

@@ -38,18 +38,11 @@ def _b64(value: bytes) -> str:
 
 def upload_metadata(job: Job) -> str:
     """`Upload-Metadata`: the file name and the form fields of a multipart upload."""
-    options = job.options
     pairs: list[tuple[str, str]] = [("filename", job.source.path.name)]
     filetype, _ = mimetypes.guess_type(job.source.path.name)
     if filetype:
         pairs.append(("filetype", filetype))
-    pairs.append(("retention_policy", options.retention))
-    if options.compress:
-        pairs.append(("compress", "true"))
-    if options.description is not None:
-        pairs.append(("description", options.description))
-    if options.metadata is not None:
-        pairs.append(("metadata", options.metadata))
+    pairs.extend(job.options.form_fields())
     return ",".join(f"{key} {_b64(value.encode('utf-8'))}" for key, value in pairs)
 
 
