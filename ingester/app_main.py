@@ -110,10 +110,12 @@ def serve_command() -> int:
     return 0
 
 
-async def drain(service: Service, grace_s: float) -> None:
-    """Refuse new uploads and let those in flight finish, for at most `grace_s`."""
+async def drain(service: Service, grace_s: float, delay_s: float = 0.0) -> None:
+    """Refuse new uploads and let those in flight finish, for at most `grace_s`; keep
+    listening for at least `delay_s` of it (INGESTER_DRAIN_DELAY_S), idle or not."""
     service.begin_drain()
     with trio.move_on_after(grace_s):
+        await trio.sleep(delay_s)
         await service.admission.wait_idle()
     if service.admission.in_flight:
         log.warning(
@@ -154,7 +156,7 @@ async def run_ingester(
 
     async def drain_then_stop() -> None:
         with drain_scope:
-            await drain(service, settings.shutdown_grace_s)
+            await drain(service, settings.shutdown_grace_s, settings.drain_delay_s)
         stop.set()
 
     async def watch_signals(

@@ -36,7 +36,7 @@ from .dev_parts import (
     start_elements,
     wait_answering,
 )
-from .haproxy_config import Server, render
+from .haproxy_config import DRAIN_DELAY_S, Server, render
 from .settings import Settings
 
 SERVICE: Final = "artstore"
@@ -211,6 +211,7 @@ def replica_env(
             "INGESTER_SPOOL_DIR": str(spool_dir),
             "INGESTER_LOG_FORMAT": "text",
             "INGESTER_DOCS_ENABLED": "true",
+            "INGESTER_DRAIN_DELAY_S": str(DRAIN_DELAY_S),
             "PYTHONUNBUFFERED": "1",
         }
     )

@@ -33,6 +33,12 @@ from typing import Final
 CHECK_INTERVAL_S: Final = 1
 CHECK_FALL: Final = 2
 CHECK_RISE: Final = 2
+# How long a replica behind this haproxy keeps listening after SIGTERM
+# (INGESTER_DRAIN_DELAY_S): the checks' time to mark it down (FALL failures, one interval
+# apart, plus the interval already begun). Sooner, its port closes while haproxy still
+# sends it requests, and one sent on a kept-alive connection as it closes reaches the
+# client as a dropped connection (seen once in a rolling restart under load).
+DRAIN_DELAY_S: Final = (CHECK_FALL + 1) * CHECK_INTERVAL_S
 # Above INGESTER_TUS_COMPLETION_WAIT_S (600 s), the longest a healthy request is silent.
 STREAM_TIMEOUT: Final = "660s"
 

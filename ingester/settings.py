@@ -236,6 +236,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: str = "INFO"
     shutdown_grace_s: float = Field(default=30.0, ge=0)
+    # After SIGTERM, keep listening at least this long (readiness 503, new uploads 503 with
+    # Retry-After) so a load balancer takes the replica out before its port closes: a
+    # request it sends meanwhile on a kept-alive connection would otherwise meet a closed
+    # one. Counted within the grace period. Behind haproxy: its checks' time to mark a
+    # server down (`ingester.haproxy_config.DRAIN_DELAY_S`); 0 where a preStop hook waits.
+    drain_delay_s: float = Field(default=0.0, ge=0)
     # The interactive API page at /docs (Swagger UI, served from a pinned package, no CDN).
     docs_enabled: bool = False
 

@@ -115,3 +115,39 @@ async def test_sigterm_drains_then_cancels_and_exits_cleanly(
     # temporary file, once the elements have settled.
     await assert_no_orphans(stack.elements, ledger, baseline=before)
     assert spool_files(proc) == []
+
+
+async def test_an_idle_replica_keeps_listening_for_the_drain_delay(
+    stack: Stack, token: TokenFactory
+) -> None:
+    # Behind a load balancer: with nothing in flight it would stop at once, before the
+    # balancer's checks saw readiness 503. With INGESTER_DRAIN_DELAY_S it answers (503,
+    # with the reason) until the delay is over, then exits 0 well within the grace period.
+    delay_s = 2.0
+    proc = await trio.to_thread.run_sync(
+        lambda: stack.start_ingester(
+            "delayed", INGESTER_SHUTDOWN_GRACE_S="20", INGESTER_DRAIN_DELAY_S=str(delay_s)
+        )
+    )
+    popen = proc.popen
+    assert popen is not None
+    with trio.fail_after(30):
+        popen.send_signal(signal.SIGTERM)
+        signalled = trio.current_time()
+        answered_after: list[float] = []
+        async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
+            while True:
+                try:
+                    ready = await http.get(proc.url + "/health/ready")
+                except httpx.TransportError:
+                    break  # the port closed: the delay is over
+                assert ready.status_code == 503
+                assert "shutting down" in ready.json()["reasons"]
+                answered_after.append(trio.current_time() - signalled)
+                await trio.sleep(0.1)
+        exit_code = await trio.to_thread.run_sync(popen.wait)
+        stopped_after = trio.current_time() - signalled
+    assert exit_code == 0, proc.log_tail()
+    # Still answering most of the delay after the signal, and stopped soon after it.
+    assert max(answered_after) >= delay_s - 0.5, answered_after
+    assert stopped_after < delay_s + 5.0

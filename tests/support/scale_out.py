@@ -28,7 +28,7 @@ import httpx
 import trio
 
 from ingester.dev_replicas import servers_up
-from ingester.haproxy_config import Server, render
+from ingester.haproxy_config import DRAIN_DELAY_S, Server, render
 from tests.support.client import MultipartUpload, auth, send_stream
 from tests.support.fixtures import KeyPair
 from tests.support.haproxy import haproxy_binary
@@ -169,6 +169,7 @@ def scale_out(root: Path, keys: KeyPair, *, replicas: int = 3, **env: str) -> It
             "INGESTER_TUS_LOCK_TTL_S": str(TUS_LOCK_TTL_S),
             "INGESTER_TUS_LOCK_WAIT_S": "4",
             "INGESTER_SHUTDOWN_GRACE_S": "10",
+            "INGESTER_DRAIN_DELAY_S": str(DRAIN_DELAY_S),
             "INGESTER_RETRY_AFTER_S": "1",
             "INGESTER_SE_STALL_TIMEOUT_S": "5",
             **env,
