@@ -14,7 +14,7 @@ from tests.support.chaos import serve_ingester
 from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
-from tests.support.processes import start_storage_element
+from tests.support.processes import StorageElementProcess
 from tests.support.waiting import eventually
 
 
@@ -26,12 +26,13 @@ async def test_stalled_element_fails_the_upload_within_the_stall_timeout(
     tmp_path: Path, keypair: KeyPair, token: TokenFactory
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        se = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode="edit",
-            public_key=keypair.public_path,
-            element_id="se-stall",
+        se = await stack.enter_async_context(
+            StorageElementProcess(
+                tmp_path,
+                mode="edit",
+                public_key=keypair.public_path,
+                element_id="se-stall",
+            )
         )
         entry: dict[str, object] = {"id": "se-stall", "api_url": se.url, "mode": "edit"}
         ingester = await serve_ingester(
@@ -84,21 +85,23 @@ async def test_full_elements_are_skipped_and_507_when_none_has_room(
     tmp_path: Path, keypair: KeyPair, token: TokenFactory
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        small = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode="edit",
-            public_key=keypair.public_path,
-            element_id="se-small",
-            capacity_bytes=1 * MIB,
+        small = await stack.enter_async_context(
+            StorageElementProcess(
+                tmp_path,
+                mode="edit",
+                public_key=keypair.public_path,
+                element_id="se-small",
+                capacity_bytes=1 * MIB,
+            )
         )
-        large = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode="edit",
-            public_key=keypair.public_path,
-            element_id="se-large",
-            capacity_bytes=8 * MIB,
+        large = await stack.enter_async_context(
+            StorageElementProcess(
+                tmp_path,
+                mode="edit",
+                public_key=keypair.public_path,
+                element_id="se-large",
+                capacity_bytes=8 * MIB,
+            )
         )
         # The small element is preferred by priority: only room decides against it.
         elements: list[dict[str, object]] = [
@@ -150,12 +153,13 @@ async def test_breaker_opens_on_a_failing_element_and_uploads_go_elsewhere(
         return Response.json({"status": "ok"})
 
     async with contextlib.AsyncExitStack() as stack:
-        good = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode="edit",
-            public_key=keypair.public_path,
-            element_id="se-good",
+        good = await stack.enter_async_context(
+            StorageElementProcess(
+                tmp_path,
+                mode="edit",
+                public_key=keypair.public_path,
+                element_id="se-good",
+            )
         )
         bad = await stack.enter_async_context(serve_http(failing_element))
         elements: list[dict[str, object]] = [
