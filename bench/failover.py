@@ -42,12 +42,11 @@ from bench.harness import MIB, clear_data, curl_upload_argv, make_file, save
 from ingester.auth.tokens import generate_keypair, make_token
 from tests.support.chaos import temporary_sizes
 from tests.support.metrics import metric
-from tests.support.stack import (
-    Proc,
-    StorageElementProc,
+from tests.support.processes import (
+    ManagedProcess,
+    StorageElementProcess,
     start_ingester,
     start_storage_element,
-    wait_ready,
 )
 
 PLAIN_FIELDS: Final = ["retention_policy=temporary", "compress=false"]
@@ -59,15 +58,15 @@ WAIT_S: Final = 60.0
 class FailoverStack:
     root: Path
     token: str
-    se_a: StorageElementProc
-    se_b: StorageElementProc
-    ingester: Proc
+    se_a: StorageElementProcess
+    se_b: StorageElementProcess
+    ingester: ManagedProcess
 
 
 @contextmanager
 def failover_stack() -> Iterator[FailoverStack]:
     root = Path(tempfile.mkdtemp(prefix="ingester-bench-failover-"))
-    procs: list[Proc] = []
+    procs: list[ManagedProcess] = []
     try:
         private, public = generate_keypair(root / "keys")
         se_a = start_storage_element(root, element_id="se-a", mode="edit", public_key=public)
@@ -87,7 +86,7 @@ def failover_stack() -> Iterator[FailoverStack]:
             env=env,
         )
         procs.append(ingester)
-        wait_ready(ingester.url)
+        ingester.wait_ready()
         token = make_token(private.read_bytes(), sub="bench", role="user", ttl=24 * 3600)
         yield FailoverStack(root, token, se_a, se_b, ingester)
     finally:

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Final
 
 from ingester.auth.tokens import generate_keypair, make_token
-from tests.support.stack import (
-    Proc,
-    StorageElementProc,
+from tests.support.processes import (
+    ManagedProcess,
+    StorageElementProcess,
     start_ingester,
     start_storage_element,
-    wait_ready,
 )
 
 MIB: Final = 1024 * 1024
@@ -36,8 +35,8 @@ GIB: Final = 1024 * MIB
 class Bench:
     root: Path
     token: str
-    se: StorageElementProc
-    ingester: Proc
+    se: StorageElementProcess
+    ingester: ManagedProcess
 
     def upload_url(self, direct: bool) -> str:
         return (self.se.url if direct else self.ingester.url) + "/api/v1/files/upload"
@@ -46,7 +45,7 @@ class Bench:
 @contextmanager
 def bench_stack(ingester_env: dict[str, str] | None = None) -> Iterator[Bench]:
     root = Path(tempfile.mkdtemp(prefix="ingester-bench-"))
-    procs: list[Proc] = []
+    procs: list[ManagedProcess] = []
     try:
         private, public = generate_keypair(root / "keys")
         se = start_storage_element(root, element_id="se-bench", mode="edit", public_key=public)
@@ -58,7 +57,7 @@ def bench_stack(ingester_env: dict[str, str] | None = None) -> Iterator[Bench]:
             root, name="ingester", public_key=public, elements=[se.registry_entry()], env=env
         )
         procs.append(ingester)
-        wait_ready(ingester.url)
+        ingester.wait_ready()
         token = make_token(private.read_bytes(), sub="bench", role="user", ttl=24 * 3600)
         yield Bench(root, token, se, ingester)
     finally:
@@ -124,7 +123,7 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def clear_data(se: StorageElementProc) -> None:
+def clear_data(se: StorageElementProcess) -> None:
     """Remove stored files between runs so the element's disk does not fill up."""
     for path in se.data_dir.glob("*"):
         if path.is_file():

@@ -18,15 +18,15 @@ import trio
 
 from tests.support.fixtures import KeyPair, keypair, token_factory
 from tests.support.fixtures import TokenFactory as SignedTokens
-from tests.support.redis_sentinel import sentinel_redis
-from tests.support.redis_server import redis_server
-from tests.support.stack import (
-    Proc,
-    StorageElementProc,
+from tests.support.processes import (
+    IngesterProcess,
+    ManagedProcess,
+    StorageElementProcess,
     start_ingester,
     start_storage_element,
-    wait_ready,
 )
+from tests.support.redis_sentinel import sentinel_redis
+from tests.support.redis_server import redis_server
 from tests.support.waiting import eventually
 
 TokenFactory = Callable[..., str]
@@ -42,16 +42,16 @@ def token(token_factory: SignedTokens) -> TokenFactory:
 class Stack:
     root: Path
     keys: KeyPair
-    se_edit: StorageElementProc
-    se_rw: StorageElementProc
-    ingester: Proc
+    se_edit: StorageElementProcess
+    se_rw: StorageElementProcess
+    ingester: IngesterProcess
 
     @property
     def url(self) -> str:
         return self.ingester.url
 
     @property
-    def elements(self) -> list[StorageElementProc]:
+    def elements(self) -> list[StorageElementProcess]:
         return [self.se_edit, self.se_rw]
 
     def all_files(self) -> set[Path]:
@@ -65,7 +65,7 @@ class Stack:
         except trio.TooSlowError:
             assert self.all_files() == expected  # shows the difference
 
-    def start_ingester(self, name: str, **env: str) -> Proc:
+    def start_ingester(self, name: str, **env: str) -> IngesterProcess:
         proc = start_ingester(
             self.root,
             name=name,
@@ -73,7 +73,7 @@ class Stack:
             elements=[se.registry_entry() for se in self.elements],
             env=env,
         )
-        wait_ready(proc.url)
+        proc.wait_ready()
         return proc
 
 
@@ -81,7 +81,7 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair) -> Iterator[Stack]:
     keys = keypair
     root = tmp_path_factory.mktemp("stack")
-    started: list[Proc] = []
+    started: list[ManagedProcess] = []
     try:
         se_edit = start_storage_element(
             root, element_id="se-edit", mode="edit", public_key=keys.public_path

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from tests.support.fixtures import KeyPair
-from tests.support.stack import StorageElementProc, start_storage_element
+from tests.support.processes import StorageElementProcess, start_storage_element
 
 
 @contextmanager
 def storage_elements(
     root: Path, keypair: KeyPair, element_ids: Sequence[str]
-) -> Iterator[list[StorageElementProc]]:
+) -> Iterator[list[StorageElementProcess]]:
     """Edit elements with these ids, started one after the other, stopped on exit."""
-    started: list[StorageElementProc] = []
+    started: list[StorageElementProcess] = []
     try:
         for element_id in element_ids:
             started.append(
@@ -34,7 +34,7 @@ def storage_elements(
 @pytest.fixture(scope="module")
 def element_pair(
     tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair
-) -> Iterator[tuple[StorageElementProc, StorageElementProc]]:
+) -> Iterator[tuple[StorageElementProcess, StorageElementProcess]]:
     """Two edit elements for a module's tests, `se-proxied` (meant to sit behind a fault
     proxy, see `behind_proxy`) and `se-direct`; tests check their data directories against
     a snapshot taken when they start."""

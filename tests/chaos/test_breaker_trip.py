@@ -36,7 +36,7 @@ from tests.support.client import MIB, auth, post_upload
 from tests.support.fault_proxy import Fault, FaultPlan
 from tests.support.fixtures import KeyPair
 from tests.support.metrics import metric
-from tests.support.stack import StorageElementProc
+from tests.support.processes import StorageElementProcess
 
 ENV: Final = {
     # One failure opens X's breaker, for longer than the test runs.
@@ -57,7 +57,7 @@ async def progress(http: httpx.AsyncClient, url: str, upload_id: str, token: str
 
 
 async def test_a_breaker_trip_moves_the_other_live_upload_to_the_next_element(
-    element_pair: tuple[StorageElementProc, StorageElementProc],
+    element_pair: tuple[StorageElementProcess, StorageElementProcess],
     tmp_path: Path,
     keypair: KeyPair,
     token: TokenFactory,

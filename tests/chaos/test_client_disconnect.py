@@ -33,7 +33,7 @@ from tests.support.client import MIB, MultipartUpload, auth, post_upload, random
 from tests.support.fault_proxy import Fault, FaultPlan
 from tests.support.fixtures import KeyPair
 from tests.support.metrics import metric
-from tests.support.stack import StorageElementProc
+from tests.support.processes import StorageElementProcess
 from tests.support.waiting import eventually
 
 # The client stops sending here and then disconnects: well inside the element's request.
@@ -46,7 +46,7 @@ MARGIN_S: Final = 5.0
 
 @pytest.mark.parametrize("case", ["file_first_receiving", "element_stalled"])
 async def test_client_disconnect_cancels_the_element_request_and_leaves_nothing(
-    element_pair: tuple[StorageElementProc, StorageElementProc],
+    element_pair: tuple[StorageElementProcess, StorageElementProcess],
     tmp_path: Path,
     keypair: KeyPair,
     token: TokenFactory,

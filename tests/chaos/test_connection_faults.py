@@ -25,7 +25,7 @@ from tests.support.client import MIB, post_upload
 from tests.support.fault_proxy import Fault, FaultPlan
 from tests.support.fixtures import KeyPair
 from tests.support.metrics import metric
-from tests.support.stack import StorageElementProc
+from tests.support.processes import StorageElementProcess
 
 KIB: Final = 1024
 UPLOAD_SIZE: Final = 8 * MIB
@@ -37,7 +37,7 @@ OFFSETS: Final = {"0": 0, "64KiB": 64 * KIB, "1MiB": MIB, "7MiB": 7 * MIB}
 @pytest.mark.parametrize("offset", OFFSETS.values(), ids=OFFSETS.keys())
 @pytest.mark.parametrize("fault", [Fault.RESET, Fault.CUT], ids=["reset", "cut"])
 async def test_connection_fault_fails_over_and_leaves_nothing(
-    element_pair: tuple[StorageElementProc, StorageElementProc],
+    element_pair: tuple[StorageElementProcess, StorageElementProcess],
     tmp_path: Path,
     keypair: KeyPair,
     token: TokenFactory,

@@ -19,7 +19,6 @@ from tests.support.chaos import (
     assert_no_orphans,
     readiness,
     receiving,
-    registry_entry,
     restart_element,
     serve_ingester,
     spool_files,
@@ -48,18 +47,16 @@ ENV: Final = {
 
 async def lose(se: StorageElementProcess, how: str) -> None:
     if how == "kill":
-        await se.kill()
+        se.kill()
     else:
         se.stop_signal()
 
 
-async def bring_back(
-    stack: contextlib.AsyncExitStack, se: StorageElementProcess, how: str
-) -> StorageElementProcess:
+async def bring_back(se: StorageElementProcess, how: str) -> StorageElementProcess:
     """The element back: restarted on its port and data directory after a kill (it drops a
     killed run's leftovers at start), continued after a freeze."""
     if how == "kill":
-        return await restart_element(stack, se)
+        return await restart_element(se)
     se.cont_signal()
     return se
 
@@ -78,7 +75,7 @@ async def test_element_lost_mid_upload_fails_over(
     async with contextlib.AsyncExitStack() as stack:
         first, second = await start_elements(stack, tmp_path, keypair, 2, extra_args=extra)
         ingester = await serve_ingester(
-            stack, tmp_path, keypair, [registry_entry(first, 1), registry_entry(second, 2)], ENV
+            stack, tmp_path, keypair, [first.registry_entry(1), second.registry_entry(2)], ENV
         )
         body = upload_of(96 * MIB, seed=21)
         ledger = Ledger()
@@ -114,7 +111,7 @@ async def test_element_lost_mid_upload_fails_over(
                 assert answer_s < STALL_S + MARGIN_S, answer_s
             else:
                 assert failover_s < MARGIN_S, failover_s
-            first = await bring_back(stack, first, how)
+            first = await bring_back(first, how)
             # The first element holds nothing of the upload, not even a temporary file.
             await assert_no_orphans([first, second], ledger)
             async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
@@ -139,7 +136,7 @@ async def test_all_elements_down_is_a_503_and_leaves_nothing(
             stack,
             tmp_path,
             keypair,
-            [registry_entry(se, n) for n, se in enumerate(elements, 1)],
+            [se.registry_entry(n) for n, se in enumerate(elements, 1)],
             {**ENV, "INGESTER_SE_PROBE_INTERVAL_S": "0.5"},
         )
         ledger = Ledger()
@@ -147,7 +144,7 @@ async def test_all_elements_down_is_a_503_and_leaves_nothing(
             async with httpx.AsyncClient(trust_env=False, timeout=DEADLINE_S + 10) as http:
                 if how == "down_before":
                     for se in elements:
-                        await se.kill()
+                        se.kill()
                     body = upload_of(2 * MIB, seed=5)
                     started = trio.current_time()
                     response = await post_upload(http, ingester.url, token(), body)
@@ -175,7 +172,7 @@ async def test_all_elements_down_is_a_503_and_leaves_nothing(
                 status, ready = await readiness(http, ingester)
                 assert status == 503, ready
                 for n, se in enumerate(elements):
-                    elements[n] = await bring_back(stack, se, "kill" if how != "stop" else how)
+                    elements[n] = await bring_back(se, "kill" if how != "stop" else how)
                 await assert_no_orphans(elements, ledger)
                 assert spool_files(ingester) == []
                 # Back in service once the elements answer again.

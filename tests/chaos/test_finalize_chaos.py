@@ -33,14 +33,13 @@ from tests.support.client import MIB, MultipartUpload, auth, post_upload, random
 from tests.support.fault_proxy import Fault, FaultPlan, serve_fault_proxy
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
-from tests.support.redis_server import RedisServer
-from tests.support.stack import (
-    Proc,
-    StorageElementProc,
+from tests.support.processes import (
+    ManagedProcess,
+    StorageElementProcess,
     start_ingester,
     start_storage_element,
-    wait_ready,
 )
+from tests.support.redis_server import RedisServer
 from tests.support.waiting import eventually
 
 LEASE_S = 1.5
@@ -52,12 +51,14 @@ class World:
     root: Path
     keys: KeyPair
     redis: RedisServer
-    edit: StorageElementProc
-    rw_a: StorageElementProc
-    rw_b: StorageElementProc
-    procs: list[Proc] = field(default_factory=list)
+    edit: StorageElementProcess
+    rw_a: StorageElementProcess
+    rw_b: StorageElementProcess
+    procs: list[ManagedProcess] = field(default_factory=list)
 
-    async def ingester(self, name: str, *, rw_a_url: str | None = None, **env: str) -> Proc:
+    async def ingester(
+        self, name: str, *, rw_a_url: str | None = None, **env: str
+    ) -> ManagedProcess:
         """An ingester on the world's Redis; rw-a (priority 10, preferred) may sit behind a
         proxy, rw-b (priority 20) is direct."""
         entries: list[dict[str, object]] = [
@@ -76,7 +77,7 @@ class World:
             **env,
         }
 
-        def start() -> Proc:
+        def start() -> ManagedProcess:
             proc = start_ingester(
                 self.root,
                 name=name,
@@ -85,7 +86,7 @@ class World:
                 env=settings,
             )
             self.procs.append(proc)
-            wait_ready(proc.url)
+            proc.wait_ready()
             return proc
 
         return await trio.to_thread.run_sync(start)
@@ -106,7 +107,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path, keypair: KeyPair) -> Iterator[World]:
-    started: list[StorageElementProc] = []
+    started: list[StorageElementProcess] = []
     world: World | None = None
     with RedisServer(tmp_path / "redis") as redis_server:
         try:
@@ -163,7 +164,7 @@ async def admin_module(admin: AdminModule) -> AsyncIterator[str]:
         yield server.url
 
 
-def files_of(se: StorageElementProc, file_id: str) -> list[Path]:
+def files_of(se: StorageElementProcess, file_id: str) -> list[Path]:
     found = []
     for path in se.stored_files():
         if path.name == ".lock":

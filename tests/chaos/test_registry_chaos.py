@@ -28,8 +28,8 @@ from tests.support.chaos import (
     write_registry,
 )
 from tests.support.fixtures import KeyPair
+from tests.support.processes import ManagedProcess, StorageElementProcess
 from tests.support.redis_server import RedisServer
-from tests.support.stack import Proc, StorageElementProc
 
 # The contract: a registry change reaches new uploads within a second of its message.
 PROPAGATION_S: Final = 1.0
@@ -38,18 +38,18 @@ PROPAGATION_S: Final = 1.0
 @pytest.fixture(scope="module")
 def elements(
     tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair
-) -> Iterator[list[StorageElementProc]]:
+) -> Iterator[list[StorageElementProcess]]:
     with storage_elements(tmp_path_factory.mktemp("registry"), keypair, ["se-a", "se-b"]) as pair:
         yield pair
 
 
-def entry(se: StorageElementProc, priority: int, mode: str = "edit") -> dict[str, object]:
+def entry(se: StorageElementProcess, priority: int, mode: str = "edit") -> dict[str, object]:
     return {"id": se.element_id, "api_url": se.url, "mode": mode, "priority": priority}
 
 
 @dataclass
 class Scene:
-    ingester: Proc
+    ingester: ManagedProcess
     http: httpx.AsyncClient
     traffic: Traffic
 
@@ -59,7 +59,7 @@ async def traffic_on_redis(
     tmp_path: Path,
     keypair: KeyPair,
     redis: RedisServer,
-    elements: list[StorageElementProc],
+    elements: list[StorageElementProcess],
     token: str,
     seed: int,
 ) -> AsyncIterator[Scene]:
@@ -86,7 +86,7 @@ async def traffic_on_redis(
 
 
 async def wait_registry(
-    http: httpx.AsyncClient, ingester: Proc, source: str, ids: list[str], timeout_s: float
+    http: httpx.AsyncClient, ingester: ManagedProcess, source: str, ids: list[str], timeout_s: float
 ) -> tuple[int, dict[str, Any]]:
     """Until readiness reports the registry from `source` with elements `ids`; its answer."""
     answer: tuple[int, dict[str, Any]] = (0, {})
@@ -111,7 +111,7 @@ def health(answer: tuple[int, dict[str, Any]]) -> tuple[int, str, bool]:
 
 @pytest.fixture
 def on_redis(
-    elements: list[StorageElementProc],
+    elements: list[StorageElementProcess],
     redis_server: RedisServer,
     tmp_path: Path,
     keypair: KeyPair,
@@ -123,7 +123,7 @@ def on_redis(
 
 async def test_redis_killed_during_traffic_keeps_uploads_going_then_resyncs(
     on_redis: Callable[[int], AbstractAsyncContextManager[Scene]],
-    elements: list[StorageElementProc],
+    elements: list[StorageElementProcess],
     redis_server: RedisServer,
 ) -> None:
     with trio.fail_after(90):
@@ -165,7 +165,7 @@ async def test_redis_killed_during_traffic_keeps_uploads_going_then_resyncs(
 
 async def test_element_set_read_only_through_pubsub_gets_no_new_upload(
     on_redis: Callable[[int], AbstractAsyncContextManager[Scene]],
-    elements: list[StorageElementProc],
+    elements: list[StorageElementProcess],
     redis_server: RedisServer,
 ) -> None:
     a, b = elements

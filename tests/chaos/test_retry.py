@@ -17,19 +17,18 @@ from tests.conftest import TokenFactory
 from tests.support.client import MultipartUpload, auth, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
-from tests.support.stack import (
-    Proc,
-    StorageElementProc,
+from tests.support.processes import (
+    ManagedProcess,
+    StorageElementProcess,
     start_ingester,
     start_storage_element,
-    wait_ready,
 )
 
 UPLOAD_PATH = "/api/v1/files/upload"
 
 
 @pytest.fixture
-def element(tmp_path: Path, keypair: KeyPair) -> Iterator[StorageElementProc]:
+def element(tmp_path: Path, keypair: KeyPair) -> Iterator[StorageElementProcess]:
     se = start_storage_element(
         tmp_path, element_id="se-a", mode="edit", public_key=keypair.public_path
     )
@@ -69,7 +68,7 @@ class OverloadedFront:
 async def ingester(
     tmp_path: Path, keypair: KeyPair, front_url: str, **env: str
 ) -> AsyncIterator[str]:
-    def run() -> Proc:
+    def run() -> ManagedProcess:
         proc = start_ingester(
             tmp_path,
             name="ingester",
@@ -78,7 +77,7 @@ async def ingester(
             env={"INGESTER_SE_PROBE_INTERVAL_S": "0.2", **env},
         )
         try:
-            wait_ready(proc.url)
+            proc.wait_ready()
         except BaseException:
             proc.terminate()
             raise
@@ -92,7 +91,7 @@ async def ingester(
 
 
 async def test_an_overloaded_element_is_retried_after_a_backoff(
-    tmp_path: Path, keypair: KeyPair, element: StorageElementProc, token_factory: TokenFactory
+    tmp_path: Path, keypair: KeyPair, element: StorageElementProcess, token_factory: TokenFactory
 ) -> None:
     token = token_factory()
     with trio.fail_after(60):
@@ -115,7 +114,7 @@ async def exercise(
     http: httpx.AsyncClient,
     url: str,
     front: OverloadedFront,
-    element: StorageElementProc,
+    element: StorageElementProcess,
     token: str,
 ) -> None:
     front.refuse = 2

@@ -27,14 +27,13 @@ from tests.support.client import MIB, MultipartUpload, auth, post_upload, random
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
 from tests.support.metrics import metric
-from tests.support.redis_server import RedisServer
-from tests.support.stack import (
-    Proc,
-    StorageElementProc,
+from tests.support.processes import (
+    ManagedProcess,
+    StorageElementProcess,
     start_ingester,
     start_storage_element,
-    wait_ready,
 )
+from tests.support.redis_server import RedisServer
 from tests.support.waiting import eventually
 
 LEASE_S = 2.0
@@ -46,9 +45,9 @@ class World:
     root: Path
     keys: KeyPair
     redis: RedisServer
-    a: StorageElementProc
-    b: StorageElementProc
-    procs: list[Proc] = field(default_factory=list)
+    a: StorageElementProcess
+    b: StorageElementProcess
+    procs: list[ManagedProcess] = field(default_factory=list)
 
     def element_files(self) -> dict[str, list[str]]:
         # The element's lock file is its own, not an upload's.
@@ -57,7 +56,7 @@ class World:
             for se in (self.a, self.b)
         }
 
-    def received(self, se: StorageElementProc) -> int:
+    def received(self, se: StorageElementProcess) -> int:
         """Bytes an element holds, its temporary files included (an upload in progress)."""
         total = 0
         for path in se.stored_files():
@@ -73,7 +72,9 @@ class World:
         finally:
             client.close()
 
-    async def ingester(self, name: str, *, elements: list[StorageElementProc], **env: str) -> Proc:
+    async def ingester(
+        self, name: str, *, elements: list[StorageElementProcess], **env: str
+    ) -> ManagedProcess:
         settings = {
             "INGESTER_REDIS_URL": self.redis.url,
             "INGESTER_REDIS_TIMEOUT_S": "0.5",
@@ -84,7 +85,7 @@ class World:
             **env,
         }
 
-        def start() -> Proc:
+        def start() -> ManagedProcess:
             proc = start_ingester(
                 self.root,
                 name=name,
@@ -95,7 +96,7 @@ class World:
                 env=settings,
             )
             self.procs.append(proc)
-            wait_ready(proc.url)
+            proc.wait_ready()
             return proc
 
         return await trio.to_thread.run_sync(start)
@@ -103,7 +104,7 @@ class World:
 
 @pytest.fixture
 def world(tmp_path: Path, keypair: KeyPair) -> Iterator[World]:
-    started: list[StorageElementProc] = []
+    started: list[StorageElementProcess] = []
     world: World | None = None
     with RedisServer(tmp_path / "redis") as redis_server:
         try:
@@ -144,7 +145,7 @@ async def admin_module(admin: AdminModule) -> AsyncIterator[str]:
         yield server.url
 
 
-async def metrics(http: httpx.AsyncClient, proc: Proc) -> str:
+async def metrics(http: httpx.AsyncClient, proc: ManagedProcess) -> str:
     response = await http.get(proc.url + "/metrics")
     assert response.status_code == 200
     return response.text

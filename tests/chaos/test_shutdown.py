@@ -59,8 +59,6 @@ async def test_sigterm_drains_then_cancels_and_exits_cleanly(
             INGESTER_CLIENT_IDLE_TIMEOUT_S="30",
         )
     )
-    popen = proc.popen
-    assert popen is not None
     before = snapshot(stack.elements)
     ledger = Ledger()
     answers: dict[str, httpx.Response | Exception] = {}
@@ -82,7 +80,7 @@ async def test_sigterm_drains_then_cancels_and_exits_cleanly(
             for seed, (name, size, rate, kind) in enumerate(QUICK + SLOW):
                 nursery.start_soon(upload, name, body_of(size, seed, kind), rate)
             await trio.sleep(0.6)
-            popen.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)
             signalled = trio.current_time()
             async with httpx.AsyncClient(trust_env=False) as http:
                 ready = await http.get(proc.url + "/health/ready")
@@ -94,7 +92,7 @@ async def test_sigterm_drains_then_cancels_and_exits_cleanly(
             assert refused.status_code == 503
             assert assert_clear_error(refused) == "SHUTTING_DOWN"
             assert trio.current_time() - signalled < 1.0
-        exit_code = await trio.to_thread.run_sync(popen.wait)
+        exit_code = await proc.exited()
         stopped_after = trio.current_time() - signalled
 
     for name, *_ in QUICK:

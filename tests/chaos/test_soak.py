@@ -35,7 +35,6 @@ from tests.support.chaos import (
     data_files,
     orphans,
     post_paced,
-    registry_entry,
     resources,
     restart_element,
     serve_ingester,
@@ -159,13 +158,13 @@ class Soak:
             busy = [n for n, se in enumerate(self.elements) if temporary_sizes(se)]
             n = rng.choice(busy) if busy else rng.randrange(len(self.elements))
             victim = self.elements[n]
-            await victim.kill()
+            victim.kill()
             self.kills += 1
             try:
                 await trio.sleep(rng.uniform(*DOWN_S))
             finally:
                 with trio.CancelScope(shield=True):
-                    self.elements[n] = await restart_element(stack, victim)
+                    self.elements[n] = await restart_element(victim)
 
 
 def grown(warm: Resources, now: Resources) -> list[str]:
@@ -203,7 +202,7 @@ async def test_soak_with_random_element_kills(
         async with contextlib.AsyncExitStack() as stack:
             elements = await start_elements(stack, tmp_path, keypair, ELEMENTS)
             ingester = await serve_ingester(
-                stack, tmp_path, keypair, [registry_entry(se) for se in elements], ENV
+                stack, tmp_path, keypair, [se.registry_entry() for se in elements], ENV
             )
             soak = Soak(ingester.url, token(), elements)
             started = trio.current_time()

@@ -23,7 +23,6 @@ from tests.support.chaos import (
     assert_intact,
     assert_no_orphans,
     receiving,
-    registry_entry,
     restart_element,
     serve_ingester,
     spool_files,
@@ -58,7 +57,7 @@ async def test_failover_after_compression_re_encodes_from_the_original_bytes(
     async with contextlib.AsyncExitStack() as stack:
         first, second = await start_elements(stack, tmp_path, keypair, 2)
         ingester = await serve_ingester(
-            stack, tmp_path, keypair, [registry_entry(first, 1), registry_entry(second, 2)], ENV
+            stack, tmp_path, keypair, [first.registry_entry(1), second.registry_entry(2)], ENV
         )
         body = upload_of(96 * MIB, seed=3, compress=algorithm)
         ledger = Ledger()
@@ -76,7 +75,7 @@ async def test_failover_after_compression_re_encodes_from_the_original_bytes(
                 nursery.start_soon(upload)
                 # Compressed bytes have reached the first element; then it dies.
                 await receiving(first, 256 * 1024)
-                await first.kill()
+                first.kill()
                 await answered.wait()
             (stored,) = ledger.stored
             assert stored.element_id == second.element_id
@@ -85,7 +84,7 @@ async def test_failover_after_compression_re_encodes_from_the_original_bytes(
                 await assert_intact(http, stored, token())
                 text = (await http.get(ingester.url + "/metrics")).text
             assert metric(text, "ingester_failovers_total", element_id=first.element_id) == 1
-            first = await restart_element(stack, first)
+            first = await restart_element(first)
             await assert_no_orphans([first, second], ledger)
             assert spool_files(ingester) == []
 
@@ -106,7 +105,7 @@ async def test_a_late_field_replays_the_spool_to_the_element_it_chose(
         (edit,) = await start_elements(stack, tmp_path, keypair, 1, mode="edit", prefix="edit")
         (rw,) = await start_elements(stack, tmp_path, keypair, 1, mode="rw", prefix="rw")
         ingester = await serve_ingester(
-            stack, tmp_path, keypair, [registry_entry(edit), registry_entry(rw)], ENV
+            stack, tmp_path, keypair, [edit.registry_entry(), rw.registry_entry()], ENV
         )
         body = MultipartUpload(
             random_chunks(size, seed=size),
@@ -136,7 +135,7 @@ async def test_small_uploads_keep_their_copy_in_memory(
     nothing to the spool; one past it writes its bytes once, whatever the field order."""
     async with contextlib.AsyncExitStack() as stack:
         (element,) = await start_elements(stack, tmp_path, keypair, 1)
-        ingester = await serve_ingester(stack, tmp_path, keypair, [registry_entry(element)], ENV)
+        ingester = await serve_ingester(stack, tmp_path, keypair, [element.registry_entry()], ENV)
         ledger = Ledger()
         with trio.fail_after(60):
             async with httpx.AsyncClient(trust_env=False, timeout=60) as http:

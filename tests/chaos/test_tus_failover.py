@@ -18,7 +18,6 @@ from tests.support.chaos import (
     assert_no_orphans,
     download_sha256,
     receiving,
-    registry_entry,
     restart_element,
     serve_ingester,
     spool_files,
@@ -58,7 +57,7 @@ async def test_element_killed_while_a_finished_upload_is_stored_fails_over_from_
     async with contextlib.AsyncExitStack() as stack:
         first, second = await start_elements(stack, tmp_path, keypair, 2)
         ingester = await serve_ingester(
-            stack, tmp_path, keypair, [registry_entry(first, 1), registry_entry(second, 2)], ENV
+            stack, tmp_path, keypair, [first.registry_entry(1), second.registry_entry(2)], ENV
         )
         data = b"".join(random_chunks(SIZE, seed=15))
         with trio.fail_after(90):
@@ -85,7 +84,7 @@ async def test_element_killed_while_a_finished_upload_is_stored_fails_over_from_
                     nursery.start_soon(last_patch)
                     # Some MiB into the first element, then it dies.
                     await receiving(first, 8 * MIB)
-                    await first.kill()
+                    first.kill()
                 (final,) = answers
                 assert final.status_code == 204, final.text
                 assert final.headers["Upload-Storage-Element-Id"] == second.element_id
@@ -98,7 +97,7 @@ async def test_element_killed_while_a_finished_upload_is_stored_fails_over_from_
         assert metric(metrics, "ingester_spool_written_bytes_total") == 0
         # The data file is gone with the stored upload; the dead element keeps nothing.
         assert [p for p in spool_files(ingester) if p.is_file()] == []
-        first = await restart_element(stack, first)
+        first = await restart_element(first)
         await assert_no_orphans(
             [first, second], baseline={second.element_id: {f"*{file_id}*"}}, timeout_s=15
         )

@@ -21,7 +21,6 @@ from tests.support.chaos import (
     assert_no_orphans,
     download_sha256,
     receiving,
-    registry_entry,
     restart_element,
     serve_ingester,
     snapshot,
@@ -31,8 +30,8 @@ from tests.support.chaos import (
 from tests.support.client import MIB, auth, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.metrics import metric
+from tests.support.processes import ManagedProcess
 from tests.support.redis_server import RedisServer
-from tests.support.stack import Proc
 from tests.support.waiting import eventually
 
 CHUNK: Final = 8 * MIB
@@ -58,7 +57,7 @@ class Client:
     def headers(self, **extra: str) -> dict[str, str]:
         return auth(self.token, **{"Tus-Resumable": "1.0.0", **extra})
 
-    async def create(self, ingester: Proc, size: int) -> str:
+    async def create(self, ingester: ManagedProcess, size: int) -> str:
         created = await self.http.post(
             ingester.url + "/api/v1/uploads",
             headers=self.headers(
@@ -69,7 +68,7 @@ class Client:
         return str(created.headers["Location"])
 
     async def patch(
-        self, ingester: Proc, location: str, data: bytes, offset: int
+        self, ingester: ManagedProcess, location: str, data: bytes, offset: int
     ) -> httpx.Response:
         headers = self.headers(
             **{"Upload-Offset": str(offset), "Content-Type": "application/offset+octet-stream"}
@@ -78,20 +77,26 @@ class Client:
             ingester.url + location, headers=headers, content=data[offset : offset + CHUNK]
         )
 
-    async def send(self, ingester: Proc, location: str, data: bytes, start: int, end: int) -> None:
+    async def send(
+        self, ingester: ManagedProcess, location: str, data: bytes, start: int, end: int
+    ) -> None:
         """The chunks from `start` to `end` (not the last one), each answered 204."""
         for offset in range(start, end, CHUNK):
             answer = await self.patch(ingester, location, data, offset)
             assert answer.status_code == 204, answer.text
 
 
-async def streams(http: httpx.AsyncClient, ingester: Proc, outcome: str) -> float:
+async def streams(http: httpx.AsyncClient, ingester: ManagedProcess, outcome: str) -> float:
     text = (await http.get(ingester.url + "/metrics")).text
     return metric(text, "ingester_tus_streams_total", outcome=outcome)
 
 
 async def until_streams(
-    http: httpx.AsyncClient, ingester: Proc, outcome: str, count: int, timeout_s: float = 30
+    http: httpx.AsyncClient,
+    ingester: ManagedProcess,
+    outcome: str,
+    count: int,
+    timeout_s: float = 30,
 ) -> None:
     with trio.fail_after(timeout_s):
         while True:
@@ -118,7 +123,7 @@ async def test_back_to_back_patches_are_stored_while_they_arrive(
     async with contextlib.AsyncExitStack() as stack:
         (element,) = await start_elements(stack, tmp_path, keypair, 1)
         ingester = await serve_ingester(
-            stack, tmp_path, keypair, [registry_entry(element)], LONG_WINDOW
+            stack, tmp_path, keypair, [element.registry_entry()], LONG_WINDOW
         )
         data = b"".join(random_chunks(3 * CHUNK + 12_345, seed=151))
         with trio.fail_after(60):
@@ -152,7 +157,7 @@ async def test_an_element_killed_mid_stream_fails_over_and_leaves_nothing(
             stack,
             tmp_path,
             keypair,
-            [registry_entry(first, 1), registry_entry(second, 2)],
+            [first.registry_entry(1), second.registry_entry(2)],
             LONG_WINDOW,
         )
         data = b"".join(random_chunks(4 * CHUNK, seed=152))
@@ -162,7 +167,7 @@ async def test_an_element_killed_mid_stream_fails_over_and_leaves_nothing(
                 location = await client.create(ingester, len(data))
                 await client.send(ingester, location, data, 0, 2 * CHUNK)
                 await receiving(first, CHUNK)
-                await first.kill()
+                first.kill()
                 await client.send(ingester, location, data, 2 * CHUNK, 3 * CHUNK)
                 final = await client.patch(ingester, location, data, 3 * CHUNK)
                 file_id = await assert_stored(http, final, second.url, data, token())
@@ -172,7 +177,7 @@ async def test_an_element_killed_mid_stream_fails_over_and_leaves_nothing(
                 # The same stream went on to the next element, replaying from the data file.
                 assert await streams(http, ingester, "stored") == 1
                 assert metric(text, "ingester_spool_written_bytes_total") == 0
-        first = await restart_element(stack, first)
+        first = await restart_element(first)
         await assert_no_orphans(
             [first, second], baseline={second.element_id: {f"*{file_id}*"}}, timeout_s=15
         )
@@ -186,7 +191,7 @@ async def test_a_pause_longer_than_the_window_abandons_the_stream(
     async with contextlib.AsyncExitStack() as stack:
         (element,) = await start_elements(stack, tmp_path, keypair, 1)
         ingester = await serve_ingester(
-            stack, tmp_path, keypair, [registry_entry(element)], SHORT_WINDOW
+            stack, tmp_path, keypair, [element.registry_entry()], SHORT_WINDOW
         )
         data = b"".join(random_chunks(2 * CHUNK, seed=153))
         with trio.fail_after(60):
@@ -214,7 +219,7 @@ async def test_an_upload_that_pauses_too_often_is_stored_from_its_data_file(
     async with contextlib.AsyncExitStack() as stack:
         (element,) = await start_elements(stack, tmp_path, keypair, 1)
         ingester = await serve_ingester(
-            stack, tmp_path, keypair, [registry_entry(element)], SHORT_WINDOW
+            stack, tmp_path, keypair, [element.registry_entry()], SHORT_WINDOW
         )
         data = b"".join(random_chunks(3 * CHUNK, seed=154))
         with trio.fail_after(60):
@@ -243,7 +248,7 @@ async def test_the_next_patch_on_another_replica_abandons_the_stream(
         "INGESTER_TUS_PIPELINE_WINDOW_S": "1",
     }
     before = snapshot(stack.elements)
-    started: list[Proc] = []
+    started: list[ManagedProcess] = []
     try:
         a = await trio.to_thread.run_sync(lambda: stack.start_ingester("pipelined-a", **env))
         started.append(a)
@@ -268,7 +273,7 @@ async def test_the_next_patch_on_another_replica_abandons_the_stream(
             await trio.to_thread.run_sync(proc.terminate)
 
 
-async def client_offset(client: Client, ingester: Proc, location: str) -> int:
+async def client_offset(client: Client, ingester: ManagedProcess, location: str) -> int:
     head = await client.http.head(ingester.url + location, headers=client.headers())
     assert head.status_code == 200, head.headers
     return int(head.headers["Upload-Offset"])

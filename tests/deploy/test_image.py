@@ -40,14 +40,14 @@ from tests.support.chaos import (
 )
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
-from tests.support.stack import StorageElementProc, start_storage_element
+from tests.support.processes import StorageElementProcess, start_storage_element
 
 # The image's user (Dockerfile: USER 10001:10001), checked on the running server process.
 IMAGE_UID: Final = 10001
 
 
 @pytest.fixture
-def element(tmp_path: Path, keypair: KeyPair) -> Iterator[StorageElementProc]:
+def element(tmp_path: Path, keypair: KeyPair) -> Iterator[StorageElementProcess]:
     se = start_storage_element(
         tmp_path, element_id="se-edit", mode="edit", public_key=keypair.public_path
     )
@@ -59,7 +59,7 @@ def element(tmp_path: Path, keypair: KeyPair) -> Iterator[StorageElementProc]:
 
 @pytest.fixture
 def container(
-    images: Images, element: StorageElementProc, keypair: KeyPair, tmp_path: Path
+    images: Images, element: StorageElementProcess, keypair: KeyPair, tmp_path: Path
 ) -> Iterator[Container]:
     with ingester_container(
         images.ingester,
@@ -91,7 +91,7 @@ async def test_image_metadata_survives_the_podman_build(images: Images) -> None:
 
 
 async def test_container_serves_an_upload_read_only_as_uid_10001_and_is_healthy(
-    container: Container, element: StorageElementProc, token: TokenFactory
+    container: Container, element: StorageElementProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(90):
         async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
@@ -144,7 +144,7 @@ async def test_container_serves_an_upload_read_only_as_uid_10001_and_is_healthy(
 
 
 async def test_sigterm_during_an_upload_drains_it_and_exits_0(
-    container: Container, element: StorageElementProc, token: TokenFactory
+    container: Container, element: StorageElementProcess, token: TokenFactory
 ) -> None:
     upload_id = str(uuid.uuid4())
     body = MultipartUpload(random_chunks(4 * MIB, seed=17), filename="draining.bin")

@@ -14,12 +14,12 @@ import trio
 
 from tests.conftest import Stack
 from tests.support.client import auth
-from tests.support.stack import Proc
+from tests.support.processes import ManagedProcess
 
 TUS_BASE: Final = "/api/v1/uploads"
 OFFSET_STREAM: Final = "application/offset+octet-stream"
 
-Spawn = Callable[..., Proc]
+Spawn = Callable[..., ManagedProcess]
 
 
 def error_code(response: httpx.Response) -> str:

@@ -21,8 +21,7 @@ from tests.hostile.common import (
     read_response,
     until,
 )
-from tests.support.processes import free_port
-from tests.support.stack import Proc
+from tests.support.processes import ManagedProcess, free_port
 
 HEADER_TIMEOUT_S = 1.0
 CAP = 16
@@ -30,19 +29,19 @@ INTERNAL_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
-def quick(spawn: Spawn) -> Proc:
+def quick(spawn: Spawn) -> ManagedProcess:
     """Request heads must arrive within a second."""
     return spawn("conn-quick", INGESTER_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S))
 
 
 @pytest.fixture(scope="module")
-def default(spawn: Spawn) -> Proc:
+def default(spawn: Spawn) -> ManagedProcess:
     """Production defaults for connections and heads."""
     return spawn("conn-default")
 
 
 @pytest.fixture(scope="module")
-def capped(spawn: Spawn) -> Proc:
+def capped(spawn: Spawn) -> ManagedProcess:
     proc = spawn(
         "conn-capped",
         INGESTER_INTERNAL_PORT=str(INTERNAL_PORT),
@@ -54,7 +53,7 @@ def capped(spawn: Spawn) -> Proc:
     return proc
 
 
-def capped_internal(proc: Proc) -> str:
+def capped_internal(proc: ManagedProcess) -> str:
     return f"http://127.0.0.1:{proc.env['INGESTER_INTERNAL_PORT']}"
 
 
@@ -81,7 +80,7 @@ async def ask(url: str, request: bytes) -> RawResponse:
 
 
 async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(
-    stack: Stack, quick: Proc
+    stack: Stack, quick: ManagedProcess
 ) -> None:
     with trio.fail_after(20):
         before = stack.all_files()
@@ -94,7 +93,7 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeou
 
 
 async def test_a_head_dribbled_a_line_at_a_time_gets_408_at_the_header_timeout(
-    stack: Stack, quick: Proc
+    stack: Stack, quick: ManagedProcess
 ) -> None:
     """Each piece arrives well within any per-read timeout; the whole head never does."""
     with trio.fail_after(20):
@@ -125,7 +124,7 @@ async def test_a_head_dribbled_a_line_at_a_time_gets_408_at_the_header_timeout(
 
 
 async def test_a_kept_alive_connection_waits_idle_then_has_the_header_timeout(
-    stack: Stack, quick: Proc
+    stack: Stack, quick: ManagedProcess
 ) -> None:
     """Idle between requests is the keep-alive timeout's business; the header timeout
     starts with the next request's first byte."""
@@ -148,7 +147,7 @@ async def test_a_kept_alive_connection_waits_idle_then_has_the_header_timeout(
 
 
 async def test_probes_answer_under_a_thousand_idle_connections(
-    stack: Stack, default: Proc, token: TokenFactory
+    stack: Stack, default: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(60):
         before = stack.all_files()
@@ -181,7 +180,7 @@ async def test_probes_answer_under_a_thousand_idle_connections(
 
 
 async def test_at_the_connection_cap_the_longest_idle_connection_makes_room(
-    stack: Stack, capped: Proc
+    stack: Stack, capped: ManagedProcess
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -199,7 +198,7 @@ async def test_at_the_connection_cap_the_longest_idle_connection_makes_room(
 
 
 async def test_at_the_connection_cap_with_none_idle_a_new_connection_gets_503(
-    stack: Stack, capped: Proc, token: TokenFactory
+    stack: Stack, capped: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -270,7 +269,7 @@ CASES = [
     ("head", "segment"), CASES, ids=[f"{h}, {s or 'one segment'}" for h, s in CASES]
 )
 async def test_an_oversized_head_gets_431_however_it_is_segmented(
-    stack: Stack, default: Proc, head: str, segment: int | None
+    stack: Stack, default: ManagedProcess, head: str, segment: int | None
 ) -> None:
     data = HEADS[head]
     with trio.fail_after(30):
@@ -301,14 +300,16 @@ async def test_an_oversized_head_gets_431_however_it_is_segmented(
         await assert_unharmed(stack, default.url, before)
 
 
-async def test_a_head_just_under_the_caps_is_served(stack: Stack, default: Proc) -> None:
+async def test_a_head_just_under_the_caps_is_served(stack: Stack, default: ManagedProcess) -> None:
     """The control: 90 fields and 12 KiB in one segment."""
     with trio.fail_after(10):
         response = await ask(default.url, many_headers(90, size=120))
         assert response.status == 200, response
 
 
-async def test_http2_prior_knowledge_gets_an_http1_answer(stack: Stack, default: Proc) -> None:
+async def test_http2_prior_knowledge_gets_an_http1_answer(
+    stack: Stack, default: ManagedProcess
+) -> None:
     """HTTP/2 would bypass the head caps and timeouts above: it is not spoken."""
     with trio.fail_after(10):
         before = stack.all_files()

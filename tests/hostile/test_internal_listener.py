@@ -10,21 +10,20 @@ import trio
 
 from tests.conftest import Stack
 from tests.hostile.common import Spawn, assert_unharmed, error_code
-from tests.support.processes import free_port
-from tests.support.stack import Proc
+from tests.support.processes import ManagedProcess, free_port
 
 
 @pytest.fixture(scope="module")
-def split(spawn: Spawn) -> Proc:
+def split(spawn: Spawn) -> ManagedProcess:
     return spawn("split", INGESTER_INTERNAL_PORT=str(free_port()))
 
 
-def internal_url(proc: Proc) -> str:
+def internal_url(proc: ManagedProcess) -> str:
     return f"http://127.0.0.1:{proc.env['INGESTER_INTERNAL_PORT']}"
 
 
 async def test_the_public_port_shows_no_detail_when_an_internal_port_is_set(
-    stack: Stack, split: Proc
+    stack: Stack, split: ManagedProcess
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -41,7 +40,7 @@ async def test_the_public_port_shows_no_detail_when_an_internal_port_is_set(
 
 
 async def test_the_internal_port_serves_metrics_and_readiness_detail_only(
-    stack: Stack, split: Proc
+    stack: Stack, split: ManagedProcess
 ) -> None:
     with trio.fail_after(30):
         internal = internal_url(split)

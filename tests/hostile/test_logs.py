@@ -12,7 +12,7 @@ import trio
 from tests.conftest import Stack, TokenFactory
 from tests.hostile.common import Spawn, assert_unharmed
 from tests.support.client import MultipartUpload, post_upload
-from tests.support.stack import Proc
+from tests.support.processes import ManagedProcess
 
 # U+2028/U+2029 end a line for JavaScript and some log shippers; NEL (U+0085) for others;
 # ESC starts terminal escape sequences; CR and LF forge lines in text logs.
@@ -24,12 +24,12 @@ RAW_FORBIDDEN = ("\u2028", "\u2029", "\x1b", "\x85", "\x7f", "\x00", "\r")
 
 
 @pytest.fixture(scope="module", params=["json", "text"])
-def logged(request: pytest.FixtureRequest, spawn: Spawn) -> Proc:
+def logged(request: pytest.FixtureRequest, spawn: Spawn) -> ManagedProcess:
     return spawn(f"logs-{request.param}", INGESTER_LOG_FORMAT=request.param)
 
 
 async def test_a_name_claim_full_of_control_characters_cannot_forge_log_lines(
-    stack: Stack, logged: Proc, token: TokenFactory
+    stack: Stack, logged: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()

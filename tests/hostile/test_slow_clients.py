@@ -16,14 +16,14 @@ from tests.conftest import Stack, TokenFactory
 from tests.hostile.common import OFFSET_STREAM, Spawn, Tus, assert_unharmed, error_code
 from tests.support.client import MultipartUpload, auth, post_upload, send_stream
 from tests.support.metrics import metric
-from tests.support.stack import Proc
+from tests.support.processes import ManagedProcess
 
 MIN_RATE_BYTES = 2000
 WINDOW_S = 1.0
 
 
 @pytest.fixture(scope="module")
-def paced(spawn: Spawn) -> Proc:
+def paced(spawn: Spawn) -> ManagedProcess:
     return spawn(
         "paced",
         INGESTER_CLIENT_MIN_RATE_BYTES=str(MIN_RATE_BYTES),
@@ -70,7 +70,7 @@ def multipart_trickle(every_s: float, piece: bytes, count: int) -> tuple[Trickle
 
 
 async def test_a_trickling_multipart_body_is_cut_and_frees_its_slot(
-    stack: Stack, paced: Proc, token: TokenFactory
+    stack: Stack, paced: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -100,7 +100,7 @@ async def test_a_trickling_multipart_body_is_cut_and_frees_its_slot(
 
 
 async def test_a_trickling_tus_patch_is_cut_and_keeps_what_arrived(
-    stack: Stack, paced: Proc, token: TokenFactory
+    stack: Stack, paced: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -130,7 +130,7 @@ async def test_a_trickling_tus_patch_is_cut_and_keeps_what_arrived(
 
 
 async def test_a_slow_but_steady_client_is_not_cut(
-    stack: Stack, paced: Proc, token: TokenFactory
+    stack: Stack, paced: ManagedProcess, token: TokenFactory
 ) -> None:
     """The control: twice the minimum rate, steadily, for a few windows, is stored."""
     with trio.fail_after(30):

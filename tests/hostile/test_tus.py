@@ -21,7 +21,7 @@ from tests.hostile.common import (
     tus_data_files,
 )
 from tests.support.client import MIB, AsyncBody, send_stream
-from tests.support.stack import Proc
+from tests.support.processes import ManagedProcess
 
 # Small caps, to reach them with a few requests.
 CAP_UPLOADS = 3
@@ -30,13 +30,13 @@ CAP_MAX_SIZE = 2000
 
 
 @pytest.fixture(scope="module")
-def plain(spawn: Spawn) -> Proc:
+def plain(spawn: Spawn) -> ManagedProcess:
     """An ingester with the default limits."""
     return spawn("tus-plain")
 
 
 @pytest.fixture(scope="module")
-def capped(spawn: Spawn) -> Proc:
+def capped(spawn: Spawn) -> ManagedProcess:
     return spawn(
         "tus-capped",
         INGESTER_TUS_MAX_UPLOADS_PER_USER=str(CAP_UPLOADS),
@@ -76,7 +76,7 @@ async def send_body(
 
 @pytest.mark.parametrize("framing", ["chunked", "content-length"])
 async def test_patch_past_the_upload_length_keeps_nothing(
-    stack: Stack, plain: Proc, token: TokenFactory, framing: str
+    stack: Stack, plain: ManagedProcess, token: TokenFactory, framing: str
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -98,7 +98,7 @@ async def test_patch_past_the_upload_length_keeps_nothing(
 
 
 async def test_long_chunked_patch_past_the_length_takes_back_its_checkpoints(
-    stack: Stack, plain: Proc, token: TokenFactory
+    stack: Stack, plain: ManagedProcess, token: TokenFactory
 ) -> None:
     """A PATCH saves its progress every 32 MiB; one that then overruns is still refused
     whole: the offset goes back to where it began."""
@@ -122,7 +122,7 @@ async def test_long_chunked_patch_past_the_length_takes_back_its_checkpoints(
 
 @pytest.mark.parametrize("framing", ["chunked", "content-length"])
 async def test_creation_with_upload_past_its_length_creates_nothing(
-    stack: Stack, plain: Proc, token: TokenFactory, framing: str
+    stack: Stack, plain: ManagedProcess, token: TokenFactory, framing: str
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -144,7 +144,7 @@ async def test_creation_with_upload_past_its_length_creates_nothing(
 
 
 async def test_one_user_cannot_hoard_open_uploads(
-    stack: Stack, capped: Proc, token: TokenFactory
+    stack: Stack, capped: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -169,7 +169,7 @@ async def test_one_user_cannot_hoard_open_uploads(
 
 
 async def test_one_user_cannot_declare_unbounded_bytes(
-    stack: Stack, capped: Proc, token: TokenFactory
+    stack: Stack, capped: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -187,7 +187,7 @@ async def test_one_user_cannot_declare_unbounded_bytes(
 
 
 async def test_a_deferred_length_counts_as_the_largest_upload_until_declared(
-    stack: Stack, capped: Proc, token: TokenFactory
+    stack: Stack, capped: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()
@@ -217,7 +217,7 @@ async def test_a_deferred_length_counts_as_the_largest_upload_until_declared(
 
 @pytest.mark.parametrize("method", ["GET", "HEAD"])
 async def test_method_override_on_a_safe_method_is_ignored(
-    stack: Stack, plain: Proc, token: TokenFactory, method: str
+    stack: Stack, plain: ManagedProcess, token: TokenFactory, method: str
 ) -> None:
     with trio.fail_after(30):
         before = stack.all_files()

@@ -39,12 +39,11 @@ from tests.support.fault_proxy import Fault, FaultPlan
 from tests.support.fixtures import KeyPair
 from tests.support.fixtures import TokenFactory as SignedTokens
 from tests.support.metrics import metric
-from tests.support.stack import (
-    Proc,
-    StorageElementProc,
+from tests.support.processes import (
+    ManagedProcess,
+    StorageElementProcess,
     start_ingester,
     start_storage_element,
-    wait_ready,
 )
 
 SERVICE_ACCOUNT: Final = "ingester-svc"
@@ -57,7 +56,7 @@ def compat(
     tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair, token_factory: SignedTokens
 ) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("compat")
-    started: list[Proc] = []
+    started: list[ManagedProcess] = []
     try:
         for element_id, mode in (("as-edit", "edit"), ("as-rw", "rw")):
             started.append(
@@ -70,8 +69,8 @@ def compat(
                 )
             )
         se_edit, se_rw = started
-        assert isinstance(se_edit, StorageElementProc)
-        assert isinstance(se_rw, StorageElementProc)
+        assert isinstance(se_edit, StorageElementProcess)
+        assert isinstance(se_rw, StorageElementProcess)
         stack = Stack(root, keypair, se_edit, se_rw, ingester=None)  # type: ignore[arg-type]
         stack.ingester = stack.start_ingester(
             "ingester",
@@ -87,17 +86,17 @@ def compat(
             proc.terminate()
 
 
-def upload_requests(se: Proc) -> int:
+def upload_requests(se: ManagedProcess) -> int:
     """Upload requests the element has answered (its access log)."""
     return sum(UPLOAD_REQUEST in line for line in se.log_lines())
 
 
-def files_of(se: StorageElementProc, file_id: str) -> list[Path]:
+def files_of(se: StorageElementProcess, file_id: str) -> list[Path]:
     return [p for p in se.stored_files() if file_id in p.name]
 
 
 async def element_record(
-    http: httpx.AsyncClient, se: StorageElementProc, file_id: str, token: str
+    http: httpx.AsyncClient, se: StorageElementProcess, file_id: str, token: str
 ) -> dict[str, Any]:
     response = await http.get(f"{se.url}/api/v1/files/{file_id}", headers=auth(token))
     assert response.status_code == 200, response.text
@@ -106,14 +105,14 @@ async def element_record(
 
 
 async def downloaded(
-    http: httpx.AsyncClient, se: StorageElementProc, file_id: str, token: str
+    http: httpx.AsyncClient, se: StorageElementProcess, file_id: str, token: str
 ) -> bytes:
     response = await http.get(f"{se.url}/api/v1/files/{file_id}/download", headers=auth(token))
     assert response.status_code == 200, response.text
     return response.content
 
 
-def attr_of(se: StorageElementProc, file_id: str) -> dict[str, Any]:
+def attr_of(se: StorageElementProcess, file_id: str) -> dict[str, Any]:
     (path,) = [p for p in files_of(se, file_id) if p.name.endswith(".attr.json")]
     record: dict[str, Any] = json.loads(path.read_text())
     return record
@@ -455,7 +454,7 @@ async def test_an_identical_refusal_from_two_elements_ends_the_upload(
             env={"INGESTER_RETRY_MAX_ATTEMPTS": "4", "INGESTER_RETRY_BASE_S": "0.05"},
         )
         stack.callback(ingester.terminate)
-        wait_ready(ingester.url)
+        ingester.wait_ready()
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
                 started = trio.current_time()
@@ -505,7 +504,7 @@ async def test_an_element_whose_own_mode_refuses_writes_gets_none_and_readiness_
             tmp_path, name="ingester", public_key=keypair.public_path, elements=entries
         )
         stack.callback(ingester.terminate)
-        wait_ready(ingester.url)
+        ingester.wait_ready()
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
 

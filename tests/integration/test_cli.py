@@ -184,7 +184,7 @@ async def test_dev_stack_from_banner_to_stored_file_and_clean_stop(tmp_path: Pat
             assert (data_dir / "keys" / "private.pem").exists()
             # Ctrl-C reaches the whole foreground process group.
             os.killpg(process.pid, signal.SIGINT)
-            await process.wait()
+            await process.exited()
             assert process.returncode == 0, log.read_text()[-2000:]
             leftovers = await trio.run_process(
                 ["pgrep", "-f", f"data-dir {data_dir}"], capture_stdout=True, check=False

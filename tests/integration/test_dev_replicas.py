@@ -85,7 +85,7 @@ async def test_replica_mode_serves_through_haproxy_and_stops_cleanly(tmp_path: P
             assert all(count > 0 for count in per_replica.values()), per_replica
             # Ctrl-C reaches the whole foreground process group.
             os.killpg(process.pid, signal.SIGINT)
-            await process.wait()
+            await process.exited()
             assert process.returncode == 0, log.read_text()[-2000:]
             leftovers = await trio.run_process(
                 ["pgrep", "-f", str(data_dir)], capture_stdout=True, check=False

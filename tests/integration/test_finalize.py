@@ -23,13 +23,13 @@ import trio
 from tests.conftest import Stack, TokenFactory
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
 from tests.support.metrics import metric
-from tests.support.stack import Proc, StorageElementProc
+from tests.support.processes import ManagedProcess, StorageElementProcess
 
 POLL_S = 0.05
 
 
 @pytest.fixture(scope="module")
-def finalizer(stack: Stack) -> Iterator[Proc]:
+def finalizer(stack: Stack) -> Iterator[ManagedProcess]:
     """An ingester of the stack whose source deletes come 1 s after the commit."""
     proc = stack.start_ingester("finalizer", INGESTER_FINALIZE_SOURCE_DELETE_DELAY_S="1")
     try:
@@ -72,7 +72,7 @@ async def wait_status(
         await trio.sleep(POLL_S)
 
 
-def files_of(se: StorageElementProc, file_id: str) -> list[Path]:
+def files_of(se: StorageElementProcess, file_id: str) -> list[Path]:
     """The element's data and attr files of this file id (the .tmp area included)."""
     found = []
     for path in se.stored_files():
@@ -85,7 +85,7 @@ def files_of(se: StorageElementProc, file_id: str) -> list[Path]:
 
 
 async def sha256_of_download(
-    http: httpx.AsyncClient, se: StorageElementProc, file_id: str, token: str
+    http: httpx.AsyncClient, se: StorageElementProcess, file_id: str, token: str
 ) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
@@ -100,7 +100,7 @@ async def sha256_of_download(
 
 
 async def test_finalize_moves_the_file_to_rw_and_deletes_the_source_after_the_delay(
-    stack: Stack, finalizer: Proc, token: TokenFactory
+    stack: Stack, finalizer: ManagedProcess, token: TokenFactory
 ) -> None:
     url = finalizer.url
     with trio.fail_after(60):
@@ -171,7 +171,7 @@ async def test_finalize_moves_the_file_to_rw_and_deletes_the_source_after_the_de
 
 
 async def test_unknown_files_and_other_users(
-    stack: Stack, finalizer: Proc, token: TokenFactory
+    stack: Stack, finalizer: ManagedProcess, token: TokenFactory
 ) -> None:
     url = finalizer.url
     with trio.fail_after(60):
@@ -238,7 +238,7 @@ async def test_unknown_files_and_other_users(
 
 
 async def test_concurrent_finalize_of_one_file_one_wins(
-    stack: Stack, finalizer: Proc, token: TokenFactory
+    stack: Stack, finalizer: ManagedProcess, token: TokenFactory
 ) -> None:
     url = finalizer.url
     with trio.fail_after(60):

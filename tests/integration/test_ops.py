@@ -25,8 +25,7 @@ async def test_live_and_ready_under_both_prefixes(stack: Stack) -> None:
 async def test_ready_is_503_when_no_writable_element_answers(stack: Stack) -> None:
     with trio.fail_after(20):
         # An ingester whose only element is a port where nothing listens.
-        from tests.support.processes import free_port
-        from tests.support.stack import start_ingester
+        from tests.support.processes import free_port, start_ingester
 
         dead: dict[str, object] = {
             "id": "gone",

@@ -18,24 +18,29 @@ import trio
 from tests.conftest import TokenFactory
 from tests.support.client import MultipartUpload, post_upload
 from tests.support.fixtures import KeyPair
-from tests.support.processes import child_env
+from tests.support.processes import (
+    ManagedProcess,
+    StorageElementProcess,
+    child_env,
+    start_ingester,
+    start_storage_element,
+)
 from tests.support.redis_server import RedisServer
-from tests.support.stack import Proc, StorageElementProc, start_ingester, start_storage_element
 
 
 @dataclass
 class Elements:
     root: Path
     keys: KeyPair
-    a: StorageElementProc
-    b: StorageElementProc
+    a: StorageElementProcess
+    b: StorageElementProcess
 
 
 @pytest.fixture(scope="module")
 def elements(tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair) -> Iterator[Elements]:
     # Both in edit mode: the registry, not the element, decides where uploads go.
     root = tmp_path_factory.mktemp("redis-registry")
-    started: list[StorageElementProc] = []
+    started: list[StorageElementProcess] = []
     try:
         for element_id in ("se-a", "se-b"):
             started.append(
@@ -70,7 +75,7 @@ async def cli_ok(redis_url: str, *args: str) -> str:
 
 
 async def set_element(
-    redis_url: str, se: StorageElementProc, *, mode: str = "edit", priority: int = 100
+    redis_url: str, se: StorageElementProcess, *, mode: str = "edit", priority: int = 100
 ) -> None:
     await cli_ok(
         redis_url, "set", "--id", se.element_id, "--api-url", se.url, "--mode", mode,
@@ -80,7 +85,7 @@ async def set_element(
 
 async def start(
     elements: Elements, tmp_path: Path, redis: RedisServer, static: list[dict[str, object]]
-) -> Proc:
+) -> ManagedProcess:
     return await trio.to_thread.run_sync(
         lambda: start_ingester(
             tmp_path,
@@ -92,13 +97,13 @@ async def start(
     )
 
 
-async def ready(http: httpx.AsyncClient, proc: Proc) -> tuple[int, dict[str, Any]]:
+async def ready(http: httpx.AsyncClient, proc: ManagedProcess) -> tuple[int, dict[str, Any]]:
     response = await http.get(proc.url + "/health/ready")
     return response.status_code, response.json()
 
 
 async def wait_ready_where(
-    http: httpx.AsyncClient, proc: Proc, check: Any, timeout_s: float
+    http: httpx.AsyncClient, proc: ManagedProcess, check: Any, timeout_s: float
 ) -> float:
     """Poll readiness until `check(status, body)`; the seconds it took."""
     state: dict[str, Any] = {}
@@ -113,7 +118,7 @@ async def wait_ready_where(
     raise AssertionError(f"readiness never matched within {timeout_s} s: {state}")
 
 
-async def upload_to(http: httpx.AsyncClient, proc: Proc, token: str) -> str:
+async def upload_to(http: httpx.AsyncClient, proc: ManagedProcess, token: str) -> str:
     response = await post_upload(http, proc.url, token, MultipartUpload([b"r" * 2048]))
     assert response.status_code == 201, response.text
     element_id: str = response.json()["storage_element_id"]

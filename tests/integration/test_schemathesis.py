@@ -34,7 +34,7 @@ from ingester import __version__
 from ingester.http.openapi import openapi_document
 from tests.conftest import Stack, TokenFactory
 from tests.support.client import MultipartUpload, post_upload, text_chunks
-from tests.support.stack import Proc
+from tests.support.processes import ManagedProcess
 
 Case = schemathesis.Case[Any]
 
@@ -85,7 +85,7 @@ class Target:
     """The fuzzed ingester, and the files its Storage Elements may hold."""
 
     stack: Stack
-    ingester: Proc
+    ingester: ManagedProcess
     expected: set[Path] = field(default_factory=set)
     statuses: dict[int, int] = field(default_factory=dict)
 

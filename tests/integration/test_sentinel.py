@@ -27,9 +27,8 @@ from tests.conftest import Stack, TokenFactory
 from tests.integration.test_tus import Tus
 from tests.support.chaos import PacedBody, post_paced
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
-from tests.support.processes import child_env
+from tests.support.processes import ManagedProcess, child_env
 from tests.support.redis_sentinel import SentinelRedis
-from tests.support.stack import Proc
 from tests.support.waiting import eventually
 
 # Sentinel's own timings make a failover take ~1-3 s here; the ingester must follow within a
@@ -39,7 +38,7 @@ FOLLOW_TIMEOUT_S = 10.0
 
 
 @pytest.fixture
-def ingester(stack: Stack, sentinel_redis: SentinelRedis) -> Iterator[Proc]:
+def ingester(stack: Stack, sentinel_redis: SentinelRedis) -> Iterator[ManagedProcess]:
     proc = stack.start_ingester(
         f"ingester-sentinel-{sentinel_redis.master.port}",
         INGESTER_REDIS_URL=sentinel_redis.url,
@@ -103,7 +102,7 @@ async def registry_source(http: httpx.AsyncClient, url: str) -> str | None:
 
 
 async def test_a_master_failover_loses_no_file_and_leaves_no_orphan(
-    stack: Stack, token: TokenFactory, sentinel_redis: SentinelRedis, ingester: Proc
+    stack: Stack, token: TokenFactory, sentinel_redis: SentinelRedis, ingester: ManagedProcess
 ) -> None:
     cluster = sentinel_redis
     with trio.fail_after(120):

@@ -34,7 +34,6 @@ from tests.support.processes import (
     child_env,
     free_port,
     python_module_argv,
-    start_storage_element,
 )
 
 MIB: Final = 1024 * 1024
@@ -58,15 +57,16 @@ async def element(
     port: int | None = None,
 ) -> AsyncIterator[tuple[StorageElementProcess, httpx.AsyncClient]]:
     async with contextlib.AsyncExitStack() as stack:
-        se = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode=mode,
-            public_key=keys.public_path,
-            element_id=element_id,
-            capacity_bytes=capacity_bytes,
-            port=port,
-            data_dir=data_dir,
+        se = await stack.enter_async_context(
+            StorageElementProcess(
+                tmp_path,
+                mode=mode,
+                public_key=keys.public_path,
+                element_id=element_id,
+                capacity_bytes=capacity_bytes,
+                port=port,
+                data_dir=data_dir,
+            )
         )
         client = await stack.enter_async_context(
             httpx.AsyncClient(base_url=se.url, trust_env=False, timeout=30.0)
@@ -740,7 +740,7 @@ async def test_restart_after_sigkill_mid_upload(
             file_id = created.json()["file_id"]
             stream = await open_partial_upload(se, token, body, content_type, send=3 * MIB)
             await wait_for_temp_of(se, MIB)
-            assert await se.kill() == -signal.SIGKILL
+            assert se.kill() == -signal.SIGKILL
             await stream.aclose()
             assert len(await temp_names(se)) == 1  # the partial upload, left by the crash
 
@@ -771,7 +771,7 @@ async def test_signals_stop_cleanly(
             assert (await upload(client, token_factory(), b"x")).status_code == 201
             se.send_signal(signum)
             with trio.fail_after(10):
-                assert await se.wait() == 0
+                assert await se.exited() == 0
             assert "Traceback" not in se.log_tail(200)
 
 
@@ -820,12 +820,9 @@ async def test_start_up_failure_reports_exit_status_and_log(
     bad_key = tmp_path / "bad.pem"
     await trio.to_thread.run_sync(bad_key.write_text, "not a key")
 
-    async def start() -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            await start_storage_element(stack, tmp_path=tmp_path, mode="edit", public_key=bad_key)
-
     with trio.fail_after(TEST_TIMEOUT_S), pytest.raises(ProcessStartError) as failure:
-        await start()
+        async with StorageElementProcess(tmp_path, mode="edit", public_key=bad_key):
+            pass
     assert "exited with status 2" in str(failure.value)
     assert "cannot use the public key" in str(failure.value)  # the log's tail
     assert "cannot use the public key" in capsys.readouterr().err
@@ -835,18 +832,17 @@ async def test_a_paused_element_resumes(
     tmp_path: Path, keypair: KeyPair, token_factory: TokenFactory
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT_S):
-        async with trio.open_nursery() as nursery:
-            se = await start_storage_element(
-                nursery, tmp_path=tmp_path, mode="edit", public_key=keypair.public_path
-            )
-            async with httpx.AsyncClient(base_url=se.url, trust_env=False, timeout=30) as client:
-                se.stop_signal()
-                with trio.move_on_after(0.5) as paused:
-                    await client.get("/health/live")
-                assert paused.cancelled_caught
-                se.cont_signal()
-                assert (await client.get("/health/live")).status_code == 200
-                assert (await upload(client, token_factory(), b"after")).status_code == 201
-            # The nursery's task holds the process until the nursery is cancelled.
-            nursery.cancel_scope.cancel()
+        se = StorageElementProcess(tmp_path, mode="edit", public_key=keypair.public_path)
+        async with (
+            se,
+            httpx.AsyncClient(base_url=se.url, trust_env=False, timeout=30) as client,
+        ):
+            se.stop_signal()
+            with trio.move_on_after(0.5) as paused:
+                await client.get("/health/live")
+            assert paused.cancelled_caught
+            se.cont_signal()
+            assert (await client.get("/health/live")).status_code == 200
+            assert (await upload(client, token_factory(), b"after")).status_code == 201
+        # Leaving the context kills it.
         assert se.returncode == -signal.SIGKILL

@@ -14,8 +14,26 @@ from tests.support.chaos import serve_ingester
 from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
-from tests.support.processes import start_storage_element
+from tests.support.processes import StorageElementProcess
 from tests.support.waiting import eventually
+
+
+async def edit_element(
+    stack: contextlib.AsyncExitStack,
+    tmp_path: Path,
+    keypair: KeyPair,
+    element_id: str,
+    capacity_bytes: int | None = None,
+) -> StorageElementProcess:
+    """An edit element `element_id`, stopped when `stack` closes."""
+    element = StorageElementProcess(
+        tmp_path,
+        mode="edit",
+        public_key=keypair.public_path,
+        element_id=element_id,
+        capacity_bytes=capacity_bytes,
+    )
+    return await stack.enter_async_context(element)
 
 
 def stored(data_dir: Path) -> list[Path]:
@@ -26,13 +44,7 @@ async def test_stalled_element_fails_the_upload_within_the_stall_timeout(
     tmp_path: Path, keypair: KeyPair, token: TokenFactory
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        se = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode="edit",
-            public_key=keypair.public_path,
-            element_id="se-stall",
-        )
+        se = await edit_element(stack, tmp_path, keypair, "se-stall")
         entry: dict[str, object] = {"id": "se-stall", "api_url": se.url, "mode": "edit"}
         ingester = await serve_ingester(
             stack,
@@ -84,22 +96,8 @@ async def test_full_elements_are_skipped_and_507_when_none_has_room(
     tmp_path: Path, keypair: KeyPair, token: TokenFactory
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        small = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode="edit",
-            public_key=keypair.public_path,
-            element_id="se-small",
-            capacity_bytes=1 * MIB,
-        )
-        large = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode="edit",
-            public_key=keypair.public_path,
-            element_id="se-large",
-            capacity_bytes=8 * MIB,
-        )
+        small = await edit_element(stack, tmp_path, keypair, "se-small", capacity_bytes=1 * MIB)
+        large = await edit_element(stack, tmp_path, keypair, "se-large", capacity_bytes=8 * MIB)
         # The small element is preferred by priority: only room decides against it.
         elements: list[dict[str, object]] = [
             {"id": "se-small", "api_url": small.url, "mode": "edit", "priority": 1},
@@ -150,13 +148,7 @@ async def test_breaker_opens_on_a_failing_element_and_uploads_go_elsewhere(
         return Response.json({"status": "ok"})
 
     async with contextlib.AsyncExitStack() as stack:
-        good = await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode="edit",
-            public_key=keypair.public_path,
-            element_id="se-good",
-        )
+        good = await edit_element(stack, tmp_path, keypair, "se-good")
         bad = await stack.enter_async_context(serve_http(failing_element))
         elements: list[dict[str, object]] = [
             {"id": "se-bad", "api_url": bad.url, "mode": "edit", "priority": 1},

@@ -23,7 +23,7 @@ from ingester.auth.tokens import make_token
 from ingester.upload.filenames import sanitize_filename
 from tests.conftest import Stack, TokenFactory
 from tests.support.client import MIB, auth, random_chunks, text_chunks
-from tests.support.stack import start_ingester
+from tests.support.processes import start_ingester
 from tests.support.waiting import eventually
 
 BASE: Final = "/api/v1/uploads"

@@ -17,8 +17,8 @@ import trio
 from tests.conftest import Stack, TokenFactory
 from tests.integration.test_tus import OFFSET_STREAM, Tus, download
 from tests.support.client import MIB, random_chunks
+from tests.support.processes import ManagedProcess
 from tests.support.redis_server import RedisServer
-from tests.support.stack import Proc
 
 # Short enough that a killed replica's lock runs out quickly in the test.
 LOCK_TTL_S = "2"
@@ -26,8 +26,8 @@ LOCK_TTL_S = "2"
 
 @dataclass
 class Replicas:
-    a: Proc
-    b: Proc
+    a: ManagedProcess
+    b: ManagedProcess
     spool: str
 
 
@@ -40,7 +40,7 @@ def replicas(stack: Stack, redis_server: RedisServer) -> Iterator[Replicas]:
         "INGESTER_TUS_LOCK_TTL_S": LOCK_TTL_S,
         "INGESTER_TUS_LOCK_WAIT_S": "8",
     }
-    started: list[Proc] = []
+    started: list[ManagedProcess] = []
     try:
         started.append(stack.start_ingester(f"replica-a-{redis_server.port}", **env))
         started.append(stack.start_ingester(f"replica-b-{redis_server.port}", **env))
@@ -65,7 +65,7 @@ async def open_patch(url: str, token: str, offset: int, declared: int) -> trio.S
     return stream
 
 
-def on(replica: Proc, url: str) -> str:
+def on(replica: ManagedProcess, url: str) -> str:
     """The same upload URL on another replica (what a load balancer does)."""
     return replica.url + "/api/v1/uploads/" + url.rsplit("/", 1)[-1]
 

@@ -28,7 +28,7 @@ from tests.support.client import (
     send_stream,
 )
 from tests.support.http_server import Request, Response, serve_http
-from tests.support.stack import Proc
+from tests.support.processes import ManagedProcess
 from tests.support.waiting import eventually
 
 
@@ -263,7 +263,7 @@ async def test_keycloak_scope_can_upload(stack: Stack) -> None:
 
 
 @pytest.fixture(scope="module")
-def small(stack: Stack) -> Iterator[Proc]:
+def small(stack: Stack) -> Iterator[ManagedProcess]:
     """An ingester with tight limits, sharing the stack's Storage Elements."""
     proc = stack.start_ingester(
         "small",
@@ -277,7 +277,7 @@ def small(stack: Stack) -> Iterator[Proc]:
 
 
 async def test_counted_size_over_the_limit_is_413(
-    stack: Stack, small: Proc, token: TokenFactory
+    stack: Stack, small: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(20):
         before = stack.all_files()
@@ -292,7 +292,7 @@ async def test_counted_size_over_the_limit_is_413(
 
 
 async def test_declared_size_over_the_limit_is_413(
-    stack: Stack, small: Proc, token: TokenFactory
+    stack: Stack, small: ManagedProcess, token: TokenFactory
 ) -> None:
     with trio.fail_after(20):
         before = stack.all_files()
@@ -342,7 +342,9 @@ async def read_response(stream: trio.SocketStream) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), head + b"\r\n\r\n" + body
 
 
-async def test_idle_client_gets_408(stack: Stack, small: Proc, token: TokenFactory) -> None:
+async def test_idle_client_gets_408(
+    stack: Stack, small: ManagedProcess, token: TokenFactory
+) -> None:
     with trio.fail_after(15):
         before = stack.all_files()
         stream = await raw_request(
@@ -388,7 +390,9 @@ async def test_client_disconnect_cancels_the_element_request(
             await assert_still_serving(http, stack.url, token())
 
 
-async def test_caps_on_uploads_in_flight(stack: Stack, small: Proc, token: TokenFactory) -> None:
+async def test_caps_on_uploads_in_flight(
+    stack: Stack, small: ManagedProcess, token: TokenFactory
+) -> None:
     """`small` allows 2 uploads in flight and 1 per user."""
     with trio.fail_after(20):
         body_len = MIB  # under the limit: the holders must be admitted
@@ -469,13 +473,15 @@ async def test_checksum_mismatch_removes_the_stored_copy(stack: Stack, token: To
                 await trio.to_thread.run_sync(proc.terminate)
 
 
-def _start_with_elements(stack: Stack, name: str, elements: list[dict[str, object]]) -> Proc:
-    from tests.support.stack import start_ingester, wait_ready
+def _start_with_elements(
+    stack: Stack, name: str, elements: list[dict[str, object]]
+) -> ManagedProcess:
+    from tests.support.processes import start_ingester
 
     proc = start_ingester(
         stack.root, name=name, public_key=stack.keys.public_path, elements=elements
     )
-    wait_ready(proc.url)
+    proc.wait_ready()
     return proc
 
 

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import Stack
 from tests.interop.support import PageServer, chromium_binary, node_binary, serve_page
 from tests.support.fixtures import KeyPair
-from tests.support.stack import Proc, start_storage_element
+from tests.support.processes import ManagedProcess, start_storage_element
 
 # Paths worth a look after the run (the browser test's screenshot), printed at the end.
 
@@ -36,7 +36,7 @@ class Interop:
 @pytest.fixture(scope="package")
 def interop(tmp_path_factory: pytest.TempPathFactory, keypair: KeyPair) -> Iterator[Interop]:
     root = tmp_path_factory.mktemp("interop")
-    started: list[Proc] = []
+    started: list[ManagedProcess] = []
 
     def stop_processes() -> None:
         for proc in reversed(started):

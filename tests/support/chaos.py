@@ -47,8 +47,13 @@ from tests.support.client import (
 )
 from tests.support.fault_proxy import FaultProxy, serve_fault_proxy
 from tests.support.fixtures import KeyPair
-from tests.support.processes import LOOPBACK, StorageElementProcess, start_storage_element
-from tests.support.stack import Proc, StorageElementProc, start_ingester, wait_ready
+from tests.support.processes import (
+    LOOPBACK,
+    IngesterProcess,
+    ManagedProcess,
+    StorageElementProcess,
+    start_ingester,
+)
 from tests.support.waiting import eventually
 
 # The element's lock file is its own, not an upload's.
@@ -416,17 +421,13 @@ async def assert_no_orphans(
     assert not left, f"data directories differ from the acknowledged files: {left}"
 
 
-def spool_files(ingester: Proc) -> list[Path]:
-    """Whatever is left in an ingester's spool directory (see `start_ingester`)."""
-    spool = ingester.cwd / "spool"
+def spool_files(ingester: IngesterProcess) -> list[Path]:
+    """Whatever is left in an ingester's spool directory."""
+    spool = ingester.spool_dir
     return sorted(spool.rglob("*")) if spool.exists() else []
 
 
 # --- processes ----------------------------------------------------------------------------
-
-
-def registry_entry(se: StorageElementProcess, priority: int = 100) -> dict[str, object]:
-    return {"id": se.element_id, "api_url": se.url, "mode": se.mode, "priority": priority}
 
 
 async def start_elements(
@@ -442,34 +443,24 @@ async def start_elements(
     """`count` elements `se-1`, `se-2`... (one after another: they share two cores);
     `extra_args` such as `--artstore-compat` go to each."""
     return [
-        await start_storage_element(
-            stack,
-            tmp_path=tmp_path,
-            mode=mode,
-            public_key=keypair.public_path,
-            element_id=f"{prefix}-{n}",
-            extra_args=extra_args,
+        await stack.enter_async_context(
+            StorageElementProcess(
+                tmp_path,
+                mode=mode,
+                public_key=keypair.public_path,
+                element_id=f"{prefix}-{n}",
+                extra_args=extra_args,
+            )
         )
         for n in range(1, count + 1)
     ]
 
 
-async def restart_element(
-    stack: contextlib.AsyncExitStack, se: StorageElementProcess
-) -> StorageElementProcess:
-    """The same element again after a kill: same id, mode, port and data directory. At start
-    it removes a killed run's leftovers (see the README on the reference element)."""
-    return await start_storage_element(
-        stack,
-        tmp_path=se.log_path.parent,
-        mode=se.mode,
-        public_key=se.public_key,
-        element_id=se.element_id,
-        capacity_bytes=se.capacity_bytes,
-        port=se.port,
-        data_dir=se.data_dir,
-        extra_args=se.extra_args,
-    )
+async def restart_element(se: StorageElementProcess) -> StorageElementProcess:
+    """The same element again after a kill: same id, mode, port and data directory (its
+    owner still stops it). At start it removes a killed run's leftovers (see the README on
+    the reference element)."""
+    return await trio.to_thread.run_sync(se.start)
 
 
 async def serve_ingester(
@@ -480,7 +471,7 @@ async def serve_ingester(
     env: dict[str, str] | None = None,
     *,
     name: str = "ingester",
-) -> Proc:
+) -> IngesterProcess:
     """An ingester over `elements`, ready, stopped when `stack` closes."""
     ingester = await trio.to_thread.run_sync(
         lambda: start_ingester(
@@ -494,7 +485,7 @@ async def serve_ingester(
             await trio.to_thread.run_sync(ingester.terminate)
 
     stack.push_async_callback(stop)
-    await trio.to_thread.run_sync(wait_ready, ingester.url)
+    await trio.to_thread.run_sync(ingester.wait_ready)
     return ingester
 
 
@@ -502,10 +493,10 @@ async def serve_ingester(
 async def behind_proxy(
     tmp_path: Path,
     keypair: KeyPair,
-    proxied: StorageElementProc,
-    direct: StorageElementProc,
+    proxied: StorageElementProcess,
+    direct: StorageElementProcess,
     env: dict[str, str] | None = None,
-) -> AsyncIterator[tuple[FaultProxy, Proc]]:
+) -> AsyncIterator[tuple[FaultProxy, IngesterProcess]]:
     """A fault proxy in front of `proxied`, and an ingester that prefers `proxied` (through
     the proxy) to `direct`. Probes run only when a failure asks for one (unless `env` says
     otherwise), so a fault set on the proxy meets uploads, not probes."""
@@ -541,13 +532,15 @@ async def receiving(se: HasDataDir, at_least: int = 0, timeout_s: float = 30) ->
     await eventually(check, timeout_s=timeout_s, interval_s=0.005)
 
 
-async def readiness(http: httpx.AsyncClient, ingester: Proc) -> tuple[int, dict[str, Any]]:
+async def readiness(
+    http: httpx.AsyncClient, ingester: ManagedProcess
+) -> tuple[int, dict[str, Any]]:
     response = await http.get(ingester.url + "/health/ready")
     return response.status_code, response.json()
 
 
 async def wait_writable(
-    http: httpx.AsyncClient, ingester: Proc, element_ids: set[str], timeout_s: float = 15
+    http: httpx.AsyncClient, ingester: ManagedProcess, element_ids: set[str], timeout_s: float = 15
 ) -> None:
     """Until the ingester's readiness lists exactly `element_ids` as writable."""
     last: dict[str, Any] = {}

@@ -11,9 +11,6 @@ No persistence (`--save ""`, no AOF): a restart comes back empty, like a lost Re
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -22,10 +19,9 @@ from typing import Final, Self
 import pytest
 import redis
 
-from tests.support.processes import LOOPBACK, free_port
+from tests.support.processes import LOOPBACK, ManagedProcess, free_port
 
 STARTUP_TIMEOUT_S: Final = 10.0
-STOP_TIMEOUT_S: Final = 5.0
 
 
 class RedisServer:
@@ -39,7 +35,7 @@ class RedisServer:
         # A config file to start from (a Sentinel's, which it rewrites as it learns).
         self.config_file: Path | None = None
         self.log_path = directory / "redis.log"
-        self._popen: subprocess.Popen[bytes] | None = None
+        self._process: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
@@ -53,50 +49,44 @@ class RedisServer:
         if binary is None:
             # A test that needs Redis must not pass by not running: `make test` installs it.
             pytest.fail("redis-server is not installed: `make test` installs it (scripts/deps.sh)")
-        self.directory.mkdir(parents=True, exist_ok=True)
         first = [str(self.config_file)] if self.config_file is not None else []
         argv = [
             binary, *first, "--port", str(self.port), "--bind", LOOPBACK,
             "--save", "", "--appendonly", "no", "--dir", str(self.directory),
             *self.extra_args,
         ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self._popen = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        self._process = ManagedProcess(
+            argv,
+            log_path=self.log_path,
+            ready=self._pings,
+            cwd=self.directory,
+            startup_timeout_s=STARTUP_TIMEOUT_S,
+        ).start()
+
+    def _pings(self) -> bool:
         probe = redis.Redis(host=LOOPBACK, port=self.port, socket_timeout=0.5)
         try:
-            while time.monotonic() < deadline:
-                if self._popen.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {self.log_path.read_text()}")
-                try:
-                    if probe.ping():
-                        return
-                except redis.ConnectionError:
-                    pass
-                time.sleep(0.05)
+            return bool(probe.ping())
+        except redis.ConnectionError:
+            return False
         finally:
             probe.close()
-        self.kill()
-        raise RuntimeError(f"redis-server did not answer PING within {STARTUP_TIMEOUT_S} s")
 
     def kill(self) -> None:
         """SIGKILL and reap: an abrupt outage (clients see their connections drop)."""
-        if self._popen is not None and self._popen.poll() is None:
-            self._popen.kill()
-            self._popen.wait(STOP_TIMEOUT_S)
-        self._popen = None
+        if self._process is not None:
+            self._process.kill()
+        self._process = None
 
     def pause(self) -> None:
         """SIGSTOP: connections stay open (the kernel still accepts new ones) and nothing
         answers, as with a hung Redis or a cut link."""
-        assert self._popen is not None, "not running"
-        self._popen.send_signal(signal.SIGSTOP)
+        assert self._process is not None, "not running"
+        self._process.stop_signal()
 
     def resume(self) -> None:
-        assert self._popen is not None, "not running"
-        self._popen.send_signal(signal.SIGCONT)
+        assert self._process is not None, "not running"
+        self._process.cont_signal()
 
     def __enter__(self) -> Self:
         self.start()

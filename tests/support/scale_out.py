@@ -32,15 +32,15 @@ from ingester.haproxy_config import DRAIN_DELAY_S, Server, render
 from tests.support.client import MultipartUpload, auth, send_stream
 from tests.support.fixtures import KeyPair
 from tests.support.haproxy import haproxy_binary
-from tests.support.processes import child_env, free_port
-from tests.support.redis_sentinel import SentinelRedis
-from tests.support.stack import (
-    Proc,
-    StorageElementProc,
+from tests.support.processes import (
+    ManagedProcess,
+    StorageElementProcess,
+    free_port,
+    http_ok,
     start_ingester,
     start_storage_element,
-    wait_ready,
 )
+from tests.support.redis_sentinel import SentinelRedis
 
 # Short leases and janitor rounds, so a dead replica's work is taken over within seconds.
 LEASE_S: Final = 2.0
@@ -57,11 +57,11 @@ class World:
     root: Path
     keys: KeyPair
     redis: SentinelRedis
-    elements: list[StorageElementProc]
+    elements: list[StorageElementProcess]
     spool: Path
     replica_ports: list[int]
-    replicas: list[Proc | None] = field(default_factory=list)
-    haproxy: Proc | None = None
+    replicas: list[ManagedProcess | None] = field(default_factory=list)
+    haproxy: ManagedProcess | None = None
     stats_url: str = ""
     env: dict[str, str] = field(default_factory=dict)
 
@@ -73,7 +73,7 @@ class World:
     def name(self, index: int) -> str:
         return f"replica-{index + 1}"
 
-    def start_replica(self, index: int) -> Proc:
+    def start_replica(self, index: int) -> ManagedProcess:
         proc = start_ingester(
             self.root,
             name=self.name(index),
@@ -82,11 +82,11 @@ class World:
             env=self.env,
             port=self.replica_ports[index],
         )
-        wait_ready(proc.url)
+        proc.wait_ready()
         self.replicas[index] = proc
         return proc
 
-    def replica(self, index: int) -> Proc:
+    def replica(self, index: int) -> ManagedProcess:
         proc = self.replicas[index]
         assert proc is not None
         return proc
@@ -141,7 +141,7 @@ def scale_out(root: Path, keys: KeyPair, *, replicas: int = 3, **env: str) -> It
     haproxy_binary()
     with ExitStack() as stack:
         redis = stack.enter_context(SentinelRedis(root / "redis"))
-        elements: list[StorageElementProc] = []
+        elements: list[StorageElementProcess] = []
         stack.callback(lambda: [se.terminate() for se in elements])
         for element_id in ("se-a", "se-b"):
             elements.append(
@@ -189,13 +189,14 @@ def scale_out(root: Path, keys: KeyPair, *, replicas: int = 3, **env: str) -> It
                 stats_bind=f"127.0.0.1:{stats_port}",
             )
         )
-        world.haproxy = Proc(
+        url = f"http://127.0.0.1:{port}"
+        world.haproxy = ManagedProcess(
+            [haproxy_binary(), "-db", "-f", str(config)],
             name="haproxy",
-            argv=[haproxy_binary(), "-db", "-f", str(config)],
-            env=child_env(),
             cwd=root,
             log_path=root / "haproxy.log",
-            url=f"http://127.0.0.1:{port}",
+            url=url,
+            ready=http_ok(url + "/health/live"),
         ).start()
         world.stats_url = f"http://127.0.0.1:{stats_port}/stats;csv"
         names = {world.name(i) for i in range(replicas)}
