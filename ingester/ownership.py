@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import trio
 
-from .storage.redis_gateway import RedisGateway, RedisUnavailable
+from .boundary import RedisUnavailable
+from .storage.redis_gateway import RedisGateway
 
 if TYPE_CHECKING:
     import redis

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
+from ..boundary import describe, http_errors
 from ..errors import Unauthorized
 
 log = logging.getLogger(__name__)
@@ -277,12 +278,10 @@ class JwksKeySource:
     async def _fetch(self) -> tuple[dict[str, RSAPublicKey], list[RSAPublicKey]]:
         response: httpx.Response | None = None
         with trio.move_on_after(self._timeout_s):
-            try:
+            with http_errors(lambda exc: _FetchFailed(describe(exc))):
                 response = await self._http.get(
                     self.url, headers={"Accept": "application/json"}, timeout=self._timeout_s
                 )
-            except httpx.HTTPError as exc:
-                raise _FetchFailed(f"{type(exc).__name__}: {exc}") from None
         if response is None:
             raise _FetchFailed(f"no answer within {self._timeout_s:g} s")
         if response.status_code != 200:

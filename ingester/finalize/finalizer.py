@@ -30,6 +30,7 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..auth.principal import Principal
+from ..boundary import element_error, http_errors
 from ..errors import (
     AdminRegistrationFailed,
     IngesterError,
@@ -48,7 +49,7 @@ from ..saga.record import Copy
 from ..settings import SEAuthMode, SEMode, Settings
 from ..storage.admin import AdminRegistry
 from ..storage.capabilities import StoredForm, compressed_by_metadata, stored_as
-from ..storage.client import StoredFile, translate
+from ..storage.client import StoredFile
 from ..storage.pool import ElementPool
 from ..storage.selection import Candidate
 from .errors import (
@@ -127,12 +128,11 @@ class CopyBody(httpx.AsyncByteStream):
             return self._head
         if self._stage == 1:
             try:
-                chunk = await anext(self._source)
+                with http_errors(lambda exc: _SourceFailed(element_error(exc, self._source_id))):
+                    chunk = await anext(self._source)
             except StopAsyncIteration:
                 self._stage = 2
                 return self._tail
-            except httpx.HTTPError as exc:
-                raise _SourceFailed(translate(exc, self._source_id)) from exc
             if len(chunk) >= INLINE_HASH_BYTES:
                 await trio.to_thread.run_sync(self.hasher.update, chunk)
             else:

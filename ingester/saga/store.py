@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Final, Protocol
 
-from ..storage.redis_gateway import RedisGateway, RedisUnavailable
+from ..boundary import RedisUnavailable
+from ..storage.redis_gateway import RedisGateway
 from .commit import ResultRefused, ResultWrite
 from .record import SagaRecord, SagaState
 

@@ -16,6 +16,7 @@ from typing import Any, Final
 import httpx
 import trio
 
+from ..boundary import describe, http_errors
 from ..errors import AdminRegistrationFailed
 from ..resilience.retry import RetryPolicy, backoff_s
 
@@ -79,7 +80,7 @@ class AdminRegistry:
                         timeout=httpx.Timeout(self._timeout_s),
                     )
                 except httpx.HTTPError as exc:
-                    last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                    last = describe(exc)
                     continue
                 if response.is_success or response.status_code == also_ok:
                     return None
@@ -95,11 +96,16 @@ class AdminRegistry:
         Raises `AdminRegistrationFailed` when the Admin Module cannot answer."""
         headers = {"Authorization": authorization} if authorization else {}
         try:
-            with trio.fail_after(self._timeout_s):
+            with (
+                trio.fail_after(self._timeout_s),
+                http_errors(
+                    lambda exc: AdminRegistrationFailed(f"Admin Module lookup failed: {exc!r}")
+                ),
+            ):
                 response = await self._http.get(
                     f"{self.url}/{file_id}", headers=headers, timeout=self._timeout_s
                 )
-        except (httpx.HTTPError, trio.TooSlowError) as exc:
+        except trio.TooSlowError as exc:
             raise AdminRegistrationFailed(f"Admin Module lookup failed: {exc!r}") from exc
         if response.status_code == 404:
             return None

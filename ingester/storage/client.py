@@ -18,6 +18,7 @@ from typing import Any, Final
 import httpx
 import trio
 
+from ..boundary import element_errors
 from ..errors import (
     StorageElementError,
     StorageElementFull,
@@ -101,26 +102,6 @@ def raise_for_status(response: httpx.Response, element_id: str) -> None:
     )
 
 
-def translate(exc: httpx.HTTPError, element_id: str) -> StorageElementError:
-    """httpx's exception tree onto ours."""
-    if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
-        return StorageElementUnavailable(f"{element_id}: connect timeout", element_id=element_id)
-    if isinstance(exc, httpx.WriteTimeout):
-        return StorageElementTimeout(
-            f"{element_id} stopped accepting data (write timeout)", element_id=element_id
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return StorageElementTimeout(f"{element_id}: {type(exc).__name__}", element_id=element_id)
-    if isinstance(exc, httpx.ConnectError):
-        return StorageElementUnavailable(f"{element_id}: cannot connect", element_id=element_id)
-    if isinstance(exc, httpx.TransportError):
-        return StorageElementUnavailable(
-            f"{element_id}: connection failed ({type(exc).__name__}: {exc})",
-            element_id=element_id,
-        )
-    return StorageElementError(f"{element_id}: {type(exc).__name__}", element_id=element_id)
-
-
 class StorageElementClient:
     """Calls to Storage Elements over one shared HTTP/1.1 connection pool.
 
@@ -171,10 +152,8 @@ class StorageElementClient:
         # httpx's own, which warns when a cancelled upload leaves it unfinished.
         request.stream = body
         request.headers.pop("Content-Length", None)
-        try:
+        with element_errors(element_id):
             response = await self._http.send(request)
-        except httpx.HTTPError as exc:
-            raise translate(exc, element_id) from exc
         raise_for_status(response, element_id)
         try:
             payload = response.json()
@@ -253,10 +232,8 @@ class StorageElementClient:
                 pool=self._upload_timeout.pool,
             ),
         )
-        try:
+        with element_errors(element_id):
             response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise translate(exc, element_id) from exc
         try:
             if response.status_code >= 400:
                 await response.aread()
@@ -289,13 +266,10 @@ class StorageElementClient:
     ) -> httpx.Response:
         headers = {"Authorization": authorization} if authorization else {}
         # httpx's timeouts are per operation; this bounds the whole call.
-        with trio.move_on_after(self._call_timeout_s) as scope:
-            try:
-                return await self._http.request(
-                    method, url, headers=headers, timeout=self._short_timeout
-                )
-            except httpx.HTTPError as exc:
-                raise translate(exc, element_id) from exc
+        with trio.move_on_after(self._call_timeout_s) as scope, element_errors(element_id):
+            return await self._http.request(
+                method, url, headers=headers, timeout=self._short_timeout
+            )
         assert scope.cancelled_caught
         raise StorageElementTimeout(
             f"{element_id}: {method} {url} timed out", element_id=element_id

@@ -26,12 +26,12 @@ WATCH/MULTI transactions and nothing else shares its process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
+from ..boundary import redis_errors
 from .redis_url import is_sentinel, parse_sentinel_url
 
 if TYPE_CHECKING:
@@ -55,11 +55,6 @@ PUBSUB_POLL_S: Final = 0.5
 REPLICA_ACK_TIMEOUT_S: Final = 0.2
 # After a `WAIT` no replica answered, writes stop waiting for this long, then try again.
 SKIP_AFTER_MISS_S: Final = 10.0
-
-
-class RedisUnavailable(Exception):
-    """Redis could not be reached, did not answer in time, or refused the command. A write
-    that fails this way may or may not have taken effect."""
 
 
 def make_client(url: str, timeout_s: float) -> redis.Redis:
@@ -131,18 +126,6 @@ class AckPolicy:
         return ok
 
 
-@contextmanager
-def _unavailable() -> Iterator[None]:
-    """The one place redis-py's errors become ours."""
-    import redis
-
-    try:
-        yield
-    # OSError too: a socket error a path of redis-py leaves unwrapped is the same outage.
-    except (redis.RedisError, OSError) as exc:
-        raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
-
-
 class RedisGateway:
     """One client, one thread limiter, one `AckPolicy`, one error; see the module."""
 
@@ -164,7 +147,7 @@ class RedisGateway:
     async def call(self, fn: Callable[[redis.Redis], _T]) -> _T:
         """`fn(client)` in a worker thread under the gateway's limiter. Abandoned on cancel:
         the thread ends by itself within the socket timeout, and its result is not wanted."""
-        with _unavailable():
+        with redis_errors():
             return await trio.to_thread.run_sync(
                 fn, self._client, limiter=self.limiter, abandon_on_cancel=True
             )
@@ -215,7 +198,7 @@ class RedisGateway:
             finally:
                 pubsub.close()
 
-        with _unavailable():
+        with redis_errors():
             # Not abandoned on cancel: the thread sees the cancellation within a poll and
             # closes its connection on the way out.
             await trio.to_thread.run_sync(blocking, limiter=trio.CapacityLimiter(1))

@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import pydantic
 import trio
 
+from ..boundary import RedisUnavailable
 from ..resilience.retry import RetryPolicy, backoff_s
 from ..settings import SEMode, StorageElementConfig
-from .redis_gateway import RedisGateway, RedisUnavailable
+from .redis_gateway import RedisGateway
 from .registry import Prober, Registry
 
 if TYPE_CHECKING:

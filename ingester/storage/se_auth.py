@@ -15,6 +15,7 @@ import httpx
 import trio
 
 from ..auth.principal import Principal
+from ..boundary import http_errors
 from ..errors import UpstreamAuthError
 from ..settings import SEAuthMode, Settings
 
@@ -139,17 +140,15 @@ class ClientCredentialsProvider:
         }
         response: httpx.Response | None = None
         with trio.move_on_after(self._timeout_s):
-            try:
+            with http_errors(
+                lambda exc: UpstreamAuthError(f"token endpoint unreachable: {type(exc).__name__}")
+            ):
                 response = await self._http.post(
                     self.token_url,
                     data=form,
                     headers={"Accept": "application/json"},
                     timeout=self._timeout_s,
                 )
-            except httpx.HTTPError as exc:
-                raise UpstreamAuthError(
-                    f"token endpoint unreachable: {type(exc).__name__}"
-                ) from None
         if response is None:
             raise UpstreamAuthError(f"token endpoint did not answer within {self._timeout_s:g} s")
         body = _json_object(response)

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import trio
 
+from ..boundary import RedisUnavailable
 from ..saga.commit import ResultWrite
-from ..storage.redis_gateway import RedisGateway, RedisUnavailable
+from ..storage.redis_gateway import RedisGateway
 from .errors import TusStoreUnavailable
 from .state import Phase, TusUpload
 

@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
+from ..boundary import RedisUnavailable
 from ..errors import IngesterError, InvalidField
 from ..saga.commit import ResultCommit, ResultUnknown, ResultWrite
-from ..storage.redis_gateway import RedisGateway, RedisUnavailable
+from ..storage.redis_gateway import RedisGateway
 
 if TYPE_CHECKING:
     import redis

@@ -19,11 +19,12 @@ import redis
 import trio
 import trio.testing
 
+from ingester.boundary import RedisUnavailable
 from ingester.finalize.record import SourceFile, Transaction
 from ingester.finalize.store import RedisFinalizeStore
 from ingester.saga.record import Copy, SagaRecord, SagaState
 from ingester.saga.store import RedisSagaStore
-from ingester.storage.redis_gateway import RedisGateway, RedisUnavailable
+from ingester.storage.redis_gateway import RedisGateway
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer
 
