@@ -220,6 +220,16 @@ class SagaOutcomeUnknown(SagaStoreUnavailable):
     not have been recorded. Nothing is undone here; a retry finds the result if it was."""
 
 
+class IdempotencyStoreUnavailable(IngesterError):
+    """An upload with an `Idempotency-Key` arrived while the key's store (Redis) could not
+    be reached: run now, it could store a file a first attempt already stored (its result
+    is in that store). Nothing was done; retry after `Retry-After`."""
+
+    status = 503
+    code = "IDEMPOTENCY_STORE_UNAVAILABLE"
+    default_message = "the Idempotency-Key's store cannot be reached now"
+
+
 class InsufficientStorage(IngesterError):
     status = 507
     code = "INSUFFICIENT_STORAGE"

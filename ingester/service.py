@@ -1,4 +1,5 @@
-"""The service: everything that lives as long as the server, and the nursery it runs in.
+"""The service: wiring. It builds every part from the settings, hands each only what it
+uses, and runs the long-lived ones in its nursery:
 
 service nursery
   ├── key reload     (PEM file changes, JWKS cache)
@@ -10,19 +11,18 @@ service nursery
   │                  expired ones (ingester.tus.service)
   ├── finalizer      temporary -> permanent moves, their leases, and the janitor that
   │                  continues or rolls back a dead ingester's (ingester.finalize)
-  └── janitor        expires finished progress records
+  ├── progress       forgets finished progress records (ingester.upload.progress)
+  └── memory trim    gives freed heap back after a busy spell (ingester.allocator)
 """
 
 from __future__ import annotations
 
-import gc
 import logging
-from typing import Final
 
 import httpx
 import trio
 
-from .allocator import trim_heap
+from .allocator import trim_when_idle
 from .auth.verifier import TokenVerifier, build_verifier
 from .finalize.finalizer import Finalizer
 from .finalize.store import FinalizeStore, MemoryFinalizeStore, RedisFinalizeStore
@@ -56,10 +56,6 @@ from .upload.progress import ProgressBook
 from .upload.spool import Spool, SpoolBudget, SpoolFiles
 
 log = logging.getLogger(__name__)
-
-JANITOR_INTERVAL_S: Final = 30.0
-# How often to look whether a spell of uploads ended (then freed memory goes back).
-MEMORY_TRIM_INTERVAL_S: Final = 5.0
 
 
 class Service:
@@ -257,8 +253,12 @@ class Service:
                 await nursery.start(self.sagas.run)
                 await nursery.start(self.tus.run)
                 await nursery.start(self.finalizer.run)
-                nursery.start_soon(self._janitor)
-                nursery.start_soon(self._return_memory_when_idle)
+                nursery.start_soon(self.progress.run)
+                nursery.start_soon(
+                    trim_when_idle,
+                    lambda: self.admission.in_flight > 0,
+                    lambda: self.admission.admitted,
+                )
                 self._nursery = nursery
                 self.started = True
                 task_status.started()
@@ -279,26 +279,3 @@ class Service:
             self.spool_files.close()
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.http.aclose()
-
-    async def _janitor(self) -> None:
-        while True:
-            await trio.sleep(JANITOR_INTERVAL_S)
-            self.progress.expire()
-
-    async def _return_memory_when_idle(self) -> None:
-        """After a spell of uploads, once none is in flight, give freed heap memory back
-        (see allocator.py): a process that served a burst does not stay its size.
-
-        First a full garbage collection: failed attempts leave reference cycles (httpx
-        requests and responses, exceptions with their frames) that hold buffers until the
-        collector's next full pass, which may be far off once uploads stop. Measured in the
-        soak (60 uploads, element kills): RSS settled 11-31 MiB above the warm-up without
-        it, 0.6 MiB with it. It runs on the event loop (its finalizers must run here), only
-        when idle; start-up's objects are frozen out of its scan (app_main)."""
-        seen = self.admission.admitted
-        while True:
-            await trio.sleep(MEMORY_TRIM_INTERVAL_S)
-            if self.admission.in_flight == 0 and self.admission.admitted != seen:
-                seen = self.admission.admitted
-                gc.collect()
-                await trio.to_thread.run_sync(trim_heap)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import trio
 
 from ..boundary import RedisUnavailable
-from ..errors import IngesterError, InvalidField
+from ..errors import IdempotencyStoreUnavailable, IngesterError, InvalidField
 from ..saga.commit import ResultCommit, ResultUnknown, ResultWrite
 from ..storage.redis_gateway import RedisGateway
 
@@ -244,17 +244,26 @@ class IdempotencyGuard:
         self.lease_s = lease_s
 
     async def claim(self, key: str, owner: str) -> Entry | None:
-        """None when `owner` may run the upload (also when the store is away)."""
+        """None when `owner` may run the upload; the entry found otherwise.
+
+        A store that is away refuses the upload (`IdempotencyStoreUnavailable`, 503 with
+        `Retry-After`) rather than running it unchecked: the key's first attempt may have
+        stored the file, its result waiting in that store (a replica killed between the
+        settle and its `201`). Run anyway, a Redis failover in progress made a second copy
+        (seen in tests/chaos/test_scale_out.py under load). Without a result in the store the
+        upload could not be acknowledged anyway: its saga's settle needs the same Redis."""
         try:
             with trio.fail_after(5):
                 return await self.store.claim(key, Entry("running", owner), self.lease_s)
         except (StoreUnavailable, trio.TooSlowError) as exc:
             log.warning(
-                "idempotency store unreachable (%s); going on without it",
-                exc or "timeout",
+                "idempotency store unreachable (%s); the upload is refused with 503",
+                str(exc) or "timeout",
                 extra={"event": "idempotency_store_down"},
             )
-            return None
+            raise IdempotencyStoreUnavailable(
+                f"the Idempotency-Key's store cannot be reached ({str(exc) or 'timeout'})"
+            ) from exc
 
     async def keep(self, key: str, owner: str) -> None:
         """Renew the claim while the upload runs (run in a nursery, cancelled after)."""

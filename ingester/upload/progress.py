@@ -10,7 +10,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
+
+import trio
+
+# How often finished progress entries past their retention are forgotten.
+EXPIRE_INTERVAL_S: Final = 30.0
 
 
 class UploadState(StrEnum):
@@ -101,6 +106,12 @@ class ProgressBook:
 
     def in_flight(self) -> int:
         return sum(1 for e in self._entries.values() if e.state not in FINAL_STATES)
+
+    async def run(self, interval_s: float = EXPIRE_INTERVAL_S) -> None:
+        """Forget finished entries every `interval_s`, until cancelled (the service nursery)."""
+        while True:
+            await trio.sleep(interval_s)
+            self.expire()
 
     def expire(self) -> int:
         """Forget finished entries older than the retention; returns how many went."""

@@ -252,8 +252,16 @@ async def test_rolling_restart_clients_following_retry_after_see_no_failure(
             f"rolling restart of 3 replicas in {rolled_s:.1f}s: {len(load.sent)} uploads, "
             f"retries {retries}"
         )
-        # The only refusals a client saw are the draining replica's, with Retry-After.
-        assert set(retries) <= {"503 SHUTTING_DOWN", "tus 503 SHUTTING_DOWN"}, retries
+        # The only refusals a client saw came with Retry-After: the draining replica's, and
+        # admission's on the others while one of three is out (on a loaded CI machine the
+        # uploads slow down and one user's pile up past INGESTER_MAX_UPLOADS_PER_USER).
+        assert set(retries) <= {
+            "503 SHUTTING_DOWN",
+            "tus 503 SHUTTING_DOWN",
+            "429 TOO_MANY_UPLOADS",
+            "tus 429 TOO_MANY_UPLOADS",
+        }, retries
+        assert retries.get("503 SHUTTING_DOWN", 0) + retries.get("tus 503 SHUTTING_DOWN", 0)
 
 
 async def test_sigkill_the_redis_master_under_load(world: World, token: TokenFactory) -> None:

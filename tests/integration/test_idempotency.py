@@ -199,3 +199,37 @@ async def test_replicas_sharing_redis_answer_a_repeat_from_the_first(
         finally:
             one.terminate()
             two.terminate()
+
+
+async def test_a_key_whose_store_is_away_is_a_503_to_retry_and_nothing_is_stored(
+    stack: Stack, token: TokenFactory, redis_server: RedisServer
+) -> None:
+    # Run unchecked, a retry during a Redis failover could store a file its first attempt
+    # already stored (the first's result waits in Redis). So: 503 with Retry-After, and the
+    # same request succeeds once Redis is back.
+    with trio.fail_after(60):
+        proc = await trio.to_thread.run_sync(
+            lambda: stack.start_ingester(
+                "idem-away", INGESTER_REDIS_URL=redis_server.url, INGESTER_REDIS_TIMEOUT_S="0.5"
+            )
+        )
+        try:
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+                headers = {"Idempotency-Key": "while-away"}
+                before = data_files(stack)
+                redis_server.kill()
+                refused = await post_upload(
+                    http, proc.url, token(), MultipartUpload([b"a" * 5000]), headers=headers
+                )
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "IDEMPOTENCY_STORE_UNAVAILABLE"
+                assert int(refused.headers["Retry-After"]) >= 1
+                assert data_files(stack) == before
+                await trio.to_thread.run_sync(redis_server.start)
+                stored = await post_upload(
+                    http, proc.url, token(), MultipartUpload([b"a" * 5000]), headers=headers
+                )
+                assert stored.status_code == 201, stored.text
+                assert len(data_files(stack) - before) == 1
+        finally:
+            proc.terminate()
