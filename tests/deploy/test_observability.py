@@ -49,9 +49,14 @@ REQUIRED_ON_DASHBOARD: Final = {
 }
 # Server-side failures that are not load shedding or draining (those have their own panels).
 NOT_FAILURES: Final = {"SERVICE_BUSY", "SHUTTING_DOWN"}
-# Answers of the tus routes themselves, never an upload's outcome (`ingester_uploads_total`
-# counts what went through the pipeline): the store being away, a store still running.
-TUS_ROUTE_ONLY: Final = {"TUS_STORE_UNAVAILABLE", "UPLOAD_COMPLETING"}
+# Answers given before an upload reaches the pipeline, never its outcome
+# (`ingester_uploads_total` counts what went through the pipeline): the tus store or an
+# Idempotency-Key's store being away, a tus store still running.
+TUS_ROUTE_ONLY: Final = {
+    "TUS_STORE_UNAVAILABLE",
+    "UPLOAD_COMPLETING",
+    "IDEMPOTENCY_STORE_UNAVAILABLE",
+}
 
 
 def collectors() -> dict[str, tuple[str, ...]]:
