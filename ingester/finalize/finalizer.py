@@ -52,6 +52,7 @@ from ..storage.capabilities import StoredForm, compressed_by_metadata, stored_as
 from ..storage.client import StoredFile
 from ..storage.pool import ElementPool
 from ..storage.selection import Candidate
+from ..upload.digest import update_hash
 from .errors import (
     AdminCommitFailed,
     AdminLookupFailed,
@@ -72,8 +73,6 @@ CLAIM_BATCH: Final = 20
 # The download is read in pieces this large: one chunked frame each to the target (smaller
 # frames cost the element CPU, see the pipeline's SEND_PIECE).
 PIECE: Final = 1024 * 1024
-# Below this, hashing on the event loop is cheaper than a hop to a worker thread.
-INLINE_HASH_BYTES: Final = 64 * 1024
 VERSION_FIELD: Final = "1"
 
 
@@ -133,10 +132,7 @@ class CopyBody(httpx.AsyncByteStream):
             except StopAsyncIteration:
                 self._stage = 2
                 return self._tail
-            if len(chunk) >= INLINE_HASH_BYTES:
-                await trio.to_thread.run_sync(self.hasher.update, chunk)
-            else:
-                self.hasher.update(chunk)
+            await update_hash(self.hasher, chunk)
             self.size += len(chunk)
             self._on_bytes(len(chunk))
             return chunk

@@ -132,8 +132,8 @@ class TusService:
     """Resumable uploads; `ingester.service` gives it what it uses.
 
     `store`: the uploads' state (Redis or in-process). `ingest`: where a completed upload is
-    stored. `spool_budget` holds the data files' bytes,
-    `memory` the buffers of PATCHes. `draining()`: whether new work is refused.
+    stored. `spool_budget` holds the data files' bytes, `memory` the buffers of PATCHes.
+    `draining()`: whether new work is refused.
     """
 
     def __init__(

@@ -23,10 +23,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+import trio
+
 from ..errors import DigestMismatch, InvalidDigestHeader, UnsupportedDigest
+from .spool import Buffer
 
 if TYPE_CHECKING:
     from hashlib import _Hash
+
+# Below this, hashing on the event loop is cheaper than a hop to a worker thread.
+INLINE_HASH_BYTES: Final = 64 * 1024
+
+
+async def update_hash(hasher: _Hash, data: Buffer) -> None:
+    """`hasher.update(data)`: on the loop for a small piece, in a worker thread otherwise."""
+    if len(data) >= INLINE_HASH_BYTES:
+        await trio.to_thread.run_sync(hasher.update, data)
+    else:
+        hasher.update(data)
+
 
 SHA256_KEY: Final = "sha-256"
 # What we verify, in order of preference (sha-256 costs nothing extra: the pipeline hashes

@@ -24,7 +24,7 @@ from ..saga.commit import ResultCommit
 from ..settings import Settings
 from .admission import Admission
 from .budget import MemoryBudget, UploadBudget
-from .digest import ExpectedDigest
+from .digest import ExpectedDigest, update_hash
 from .fields import UploadOptions
 from .filenames import sanitize_filename
 from .form import FormReader, FormSource
@@ -36,9 +36,6 @@ from .source import BytesSource, FileSource, FileStart
 from .spool import Spool
 
 log = logging.getLogger(__name__)
-
-# Hash pieces at least this large in a worker thread; smaller ones on the loop.
-_THREAD_HASH_MIN: int = 64 * 1024
 
 
 class Ingest:
@@ -233,7 +230,6 @@ class Ingest:
         digest = hashlib.sha256()
         filename: str | None = None
         in_file = False
-        size = 0
         try:
             while True:
                 event = await reader.next_event()
@@ -246,11 +242,7 @@ class Ingest:
                 elif isinstance(event, PartData):
                     reader.budget.release(len(event.data))
                     if in_file:
-                        size += len(event.data)
-                        if len(event.data) >= _THREAD_HASH_MIN:
-                            await trio.to_thread.run_sync(digest.update, event.data)
-                        else:
-                            digest.update(event.data)
+                        await update_hash(digest, event.data)
                 elif isinstance(event, PartEnd):
                     in_file = False
                 elif isinstance(event, BodyEnd):

@@ -56,6 +56,7 @@ from .compression import (
     make_compressor,
     sniff_first_chunk,
 )
+from .digest import INLINE_HASH_BYTES
 from .element_body import Encoder, SEUploadBody
 from .fields import RetentionPolicy, UploadOptions
 from .filenames import sanitize_filename
@@ -73,8 +74,6 @@ SNIFF_BYTES: Final = 64 * 1024
 # hop per batch (a hop costs about as much as hashing 64 KiB, so per-chunk hops were a
 # large share of the CPU), and one chunked frame per batch for the element.
 BATCH_BYTES: Final = 1024 * 1024
-# Below this, hashing on the event loop is cheaper than a hop to a worker thread.
-INLINE_HASH_BYTES: Final = 64 * 1024
 HEARTBEAT_S: Final = 0.5
 # Multipart framing and form fields around the file part: allowance over max_file_size
 # before a declared Content-Length is refused outright.

@@ -20,27 +20,19 @@ def metric(text: str, name: str, **labels: str) -> float:
         name, _, written = name.partition("{")
         (family,) = text_string_to_metric_families(f"x{{{written} 0\n")
         labels = {**family.samples[0].labels, **labels}
-    known = False
+    declared: set[str] = set()
     for family in text_string_to_metric_families(text):
+        declared.update(family.name + suffix for suffix in _SAMPLE_SUFFIXES)
         for sample in family.samples:
-            if sample.name != name:
-                continue
-            known = True
-            if sample.labels == labels:
+            if sample.name == name and sample.labels == labels:
                 return float(sample.value)
-    if known or _declared(text, name):
+    if name in declared:
         return 0.0
     raise AssertionError(f"{name} is not in /metrics")
 
 
-def _declared(text: str, name: str) -> bool:
-    """Whether `name` is a sample of a family the exposition declares (`# TYPE`)."""
-    suffixes = ("", "_total", "_created", "_count", "_sum", "_bucket")
-    return any(
-        name == family.name + suffix
-        for family in text_string_to_metric_families(text)
-        for suffix in suffixes
-    )
+# The samples a family declared with `# TYPE` may have: its name with these.
+_SAMPLE_SUFFIXES = ("", "_total", "_created", "_count", "_sum", "_bucket")
 
 
 async def read_metric(url: str, name: str, **labels: str) -> float:
