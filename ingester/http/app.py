@@ -33,6 +33,7 @@ from ..settings import Settings
 from ..upload.digest import ExpectedDigest, parse_content_digest
 from ..upload.idempotency import IdempotentResult, parse_key, scoped_key
 from .base import make_app
+from .body import request_body
 from .common import authenticate, authenticate_uploader, json_response, service
 from .cors import install_cors
 from .docs import docs
@@ -104,7 +105,7 @@ async def upload_file() -> Response:
             retry_after = first.retry_after_s(svc.idempotency.lease_s)
             raise IdempotencyInProgress(headers={"Retry-After": str(retry_after)})
         else:
-            seen = await svc.ingest.body_fingerprint(boundary=boundary, body=request.body)
+            seen = await svc.ingest.body_fingerprint(boundary=boundary, body=request_body())
             if seen != first.fingerprint:
                 raise IdempotencyKeyReused()
             log.info(
@@ -136,7 +137,7 @@ async def ingest_request(
     result = await svc.ingest.run(
         principal=principal,
         upload_id=upload_id,
-        source=svc.ingest.form_source(request.body, boundary),
+        source=svc.ingest.form_source(request_body(), boundary),
         content_length=request.content_length,
         digest=digest,
         commit=commit,

@@ -1,4 +1,4 @@
-"""What every QuartTrio app of this project shares: the bounded body, request ids, and the
+"""What every QuartTrio app of this project shares: the bounded body (`.body`), request ids, and the
 one place that turns exceptions into HTTP status, `error.code` and a JSON body."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Final, cast
+from typing import Final
 
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -16,12 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import logs
 from ..errors import IngesterError
-from .body import (
-    DEFAULT_BUFFER_LIMIT,
-    BackpressureHTTPConnection,
-    BoundedBody,
-    BoundedRequest,
-)
+from .body import DEFAULT_BUFFER_LIMIT, BodyLimits, BodyMiddleware
 from .receive import ReceiveShare
 
 log = logging.getLogger(__name__)
@@ -69,23 +64,15 @@ def make_app(
     """A QuartTrio app with backpressure, request ids, JSON errors and an access log; with
     `min_rate_bytes`, request bodies slower than that per `min_rate_window_s` get 408."""
 
-    body_class = type(
-        "Body",
-        (BoundedBody,),
-        {
-            "buffer_limit": buffer_limit,
-            "min_rate_bytes": min_rate_bytes,
-            "min_rate_window_s": min_rate_window_s,
-            "receive_share": receive_share,
-        },
+    app = QuartTrio(name)
+    # Quart's public middleware hook: request bodies never reach Quart's unbounded buffer.
+    limits = BodyLimits(
+        buffer_limit=buffer_limit,
+        receive_share=receive_share,
+        min_rate_bytes=min_rate_bytes,
+        min_rate_window_s=min_rate_window_s,
     )
-    request_class = type("Request", (BoundedRequest,), {"body_class": body_class})
-
-    class App(QuartTrio):
-        asgi_http_class = BackpressureHTTPConnection
-
-    App.request_class = cast(type[BoundedRequest], request_class)
-    app = App(name)
+    app.asgi_app = BodyMiddleware(app.asgi_app, limits)  # type: ignore[method-assign]
     # Quart's defaults assume small bodies and short responses; our handlers count bytes
     # themselves and every wait has its own cancel scope.
     app.config["MAX_CONTENT_LENGTH"] = None

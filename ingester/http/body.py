@@ -1,11 +1,13 @@
-"""Request bodies with backpressure, for every QuartTrio app of this project.
+"""Request bodies with backpressure, for every QuartTrio app of this project, through ASGI.
 
 Quart's ASGI connection copies each `http.request` message into an unbounded buffer as fast
-as hypercorn delivers it, so a handler slower than the client lets memory grow without
-limit (measured: about 2 GB in 8 s). Here the connection stops pulling `receive()` while
-`body_buffer_limit` bytes are unread; hypercorn's bounded app queue then fills, it stops
-reading the socket, and the client's TCP window closes. A slow Storage Element thereby slows
-the client, not our memory.
+as hypercorn delivers it, so a handler slower than the client would let memory grow without
+limit (measured: about 2 GB in 8 s). So Quart never sees a body here: `BodyMiddleware`, an
+ASGI middleware (Quart's public `app.asgi_app` wrapping), takes the request body from the
+server itself and hands Quart an empty one. Handlers read the real one through
+`request_body()`. Its `RequestBody` stops pulling `receive()` while `buffer_limit` bytes are
+unread; hypercorn's bounded app queue then fills, it stops reading the socket, and the
+client's TCP window closes. A slow Storage Element thereby slows the client, not our memory.
 
 Answering before the body is read (413, 415, 400) leaves the rest of the body unread, and
 closing a socket with unread input makes the kernel send RST, which can destroy the answer
@@ -18,18 +20,28 @@ pauses.
 A body may also have a minimum rate (`ingester.http.pace`): waiting for the client past it
 raises `ClientTooSlow` (408) from the read, whoever reads (the multipart reader, a tus
 PATCH), so the upload's slot and memory are freed like after any other error.
+
+A client that goes away cancels its request: the middleware's reader sees `http.disconnect`
+and hands it to Quart, whose connection then cancels the handler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any, Final
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Final, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable
-from quart.wrappers import Request
-from quart_trio.asgi import TrioASGIHTTPConnection
-from quart_trio.wrappers.request import TrioBody, TrioRequest
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
+from quart import request
 
 from ..errors import ClientTooSlow
 from .pace import ClientPace
@@ -45,15 +57,16 @@ LINGER_S: Final = 3.0
 LINGER_BYTES: Final = 64 * 1024 * 1024
 # A client that sends nothing for this long while we linger is not going to.
 LINGER_PAUSE_S: Final = 0.25
+# Where the middleware leaves the body in the ASGI scope (Quart keeps it as `request.scope`).
+SCOPE_KEY: Final = "ingester.body"
+
+_EMPTY_BODY: Final = {"type": "http.request", "body": b"", "more_body": False}
+_DISCONNECT: Final = {"type": "http.disconnect"}
 
 
-class BoundedBody(TrioBody):
-    """A body buffer that tells the ASGI receiver when it is full.
-
-    It keeps the received chunks as they are instead of Quart's bytearray, which copied
-    every byte twice (extend, then bytes()) on the way to the handler.
-    """
-
+@dataclass(frozen=True)
+class BodyLimits:
+    # Where the reader pauses (a configured ceiling; `receive_share` may lower it).
     buffer_limit: int = DEFAULT_BUFFER_LIMIT
     # When set, the limit shrinks as more connections receive at once (`.receive`).
     receive_share: ReceiveShare | None = None
@@ -61,19 +74,31 @@ class BoundedBody(TrioBody):
     min_rate_bytes: int = 0
     min_rate_window_s: float = 60.0
 
-    def __init__(self, expected_content_length: int | None, max_content_length: int | None):
-        # Size limits are the handlers' job (they count bytes and answer 413 themselves).
-        super().__init__(expected_content_length, None)
-        self._chunks: list[bytes] = []
+
+class RequestBody:
+    """One request's body: the chunks the server delivered, as they are (joining them would
+    copy), read once by the handler as an async iterator."""
+
+    def __init__(self, limits: BodyLimits = BodyLimits()) -> None:
+        self._limits = limits
+        self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._has_data = trio.Event()
         self._room = trio.Event()
         self._room.set()
-        self._discarding = False
         self._arrived = trio.Event()
+        self._discarding = False
+        self.complete = False
         self.discarded = 0
+        # Set when the client went away (`http.disconnect` before the request ended).
+        self.disconnected = trio.Event()
         self.pace = (
-            ClientPace(self.min_rate_bytes, self.min_rate_window_s) if self.min_rate_bytes else None
+            ClientPace(limits.min_rate_bytes, limits.min_rate_window_s)
+            if limits.min_rate_bytes
+            else None
         )
+
+    # --- the server's side ---------------------------------------------------------------
 
     def append(self, data: bytes) -> None:
         if not data:
@@ -88,20 +113,52 @@ class BoundedBody(TrioBody):
         if self._buffered >= self._limit() and self._room.is_set():
             self._room = trio.Event()
 
+    def set_complete(self) -> None:
+        self.complete = True
+        self._has_data.set()
+        self._arrived.set()
+
     def _limit(self) -> int:
-        share = self.receive_share
-        return self.buffer_limit if share is None else share.body_limit(self.buffer_limit)
+        share = self._limits.receive_share
+        limit = self._limits.buffer_limit
+        return limit if share is None else share.body_limit(limit)
+
+    async def wait_for_room(self) -> None:
+        while self._buffered >= self._limit() and not self._discarding:
+            if self._room.is_set():
+                # The limit shrank (more connections receive now) since room was made.
+                self._room = trio.Event()
+            await self._room.wait()
+
+    async def pump(self, receive: ASGIReceiveCallable) -> None:
+        """Move the server's messages into this body, pausing while it is full, until the
+        client goes away (after the request, that is how hypercorn ends it)."""
+        while True:
+            await self.wait_for_room()
+            message = await receive()
+            if message["type"] == "http.request":
+                self.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self.set_complete()
+            elif message["type"] == "http.disconnect":
+                self.disconnected.set()
+                self._arrived.set()
+                return
+
+    # --- the handler's side --------------------------------------------------------------
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
 
     async def __anext__(self) -> bytes:
-        if not self._complete.is_set():
+        if not self._chunks and not self.complete:
             await self._wait_for_data()
-        if self._complete.is_set() and not self._chunks:
-            raise StopAsyncIteration
-        # One received piece at a time, as hypercorn delivered it: joining them would copy.
-        chunk = self._chunks.pop(0)
-        self._buffered -= len(chunk)
         if not self._chunks:
-            self._has_data.clear()
+            raise StopAsyncIteration
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if not self._chunks and not self.complete:
+            self._has_data = trio.Event()
         if self._buffered < self._limit():
             self._room.set()
         if self.pace is not None:
@@ -109,12 +166,11 @@ class BoundedBody(TrioBody):
         return chunk
 
     async def _wait_for_data(self) -> None:
+        # A client that went away leaves this wait to the cancellation Quart then delivers.
         pace = self.pace
         if pace is None:
             await self._has_data.wait()
             return
-        if self._has_data.is_set():
-            return  # buffered already: no waiting, and never refused
         started = trio.current_time()
         with trio.move_on_after(pace.wait_left()) as slow:
             await self._has_data.wait()
@@ -125,29 +181,6 @@ class BoundedBody(TrioBody):
                 "(INGESTER_CLIENT_MIN_RATE_BYTES, INGESTER_CLIENT_MIN_RATE_WINDOW_S)"
             )
 
-    def __await__(self) -> Generator[Any, None, bytes]:
-        yield from self._complete.wait().__await__()
-        return b"".join(self._chunks)
-
-    def clear(self) -> None:
-        self._chunks.clear()
-        self._buffered = 0
-
-    @property
-    def complete(self) -> bool:
-        return bool(self._complete.is_set())
-
-    async def wait_for_room(self) -> None:
-        while self._buffered >= self._limit() and not self._discarding:
-            if self._room.is_set():
-                # The limit shrank (more connections receive now) since room was made.
-                self._room = trio.Event()
-            await self._room.wait()
-
-    def set_complete(self) -> None:
-        super().set_complete()
-        self._arrived.set()
-
     async def drain(self) -> None:
         """Read and drop the rest of the body, within the lingering-close bounds."""
         self._discarding = True
@@ -155,7 +188,9 @@ class BoundedBody(TrioBody):
         self._buffered = 0
         self._room.set()
         with trio.move_on_after(LINGER_S):
-            while not self.complete and self.discarded < LINGER_BYTES:
+            while not self.complete and not self.disconnected.is_set():
+                if self.discarded >= LINGER_BYTES:
+                    return
                 self._arrived = trio.Event()
                 with trio.move_on_after(LINGER_PAUSE_S) as pause:
                     await self._arrived.wait()
@@ -163,62 +198,84 @@ class BoundedBody(TrioBody):
                     return
 
 
-class BoundedRequest(TrioRequest):
-    body_class = BoundedBody
+def request_body() -> RequestBody:
+    """The current request's body (in a handler of an app built by `make_app`)."""
+    body = request.scope.get(SCOPE_KEY)
+    if not isinstance(body, RequestBody):  # pragma: no cover - an app without the middleware
+        raise RuntimeError("the app has no BodyMiddleware")
+    return body
 
 
-class BackpressureHTTPConnection(TrioASGIHTTPConnection):
-    async def handle_messages(  # type: ignore[override]
-        self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable
+class BodyMiddleware:
+    """The ASGI app in front of Quart: it reads request bodies (`RequestBody`), answers Quart's
+    `receive()` with an empty body and then the client's disconnect, and ends responses
+    (lingering close, a shielded last message)."""
+
+    def __init__(self, app: ASGIFramework, limits: BodyLimits) -> None:
+        self.app = app
+        self.limits = limits
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
-        body = request.body
-        while True:
-            if isinstance(body, BoundedBody):
-                await body.wait_for_room()
-            message: Any = await receive()
-            if message["type"] == "http.request":
-                body.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    body.set_complete()
-            elif message["type"] == "http.disconnect":
-                break
-        nursery.cancel_scope.cancel()
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body = RequestBody(self.limits)
+        scope = cast(Scope, {**scope, SCOPE_KEY: body})
+        framed = _has_body(scope)
+        if not framed:
+            body.set_complete()
+        told_quart = False
 
-    async def handle_request(  # type: ignore[override]
-        self, nursery: trio.Nursery, request: Request, send: ASGISendCallable
-    ) -> None:
-        response = await self.app.handle_request(request)
-        body = request.body
-        # A request without a body (a probe, a GET) often gets its answer before the ASGI
-        # message that ends its empty body arrives: nothing is left to read, so no linger
-        # and no `Connection: close` (which cost every probe a new connection).
-        linger = isinstance(body, BoundedBody) and not body.complete and _has_body(request)
-        if linger:
-            response.headers["Connection"] = "close"
+        async def quart_receive() -> ASGIReceiveEvent:
+            nonlocal told_quart
+            if not told_quart:
+                told_quart = True
+                return cast(ASGIReceiveEvent, _EMPTY_BODY)
+            await body.disconnected.wait()
+            return cast(ASGIReceiveEvent, _DISCONNECT)
 
-        async def send_end_shielded(message: Any) -> None:
-            # The last body message makes hypercorn recycle the connection for keep-alive and
-            # start its idle timer within this call; the same call delivers http.disconnect,
-            # whose cancellation would land inside the recycling. The idle timer then never
-            # starts: idle connections are never closed, and shutdown waits its whole grace.
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                if linger and isinstance(body, BoundedBody):
+        linger = False
+
+        async def quart_send(message: ASGISendEvent) -> None:
+            nonlocal linger
+            if message["type"] == "http.response.start":
+                # A request without a body (a probe, a GET) often gets its answer before the
+                # message that ends its empty body arrives: nothing is left to read, so no
+                # linger and no `Connection: close` (which cost every probe a connection).
+                linger = framed and not body.complete
+                if linger:
+                    headers = [h for h in message["headers"] if h[0].lower() != b"connection"]
+                    message = cast(
+                        ASGISendEvent, {**message, "headers": [*headers, (b"connection", b"close")]}
+                    )
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # The last body message makes hypercorn recycle the connection for keep-alive
+                # and start its idle timer within this call; the same call delivers
+                # http.disconnect, whose cancellation would land inside the recycling. The
+                # idle timer then never starts: idle connections are never closed, and
+                # shutdown waits its whole grace.
+                if linger:
                     await body.drain()
-                with trio.CancelScope(shield=True) as scope:
-                    scope.deadline = trio.current_time() + FINAL_SEND_TIMEOUT_S
+                with trio.CancelScope(shield=True) as final:
+                    final.deadline = trio.current_time() + FINAL_SEND_TIMEOUT_S
                     await send(message)
-            else:
-                await send(message)
+                return
+            await send(message)
 
-        # Streaming responses (downloads) must not be cut by Quart's RESPONSE_TIMEOUT: the
-        # client's own pace decides; hypercorn's keep-alive timeout covers dead peers.
-        await self._send_response(send_end_shielded, response)
-        nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(body.pump, receive)
+            await self.app(scope, quart_receive, quart_send)
+            nursery.cancel_scope.cancel()
 
 
-def _has_body(request: Request) -> bool:
+def _has_body(scope: Scope) -> bool:
     """Whether the request's framing announces body bytes (RFC 9112 section 6.3)."""
-    if "Transfer-Encoding" in request.headers:
-        return True
-    length = request.headers.get("Content-Length")
-    return length is not None and length.strip() not in ("", "0")
+    for name, value in cast(Any, scope)["headers"]:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            return True
+        if lowered == b"content-length" and value.strip() not in (b"", b"0"):
+            return True
+    return False

@@ -40,6 +40,7 @@ from ..auth.principal import Principal
 from ..auth.verifier import TokenVerifier, bearer_from_header, require_upload
 from ..errors import BadRequest, MissingFile, RequestTimeout
 from ..http.base import error_response, make_app
+from ..http.body import request_body
 from ..http.multipart import (
     BodyEnd,
     MultipartStreamParser,
@@ -160,7 +161,7 @@ def create_storage_element_app(
         if artstore:
             boundary = parse_boundary(request.headers.get("Content-Type"))
             body = await compat.upload(
-                config, store, principal, aiter(request.body), boundary, _receive_form
+                config, store, principal, aiter(request_body()), boundary, _receive_form
             )
             return body, 201
         if not config.allows_upload:
@@ -168,7 +169,9 @@ def create_storage_element_app(
         boundary = parse_boundary(request.headers.get("Content-Type"))
         async with store.upload(request.content_length) as pending:
             form = UploadForm()
-            await _receive_form(request.body, boundary, form, pending, config.client_idle_timeout_s)
+            await _receive_form(
+                request_body(), boundary, form, pending, config.client_idle_timeout_s
+            )
             if not form.has_file:
                 raise MissingFile()
             file_id = form.file_id() or str(uuid.uuid4())

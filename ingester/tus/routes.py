@@ -13,6 +13,7 @@ from typing import Final
 from quart import Blueprint, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
+from ..http.body import request_body
 from ..http.common import authenticate, authenticate_uploader, json_response, service
 from .errors import InvalidTusHeader
 from .protocol import (
@@ -97,7 +98,7 @@ async def collection() -> Response:
         content_type=headers.get("Content-Type"),
         content_length=request.content_length,
         checksum=parse_checksum(headers.get("Upload-Checksum")),
-        body=request.body,
+        body=request_body(),
     )
     return _answer(answer, 201)
 
@@ -122,7 +123,7 @@ async def resource(upload_id: str) -> Response:
             checksum=parse_checksum(headers.get("Upload-Checksum")),
             content_type=headers.get("Content-Type"),
             content_length=request.content_length,
-            body=request.body,
+            body=request_body(),
         )
         return _answer(answer, 204)
     principal = await authenticate()

@@ -1,5 +1,5 @@
 """The minimum body rate: the pure rule (`ClientPace`), and the body that applies it while
-the server waits for the client (`BoundedBody`), on trio's mock clock."""
+the server waits for the client (`RequestBody`), on trio's mock clock."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import trio
 import trio.testing
 
 from ingester.errors import ClientTooSlow
-from ingester.http.body import BoundedBody
+from ingester.http.body import BodyLimits, RequestBody
 from ingester.http.pace import ClientPace
 
 # --- the rule ------------------------------------------------------------------------------
@@ -68,21 +68,18 @@ def test_a_zero_minimum_is_refused() -> None:
 # --- the body ------------------------------------------------------------------------------
 
 
-def paced_body(min_bytes: int = 100, window_s: float = 10) -> BoundedBody:
-    cls = type("Body", (BoundedBody,), {"min_rate_bytes": min_bytes, "min_rate_window_s": window_s})
-    body = cls(None, None)
-    assert isinstance(body, BoundedBody)
-    return body
+def paced_body(min_bytes: int = 100, window_s: float = 10) -> RequestBody:
+    return RequestBody(BodyLimits(min_rate_bytes=min_bytes, min_rate_window_s=window_s))
 
 
-async def feed(body: BoundedBody, piece: bytes, every_s: float, count: int) -> None:
+async def feed(body: RequestBody, piece: bytes, every_s: float, count: int) -> None:
     for _ in range(count):
         await trio.sleep(every_s)
         body.append(piece)
     body.set_complete()
 
 
-async def read_all(body: BoundedBody, pause_s: float = 0.0) -> int:
+async def read_all(body: RequestBody, pause_s: float = 0.0) -> int:
     total = 0
     async for chunk in body:
         total += len(chunk)

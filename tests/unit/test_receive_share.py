@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from ingester.http.body import BoundedBody
+from ingester.http.body import BodyLimits, RequestBody
 from ingester.http.receive import MIN_READ, ReceiveShare
 
 MIB = 1024 * 1024
@@ -69,11 +69,8 @@ def test_nonsense_is_refused() -> None:
 # --- the body buffer under a share ----------------------------------------------------------
 
 
-def shared_body(s: ReceiveShare) -> BoundedBody:
-    cls = type("Body", (BoundedBody,), {"buffer_limit": MIB, "receive_share": s})
-    body = cls(None, None)
-    assert isinstance(body, BoundedBody)
-    return body
+def shared_body(s: ReceiveShare) -> RequestBody:
+    return RequestBody(BodyLimits(buffer_limit=MIB, receive_share=s))
 
 
 async def test_a_body_pauses_its_receiver_at_the_shared_limit_even_when_it_shrinks() -> None:
