@@ -23,7 +23,8 @@ import trio
 
 from ..groups import collapse
 from .errors import TusStoreUnavailable, UploadLocked
-from .store import LockState, TusStore
+from .guarded_store import GuardedStore
+from .store import LockState
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Lease:
 
 
 class Locks:
-    def __init__(self, store: TusStore, *, ttl_s: float, wait_s: float, retry_after_s: int):
+    def __init__(self, store: GuardedStore, *, ttl_s: float, wait_s: float, retry_after_s: int):
         self.store = store
         self.ttl_s = ttl_s
         self.wait_s = wait_s

@@ -16,10 +16,10 @@ from typing import Any
 from ..errors import IngesterError
 from ..saga.commit import ResultCommit, ResultUnknown, ResultWrite
 from .errors import TusStoreUnavailable, UploadLocked
+from .guarded_store import GuardedStore
 from .locks import Lease
 from .pipelined import LiveStream
 from .state import Phase, TusUpload
-from .store import TusStore
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class TusResult(ResultCommit):
     """`upload`, completed with the stored file's result, written while `lease` holds it."""
 
     def __init__(
-        self, store: TusStore, upload: TusUpload, lease: Lease, *, retention_s: float
+        self, store: GuardedStore, upload: TusUpload, lease: Lease, *, retention_s: float
     ) -> None:
         super().__init__()
         self._store = store

@@ -68,6 +68,7 @@ from .errors import (
     UploadQuotaExceeded,
     WrongContentType,
 )
+from .guarded_store import GuardedStore
 from .locks import Lease, Locks
 from .pipelined import FollowingReader, LiveStream
 from .protocol import (
@@ -153,7 +154,8 @@ class TusService:
         self.spool_budget = spool_budget
         self.memory = memory
         self._draining = draining
-        self.store = store
+        # Every use of the state goes through the guard: Redis away is a 503, everywhere.
+        self.store = GuardedStore(store)
         self.locks = Locks(
             self.store,
             ttl_s=settings.tus_lock_ttl_s,

@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from enum import Enum
 from typing import TYPE_CHECKING, Final, Protocol, TypeVar
 
 import trio
 
-from ..boundary import RedisUnavailable
 from ..saga.commit import ResultWrite
 from ..storage.redis_gateway import RedisGateway
-from .errors import TusStoreUnavailable
 from .state import Phase, TusUpload
 
 if TYPE_CHECKING:
@@ -323,7 +321,7 @@ return 0
 
 class RedisTusStore:
     """State in Redis, through the process's gateway: a dead Redis costs one timeout, never a
-    hang, and is a `TusStoreUnavailable` (503)."""
+    hang, and is the gateway's `RedisUnavailable` (the tus service answers it: `.guarded_store`)."""
 
     def __init__(self, gateway: RedisGateway) -> None:
         self._gateway = gateway
@@ -336,10 +334,10 @@ class RedisTusStore:
         self._reserve = gateway.script(_RESERVE)
 
     async def _call(self, script: Script, keys: list[str], args: list[str]) -> object:
-        return await _tus_error(self._gateway.run_script(script, keys, args))
+        return await self._gateway.run_script(script, keys, args)
 
     async def _run(self, call: Callable[[redis.Redis], _T]) -> _T:
-        return await _tus_error(self._gateway.call(call))
+        return await self._gateway.call(call)
 
     @staticmethod
     def _keys(upload_id: str) -> tuple[str, str, str]:
@@ -453,14 +451,6 @@ class RedisTusStore:
     async def unreserve(self, owner: str, upload_id: str) -> None:
         key = _owner_key(owner)
         await self._run(lambda client: client.hdel(key, upload_id))
-
-
-async def _tus_error(call: Awaitable[_T]) -> _T:
-    """The gateway's error as this store's own: a 503 the tus routes answer."""
-    try:
-        return await call
-    except RedisUnavailable as exc:
-        raise TusStoreUnavailable(f"Redis: {exc}") from exc
 
 
 def _owner_key(owner: str) -> str:

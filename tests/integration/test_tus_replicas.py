@@ -187,3 +187,37 @@ def leave_completing(
         client.set(key, json.dumps(state), keepttl=True)
     finally:
         client.close()
+
+
+async def test_redis_frozen_is_a_clear_503_and_the_upload_resumes_after(
+    stack: Stack, token: TokenFactory, replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """Redis away: every tus request is a 503 `TUS_STORE_UNAVAILABLE` with `Retry-After`,
+    nothing is lost, and the same upload goes on once Redis is back."""
+    with trio.fail_after(90):
+        data = b"".join(random_chunks(3 * MIB + 17, seed=33))
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            tus = Tus(http, replicas.a.url, token())
+            url = on(replicas.a, await tus.new(len(data)))
+            first = await tus.patch(url, 0, data[:MIB])
+            assert first.status_code == 204, first.text
+            redis_server.pause()
+            try:
+                refused = [
+                    await tus.head(url),
+                    await tus.patch(url, MIB, data[MIB : 2 * MIB]),
+                    await tus.create(len(data)),
+                ]
+            finally:
+                redis_server.resume()
+            for response in refused:
+                assert response.status_code == 503, response.text
+                assert int(response.headers["Retry-After"]) > 0
+                if response.request.method != "HEAD":
+                    assert response.json()["error"]["code"] == "TUS_STORE_UNAVAILABLE"
+            # The refused PATCH changed nothing: the upload goes on from the first chunk.
+            assert await tus.offset(url) == MIB
+            await tus.upload(url, data, MIB)
+            result = (await tus.state(url)).json()["result"]
+            stored = await download(http, stack, result)
+        assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from ingester.boundary import RedisUnavailable
 from ingester.storage.redis_gateway import RedisGateway
 from ingester.tus.errors import TusStoreUnavailable
+from ingester.tus.guarded_store import GuardedStore
 from ingester.tus.locks import Locks
 from ingester.tus.state import Phase, TusUpload
 from ingester.tus.store import LockState, MemoryTusStore, RedisTusStore, TusStore
@@ -119,7 +121,7 @@ async def test_a_finished_upload_state_vanishes_when_its_retention_ends(store: T
 
 
 async def test_let_go_through_the_store(store: TusStore) -> None:
-    locks = Locks(store, ttl_s=3, wait_s=3, retry_after_s=1)
+    locks = Locks(GuardedStore(store), ttl_s=3, wait_s=3, retry_after_s=1)
     with trio.fail_after(10):
         holder = await locks.acquire(UID, ask=False)
 
@@ -144,15 +146,20 @@ async def test_a_dead_redis_is_a_503_not_a_hang(tmp_path: Path) -> None:
     server.start()
     gateway = RedisGateway(server.url, timeout_s=0.5)
     store = RedisTusStore(gateway)
+    guarded = GuardedStore(store)
     try:
         with trio.fail_after(10):
-            assert await store.create(upload())
+            assert await guarded.create(upload())
             server.kill()
-            with pytest.raises(TusStoreUnavailable) as caught:
+            # The adapter says what happened; the tus service's guard says what it means.
+            with pytest.raises(RedisUnavailable):
                 await store.get(UID)
+            with pytest.raises(TusStoreUnavailable) as caught:
+                await guarded.get(UID)
             assert caught.value.status == 503
+            assert caught.value.code == "TUS_STORE_UNAVAILABLE"
             with pytest.raises(TusStoreUnavailable):
-                await store.try_lock(UID, "t", 5)
+                await guarded.try_lock(UID, "t", 5)
     finally:
         gateway.close()
         server.kill()

@@ -8,6 +8,7 @@ import time
 
 import trio
 
+from ingester.tus.guarded_store import GuardedStore
 from ingester.tus.locks import Lease
 from ingester.tus.result import TusResult
 from ingester.tus.state import Phase, TusUpload
@@ -40,7 +41,7 @@ async def test_a_tus_result_is_recorded_once_the_state_is_done_with_its_file() -
         assert await store.create(upload)
         lease = Lease(upload.id, "token")
         assert await store.try_lock(upload.id, lease.token, 30)
-        commit = TusResult(store, upload, lease, retention_s=600)
+        commit = TusResult(GuardedStore(store), upload, lease, retention_s=600)
         assert not await commit.recorded(RESULT)  # receiving, no result
         await commit.write(RESULT)
         state = await store.get(upload.id)

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from ingester.tus.errors import UploadLocked
+from ingester.tus.guarded_store import GuardedStore
 from ingester.tus.locks import KEEP_INTERVAL_S, Lease, Locks
 from ingester.tus.state import TusUpload
 from ingester.tus.store import LockState, MemoryTusStore
@@ -24,7 +25,7 @@ def upload(expires_in: float = 60.0) -> TusUpload:
 
 
 def locks(store: MemoryTusStore, *, ttl_s: float = 2.0, wait_s: float = 2.0) -> Locks:
-    return Locks(store, ttl_s=ttl_s, wait_s=wait_s, retry_after_s=1)
+    return Locks(GuardedStore(store), ttl_s=ttl_s, wait_s=wait_s, retry_after_s=1)
 
 
 async def test_one_holder_at_a_time_and_only_it_writes() -> None:
