@@ -24,6 +24,7 @@ import trio
 
 from .allocator import trim_when_idle
 from .auth.verifier import TokenVerifier, build_verifier
+from .concurrency import cleanup_scope
 from .finalize.finalizer import Finalizer
 from .finalize.store import FinalizeStore, MemoryFinalizeStore, RedisFinalizeStore
 from .metrics import Metrics
@@ -277,5 +278,5 @@ class Service:
             if self.redis is not None:
                 self.redis.close()
             self.spool_files.close()
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
+            with cleanup_scope(5):
                 await self.http.aclose()

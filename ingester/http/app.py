@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 
 from .. import __version__, logs
 from ..auth.principal import Principal
+from ..concurrency import collapse
 from ..errors import (
     IdempotencyInProgress,
     IdempotencyKeyReused,
@@ -25,7 +26,6 @@ from ..errors import (
     UploadIdInUse,
     UploadNotFound,
 )
-from ..groups import collapse
 from ..http.multipart import parse_boundary
 from ..resilience.breaker import BreakerState
 from ..service import Service

@@ -43,6 +43,7 @@ from hypercorn.typing import (
 )
 from quart import request
 
+from ..concurrency import cleanup_scope
 from ..errors import ClientTooSlow
 from .pace import ClientPace
 from .receive import ReceiveShare
@@ -258,8 +259,7 @@ class BodyMiddleware:
                 # shutdown waits its whole grace.
                 if linger:
                     await body.drain()
-                with trio.CancelScope(shield=True) as final:
-                    final.deadline = trio.current_time() + FINAL_SEND_TIMEOUT_S
+                with cleanup_scope(FINAL_SEND_TIMEOUT_S):
                     await send(message)
                 return
             await send(message)

@@ -23,6 +23,7 @@ from typing import Protocol
 import trio
 
 from ..auth.principal import Principal
+from ..concurrency import cleanup_scope
 from ..errors import IngesterError, StorageElementError
 from ..metrics import Metrics
 from ..resilience.breaker import BreakerBoard
@@ -158,7 +159,7 @@ class ElementPool:
         """Remove what an abandoned upload may have left on `copy`'s element: True when it is
         gone. Shielded and bounded: it runs on the way out of cancelled uploads too."""
         timeout_s = self._compensation_timeout_s
-        with trio.CancelScope(shield=True), trio.move_on_after(timeout_s):
+        with cleanup_scope(timeout_s):
             try:
                 if authorization is None:
                     authorization = await self.auth.authorization(None)

@@ -21,7 +21,7 @@ from typing import Final
 
 import trio
 
-from ..groups import collapse
+from ..concurrency import cleanup_scope, collapse
 from .errors import TusStoreUnavailable, UploadLocked
 from .guarded_store import GuardedStore
 from .store import LockState
@@ -140,7 +140,7 @@ class Locks:
     async def release(self, lease: Lease) -> None:
         """Shielded and bounded: a release that cannot reach the store leaves the lock to
         run out on its own."""
-        with trio.CancelScope(shield=True), trio.move_on_after(self.ttl_s):
+        with cleanup_scope(self.ttl_s):
             try:
                 await self.store.release(lease.upload_id, lease.token)
             except TusStoreUnavailable as exc:

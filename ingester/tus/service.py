@@ -36,6 +36,7 @@ import trio
 
 from .. import logs
 from ..auth.principal import Principal
+from ..concurrency import cleanup_scope
 from ..errors import (
     FileTooLarge,
     IngesterError,
@@ -551,7 +552,7 @@ class TusService:
 
     async def _remove_created(self, upload: TusUpload, lease: Lease) -> None:
         """Undo a creation whose own request was refused: state and data file."""
-        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.tus_lock_ttl_s):
+        with cleanup_scope(self.settings.tus_lock_ttl_s):
             try:
                 await self.store.delete(upload.id, lease.token)
             except IngesterError as exc:
@@ -594,7 +595,7 @@ class TusService:
     async def _unreserve_id(self, owner: str, upload_id: str) -> None:
         """The upload no longer counts against its owner (stored, removed, expired). Best
         effort: an entry left behind is dropped once its state is gone."""
-        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.tus_lock_ttl_s):
+        with cleanup_scope(self.settings.tus_lock_ttl_s):
             try:
                 await self.store.unreserve(owner, upload_id)
             except IngesterError as exc:
@@ -901,7 +902,7 @@ class TusService:
             # as they are. A `completing` state is stored again by the next final PATCH.
             error.headers.setdefault("Upload-Offset", str(upload.offset))
             return
-        with trio.CancelScope(shield=True), trio.move_on_after(self.settings.tus_lock_ttl_s):
+        with cleanup_scope(self.settings.tus_lock_ttl_s):
             try:
                 if created:
                     # Its creation request fails with it: the client never learned the

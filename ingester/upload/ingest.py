@@ -15,8 +15,8 @@ import trio
 
 from .. import logs
 from ..auth.principal import Principal
+from ..concurrency import collapse, only_cancelled
 from ..errors import IngesterError, MissingFile, RequestTimeout
-from ..groups import collapse, only_cancelled
 from ..http.multipart import BodyEnd, PartData, PartEnd, PartStart
 from ..metrics import Metrics
 from ..ownership import Ownership

@@ -22,8 +22,8 @@ import trio
 import trio.testing
 
 from ingester.auth.principal import Principal
+from ingester.concurrency import collapse
 from ingester.errors import NoStorageAvailable
-from ingester.groups import collapse
 from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
 from ingester.resilience.breaker import BreakerBoard, BreakerPolicy

@@ -6,8 +6,8 @@ import pytest
 import trio
 import trio.testing
 
+from ingester.concurrency import collapse, only_cancelled
 from ingester.errors import InvalidField, ServiceBusy, ShuttingDown, TooManyUploads
-from ingester.groups import collapse, only_cancelled
 from ingester.upload.admission import Admission
 from ingester.upload.form import plan_is_settled
 from ingester.upload.progress import ProgressBook, UploadState

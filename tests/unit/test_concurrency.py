@@ -1,4 +1,5 @@
-"""collapse(): the one error reported for a nursery's group, and none of the others lost."""
+"""collapse(): the one error reported for a nursery's group, and none of the others lost;
+cleanup_scope(): a cleanup that runs under cancellation, until its deadline."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import logging
 
 import pytest
 import trio
+import trio.testing
 
+from ingester.concurrency import cleanup_scope, collapse
 from ingester.errors import NoStorageAvailable, StorageElementError
-from ingester.groups import collapse
 
 
 def cancelled() -> trio.Cancelled:
@@ -33,7 +35,7 @@ def test_the_project_error_is_reported_and_a_bug_beside_it_is_logged_with_its_tr
         raise TypeError("a bug")
     except TypeError as exc:
         bug = exc
-    with caplog.at_level(logging.INFO, logger="ingester.groups"):
+    with caplog.at_level(logging.INFO, logger="ingester.concurrency"):
         chosen = collapse(BaseExceptionGroup("g", [bug, element]))
     assert chosen is element
     (record,) = caplog.records
@@ -47,7 +49,7 @@ def test_a_second_project_error_is_logged_as_information(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     first, second = StorageElementError("se-1 went away"), NoStorageAvailable()
-    with caplog.at_level(logging.INFO, logger="ingester.groups"):
+    with caplog.at_level(logging.INFO, logger="ingester.concurrency"):
         chosen = collapse(BaseExceptionGroup("g", [BaseExceptionGroup("inner", [first]), second]))
     assert chosen is first
     (record,) = caplog.records
@@ -58,9 +60,28 @@ def test_a_second_project_error_is_logged_as_information(
 def test_cancellations_are_not_errors_and_only_cancellations_stay_a_group(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="ingester.groups"):
+    with caplog.at_level(logging.INFO, logger="ingester.concurrency"):
         only = BaseExceptionGroup("g", [cancelled(), cancelled()])
         assert collapse(only) is only
         error = StorageElementError("x")
         assert collapse(BaseExceptionGroup("g", [cancelled(), error])) is error
     assert caplog.records == []
+
+
+async def test_a_cleanup_scope_runs_under_cancellation_and_stops_at_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    finished: list[str] = []
+    with trio.CancelScope() as caller:
+        caller.cancel()  # the caller is cancelled already: a cleanup still runs
+        with cleanup_scope(5) as quick:
+            await trio.sleep(1)
+            finished.append("quick")
+        assert not quick.cancelled_caught
+        started = trio.current_time()
+        with cleanup_scope(5) as stuck:
+            await trio.sleep(60)
+            finished.append("stuck")
+        assert stuck.cancelled_caught
+        assert trio.current_time() - started == 5
+    assert finished == ["quick"]

@@ -1,4 +1,5 @@
-"""Exception groups from nurseries: what a request reports when several of its tasks fail.
+"""Small trio helpers every part shares: what a nursery's exception group reports, and the
+scope of a cleanup that must run even when its caller was cancelled.
 
 Below every feature (it knows only the project's error tree), so any part may use it.
 """
@@ -59,3 +60,11 @@ def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
                 extra={"event": "error_not_reported"},
             )
     return chosen
+
+
+def cleanup_scope(timeout_s: float) -> trio.CancelScope:
+    """For a cleanup (a removal, a release, a close) that must run when its caller was
+    cancelled too, but not forever: shielded, and cancelled `timeout_s` from now. A cleanup
+    cut by the deadline ends quietly (`cancelled_caught` says so); what it left is a
+    janitor's, or a lease's that runs out."""
+    return trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s)
