@@ -11,7 +11,8 @@ patch below, in one place, with its reason (installed once per process by `serve
 - `_read_data`: a header-read timeout (hypercorn's only clock before a request head is
   complete is the 75 s keep-alive timer), eviction at the connection cap, and no CLOSE_WAIT
   after the client closed.
-- `_run`: a cap on open connections (`ConnectionLimits.max_connections`).
+- `_run`: a cap on open connections (`ConnectionLimits.max_connections`), and one
+  connection's error ends that connection, not the server (`_connection_failed`).
 - `_guard_heads`: hard caps on request-head bytes and header count whatever the TCP
   segmentation (h11's own cap only applies while a head is incomplete: 10,000 headers in one
   segment were parsed), and no HTTP/2 (prior knowledge or h2c upgrade), which would bypass
@@ -347,6 +348,26 @@ async def _refuse_raw(stream: Any, response: bytes) -> None:
             drained += len(data)
 
 
+def _connection_failed(server: TCPServer, exc: Exception) -> None:
+    """Log a connection's unexpected end (trio's listener loop then closes its socket).
+
+    Seen under load: a peer closes mid-body while the app ends its answer; hypercorn's reader
+    then sends a 400 while `TCPServer._close` sends EOF outside the send lock, and the reader's
+    `send_all` raises `BusyResourceError`. The peer is gone either way."""
+    log.warning(
+        "connection ended by an error: %s",
+        "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc)),
+        exc_info=exc,
+        extra={"event": "connection_failed"},
+    )
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 # --- the patches ------------------------------------------------------------------------
 
 
@@ -387,6 +408,10 @@ def _patch_run() -> None:
             return
         try:
             await run(self)
+        except Exception as exc:
+            # One connection's failure ends that connection, never the server (stock
+            # hypercorn lets it reach the listeners' nursery: pgjones/hypercorn#203).
+            _connection_failed(self, exc)
         finally:
             connections.leave(conn)
             _count_receiving(_receive_share(self.config), conn, False)

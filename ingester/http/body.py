@@ -241,6 +241,12 @@ class BodyMiddleware:
 
         async def quart_send(message: ASGISendEvent) -> None:
             nonlocal linger
+            if body.disconnected.is_set():
+                # The client is gone and hypercorn is closing the connection, its reader
+                # perhaps answering a cut body with 400: a message sent now would race that
+                # close (hypercorn sends its EOF outside its send lock). Quart's cancellation
+                # of this request is on its way.
+                return
             if message["type"] == "http.response.start":
                 # A request without a body (a probe, a GET) often gets its answer before the
                 # message that ends its empty body arrives: nothing is left to read, so no
@@ -259,6 +265,8 @@ class BodyMiddleware:
                 # shutdown waits its whole grace.
                 if linger:
                     await body.drain()
+                    if body.disconnected.is_set():
+                        return
                 with cleanup_scope(FINAL_SEND_TIMEOUT_S):
                     await send(message)
                 return

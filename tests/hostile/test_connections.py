@@ -4,13 +4,21 @@ bytes are cut into segments."""
 
 from __future__ import annotations
 
+import logging
 import re
+from typing import Any, cast
 
 import httpx
 import psutil
 import pytest
 import trio
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import wrap_app
 
+from ingester.server import install_hypercorn_patches
 from tests.conftest import Stack, TokenFactory
 from tests.hostile.common import (
     RawResponse,
@@ -320,3 +328,58 @@ async def test_http2_prior_knowledge_gets_an_http1_answer(
             assert response.status == 505, response
             assert response.json_code() == "HTTP_VERSION_NOT_SUPPORTED"
         await assert_unharmed(stack, default.url, before)
+
+
+class _SendRaces:
+    """A server socket whose every send meets another task's (what hypercorn's unlocked
+    `send_eof` does to its reader's error answer when a peer leaves mid-body)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self.socket = stream.socket
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+async def test_an_error_in_one_connection_ends_it_and_not_the_server(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stock `TCPServer.run` lets the error out to the listeners' nursery, which ends the
+    whole server (pgjones/hypercorn#203); the patched one logs it and ends that connection."""
+    install_hypercorn_patches()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover - never reached
+        raise AssertionError("a malformed request reaches no app")
+
+    with trio.fail_after(10):
+        [listener] = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        async with listener:
+            port = listener.socket.getsockname()[1]
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            accepted = await listener.accept()
+            assert isinstance(accepted, trio.SocketStream)
+            config = Config()
+            server = TCPServer(
+                wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                config,
+                WorkerContext(None),
+                ConnectionState({}),
+                cast(Any, _SendRaces(accepted)),
+            )
+            # Not HTTP: hypercorn's reader answers 400 itself, and that send fails.
+            await client.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+            with caplog.at_level(logging.WARNING, logger="ingester.server"):
+                await server.run()
+            await client.aclose()
+    [record] = [r for r in caplog.records if getattr(r, "event", None) == "connection_failed"]
+    assert "BusyResourceError" in record.getMessage()
