@@ -302,6 +302,10 @@ async def test_a_killed_client_resumes_when_run_again(
     assert len(stack.all_files() - files_before) == 2  # one file and its .attr.json
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 async def test_ctrl_c_keeps_the_state_and_says_how_to_resume(
     stack: Stack, token: TokenFactory, tmp_path: Path, cache: Path
 ) -> None:
@@ -315,6 +319,10 @@ async def test_ctrl_c_keeps_the_state_and_says_how_to_resume(
                 env=client_env(cache, INGESTER_TOKEN=token()),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                # A command started in the background by a shell without job control
+                # inherits an ignored SIGINT (as `make test &` does to every child): the
+                # client is then right to ignore Ctrl-C. This one is a foreground command.
+                preexec_fn=_sigint_default,
             )
             assert process.stdout is not None
             assert process.stderr is not None
