@@ -35,7 +35,11 @@ stock hypercorn, kept as a test that fails without it (tests/hostile/test_connec
 - head caps: send a head of 10,000 headers in one `send()`: h11 parses it, as its cap only
   counts incomplete heads (`test_an_oversized_head_gets_431_however_it_is_segmented`);
 - HTTP/2: send the h2 prior-knowledge preface: stock hypercorn switches to h2, where none of
-  the above applies (`test_http2_prior_knowledge_gets_an_http1_answer`).
+  the above applies (`test_http2_prior_knowledge_gets_an_http1_answer`);
+- a connection's error: serve a connection whose sends raise `BusyResourceError` (as
+  hypercorn's unlocked `send_eof` makes its reader's 400 do when a peer leaves mid-body)
+  and send it a line that is not HTTP: stock `TCPServer.run` raises, which ends the server
+  (`test_an_error_in_one_connection_ends_it_and_not_the_server`).
 """
 
 from __future__ import annotations
