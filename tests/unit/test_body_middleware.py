@@ -3,6 +3,7 @@ clock: what reaches the app, and what reaches the client when the app answers ea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, cast
 
 import trio
@@ -78,7 +79,9 @@ async def test_quart_sees_an_empty_body_and_the_handler_reads_the_real_one() -> 
     assert server.sent[-1] == {"type": "http.response.body", "body": b"ok", "more_body": False}
 
 
-async def test_an_early_answer_closes_and_lingers_until_the_body_is_read() -> None:
+async def answer_early_then(then: Callable[[Server], None]) -> tuple[Server, RequestBody]:
+    """An early answer to a request whose first 30 of 100 bytes came; once every task
+    waits, `then(server)` says what the client does next."""
     server = Server(FRAMED)
     seen: dict[str, Any] = {}
     server.body_part(b"x" * 30)
@@ -89,9 +92,14 @@ async def test_an_early_answer_closes_and_lingers_until_the_body_is_read() -> No
             # The head went out at once; the end waits while the rest is read and dropped.
             assert [m["type"] for m in server.sent] == ["http.response.start"]
             assert server.header(b"connection") == b"close"
-            server.body_part(b"y" * 70, more=False)
+            then(server)
+    return server, seen["body"]
+
+
+async def test_an_early_answer_closes_and_lingers_until_the_body_is_read() -> None:
+    server, body = await answer_early_then(lambda server: server.body_part(b"y" * 70, more=False))
     assert server.sent[-1]["more_body"] is False
-    assert seen["body"].discarded == 100  # all of it dropped, none kept
+    assert body.discarded == 100  # all of it dropped, none kept
 
 
 async def test_a_client_that_stops_sending_is_lingered_on_briefly(
@@ -109,16 +117,9 @@ async def test_a_client_that_stops_sending_is_lingered_on_briefly(
 async def test_once_the_client_is_gone_nothing_more_is_sent() -> None:
     """The last message would race hypercorn's own close of the connection (its reader may
     be answering the cut body with 400 while its close sends EOF outside its send lock)."""
-    server = Server(FRAMED)
-    seen: dict[str, Any] = {}
-    server.body_part(b"x" * 30)
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve, early_answer(seen), server)
-            await trio.testing.wait_all_tasks_blocked()
-            server.disconnect()
+    server, body = await answer_early_then(Server.disconnect)
     assert [m["type"] for m in server.sent] == ["http.response.start"]
-    assert seen["body"].disconnected.is_set()
+    assert body.disconnected.is_set()
 
 
 async def test_a_request_without_a_body_gets_no_linger() -> None:
