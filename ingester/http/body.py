@@ -91,7 +91,8 @@ class RequestBody:
         self._discarding = False
         self.complete = False
         self.discarded = 0
-        # Set when the client went away (`http.disconnect` before the request ended).
+        # Set when the server says the client is gone (`http.disconnect`: it left, or the
+        # response ended and hypercorn recycled or closed the connection).
         self.disconnected = trio.Event()
         self.pace = (
             ClientPace(limits.min_rate_bytes, limits.min_rate_window_s)
