@@ -22,26 +22,24 @@ def only_cancelled(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
+def leaves(exc: BaseException) -> list[BaseException]:
+    """The errors in `exc`, groups (nested ones too) opened; `[exc]` for a plain error."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaves(inner)]
+    return [exc]
+
+
 def collapse(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The error to report for a nursery's group: the first project error, else the first one.
 
     A group of nothing but `Cancelled` is the caller's own cancellation and goes on as is.
     """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-
-    walk(group)
-    if not leaves:
+    errors = [exc for exc in leaves(group) if not isinstance(exc, trio.Cancelled)]
+    if not errors:
         return group
-    chosen = next((e for e in leaves if isinstance(e, IngesterError)), leaves[0])
+    chosen = next((e for e in errors if isinstance(e, IngesterError)), errors[0])
     # What is not reported must not vanish: a bug beside an element failure, say.
-    for other in leaves:
+    for other in errors:
         if other is chosen:
             continue
         if isinstance(other, IngesterError):

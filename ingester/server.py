@@ -66,6 +66,7 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
+from .concurrency import leaves
 from .http.receive import ReceiveShare
 
 log = logging.getLogger(__name__)
@@ -360,16 +361,10 @@ def _connection_failed(server: TCPServer, exc: Exception) -> None:
     `send_all` raises `BusyResourceError`. The peer is gone either way."""
     log.warning(
         "connection ended by an error: %s",
-        "; ".join(f"{type(e).__name__}: {e}" for e in _leaves(exc)),
+        "; ".join(f"{type(e).__name__}: {e}" for e in leaves(exc)),
         exc_info=exc,
         extra={"event": "connection_failed"},
     )
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 # --- the patches ------------------------------------------------------------------------

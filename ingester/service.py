@@ -178,9 +178,8 @@ class Service:
         )
         self.spool_budget = SpoolBudget(settings.spool_max_bytes)
         self.spool_files = SpoolFiles(settings.spool_dir, keep_bytes=settings.spool_keep_bytes)
+        # In-memory spools take from this budget too (see upload/spool.py).
         self.memory_budget = MemoryBudget(settings.memory_budget_bytes)
-        # In-memory spools take from the same budget (see upload/spool.py).
-        self.spool_memory = self.memory_budget
         self.pipeline = UploadPipeline(
             settings,
             pool=self.pool,
@@ -228,7 +227,7 @@ class Service:
             self.settings.spool_dir,
             upload_id,
             disk=self.spool_budget,
-            memory=self.spool_memory,
+            memory=self.memory_budget,
             memory_limit=self.settings.spool_memory_bytes,
             files=self.spool_files,
         )
