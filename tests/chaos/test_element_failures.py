@@ -85,6 +85,9 @@ async def test_element_lost_mid_upload_fails_over(
                 trio.open_nursery() as nursery,
             ):
                 answered = trio.Event()
+                # The ingester is ready with one writable element; the upload must start on
+                # `first` (priority 1), so both must have passed a probe.
+                await wait_writable(http, ingester, {first.element_id, second.element_id})
 
                 async def upload() -> None:
                     ledger.add(await post_upload(http, ingester.url, token(), body), body)

@@ -254,7 +254,9 @@ async def test_a_failing_registration_removes_the_stored_copy(
             assert world.element_files() == {"se-a": [], "se-b": []}
             gone = await http.get(f"{world.a.url}/api/v1/files/{file_id}", headers=auth(token))
             assert gone.status_code == 404
-            assert world.saga_keys() == []
+            # The record goes once the handler is done with it (`SagaBook.end`, in the
+            # background): soon after the answer, not before it.
+            await eventually(lambda: world.saga_keys() == [], timeout_s=5)
             text = await metrics(http, proc)
             assert metric(text, 'ingester_admin_registrations_total{outcome="failed"}') == 1
             assert metric(text, 'ingester_compensations_total{outcome="done"}') >= 1
