@@ -267,6 +267,10 @@ class Settings(BaseSettings):
     # element as they arrive; a stream that sees no PATCH for this long is abandoned (the
     # upload is then stored from its data file at completion). 0 turns it off.
     tus_pipeline_window_s: float = Field(default=2.0, ge=0)
+    # Finished uploads' data files kept (in <spool_dir>/tus/.reuse, shared by replicas) for
+    # the next uploads to write over their cached pages, all together at most this size;
+    # 0 removes each one (see tus/data.py).
+    tus_keep_bytes: int = Field(default=1 * GIB, ge=0)
     # Per user (the token's `sub`): unfinished uploads at once, and the sum of their declared
     # lengths (a deferred length counts as Tus-Max-Size until declared); past either, 429.
     # 0 turns a cap off.

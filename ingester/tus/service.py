@@ -163,7 +163,7 @@ class TusService:
             wait_s=settings.tus_lock_wait_s,
             retry_after_s=settings.retry_after_s,
         )
-        self.data = DataFiles(settings.spool_dir / "tus")
+        self.data = DataFiles(settings.spool_dir / "tus", keep_bytes=settings.tus_keep_bytes)
         # Bytes of data files counted in the process's spool budget (trued up by the janitor).
         self.held = 0
         self._nursery: trio.Nursery | None = None
@@ -292,14 +292,19 @@ class TusService:
         try:
             if not await self.store.create(upload):  # pragma: no cover - 128 random bits
                 raise InvalidField("upload id collision; try again")
-            await self.data.create(upload.id)
+            reused = await self.data.create(upload.id, length)
         except BaseException:
             await self._unreserve(upload)
             raise
         self.metrics.tus_events.labels("created").inc()
         log.info(
             "resumable upload created",
-            extra={"event": "tus_created", "upload_id": upload.id, "bytes": length},
+            extra={
+                "event": "tus_created",
+                "upload_id": upload.id,
+                "bytes": length,
+                "reused_file": reused,
+            },
         )
         location = {"Location": f"/api/v1/uploads/{upload.id}"}
         lease = await self.locks.acquire(upload.id, ask=False)
@@ -993,11 +998,13 @@ class TusService:
         total = 0
         for upload_id, size, mtime in await self.data.scan():
             if now - mtime >= ORPHAN_GRACE_S and await self.store.get(upload_id) is None:
-                await self.data.remove(upload_id)
+                # Not kept for reuse: no lock says nobody writes to it.
+                await self.data.remove(upload_id, reuse=False)
                 log.info("orphaned data file removed", extra={"event": "tus_orphan"})
                 continue
             total += size
         self._true_up(total)
+        await self.data.trim_idle()
         return removed
 
     # --- spool accounting ------------------------------------------------------------------
@@ -1126,7 +1133,7 @@ class _Receiver:
         checkpointed = self.upload.offset - writer.start
         self.tus._give_back(checkpointed + self.unsaved + dropped)
         self.unsaved = 0
-        await writer.discard()
+        writer.discard()
         if checkpointed:
             self.upload.offset = writer.start
             await self.tus._save(self.upload, self.lease)
@@ -1152,7 +1159,7 @@ class _Receiver:
                 if not self.body_complete or self.hasher.digest() != self.checksum.digest:
                     # The chunk is kept whole or not at all; an incomplete one cannot be
                     # verified, so it goes too.
-                    await writer.discard()
+                    writer.discard()
                     self.tus._give_back(self.unsaved)
                     self.unsaved = 0
                     if self.body_complete:

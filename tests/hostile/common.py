@@ -185,9 +185,4 @@ class Tus:
 def tus_data_files(stack: Stack, name: str) -> list[Path]:
     """The data files of the ingester `name`'s resumable uploads."""
     directory = stack.root / name / "spool" / "tus"
-    return sorted(directory.iterdir()) if directory.exists() else []
-
-
-def data_file(stack: Stack, name: str, url: str) -> Path:
-    """The data file of the upload at `url` on the ingester `name`."""
-    return stack.root / name / "spool" / "tus" / url.rsplit("/", 1)[-1]
+    return sorted(p for p in directory.iterdir() if p.is_file()) if directory.exists() else []

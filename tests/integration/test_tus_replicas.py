@@ -177,7 +177,9 @@ async def test_an_upload_left_completing_by_a_dead_replica_is_stored_by_the_next
 def leave_completing(
     server: RedisServer, spool: Path, upload_id: str, data: bytes, last: int
 ) -> None:
-    with open(spool / "tus" / upload_id, "ab") as data_file:
+    # At the offset, as the replica would have (the file may be an idle one, longer).
+    with open(spool / "tus" / upload_id, "r+b") as data_file:
+        data_file.seek(last)
         data_file.write(data[last:])
     client = server.client()
     try:
