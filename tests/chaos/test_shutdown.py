@@ -23,6 +23,7 @@ from tests.support.chaos import (
     upload_of,
 )
 from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
+from tests.support.metrics import metric
 
 GRACE_S: Final = 4.0
 # Each (name, size, bytes per second, body): the quick ones end about 2.5 s after the signal,
@@ -79,7 +80,14 @@ async def test_sigterm_drains_then_cancels_and_exits_cleanly(
         async with trio.open_nursery() as nursery:
             for seed, (name, size, rate, kind) in enumerate(QUICK + SLOW):
                 nursery.start_soon(upload, name, body_of(size, seed, kind), rate)
-            await trio.sleep(0.6)
+            # Every upload is running when the signal comes (under load they may take a
+            # while to start; with none in flight the drain would end at once).
+            async with httpx.AsyncClient(trust_env=False) as http:
+                while True:
+                    text = (await http.get(proc.url + "/metrics")).text
+                    if metric(text, "ingester_uploads_in_flight") == len(QUICK + SLOW):
+                        break
+                    await trio.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             signalled = trio.current_time()
             async with httpx.AsyncClient(trust_env=False) as http:
