@@ -19,6 +19,7 @@ replica can take it over (the lock's rule), so no old writer is left when a file
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -308,8 +309,9 @@ class DataWriter:
 
 class DataReader:
     """Reads the data files of an upload (several for a concatenated one) in order, exactly
-    the lengths the state names. A class, not an async generator: the pipeline may stop
-    reading at any point, and `aclose` then closes the open file."""
+    the lengths the state names, and hashes what it reads in the same worker-thread hop
+    (`sha256`, the pipeline's `prehashed`). A class, not an async generator: the pipeline
+    may stop reading at any point, and `aclose` then closes the open file."""
 
     def __init__(self, files: DataFiles, parts: list[tuple[str, int]], chunk: int) -> None:
         self._files = files
@@ -317,6 +319,7 @@ class DataReader:
         self._chunk = chunk
         self._handle: BinaryIO | None = None
         self._left = 0
+        self.sha256 = hashlib.sha256()
 
     def __aiter__(self) -> DataReader:
         return self
@@ -335,7 +338,9 @@ class DataReader:
             if self._left == 0:
                 await self._close_current()
                 continue
-            data = await trio.to_thread.run_sync(self._handle.read, min(self._chunk, self._left))
+            data = await trio.to_thread.run_sync(
+                read_and_hash, self._handle, min(self._chunk, self._left), self.sha256
+            )
             if not data:
                 raise UploadDataLost("a data file is shorter than its upload's length")
             self._left -= len(data)
@@ -350,6 +355,13 @@ class DataReader:
     async def aclose(self) -> None:
         self._parts = []
         await self._close_current()
+
+
+def read_and_hash(handle: BinaryIO, size: int, hasher: _Hash) -> bytes:
+    """Up to `size` bytes from `handle`, fed to `hasher` (blocking: one hop for both)."""
+    data = handle.read(size)
+    hasher.update(data)
+    return data
 
 
 def _fsync_dir(directory: Path) -> None:

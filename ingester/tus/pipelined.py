@@ -20,14 +20,18 @@ fallback. Streams live only in this process: another replica knows nothing of th
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from ..saga.commit import ResultCommit
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +125,17 @@ class LiveStream:
 
 class FollowingReader:
     """The data file as the stream may read it: up to `readable`, waiting for more, ending
-    at the upload's length once handed over. A class, not an async generator: the pipeline
-    may stop reading at any point, and `aclose` then closes the file."""
+    at the upload's length once handed over. Reads whole `READ_CHUNK`s while PATCHes come
+    (a remainder waits for the next batch or the hand-over), and hashes each in the hop
+    that read it (`sha256`, the pipeline's `prehashed`): one thread hop per MiB. A class,
+    not an async generator: the pipeline may stop reading at any point, and `aclose` then
+    closes the file."""
 
     def __init__(self, stream: LiveStream) -> None:
         self._stream = stream
         self._fd: int | None = None
         self.position = 0
+        self.sha256 = hashlib.sha256()
 
     def __aiter__(self) -> FollowingReader:
         return self
@@ -140,8 +148,11 @@ class FollowingReader:
                 # its request, the saga removes any copy).
                 await trio.lowlevel.checkpoint()
                 raise AssertionError("an abandoned stream's store was not cancelled")
-            if self.position < stream.readable:
-                return await self._read(min(READ_CHUNK, stream.readable - self.position))
+            available = stream.readable - self.position
+            if available >= READ_CHUNK or (
+                available > 0 and (stream.handed_over or stream.readable >= stream.length)
+            ):
+                return await self._read(min(READ_CHUNK, available))
             if self.position >= stream.length and stream.handed_over:
                 raise StopAsyncIteration
             await stream.wait_for_change()
@@ -151,7 +162,9 @@ class FollowingReader:
             self._fd = await trio.to_thread.run_sync(
                 os.open, self._stream.path, os.O_RDONLY | os.O_CLOEXEC
             )
-        data: bytes = await trio.to_thread.run_sync(os.pread, self._fd, size, self.position)
+        data: bytes = await trio.to_thread.run_sync(
+            _pread_and_hash, self._fd, size, self.position, self.sha256
+        )
         if not data:
             self._stream.abandon("the data file is shorter than the bytes written to it")
             await trio.lowlevel.checkpoint()
@@ -164,3 +177,9 @@ class FollowingReader:
         if fd is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(os.close, fd)
+
+
+def _pread_and_hash(fd: int, size: int, position: int, hasher: _Hash) -> bytes:
+    data = os.pread(fd, size, position)
+    hasher.update(data)
+    return data

@@ -861,6 +861,7 @@ class TusService:
                 options=options,
                 filename=description.filename,
                 content_type=description.filetype,
+                prehashed=data.sha256,
             )
             result = await self.ingest.run(
                 principal=principal,

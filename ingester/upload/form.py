@@ -89,6 +89,10 @@ class FormSource:
     def bytes_read(self) -> int:
         return self._reader.bytes_read
 
+    @property
+    def prehashed(self) -> None:
+        return None
+
     async def begin(self) -> FileStart:
         while True:
             event = await self._reader.next_event()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -34,6 +34,9 @@ from .progress import ProgressBook, UploadState
 from .records import UploadRequest
 from .source import BytesSource, FileSource, FileStart
 from .spool import Spool
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +92,11 @@ class Ingest:
         options: UploadOptions,
         filename: str | None,
         content_type: str | None,
+        prehashed: _Hash | None = None,
     ) -> BytesSource:
         """A file that is all of `data`, its `options` checked beforehand, for `run`: read
-        under the same idle timeout and memory budget as a form, with nothing to parse."""
+        under the same idle timeout and memory budget as a form, with nothing to parse.
+        `prehashed`: the sha256 `data` keeps of what it yields (see `FileSource`)."""
         settings = self.settings
         return BytesSource(
             data,
@@ -99,6 +104,7 @@ class Ingest:
             idle_timeout_s=settings.client_idle_timeout_s,
             budget=UploadBudget(self.memory),
             quantum=settings.body_buffer_limit,
+            prehashed=prehashed,
         )
 
     async def run(

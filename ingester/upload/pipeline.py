@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -64,6 +64,9 @@ from .progress import UploadProgress, UploadState
 from .records import FileFacts, Plan, Upload, UploadRequest
 from .source import FileSource
 from .spool import Buffer, Spool
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +260,14 @@ class UploadPipeline:
                 nursery.start_soon(self._read_live, upload, live, raw_send)
             else:
                 nursery.start_soon(self._read_spool, upload, raw_send)
-            nursery.start_soon(self._transform, upload, raw_recv, out_send, live is not None)
+            nursery.start_soon(
+                self._transform,
+                upload,
+                raw_recv,
+                out_send,
+                live is not None,
+                live.prehashed if live is not None else None,
+            )
             nursery.start_soon(self._stream, upload, out_recv, result, done)
             nursery.start_soon(self._heartbeat, upload, done)
         return result[0]
@@ -316,14 +326,19 @@ class UploadPipeline:
         raw_recv: trio.MemoryReceiveChannel[list[Buffer]],
         out_send: trio.MemorySendChannel[Buffer],
         live: bool,
+        prehashed: _Hash | None = None,
     ) -> None:
         """Hash the original bytes and keep them in the spool: one worker-thread hop per
         batch for both (small batches are hashed on the loop when they need no disk), and
         the batch joined into one piece for the element. Also settles whether to compress,
-        from the start of the file, before the first batch goes on."""
+        from the start of the file, before the first batch goes on.
+
+        `prehashed`: the source hashed its bytes itself, in the hop that read them (a file
+        read from disk); then a batch of one piece that needs no spool write and no other
+        digest takes no hop here at all."""
         settings = self.settings
         facts = upload.facts
-        original = hashlib.sha256()
+        original = prehashed if prehashed is not None else hashlib.sha256()
         expected = upload.request.expected_digest
         facts.digests = digests = expected.hashing() if expected is not None else None
         # The live pass fills the spool; a replay reads from it.
@@ -343,7 +358,8 @@ class UploadPipeline:
 
         def work(pieces: list[Buffer], to_disk: bool) -> Buffer:
             for piece in pieces:
-                original.update(piece)
+                if prehashed is None:
+                    original.update(piece)
                 if digests:
                     digests.update(piece)
             if to_disk:
@@ -364,7 +380,9 @@ class UploadPipeline:
         async def process(pieces: list[Buffer]) -> None:
             size = sum(len(p) for p in pieces)
             to_disk = spool.reserve(size) if spool is not None else False
-            if to_disk or size >= INLINE_HASH_BYTES:
+            # Work for a thread: the spool write, hashing, or joining several pieces.
+            busy = prehashed is None or digests is not None or len(pieces) > 1
+            if to_disk or (busy and size >= INLINE_HASH_BYTES):
                 joined = await trio.to_thread.run_sync(work, pieces, to_disk)
             else:
                 joined = work(pieces, False)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
@@ -21,6 +21,9 @@ from ..errors import RequestTimeout
 from .budget import UploadBudget
 from .fields import UploadOptions
 from .spool import Buffer
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 # A partial batch goes out when the stream sends nothing more for this long, so a slow
 # client's bytes do not wait for a full batch.
@@ -51,6 +54,13 @@ class FileSource(Protocol):
 
     @property
     def bytes_read(self) -> int: ...
+
+    @property
+    def prehashed(self) -> _Hash | None:
+        """A sha256 of exactly the bytes `read` hands over, in order, kept by the source
+        itself (it reads them in a worker thread and hashes them in the same hop), so the
+        pipeline need not hash them again; None when it hashes nothing."""
+        ...
 
     async def begin(self) -> FileStart: ...
 
@@ -136,9 +146,15 @@ class BytesSource(BodyReader):
         idle_timeout_s: float,
         budget: UploadBudget,
         quantum: int,
+        prehashed: _Hash | None = None,
     ) -> None:
         super().__init__(body, idle_timeout_s, budget, quantum)
         self._start = start
+        self._prehashed = prehashed
+
+    @property
+    def prehashed(self) -> _Hash | None:
+        return self._prehashed
 
     async def begin(self) -> FileStart:
         return self._start

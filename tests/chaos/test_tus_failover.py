@@ -17,6 +17,7 @@ from tests.conftest import TokenFactory
 from tests.support.chaos import (
     assert_no_orphans,
     download_sha256,
+    idle_tus_files,
     receiving,
     restart_element,
     serve_ingester,
@@ -95,8 +96,10 @@ async def test_element_killed_while_a_finished_upload_is_stored_fails_over_from_
         assert metric(metrics, "ingester_failovers_total", element_id=first.element_id) == 1
         # The replay came from the data file: the store wrote no copy of its own.
         assert metric(metrics, "ingester_spool_written_bytes_total") == 0
-        # The data file is gone with the stored upload; the dead element keeps nothing.
+        # The data file is gone with the stored upload (kept, nameless, for the next one);
+        # the dead element keeps nothing.
         assert [p for p in spool_files(ingester) if p.is_file()] == []
+        assert [p.stat().st_size for p in idle_tus_files(ingester)] == [SIZE]
         first = await restart_element(first)
         await assert_no_orphans(
             [first, second], baseline={second.element_id: {f"*{file_id}*"}}, timeout_s=15

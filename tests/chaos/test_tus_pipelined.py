@@ -145,6 +145,8 @@ async def test_back_to_back_patches_are_stored_while_they_arrive(
                 assert state["state"] == "done"
                 assert state["result"]["file_id"] == file_id
                 assert state["result"]["upload_id"] == location.rsplit("/", 1)[-1]
+                # Hashed as the stream read the data file: the checksum the client checks.
+                assert state["result"]["checksum"] == hashlib.sha256(data).hexdigest()
         await assert_no_orphans([element], baseline={element.element_id: {f"*{file_id}*"}})
 
 
@@ -177,6 +179,8 @@ async def test_an_element_killed_mid_stream_fails_over_and_leaves_nothing(
                 # The same stream went on to the next element, replaying from the data file.
                 assert await streams(http, ingester, "stored") == 1
                 assert metric(text, "ingester_spool_written_bytes_total") == 0
+                state = (await http.get(ingester.url + location, headers=auth(token()))).json()
+                assert state["result"]["checksum"] == hashlib.sha256(data).hexdigest()
         first = await restart_element(first)
         await assert_no_orphans(
             [first, second], baseline={second.element_id: {f"*{file_id}*"}}, timeout_s=15

@@ -422,9 +422,19 @@ async def assert_no_orphans(
 
 
 def spool_files(ingester: IngesterProcess) -> list[Path]:
-    """Whatever is left in an ingester's spool directory."""
+    """Whatever is left in an ingester's spool directory, but the finished tus uploads'
+    data files it keeps for the next uploads (`tus/.reuse`, see `idle_tus_files`)."""
     spool = ingester.spool_dir
-    return sorted(spool.rglob("*")) if spool.exists() else []
+    if not spool.exists():
+        return []
+    idle = spool / "tus" / ".reuse"
+    return sorted(p for p in spool.rglob("*") if p != idle and idle not in p.parents)
+
+
+def idle_tus_files(ingester: IngesterProcess) -> list[Path]:
+    """The finished tus uploads' data files kept for the next uploads."""
+    idle = ingester.spool_dir / "tus" / ".reuse"
+    return sorted(idle.iterdir()) if idle.exists() else []
 
 
 # --- processes ----------------------------------------------------------------------------
