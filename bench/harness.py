@@ -7,6 +7,7 @@ high-water mark (`VmHWM`), reset before each scenario through `/proc/<pid>/clear
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -140,3 +141,18 @@ def save(results: dict[str, object], name: str) -> Path:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def add_env_option(parser: argparse.ArgumentParser) -> None:
+    """`--env INGESTER_X=VALUE` (repeatable): settings of the ingester under test."""
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="INGESTER_X=VALUE",
+        help="a setting of the ingester under test (repeatable)",
+    )
+
+
+def env_option(args: argparse.Namespace) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in args.env)

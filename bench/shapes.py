@@ -33,9 +33,11 @@ from typing import Any, Final
 from bench.harness import (
     MIB,
     Bench,
+    add_env_option,
     bench_stack,
     clear_data,
     curl_upload_argv,
+    env_option,
     make_file,
     peak_rss_mb,
     reset_peak_rss,
@@ -241,15 +243,9 @@ def main() -> int:
     parser.add_argument("--sizes", default="256,1024", help="MiB, comma separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="INGESTER_X=VALUE",
-        help="a setting of the ingester under test (repeatable)",
-    )
+    add_env_option(parser)
     args = parser.parse_args()
-    env = dict(item.split("=", 1) for item in args.env)
+    env = env_option(args)
     results = run([int(s) for s in args.sizes.split(",")], args.rounds, args.shapes.split(","), env)
     path = save(results, "shapes")
     print(report(results))

@@ -46,9 +46,11 @@ from bench.harness import (
     GIB,
     MIB,
     Bench,
+    add_env_option,
     bench_stack,
     clear_data,
     cpu_count,
+    env_option,
     make_file,
     peak_rss_mb,
     reset_peak_rss,
@@ -371,13 +373,7 @@ def main() -> int:
         help="INGESTER_TUS_PIPELINE_WINDOW_S=0: PATCHes only receive, the final one stores",
     )
     parser.add_argument("--curl-only", action="store_true", help="skip the tus clients")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="INGESTER_X=VALUE",
-        help="a setting of the ingester under test (repeatable)",
-    )
+    add_env_option(parser)
     args = parser.parse_args()
     size = 256 * MIB if args.quick else GIB
     rounds = 1 if args.quick else args.rounds
@@ -388,7 +384,7 @@ def main() -> int:
         "size_mib": size // MIB,
     }
     env = {"INGESTER_TUS_PIPELINE_WINDOW_S": "0"} if args.no_pipeline else {}
-    env.update(item.split("=", 1) for item in args.env)
+    env.update(env_option(args))
     results["pipelined"] = not args.no_pipeline
     results["env"] = env
     with bench_stack(env) as bench:

@@ -19,6 +19,7 @@ replica can take it over (the lock's rule), so no old writer is left when a file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -121,20 +122,11 @@ class DataFiles:
 
     def _idle(self) -> list[tuple[str, int, float]]:
         """(name, size, change time) of the idle files (blocking)."""
-        found = []
-        try:
-            entries = list(os.scandir(self.reuse_dir))
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            if entry.name.startswith(_CLAIMED):
-                continue
-            try:
-                stat = entry.stat()
-            except FileNotFoundError:
-                continue
-            found.append((entry.name, stat.st_size, stat.st_ctime))
-        return found
+        return [
+            (name, stat.st_size, stat.st_ctime)
+            for name, stat in _listing(self.reuse_dir)
+            if not name.startswith(_CLAIMED)
+        ]
 
     def _keep(self, path: Path, size: int) -> bool:
         """Move a finished upload's file to the idle ones when they have room (blocking)."""
@@ -155,18 +147,11 @@ class DataFiles:
         def trim() -> int:
             removed = 0
             at = time.time() if now is None else now
-            try:
-                entries = list(os.scandir(self.reuse_dir))
-            except FileNotFoundError:
-                return 0
-            for entry in entries:
-                if entry.name.startswith(_CLAIMED):
-                    try:
-                        if at - entry.stat().st_ctime >= CLAIM_GRACE_S:
-                            os.unlink(entry.path)
-                            removed += 1
-                    except FileNotFoundError:
-                        pass
+            for name, stat in _listing(self.reuse_dir):
+                if name.startswith(_CLAIMED) and at - stat.st_ctime >= CLAIM_GRACE_S:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.reuse_dir / name)
+                        removed += 1
             idle = sorted(self._idle(), key=lambda f: f[2])
             total = sum(f[1] for f in idle)
             while idle and (total > self.keep_bytes or len(idle) > REUSE_MAX_FILES):
@@ -238,20 +223,11 @@ class DataFiles:
         """(upload id, size, mtime) of every data file."""
 
         def scan() -> list[tuple[str, int, float]]:
-            found = []
-            try:
-                entries = list(os.scandir(self.directory))
-            except FileNotFoundError:
-                return []
-            for entry in entries:
-                if parse_upload_id(entry.name) is None:
-                    continue
-                try:
-                    stat = entry.stat()
-                except FileNotFoundError:
-                    continue
-                found.append((entry.name, stat.st_size, stat.st_mtime))
-            return found
+            return [
+                (name, stat.st_size, stat.st_mtime)
+                for name, stat in _listing(self.directory)
+                if parse_upload_id(name) is not None
+            ]
 
         return await trio.to_thread.run_sync(scan)
 
@@ -355,6 +331,22 @@ class DataReader:
     async def aclose(self) -> None:
         self._parts = []
         await self._close_current()
+
+
+def _listing(directory: Path) -> list[tuple[str, os.stat_result]]:
+    """(name, stat) of what `directory` holds, skipping what goes away meanwhile (blocking);
+    nothing when there is no such directory."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        try:
+            found.append((entry.name, entry.stat()))
+        except FileNotFoundError:
+            continue
+    return found
 
 
 def read_and_hash(handle: BinaryIO, size: int, hasher: _Hash) -> bytes:
