@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -23,7 +24,7 @@ import trio.testing
 
 from ingester.auth.principal import Principal
 from ingester.concurrency import collapse
-from ingester.errors import NoStorageAvailable
+from ingester.errors import IntegrityError, NoStorageAvailable
 from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
 from ingester.resilience.breaker import BreakerBoard, BreakerPolicy
@@ -36,11 +37,16 @@ from ingester.storage.pool import ElementPool
 from ingester.storage.registry import Registry, configured_elements
 from ingester.storage.se_auth import build_se_token_provider
 from ingester.upload.budget import MemoryBudget, UploadBudget
+from ingester.upload.fields import parse_upload_fields
 from ingester.upload.form import FormReader, FormSource
 from ingester.upload.pipeline import UploadPipeline
 from ingester.upload.progress import ProgressBook
 from ingester.upload.records import UploadRequest
+from ingester.upload.source import BytesSource, FileStart
 from ingester.upload.spool import Spool, SpoolBudget, SpoolFiles
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 MIB = 1024 * 1024
 BOUNDARY = "test-boundary-0123456789"
@@ -160,6 +166,20 @@ class Chunks:
         return piece
 
 
+class HashingReader(Chunks):
+    """1 MiB pieces of `body`, each fed to `hasher` as it is handed over (a data file reader
+    does that in the worker thread that read it)."""
+
+    def __init__(self, body: bytes, hasher: _Hash) -> None:
+        super().__init__(body, MIB)
+        self._hasher = hasher
+
+    async def __anext__(self) -> bytes:
+        piece = await super().__anext__()
+        self._hasher.update(piece)
+        return piece
+
+
 @dataclass
 class World:
     pipeline: UploadPipeline
@@ -169,6 +189,33 @@ class World:
     settings: Settings
     metrics: Metrics
     memory: MemoryBudget
+
+    async def upload_read(self, data: bytes, hasher: _Hash) -> dict[str, object]:
+        """`data` as a file read from disk is: whole (its options checked beforehand), in
+        1 MiB pieces, hashed by its reader (`hasher`, handed to the pipeline as
+        `prehashed`)."""
+        upload_id = str(uuid.uuid4())
+        source = BytesSource(
+            HashingReader(data, hasher),
+            FileStart(
+                parse_upload_fields({"compress": "false"}, max_description_length=1000),
+                settled=True,
+                filename="report.bin",
+                content_type="application/octet-stream",
+            ),
+            idle_timeout_s=self.settings.client_idle_timeout_s,
+            budget=UploadBudget(self.memory),
+            quantum=self.settings.body_buffer_limit,
+            prehashed=hasher,
+        )
+        progress = ProgressBook(60).start(upload_id, "alice", len(data))
+        request = UploadRequest(
+            upload_id=upload_id, principal=ALICE, content_length=len(data), expected_digest=None
+        )
+        try:
+            return await self.pipeline.run(request, source, progress)
+        finally:
+            source.budget.release_all()
 
     async def upload(self, body: bytes) -> dict[str, object]:
         upload_id = str(uuid.uuid4())
@@ -360,3 +407,35 @@ async def test_every_element_down_is_a_503_after_the_retry_rounds_and_leaves_not
         assert world.store._records == {}
     assert list(stored(world)) == []
     assert {name for name in ELEMENTS if world.elements[name].removed} == {"se-a", "se-b"}
+
+
+async def test_a_source_that_hashes_what_it_reads_is_trusted_and_checked(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    """A file read from disk (a finished resumable upload) comes with its reader's sha256:
+    the pipeline records it without hashing again, through a failover too."""
+    data = random_bytes(3 * MIB + 5)
+    world.elements["se-a"].reset_after = MIB
+    with trio.fail_after(600):
+        result = await world.upload_read(data, hashlib.sha256())
+        await trio.testing.wait_all_tasks_blocked()
+    assert result["checksum"] == hashlib.sha256(data).hexdigest()
+    assert list(stored(world)) == [("se-b", result["file_id"], data)]
+    assert world.elements["se-a"].removed == [result["file_id"]]
+
+
+async def test_a_wrong_hash_from_the_source_is_caught_and_nothing_is_kept(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    """The element reports the sha256 of what it stored: a source whose hash is not that of
+    its bytes fails the upload (502 CHECKSUM_MISMATCH) and the stored copy is removed."""
+    data = random_bytes(2 * MIB)
+    wrong = hashlib.sha256(b"not part of the file")
+    with trio.fail_after(600):
+        with pytest.raises(BaseExceptionGroup) as caught:
+            await world.upload_read(data, wrong)
+        await trio.testing.wait_all_tasks_blocked()
+    error = collapse(caught.value)
+    assert isinstance(error, IntegrityError)
+    assert error.code == "CHECKSUM_MISMATCH"
+    assert list(stored(world)) == []
