@@ -9,6 +9,7 @@ leaves one copy, and nothing is left on an element after a failure."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import uuid
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import brotli
 import httpx
 import pytest
 import trio
@@ -439,3 +441,41 @@ async def test_a_wrong_hash_from_the_source_is_caught_and_nothing_is_kept(
     assert isinstance(error, IntegrityError)
     assert error.code == "CHECKSUM_MISMATCH"
     assert list(stored(world)) == []
+
+
+def text_bytes(size: int) -> bytes:
+    """Compressible bytes: lines of words from a small vocabulary."""
+    words = [hashlib.sha256(str(n).encode()).hexdigest()[:8] for n in range(500)]
+    out = bytearray()
+    n = 0
+    while len(out) < size:
+        digest = hashlib.sha256(str(n).encode()).hexdigest()
+        line = " ".join(words[int(digest[k : k + 3], 16) % 500] for k in range(0, 36, 3))
+        out += f"{n} {digest[:20]} {line}\n".encode()
+        n += 1
+    return bytes(out[:size])
+
+
+@pytest.mark.parametrize("algorithm", ["brotli", "gzip"])
+async def test_a_compressed_upload_fails_over_mid_stream_and_is_stored_whole(
+    world: World, clock: trio.testing.MockClock, algorithm: str
+) -> None:
+    """What the failed attempt had taken goes again, re-encoded from the spool by the next
+    attempt's own compressor: the stored copy is the whole file, and the memory budget is
+    whole after."""
+    data = text_bytes(6 * MIB + 11)
+    # The element resets once part of the compressed stream has arrived.
+    world.elements["se-a"].reset_after = 64 * 1024
+    fields = {"compress": "true", "compression_algorithm": algorithm}
+    with trio.fail_after(600):
+        result = await world.upload(form(fields, data, {}))
+        await trio.testing.wait_all_tasks_blocked()
+    assert result["storage_element_id"] == "se-b"
+    assert result["compressed"] is True
+    assert result["checksum"] == hashlib.sha256(data).hexdigest()
+    ((name, file_id, kept),) = list(stored(world))
+    assert (name, file_id) == ("se-b", result["file_id"])
+    restored = brotli.decompress(kept) if algorithm == "brotli" else gzip.decompress(kept)
+    assert restored == data
+    assert world.elements["se-a"].removed == [result["file_id"]]
+    assert world.memory.used == 0
