@@ -249,6 +249,10 @@ class UploadPipeline:
 
     async def _store(self, upload: Upload, *, live: FileSource | None) -> StoredFile:
         depth = self.settings.pipeline_queue_depth
+        if live is not None and live.prehashed is not None:
+            # A file read from disk (it hashes as it reads) is never late: a batch waiting
+            # in each channel is enough, and each more is a MiB of memory per upload.
+            depth = 1
         # Batches of original bytes: from the reader to the hasher, then to the element's body.
         raw_send, raw_recv = trio.open_memory_channel[list[Buffer]](depth)
         out_send, out_recv = trio.open_memory_channel[Buffer](depth)
