@@ -139,8 +139,15 @@ class StorageElementClient:
         content_type: str,
         authorization: str | None,
         extra_headers: Mapping[str, str] | None = None,
+        content_length: int | None = None,
     ) -> StoredFile:
-        headers = {"Content-Type": content_type, "Transfer-Encoding": "chunked"}
+        """POST `body`: chunked, or with `content_length` when its length is known (the
+        element then parses no chunk framing, and h11 sends each piece as it is)."""
+        headers = {"Content-Type": content_type}
+        if content_length is None:
+            headers["Transfer-Encoding"] = "chunked"
+        else:
+            headers["Content-Length"] = str(content_length)
         if authorization:
             headers["Authorization"] = authorization
         if extra_headers:
@@ -151,7 +158,8 @@ class StorageElementClient:
         # Our class-based body as is: `content=` would wrap it in an async generator of
         # httpx's own, which warns when a cancelled upload leaves it unfinished.
         request.stream = body
-        request.headers.pop("Content-Length", None)
+        if content_length is None:
+            request.headers.pop("Content-Length", None)
         with element_errors(element_id):
             response = await self._http.send(request)
         raise_for_status(response, element_id)

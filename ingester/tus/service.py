@@ -868,6 +868,7 @@ class TusService:
                 upload_id=attempt_id,
                 source=source,
                 content_length=upload.length,
+                file_size=upload.length,
                 digest=None,
                 owner=upload.owner,
                 source_copy=copy,

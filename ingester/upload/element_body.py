@@ -109,7 +109,14 @@ class SEUploadBody(httpx.AsyncByteStream):
         self._last_raw = 0
         self._rest: memoryview | None = None
         self._rest_raw = 0
+        # The object `_rest` views, while it is still whole: handed out as it is when it
+        # fits in one piece (with a Content-Length, h11 then sends it without a copy).
+        self._rest_whole: bytes | None = None
         self.started = False
+        # The body's length when known beforehand (sent as Content-Length; else chunked),
+        # and the bytes handed out so far, checked against it before the tail goes.
+        self.declared: int | None = None
+        self._handed = 0
 
     def __aiter__(self) -> SEUploadBody:  # type: ignore[override]
         return self
@@ -148,8 +155,16 @@ class SEUploadBody(httpx.AsyncByteStream):
             if self._stage == 3:
                 self._stage = 4
                 piece = await self._tail(self._encoder())
+                if self.declared is not None and self._handed + len(piece) != self.declared:
+                    # The tail would end the body at another length than declared: the
+                    # element would wait for more, or h11 refuse it. Nothing is committed.
+                    raise RuntimeError(
+                        f"the element body was declared as {self.declared} bytes, "
+                        f"but it comes to {self._handed + len(piece)}"
+                    )
                 break
             raise StopAsyncIteration
+        self._handed += len(piece)
         self._on_progress(self._sent_file_bytes, True)
         return piece
 
@@ -181,6 +196,7 @@ class SEUploadBody(httpx.AsyncByteStream):
             data = await trio.to_thread.run_sync(encoder.encode_sync, data)
         if data:
             self._rest, self._rest_raw = memoryview(data), raw
+            self._rest_whole = data if isinstance(data, bytes) else None
         else:
             # The compressor kept it (bounded by its window): nothing left to hold.
             self._release(raw)
@@ -193,6 +209,7 @@ class SEUploadBody(httpx.AsyncByteStream):
         if not tail:
             return False
         self._rest, self._rest_raw = memoryview(tail), 0
+        self._rest_whole = tail
         return True
 
     def restart(self, head: bytes | None = None) -> SEUploadBody:
@@ -201,7 +218,7 @@ class SEUploadBody(httpx.AsyncByteStream):
         # This attempt is over: what its pieces held goes back (the spool has the bytes).
         self._release(self._last_raw + self._rest_raw)
         self._last_raw = self._rest_raw = 0
-        self._rest = None
+        self._rest = self._rest_whole = None
         if self.encoder is not None:
             self.encoder.close()
         return SEUploadBody(
@@ -215,11 +232,17 @@ class SEUploadBody(httpx.AsyncByteStream):
             replay_bytes=self.taken,
         )
 
-    def _next_slice(self) -> memoryview:
-        """At most SEND_PIECE bytes: httpcore copies each piece while the socket takes it,
-        so smaller pieces keep that copy small for an upload stuck behind a slow element."""
+    def _next_slice(self) -> Buffer:
+        """At most SEND_PIECE bytes. A chunked body's pieces are copied by h11 (frame header,
+        data and CRLF joined), so smaller pieces keep that copy small for an upload stuck
+        behind a slow element; with a Content-Length a whole `bytes` goes as it is."""
         assert self._rest is not None
-        piece, rest = self._rest[:SEND_PIECE], self._rest[SEND_PIECE:]
+        whole, self._rest_whole = self._rest_whole, None
+        piece: Buffer
+        if whole is not None and len(whole) <= SEND_PIECE:
+            piece, rest = whole, self._rest[len(whole) :]
+        else:
+            piece, rest = self._rest[:SEND_PIECE], self._rest[SEND_PIECE:]
         self._last_len = len(piece)
         if rest:
             self._rest = rest

@@ -117,6 +117,7 @@ class Ingest:
         digest: ExpectedDigest | None,
         owner: str | None = None,
         source_copy: Spool | None = None,
+        file_size: int | None = None,
         commit: ResultCommit | None = None,
     ) -> dict[str, Any]:
         """Store the file of `source` (`form_source`, `bytes_source`; `content_length` is
@@ -124,8 +125,10 @@ class Ingest:
         `IngesterError`s (and `Cancelled` when the caller goes away). `owner` is who the file is
         recorded as uploaded by (`ingester.ownership`), when not the caller (a resumable upload
         completed by an admin stays its creator's). `source_copy`: the file's bytes already on
-        disk, which then serve as the upload's spool. `commit`: records the result for the client's
-        retries in the same step as the saga's settle (`saga.commit`)."""
+        disk, which then serve as the upload's spool. `file_size`: the file's exact size, its
+        options complete in `source` from the start (see `UploadRequest`). `commit`: records
+        the result for the client's retries in the same step as the saga's settle
+        (`saga.commit`)."""
         settings = self.settings
         with self.admission.admit(principal.subject):
             progress = self.progress.start(upload_id, principal.subject, content_length)
@@ -138,6 +141,7 @@ class Ingest:
                 content_length=content_length,
                 expected_digest=digest,
                 source_copy=source_copy,
+                file_size=file_size,
                 commit=commit,
             )
             try:

@@ -65,6 +65,9 @@ class Element:
     # Reset the connection once this many body bytes have arrived.
     reset_after: int | None = None
     removed: list[str] = field(default_factory=list)
+    # How each upload request's body was framed: its Content-Length, or "chunked"; and the
+    # bytes that came.
+    framing: list[tuple[str, int]] = field(default_factory=list)
 
 
 class Elements(httpx.AsyncBaseTransport):
@@ -89,12 +92,15 @@ class Elements(httpx.AsyncBaseTransport):
             return httpx.Response(204)
         assert request.url.path == "/api/v1/files/upload"
         received = bytearray()
+        framing = request.headers.get("Content-Length") or request.headers["Transfer-Encoding"]
+        element.framing.append((framing, 0))
         assert isinstance(request.stream, httpx.AsyncByteStream)
         async for chunk in request.stream:
             received += chunk
             if element.reset_after is not None and len(received) >= element.reset_after:
                 element.reset_after = None
                 raise httpx.ReadError("connection reset by peer", request=request)
+        element.framing[-1] = (element.framing[-1][0], len(received))
         fields, data = parse_form(bytes(received), request.headers["Content-Type"])
         element.files[fields["file_id"]] = data
         return httpx.Response(
@@ -192,15 +198,17 @@ class World:
     metrics: Metrics
     memory: MemoryBudget
 
-    async def upload_read(self, data: bytes, hasher: _Hash) -> dict[str, object]:
-        """`data` as a file read from disk is: whole (its options checked beforehand), in
-        1 MiB pieces, hashed by its reader (`hasher`, handed to the pipeline as
-        `prehashed`)."""
+    async def upload_read(
+        self, data: bytes, hasher: _Hash, fields: dict[str, str] | None = None
+    ) -> dict[str, object]:
+        """`data` as a file read from disk is: whole (its options, `fields`, checked
+        beforehand; its size known), in 1 MiB pieces, hashed by its reader (`hasher`,
+        handed to the pipeline as `prehashed`)."""
         upload_id = str(uuid.uuid4())
         source = BytesSource(
             HashingReader(data, hasher),
             FileStart(
-                parse_upload_fields({"compress": "false"}, max_description_length=1000),
+                parse_upload_fields(fields or {"compress": "false"}, max_description_length=1000),
                 settled=True,
                 filename="report.bin",
                 content_type="application/octet-stream",
@@ -212,7 +220,11 @@ class World:
         )
         progress = ProgressBook(60).start(upload_id, "alice", len(data))
         request = UploadRequest(
-            upload_id=upload_id, principal=ALICE, content_length=len(data), expected_digest=None
+            upload_id=upload_id,
+            principal=ALICE,
+            content_length=len(data),
+            expected_digest=None,
+            file_size=len(data),
         )
         try:
             return await self.pipeline.run(request, source, progress)
@@ -424,6 +436,24 @@ async def test_a_source_that_hashes_what_it_reads_is_trusted_and_checked(
     assert result["checksum"] == hashlib.sha256(data).hexdigest()
     assert list(stored(world)) == [("se-b", result["file_id"], data)]
     assert world.elements["se-a"].removed == [result["file_id"]]
+    # Its size known and nothing compressed: each attempt declared its body's length, and
+    # the one that went through sent exactly that.
+    ((framing, received),) = world.elements["se-b"].framing
+    assert framing == str(received)
+    assert world.elements["se-a"].framing[0][0] != "chunked"
+
+
+async def test_a_compressed_file_of_known_size_goes_chunked(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    data = text_bytes(2 * MIB)
+    fields = {"compress": "true", "compression_algorithm": "gzip"}
+    with trio.fail_after(600):
+        result = await world.upload_read(data, hashlib.sha256(), fields)
+    assert result["compressed"] is True
+    assert [framing for framing, _ in world.elements["se-a"].framing] == ["chunked"]
+    ((_, _, kept),) = list(stored(world))
+    assert gzip.decompress(kept) == data
 
 
 async def test_a_wrong_hash_from_the_source_is_caught_and_nothing_is_kept(
