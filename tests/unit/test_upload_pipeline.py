@@ -44,7 +44,7 @@ from ingester.upload.form import FormReader, FormSource
 from ingester.upload.pipeline import UploadPipeline
 from ingester.upload.progress import ProgressBook
 from ingester.upload.records import UploadRequest
-from ingester.upload.source import BytesSource, FileStart
+from ingester.upload.source import BytesSource, FileSource, FileStart
 from ingester.upload.spool import Spool, SpoolBudget, SpoolFiles
 
 if TYPE_CHECKING:
@@ -218,18 +218,7 @@ class World:
             quantum=self.settings.body_buffer_limit,
             prehashed=hasher,
         )
-        progress = ProgressBook(60).start(upload_id, "alice", len(data))
-        request = UploadRequest(
-            upload_id=upload_id,
-            principal=ALICE,
-            content_length=len(data),
-            expected_digest=None,
-            file_size=len(data),
-        )
-        try:
-            return await self.pipeline.run(request, source, progress)
-        finally:
-            source.budget.release_all()
+        return await self._run(upload_id, source, len(data), file_size=len(data))
 
     async def upload(self, body: bytes) -> dict[str, object]:
         upload_id = str(uuid.uuid4())
@@ -241,12 +230,18 @@ class World:
             quantum=self.settings.body_buffer_limit,
         )
         source = FormSource(reader, max_description_length=1000)
-        progress = ProgressBook(60).start(upload_id, "alice", len(body))
+        return await self._run(upload_id, source, len(body))
+
+    async def _run(
+        self, upload_id: str, source: FileSource, length: int, *, file_size: int | None = None
+    ) -> dict[str, object]:
+        progress = ProgressBook(60).start(upload_id, "alice", length)
         request = UploadRequest(
             upload_id=upload_id,
             principal=ALICE,
-            content_length=len(body),
+            content_length=length,
             expected_digest=None,
+            file_size=file_size,
         )
         try:
             return await self.pipeline.run(request, source, progress)
