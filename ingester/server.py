@@ -353,7 +353,7 @@ async def _refuse_raw(stream: Any, response: bytes) -> None:
             drained += len(data)
 
 
-def _connection_failed(server: TCPServer, exc: Exception) -> None:
+def _connection_failed(exc: Exception) -> None:
     """Log a connection's unexpected end (trio's listener loop then closes its socket).
 
     Seen under load: a peer closes mid-body while the app ends its answer; hypercorn's reader
@@ -410,7 +410,7 @@ def _patch_run() -> None:
         except Exception as exc:
             # One connection's failure ends that connection, never the server (stock
             # hypercorn lets it reach the listeners' nursery: pgjones/hypercorn#203).
-            _connection_failed(self, exc)
+            _connection_failed(exc)
         finally:
             connections.leave(conn)
             _count_receiving(_receive_share(self.config), conn, False)

@@ -24,19 +24,14 @@ import hashlib
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any
 
 import trio
 
 from ..saga.commit import ResultCommit
-
-if TYPE_CHECKING:
-    from hashlib import _Hash
+from .data import READ_CHUNK, pread_and_hash
 
 log = logging.getLogger(__name__)
-
-# Reads of the data file: one thread hop per MiB, as everywhere else.
-READ_CHUNK: Final = 1024 * 1024
 
 
 class LiveStream:
@@ -162,8 +157,8 @@ class FollowingReader:
             self._fd = await trio.to_thread.run_sync(
                 os.open, self._stream.path, os.O_RDONLY | os.O_CLOEXEC
             )
-        data: bytes = await trio.to_thread.run_sync(
-            _pread_and_hash, self._fd, size, self.position, self.sha256
+        data = await trio.to_thread.run_sync(
+            pread_and_hash, self._fd, size, self.position, self.sha256
         )
         if not data:
             self._stream.abandon("the data file is shorter than the bytes written to it")
@@ -177,9 +172,3 @@ class FollowingReader:
         if fd is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(os.close, fd)
-
-
-def _pread_and_hash(fd: int, size: int, position: int, hasher: _Hash) -> bytes:
-    data = os.pread(fd, size, position)
-    hasher.update(data)
-    return data
