@@ -89,6 +89,12 @@ class Metrics:
             "File data held in memory between clients and elements, all uploads together.",
             registry=r,
         )
+        self.receive_held = Gauge(
+            "ingester_receive_held_bytes",
+            "Request bytes received from clients and not yet taken by their uploads, all "
+            "connections together (INGESTER_RECEIVE_MEMORY_BYTES bounds it).",
+            registry=r,
+        )
         self.breaker_state = Gauge(
             "ingester_breaker_state",
             "Circuit breaker per element: 0 closed, 1 half-open, 2 open.",

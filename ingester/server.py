@@ -67,7 +67,7 @@ from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
 from .concurrency import leaves
-from .http.receive import ReceiveShare
+from .http.receive import Intake, ReceiveShare
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,8 @@ class _Connection:
     evicted: bool = False
     # Counted in the receive share as a connection with a request running.
     receiving: bool = False
+    # Its bytes received and not yet handed to a handler, in the receive share.
+    intake: Intake | None = None
 
     def waiting_since(self) -> float | None:
         """Since when it has waited for a request head; None while a request runs."""
@@ -271,6 +273,12 @@ def share_receive_memory(config: Config, share: ReceiveShare) -> None:
     config.ingester_receive_share = share  # type: ignore[attr-defined]
 
 
+def _intake_key(server: TCPServer) -> tuple[object, object]:
+    """How a request finds its connection's intake: the addresses hypercorn puts in the
+    ASGI scope (`client`, `server`)."""
+    return (getattr(server.protocol, "client", None), getattr(server.protocol, "server", None))
+
+
 def _count_receiving(share: ReceiveShare | None, conn: _Connection, receiving: bool) -> None:
     if share is None or conn.receiving == receiving:
         return
@@ -279,6 +287,8 @@ def _count_receiving(share: ReceiveShare | None, conn: _Connection, receiving: b
         share.started()
     else:
         share.ended()
+        if conn.intake is not None:
+            share.settle(conn.intake)
 
 
 def _connections(config: Config) -> Connections:
@@ -413,7 +423,10 @@ def _patch_run() -> None:
             _connection_failed(exc)
         finally:
             connections.leave(conn)
-            _count_receiving(_receive_share(self.config), conn, False)
+            share = _receive_share(self.config)
+            _count_receiving(share, conn, False)
+            if share is not None and conn.intake is not None:
+                share.close(_intake_key(self), conn.intake)
 
     TCPServer.run = _run  # type: ignore[method-assign]
 
@@ -436,13 +449,17 @@ def _patch_read_data() -> None:
         conn: _Connection | None = getattr(self, "_ingester_conn", None)
         timeout_s = _connections(self.config).limits.header_timeout_s
         share = _receive_share(self.config)
+        if conn is not None and share is not None:
+            # Before the first read: no request of this connection can look for it sooner.
+            conn.intake = share.open(_intake_key(self))
+        intake = conn.intake if conn is not None else None
         while True:
             deadline = inf
             waiting = _waiting_for_head(self)
             if conn is not None:
                 _count_receiving(share, conn, not waiting)
             read_size = (
-                share.read_size() if share is not None else hypercorn.trio.tcp_server.MAX_RECV
+                share.read_size(intake) if share is not None else hypercorn.trio.tcp_server.MAX_RECV
             )
             protocol = _h11(self)
             if conn is not None and protocol is not None:
@@ -479,6 +496,11 @@ def _patch_read_data() -> None:
                 if conn.head_started is None:
                     conn.head_started = trio.current_time()
                 conn.head_bytes = conn.head_bytes or bool(data)
+            if intake is not None and share is not None and conn is not None and conn.receiving:
+                # A request's body. (A read that waited for a head is not counted: the
+                # head is parsed at once, and it cannot stay counted for the request's
+                # length. The body bytes it may carry are under-counted, one read at most.)
+                share.received(intake, len(data))
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
                 break

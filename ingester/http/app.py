@@ -283,6 +283,9 @@ async def metrics() -> Response:
     svc.metrics.spool_bytes.set(svc.spool_budget.used)
     svc.metrics.spool_limit.set(svc.spool_budget.max_bytes)
     svc.metrics.memory_budget_used.set(svc.memory_budget.used)
+    share = current_app.config.get("RECEIVE_SHARE")
+    if isinstance(share, ReceiveShare):
+        svc.metrics.receive_held.set(share.held)
     for element in svc.registry.elements:
         up = svc.registry.health_of(element.id).ready
         svc.metrics.se_up.labels(element.id, element.mode.value).set(1 if up else 0)

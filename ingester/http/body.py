@@ -46,7 +46,7 @@ from quart import request
 from ..concurrency import cleanup_scope
 from ..errors import ClientTooSlow
 from .pace import ClientPace
-from .receive import ReceiveShare
+from .receive import Intake, ReceiveShare
 
 # Defaults for apps built without settings (the reference Storage Element uses these too).
 DEFAULT_BUFFER_LIMIT: Final = 1024 * 1024
@@ -80,8 +80,10 @@ class RequestBody:
     """One request's body: the chunks the server delivered, as they are (joining them would
     copy), read once by the handler as an async iterator."""
 
-    def __init__(self, limits: BodyLimits = BodyLimits()) -> None:
+    def __init__(self, limits: BodyLimits = BodyLimits(), intake: Intake | None = None) -> None:
         self._limits = limits
+        # Its connection's count in the receive share, told of every byte that leaves.
+        self._intake = intake
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         self._has_data = trio.Event()
@@ -107,6 +109,7 @@ class RequestBody:
             return
         if self._discarding:
             self.discarded += len(data)
+            self._gone(len(data))
             self._arrived.set()
             return
         self._chunks.append(data)
@@ -119,6 +122,11 @@ class RequestBody:
         self.complete = True
         self._has_data.set()
         self._arrived.set()
+
+    def _gone(self, size: int) -> None:
+        share = self._limits.receive_share
+        if share is not None and self._intake is not None:
+            share.taken(self._intake, size)
 
     def _limit(self) -> int:
         share = self._limits.receive_share
@@ -164,6 +172,7 @@ class RequestBody:
             raise StopAsyncIteration
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
+        self._gone(len(chunk))
         if not self._chunks and not self.complete:
             self._has_data = trio.Event()
         if self._buffered < self._limit():
@@ -192,6 +201,7 @@ class RequestBody:
         """Read and drop the rest of the body, within the lingering-close bounds."""
         self._discarding = True
         self._chunks.clear()
+        self._gone(self._buffered)
         self._buffered = 0
         self._room.set()
         with trio.move_on_after(LINGER_S):
@@ -228,7 +238,13 @@ class BodyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        body = RequestBody(self.limits)
+        share = self.limits.receive_share
+        intake = (
+            share.intake_for((scope.get("client"), scope.get("server")))
+            if share is not None
+            else None
+        )
+        body = RequestBody(self.limits, intake)
         scope = cast(Scope, {**scope, SCOPE_KEY: body})
         framed = _has_body(scope)
         if not framed:

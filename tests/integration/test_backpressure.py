@@ -14,8 +14,9 @@ from tests.conftest import TokenFactory
 from tests.support.chaos import download_sha256, resources, serve_ingester
 from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
+from tests.support.metrics import read_metric
 from tests.support.processes import StorageElementProcess
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, eventually_async
 
 BODY_BYTES = 768 * MIB
 # Between the client's last sent byte and the element's file, when all stopped: socket
@@ -88,3 +89,82 @@ async def test_a_stalled_element_stops_the_client_not_our_memory(
                     http, element.url, response.json()["file_id"], token(), None
                 )
             assert stored == (body.sha256, BODY_BYTES)
+
+
+# The receive share's total in the next test, and the floor every connection may still read.
+RECEIVE_TOTAL = 2 * MIB
+FLOOR_READ = 64 * 1024
+
+
+async def test_received_bytes_stay_within_the_receive_share_and_are_all_given_back(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    """One upload starts alone (big reads), seven join it, the element stops: the
+    ingester counts what it holds of their bodies (near the share's total: past it, each
+    connection reads the floor's size), and once they are stored and one more is refused
+    mid-body, none of it is counted any more; a count that leaked would shrink every later
+    read."""
+    async with contextlib.AsyncExitStack() as stack:
+        element = await stack.enter_async_context(
+            StorageElementProcess(
+                tmp_path, mode="edit", public_key=keypair.public_path, element_id="se-slow"
+            )
+        )
+        ingester = await serve_ingester(
+            stack,
+            tmp_path,
+            keypair,
+            [element.registry_entry()],
+            env={
+                "INGESTER_SE_STALL_TIMEOUT_S": "300",
+                "INGESTER_SE_PROBE_INTERVAL_S": "600",
+                "INGESTER_RECEIVE_MEMORY_BYTES": str(RECEIVE_TOTAL),
+                "INGESTER_MEMORY_BUDGET_BYTES": str(4 * MIB),
+                "INGESTER_MAX_FILE_SIZE": str(64 * MIB),
+            },
+        )
+        bodies = [
+            MultipartUpload(random_chunks(48 * MIB, seed=40 + n), fields=[("compress", "false")])
+            for n in range(8)
+        ]
+        answers: list[httpx.Response] = []
+
+        async def held() -> float:
+            return await read_metric(ingester.url, "ingester_receive_held_bytes")
+
+        with trio.fail_after(120):
+            async with (
+                httpx.AsyncClient(trust_env=False, timeout=120) as http,
+                trio.open_nursery() as nursery,
+            ):
+
+                async def upload(body: MultipartUpload) -> None:
+                    answers.append(await post_upload(http, ingester.url, token(), body))
+
+                nursery.start_soon(upload, bodies[0])
+                await eventually(lambda: tmp_bytes(element) >= 8 * MIB, timeout_s=30)
+                for body in bodies[1:]:
+                    nursery.start_soon(upload, body)
+                await eventually(lambda: all(b.size > MIB for b in bodies), timeout_s=30)
+                element.stop_signal()
+                try:
+                    await until_still(
+                        lambda: sum(b.size for b in bodies), interval_s=0.25, samples=6
+                    )
+                    now = await held()
+                    assert 0 < now <= RECEIVE_TOTAL + len(bodies) * 4 * FLOOR_READ, now / MIB
+                finally:
+                    element.cont_signal()
+            assert [a.status_code for a in answers] == [201] * len(bodies)
+            assert sorted(a.json()["checksum"] for a in answers) == sorted(b.sha256 for b in bodies)
+            # Refused mid-body: what it sent past the limit is read and dropped.
+            async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
+                too_big = MultipartUpload(random_chunks(66 * MIB, seed=49))
+                refused = await post_upload(http, ingester.url, token(), too_big)
+            assert refused.status_code == 413, refused.text
+            assert refused.json()["error"]["code"] == "FILE_TOO_LARGE"
+
+            async def none_held() -> bool:
+                return await held() == 0
+
+            await eventually_async(none_held, timeout_s=10)

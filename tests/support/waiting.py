@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -16,4 +16,15 @@ async def eventually(
         while True:
             if check():
                 return trio.current_time() - started
+            await trio.sleep(interval_s)
+
+
+async def eventually_async(
+    check: Callable[[], Awaitable[bool]], *, timeout_s: float, interval_s: float = 0.05
+) -> None:
+    """`eventually` for a check that asks another process (a metric, a status)."""
+    with trio.fail_after(timeout_s):
+        while True:
+            if await check():
+                return
             await trio.sleep(interval_s)

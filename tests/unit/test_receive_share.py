@@ -59,6 +59,64 @@ def test_counting_requests() -> None:
         s.ended()
 
 
+def test_a_connection_reads_no_more_than_what_is_left_of_its_part() -> None:
+    s = share(4)  # a part of 16 MiB each; reads of 1 MiB
+    intake = s.open(("client", "server"))
+    s.received(intake, 15 * MIB + 512 * 1024)
+    assert s.read_size(intake) == 512 * 1024
+    s.received(intake, 512 * 1024)
+    assert s.read_size(intake) == MIN_READ  # the floor: it is never stopped outright
+    s.taken(intake, 4 * MIB)
+    assert s.read_size(intake) == MIB
+
+
+def test_what_the_first_uploads_hold_leaves_the_rest_less_of_the_total() -> None:
+    """The first uploads read big while they were few; when the others come, those reads
+    are still held, and the newcomers' reads fit in what is left of the total."""
+    s = share(0)
+    first = [s.open(("early", n)) for n in range(8)]
+    for intake in first:
+        s.started()
+        s.received(intake, 6 * MIB)  # a read in hand, two queued, a body buffer and more
+    late = [s.open(("late", n)) for n in range(56)]
+    for _ in late:
+        s.started()
+    # 48 of 64 MiB held: 16 MiB left for 56 connections.
+    assert s.read_size(late[0]) == s.read_size()  # within the total: the even size
+    reads = 0
+    while s.total_bytes - s.held >= s.read_size():
+        s.received(late[reads % 56], s.read_size(late[reads % 56]))
+        reads += 1
+    assert reads == 16 * MIB // s.read_size()
+    room = s.total_bytes - s.held
+    assert s.read_size(late[-1]) == max(MIN_READ, room // 4096 * 4096)
+    # Past the total, every read is the floor's.
+    s.received(late[-1], room)
+    assert s.read_size(late[-2]) == MIN_READ
+    # The early ones, over their part of 1 MiB, read the floor.
+    assert s.read_size(first[0]) == MIN_READ
+
+
+def test_what_a_request_leaves_unread_is_gone_when_it_ends() -> None:
+    s = share(1)
+    key = ("client", "server")
+    intake = s.open(key)
+    assert s.intake_for(key) is intake
+    s.received(intake, 3 * MIB)
+    s.taken(intake, MIB)
+    assert (intake.held, s.held) == (2 * MIB, 2 * MIB)
+    s.settle(intake)
+    assert (intake.held, s.held) == (0, 0)
+    # More taken than counted (bytes read before the intake opened): never below zero.
+    s.received(intake, 10)
+    s.taken(intake, 100)
+    assert (intake.held, s.held) == (0, 0)
+    s.received(intake, 10)
+    s.close(key, intake)
+    assert s.held == 0
+    assert s.intake_for(key) is None
+
+
 def test_nonsense_is_refused() -> None:
     with pytest.raises(ValueError, match="must be"):
         ReceiveShare(total_bytes=0, max_read=MIB, queue_size=2)
@@ -93,3 +151,31 @@ async def test_a_body_pauses_its_receiver_at_the_shared_limit_even_when_it_shrin
             assert not waited.is_set()  # paused, not spinning: every task is blocked
             assert len(await body.__anext__()) == 600 * 1024
             await waited.wait()
+
+
+async def test_a_body_tells_its_intake_of_what_it_hands_out_and_drops() -> None:
+    s = share(1)
+    intake = s.open(("client", "server"))
+    body = RequestBody(BodyLimits(buffer_limit=MIB, receive_share=s), intake)
+    for size in (300, 200, 100):
+        s.received(intake, size * 1024)
+        body.append(b"x" * (size * 1024))
+    with trio.fail_after(5):
+        assert len(await body.__anext__()) == 300 * 1024
+        assert s.held == 300 * 1024
+        body_task_done = trio.Event()
+
+        async def drain() -> None:
+            await body.drain()
+            body_task_done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await trio.testing.wait_all_tasks_blocked()
+            # The buffered rest is dropped, and so are bytes that come while it lingers.
+            assert s.held == 0
+            s.received(intake, 4096)
+            body.append(b"y" * 4096)
+            assert s.held == 0
+            body.set_complete()
+        assert body_task_done.is_set()
