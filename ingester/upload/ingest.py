@@ -100,7 +100,9 @@ class Ingest:
         settings = self.settings
         return BytesSource(
             data,
-            FileStart(options, settled=True, filename=filename, content_type=content_type),
+            FileStart(
+                options, settled=True, filename=filename, content_type=content_type, final=True
+            ),
             idle_timeout_s=settings.client_idle_timeout_s,
             budget=UploadBudget(self.memory),
             quantum=settings.body_buffer_limit,

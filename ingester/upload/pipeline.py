@@ -142,9 +142,9 @@ class UploadPipeline:
             plan=Plan.of(start.options),
             budget=source.budget,
         )
-        if request.file_size is not None:
-            # Such a source's options are complete from the start: the element body's
-            # length can be known before its first byte.
+        if start.final:
+            # With the file's size, the element body's length is known before its first
+            # byte (`_declared_length`).
             upload.options = start.options
         progress.filename = filename
         upload.authorization = await self.pool.authorization(request.principal)
@@ -736,7 +736,8 @@ def _multipart_head(boundary: str, upload: Upload) -> bytes:
 
 def _declared_length(boundary: str, upload: Upload, head: bytes) -> int | None:
     """The element body's length, when it is known before its first byte: the file's size
-    and options known from the start (a finished resumable upload) and nothing compressed.
+    known and its options final from the start (a finished resumable upload), and nothing
+    compressed.
     The tail is measured with a stand-in checksum (a sha256 is always 64 hex digits).
     None: a chunked body."""
     size = upload.request.file_size

@@ -28,8 +28,9 @@ class UploadRequest:
     expected_digest: ExpectedDigest | None
     # The file's bytes already on disk (a resumable upload's data files): the spool then.
     source_copy: Spool | None = None
-    # The file's exact size, known with all its options before the first byte (a finished
-    # resumable upload): an uncompressed element body then goes with a Content-Length.
+    # The file's exact size, known before the first byte (a finished resumable upload):
+    # with its options final (`FileStart.final`) and nothing compressed, the element body
+    # goes with a Content-Length.
     file_size: int | None = None
     # Records the result for the client's retries, with the saga's settle (`saga.commit`).
     commit: ResultCommit | None = None

@@ -41,6 +41,9 @@ class FileStart:
     # As the client gave them (the pipeline sanitizes the name and settles the type).
     filename: str | None
     content_type: str | None
+    # No field comes after the file at all: `options` are the upload's, complete (a file
+    # whose options were checked beforehand). The element body's tail is known up front.
+    final: bool = False
 
 
 class FileSource(Protocol):

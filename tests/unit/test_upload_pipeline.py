@@ -212,6 +212,7 @@ class World:
                 settled=True,
                 filename="report.bin",
                 content_type="application/octet-stream",
+                final=True,
             ),
             idle_timeout_s=self.settings.client_idle_timeout_s,
             budget=UploadBudget(self.memory),
