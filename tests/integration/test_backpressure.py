@@ -15,7 +15,7 @@ from tests.support.chaos import download_sha256, resources, serve_ingester
 from tests.support.client import MIB, MultipartUpload, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.metrics import read_metric
-from tests.support.processes import StorageElementProcess
+from tests.support.processes import IngesterProcess, StorageElementProcess
 from tests.support.waiting import eventually, eventually_async
 
 BODY_BYTES = 768 * MIB
@@ -40,23 +40,38 @@ async def until_still(read: Callable[[], int], *, interval_s: float, samples: in
     return last
 
 
+async def element_to_freeze(
+    stack: contextlib.AsyncExitStack,
+    tmp_path: Path,
+    keypair: KeyPair,
+    env: dict[str, str] | None = None,
+) -> tuple[StorageElementProcess, IngesterProcess]:
+    """An element a test will stop, and an ingester over it that waits for it: the element
+    stays frozen well past the test's look, so no stall verdict."""
+    element = await stack.enter_async_context(
+        StorageElementProcess(
+            tmp_path, mode="edit", public_key=keypair.public_path, element_id="se-slow"
+        )
+    )
+    ingester = await serve_ingester(
+        stack,
+        tmp_path,
+        keypair,
+        [element.registry_entry()],
+        env={
+            "INGESTER_SE_STALL_TIMEOUT_S": "300",
+            "INGESTER_SE_PROBE_INTERVAL_S": "600",
+            **(env or {}),
+        },
+    )
+    return element, ingester
+
+
 async def test_a_stalled_element_stops_the_client_not_our_memory(
     tmp_path: Path, keypair: KeyPair, token: TokenFactory
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
-        element = await stack.enter_async_context(
-            StorageElementProcess(
-                tmp_path, mode="edit", public_key=keypair.public_path, element_id="se-slow"
-            )
-        )
-        ingester = await serve_ingester(
-            stack,
-            tmp_path,
-            keypair,
-            [element.registry_entry()],
-            # The element stays frozen well past the test's look: no stall verdict.
-            env={"INGESTER_SE_STALL_TIMEOUT_S": "300", "INGESTER_SE_PROBE_INTERVAL_S": "600"},
-        )
+        element, ingester = await element_to_freeze(stack, tmp_path, keypair)
         body = MultipartUpload(random_chunks(BODY_BYTES, seed=23), fields=[("compress", "false")])
         answer: list[httpx.Response] = []
         with trio.fail_after(120):
@@ -105,19 +120,11 @@ async def test_received_bytes_stay_within_the_receive_share_and_are_all_given_ba
     mid-body, none of it is counted any more; a count that leaked would shrink every later
     read."""
     async with contextlib.AsyncExitStack() as stack:
-        element = await stack.enter_async_context(
-            StorageElementProcess(
-                tmp_path, mode="edit", public_key=keypair.public_path, element_id="se-slow"
-            )
-        )
-        ingester = await serve_ingester(
+        element, ingester = await element_to_freeze(
             stack,
             tmp_path,
             keypair,
-            [element.registry_entry()],
-            env={
-                "INGESTER_SE_STALL_TIMEOUT_S": "300",
-                "INGESTER_SE_PROBE_INTERVAL_S": "600",
+            {
                 "INGESTER_RECEIVE_MEMORY_BYTES": str(RECEIVE_TOTAL),
                 "INGESTER_MEMORY_BUDGET_BYTES": str(4 * MIB),
                 "INGESTER_MAX_FILE_SIZE": str(64 * MIB),
