@@ -193,7 +193,8 @@ class Settings(BaseSettings):
     # Chunks each channel between pipeline tasks holds (a chunk is what one body read gave).
     pipeline_queue_depth: int = Field(default=2, ge=1)
     # File data held in the process between clients and elements, all uploads together.
-    memory_budget_bytes: int = Field(default=48 * MIB, ge=4 * MIB)
+    # With receive_memory_bytes, what bounds the peak under many uploads (README, Benchmarks).
+    memory_budget_bytes: int = Field(default=32 * MIB, ge=4 * MIB)
     # Quart body buffer: the ASGI receiver pauses while this much is unread.
     body_buffer_limit: int = Field(default=1 * MIB, ge=64 * 1024)
     # hypercorn's socket read size (its default is 64 KiB). Every read costs the same
@@ -204,7 +205,7 @@ class Settings(BaseSettings):
     # Request bodies on their way in (socket reads, app queues, body buffers), all
     # connections together; outside memory_budget_bytes. Reads shrink from socket_read_size
     # (down to 64 KiB) as more connections receive at once (ingester/http/receive.py).
-    receive_memory_bytes: int = Field(default=64 * MIB, ge=1 * MIB)
+    receive_memory_bytes: int = Field(default=48 * MIB, ge=1 * MIB)
     compression_min_size: int = Field(default=4096, ge=0)
     brotli_quality: int = Field(default=4, ge=0, le=11)
     gzip_level: int = Field(default=6, ge=1, le=9)
