@@ -449,9 +449,12 @@ def _patch_read_data() -> None:
         conn: _Connection | None = getattr(self, "_ingester_conn", None)
         timeout_s = _connections(self.config).limits.header_timeout_s
         share = _receive_share(self.config)
-        if conn is not None and share is not None:
+        key = _intake_key(self)
+        if conn is not None and share is not None and key[0] is not None:
             # Before the first read: no request of this connection can look for it sooner.
-            conn.intake = share.open(_intake_key(self))
+            # (Without a client address, as on a Unix socket, requests could not tell
+            # their connections apart: such connections size reads as before.)
+            conn.intake = share.open(key)
         intake = conn.intake if conn is not None else None
         while True:
             deadline = inf
