@@ -507,6 +507,11 @@ def _patch_read_data() -> None:
             await self.protocol.handle(RawData(bytes(data)))
             if data == b"":
                 break
+        if conn is not None:
+            # Nothing more is read: the connection stops counting now, not when its
+            # request's cleanup ends (a handler cancelled by the client's leaving may take
+            # seconds to undo its upload, holding received bytes it will never read).
+            _count_receiving(share, conn, False)
         await self.protocol.handle(Closed())
         await self.idle_task.stop()
 

@@ -116,9 +116,9 @@ async def test_received_bytes_stay_within_the_receive_share_and_are_all_given_ba
 ) -> None:
     """One upload starts alone (big reads), seven join it, the element stops: the
     ingester counts what it holds of their bodies (near the share's total: past it, each
-    connection reads the floor's size), and once they are stored and one more is refused
-    mid-body, none of it is counted any more; a count that leaked would shrink every later
-    read."""
+    connection reads the floor's size), and once they are stored, one more is refused
+    mid-body and another's client goes away, none of it is counted any more; a count that
+    leaked would shrink every later read."""
     async with contextlib.AsyncExitStack() as stack:
         element, ingester = await element_to_freeze(
             stack,
@@ -174,4 +174,22 @@ async def test_received_bytes_stay_within_the_receive_share_and_are_all_given_ba
             async def none_held() -> bool:
                 return await held() == 0
 
+            await eventually_async(none_held, timeout_s=10)
+
+            # A client that goes away while the ingester holds part of its body. (The
+            # ingester learns it at its next read: not while the frozen element keeps it
+            # from reading.) What the connection held goes with it.
+            element.stop_signal()
+            try:
+                async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
+                    gone = MultipartUpload(
+                        random_chunks(48 * MIB, seed=50), fields=[("compress", "false")]
+                    )
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(post_upload, http, ingester.url, token(), gone)
+                        await until_still(lambda: gone.size, interval_s=0.25, samples=6)
+                        assert await held() > 0
+                        nursery.cancel_scope.cancel()
+            finally:
+                element.cont_signal()
             await eventually_async(none_held, timeout_s=10)
