@@ -1098,6 +1098,9 @@ class _Receiver:
             await self._flush()
             if self.checksum is None and self.unsaved >= CHECKPOINT_BYTES:
                 await self._checkpoint()
+            if self.stream is not None:
+                # Not past what the element takes, by more than the stream's slack.
+                await self.stream.keep_pace()
 
     async def _flush(self) -> None:
         if not self.pending:

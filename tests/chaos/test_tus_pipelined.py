@@ -16,6 +16,7 @@ from typing import Final
 import httpx
 import trio
 
+from ingester.tus.pipelined import LAG_MAX_BYTES
 from tests.conftest import Stack, TokenFactory
 from tests.support.chaos import (
     assert_no_orphans,
@@ -32,7 +33,7 @@ from tests.support.fixtures import KeyPair
 from tests.support.metrics import metric
 from tests.support.processes import ManagedProcess
 from tests.support.redis_server import RedisServer
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, until_still
 
 CHUNK: Final = 8 * MIB
 ENV: Final = {
@@ -281,3 +282,53 @@ async def client_offset(client: Client, ingester: ManagedProcess, location: str)
     head = await client.http.head(ingester.url + location, headers=client.headers())
     assert head.status_code == 200, head.headers
     return int(head.headers["Upload-Offset"])
+
+
+def socket_buffers() -> int:
+    """The most a loopback connection's two kernel buffers hold (tcp_wmem's and tcp_rmem's
+    largest sizes) on this machine."""
+    most = 0
+    for name in ("tcp_wmem", "tcp_rmem"):
+        most += int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+    return most
+
+
+async def test_a_client_faster_than_the_element_waits_during_the_upload_not_after(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    """The element stops taking bytes mid-upload: the client's PATCHes stop too, once the
+    data file is LAG_MAX_BYTES ahead of the stream (plus what is in flight), instead of
+    filling the data file while the final PATCH's wait grows with the whole lag. The
+    element resumes: the upload ends, stored by the same stream, intact."""
+    env = {**LONG_WINDOW, "INGESTER_SE_STALL_TIMEOUT_S": "300"}
+    async with contextlib.AsyncExitStack() as stack:
+        (element,) = await start_elements(stack, tmp_path, keypair, 1)
+        ingester = await serve_ingester(stack, tmp_path, keypair, [element.registry_entry()], env)
+        data = b"".join(random_chunks(16 * CHUNK, seed=156))
+        with trio.fail_after(90):
+            async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
+                client = Client(http, token())
+                location = await client.create(ingester, len(data))
+                data_file = ingester.spool_dir / "tus" / location.rsplit("/", 1)[-1]
+                await client.send(ingester, location, data, 0, CHUNK)
+                await receiving(element, CHUNK // 2)
+                element.stop_signal()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(client.send, ingester, location, data, CHUNK, 15 * CHUNK)
+                        written = await until_still(
+                            lambda: data_file.stat().st_size, interval_s=0.25, samples=6
+                        )
+                        took = max(temporary_sizes(element))
+                        # Ahead of the element by the slack, a batch, what the pipeline and
+                        # the frozen element hold (a few MiB), and the socket buffers between
+                        # them: not by the whole upload.
+                        ahead = LAG_MAX_BYTES + 8 * MIB + socket_buffers()
+                        assert written - took <= ahead, (written, took, ahead)
+                        assert written < 15 * CHUNK
+                        element.cont_signal()
+                finally:
+                    element.cont_signal()
+                final = await client.patch(ingester, location, data, 15 * CHUNK)
+                await assert_stored(http, final, element.url, data, token())
+                assert await streams(http, ingester, "stored") == 1

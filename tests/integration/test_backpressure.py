@@ -4,7 +4,6 @@ ingester's memory (`ingester.http.body`: Quart's own body buffer has no limit)."
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ from tests.support.client import MIB, MultipartUpload, post_upload, random_chunk
 from tests.support.fixtures import KeyPair
 from tests.support.metrics import read_metric
 from tests.support.processes import IngesterProcess, StorageElementProcess
-from tests.support.waiting import eventually, eventually_async
+from tests.support.waiting import eventually, eventually_async, until_still
 
 BODY_BYTES = 768 * MIB
 # Between the client's last sent byte and the element's file, when all stopped: socket
@@ -27,17 +26,6 @@ RSS_MAX = 250 * MIB
 
 def tmp_bytes(element: StorageElementProcess) -> int:
     return sum(p.stat().st_size for p in element.tmp_dir.glob("*") if p.is_file())
-
-
-async def until_still(read: Callable[[], int], *, interval_s: float, samples: int) -> int:
-    """Poll `read` until it gives the same value `samples` times in a row; that value."""
-    last, same = -1, 0
-    while same < samples:
-        value = read()
-        same = same + 1 if value == last else 0
-        last = value
-        await trio.sleep(interval_s)
-    return last
 
 
 async def element_to_freeze(

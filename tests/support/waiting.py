@@ -28,3 +28,15 @@ async def eventually_async(
             if await check():
                 return
             await trio.sleep(interval_s)
+
+
+async def until_still(read: Callable[[], int], *, interval_s: float, samples: int) -> int:
+    """Poll `read` until it gives the same value `samples` times in a row; that value (a
+    sender that stopped because every buffer on the way is full)."""
+    last, same = -1, 0
+    while same < samples:
+        value = read()
+        same = same + 1 if value == last else 0
+        last = value
+        await trio.sleep(interval_s)
+    return last

@@ -1,5 +1,5 @@
 """The pipelined store's rules on their own (`LiveStream`, no I/O, virtual time): what it may
-read, when its window runs, what abandons it. The store itself runs in
+read, when its window runs, what abandons it, when PATCHes wait for it. The store itself runs in
 tests/chaos/test_tus_pipelined.py against real elements. Tests that wait run under
 `fail_after`; those that never reach a checkpoint cannot hang."""
 
@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from ingester.tus.pipelined import LiveStream
+from ingester.tus.pipelined import END_POLL_S, LAG_MAX_BYTES, LiveStream
 
 MIB = 1024 * 1024
 
@@ -105,3 +105,80 @@ async def test_abandoning_twice_or_after_the_end_changes_nothing(
         assert done.abandoned is None
         assert await done.outcome() == {"file_id": "f"}
         assert not done.scope.cancel_called
+
+
+# --- PATCHes keep pace with the stream ----------------------------------------------------
+
+
+async def test_a_patch_goes_on_while_the_stream_is_within_the_slack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(10):
+        live = stream(length=64 * MIB)
+        live.patch_started()
+        live.advance(LAG_MAX_BYTES)
+        await live.keep_pace()  # nothing read yet, but no more behind than the slack
+        assert trio.current_time() == 0
+
+
+async def test_a_patch_waits_until_the_stream_catches_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(10):
+        live = stream(length=64 * MIB)
+        live.patch_started()
+        live.advance(LAG_MAX_BYTES + 2 * MIB)
+        async with trio.open_nursery() as nursery:
+            went_on = trio.Event()
+
+            async def receiver() -> None:
+                await live.keep_pace()
+                went_on.set()
+
+            nursery.start_soon(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not went_on.is_set()
+            live.has_read(MIB)  # still more than the slack behind
+            await trio.testing.wait_all_tasks_blocked()
+            assert not went_on.is_set()
+            live.has_read(2 * MIB)
+            await went_on.wait()
+        # Woken by the reader, not by the poll for a store's end.
+        assert trio.current_time() < END_POLL_S
+
+
+async def test_an_abandoned_or_finished_stream_lets_the_patch_go_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(10):
+        for end in ("abandoned", "done"):
+            live = stream(length=64 * MIB)
+            live.patch_started()
+            live.advance(LAG_MAX_BYTES + 8 * MIB)
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(live.keep_pace)
+                await trio.testing.wait_all_tasks_blocked()
+                if end == "abandoned":
+                    live.abandon("the test")
+                else:
+                    live.done.set()  # stored or failed: seen within the poll
+            assert trio.current_time() - started <= END_POLL_S
+
+
+async def test_a_stream_that_started_behind_may_stay_as_far_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(10):
+        # Resumed here at 40 MiB: its reader starts at the file's first byte.
+        live = stream(readable=40 * MIB, length=128 * MIB)
+        live.patch_started()
+        live.advance(40 * MIB + LAG_MAX_BYTES)
+        await live.keep_pace()
+        assert trio.current_time() == 0
+        live.advance(40 * MIB + LAG_MAX_BYTES + MIB)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(live.keep_pace)
+            await trio.testing.wait_all_tasks_blocked()
+            live.has_read(MIB)
+        assert trio.current_time() < END_POLL_S
