@@ -110,13 +110,19 @@ async def test_abandoning_twice_or_after_the_end_changes_nothing(
 # --- PATCHes keep pace with the stream ----------------------------------------------------
 
 
+def patched(written: int) -> LiveStream:
+    """A stream from the first byte, a PATCH under way that wrote `written` bytes."""
+    live = stream(length=64 * MIB)
+    live.patch_started()
+    live.advance(written)
+    return live
+
+
 async def test_a_patch_goes_on_while_the_stream_is_within_the_slack(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     with trio.fail_after(10):
-        live = stream(length=64 * MIB)
-        live.patch_started()
-        live.advance(LAG_MAX_BYTES)
+        live = patched(LAG_MAX_BYTES)
         await live.keep_pace()  # nothing read yet, but no more behind than the slack
         assert trio.current_time() == 0
 
@@ -125,9 +131,7 @@ async def test_a_patch_waits_until_the_stream_catches_up(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     with trio.fail_after(10):
-        live = stream(length=64 * MIB)
-        live.patch_started()
-        live.advance(LAG_MAX_BYTES + 2 * MIB)
+        live = patched(LAG_MAX_BYTES + 2 * MIB)
         async with trio.open_nursery() as nursery:
             went_on = trio.Event()
 
@@ -152,9 +156,7 @@ async def test_an_abandoned_or_finished_stream_lets_the_patch_go_on(
 ) -> None:
     with trio.fail_after(10):
         for end in ("abandoned", "done"):
-            live = stream(length=64 * MIB)
-            live.patch_started()
-            live.advance(LAG_MAX_BYTES + 8 * MIB)
+            live = patched(LAG_MAX_BYTES + 8 * MIB)
             started = trio.current_time()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(live.keep_pace)
