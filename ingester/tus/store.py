@@ -29,17 +29,13 @@ import hashlib
 import time
 from collections.abc import Callable
 from enum import Enum
-from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from typing import Final, Protocol
 
 import trio
 
 from ..saga.commit import ResultWrite
 from ..storage.redis_gateway import RedisGateway
 from .state import Phase, TusUpload
-
-if TYPE_CHECKING:
-    import redis
-    from redis.commands.core import Script
 
 KEY_PREFIX: Final = "ingester:tus:"
 EXPIRING_KEY: Final = "ingester:tus:expiring"
@@ -51,8 +47,6 @@ OWNER_PREFIX: Final = "ingester:tus:owner:"
 RESERVATION_GRACE_S: Final = 60.0
 # An index nobody reserved in for this long goes (its uploads expired long ago).
 OWNER_INDEX_TTL_S: Final = 8 * 86400.0
-
-_T = TypeVar("_T")
 
 
 class QuotaRefusal(Enum):
@@ -333,12 +327,6 @@ class RedisTusStore:
         self._release = gateway.script(_RELEASE)
         self._reserve = gateway.script(_RESERVE)
 
-    async def _call(self, script: Script, keys: list[str], args: list[str]) -> object:
-        return await self._gateway.run_script(script, keys, args)
-
-    async def _run(self, call: Callable[[redis.Redis], _T]) -> _T:
-        return await self._gateway.call(call)
-
     @staticmethod
     def _keys(upload_id: str) -> tuple[str, str, str]:
         base = KEY_PREFIX + upload_id
@@ -346,7 +334,7 @@ class RedisTusStore:
 
     async def create(self, upload: TusUpload) -> bool:
         state, _, _ = self._keys(upload.id)
-        created = await self._call(
+        created = await self._gateway.run_script(
             self._create,
             [state, EXPIRING_KEY],
             [
@@ -360,7 +348,7 @@ class RedisTusStore:
 
     async def get(self, upload_id: str) -> TusUpload | None:
         state, _, _ = self._keys(upload_id)
-        raw = await self._run(lambda client: client.get(state))
+        raw = await self._gateway.call(lambda client: client.get(state))
         if raw is None:
             return None
         assert isinstance(raw, bytes)
@@ -368,7 +356,7 @@ class RedisTusStore:
 
     async def put(self, upload: TusUpload, token: str) -> bool:
         state, lock, _ = self._keys(upload.id)
-        written = await self._call(
+        written = await self._gateway.run_script(
             self._put,
             [state, lock, EXPIRING_KEY],
             [
@@ -393,43 +381,49 @@ class RedisTusStore:
 
     async def delete(self, upload_id: str, token: str) -> bool:
         state, lock, _ = self._keys(upload_id)
-        deleted = await self._call(self._delete, [state, lock, EXPIRING_KEY], [token, upload_id])
+        deleted = await self._gateway.run_script(
+            self._delete, [state, lock, EXPIRING_KEY], [token, upload_id]
+        )
         return deleted == 1
 
     async def due(self, now: float, limit: int) -> list[str]:
-        raw = await self._run(
+        raw = await self._gateway.call(
             lambda client: client.zrangebyscore(EXPIRING_KEY, "-inf", repr(now), start=0, num=limit)
         )
         assert isinstance(raw, list)
         return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
 
     async def forget(self, upload_id: str) -> None:
-        await self._run(lambda client: client.zrem(EXPIRING_KEY, upload_id))
+        await self._gateway.call(lambda client: client.zrem(EXPIRING_KEY, upload_id))
 
     async def try_lock(self, upload_id: str, token: str, ttl_s: float) -> bool:
         _, lock, letgo = self._keys(upload_id)
-        taken = await self._call(self._lock, [lock, letgo], [token, str(int(ttl_s * 1000))])
+        taken = await self._gateway.run_script(
+            self._lock, [lock, letgo], [token, str(int(ttl_s * 1000))]
+        )
         return taken == 1
 
     async def keep(self, upload_id: str, token: str, ttl_s: float) -> LockState:
         _, lock, letgo = self._keys(upload_id)
-        status = await self._call(self._keep, [lock, letgo], [token, str(int(ttl_s * 1000))])
+        status = await self._gateway.run_script(
+            self._keep, [lock, letgo], [token, str(int(ttl_s * 1000))]
+        )
         if status == -1:
             return LockState.LOST
         return LockState.ASKED if status == 1 else LockState.HELD
 
     async def release(self, upload_id: str, token: str) -> None:
         _, lock, _ = self._keys(upload_id)
-        await self._call(self._release, [lock], [token])
+        await self._gateway.run_script(self._release, [lock], [token])
 
     async def ask(self, upload_id: str, ttl_s: float) -> None:
         _, _, letgo = self._keys(upload_id)
-        await self._run(lambda client: client.set(letgo, b"1", px=int(ttl_s * 1000)))
+        await self._gateway.call(lambda client: client.set(letgo, b"1", px=int(ttl_s * 1000)))
 
     async def reserve(
         self, owner: str, upload_id: str, size: int, *, max_uploads: int, max_bytes: int
     ) -> QuotaRefusal | None:
-        status = await self._call(
+        status = await self._gateway.run_script(
             self._reserve,
             [_owner_key(owner)],
             [
@@ -450,7 +444,7 @@ class RedisTusStore:
 
     async def unreserve(self, owner: str, upload_id: str) -> None:
         key = _owner_key(owner)
-        await self._run(lambda client: client.hdel(key, upload_id))
+        await self._gateway.call(lambda client: client.hdel(key, upload_id))
 
 
 def _owner_key(owner: str) -> str:
