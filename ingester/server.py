@@ -273,9 +273,9 @@ def share_receive_memory(config: Config, share: ReceiveShare) -> None:
     config.ingester_receive_share = share  # type: ignore[attr-defined]
 
 
-def _intake_key(server: TCPServer) -> tuple[object, object]:
-    """How a request finds its connection's intake: the addresses hypercorn puts in the
-    ASGI scope (`client`, `server`)."""
+def _addresses(server: TCPServer) -> tuple[object, object]:
+    """The connection's client and server addresses, as hypercorn puts them in the ASGI
+    scope (how a request finds its connection's intake)."""
     return (getattr(server.protocol, "client", None), getattr(server.protocol, "server", None))
 
 
@@ -426,7 +426,7 @@ def _patch_run() -> None:
             share = _receive_share(self.config)
             _count_receiving(share, conn, False)
             if share is not None and conn.intake is not None:
-                share.close(_intake_key(self), conn.intake)
+                share.close(*_addresses(self), conn.intake)
 
     TCPServer.run = _run  # type: ignore[method-assign]
 
@@ -449,12 +449,9 @@ def _patch_read_data() -> None:
         conn: _Connection | None = getattr(self, "_ingester_conn", None)
         timeout_s = _connections(self.config).limits.header_timeout_s
         share = _receive_share(self.config)
-        key = _intake_key(self)
-        if conn is not None and share is not None and key[0] is not None:
+        if conn is not None and share is not None:
             # Before the first read: no request of this connection can look for it sooner.
-            # (Without a client address, as on a Unix socket, requests could not tell
-            # their connections apart: such connections size reads as before.)
-            conn.intake = share.open(key)
+            conn.intake = share.open(*_addresses(self))
         intake = conn.intake if conn is not None else None
         while True:
             deadline = inf

@@ -240,7 +240,7 @@ class BodyMiddleware:
             return
         share = self.limits.receive_share
         intake = (
-            share.intake_for((scope.get("client"), scope.get("server")))
+            share.intake_for(scope.get("client"), scope.get("server"))
             if share is not None
             else None
         )

@@ -28,7 +28,6 @@ Pure bookkeeping, shared by the listeners (which count and read) and the request
 
 from __future__ import annotations
 
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -59,7 +58,7 @@ class ReceiveShare:
     held: int = 0
     # Open connections' intakes, by (client address, server address): how a request body,
     # which knows its ASGI scope, finds its connection's.
-    _intakes: dict[Hashable, Intake] = field(default_factory=dict, repr=False)
+    _intakes: dict[tuple[object, object], Intake] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.total_bytes <= 0 or self.max_read <= 0 or self.queue_size < 1:
@@ -90,13 +89,19 @@ class ReceiveShare:
 
     # --- what each connection holds ------------------------------------------------------
 
-    def open(self, key: Hashable) -> Intake:
-        """A connection's intake, from its accept to its `close`."""
-        intake = self._intakes[key] = Intake()
+    def open(self, client: object, server: object) -> Intake | None:
+        """The intake of a connection from `client` to `server` (the addresses hypercorn
+        also puts in each request's ASGI scope), from its accept to its `close`. None without
+        a client address, as on a Unix socket: requests could not tell such connections
+        apart, so they size their reads as before the byte count."""
+        if client is None:
+            return None
+        intake = self._intakes[(client, server)] = Intake()
         return intake
 
-    def intake_for(self, key: Hashable) -> Intake | None:
-        return self._intakes.get(key)
+    def intake_for(self, client: object, server: object) -> Intake | None:
+        """The intake a request from `client` to `server` counts in (its scope's addresses)."""
+        return None if client is None else self._intakes.get((client, server))
 
     def received(self, intake: Intake, size: int) -> None:
         intake.held += size
@@ -115,7 +120,7 @@ class ReceiveShare:
         gone with it."""
         self.taken(intake, intake.held)
 
-    def close(self, key: Hashable, intake: Intake) -> None:
+    def close(self, client: object, server: object, intake: Intake) -> None:
         self.settle(intake)
-        if self._intakes.get(key) is intake:
-            del self._intakes[key]
+        if self._intakes.get((client, server)) is intake:
+            del self._intakes[(client, server)]

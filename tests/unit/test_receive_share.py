@@ -7,13 +7,19 @@ import trio
 import trio.testing
 
 from ingester.http.body import BodyLimits, RequestBody
-from ingester.http.receive import MIN_READ, ReceiveShare
+from ingester.http.receive import MIN_READ, Intake, ReceiveShare
 
 MIB = 1024 * 1024
 
 
 def share(busy: int, *, total: int = 64 * MIB, max_read: int = MIB, queue: int = 2) -> ReceiveShare:
     return ReceiveShare(total_bytes=total, max_read=max_read, queue_size=queue, busy=busy)
+
+
+def opened(s: ReceiveShare, client: object, server: object) -> Intake:
+    intake = s.open(client, server)
+    assert intake is not None
+    return intake
 
 
 def test_a_few_uploads_read_the_largest_size() -> None:
@@ -61,7 +67,7 @@ def test_counting_requests() -> None:
 
 def test_a_connection_reads_no_more_than_what_is_left_of_its_part() -> None:
     s = share(4)  # a part of 16 MiB each; reads of 1 MiB
-    intake = s.open(("client", "server"))
+    intake = opened(s, "client", "server")
     s.received(intake, 15 * MIB + 512 * 1024)
     assert s.read_size(intake) == 512 * 1024
     s.received(intake, 512 * 1024)
@@ -74,11 +80,11 @@ def test_what_the_first_uploads_hold_leaves_the_rest_less_of_the_total() -> None
     """The first uploads read big while they were few; when the others come, those reads
     are still held, and the newcomers' reads fit in what is left of the total."""
     s = share(0)
-    first = [s.open(("early", n)) for n in range(8)]
+    first = [opened(s, "early", n) for n in range(8)]
     for intake in first:
         s.started()
         s.received(intake, 6 * MIB)  # a read in hand, two queued, a body buffer and more
-    late = [s.open(("late", n)) for n in range(56)]
+    late = [opened(s, "late", n) for n in range(56)]
     for _ in late:
         s.started()
     # 48 of 64 MiB held: 16 MiB left for 56 connections.
@@ -100,8 +106,8 @@ def test_what_the_first_uploads_hold_leaves_the_rest_less_of_the_total() -> None
 def test_what_a_request_leaves_unread_is_gone_when_it_ends() -> None:
     s = share(1)
     key = ("client", "server")
-    intake = s.open(key)
-    assert s.intake_for(key) is intake
+    intake = opened(s, *key)
+    assert s.intake_for(*key) is intake
     s.received(intake, 3 * MIB)
     s.taken(intake, MIB)
     assert (intake.held, s.held) == (2 * MIB, 2 * MIB)
@@ -112,9 +118,16 @@ def test_what_a_request_leaves_unread_is_gone_when_it_ends() -> None:
     s.taken(intake, 100)
     assert (intake.held, s.held) == (0, 0)
     s.received(intake, 10)
-    s.close(key, intake)
+    s.close(*key, intake)
     assert s.held == 0
-    assert s.intake_for(key) is None
+    assert s.intake_for(*key) is None
+
+
+def test_a_connection_without_a_client_address_has_no_intake() -> None:
+    # A Unix socket's connections: their requests could not tell them apart.
+    s = share(1)
+    assert s.open(None, "/run/ingester.sock") is None
+    assert s.intake_for(None, "/run/ingester.sock") is None
 
 
 def test_nonsense_is_refused() -> None:
@@ -155,7 +168,7 @@ async def test_a_body_pauses_its_receiver_at_the_shared_limit_even_when_it_shrin
 
 async def test_a_body_tells_its_intake_of_what_it_hands_out_and_drops() -> None:
     s = share(1)
-    intake = s.open(("client", "server"))
+    intake = opened(s, "client", "server")
     body = RequestBody(BodyLimits(buffer_limit=MIB, receive_share=s), intake)
     for size in (300, 200, 100):
         s.received(intake, size * 1024)
