@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     # How often the PEM file's mtime is checked; a changed file is reloaded.
     auth_key_reload_interval_s: float = Field(default=2.0, gt=0)
     auth_jwks_cache_s: float = Field(default=300.0, gt=0)
+    # Tokens that passed verification, kept until their `exp` (0: check every request).
+    auth_token_cache_size: int = Field(default=1024, ge=0)
 
     # --- Storage Elements
     redis_url: str | None = None

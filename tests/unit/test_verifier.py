@@ -7,7 +7,7 @@ import hashlib
 import hmac
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import jwt
 import pytest
@@ -24,12 +24,14 @@ from cryptography.hazmat.primitives.serialization import (
 
 from ingester.auth import StaticKeySource, TokenVerifier
 from ingester.auth.keys import load_public_key
+from ingester.auth.principal import Principal
 from ingester.auth.tokens import (
     generate_private_key_pem,
     make_keycloak_token,
     make_token,
     public_pem_from_private,
 )
+from ingester.auth.verifier import VerifiedTokens, _Verified
 from ingester.errors import Unauthorized
 
 
@@ -310,3 +312,125 @@ def test_static_source_refuses_non_rsa_and_small_keys() -> None:
     assert isinstance(small, RSAPublicKey)
     with pytest.raises(ValueError, match="1024 bits"):
         StaticKeySource(small)
+
+
+# --- tokens that passed are kept ---------------------------------------------------------
+
+
+class SwappableKeySource:
+    """One key at a time, swapped by the test: a rotation without a file or a server."""
+
+    def __init__(self, key: RSAPublicKey) -> None:
+        self.key = key
+        self.lookups = 0
+
+    async def key_for(self, kid: str | None) -> RSAPublicKey:
+        self.lookups += 1
+        return self.key
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+
+async def test_a_token_that_passed_is_answered_from_memory(
+    verifier: TokenVerifier, private_pem: bytes
+) -> None:
+    with trio.fail_after(5):
+        token = make_token(private_pem, sub="svc", role="operator")
+        first = await verifier.verify(token)
+        again = await verifier.verify(token)
+        assert again is first
+        assert verifier.cache_hits == 1
+        # Another token is its own entry.
+        other = await verifier.verify(make_token(private_pem, sub="svc2"))
+        assert other.subject == "svc2"
+        assert verifier.cache_hits == 1
+        assert verifier.verified is not None
+        assert len(verifier.verified) == 2
+
+
+async def test_a_kept_token_is_not_served_past_its_expiry(
+    public_key: RSAPublicKey, private_pem: bytes
+) -> None:
+    with trio.fail_after(5):
+        now = [time.time()]
+        clocked = TokenVerifier(StaticKeySource(public_key), leeway_s=30, clock=lambda: now[0])
+        token = make_token(private_pem, ttl=600)
+        exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+        await clocked.verify(token)
+        now[0] = exp + 29.5  # within the leeway
+        await clocked.verify(token)
+        assert clocked.cache_hits == 1
+        now[0] = exp + 30  # PyJWT's boundary: expired once exp <= now - leeway
+        await clocked.verify(token)  # checked in full again (PyJWT reads the real clock)
+        assert clocked.cache_hits == 1
+
+
+async def test_a_rotated_key_voids_what_the_old_one_verified(
+    public_key: RSAPublicKey, private_pem: bytes, other_private_pem: bytes
+) -> None:
+    with trio.fail_after(5):
+        keys = SwappableKeySource(public_key)
+        rotating = TokenVerifier(keys)
+        token = make_token(private_pem)
+        await rotating.verify(token)
+        await rotating.verify(token)
+        assert rotating.cache_hits == 1
+        keys.key = load_public_key(public_pem_from_private(other_private_pem), origin="new")
+        await assert_rejected(rotating, token, "signature is invalid")
+        assert rotating.verified is not None
+        assert len(rotating.verified) == 0
+        # Tokens of the new key are kept in turn.
+        fresh = make_token(other_private_pem, sub="after")
+        assert (await rotating.verify(fresh)).subject == "after"
+        assert (await rotating.verify(fresh)).subject == "after"
+        assert rotating.cache_hits == 2
+
+
+async def test_refused_tokens_are_not_kept(verifier: TokenVerifier, private_pem: bytes) -> None:
+    with trio.fail_after(5):
+        expired = make_token(private_pem, ttl=60, now=time.time() - 120)
+        refresh = make_token(private_pem, token_type="refresh")
+        for _ in range(2):
+            await assert_rejected(verifier, expired, "expired")
+            await assert_rejected(verifier, refresh, "refresh token")
+        assert verifier.verified is not None
+        assert len(verifier.verified) == 0
+        assert verifier.cache_hits == 0
+
+
+async def test_no_cache_when_its_size_is_zero(public_key: RSAPublicKey, private_pem: bytes) -> None:
+    with trio.fail_after(5):
+        keys = SwappableKeySource(public_key)
+        uncached = TokenVerifier(keys, cache_size=0)
+        token = make_token(private_pem)
+        for _ in range(3):
+            assert (await uncached.verify(token)).subject == "dev-user"
+        assert uncached.verified is None
+        assert (uncached.cache_hits, keys.lookups) == (0, 3)
+
+
+def test_verified_tokens_keep_the_most_recently_used() -> None:
+    kept = VerifiedTokens(2)
+
+    def entry(expires_at: int) -> Any:
+        roles = frozenset({"user"})
+        principal = Principal("s", "s", roles, frozenset(), "service_account", None, "t")
+        return _Verified(principal, None, cast(RSAPublicKey, object()), expires_at)
+
+    a, b, c = entry(1000), entry(1000), entry(1000)
+    kept.put("a", a)
+    kept.put("b", b)
+    assert kept.get("a", 0, 30) is a  # "a" is now the most recent
+    kept.put("c", c)
+    assert (kept.get("b", 0, 30), kept.get("a", 0, 30), kept.get("c", 0, 30)) == (None, a, c)
+    assert len(kept) == 2
+    # Expiry is PyJWT's rule, and an expired entry leaves.
+    assert kept.get("a", 1029.9, 30) is a
+    assert kept.get("a", 1030, 30) is None
+    assert len(kept) == 1
+    kept.discard("c")
+    kept.discard("c")
+    assert len(kept) == 0
+    with pytest.raises(ValueError, match="size must be >= 1"):
+        VerifiedTokens(0)
