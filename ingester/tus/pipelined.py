@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 # the last byte is at most this much (measured: 15-48 MiB behind at the hand-over, which
 # added 0.1-0.25 s to a final PATCH whose element commit took 0.35-0.45 s).
 LAG_MAX_BYTES = 16 * 1024 * 1024
-END_POLL_S = 0.5
 
 
 class LiveStream:
@@ -103,10 +102,10 @@ class LiveStream:
         while self.usable and self.readable - self.read_to > self._lag_allowed:
             if self._caught_up.is_set():
                 self._caught_up = trio.Event()
-            # The reader's progress wakes it, and so does an abandonment; a store that
-            # ends otherwise (stored early, failed) is seen within the poll.
-            with trio.move_on_after(END_POLL_S):
-                await self._caught_up.wait()
+            # Woken by the reader's progress, an abandonment or the store's end (`finish`).
+            # No timeout of its own: the stream cannot stand still, since its element
+            # attempts run under the stall watchdog and its end or abandonment wakes this.
+            await self._caught_up.wait()
 
     def patch_ended(self, offset: int, *, kept: bool) -> None:
         """The PATCH is saved: `offset` is the upload's. Bytes the stream may have read but
@@ -123,6 +122,13 @@ class LiveStream:
         result (the completion's lock is the one that writes it)."""
         self.commit = commit
         self.handed_over = True
+        self._wake()
+
+    def finish(self) -> None:
+        """The store ended (stored, failed or abandoned): `done`, and a PATCH waiting for
+        the stream goes on."""
+        self.done.set()
+        self._caught_up.set()
         self._wake()
 
     def abandon(self, reason: str) -> None:

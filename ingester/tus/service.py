@@ -811,7 +811,7 @@ class TusService:
             self.metrics.tus_streams.labels(outcome).inc()
             if self._streams.get(upload.id) is stream:
                 del self._streams[upload.id]
-            stream.done.set()
+            stream.finish()
 
     async def _store(
         self, upload: TusUpload, principal: Principal, commit: TusResult

@@ -9,7 +9,7 @@ import pytest
 import trio
 import trio.testing
 
-from ingester.tus.pipelined import END_POLL_S, LAG_MAX_BYTES, LiveStream
+from ingester.tus.pipelined import LAG_MAX_BYTES, LiveStream
 
 MIB = 1024 * 1024
 
@@ -147,8 +147,8 @@ async def test_a_patch_waits_until_the_stream_catches_up(
             assert not went_on.is_set()
             live.has_read(2 * MIB)
             await went_on.wait()
-        # Woken by the reader, not by the poll for a store's end.
-        assert trio.current_time() < END_POLL_S
+        # Woken by the reader: no timer ran.
+        assert trio.current_time() == 0
 
 
 async def test_an_abandoned_or_finished_stream_lets_the_patch_go_on(
@@ -164,8 +164,9 @@ async def test_an_abandoned_or_finished_stream_lets_the_patch_go_on(
                 if end == "abandoned":
                     live.abandon("the test")
                 else:
-                    live.done.set()  # stored or failed: seen within the poll
-            assert trio.current_time() - started <= END_POLL_S
+                    live.finish()  # stored or failed
+            # At once: no timer ran (a missed wake-up would hang until fail_after).
+            assert trio.current_time() == started
 
 
 async def test_a_stream_that_started_behind_may_stay_as_far_behind(
@@ -183,4 +184,4 @@ async def test_a_stream_that_started_behind_may_stay_as_far_behind(
             nursery.start_soon(live.keep_pace)
             await trio.testing.wait_all_tasks_blocked()
             live.has_read(MIB)
-        assert trio.current_time() < END_POLL_S
+        assert trio.current_time() == 0
