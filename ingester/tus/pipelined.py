@@ -11,7 +11,7 @@ failover replays from it.
     window passes          no PATCH came (a pause, or the client went to another replica):
                            the stream is abandoned
     stream falls behind    a PATCH waits (`keep_pace`) while the stream is more than
-                           LAG_MAX_BYTES behind what was written: a client faster than the
+                           `lag_bytes` behind what was written: a client faster than the
                            element otherwise ends with a final PATCH that waits for the
                            whole lag
     last byte in           the completion `hand_over`s: only then does the file end, so the
@@ -37,16 +37,19 @@ from .data import READ_CHUNK, pread_and_hash
 
 log = logging.getLogger(__name__)
 
-# How far the stream may trail the PATCHes before they wait for it: its catch-up after
-# the last byte is at most this much (measured: 15-48 MiB behind at the hand-over, which
-# added 0.1-0.25 s to a final PATCH whose element commit took 0.35-0.45 s).
-LAG_MAX_BYTES = 16 * 1024 * 1024
-
 
 class LiveStream:
     """One upload's pipelined store: what it may read, its window, its outcome."""
 
-    def __init__(self, upload_id: str, path: str, length: int, readable: int, window_s: float):
+    def __init__(
+        self,
+        upload_id: str,
+        path: str,
+        length: int,
+        readable: int,
+        window_s: float,
+        lag_bytes: int,
+    ):
         self.upload_id = upload_id
         self.path = path
         self.length = length
@@ -66,10 +69,14 @@ class LiveStream:
         self.result: dict[str, Any] | None = None
         self._changed = trio.Event()
         # Where its reader is (it starts at the file's first byte), and what wakes a PATCH
-        # waiting for it. A stream that starts behind (an upload resumed here) may stay as
-        # far behind as it started, plus the slack: its PATCHes never wait for more.
+        # waiting for it. `lag_bytes` is the slack (INGESTER_TUS_PIPELINE_LAG_BYTES): how
+        # far the stream may trail the PATCHes before they wait, so the most its catch-up
+        # adds to the final PATCH (measured without a bound: 15-48 MiB behind at the
+        # hand-over, 0.1-0.25 s more on a final PATCH whose element commit took 0.35-0.45
+        # s). A stream that starts behind (an upload resumed here) may stay as far behind
+        # as it started, plus the slack: its PATCHes never wait for more.
         self.read_to = 0
-        self._lag_allowed = readable + LAG_MAX_BYTES
+        self._lag_allowed = readable + lag_bytes
         self._caught_up = trio.Event()
 
     @property
@@ -95,7 +102,7 @@ class LiveStream:
             self._caught_up.set()
 
     async def keep_pace(self) -> None:
-        """Until the stream is within LAG_MAX_BYTES of what was written (or of how far
+        """Until the stream is within `lag_bytes` of what was written (or of how far
         behind it started), or over (done, abandoned): a PATCH's receiver waits here after
         each batch written, so the client goes no faster than the element takes its bytes,
         plus that slack."""

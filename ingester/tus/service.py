@@ -763,7 +763,12 @@ class TusService:
             self._stream_starts.clear()
         self._stream_starts[upload.id] = self._stream_starts.get(upload.id, 0) + 1
         stream = LiveStream(
-            upload.id, str(self.data.path(upload.id)), upload.length, upload.offset, window
+            upload.id,
+            str(self.data.path(upload.id)),
+            upload.length,
+            upload.offset,
+            window,
+            lag_bytes=self.settings.tus_pipeline_lag_bytes,
         )
         self._streams[upload.id] = stream
         nursery.start_soon(self._run_stream, stream, upload, principal)

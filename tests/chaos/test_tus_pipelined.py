@@ -16,7 +16,6 @@ from typing import Final
 import httpx
 import trio
 
-from ingester.tus.pipelined import LAG_MAX_BYTES
 from tests.conftest import Stack, TokenFactory
 from tests.support.chaos import (
     assert_no_orphans,
@@ -297,10 +296,15 @@ async def test_a_client_faster_than_the_element_waits_during_the_upload_not_afte
     tmp_path: Path, keypair: KeyPair, token: TokenFactory
 ) -> None:
     """The element stops taking bytes mid-upload: the client's PATCHes stop too, once the
-    data file is LAG_MAX_BYTES ahead of the stream (plus what is in flight), instead of
-    filling the data file while the final PATCH's wait grows with the whole lag. The
-    element resumes: the upload ends, stored by the same stream, intact."""
-    env = {**LONG_WINDOW, "INGESTER_SE_STALL_TIMEOUT_S": "300"}
+    data file is INGESTER_TUS_PIPELINE_LAG_BYTES ahead of the stream (plus what is in
+    flight), instead of filling the data file while the final PATCH's wait grows with the
+    whole lag. The element resumes: the upload ends, stored by the same stream, intact."""
+    lag = 4 * MIB
+    env = {
+        **LONG_WINDOW,
+        "INGESTER_SE_STALL_TIMEOUT_S": "300",
+        "INGESTER_TUS_PIPELINE_LAG_BYTES": str(lag),
+    }
     async with contextlib.AsyncExitStack() as stack:
         (element,) = await start_elements(stack, tmp_path, keypair, 1)
         ingester = await serve_ingester(stack, tmp_path, keypair, [element.registry_entry()], env)
@@ -323,7 +327,7 @@ async def test_a_client_faster_than_the_element_waits_during_the_upload_not_afte
                         # Ahead of the element by the slack, a batch, what the pipeline and
                         # the frozen element hold (a few MiB), and the socket buffers between
                         # them: not by the whole upload.
-                        ahead = LAG_MAX_BYTES + 8 * MIB + socket_buffers()
+                        ahead = lag + 8 * MIB + socket_buffers()
                         assert written - took <= ahead, (written, took, ahead)
                         assert written < 15 * CHUNK
                         element.cont_signal()

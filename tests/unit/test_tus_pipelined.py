@@ -9,13 +9,18 @@ import pytest
 import trio
 import trio.testing
 
-from ingester.tus.pipelined import LAG_MAX_BYTES, LiveStream
+from ingester.settings import Settings
+from ingester.tus.pipelined import LiveStream
 
 MIB = 1024 * 1024
 
 
+# The default slack (INGESTER_TUS_PIPELINE_LAG_BYTES).
+LAG_MAX_BYTES = Settings.model_fields["tus_pipeline_lag_bytes"].default
+
+
 def stream(*, readable: int = 0, length: int = 4 * MIB, window_s: float = 2.0) -> LiveStream:
-    return LiveStream("a" * 32, "/nonexistent", length, readable, window_s)
+    return LiveStream("a" * 32, "/nonexistent", length, readable, window_s, LAG_MAX_BYTES)
 
 
 async def test_it_may_read_what_patches_wrote_and_no_more(
@@ -167,6 +172,34 @@ async def test_an_abandoned_or_finished_stream_lets_the_patch_go_on(
                     live.finish()  # stored or failed
             # At once: no timer ran (a missed wake-up would hang until fail_after).
             assert trio.current_time() == started
+
+
+async def test_the_slack_is_the_streams_own(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(10):
+        # INGESTER_TUS_PIPELINE_LAG_BYTES=0: PATCHes keep in step with the stream.
+        live = LiveStream("a" * 32, "/nonexistent", 64 * MIB, 0, 2.0, lag_bytes=0)
+        live.patch_started()
+        live.advance(MIB)
+        async with trio.open_nursery() as nursery:
+            went_on = trio.Event()
+
+            async def receiver() -> None:
+                await live.keep_pace()
+                went_on.set()
+
+            nursery.start_soon(receiver)
+            await trio.testing.wait_all_tasks_blocked()
+            live.has_read(MIB - 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not went_on.is_set()
+            live.has_read(MIB)
+        assert went_on.is_set()
+        # A larger slack lets a PATCH run further ahead without waiting.
+        roomy = LiveStream("a" * 32, "/nonexistent", 64 * MIB, 0, 2.0, lag_bytes=32 * MIB)
+        roomy.patch_started()
+        roomy.advance(32 * MIB)
+        await roomy.keep_pace()
+        assert trio.current_time() == 0
 
 
 async def test_a_stream_that_started_behind_may_stay_as_far_behind(
