@@ -115,12 +115,25 @@ async def test_abandoning_twice_or_after_the_end_changes_nothing(
 # --- PATCHes keep pace with the stream ----------------------------------------------------
 
 
-def patched(written: int) -> LiveStream:
+def patched(written: int, lag_bytes: int = LAG_MAX_BYTES) -> LiveStream:
     """A stream from the first byte, a PATCH under way that wrote `written` bytes."""
-    live = stream(length=64 * MIB)
+    live = LiveStream("a" * 32, "/nonexistent", 64 * MIB, 0, 2.0, lag_bytes)
     live.patch_started()
     live.advance(written)
     return live
+
+
+async def waiting_patch(live: LiveStream, nursery: trio.Nursery) -> trio.Event:
+    """A PATCH's receiver keeping pace with `live`, once blocked; set when it goes on."""
+    went_on = trio.Event()
+
+    async def receiver() -> None:
+        await live.keep_pace()
+        went_on.set()
+
+    nursery.start_soon(receiver)
+    await trio.testing.wait_all_tasks_blocked()
+    return went_on
 
 
 async def test_a_patch_goes_on_while_the_stream_is_within_the_slack(
@@ -138,14 +151,7 @@ async def test_a_patch_waits_until_the_stream_catches_up(
     with trio.fail_after(10):
         live = patched(LAG_MAX_BYTES + 2 * MIB)
         async with trio.open_nursery() as nursery:
-            went_on = trio.Event()
-
-            async def receiver() -> None:
-                await live.keep_pace()
-                went_on.set()
-
-            nursery.start_soon(receiver)
-            await trio.testing.wait_all_tasks_blocked()
+            went_on = await waiting_patch(live, nursery)
             assert not went_on.is_set()
             live.has_read(MIB)  # still more than the slack behind
             await trio.testing.wait_all_tasks_blocked()
@@ -177,28 +183,16 @@ async def test_an_abandoned_or_finished_stream_lets_the_patch_go_on(
 async def test_the_slack_is_the_streams_own(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
         # INGESTER_TUS_PIPELINE_LAG_BYTES=0: PATCHes keep in step with the stream.
-        live = LiveStream("a" * 32, "/nonexistent", 64 * MIB, 0, 2.0, lag_bytes=0)
-        live.patch_started()
-        live.advance(MIB)
+        live = patched(MIB, lag_bytes=0)
         async with trio.open_nursery() as nursery:
-            went_on = trio.Event()
-
-            async def receiver() -> None:
-                await live.keep_pace()
-                went_on.set()
-
-            nursery.start_soon(receiver)
-            await trio.testing.wait_all_tasks_blocked()
+            went_on = await waiting_patch(live, nursery)
             live.has_read(MIB - 1)
             await trio.testing.wait_all_tasks_blocked()
             assert not went_on.is_set()
             live.has_read(MIB)
         assert went_on.is_set()
         # A larger slack lets a PATCH run further ahead without waiting.
-        roomy = LiveStream("a" * 32, "/nonexistent", 64 * MIB, 0, 2.0, lag_bytes=32 * MIB)
-        roomy.patch_started()
-        roomy.advance(32 * MIB)
-        await roomy.keep_pace()
+        await patched(32 * MIB, lag_bytes=32 * MIB).keep_pace()
         assert trio.current_time() == 0
 
 
