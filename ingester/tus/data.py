@@ -257,11 +257,25 @@ class DataWriter:
         # Counted once the thread returned: a write that did not finish is not stored.
         self.written += sum(len(c) for c in chunks)
 
-    async def commit(self) -> int:
-        """fsync what was written; the bytes now stored past `start`."""
+    async def commit(self, *, close: bool = False) -> int:
+        """fsync what was written; the bytes now stored past `start`. With `close`, the
+        file is closed in the same worker-thread hop (a `PATCH`'s last write: one hop
+        less per request)."""
         fd = self._fd
         assert fd is not None
-        await trio.to_thread.run_sync(os.fsync, fd)
+        if not close:
+            await trio.to_thread.run_sync(os.fsync, fd)
+            return self.written
+
+        def sync_and_close() -> None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        # Closed whatever the fsync did: the descriptor is not ours to retry with.
+        self._fd = None
+        await trio.to_thread.run_sync(sync_and_close)
         return self.written
 
     def discard(self) -> None:

@@ -1178,7 +1178,8 @@ class _Receiver:
                             "Upload-Checksum; it was discarded"
                         )
             if self.unsaved:
-                await writer.commit()
+                # Nothing is written after this: the file closes in the fsync's hop.
+                await writer.commit(close=True)
                 self.upload.accept(
                     self.unsaved,
                     now=time.time(),

@@ -174,3 +174,27 @@ async def test_a_file_shorter_than_the_offset_is_lost_data(tmp_path: Path) -> No
         await write(files, "a" * 32, 0, b"12345")
         with pytest.raises(UploadDataLost):
             await files.open_at("a" * 32, 6)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_commit_that_closes_leaves_the_bytes_and_no_descriptor(tmp_path: Path) -> None:
+    """A `PATCH`'s last save fsyncs and closes in one hop: the bytes are there, the
+    descriptor is gone, and closing again is a no-op."""
+    with trio.fail_after(10):
+        files = DataFiles(tmp_path / "tus", keep_bytes=0)
+        upload_id = "c" * 32
+        await files.create(upload_id, 2 * MIB)
+        before = open_descriptors()
+        writer = await files.open_at(upload_id, 0)
+        assert open_descriptors() == before + 1
+        await writer.write([b"x" * MIB])
+        assert await writer.commit() == MIB  # a checkpoint: the file stays open
+        await writer.write([b"y" * MIB])
+        assert await writer.commit(close=True) == 2 * MIB
+        assert open_descriptors() == before
+        await writer.aclose()
+        assert open_descriptors() == before
+        assert await read(files, upload_id, 2 * MIB) == b"x" * MIB + b"y" * MIB
