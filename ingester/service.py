@@ -75,6 +75,8 @@ class Service:
             trust_env=False,
         )
         self.verifier: TokenVerifier | None = build_verifier(settings, self.http)
+        if self.verifier is not None:
+            self.metrics.watch_tokens(self.verifier)
         self.se_auth: SETokenProvider = build_se_token_provider(settings, self.http)
         self.se_client = StorageElementClient(
             self.http,

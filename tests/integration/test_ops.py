@@ -80,6 +80,32 @@ async def test_metrics_count_uploads_bytes_and_outcomes(stack: Stack, token: Tok
         assert stored >= 5000
 
 
+def counter(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_metrics_count_tokens_checked_and_answered_from_memory(
+    stack: Stack, token: TokenFactory
+) -> None:
+    with trio.fail_after(15):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            before = (await http.get(stack.url + "/metrics")).text
+            same = token()
+            for _ in range(3):
+                await post_upload(http, stack.url, same, MultipartUpload([b"t" * 100]))
+            refused = await http.get(
+                stack.url + "/api/v1/uploads/" + "0" * 32,
+                headers={"Authorization": "Bearer " + same[:-4] + "AAAA"},
+            )
+            after = (await http.get(stack.url + "/metrics")).text
+        assert refused.status_code == 401
+        names = ("ingester_auth_token_cache_hits_total", "ingester_auth_token_checks_total")
+        hits, checks = (counter(after, n) - counter(before, n) for n in names)
+        # The first upload checks the token in full, the next two are answered from memory;
+        # the forged one is checked in full and refused.
+        assert (hits, checks) == (2, 2)
+
+
 async def test_request_id_is_echoed_or_made(stack: Stack) -> None:
     with trio.fail_after(10):
         async with httpx.AsyncClient(trust_env=False) as http:
