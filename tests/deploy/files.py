@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, Final
+from unittest.mock import patch
 
 import pytest
 import yaml
@@ -76,10 +77,16 @@ def project_image() -> str:
 
 @cache
 def app_routes() -> frozenset[str]:
-    """Every GET route of the ingester's app, as the app itself registers them."""
+    """Every GET route of the ingester's app, as the app itself registers them.
+
+    Built from the defaults alone: the result is cached for the whole run, and a caller
+    may have put a deployment's settings in the environment (a key file that exists only
+    in the container made the first caller fail, in whichever order the tests ran)."""
     from ingester.http.app import create_app
 
-    app, _service = create_app(Settings(_env_file=None))  # type: ignore[call-arg]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("INGESTER_")}
+    with patch.dict(os.environ, clean, clear=True):
+        app, _service = create_app(Settings(_env_file=None))  # type: ignore[call-arg]
     return frozenset(
         rule.rule for rule in app.url_map.iter_rules() if "GET" in (rule.methods or ())
     )
