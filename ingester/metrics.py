@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Final, Protocol
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,7 +12,6 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
 
 # Uploads span 4 KiB documents to 10 GiB archives: seconds from milliseconds to an hour.
 DURATION_BUCKETS: Final = (
@@ -181,6 +179,17 @@ class Metrics:
         self.auth_failures = Counter(
             "ingester_auth_failures", "Rejected credentials, by status.", ["status"], registry=r
         )
+        self.auth_token_cache_hits = Counter(
+            "ingester_auth_token_cache_hits",
+            "Requests whose bearer token was answered from the verified-token cache, with no "
+            "signature check (INGESTER_AUTH_TOKEN_CACHE_SIZE).",
+            registry=r,
+        )
+        self.auth_token_checks = Counter(
+            "ingester_auth_token_checks",
+            "Bearer tokens checked in full (signature and claims), whether they passed or not.",
+            registry=r,
+        )
 
         # Registry gauges, set at scrape time by the /metrics handler.
         self.registry_age = Gauge(
@@ -199,33 +208,5 @@ class Metrics:
             registry=r,
         )
 
-    def watch_tokens(self, tokens: TokenCounts) -> None:
-        """Expose the bearer-token verifier's counts (read at scrape time)."""
-        self.registry.register(_TokenCollector(tokens))
-
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class TokenCounts(Protocol):
-    # Requests answered from the verified-token cache, and tokens checked in full.
-    cache_hits: int
-    full_checks: int
-
-
-class _TokenCollector:
-    def __init__(self, tokens: TokenCounts) -> None:
-        self._tokens = tokens
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(
-            "ingester_auth_token_cache_hits",
-            "Requests whose bearer token was answered from the verified-token cache, with no "
-            "signature check (INGESTER_AUTH_TOKEN_CACHE_SIZE).",
-            value=self._tokens.cache_hits,
-        )
-        yield CounterMetricFamily(
-            "ingester_auth_token_checks",
-            "Bearer tokens checked in full (signature and claims), whether they passed or not.",
-            value=self._tokens.full_checks,
-        )

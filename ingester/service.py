@@ -23,7 +23,7 @@ import httpx
 import trio
 
 from .allocator import trim_when_idle
-from .auth.verifier import TokenVerifier, build_verifier
+from .auth.verifier import TokenHooks, TokenVerifier, build_verifier
 from .concurrency import cleanup_scope
 from .finalize.finalizer import Finalizer
 from .finalize.store import FinalizeStore, MemoryFinalizeStore, RedisFinalizeStore
@@ -74,9 +74,14 @@ class Service:
             follow_redirects=False,
             trust_env=False,
         )
-        self.verifier: TokenVerifier | None = build_verifier(settings, self.http)
-        if self.verifier is not None:
-            self.metrics.watch_tokens(self.verifier)
+        self.verifier: TokenVerifier | None = build_verifier(
+            settings,
+            self.http,
+            TokenHooks(
+                cache_hit=self.metrics.auth_token_cache_hits.inc,
+                full_check=self.metrics.auth_token_checks.inc,
+            ),
+        )
         self.se_auth: SETokenProvider = build_se_token_provider(settings, self.http)
         self.se_client = StorageElementClient(
             self.http,

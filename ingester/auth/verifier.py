@@ -107,6 +107,15 @@ class VerifiedTokens:
         self._entries.pop(token, None)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenHooks:
+    """Told of each verification (the service's metrics): answered from the cache, or
+    checked in full (passed or not)."""
+
+    cache_hit: Callable[[], None] = lambda: None
+    full_check: Callable[[], None] = lambda: None
+
+
 class TokenVerifier:
     """Turns a bearer token into a `Principal`, or raises `Unauthorized` saying why.
 
@@ -122,14 +131,14 @@ class TokenVerifier:
         audience: str | None = None,
         cache_size: int = 1024,
         clock: Callable[[], float] = time.time,
+        hooks: TokenHooks = TokenHooks(),
     ) -> None:
         self.keys = keys
         self._leeway_s = leeway_s
         self.verified = VerifiedTokens(cache_size) if cache_size > 0 else None
-        # Requests answered from `verified`, without a signature check; tokens checked in
-        # full (passed or not). Exposed as metrics.
+        # Requests answered from `verified`, without a signature check.
         self.cache_hits = 0
-        self.full_checks = 0
+        self._hooks = hooks
         self._clock = clock
         self._issuer = issuer
         self._audience = audience
@@ -156,9 +165,10 @@ class TokenVerifier:
             if entry is not None:
                 if await self.keys.key_for(entry.kid) is entry.key:
                     self.cache_hits += 1
+                    self._hooks.cache_hit()
                     return entry.principal
                 verified.discard(token)
-        self.full_checks += 1
+        self._hooks.full_check()
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -204,7 +214,9 @@ def _message(exc: jwt.PyJWTError) -> str:
     return "the token is invalid"
 
 
-def build_verifier(settings: Settings, http: httpx.AsyncClient) -> TokenVerifier | None:
+def build_verifier(
+    settings: Settings, http: httpx.AsyncClient, hooks: TokenHooks = TokenHooks()
+) -> TokenVerifier | None:
     """The verifier the settings describe, or None when no key source is configured.
 
     A PEM key is read here, so a missing or broken file stops the service at start-up with
@@ -240,6 +252,7 @@ def build_verifier(settings: Settings, http: httpx.AsyncClient) -> TokenVerifier
         issuer=settings.auth_issuer,
         audience=settings.auth_audience,
         cache_size=settings.auth_token_cache_size,
+        hooks=hooks,
     )
 
 
