@@ -96,6 +96,20 @@ async def in_flight(http: httpx.AsyncClient, url: str) -> float:
     return 0.0
 
 
+def unreplicated(world: World) -> str:
+    """The replicas' writes that no Redis replica acknowledged in time (`WAIT` timed out):
+    a failover in that window may lose them, which Redis replication allows (README,
+    "Redis with Sentinel"). Said when an invariant fails, to tell that window from a bug."""
+    lines = [
+        f"{world.name(index)}: {line.strip()[:200]}"
+        for index, proc in enumerate(world.replicas)
+        if proc is not None
+        for line in proc.log_lines()
+        if "redis_unreplicated" in line
+    ]
+    return f"writes unreplicated when written: {len(lines)} {lines[:3]}"
+
+
 async def check_invariants(world: World, ledger: Ledger, sent: list[bytes], since: float) -> float:
     """The scenario's end state; the seconds from `since` until the elements held exactly
     the acknowledged files, each once (the result a retry reads is written in the step that
@@ -115,7 +129,7 @@ async def check_invariants(world: World, ledger: Ledger, sent: list[bytes], sinc
         raise AssertionError(
             f"left on elements: {dict(extra)}; missing: {dict(missing)} "
             f"(file ids {[ledger.stored.get(sha) for sha in missing]}); "
-            f"sagas open: {world.saga_records()}"
+            f"sagas open: {world.saga_records()}; {unreplicated(world)}"
         ) from None
     return time.monotonic() - since
 
