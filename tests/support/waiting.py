@@ -1,10 +1,12 @@
-"""Waiting for state outside the test's control (files on disk, another process)."""
+"""Waiting for state outside the test's control (files on disk, another process), and for
+tasks of the test's own to block."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
 import trio
+import trio.testing
 
 
 async def eventually(
@@ -40,3 +42,17 @@ async def until_still(read: Callable[[], int], *, interval_s: float, samples: in
         last = value
         await trio.sleep(interval_s)
     return last
+
+
+async def blocked_task(nursery: trio.Nursery, call: Callable[[], Awaitable[object]]) -> trio.Event:
+    """`call` started in `nursery` and run until every task is blocked; the event is set
+    once it returns (a waiter the test then checks is still waiting, or lets go)."""
+    returned = trio.Event()
+
+    async def run() -> None:
+        await call()
+        returned.set()
+
+    nursery.start_soon(run)
+    await trio.testing.wait_all_tasks_blocked()
+    return returned

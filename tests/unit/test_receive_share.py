@@ -8,6 +8,7 @@ import trio.testing
 
 from ingester.http.body import BodyLimits, RequestBody
 from ingester.http.receive import MIN_READ, Intake, ReceiveShare
+from tests.support.waiting import blocked_task
 
 MIB = 1024 * 1024
 
@@ -140,8 +141,8 @@ def test_nonsense_is_refused() -> None:
 # --- the body buffer under a share ----------------------------------------------------------
 
 
-def shared_body(s: ReceiveShare) -> RequestBody:
-    return RequestBody(BodyLimits(buffer_limit=MIB, receive_share=s))
+def shared_body(s: ReceiveShare, intake: Intake | None = None) -> RequestBody:
+    return RequestBody(BodyLimits(buffer_limit=MIB, receive_share=s), intake)
 
 
 async def test_a_body_pauses_its_receiver_at_the_shared_limit_even_when_it_shrinks() -> None:
@@ -152,15 +153,8 @@ async def test_a_body_pauses_its_receiver_at_the_shared_limit_even_when_it_shrin
         await body.wait_for_room()  # 600 KiB of a 1 MiB limit: room
         # Many more connections now: the limit falls to 2 x 64 KiB, below what is held.
         s.busy = 100_000
-        waited = trio.Event()
-
-        async def receiver() -> None:
-            await body.wait_for_room()
-            waited.set()
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(receiver)
-            await trio.testing.wait_all_tasks_blocked()
+            waited = await blocked_task(nursery, body.wait_for_room)
             assert not waited.is_set()  # paused, not spinning: every task is blocked
             assert len(await body.__anext__()) == 600 * 1024
             await waited.wait()
@@ -169,22 +163,15 @@ async def test_a_body_pauses_its_receiver_at_the_shared_limit_even_when_it_shrin
 async def test_a_body_tells_its_intake_of_what_it_hands_out_and_drops() -> None:
     s = share(1)
     intake = opened(s, "client", "server")
-    body = RequestBody(BodyLimits(buffer_limit=MIB, receive_share=s), intake)
+    body = shared_body(s, intake)
     for size in (300, 200, 100):
         s.received(intake, size * 1024)
         body.append(b"x" * (size * 1024))
     with trio.fail_after(5):
         assert len(await body.__anext__()) == 300 * 1024
         assert s.held == 300 * 1024
-        body_task_done = trio.Event()
-
-        async def drain() -> None:
-            await body.drain()
-            body_task_done.set()
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(drain)
-            await trio.testing.wait_all_tasks_blocked()
+            body_task_done = await blocked_task(nursery, body.drain)
             # The buffered rest is dropped, and so are bytes that come while it lingers.
             assert s.held == 0
             s.received(intake, 4096)

@@ -11,6 +11,7 @@ import trio.testing
 
 from ingester.settings import Settings
 from ingester.tus.pipelined import LiveStream
+from tests.support.waiting import blocked_task
 
 MIB = 1024 * 1024
 
@@ -123,19 +124,6 @@ def patched(written: int, lag_bytes: int = LAG_MAX_BYTES) -> LiveStream:
     return live
 
 
-async def waiting_patch(live: LiveStream, nursery: trio.Nursery) -> trio.Event:
-    """A PATCH's receiver keeping pace with `live`, once blocked; set when it goes on."""
-    went_on = trio.Event()
-
-    async def receiver() -> None:
-        await live.keep_pace()
-        went_on.set()
-
-    nursery.start_soon(receiver)
-    await trio.testing.wait_all_tasks_blocked()
-    return went_on
-
-
 async def test_a_patch_goes_on_while_the_stream_is_within_the_slack(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -151,7 +139,7 @@ async def test_a_patch_waits_until_the_stream_catches_up(
     with trio.fail_after(10):
         live = patched(LAG_MAX_BYTES + 2 * MIB)
         async with trio.open_nursery() as nursery:
-            went_on = await waiting_patch(live, nursery)
+            went_on = await blocked_task(nursery, live.keep_pace)
             assert not went_on.is_set()
             live.has_read(MIB)  # still more than the slack behind
             await trio.testing.wait_all_tasks_blocked()
@@ -185,7 +173,7 @@ async def test_the_slack_is_the_streams_own(autojump_clock: trio.testing.MockClo
         # INGESTER_TUS_PIPELINE_LAG_BYTES=0: PATCHes keep in step with the stream.
         live = patched(MIB, lag_bytes=0)
         async with trio.open_nursery() as nursery:
-            went_on = await waiting_patch(live, nursery)
+            went_on = await blocked_task(nursery, live.keep_pace)
             live.has_read(MIB - 1)
             await trio.testing.wait_all_tasks_blocked()
             assert not went_on.is_set()
