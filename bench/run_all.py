@@ -15,6 +15,10 @@
 6. tus (bench/tus.py, sections 1 and 2): 1 GiB in 8 MiB PATCHes by curl, tus-js-client and
    tuspy, each paired with a multipart upload: throughput ratio, final PATCH seconds, CPU-s
    per GiB of each process (the PATCH path apart), the ingester's peak RSS.
+7. The floor (bench/floor.py): 256 MiB file-only forms through two bare proxies that only
+   receive, hash, spool and send each byte, and through the ingester, alternating with the
+   direct upload: what the least possible work costs on this machine today, and the
+   ingester's CPU against it.
 
 Results go to bench/results/latest.json and a Markdown table on stdout.
 """
@@ -34,6 +38,8 @@ import brotli
 import httpx
 import trio
 
+from bench.floor import report as floor_report
+from bench.floor import run_floor
 from bench.harness import (
     MIB,
     Bench,
@@ -193,7 +199,7 @@ async def small_uploads(
 
 
 # What `--only` picks from, in the order they run.
-SECTIONS: Final = ("shapes", "memory", "concurrency", "compression", "small", "tus")
+SECTIONS: Final = ("shapes", "memory", "concurrency", "compression", "small", "tus", "floor")
 
 
 def main() -> int:
@@ -218,25 +224,25 @@ def main() -> int:
     }
     with bench_stack(env_option(args)) as bench:
         if "shapes" in only:
-            print("1/6 request shapes", flush=True)
+            print("1/7 request shapes", flush=True)
             results["shapes"] = run_shapes(bench, sizes, rounds, SHAPES)
         if "memory" in only:
-            print("2/6 memory", flush=True)
+            print("2/7 memory", flush=True)
             small = make_file(bench.root / "small.bin", 64 * MIB, compressible=False)
             big_mib = 256 if args.quick else 1024
             big = make_file(bench.root / "big.bin", big_mib * MIB, compressible=False)
             results["memory"] = memory_flat(bench, small, big)
         if "concurrency" in only:
-            print("3/6 concurrency", flush=True)
+            print("3/7 concurrency", flush=True)
             mid = make_file(bench.root / "mid.bin", 16 * MIB, compressible=False)
             results["concurrent_64x16mib"] = concurrent(bench, mid, 64, 16 * MIB)
         if "compression" in only:
-            print("4/6 compression", flush=True)
+            print("4/7 compression", flush=True)
             text_mib = 64 if args.quick else 256
             text = make_file(bench.root / "text.log", text_mib * MIB, compressible=True)
             results["compression"] = compression(bench, text, rounds)
         if "small" in only:
-            print("5/6 small uploads", flush=True)
+            print("5/7 small uploads", flush=True)
             count = 500 if args.quick else 3000
             results["small_4kib_c50"] = trio.run(small_uploads, bench, count, 50, 4096)
             results["small_4kib_c50_direct"] = trio.run(
@@ -247,8 +253,13 @@ def main() -> int:
                 partial(small_uploads, bench, count // 10, 1, 4096, direct=True)
             )
         if "tus" in only:
-            print("6/6 tus (curl, tus-js-client, tuspy)", flush=True)
+            print("6/7 tus (curl, tus-js-client, tuspy)", flush=True)
             results["tus"] = run_tus(bench, (256 if args.quick else 1024) * MIB, rounds)
+        if "floor" in only:
+            print("7/7 the floor (bare proxies beside the ingester)", flush=True)
+            floor_mib = 64 if args.quick else 256
+            floor_file = make_file(bench.root / "floor.bin", floor_mib * MIB, compressible=False)
+            results["floor"] = run_floor(bench, floor_file, rounds)
     # A partial run does not replace the last whole one.
     path = save(results, "latest" if only == set(SECTIONS) else "partial")
     print(report(results))
@@ -355,6 +366,8 @@ def report(r: dict[str, Any]) -> str:
         lines += ["", shapes_report(shapes)]
     if "tus" in r:
         lines += ["", tus_report({**r["tus"], "size_mib": r["tus"].get("size_mib", 1024)})]
+    if "floor" in r:
+        lines += ["", floor_report(r["floor"])]
     return "\n".join(lines)
 
 
