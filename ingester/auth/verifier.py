@@ -136,8 +136,6 @@ class TokenVerifier:
         self.keys = keys
         self._leeway_s = leeway_s
         self.verified = VerifiedTokens(cache_size) if cache_size > 0 else None
-        # Requests answered from `verified`, without a signature check.
-        self.cache_hits = 0
         self._hooks = hooks
         self._clock = clock
         self._issuer = issuer
@@ -164,7 +162,6 @@ class TokenVerifier:
             entry = verified.get(token, self._clock(), self._leeway_s)
             if entry is not None:
                 if await self.keys.key_for(entry.kid) is entry.key:
-                    self.cache_hits += 1
                     self._hooks.cache_hit()
                     return entry.principal
                 verified.discard(token)

@@ -31,7 +31,7 @@ from ingester.auth.tokens import (
     make_token,
     public_pem_from_private,
 )
-from ingester.auth.verifier import VerifiedTokens, _Verified
+from ingester.auth.verifier import TokenHooks, VerifiedTokens, _Verified
 from ingester.errors import Unauthorized
 
 
@@ -40,9 +40,31 @@ def other_private_pem() -> bytes:
     return generate_private_key_pem()
 
 
+class Tally:
+    """What a verifier told its hooks, as the service's metrics hear it."""
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.checks = 0
+
+    def _hit(self) -> None:
+        self.hits += 1
+
+    def _check(self) -> None:
+        self.checks += 1
+
+    def hooks(self) -> TokenHooks:
+        return TokenHooks(cache_hit=self._hit, full_check=self._check)
+
+
 @pytest.fixture
-def verifier(public_key: RSAPublicKey) -> TokenVerifier:
-    return TokenVerifier(StaticKeySource(public_key), leeway_s=30)
+def tally() -> Tally:
+    return Tally()
+
+
+@pytest.fixture
+def verifier(public_key: RSAPublicKey, tally: Tally) -> TokenVerifier:
+    return TokenVerifier(StaticKeySource(public_key), leeway_s=30, hooks=tally.hooks())
 
 
 def b64url(data: bytes) -> str:
@@ -333,18 +355,18 @@ class SwappableKeySource:
 
 
 async def test_a_token_that_passed_is_answered_from_memory(
-    verifier: TokenVerifier, private_pem: bytes
+    verifier: TokenVerifier, tally: Tally, private_pem: bytes
 ) -> None:
     with trio.fail_after(5):
         token = make_token(private_pem, sub="svc", role="operator")
         first = await verifier.verify(token)
         again = await verifier.verify(token)
         assert again is first
-        assert verifier.cache_hits == 1
+        assert (tally.hits, tally.checks) == (1, 1)
         # Another token is its own entry.
         other = await verifier.verify(make_token(private_pem, sub="svc2"))
         assert other.subject == "svc2"
-        assert verifier.cache_hits == 1
+        assert (tally.hits, tally.checks) == (1, 2)
         assert verifier.verified is not None
         assert len(verifier.verified) == 2
 
@@ -354,16 +376,19 @@ async def test_a_kept_token_is_not_served_past_its_expiry(
 ) -> None:
     with trio.fail_after(5):
         now = [time.time()]
-        clocked = TokenVerifier(StaticKeySource(public_key), leeway_s=30, clock=lambda: now[0])
+        tally = Tally()
+        clocked = TokenVerifier(
+            StaticKeySource(public_key), leeway_s=30, clock=lambda: now[0], hooks=tally.hooks()
+        )
         token = make_token(private_pem, ttl=600)
         exp = jwt.decode(token, options={"verify_signature": False})["exp"]
         await clocked.verify(token)
         now[0] = exp + 29.5  # within the leeway
         await clocked.verify(token)
-        assert clocked.cache_hits == 1
+        assert tally.hits == 1
         now[0] = exp + 30  # PyJWT's boundary: expired once exp <= now - leeway
         await clocked.verify(token)  # checked in full again (PyJWT reads the real clock)
-        assert clocked.cache_hits == 1
+        assert (tally.hits, tally.checks) == (1, 2)
 
 
 async def test_a_rotated_key_voids_what_the_old_one_verified(
@@ -371,11 +396,12 @@ async def test_a_rotated_key_voids_what_the_old_one_verified(
 ) -> None:
     with trio.fail_after(5):
         keys = SwappableKeySource(public_key)
-        rotating = TokenVerifier(keys)
+        tally = Tally()
+        rotating = TokenVerifier(keys, hooks=tally.hooks())
         token = make_token(private_pem)
         await rotating.verify(token)
         await rotating.verify(token)
-        assert rotating.cache_hits == 1
+        assert tally.hits == 1
         keys.key = load_public_key(public_pem_from_private(other_private_pem), origin="new")
         await assert_rejected(rotating, token, "signature is invalid")
         assert rotating.verified is not None
@@ -384,10 +410,12 @@ async def test_a_rotated_key_voids_what_the_old_one_verified(
         fresh = make_token(other_private_pem, sub="after")
         assert (await rotating.verify(fresh)).subject == "after"
         assert (await rotating.verify(fresh)).subject == "after"
-        assert rotating.cache_hits == 2
+        assert tally.hits == 2
 
 
-async def test_refused_tokens_are_not_kept(verifier: TokenVerifier, private_pem: bytes) -> None:
+async def test_refused_tokens_are_not_kept(
+    verifier: TokenVerifier, tally: Tally, private_pem: bytes
+) -> None:
     with trio.fail_after(5):
         expired = make_token(private_pem, ttl=60, now=time.time() - 120)
         refresh = make_token(private_pem, token_type="refresh")
@@ -396,18 +424,19 @@ async def test_refused_tokens_are_not_kept(verifier: TokenVerifier, private_pem:
             await assert_rejected(verifier, refresh, "refresh token")
         assert verifier.verified is not None
         assert len(verifier.verified) == 0
-        assert verifier.cache_hits == 0
+        assert (tally.hits, tally.checks) == (0, 4)
 
 
 async def test_no_cache_when_its_size_is_zero(public_key: RSAPublicKey, private_pem: bytes) -> None:
     with trio.fail_after(5):
         keys = SwappableKeySource(public_key)
-        uncached = TokenVerifier(keys, cache_size=0)
+        tally = Tally()
+        uncached = TokenVerifier(keys, cache_size=0, hooks=tally.hooks())
         token = make_token(private_pem)
         for _ in range(3):
             assert (await uncached.verify(token)).subject == "dev-user"
         assert uncached.verified is None
-        assert (uncached.cache_hits, keys.lookups) == (0, 3)
+        assert (tally.hits, tally.checks, keys.lookups) == (0, 3, 3)
 
 
 def test_verified_tokens_keep_the_most_recently_used() -> None:
