@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -101,10 +102,21 @@ def _answer(element_answer: bytes) -> bytes:
     )
 
 
-def _read_answer(recv: Any) -> bytes:
+def _read_head(recv: Callable[[], bytes]) -> bytes | None:
+    """Bytes up to and past the end of a head; None if the peer closed before it."""
     data = b""
     while b"\r\n\r\n" not in data:
-        data += recv()
+        more = recv()
+        if not more:
+            return None
+        data += more
+    return data
+
+
+def _read_answer(recv: Callable[[], bytes]) -> bytes:
+    data = _read_head(recv)
+    if data is None:
+        raise ConnectionError("the element closed before its answer")
     head, _, body = data.partition(b"\r\n\r\n")
     _, headers = _split_head(head)
     length = int(headers.get("content-length", "0"))
@@ -136,13 +148,8 @@ def _serve_blocking(port: int, element: str, spool: _Spool) -> None:
     while True:
         client, _ = listener.accept()
         with client:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                more = client.recv(65536)
-                if not more:
-                    break
-                data += more
-            if b"\r\n\r\n" not in data:
+            data = _read_head(partial(client.recv, 65536))
+            if data is None:
                 continue  # a probe, or a client gone before its head
             head, _, first = data.partition(b"\r\n\r\n")
             _, headers = _split_head(head)
