@@ -23,6 +23,10 @@ kinds, each its own process:
     trio_thread  the same, with the hash and the spool write of each read in a worker
                  thread (`trio.to_thread.run_sync`), as the ingester does them: what a
                  thread hop per read costs on this machine
+    trio_chunked the ingester's shape of the same work: reads gathered into 1 MiB
+                 batches, each hashed, spooled and joined in one hop, and sent to the
+                 element as a chunked frame joined with its header (as h11 does), the body
+                 chunked: what the ingester's data path costs without its framework
 
 Each round uploads straight to the element, through each floor and through the ingester,
 alternating; the table gives each one's throughput against direct and its CPU-seconds per
@@ -63,7 +67,7 @@ from bench.harness import (
 from bench.shapes import children_cpu_s, proc_cpu_s
 
 READ: Final = 1 * MIB
-KINDS: Final = ("blocking", "trio", "trio_thread")
+KINDS: Final = ("blocking", "trio", "trio_thread", "trio_chunked")
 
 
 # --- the floor proxy ---------------------------------------------------------------------
@@ -86,8 +90,10 @@ def _split_head(head: bytes) -> tuple[str, dict[str, str]]:
     return lines[0], headers
 
 
-def _element_head(target: str, host: str, headers: dict[str, str], length: int) -> bytes:
-    lines = [f"POST {target} HTTP/1.1", f"Host: {host}", f"Content-Length: {length}"]
+def _element_head(target: str, host: str, headers: dict[str, str], length: int | None) -> bytes:
+    """The element request's head: `Content-Length`, or a chunked body when `length` is None."""
+    framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    lines = [f"POST {target} HTTP/1.1", f"Host: {host}", framing]
     lines += [f"{name}: {headers[name]}" for name in ("content-type", "authorization")]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -178,7 +184,7 @@ def _serve_blocking(port: int, element: str, spool: _Spool) -> None:
             client.sendall(_answer(answer))
 
 
-def _serve_trio(port: int, element: str, spool: _Spool, *, hop: bool) -> None:
+def _serve_trio(port: int, element: str, spool: _Spool, *, hop: bool, batch: bool) -> None:
     import trio
 
     host, element_port = _address(element)
@@ -187,6 +193,15 @@ def _serve_trio(port: int, element: str, spool: _Spool, *, hop: bool) -> None:
     def keep(digest: Any, view: memoryview) -> None:
         digest.update(view)
         spool.write(view)
+
+    def keep_joined(digest: Any, pieces: list[bytes]) -> bytes:
+        for piece in pieces:
+            keep(digest, memoryview(piece))
+        return b"".join(pieces)
+
+    async def send_batch(upstream: trio.SocketStream, digest: Any, pieces: list[bytes]) -> None:
+        joined = await trio.to_thread.run_sync(keep_joined, digest, pieces)
+        await upstream.send_all(b"".join([b"%x\r\n" % len(joined), joined, b"\r\n"]))
 
     async def handle(client: trio.SocketStream) -> None:
         async with client:
@@ -204,11 +219,21 @@ def _serve_trio(port: int, element: str, spool: _Spool, *, hop: bool) -> None:
             upstream = await trio.open_tcp_stream(host, element_port)
             async with upstream:
                 target = "/api/v1/files/upload"
-                await upstream.send_all(_element_head(target, netloc, headers, length))
+                declared = None if batch else length
+                await upstream.send_all(_element_head(target, netloc, headers, declared))
                 left = length
                 chunk = first
+                pieces: list[bytes] = []
+                held = 0
                 while True:
-                    if chunk:
+                    if chunk and batch:
+                        pieces.append(chunk)
+                        held += len(chunk)
+                        left -= len(chunk)
+                        if held >= READ or not left:
+                            await send_batch(upstream, digest, pieces)
+                            pieces, held = [], 0
+                    elif chunk:
                         if hop:
                             await trio.to_thread.run_sync(keep, digest, memoryview(chunk))
                         else:
@@ -220,6 +245,8 @@ def _serve_trio(port: int, element: str, spool: _Spool, *, hop: bool) -> None:
                     chunk = await client.receive_some(min(READ, left))
                     if not chunk:
                         break
+                if batch:
+                    await upstream.send_all(b"0\r\n\r\n")
                 answer = b""
                 while True:
                     answer += await upstream.receive_some(65536)
@@ -242,7 +269,7 @@ def serve(kind: str, port: int, element: str, directory: Path) -> None:
     if kind == "blocking":
         _serve_blocking(port, element, spool)
     else:
-        _serve_trio(port, element, spool, hop=kind == "trio_thread")
+        _serve_trio(port, element, spool, hop=kind != "trio", batch=kind == "trio_chunked")
 
 
 # --- the measurement ---------------------------------------------------------------------

@@ -15,10 +15,10 @@
 6. tus (bench/tus.py, sections 1 and 2): 1 GiB in 8 MiB PATCHes by curl, tus-js-client and
    tuspy, each paired with a multipart upload: throughput ratio, final PATCH seconds, CPU-s
    per GiB of each process (the PATCH path apart), the ingester's peak RSS.
-7. The floor (bench/floor.py): 256 MiB file-only forms through two bare proxies that only
-   receive, hash, spool and send each byte, and through the ingester, alternating with the
-   direct upload: what the least possible work costs on this machine today, and the
-   ingester's CPU against it.
+7. The floor (bench/floor.py): 256 MiB file-only forms through four bare proxies that only
+   receive, hash, spool and send each byte (the last with the ingester's batching and
+   chunked frames), and through the ingester, alternating with the direct upload: what the
+   least possible work costs on this machine today, and the ingester's CPU against it.
 
 Results go to bench/results/latest.json and a Markdown table on stdout.
 """
