@@ -363,10 +363,16 @@ def report(result: dict[str, Any]) -> str:
             f"| {name} | {row['ratio_vs_direct']:.2f} | {row['proxy_cpu_s_per_gib']:.2f} "
             f"| {row['element_cpu_s_per_gib']:.2f} |"
         )
-    floor = result["blocking"]["proxy_cpu_s_per_gib"]
-    ours = result["ingester"]["proxy_cpu_s_per_gib"]
+    ours = result["ingester"]
     out.append("")
-    out.append(f"ingester / blocking floor, CPU: {ours / floor:.2f}x" if floor else "")
+    for name, what in (("blocking", "the blocking floor"), ("trio_chunked", "its own data path")):
+        base = result[name]
+        if base["proxy_cpu_s_per_gib"] and base["ratio_vs_direct"]:
+            out.append(
+                f"ingester against {what} ({name}): CPU "
+                f"{ours['proxy_cpu_s_per_gib'] / base['proxy_cpu_s_per_gib']:.2f}x, "
+                f"throughput {ours['ratio_vs_direct'] / base['ratio_vs_direct']:.2f}x"
+            )
     return "\n".join(out)
 
 
