@@ -67,6 +67,8 @@ from bench.harness import (
 from bench.shapes import children_cpu_s, proc_cpu_s
 
 READ: Final = 1 * MIB
+# One upload through any of them, at the slowest this machine has run (tens of MiB/s).
+UPLOAD_TIMEOUT_S: Final = 600
 KINDS: Final = ("blocking", "trio", "trio_thread", "trio_chunked")
 
 
@@ -119,16 +121,23 @@ def _read_head(recv: Callable[[], bytes]) -> bytes | None:
     return data
 
 
-def _read_answer(recv: Callable[[], bytes]) -> bytes:
-    data = _read_head(recv)
-    if data is None:
-        raise ConnectionError("the element closed before its answer")
-    head, _, body = data.partition(b"\r\n\r\n")
+def _whole_answer(data: bytes) -> bool:
+    """Whether `data` holds an answer's head and all of its body (its `Content-Length`)."""
+    head, found, body = data.partition(b"\r\n\r\n")
+    if not found:
+        return False
     _, headers = _split_head(head)
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        body += recv()
-    return head + b"\r\n\r\n" + body
+    return len(body) >= int(headers.get("content-length", "0"))
+
+
+def _read_answer(recv: Callable[[], bytes]) -> bytes:
+    data = b""
+    while not _whole_answer(data):
+        more = recv()
+        if not more:
+            raise ConnectionError("the element closed before its whole answer")
+        data += more
+    return data
 
 
 class _Spool:
@@ -248,14 +257,11 @@ def _serve_trio(port: int, element: str, spool: _Spool, *, hop: bool, batch: boo
                 if batch:
                     await upstream.send_all(b"0\r\n\r\n")
                 answer = b""
-                while True:
-                    answer += await upstream.receive_some(65536)
-                    head_end = answer.find(b"\r\n\r\n")
-                    if head_end < 0:
-                        continue
-                    _, answer_headers = _split_head(answer[:head_end])
-                    if len(answer) - head_end - 4 >= int(answer_headers["content-length"]):
-                        break
+                while not _whole_answer(answer):
+                    more = await upstream.receive_some(65536)
+                    if not more:
+                        raise ConnectionError("the element closed before its whole answer")
+                    answer += more
             await client.send_all(_answer(answer))
 
     async def main() -> None:
@@ -303,7 +309,8 @@ class FloorProcess:
 
 def _upload(bench: Bench, url: str, path: Path) -> None:
     argv = curl_upload_argv(url + "/api/v1/files/upload", bench.token, path)
-    done = subprocess.run(argv, capture_output=True, check=False)
+    # Bounded: a proxy that stopped must fail the run, not hang it.
+    done = subprocess.run(argv, capture_output=True, check=False, timeout=UPLOAD_TIMEOUT_S)
     status = done.stdout.decode().split()[:1]
     if status != ["201"]:
         raise RuntimeError(f"upload through {url} answered {status}: {done.stderr[:200]!r}")
