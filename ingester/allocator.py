@@ -20,6 +20,14 @@ then keep memory after the uploads are gone:
   2 MiB it stays at 82-84. A fixed threshold (which also stops the raising) keeps those
   blocks apart; upload data moves in pieces of about 1 MiB, below it, so no page of the
   data path pays for a fresh mapping.
+- glibc gives the top of the heap back to the system whenever more than its trim threshold
+  is free there, and fixing the mmap threshold leaves that threshold at its 128 KiB
+  default (it is raised with the mmap threshold only while that one is dynamic). Upload
+  data is allocated and freed a MiB at a time at the heap's top, so nearly every piece was
+  handed back and faulted in again. Measured, 256 MiB file-only uploads alternating between
+  two ingesters, seven rounds: 28.9 page faults per MiB and 2.8 CPU-s/GiB (medians) with
+  the default, 1.1 and 2.68 with the threshold above the data in flight. Memory after a
+  burst still goes back: `trim_when_idle` calls `malloc_trim`, which ignores the threshold.
 
 Both are no-ops where glibc is not the C library.
 """
@@ -36,9 +44,12 @@ import trio
 
 # mallopt's parameter numbers (glibc's malloc.h).
 _M_ARENA_MAX: Final = -8
+_M_TRIM_THRESHOLD: Final = -1
 _M_MMAP_THRESHOLD: Final = -3
 # Blocks this large or larger get mappings of their own (see above).
 MMAP_THRESHOLD: Final = 2 * 1024 * 1024
+# Free memory the top of the heap keeps between idle trims (see above).
+TRIM_THRESHOLD: Final = 64 * 1024 * 1024
 
 
 def _libc() -> Any:
@@ -55,12 +66,14 @@ def _libc() -> Any:
 
 
 def configure_malloc() -> None:
-    """Keep every thread's allocations in the main arena, and blocks of `MMAP_THRESHOLD`
-    or more out of the heap. Call before worker threads start."""
+    """Keep every thread's allocations in the main arena, blocks of `MMAP_THRESHOLD` or
+    more out of the heap, and up to `TRIM_THRESHOLD` of free memory at the heap's top
+    until the next idle trim. Call before worker threads start."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_ARENA_MAX, 1)
         libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def trim_heap() -> None:

@@ -37,3 +37,51 @@ async def test_with_redis_it_is_loaded_by_the_gateway() -> None:
             [sys.executable, "-c", probe], capture_stdout=True, capture_stderr=True
         )
     assert "'redis'" in done.stdout.decode(), done.stderr.decode()[-2000:]
+
+
+ALLOCATOR_PROBE = """
+import resource
+from ingester.allocator import configure_malloc, trim_heap
+
+MIB = 1 << 20
+PAGE = resource.getpagesize()
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def rss():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE
+
+configure_malloc()
+# The data path's pattern: a read of 1 MiB, a batch joined from it, both freed.
+for _ in range(8):
+    read = b"x" * MIB
+    del read
+before = faults()
+for _ in range(256):
+    read = b"x" * MIB
+    batch = read + b"y"
+    del read, batch
+print((faults() - before) * PAGE / (256 * 2 * MIB))
+# A burst: 48 MiB held at once, then freed; the idle trim gives it back.
+held = [b"x" * MIB for _ in range(48)]
+del held
+freed = rss()
+trim_heap()
+print((freed - rss()) / MIB)
+"""
+
+
+async def test_upload_sized_blocks_reuse_their_pages_and_an_idle_trim_returns_them() -> None:
+    """glibc hands the heap's top back past its trim threshold (128 KiB unless set), so a
+    MiB allocated and freed there was faulted in again on each use; `configure_malloc`
+    keeps it, and `trim_heap` still returns it once uploads stop (ingester.allocator)."""
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-c", ALLOCATOR_PROBE], capture_stdout=True, capture_stderr=True
+        )
+    refaulted, returned_mib = (float(v) for v in done.stdout.decode().split())
+    # The share of the allocated bytes whose pages were faulted in again: ~1 before.
+    assert refaulted < 0.05, done.stdout.decode()
+    assert returned_mib > 40, done.stdout.decode()
