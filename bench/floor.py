@@ -54,6 +54,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from bench.harness import (
+    CLIENT_TIMEOUT_S,
     MIB,
     Bench,
     add_env_option,
@@ -67,8 +68,6 @@ from bench.harness import (
 from bench.shapes import children_cpu_s, proc_cpu_s
 
 READ: Final = 1 * MIB
-# One upload through any of them, at the slowest this machine has run (tens of MiB/s).
-UPLOAD_TIMEOUT_S: Final = 600
 KINDS: Final = ("blocking", "trio", "trio_thread", "trio_chunked")
 
 
@@ -310,7 +309,7 @@ class FloorProcess:
 def _upload(bench: Bench, url: str, path: Path) -> None:
     argv = curl_upload_argv(url + "/api/v1/files/upload", bench.token, path)
     # Bounded: a proxy that stopped must fail the run, not hang it.
-    done = subprocess.run(argv, capture_output=True, check=False, timeout=UPLOAD_TIMEOUT_S)
+    done = subprocess.run(argv, capture_output=True, check=False, timeout=CLIENT_TIMEOUT_S)
     status = done.stdout.decode().split()[:1]
     if status != ["201"]:
         raise RuntimeError(f"upload through {url} answered {status}: {done.stderr[:200]!r}")

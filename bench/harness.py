@@ -30,6 +30,10 @@ from tests.support.processes import (
 
 MIB: Final = 1024 * 1024
 GIB: Final = 1024 * MIB
+# One client run (an upload, or a burst of them), at the slowest this machine has run: tens
+# of MiB/s for a GiB. A server that hangs fails the bench (subprocess.TimeoutExpired) instead
+# of holding it forever.
+CLIENT_TIMEOUT_S: Final = 600
 
 
 @dataclass
@@ -92,16 +96,23 @@ def curl_upload_argv(url: str, token: str, path: Path, fields: Sequence[str] = (
 def run_uploads(argvs: Sequence[list[str]]) -> tuple[float, list[tuple[int, float]]]:
     """Run the curl commands all at once; wall time and (status, seconds) of each."""
     started = time.perf_counter()
+    deadline = started + CLIENT_TIMEOUT_S
     procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for a in argvs]
     results: list[tuple[int, float]] = []
-    for proc in procs:
-        out, err = proc.communicate()
-        parts = out.decode().split()
-        if len(parts) >= 2:
-            results.append((int(parts[0]), float(parts[1])))
-        else:
-            results.append((0, 0.0))
-            print("curl failed:", err.decode()[:200])
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(0.0, deadline - time.perf_counter()))
+            parts = out.decode().split()
+            if len(parts) >= 2:
+                results.append((int(parts[0]), float(parts[1])))
+            else:
+                results.append((0, 0.0))
+                print("curl failed:", err.decode()[:200])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     return time.perf_counter() - started, results
 
 

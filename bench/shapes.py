@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.harness import (
+    CLIENT_TIMEOUT_S,
     MIB,
     Bench,
     add_env_option,
@@ -49,10 +50,21 @@ SHAPES: Final = ("file_only", "fields_first", "fields_last", "tus")
 PLAN = ["retention_policy=temporary", "compress=false"]
 
 
+def _stat(pid: int) -> list[str]:
+    """`/proc/PID/stat` after the process name: field N of the whole line is [N - 3]."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime and stime are fields 14 and 15 of the whole line; 12 and 13 after the name.
+    fields = _stat(pid)
+    # utime and stime are fields 14 and 15 of the whole line.
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def proc_minor_faults(pid: int) -> int:
+    """Pages the process touched that were not mapped (field 10, minflt): memory the C
+    allocator gave back and took again shows here (ingester.allocator)."""
+    return int(_stat(pid)[7])
 
 
 def proc_io(pid: int) -> dict[str, int]:
@@ -76,11 +88,12 @@ class Sample:
     client_cpu_s: float
     ingester_write_bytes: int
     ingester_wchar: int
+    ingester_faults: int
     peak_rss_mb: float
 
 
 def _run(argv: Sequence[str]) -> str:
-    done = subprocess.run(list(argv), capture_output=True, check=False)
+    done = subprocess.run(list(argv), capture_output=True, check=False, timeout=CLIENT_TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"curl failed ({done.returncode}): {done.stderr.decode()[:300]}")
     return done.stdout.decode()
@@ -120,6 +133,7 @@ def one(bench: Bench, path: Path, shape: str) -> Sample:
     ing, se = bench.ingester.pid, bench.se.pid
     reset_peak_rss(ing)
     before = (proc_cpu_s(ing), proc_cpu_s(se), children_cpu_s(), proc_io(ing))
+    faults_before = proc_minor_faults(ing)
     started = time.perf_counter()
     if shape == "tus":
         create, patch = _tus_argvs(bench, path)
@@ -155,6 +169,7 @@ def one(bench: Bench, path: Path, shape: str) -> Sample:
         client_cpu_s=children_cpu_s() - before[2],
         ingester_write_bytes=io["write_bytes"] - before[3]["write_bytes"],
         ingester_wchar=io["wchar"] - before[3]["wchar"],
+        ingester_faults=proc_minor_faults(ing) - faults_before,
         peak_rss_mb=peak_rss_mb(ing),
     )
 
@@ -176,6 +191,9 @@ def summarize(size: int, direct: list[Sample], samples: list[Sample]) -> dict[st
         # wchar counts write() calls on files (socket sends do not count): the spool.
         "spool_written_per_byte": round(med(s.ingester_wchar for s in samples) / size, 3),
         "disk_write_bytes_per_byte": round(med(s.ingester_write_bytes for s in samples) / size, 3),
+        "ingester_page_faults_per_mib": round(
+            med(s.ingester_faults for s in samples) / (size / MIB), 1
+        ),
         "peak_rss_mb": round(max(s.peak_rss_mb for s in samples), 1),
     }
 
@@ -221,8 +239,8 @@ def run(
 
 def report(results: dict[str, Any]) -> str:
     lines = [
-        "| size | shape | ingester / direct | MiB/s (direct) | CPU-s/GiB ingester | element (direct) | client | spool bytes per byte | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | shape | ingester / direct | MiB/s (direct) | CPU-s/GiB ingester | element (direct) | client | spool bytes per byte | page faults per MiB | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for key, shapes in results.items():
         if not key.endswith("MiB"):
@@ -233,7 +251,8 @@ def report(results: dict[str, Any]) -> str:
                 f"| {key} | {shape} | {r['ratio']:.2f} | {r['mib_s']} ({r['direct_mib_s']}) "
                 f"| {r['ingester_cpu_s_per_gib']} | {r['element_cpu_s_per_gib']} "
                 f"({r['element_direct_cpu_s_per_gib']}) | {r['client_cpu_s_per_gib']} "
-                f"| {r['spool_written_per_byte']} | {r['peak_rss_mb']} MB |"
+                f"| {r['spool_written_per_byte']} | {r.get('ingester_page_faults_per_mib', '-')} "
+                f"| {r['peak_rss_mb']} MB |"
             )
     return "\n".join(lines)
 

@@ -43,6 +43,7 @@ from typing import Any, Final
 import httpx
 
 from bench.harness import (
+    CLIENT_TIMEOUT_S,
     GIB,
     MIB,
     Bench,
@@ -118,7 +119,9 @@ def curl_patches(bench: Bench, url: str, parts: list[Path], start: int = 0) -> l
         ]
         offset += part.stat().st_size
     config.write_text("\n".join(lines) + "\n")
-    done = subprocess.run(["curl", "-K", str(config)], capture_output=True, check=False)
+    done = subprocess.run(
+        ["curl", "-K", str(config)], capture_output=True, check=False, timeout=CLIENT_TIMEOUT_S
+    )
     answers = done.stdout.decode().splitlines()
     if done.returncode != 0 or len(answers) != len(parts):
         raise RuntimeError(f"curl failed: {done.returncode} {done.stderr.decode()[:300]}")
