@@ -24,10 +24,15 @@ then keep memory after the uploads are gone:
   is free there, and fixing the mmap threshold leaves that threshold at its 128 KiB
   default (it is raised with the mmap threshold only while that one is dynamic). Upload
   data is allocated and freed a MiB at a time at the heap's top, so nearly every piece was
-  handed back and faulted in again. Measured, 256 MiB file-only uploads alternating between
-  two ingesters, seven rounds: 28.9 page faults per MiB and 2.8 CPU-s/GiB (medians) with
-  the default, 1.1 and 2.68 with the threshold above the data in flight. Memory after a
-  burst still goes back: `trim_when_idle` calls `malloc_trim`, which ignores the threshold.
+  handed back and faulted in again. The threshold is set above what an upload churns
+  through there (reads of up to 1 MiB, the batch joined from them, its chunked frame, the
+  frames queued: about 5 MiB; a synthetic run of that pattern faulted 180 pages per MiB at
+  128 KiB, 119 at 4 MiB, 14 at 8 MiB, 1 at 16 MiB), and not far above, since what it keeps
+  stays resident until the next idle trim (`bench.tus` peak RSS in a new process: 91.5 MB
+  at 128 KiB, 94.9 at 8 MiB, 95.5 at 16 MiB, 98.2 at 64 MiB). Measured, 256 MiB file-only
+  uploads alternating between two ingesters, five rounds: 36.3 page faults per MiB and
+  2.28 CPU-s/GiB (medians) at 128 KiB, 0.1 and 2.24 at 16 MiB. Memory after a burst still
+  goes back: `trim_when_idle` calls `malloc_trim`, which ignores the threshold.
 
 Both are no-ops where glibc is not the C library.
 """
@@ -49,7 +54,7 @@ _M_MMAP_THRESHOLD: Final = -3
 # Blocks this large or larger get mappings of their own (see above).
 MMAP_THRESHOLD: Final = 2 * 1024 * 1024
 # Free memory the top of the heap keeps between idle trims (see above).
-TRIM_THRESHOLD: Final = 64 * 1024 * 1024
+TRIM_THRESHOLD: Final = 16 * 1024 * 1024
 
 
 def _libc() -> Any:
