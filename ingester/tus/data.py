@@ -172,7 +172,6 @@ class DataFiles:
         """A writer at `offset`; what lies beyond it (never acknowledged) is written over."""
 
         def open_() -> int:
-            self.directory.mkdir(parents=True, exist_ok=True)
             path = self.path(upload_id)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -181,6 +180,8 @@ class DataFiles:
                     raise UploadDataLost(
                         f"the data of upload {upload_id} is gone ({offset} bytes were stored)"
                     ) from None
+                # Nothing stored yet, and no file (its creation was lost): a new one.
+                self.directory.mkdir(parents=True, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             size = os.fstat(fd).st_size
             if size < offset:
