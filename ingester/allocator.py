@@ -97,9 +97,11 @@ async def trim_when_idle(
     served: Callable[[], int],
     interval_s: float = TRIM_INTERVAL_S,
     trim: Callable[[], None] = trim_heap,
+    trimmed: Callable[[], None] = lambda: None,
 ) -> None:
     """After a spell of work (`served()` moved since the last trim), once nothing is `busy()`,
     give freed heap memory back: a process that served a burst does not stay its size.
+    `trimmed` is told of each trim (a metric).
 
     First a full garbage collection: failed attempts leave reference cycles (httpx
     requests and responses, exceptions with their frames) that hold buffers until the
@@ -114,3 +116,4 @@ async def trim_when_idle(
             seen = served()
             gc.collect()
             await trio.to_thread.run_sync(trim)
+            trimmed()

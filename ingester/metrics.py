@@ -166,6 +166,12 @@ class Metrics:
             "Bytes received in resumable uploads' PATCH and creation bodies.",
             registry=r,
         )
+        self.memory_trims = Counter(
+            "ingester_memory_trims",
+            "Times freed heap memory was given back to the system, once uploads (multipart "
+            "or tus PATCHes) stopped after a busy spell.",
+            registry=r,
+        )
         self.se_up = Gauge(
             "ingester_storage_element_up",
             "1 when the element's last readiness probe succeeded.",

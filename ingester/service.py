@@ -12,12 +12,14 @@ service nursery
   ├── finalizer      temporary -> permanent moves, their leases, and the janitor that
   │                  continues or rolls back a dead ingester's (ingester.finalize)
   ├── progress       forgets finished progress records (ingester.upload.progress)
-  └── memory trim    gives freed heap back after a busy spell (ingester.allocator)
+  └── memory trim    gives freed heap back once uploads and tus PATCHes stop after a busy
+                     spell (ingester.allocator)
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import httpx
 import trio
@@ -262,9 +264,12 @@ class Service:
                 await nursery.start(self.finalizer.run)
                 nursery.start_soon(self.progress.run)
                 nursery.start_soon(
-                    trim_when_idle,
-                    lambda: self.admission.in_flight > 0,
-                    lambda: self.admission.admitted,
+                    partial(
+                        trim_when_idle,
+                        lambda: self.admission.in_flight > 0 or self.tus.busy(),
+                        lambda: self.admission.admitted + self.tus.patches,
+                        trimmed=self.metrics.memory_trims.inc,
+                    )
                 )
                 self._nursery = nursery
                 self.started = True

@@ -23,11 +23,13 @@ from ingester.auth.tokens import make_token
 from ingester.upload.filenames import sanitize_filename
 from tests.conftest import Stack, TokenFactory
 from tests.support.client import MIB, auth, random_chunks, text_chunks
+from tests.support.metrics import read_metric
 from tests.support.processes import start_ingester
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, eventually_async
 
 BASE: Final = "/api/v1/uploads"
 OFFSET_STREAM: Final = "application/offset+octet-stream"
+TRIMS: Final = "ingester_memory_trims_total"
 
 
 def b64(value: str | bytes) -> str:
@@ -730,6 +732,34 @@ async def test_only_the_uploader_or_an_admin_sees_an_upload(
             reader = Tus(http, stack.url, token(role="readonly"))
             assert (await reader.create(10)).status_code == 403
             assert (await reader.patch(url, 5, b"x")).status_code == 403
+
+
+async def test_memory_is_given_back_after_tus_uploads_alone(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """The idle trim (ingester.allocator) follows PATCHes as it follows multipart uploads: a
+    process that received resumable uploads gives freed memory back once PATCHes stop, also
+    those no pipelined store followed (one does count as an upload: its length known)."""
+    with trio.fail_after(60):
+        ingester = stack.start_ingester("tus-trim")
+        try:
+            async with httpx.AsyncClient(trust_env=False) as http:
+                # Nothing served yet: nothing to give back.
+                assert await read_metric(ingester.url, TRIMS) == 0
+                tus = Tus(http, ingester.url, token())
+                # Its length deferred: no pipelined store, PATCHes only.
+                url = await tus.new(None, headers={"Upload-Defer-Length": "1"})
+                for offset in range(0, 4 * MIB, MIB):
+                    assert (await tus.patch(url, offset, b"a" * MIB)).status_code == 204
+
+                async def trimmed() -> bool:
+                    return await read_metric(ingester.url, TRIMS) == 1
+
+                # The trim looks every 5 s (TRIM_INTERVAL_S).
+                await eventually_async(trimmed, timeout_s=30)
+                assert await tus.offset(url) == 4 * MIB
+        finally:
+            ingester.terminate()
 
 
 async def test_uploads_over_the_size_limit_are_413(stack: Stack, token: TokenFactory) -> None:

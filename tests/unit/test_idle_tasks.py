@@ -27,6 +27,7 @@ async def test_memory_goes_back_once_per_busy_spell_and_only_when_idle(
     clock: trio.testing.MockClock,
 ) -> None:
     trims: list[int] = []
+    told: list[int] = []
     uploads = Uploads()
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
@@ -36,6 +37,7 @@ async def test_memory_goes_back_once_per_busy_spell_and_only_when_idle(
                 lambda: uploads.served,
                 5.0,
                 lambda: trims.append(1),  # in a worker thread, as the real trim
+                lambda: told.append(1),  # the metric
             )
             await trio.sleep(30)
             assert trims == []  # nothing served yet
@@ -50,6 +52,7 @@ async def test_memory_goes_back_once_per_busy_spell_and_only_when_idle(
             uploads.served = 4
             await trio.sleep(6)
             assert len(trims) == 2
+            assert told == trims  # each trim is counted once it is done
             nursery.cancel_scope.cancel()
 
 
