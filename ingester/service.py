@@ -267,7 +267,7 @@ class Service:
                     partial(
                         trim_when_idle,
                         lambda: self.admission.in_flight > 0 or self.tus.busy(),
-                        lambda: self.admission.admitted + self.tus.patches,
+                        lambda: self.admission.admitted + self.tus.bodies,
                         trimmed=self.metrics.memory_trims.inc,
                     )
                 )

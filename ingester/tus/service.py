@@ -170,23 +170,23 @@ class TusService:
         # Pipelined stores in progress on this replica, and how many each upload started.
         self._streams: dict[str, LiveStream] = {}
         self._stream_starts: dict[str, int] = {}
-        # PATCHes being served, and served since the start (to tell a busy spell from an
-        # idle one: the memory trim waits for the end of both kinds of upload).
-        self._patching = 0
-        self.patches = 0
+        # Request bodies (PATCHes, creations with data) being received, and received since
+        # the start: the memory trim waits for their end as for multipart uploads'.
+        self._receiving = 0
+        self.bodies = 0
 
     def busy(self) -> bool:
-        """Whether a PATCH is being served or a pipelined store is running."""
-        return self._patching > 0 or bool(self._streams)
+        """Whether a request body is being received or a pipelined store is running."""
+        return self._receiving > 0 or bool(self._streams)
 
     @contextlib.contextmanager
-    def _serving_patch(self) -> Iterator[None]:
-        self._patching += 1
-        self.patches += 1
+    def _counted_body(self) -> Iterator[None]:
+        self._receiving += 1
+        self.bodies += 1
         try:
             yield
         finally:
-            self._patching -= 1
+            self._receiving -= 1
 
     @property
     def max_size(self) -> int:
@@ -417,53 +417,52 @@ class TusService:
         content_length: int | None,
         body: AsyncIterator[bytes],
     ) -> Answer:
-        with self._serving_patch():
-            if not is_offset_stream(content_type):
-                raise WrongContentType()
-            upload = await self.load(raw_id, principal)
-            logs.bind(upload_id=upload.id)
-            if upload.is_final:
-                raise FinalUploadNotPatchable()
+        if not is_offset_stream(content_type):
+            raise WrongContentType()
+        upload = await self.load(raw_id, principal)
+        logs.bind(upload_id=upload.id)
+        if upload.is_final:
+            raise FinalUploadNotPatchable()
+        if self._is_final_retry(upload, offset, content_length):
+            return await self._finish(upload, principal)
+        if upload.phase is not Phase.RECEIVING:
+            raise self._offset_error(upload)
+        if self._draining():
+            raise ShuttingDown()
+        # What can be refused before waiting for the lock (the offset only can be checked
+        # under it: a holder may still save bytes).
+        upload.check_length(length, self.max_size)
+        upload.declare_length(length)
+        self._check_chunk(upload, offset, content_length)
+        lease = await self.locks.acquire(upload.id, ask=True)
+        handed_over = False
+        try:
+            fresh = await self.store.get(upload.id)
+            if fresh is None:
+                raise UploadNotFound(f"no upload {upload.id} is known here")
+            upload = fresh
             if self._is_final_retry(upload, offset, content_length):
+                await self.locks.release(lease)
+                handed_over = True
                 return await self._finish(upload, principal)
-            if upload.phase is not Phase.RECEIVING:
-                raise self._offset_error(upload)
-            if self._draining():
-                raise ShuttingDown()
-            # What can be refused before waiting for the lock (the offset only can be checked
-            # under it: a holder may still save bytes).
             upload.check_length(length, self.max_size)
+            upload.check_offset(offset)
+            if length is not None and upload.length is None:
+                await self._reserve(upload, length)
             upload.declare_length(length)
             self._check_chunk(upload, offset, content_length)
-            lease = await self.locks.acquire(upload.id, ask=True)
-            handed_over = False
-            try:
-                fresh = await self.store.get(upload.id)
-                if fresh is None:
-                    raise UploadNotFound(f"no upload {upload.id} is known here")
-                upload = fresh
-                if self._is_final_retry(upload, offset, content_length):
-                    await self.locks.release(lease)
-                    handed_over = True
-                    return await self._finish(upload, principal)
-                upload.check_length(length, self.max_size)
-                upload.check_offset(offset)
-                if length is not None and upload.length is None:
-                    await self._reserve(upload, length)
-                upload.declare_length(length)
-                self._check_chunk(upload, offset, content_length)
-                stream = self._stream_for(upload, principal)
-                await self._receive(upload, lease, body, content_length, checksum, stream)
-                if upload.all_received and not upload.is_partial:
-                    upload.begin_completion(offset_before=offset)
-                    await self._save(upload, lease)
-                    handed_over = True
-                    result = await self._complete(upload, lease, principal, [], created=False)
-                    return Answer(upload, result)
-            finally:
-                if not handed_over:
-                    await self.locks.release(lease)
-            return Answer(upload)
+            stream = self._stream_for(upload, principal)
+            await self._receive(upload, lease, body, content_length, checksum, stream)
+            if upload.all_received and not upload.is_partial:
+                upload.begin_completion(offset_before=offset)
+                await self._save(upload, lease)
+                handed_over = True
+                result = await self._complete(upload, lease, principal, [], created=False)
+                return Answer(upload, result)
+        finally:
+            if not handed_over:
+                await self.locks.release(lease)
+        return Answer(upload)
 
     @staticmethod
     def _is_final_retry(upload: TusUpload, offset: int, content_length: int | None) -> bool:
@@ -524,7 +523,7 @@ class TusService:
             try:
                 if stream is not None:
                     stream.patch_started()
-                with lease.interrupt:
+                with lease.interrupt, self._counted_body():
                     await receiver.pump(body)
             except IngesterError as exc:
                 error = exc
