@@ -16,6 +16,7 @@ Nothing here does I/O.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -25,8 +26,17 @@ from .errors import StorageElementError, StorageElementTimeout, StorageElementUn
 
 
 class RedisUnavailable(Exception):
-    """Redis could not be reached, did not answer in time, or refused the command. A write
-    that fails this way may or may not have taken effect."""
+    """Redis could not be reached, did not answer in time, or refused the command.
+
+    `may_have_run`: False only when the command never left (no connection could be made:
+    refused, unreachable, a Sentinel that names no master). Otherwise a write that fails
+    this way may or may not have taken effect: a reply that times out or a connection lost
+    after the send says nothing of what Redis did (measured: a `SET` to a frozen Redis times
+    out, and the key is there once Redis resumes)."""
+
+    def __init__(self, message: str, *, may_have_run: bool = True) -> None:
+        super().__init__(message)
+        self.may_have_run = may_have_run
 
 
 def describe(exc: BaseException) -> str:
@@ -79,4 +89,24 @@ def redis_errors() -> Iterator[None]:
         yield
     # OSError too: a socket error a path of redis-py leaves unwrapped is the same outage.
     except (redis.RedisError, OSError) as exc:
-        raise RedisUnavailable(str(exc) or type(exc).__name__) from exc
+        raise RedisUnavailable(
+            str(exc) or type(exc).__name__, may_have_run=not _while_connecting(exc)
+        ) from exc
+
+
+# redis-py's functions that make a connection: a command is sent only once they returned.
+_CONNECTING = frozenset({"connect", "connect_check_health"})
+
+
+def _while_connecting(exc: BaseException) -> bool:
+    """Whether redis-py raised `exc` while making a connection (every command sends on a
+    connected socket, so none of the call's commands left). Read from the traceback, the
+    one place that says where it was raised: redis-py's connect errors are the same types
+    as its read errors."""
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _CONNECTING and f"{os.sep}redis{os.sep}" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False

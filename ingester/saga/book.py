@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 # Records claimed per janitor round.
 CLAIM_BATCH: Final = 50
+# How far ahead of this process's clock another replica's may run: a record whose due time is
+# nearer than this may already have been claimed by that replica's janitor.
+CLOCK_MARGIN_S: Final = 1.0
 
 # Remove one copy; True when it is gone. Raises nothing: failures are logged and return False.
 Compensate = Callable[[Copy, str, str | None], Awaitable[bool]]
@@ -51,6 +54,12 @@ class Saga:
         # have been claimed by another replica, and acknowledging needs it to still be ours).
         self.synced = False
         self.written = False
+        # A write whose outcome is unknown (its reply was lost: it may have landed) carried
+        # this due time; None once a write or delete is confirmed. Such a record may be in
+        # the store with no one renewing it: settling must remove it, or a janitor would
+        # undo the upload once the due time passes (found by the Sentinel failover test: an
+        # acknowledged file removed 15 s after its `201`).
+        self.unconfirmed_due: float | None = None
         self.lost = False
         self.settled = False
         # The settle's write may or may not have happened (the store went away while it
@@ -68,6 +77,19 @@ class Saga:
     @property
     def upload_id(self) -> str:
         return self.record.upload_id
+
+    @property
+    def maybe_stored(self) -> bool:
+        """Whether the store may hold this saga's record: a write was confirmed, or one's
+        outcome is unknown."""
+        return self.written or self.unconfirmed_due is not None
+
+    def claimable(self) -> bool:
+        """Whether an unconfirmed record may already have been claimed by a janitor (its
+        due time is here, give or take the replicas' clocks): then it may have been undone,
+        and nothing this saga does now can tell."""
+        due = self.unconfirmed_due
+        return not self.written and due is not None and time.time() >= due - CLOCK_MARGIN_S
 
     async def sending_to(self, copy: Copy) -> None:
         """Before the first byte goes to `copy`'s element: from now on it may hold a copy."""
@@ -103,6 +125,12 @@ class Saga:
     ) -> None:
         if self.lost:
             raise SagaTakenOver("this upload was taken over by another ingester; retry it")
+        if self.claimable():
+            # A record that may be in the store, due, and never renewed: another replica may
+            # be removing this upload's copies (its own janitor is kept off while it is active).
+            raise SagaStoreUnavailable(
+                "the upload's saga record could not be confirmed before its lease ran out"
+            )
         self.record.settle_success(kept)
         write = None
         if commit is not None and self.book.store.atomic_results:
@@ -122,7 +150,7 @@ class Saga:
         except StoreUnavailable as exc:
             self.record.state = SagaState.STORED
             atomic = False
-            if not self.written:
+            if not self.maybe_stored:
                 # Never in the store: no one else can know of it, no one can undo it.
                 ok = True
             elif write is not None and commit is not None:
@@ -253,7 +281,7 @@ class SagaBook:
         forgotten here; one with copies left stays until its compensator finishes."""
         if not saga._compensating:
             self.active.pop(saga.upload_id, None)
-            if saga.written:
+            if saga.maybe_stored:
                 self._spawn(self._delete, saga)
 
     # --- store calls ------------------------------------------------------------------------
@@ -279,29 +307,39 @@ class SagaBook:
         except (StoreUnavailable, trio.TooSlowError) as exc:
             self.reach.away(exc)
             saga.synced = False
+            if _may_have_run(exc):
+                saga.unconfirmed_due = max(due, saga.unconfirmed_due or 0.0)
             if strict:
                 raise StoreUnavailable(str(exc) or "timeout") from exc
             return True
         self.reach.back()
         if ok:
             saga.synced = saga.written = True
+            saga.unconfirmed_due = None
         return ok
 
     async def finish(self, saga: Saga, *, result: ResultWrite | None = None) -> bool:
         """Delete a written record that has nothing left to do (with `result`, see
         `SagaStore.delete`). False when it was not ours any more; raises
-        `StoreUnavailable`."""
-        if not saga.written:
+        `StoreUnavailable`. A record whose only write's outcome is unknown is deleted if it is
+        there, without `result` (the caller writes that on its own): not there, before its
+        due time, it never landed."""
+        if not saga.maybe_stored:
             return True
+        unconfirmed = not saga.written
         try:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                deleted = await self.store.delete(self.owner, saga.upload_id, result=result)
+                deleted = await self.store.delete(
+                    self.owner, saga.upload_id, result=None if unconfirmed else result
+                )
         except (StoreUnavailable, trio.TooSlowError) as exc:
             self.reach.away(exc)
             raise StoreUnavailable(str(exc) or "timeout") from exc
         self.reach.back()
+        claimable = saga.claimable()
         saga.written = saga.synced = False
-        return deleted
+        saga.unconfirmed_due = None
+        return deleted or (unconfirmed and not claimable)
 
     async def _delete(self, saga: Saga) -> None:
         try:
@@ -312,6 +350,7 @@ class SagaBook:
             self.reach.away(exc)
             return
         saga.written = saga.synced = False
+        saga.unconfirmed_due = None
 
     # --- compensation -----------------------------------------------------------------------
 
@@ -466,7 +505,7 @@ class SagaBook:
                     await self.write(saga)
             finally:
                 saga.lock.release()
-            if saga.written and saga.upload_id not in self.active:
+            if saga.maybe_stored and saga.upload_id not in self.active:
                 # Ended while this write was in flight: nothing will renew it, so it goes.
                 self._spawn(self._delete, saga)
 
@@ -512,3 +551,9 @@ class SagaBook:
             self.compensate_in_background(saga)
         else:
             self._spawn(self._delete, saga)
+
+
+def _may_have_run(exc: BaseException) -> bool:
+    """Whether a store call that failed with `exc` may still have written: a timeout's call
+    is abandoned, not stopped; only a store that was never reached says it did not."""
+    return not isinstance(exc, StoreUnavailable) or exc.may_have_run

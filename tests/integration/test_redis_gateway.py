@@ -64,8 +64,11 @@ async def test_nobody_listening_is_redis_unavailable() -> None:
             with pytest.raises(RedisUnavailable) as caught:
                 await gateway.call(ping)
             assert isinstance(caught.value.__cause__, redis.ConnectionError)
-            with pytest.raises(RedisUnavailable):
-                await gateway.run_script(gateway.script("return 1"), [], [])
+            # Nothing was sent: the caller may count on nothing having happened.
+            assert caught.value.may_have_run is False
+            with pytest.raises(RedisUnavailable) as caught:
+                await gateway.run_script(gateway.script("return 1"), [], [], durable=True)
+            assert caught.value.may_have_run is False
     finally:
         gateway.close()
 
@@ -76,10 +79,12 @@ async def test_a_killed_redis_is_redis_unavailable(
     with trio.fail_after(5):
         assert await gateway.call(ping)
         redis_server.kill()
-        # The pooled connection is dead, then a new one is refused: both the one error.
+        # The pooled connection is dead, then a new one is refused: both the one error,
+        # and neither sent anything (the pool finds its connection closed and reconnects).
         for _ in range(2):
-            with pytest.raises(RedisUnavailable):
+            with pytest.raises(RedisUnavailable) as caught:
                 await gateway.call(ping)
+            assert caught.value.may_have_run is False
 
 
 async def test_a_frozen_redis_costs_one_timeout_not_a_hang(
@@ -99,6 +104,25 @@ async def test_a_frozen_redis_costs_one_timeout_not_a_hang(
     with trio.fail_after(5):
         # Back: the next call gets a fresh connection (the timed-out one was dropped).
         assert await gateway.call(ping)
+
+
+async def test_a_write_whose_reply_timed_out_may_have_run(
+    gateway: RedisGateway, redis_server: RedisServer
+) -> None:
+    script = gateway.script("return redis.call('SET', KEYS[1], ARGV[1])")
+    with trio.fail_after(5):
+        # Loaded in Redis (else the frozen call's EVALSHA would be refused, not run).
+        assert await gateway.run_script(script, ["before"], ["yes"]) == b"OK"
+    redis_server.pause()
+    try:
+        with trio.fail_after(TIMEOUT_S * 4), pytest.raises(RedisUnavailable) as caught:
+            await gateway.run_script(script, ["written"], ["yes"])
+        assert caught.value.may_have_run is True
+    finally:
+        redis_server.resume()
+    with trio.fail_after(5):
+        # Why it must say so: the write took effect once Redis went on.
+        assert await gateway.call(lambda client: client.get("written")) == b"yes"
 
 
 async def test_a_full_default_thread_limiter_does_not_hold_redis_calls_up(

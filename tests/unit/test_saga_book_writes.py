@@ -1,20 +1,29 @@
-"""The saga book's writes of one record never overlap (no I/O: an in-memory store).
+"""The saga book's writes of one record never overlap, and a write whose reply was lost is
+not taken for one that never happened (no I/O: an in-memory store).
 
 Found by the Redis failover chaos test: after a store outage the lease keeper writes the
 unsynced `receiving` record; if the upload was acknowledged while that write was in flight,
 the record landed after the acknowledgement, no one renewed it, and a janitor removed the
 acknowledged copy. Now the acknowledgement waits for the write in flight and deletes the
 record it wrote.
+
+Found by the Sentinel failover test (one run in twenty): a `receiving` record written as the
+master changed landed, but its reply was lost; the book took it for never written, the
+acknowledgement deleted nothing, and 15 s later the janitor removed the acknowledged file.
 """
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import trio
 import trio.testing
 
+from ingester.errors import SagaStoreUnavailable
 from ingester.metrics import Metrics
 from ingester.resilience.retry import RetryPolicy
-from ingester.saga.book import SagaBook
+from ingester.saga.book import CLOCK_MARGIN_S, SagaBook
 from ingester.saga.commit import ResultWrite
 from ingester.saga.record import Copy, SagaRecord
 from ingester.saga.store import MemorySagaStore, StoreUnavailable
@@ -23,13 +32,17 @@ COPY = Copy("se-a", "http://127.0.0.1:1")
 
 
 class GatedStore(MemorySagaStore):
-    """Down while `down`; with `gate` set, each put waits for it before writing."""
+    """Down (never reached) while `down`; with `gate` set, each put waits for it before
+    writing. `lost_replies` puts fail as a reply that timed out does: having written when
+    `landed`, else not (the command was lost on the way), the same error either way."""
 
     def __init__(self) -> None:
         super().__init__()
         self.down = False
         self.gate: trio.Event | None = None
         self.put_waiting = trio.Event()
+        self.lost_replies = 0
+        self.landed = True
 
     async def put(
         self,
@@ -40,10 +53,15 @@ class GatedStore(MemorySagaStore):
         result: ResultWrite | None = None,
     ) -> bool:
         if self.down:
-            raise StoreUnavailable("down")
+            raise StoreUnavailable("down", may_have_run=False)
         if self.gate is not None:
             self.put_waiting.set()
             await self.gate.wait()
+        if self.lost_replies:
+            self.lost_replies -= 1
+            if self.landed:
+                await super().put(record, due=due, must_exist=must_exist)
+            raise StoreUnavailable("Timeout reading from socket")
         return await super().put(record, due=due, must_exist=must_exist)
 
     def records(self) -> int:
@@ -54,12 +72,25 @@ async def never_compensate(copy: Copy, file_id: str, authorization: str | None) 
     raise AssertionError("nothing is to be compensated here")
 
 
-def book_on(store: GatedStore) -> SagaBook:
+class Elements:
+    """The copies compensation removed."""
+
+    def __init__(self) -> None:
+        self.removed: list[Copy] = []
+
+    async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
+        self.removed.append(copy)
+        return True
+
+
+def book_on(
+    store: GatedStore, *, lease_s: float = 3.0, elements: Elements | None = None
+) -> SagaBook:
     return SagaBook(
         store,
-        never_compensate,
+        never_compensate if elements is None else elements.compensate,
         Metrics(),
-        lease_s=3.0,
+        lease_s=lease_s,
         janitor_interval_s=1.0,
         backoff=RetryPolicy(),
         compensation_timeout_s=1.0,
@@ -115,4 +146,65 @@ async def test_a_record_the_lease_keeper_writes_after_the_upload_ended_is_delete
             # never written).
             book.active.pop(saga.upload_id)
             store.gate.set()
+        assert store.records() == 0
+
+
+async def janitor_finds(store: GatedStore) -> list[SagaRecord]:
+    """What any replica's janitor claims once every lease has run out."""
+    later = time.time() + 3600
+    return await store.claim_due("another-replica", now=later, due=later + 3, limit=10)
+
+
+async def test_a_record_whose_write_lost_its_reply_goes_when_the_upload_is_acknowledged() -> None:
+    with trio.fail_after(5):
+        store = GatedStore()
+        book = book_on(store)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            saga = book.begin("u3", "f3", user="alice", authorization=None)
+            store.lost_replies = 1
+            await saga.sending_to(COPY)  # landed, but the book was not told
+            assert store.records() == 1
+            await saga.succeeded(COPY)
+            book.end(saga)
+        # Nothing is left for a janitor to undo the acknowledged copy with.
+        assert store.records() == 0
+        assert await janitor_finds(store) == []
+
+
+async def test_a_write_lost_on_the_way_does_not_make_the_upload_look_taken_over() -> None:
+    with trio.fail_after(5):
+        store = GatedStore()
+        book = book_on(store)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            saga = book.begin("u4", "f4", user="alice", authorization=None)
+            store.lost_replies, store.landed = 1, False
+            await saga.sending_to(COPY)
+            assert store.records() == 0
+            # The settle finds no record: before its due time nobody could have claimed
+            # one, so none was written, and the upload is acknowledged.
+            await saga.succeeded(COPY)
+            book.end(saga)
+        assert store.records() == 0
+
+
+async def test_an_unconfirmed_record_whose_lease_ran_out_fails_the_upload_cleanly() -> None:
+    with trio.fail_after(5):
+        store = GatedStore()
+        elements = Elements()
+        # A lease shorter than the clock margin: due as soon as it is written.
+        book = book_on(store, lease_s=CLOCK_MARGIN_S / 2, elements=elements)
+        async with trio.open_nursery() as nursery:
+            book._nursery = nursery
+            saga = book.begin("u5", "f5", user="alice", authorization=None)
+            store.lost_replies = 1
+            await saga.sending_to(COPY)
+            # Another replica may be undoing it right now: not acknowledged...
+            with pytest.raises(SagaStoreUnavailable):
+                await saga.succeeded(COPY)
+            # ... but failed, its copy removed and its record gone.
+            await saga.failed(COPY)
+            book.end(saga)
+        assert elements.removed == [COPY]
         assert store.records() == 0

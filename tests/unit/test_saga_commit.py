@@ -51,7 +51,7 @@ class AtomicStore(MemorySagaStore):
 
     def _apply(self, result: ResultWrite | None, ours: bool) -> bool:
         if self.down:
-            raise StoreUnavailable("down")
+            raise StoreUnavailable("down", may_have_run=False)
         if not ours:
             return False
         guard = None if result is None else result.guard
