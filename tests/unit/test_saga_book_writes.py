@@ -15,6 +15,8 @@ acknowledgement deleted nothing, and 15 s later the janitor removed the acknowle
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -23,10 +25,11 @@ import trio.testing
 from ingester.errors import SagaStoreUnavailable
 from ingester.metrics import Metrics
 from ingester.resilience.retry import RetryPolicy
-from ingester.saga.book import CLOCK_MARGIN_S, SagaBook
+from ingester.saga.book import CLOCK_MARGIN_S, Saga, SagaBook
 from ingester.saga.commit import ResultWrite
 from ingester.saga.record import Copy, SagaRecord
 from ingester.saga.store import MemorySagaStore, StoreUnavailable
+from tests.support.sagas import Elements
 
 COPY = Copy("se-a", "http://127.0.0.1:1")
 
@@ -72,21 +75,13 @@ async def never_compensate(copy: Copy, file_id: str, authorization: str | None) 
     raise AssertionError("nothing is to be compensated here")
 
 
-class Elements:
-    """The copies compensation removed."""
-
-    def __init__(self) -> None:
-        self.removed: list[Copy] = []
-
-    async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
-        self.removed.append(copy)
-        return True
-
-
-def book_on(
+@asynccontextmanager
+async def one_saga(
     store: GatedStore, *, lease_s: float = 3.0, elements: Elements | None = None
-) -> SagaBook:
-    return SagaBook(
+) -> AsyncIterator[tuple[SagaBook, Saga, trio.Nursery]]:
+    """A book over `store` running in a nursery (its background tasks end with the block),
+    and one upload's saga."""
+    book = SagaBook(
         store,
         never_compensate if elements is None else elements.compensate,
         Metrics(),
@@ -95,15 +90,21 @@ def book_on(
         backoff=RetryPolicy(),
         compensation_timeout_s=1.0,
     )
+    async with trio.open_nursery() as nursery:
+        book._nursery = nursery
+        yield book, book.begin("u1", "f1", user="alice", authorization=None), nursery
+
+
+async def janitor_finds(store: GatedStore) -> list[SagaRecord]:
+    """What any replica's janitor claims once every lease has run out."""
+    later = time.time() + 3600
+    return await store.claim_due("another-replica", now=later, due=later + 3, limit=10)
 
 
 async def test_an_upload_acknowledged_during_a_catch_up_write_leaves_no_record() -> None:
     with trio.fail_after(5):
         store = GatedStore()
-        book = book_on(store)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = book.begin("u1", "f1", user="alice", authorization=None)
+        async with one_saga(store) as (book, saga, nursery):
             store.down = True
             await saga.sending_to(COPY)  # the outage: kept in memory, unsynced
             assert store.records() == 0
@@ -132,10 +133,7 @@ async def test_an_upload_acknowledged_during_a_catch_up_write_leaves_no_record()
 async def test_a_record_the_lease_keeper_writes_after_the_upload_ended_is_deleted() -> None:
     with trio.fail_after(5):
         store = GatedStore()
-        book = book_on(store)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = book.begin("u2", "f2", user="alice", authorization=None)
+        async with one_saga(store) as (book, saga, nursery):
             store.down = True
             await saga.sending_to(COPY)
             store.down = False
@@ -149,19 +147,10 @@ async def test_a_record_the_lease_keeper_writes_after_the_upload_ended_is_delete
         assert store.records() == 0
 
 
-async def janitor_finds(store: GatedStore) -> list[SagaRecord]:
-    """What any replica's janitor claims once every lease has run out."""
-    later = time.time() + 3600
-    return await store.claim_due("another-replica", now=later, due=later + 3, limit=10)
-
-
 async def test_a_record_whose_write_lost_its_reply_goes_when_the_upload_is_acknowledged() -> None:
     with trio.fail_after(5):
         store = GatedStore()
-        book = book_on(store)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = book.begin("u3", "f3", user="alice", authorization=None)
+        async with one_saga(store) as (book, saga, _):
             store.lost_replies = 1
             await saga.sending_to(COPY)  # landed, but the book was not told
             assert store.records() == 1
@@ -175,10 +164,7 @@ async def test_a_record_whose_write_lost_its_reply_goes_when_the_upload_is_ackno
 async def test_a_write_lost_on_the_way_does_not_make_the_upload_look_taken_over() -> None:
     with trio.fail_after(5):
         store = GatedStore()
-        book = book_on(store)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = book.begin("u4", "f4", user="alice", authorization=None)
+        async with one_saga(store) as (book, saga, _):
             store.lost_replies, store.landed = 1, False
             await saga.sending_to(COPY)
             assert store.records() == 0
@@ -194,10 +180,11 @@ async def test_an_unconfirmed_record_whose_lease_ran_out_fails_the_upload_cleanl
         store = GatedStore()
         elements = Elements()
         # A lease shorter than the clock margin: due as soon as it is written.
-        book = book_on(store, lease_s=CLOCK_MARGIN_S / 2, elements=elements)
-        async with trio.open_nursery() as nursery:
-            book._nursery = nursery
-            saga = book.begin("u5", "f5", user="alice", authorization=None)
+        async with one_saga(store, lease_s=CLOCK_MARGIN_S / 2, elements=elements) as (
+            book,
+            saga,
+            _,
+        ):
             store.lost_replies = 1
             await saga.sending_to(COPY)
             # Another replica may be undoing it right now: not acknowledged...

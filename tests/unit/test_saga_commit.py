@@ -26,6 +26,7 @@ from ingester.saga.book import Saga, SagaBook
 from ingester.saga.commit import ResultCommit, ResultRefused, ResultUnknown, ResultWrite
 from ingester.saga.record import Copy, SagaRecord, SagaState
 from ingester.saga.store import MemorySagaStore, StoreUnavailable
+from tests.support.sagas import Elements
 
 KEPT = Copy("se-a", "http://127.0.0.1:1")
 RESULT = {"file_id": "f1", "checksum": "ab" * 32}
@@ -127,17 +128,6 @@ class Commit(ResultCommit):
         if self.store.down:
             raise ResultUnknown("down")
         return bool(self.store.strings.get(self.key) == result["file_id"])
-
-
-class Elements:
-    """The compensations asked for: copies removed."""
-
-    def __init__(self) -> None:
-        self.removed: list[Copy] = []
-
-    async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
-        self.removed.append(copy)
-        return True
 
 
 class Running:
