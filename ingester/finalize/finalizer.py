@@ -77,7 +77,12 @@ VERSION_FIELD: Final = "1"
 
 
 class _Lost(Exception):
-    """Another ingester owns the transaction now (or the store stayed away): stop here."""
+    """Another ingester owns the transaction now (`claimed`), or the store stayed away (then
+    the last write may or may not have landed): stop here."""
+
+    def __init__(self, message: str, *, claimed: bool) -> None:
+        super().__init__(message)
+        self.claimed = claimed
 
 
 class _SourceFailed(Exception):
@@ -531,9 +536,9 @@ class Finalizer:
                 deadline=trio.current_time() + self.lease_s,
             )
         except (StoreUnavailable, trio.TooSlowError) as exc:
-            raise _Lost(f"store unreachable: {exc}") from exc
+            raise _Lost(f"store unreachable: {exc}", claimed=False) from exc
         if not ok:
-            raise _Lost("the record is another ingester's")
+            raise _Lost("the record is another ingester's", claimed=True)
 
     async def _copy(self, tx: Transaction) -> None:
         """Copy to the best rw element, failing over; `tx` ends `copying` with a verified
@@ -670,13 +675,26 @@ class Finalizer:
         )
 
     async def _save_past_copying(self, tx: Transaction, target: Copy) -> None:
-        """The first write after the copy. Lost here, the record was claimed while it said
-        `copying`, so the claimant rolls it back: a copy that finished after its removal
-        would be an orphan, and is removed now."""
+        """The first write after the copy. Claimed by another ingester, the record said
+        `copying` (the write is refused whole), so the claimant rolls it back: a copy that
+        finished after its removal would be an orphan, and is removed now.
+
+        With the store away the target stays: the write (`committing`, `committed`) may have
+        landed with its reply lost, and then whoever takes the transaction up commits it and
+        deletes the source, which must leave the target whole. If it did not land, the record
+        says `copying` with this target among its copies, and the rollback removes it."""
         try:
             await self._save(tx)
-        except _Lost:
-            await self.pool.compensate(target, tx.file_id, await self._authorization(tx))
+        except _Lost as lost:
+            if lost.claimed:
+                await self.pool.compensate(target, tx.file_id, await self._authorization(tx))
+            else:
+                _log(
+                    tx,
+                    logging.WARNING,
+                    f"the store stayed away after the copy to {target.element_id}: the "
+                    "target is left to whoever takes the transaction up",
+                )
             raise
 
     async def _finish(self, tx: Transaction) -> None:
