@@ -261,6 +261,11 @@ class IdempotencyGuard:
                 str(exc) or "timeout",
                 extra={"event": "idempotency_store_down"},
             )
+            if not isinstance(exc, StoreUnavailable) or exc.may_have_run:
+                # The claim may have landed with its reply lost: left there, it would answer
+                # the client's retry `409` until its lease ran out. Only this owner's running
+                # claim is removed, so this cannot drop anyone else's.
+                await self.release(key, owner)
             raise IdempotencyStoreUnavailable(
                 f"the Idempotency-Key's store cannot be reached ({str(exc) or 'timeout'})"
             ) from exc
