@@ -21,6 +21,7 @@ from typing import Final
 
 import trio
 
+from ..boundary import RedisUnavailable
 from ..concurrency import cleanup_scope, collapse
 from .errors import TusStoreUnavailable, UploadLocked
 from .guarded_store import GuardedStore
@@ -59,9 +60,21 @@ class Locks:
 
     async def try_acquire(self, upload_id: str) -> Lease | None:
         token = secrets.token_hex(16)
-        if await self.store.try_lock(upload_id, token, self.ttl_s):
+        if await self._try_lock(upload_id, token):
             return Lease(upload_id, token)
         return None
+
+    async def _try_lock(self, upload_id: str, token: str) -> bool:
+        try:
+            return await self.store.try_lock(upload_id, token, self.ttl_s)
+        except TusStoreUnavailable as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, RedisUnavailable) or cause.may_have_run:
+                # The lock may be set with its reply lost: left there, it would hold the
+                # upload (`423` to the client's next request) for its whole time to live.
+                # The release is this token's only.
+                await self.release(Lease(upload_id, token))
+            raise
 
     async def acquire(self, upload_id: str, *, ask: bool, wait_s: float | None = None) -> Lease:
         """The upload's lock, asking its holder to let go when `ask`; `UploadLocked` after
@@ -70,7 +83,7 @@ class Locks:
         deadline = trio.current_time() + (self.wait_s if wait_s is None else wait_s)
         next_ask = 0.0
         while True:
-            if await self.store.try_lock(upload_id, token, self.ttl_s):
+            if await self._try_lock(upload_id, token):
                 return Lease(upload_id, token)
             now = trio.current_time()
             if now >= deadline:
