@@ -18,10 +18,11 @@ from prometheus_client import CollectorRegistry
 
 from ingester.finalize.finalizer import Finalizer, _Lost
 from ingester.finalize.record import SourceFile, Transaction, TxState
-from ingester.finalize.store import MemoryFinalizeStore, StoreUnavailable
+from ingester.finalize.store import MemoryFinalizeStore
 from ingester.saga.record import Copy
 from ingester.settings import Settings
 from ingester.storage.pool import ElementPool
+from tests.support.lost_replies import fail_as_redis
 from tests.support.sagas import Elements
 
 SOURCE = Copy("se-edit", "http://edit")
@@ -39,15 +40,13 @@ class AwayStore(MemoryFinalizeStore):
         self.taken_by: str | None = None
 
     async def put(self, tx: Transaction, *, due: float, retention_s: float) -> bool:
+        put = super().put
         if self.taken_by is not None:
             return False
         if self.away:
-            if not self.reply_lost:
-                self.reply_lost = True
-                await super().put(tx, due=due, retention_s=retention_s)
-                raise StoreUnavailable("Timeout reading from socket")
-            raise StoreUnavailable("Connection refused", may_have_run=False)
-        return await super().put(tx, due=due, retention_s=retention_s)
+            landed, self.reply_lost = not self.reply_lost, True
+            await fail_as_redis(lambda: put(tx, due=due, retention_s=retention_s), landed=landed)
+        return await put(tx, due=due, retention_s=retention_s)
 
 
 class Pool:

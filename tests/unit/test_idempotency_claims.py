@@ -11,12 +11,8 @@ import pytest
 import trio
 
 from ingester.errors import IdempotencyStoreUnavailable
-from ingester.upload.idempotency import (
-    Entry,
-    IdempotencyGuard,
-    MemoryIdempotencyStore,
-    StoreUnavailable,
-)
+from ingester.upload.idempotency import Entry, IdempotencyGuard, MemoryIdempotencyStore
+from tests.support.lost_replies import fail_as_redis
 
 
 class FlakyStore(MemoryIdempotencyStore):
@@ -30,13 +26,11 @@ class FlakyStore(MemoryIdempotencyStore):
         self.releases = 0
 
     async def claim(self, key: str, entry: Entry, ttl_s: float) -> Entry | None:
+        claim = super().claim
         if self.fail_next:
             self.fail_next = False
-            if self.landed:
-                await super().claim(key, entry, ttl_s)
-                raise StoreUnavailable("Timeout reading from socket")
-            raise StoreUnavailable("Connection refused", may_have_run=False)
-        return await super().claim(key, entry, ttl_s)
+            await fail_as_redis(lambda: claim(key, entry, ttl_s), landed=self.landed)
+        return await claim(key, entry, ttl_s)
 
     async def release(self, key: str, owner: str) -> None:
         self.releases += 1

@@ -29,6 +29,7 @@ from ingester.saga.book import CLOCK_MARGIN_S, Saga, SagaBook
 from ingester.saga.commit import ResultWrite
 from ingester.saga.record import Copy, SagaRecord
 from ingester.saga.store import MemorySagaStore, StoreUnavailable
+from tests.support.lost_replies import fail_as_redis
 from tests.support.sagas import Elements
 
 COPY = Copy("se-a", "http://127.0.0.1:1")
@@ -60,12 +61,13 @@ class GatedStore(MemorySagaStore):
         if self.gate is not None:
             self.put_waiting.set()
             await self.gate.wait()
+        put = super().put
         if self.lost_replies:
             self.lost_replies -= 1
-            if self.landed:
-                await super().put(record, due=due, must_exist=must_exist)
-            raise StoreUnavailable("Timeout reading from socket")
-        return await super().put(record, due=due, must_exist=must_exist)
+            await fail_as_redis(
+                lambda: put(record, due=due, must_exist=must_exist), landed=self.landed
+            )
+        return await put(record, due=due, must_exist=must_exist)
 
     def records(self) -> int:
         return len(self._records)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import trio
 
-from ingester.boundary import RedisUnavailable
 from ingester.tus.errors import TusStoreUnavailable
 from ingester.tus.guarded_store import GuardedStore
 from ingester.tus.locks import Locks
 from ingester.tus.store import MemoryTusStore
+from tests.support.lost_replies import fail_as_redis
 
 
 class FlakyLocks(MemoryTusStore):
@@ -27,13 +27,11 @@ class FlakyLocks(MemoryTusStore):
         self.landed = True
 
     async def try_lock(self, upload_id: str, token: str, ttl_s: float) -> bool:
+        try_lock = super().try_lock
         if self.fail_next:
             self.fail_next = False
-            if self.landed:
-                await super().try_lock(upload_id, token, ttl_s)
-                raise RedisUnavailable("Timeout reading from socket")
-            raise RedisUnavailable("Connection refused", may_have_run=False)
-        return await super().try_lock(upload_id, token, ttl_s)
+            await fail_as_redis(lambda: try_lock(upload_id, token, ttl_s), landed=self.landed)
+        return await try_lock(upload_id, token, ttl_s)
 
 
 @pytest.mark.parametrize("landed", [True, False])
