@@ -20,14 +20,12 @@ replica can take it over (the lock's rule), so no old writer is left when a file
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import hashlib
 import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -254,7 +252,7 @@ class DataWriter:
             if hasher is not None:
                 for chunk in chunks:
                     hasher.update(chunk)
-            start_writeback(fd, position, write_all(fd, chunks, position))
+            write_all(fd, chunks, position)
 
         await trio.to_thread.run_sync(write)
         # Counted once the thread returned: a write that did not finish is not stored.
@@ -378,32 +376,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# sync_file_range(2)'s flag: start writing the range's dirty pages back, wait for nothing.
-_SYNC_FILE_RANGE_WRITE: Final = 2
-
-
-def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        function = ctypes.CDLL(name, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    function.restype = ctypes.c_int
-    return function
-
-
-_SYNC_FILE_RANGE = _sync_file_range() if os.environ.get("XP_SFR", "1") == "1" else None
-
-
-def start_writeback(fd: int, position: int, length: int) -> None:
-    """Have the kernel start writing `length` bytes at `position` to the disk now (blocking
-    briefly at most: a worker thread's job). The fsync that makes them count then waits for
-    the last batch only, not for all of a `PATCH`'s bytes at once. Advisory: where the call
-    does not exist or does not apply (not Linux, tmpfs), the fsync does all of it."""
-    if _SYNC_FILE_RANGE is not None and length > 0:
-        _SYNC_FILE_RANGE(fd, position, length, _SYNC_FILE_RANGE_WRITE)
