@@ -39,6 +39,15 @@ class RedisUnavailable(Exception):
         self.may_have_run = may_have_run
 
 
+def may_have_run(exc: BaseException) -> bool:
+    """Whether a Redis call that failed with `exc` may still have taken effect. Only a
+    `RedisUnavailable` raised before anything was sent says it did not, as itself or as
+    the cause of a store's own error; anything else (a timeout's call is abandoned, not
+    stopped) may have."""
+    cause = exc if isinstance(exc, RedisUnavailable) else exc.__cause__
+    return not isinstance(cause, RedisUnavailable) or cause.may_have_run
+
+
 def describe(exc: BaseException) -> str:
     """`Type: message`, or the type alone when the exception says nothing more."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

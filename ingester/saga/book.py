@@ -24,6 +24,7 @@ from typing import Any, Final
 
 import trio
 
+from ..boundary import may_have_run
 from ..errors import SagaOutcomeUnknown, SagaStoreUnavailable, SagaTakenOver
 from ..metrics import Metrics
 from ..resilience.leases import STORE_CALL_TIMEOUT_S, Leases, Reachability, TryAgain, retry
@@ -307,7 +308,7 @@ class SagaBook:
         except (StoreUnavailable, trio.TooSlowError) as exc:
             self.reach.away(exc)
             saga.synced = False
-            if _may_have_run(exc):
+            if may_have_run(exc):
                 saga.unconfirmed_due = max(due, saga.unconfirmed_due or 0.0)
             if strict:
                 raise StoreUnavailable(str(exc) or "timeout") from exc
@@ -551,9 +552,3 @@ class SagaBook:
             self.compensate_in_background(saga)
         else:
             self._spawn(self._delete, saga)
-
-
-def _may_have_run(exc: BaseException) -> bool:
-    """Whether a store call that failed with `exc` may still have written: a timeout's call
-    is abandoned, not stopped; only a store that was never reached says it did not."""
-    return not isinstance(exc, StoreUnavailable) or exc.may_have_run

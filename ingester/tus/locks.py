@@ -21,7 +21,7 @@ from typing import Final
 
 import trio
 
-from ..boundary import RedisUnavailable
+from ..boundary import may_have_run
 from ..concurrency import cleanup_scope, collapse
 from .errors import TusStoreUnavailable, UploadLocked
 from .guarded_store import GuardedStore
@@ -68,8 +68,7 @@ class Locks:
         try:
             return await self.store.try_lock(upload_id, token, self.ttl_s)
         except TusStoreUnavailable as exc:
-            cause = exc.__cause__
-            if not isinstance(cause, RedisUnavailable) or cause.may_have_run:
+            if may_have_run(exc):
                 # The lock may be set with its reply lost: left there, it would hold the
                 # upload (`423` to the client's next request) for its whole time to live.
                 # The release is this token's only.

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import trio
 
-from ..boundary import RedisUnavailable
+from ..boundary import RedisUnavailable, may_have_run
 from ..errors import IdempotencyStoreUnavailable, IngesterError, InvalidField
 from ..saga.commit import ResultCommit, ResultUnknown, ResultWrite
 from ..storage.redis_gateway import RedisGateway
@@ -261,7 +261,7 @@ class IdempotencyGuard:
                 str(exc) or "timeout",
                 extra={"event": "idempotency_store_down"},
             )
-            if not isinstance(exc, StoreUnavailable) or exc.may_have_run:
+            if may_have_run(exc):
                 # The claim may have landed with its reply lost: left there, it would answer
                 # the client's retry `409` until its lease ran out. Only this owner's running
                 # claim is removed, so this cannot drop anyone else's.
