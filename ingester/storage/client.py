@@ -34,6 +34,10 @@ UPLOAD_PATH: Final = "/api/v1/files/upload"
 # How an element says its mode takes no uploads: the reference element's code, artStore's text
 # ("File upload not allowed in ro mode").
 _MODE_REFUSAL_RE: Final = re.compile(r"^READ_ONLY_MODE:|not allowed in (edit|rw|ro|ar) mode")
+# FastAPI's answer when it cannot read a form before the route runs: with artStore's element
+# that is its temporary disk (Starlette spools each file part past 1 MiB to `TMPDIR`) full or
+# failing, an element failure. Our own forms are well-formed by construction.
+BODY_PARSE_FAILED: Final = "There was an error parsing the body"
 # A readiness answer of 200 whose body says otherwise (artStore's probe answers 200 with
 # "degraded" when its storage directory fails).
 _NOT_READY_STATUSES: Final = frozenset({"degraded", "not_ready", "unhealthy", "error"})
@@ -97,6 +101,8 @@ def raise_for_status(response: httpx.Response, element_id: str) -> None:
         raise StorageElementUnavailable(message, element_id=element_id, upstream_status=status)
     if status == 400 and _MODE_REFUSAL_RE.search(_error_message(response)):
         raise StorageElementModeRefused(message, element_id=element_id)
+    if status == 400 and _error_message(response) == BODY_PARSE_FAILED:
+        raise StorageElementError(message, element_id=element_id, upstream_status=status)
     raise StorageElementRejected(
         message, element_id=element_id, upstream_status=status, retryable=False
     )

@@ -4,9 +4,12 @@ An upload moves on to another element when the failure was the element's (it was
 timed out, was full, said 5xx, or its own mode refused uploads). It stops when another element
 would answer the same:
 
-- **at the first one**: a 4xx other than 408, 429 and a mode refusal (the client's file or our
-  request is at fault: malformed, refused token, a file id in use). These are
-  `StorageElementRejected` with `retryable=False`, decided in `client.raise_for_status`.
+- **at the first one**: a 4xx other than 408, 429, a mode refusal and FastAPI's `400 "There
+  was an error parsing the body"` (the client's file or our request is at fault: malformed,
+  refused token, a file id in use). These are `StorageElementRejected` with
+  `retryable=False`, decided in `client.raise_for_status`. FastAPI's `400` is the element's
+  failure: artStore's element answers it when its temporary disk cannot take a file part,
+  before its route runs, and our forms are well-formed by construction.
 - **at the second identical one**: a `500` or `501` with the same message, from any element
   (the same one again in a later round included). artStore's element answers
   `500 {"detail": "Failed to create file"}` to whatever its file service cannot store (an

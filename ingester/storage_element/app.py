@@ -83,6 +83,7 @@ def create_storage_element_app(
     artstore = config.artstore_compat
     if artstore:
         compat.install_error_shape(app)
+    temp = compat.TempSpace(config.artstore_tmp_bytes)
 
     async def authenticate(*, write: bool) -> Principal:
         token = await bearer_from_header(request.headers.get("Authorization"))
@@ -161,7 +162,7 @@ def create_storage_element_app(
         if artstore:
             boundary = parse_boundary(request.headers.get("Content-Type"))
             body = await compat.upload(
-                config, store, principal, aiter(request_body()), boundary, _receive_form
+                config, store, principal, aiter(request_body()), boundary, _receive_form, temp
             )
             return body, 201
         if not config.allows_upload:

@@ -13,6 +13,12 @@ does and the reference element does not:
   "File upload not allowed in <mode> mode"}`. The `201` body is `file_id, original_filename,
   file_size, checksum, message`: no `storage_filename`. The uploader recorded is the token's
   subject.
+- **Its temporary disk**: Starlette reads the whole form before the route runs, keeping each
+  file part's first MiB in memory and spooling the rest to `TMPDIR` (`/tmp` in its image).
+  When that disk cannot take a part, FastAPI answers `400 {"detail": "There was an error
+  parsing the body"}` and the route never runs: nothing is stored. `--artstore-tmp-bytes`
+  gives the compat element such a disk (`TempSpace`): the body bytes past the first MiB of
+  every upload in flight count against it.
 - **Errors** are FastAPI's `{"detail": "..."}`, not our envelope.
 - **`GET /api/v1/files/{id}`** has no `created_by_id`, `metadata` or `retention_policy`.
 - **`DELETE /api/v1/files/{id}`** needs the operator or admin role.
@@ -55,6 +61,10 @@ log = logging.getLogger(__name__)
 
 # artStore's answer to every failure of its file service (empty file, full disk, I/O error).
 CREATE_FAILED: Final = "Failed to create file"
+# FastAPI's answer to a form it could not read before the route ran.
+BODY_PARSE_FAILED: Final = "There was an error parsing the body"
+# What Starlette keeps of each file part in memory before it spools the rest to `TMPDIR`.
+SPOOLED_IN_MEMORY: Final = 1024 * 1024
 # Roles artStore's `DELETE /api/v1/files/{id}` takes (its `require_operator_or_admin`).
 DELETE_ROLES: Final = frozenset({"operator", "admin", "super_admin"})
 
@@ -91,6 +101,48 @@ def install_error_shape(app: QuartTrio) -> None:
         return detail_response(error.status, error.message, dict(error.headers))
 
 
+class TempSpaceFull(Exception):
+    """The temporary disk cannot take the next bytes of a form."""
+
+
+class TempSpace:
+    """artStore's temporary disk, shared by the uploads in flight; None: unbounded."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, size: int) -> None:
+        if self.limit is not None and self.used + size > self.limit:
+            raise TempSpaceFull(f"{self.used + size} bytes of temporary space, {self.limit} free")
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+
+
+class _Spooled:
+    """A request body whose bytes past the first MiB take temporary space as they come."""
+
+    def __init__(self, body: AsyncIterator[bytes], space: TempSpace) -> None:
+        self._body = body
+        self._space = space
+        self._seen = 0
+        self.taken = 0
+
+    def __aiter__(self) -> _Spooled:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await anext(self._body)
+        self._seen += len(chunk)
+        over = max(self._seen - SPOOLED_IN_MEMORY, 0) - self.taken
+        if over > 0:
+            self._space.take(over)
+            self.taken += over
+        return chunk
+
+
 async def drain(body: AsyncIterator[bytes], idle_timeout_s: float) -> None:
     """Read the rest of the body and drop it: artStore answers only after the last byte."""
     while True:
@@ -112,18 +164,42 @@ async def upload(
     receive_form: Callable[
         [AsyncIterator[bytes], bytes, UploadForm, PendingUpload, float], Awaitable[None]
     ],
+    temp: TempSpace,
 ) -> dict[str, Any]:
     """`POST /api/v1/files/upload` as artStore answers it (`receive_form` is the app's
     streaming form reader, passed in to keep this module free of the app's internals)."""
     if not config.allows_upload:
         await drain(body, config.client_idle_timeout_s)
         raise ArtStoreAnswer(400, f"File upload not allowed in {config.mode.value} mode")
+    spooled = _Spooled(body, temp)
+    try:
+        return await _store(config, store, principal, spooled, body, boundary, receive_form)
+    finally:
+        # Starlette's spooled parts are deleted once the request is answered.
+        temp.release(spooled.taken)
+
+
+async def _store(
+    config: ElementConfig,
+    store: FileStore,
+    principal: Principal,
+    spooled: _Spooled,
+    body: AsyncIterator[bytes],
+    boundary: bytes,
+    receive_form: Callable[
+        [AsyncIterator[bytes], bytes, UploadForm, PendingUpload, float], Awaitable[None]
+    ],
+) -> dict[str, Any]:
     form = UploadForm(extras=False)
     try:
         # No declared size: artStore checks no capacity before it writes.
         async with store.upload(None) as pending:
             try:
-                await receive_form(body, boundary, form, pending, config.client_idle_timeout_s)
+                await receive_form(spooled, boundary, form, pending, config.client_idle_timeout_s)
+            except TempSpaceFull as exc:
+                log.warning("temporary space full: %s", exc, extra={"event": "se_tmp_full"})
+                await drain(body, config.client_idle_timeout_s)
+                raise ArtStoreAnswer(400, BODY_PARSE_FAILED) from None
             except InvalidField:
                 raw = form.fields.get("file_id")
                 if raw is not None and not _is_uuid(raw):

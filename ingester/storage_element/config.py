@@ -31,6 +31,8 @@ class ElementConfig:
     client_idle_timeout_s: float = DEFAULT_CLIENT_IDLE_TIMEOUT_S
     # Answer as artStore's own element does where it differs from ours (see `compat`).
     artstore_compat: bool = False
+    # With it: the temporary disk FastAPI spools forms to (`compat.TempSpace`); None: unbounded.
+    artstore_tmp_bytes: int | None = None
 
     @property
     def allows_upload(self) -> bool:

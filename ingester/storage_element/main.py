@@ -71,6 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "empty files refused with 500, metadata and content_type dropped, no "
         "storage_filename, never 507 (see the README)",
     )
+    parser.add_argument(
+        "--artstore-tmp-bytes",
+        type=_non_negative_int,
+        default=None,
+        help="with --artstore-compat: the temporary disk artStore's element spools forms to "
+        "(each upload's bytes past its first MiB, all uploads together); when it cannot take "
+        "more, the upload is answered 400 'There was an error parsing the body'. Default: "
+        "unbounded",
+    )
 
 
 def storage_element_command(args: argparse.Namespace) -> int:
@@ -80,6 +89,12 @@ def storage_element_command(args: argparse.Namespace) -> int:
     from .config import ElementConfig
 
     logs.configure(args.log_format, args.log_level.upper())
+    if args.artstore_tmp_bytes is not None and not args.artstore_compat:
+        print(
+            "ingester storage-element: --artstore-tmp-bytes needs --artstore-compat",
+            file=sys.stderr,
+        )
+        return 2
     config = ElementConfig(
         element_id=args.element_id or f"se-{args.mode}",
         mode=SEMode(args.mode),
@@ -91,6 +106,7 @@ def storage_element_command(args: argparse.Namespace) -> int:
         capacity_bytes=args.capacity_bytes,
         graceful_timeout_s=args.graceful_timeout,
         artstore_compat=args.artstore_compat,
+        artstore_tmp_bytes=args.artstore_tmp_bytes,
     )
     set_socket_read_size(SOCKET_READ_SIZE)
     # Bodies as the socket returns them, as the real element's C parser (httptools) does.

@@ -206,6 +206,38 @@ async def test_a_full_compat_element_answers_500_never_507(
         se.terminate()
 
 
+async def test_a_compat_element_whose_temporary_disk_is_full_answers_fastapis_400(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    """FastAPI spools a form's file part past its first MiB before the route runs; when that
+    disk cannot take it, the answer is its generic 400 and nothing is stored. The space
+    comes back once the request is answered."""
+    se = start_storage_element(
+        tmp_path,
+        element_id="as-tmp",
+        mode="edit",
+        public_key=keypair.public_path,
+        artstore_compat=True,
+        extra_args=("--artstore-tmp-bytes", str(MIB)),
+    )
+    try:
+        with trio.fail_after(20):
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                big = MultipartUpload(random_chunks(3 * MIB, seed=5))
+                response = await post_upload(http, se.url, token(), big)
+                assert response.status_code == 400, response.text
+                assert response.json() == {"detail": "There was an error parsing the body"}
+                assert [p for p in se.stored_files() if p.name != ".lock"] == []
+                # Within the space, and again: what the refused one took was given back.
+                for seed in (6, 7):
+                    fits = MultipartUpload(random_chunks(3 * MIB // 2, seed=seed))
+                    response = await post_upload(http, se.url, token(), fits)
+                    assert response.status_code == 201, response.text
+                    assert response.json()["checksum"] == fits.sha256
+    finally:
+        se.terminate()
+
+
 # --- through the ingester --------------------------------------------------------------------
 
 
@@ -425,6 +457,61 @@ async def test_the_uploader_finalizes_though_the_element_recorded_the_service_ac
 
 
 # --- refusals, modes, mixed elements -----------------------------------------------------------
+
+
+async def test_an_element_whose_temporary_disk_is_full_is_failed_over_not_blamed_on_the_file(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory, token_factory: SignedTokens
+) -> None:
+    """artStore's `400 "There was an error parsing the body"` (its temporary disk) is the
+    element's failure: the upload moves on to an element with room and is stored whole, and
+    the element that refused holds nothing."""
+    async with contextlib.AsyncExitStack() as stack:
+        cramped = start_storage_element(
+            tmp_path,
+            element_id="as-cramped",
+            mode="edit",
+            public_key=keypair.public_path,
+            artstore_compat=True,
+            extra_args=("--artstore-tmp-bytes", str(MIB)),
+        )
+        stack.callback(cramped.terminate)
+        roomy = start_storage_element(
+            tmp_path,
+            element_id="as-roomy",
+            mode="edit",
+            public_key=keypair.public_path,
+            artstore_compat=True,
+        )
+        stack.callback(roomy.terminate)
+        assert isinstance(cramped, StorageElementProcess)
+        assert isinstance(roomy, StorageElementProcess)
+        ingester = start_ingester(
+            tmp_path,
+            name="ingester",
+            public_key=keypair.public_path,
+            elements=[cramped.registry_entry(priority=10), roomy.registry_entry(priority=20)],
+            env={
+                "INGESTER_SE_AUTH": "static",
+                "INGESTER_SE_TOKEN": token_factory(sub=SERVICE_ACCOUNT, name=SERVICE_ACCOUNT),
+            },
+        )
+        stack.callback(ingester.terminate)
+        ingester.wait_ready()
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+                body = MultipartUpload(
+                    random_chunks(4 * MIB + 3, seed=29),
+                    fields=[("retention_policy", "temporary"), ("compress", "false")],
+                )
+                response = await post_upload(http, ingester.url, token(), body)
+                assert response.status_code == 201, response.text
+                result = response.json()
+                assert result["storage_element_id"] == "as-roomy"
+                assert result["checksum"] == body.sha256
+                stored = await downloaded(http, roomy, result["file_id"], token())
+                assert hashlib.sha256(stored).hexdigest() == body.sha256
+        assert upload_requests(cramped) == 1
+        assert [p for p in cramped.stored_files() if p.name != ".lock"] == []
 
 
 async def test_an_identical_refusal_from_two_elements_ends_the_upload(

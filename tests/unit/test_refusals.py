@@ -97,6 +97,21 @@ def test_a_mode_refusal_moves_on_to_another_element(body: Any) -> None:
     assert error.upstream_status == 400
 
 
+def test_fastapi_failing_to_read_our_form_is_the_elements_failure() -> None:
+    """artStore's element answers this when its temporary disk cannot take a file part:
+    another element may have room, and two of them alike do not end the upload."""
+    parse = {"detail": "There was an error parsing the body"}
+    error = answered("a", 400, parse)
+    assert type(error) is StorageElementError
+    assert error.retryable is True
+    assert error.upstream_status == 400
+    assert repeated_refusal([error, answered("b", 400, parse)]) is None
+    # Any other 400 of FastAPI's still ends the upload at once.
+    other = answered("a", 400, {"detail": "There was an error parsing the body!"})
+    assert isinstance(other, StorageElementRejected)
+    assert other.retryable is False
+
+
 @pytest.mark.parametrize(
     ("status", "body", "kind", "retryable"),
     [
