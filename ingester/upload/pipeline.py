@@ -535,14 +535,15 @@ class UploadPipeline:
                         self.metrics.retries.labels(element.id).inc()
                     else:
                         pool.retry_budget(element.id).on_request(trio.current_time())
-                    # Written before the first byte leaves: if this process dies, whoever
-                    # takes the record over knows where to look.
-                    await saga.sending_to(Copy(element.id, element.api_url))
                     error: StorageElementError | None = None
                     # The stall watchdog or a breaker trip cancels this scope: the attempt
                     # ends, the upload goes on elsewhere.
                     reported = False
                     try:
+                        # Written before the first byte leaves: if this process dies, whoever
+                        # takes the record over knows where to look. Inside the `try`: a
+                        # half-open trial taken above must go back if this fails.
+                        await saga.sending_to(Copy(element.id, element.api_url))
                         with pool.attempt(element.id, upload), trio.CancelScope() as attempt:
                             upload.attempt = attempt
                             try:
@@ -585,6 +586,11 @@ class UploadPipeline:
                         break
                     if failover.record(error):
                         pool.note_failure(element.id, error)
+                    if took_trial and not error.retryable:
+                        # The element answered and the request was at fault: no verdict on
+                        # the element, so its half-open trial goes back (kept, nothing would
+                        # ever try the element again, the prober included).
+                        pool.breakers.breaker(element.id).release_trial(trio.current_time())
                     move = failover.failed(
                         error,
                         bytes_sent=body.started,

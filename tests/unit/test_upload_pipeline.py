@@ -29,7 +29,7 @@ from ingester.concurrency import collapse
 from ingester.errors import IntegrityError, NoStorageAvailable
 from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
-from ingester.resilience.breaker import BreakerBoard, BreakerPolicy
+from ingester.resilience.breaker import BreakerBoard, BreakerPolicy, BreakerState
 from ingester.resilience.retry import RetryPolicy
 from ingester.saga.book import SagaBook
 from ingester.saga.store import MemorySagaStore
@@ -65,6 +65,8 @@ class Element:
     # Reset the connection once this many body bytes have arrived.
     reset_after: int | None = None
     removed: list[str] = field(default_factory=list)
+    # Answer uploads with this status (and a FastAPI-shaped body) after reading them.
+    refuse: int | None = None
     # How each upload request's body was framed: its Content-Length, or "chunked"; and the
     # bytes that came.
     framing: list[tuple[str, int]] = field(default_factory=list)
@@ -101,6 +103,8 @@ class Elements(httpx.AsyncBaseTransport):
                 element.reset_after = None
                 raise httpx.ReadError("connection reset by peer", request=request)
         element.framing[-1] = (element.framing[-1][0], len(received))
+        if element.refuse is not None:
+            return httpx.Response(element.refuse, json={"detail": "Invalid token"})
         fields, data = parse_form(bytes(received), request.headers["Content-Type"])
         element.files[fields["file_id"]] = data
         return httpx.Response(
@@ -505,3 +509,31 @@ async def test_a_compressed_upload_fails_over_mid_stream_and_is_stored_whole(
     assert restored == data
     assert world.elements["se-a"].removed == [result["file_id"]]
     assert world.memory.used == 0
+
+
+async def test_a_half_open_trial_refused_for_the_request_goes_back_to_the_breaker(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    """An upload takes the trial of a half-open element, which answers 401 (the request's
+    fault, not the element's): the trial must go back, or nothing would ever send that
+    element an upload or a probe again."""
+    board = world.pipeline.pool.breakers
+    known = list(ELEMENTS)
+    for _ in range(5):
+        board.record_failure("se-a", trio.current_time(), known=known)
+    await trio.sleep(BreakerPolicy().open_base_s + 1)
+    assert board.breaker("se-a").trial_available(trio.current_time())
+    world.elements["se-a"].refuse = 401
+    with trio.fail_after(600):
+        with pytest.raises(BaseExceptionGroup) as caught:
+            await world.upload(form({"compress": "false"}, random_bytes(MIB), {}))
+        assert collapse(caught.value).code == "STORAGE_ELEMENT_REJECTED"
+        assert len(world.elements["se-a"].framing) == 1
+        # The trial is free again: the prober (or the next upload) may take it.
+        assert board.breaker("se-a").trial_available(trio.current_time())
+        world.elements["se-a"].refuse = None
+        data = random_bytes(MIB + 1)
+        result = await world.upload(form({"compress": "false"}, data, {}))
+    assert result["storage_element_id"] == "se-a"
+    assert list(stored(world)) == [("se-a", result["file_id"], data)]
+    assert board.breaker("se-a").state(trio.current_time()) is BreakerState.CLOSED
