@@ -271,7 +271,8 @@ class Settings(BaseSettings):
     # upload is then stored from its data file at completion). 0 turns it off.
     tus_pipeline_window_s: float = Field(default=2.0, ge=0)
     # How far that stream may trail the PATCHes before they wait for it (the most a final
-    # PATCH waits for, besides the element's commit); 0 keeps them in step.
+    # PATCH waits for, besides the element's commit); at least 1 MiB is used (the stream
+    # reads whole MiBs while PATCHes come), so 0 keeps them as close as that allows.
     tus_pipeline_lag_bytes: int = Field(default=16 * MIB, ge=0)
     # Finished uploads' data files kept (in <spool_dir>/tus/.reuse, shared by replicas) for
     # the next uploads to write over their cached pages, all together at most this size;

@@ -74,9 +74,11 @@ class LiveStream:
         # adds to the final PATCH (measured without a bound: 15-48 MiB behind at the
         # hand-over, 0.1-0.25 s more on a final PATCH whose element commit took 0.35-0.45
         # s). A stream that starts behind (an upload resumed here) may stay as far behind
-        # as it started, plus the slack: its PATCHes never wait for more.
+        # as it started, plus the slack: its PATCHes never wait for more. The slack is at
+        # least one `READ_CHUNK`: while PATCHes come the reader takes whole chunks only, so
+        # a smaller one would have a PATCH wait for a read that waits for that PATCH.
         self.read_to = 0
-        self._lag_allowed = readable + lag_bytes
+        self._lag_allowed = readable + max(lag_bytes, READ_CHUNK)
         self._caught_up = trio.Event()
 
     @property

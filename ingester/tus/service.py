@@ -447,12 +447,15 @@ class TusService:
                 return await self._finish(upload, principal)
             upload.check_length(length, self.max_size)
             upload.check_offset(offset)
-            if length is not None and upload.length is None:
+            declaring = length is not None and upload.length is None
+            if declaring:
                 await self._reserve(upload, length)
             upload.declare_length(length)
             self._check_chunk(upload, offset, content_length)
             stream = self._stream_for(upload, principal)
-            await self._receive(upload, lease, body, content_length, checksum, stream)
+            await self._receive(
+                upload, lease, body, content_length, checksum, stream, declaring=declaring
+            )
             if upload.all_received and not upload.is_partial:
                 upload.begin_completion(offset_before=offset)
                 await self._save(upload, lease)
@@ -509,12 +512,14 @@ class TusService:
         content_length: int | None,
         checksum: Checksum | None,
         stream: LiveStream | None = None,
+        *,
+        declaring: bool = False,
     ) -> None:
         """Store the request body at the upload's offset, saving as it goes and at the end,
         whatever the end is: the body's end, a let-go request, the client gone (then this
         raises `Cancelled` once saved), an idle timeout, a full spool. Raises the error that
         ended it after saving, with the new offset in its headers."""
-        receiver = _Receiver(self, upload, lease, checksum)
+        receiver = _Receiver(self, upload, lease, checksum, declaring=declaring)
         receiver.writer = await self.data.open_at(upload.id, upload.offset)
         receiver.stream = stream
         error: IngesterError | None = None
@@ -1058,7 +1063,13 @@ class _Receiver:
     checksum, and the final save."""
 
     def __init__(
-        self, tus: TusService, upload: TusUpload, lease: Lease, checksum: Checksum | None
+        self,
+        tus: TusService,
+        upload: TusUpload,
+        lease: Lease,
+        checksum: Checksum | None,
+        *,
+        declaring: bool = False,
     ) -> None:
         self.tus = tus
         self.upload = upload
@@ -1073,7 +1084,10 @@ class _Receiver:
         # Bytes written but not yet counted in the upload's offset.
         self.unsaved = 0
         self.body_complete = False
-        self.length_declared = upload.length is not None
+        # Whether the stored state has the upload's length: not when this request declares
+        # a deferred one (`declaring`; the caller has set it on `upload` already), which must
+        # then be saved even if no byte of this request is kept.
+        self.length_declared = upload.length is not None and not declaring
         # The body went past the upload's end: nothing of this request is kept.
         self.refused = False
         # The pipelined store, told of each batch written.

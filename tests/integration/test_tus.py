@@ -430,6 +430,29 @@ async def test_deferred_length(stack: Stack, token: TokenFactory) -> None:
             assert sha256(await download(http, stack, result)) == sha256(b"a" * 1000 + b"b" * 500)
 
 
+async def test_a_deferred_length_declared_without_a_body_is_kept(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """A PATCH that only declares the length (no bytes) is answered 204 and must be saved:
+    HEAD then says the length, and the last chunk, sent without it, completes the upload."""
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            tus = Tus(http, stack.url, token())
+            url = await tus.new(None, headers={"Upload-Defer-Length": "1"})
+            assert (await tus.patch(url, 0, b"a" * 1000)).status_code == 204
+            declared = await tus.patch(url, 1000, b"", **{"Upload-Length": "3000"})
+            assert declared.status_code == 204, declared.text
+            assert declared.headers["Upload-Offset"] == "1000"
+            head = await tus.head(url)
+            assert head.headers["Upload-Length"] == "3000"
+            assert "Upload-Defer-Length" not in head.headers
+            last = await tus.patch(url, 1000, b"b" * 2000)
+            assert last.status_code == 204, last.text
+            assert last.headers["Upload-File-Id"]
+            result = (await tus.state(url)).json()["result"]
+            assert sha256(await download(http, stack, result)) == sha256(b"a" * 1000 + b"b" * 2000)
+
+
 async def test_termination(stack: Stack, token: TokenFactory) -> None:
     with trio.fail_after(10):
         async with httpx.AsyncClient(trust_env=False) as http:
@@ -786,6 +809,30 @@ async def test_uploads_over_the_size_limit_are_413(stack: Stack, token: TokenFac
                 deferred = await tus.new(None, headers={"Upload-Defer-Length": "1"})
                 declared = await tus.patch(deferred, 0, b"", **{"Upload-Length": "1001"})
                 assert declared.status_code == 413
+        finally:
+            ingester.terminate()
+
+
+async def test_patches_answer_when_the_stream_may_not_trail_them(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """INGESTER_TUS_PIPELINE_LAG_BYTES=0 (the stream in step with the PATCHes): a PATCH whose
+    last batch leaves part of a MiB used to wait for the stream, which waited for a whole
+    MiB from that PATCH, until something interrupted it."""
+    with trio.fail_after(60):
+        ingester = stack.start_ingester("tus-in-step", INGESTER_TUS_PIPELINE_LAG_BYTES="0")
+        try:
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+                tus = Tus(http, ingester.url, token())
+                data = b"".join(random_chunks(9 * MIB + 12345, seed=77))
+                url = await tus.new(len(data))
+                first = await tus.patch(url, 0, data[: 6 * MIB + 7])
+                assert first.status_code == 204, first.text
+                last = await tus.patch(url, 6 * MIB + 7, data[6 * MIB + 7 :])
+                assert last.status_code == 204, last.text
+                result = (await tus.state(url)).json()["result"]
+                assert result["checksum"] == sha256(data)
+                assert sha256(await download(http, stack, result)) == sha256(data)
         finally:
             ingester.terminate()
 

@@ -170,14 +170,18 @@ async def test_an_abandoned_or_finished_stream_lets_the_patch_go_on(
 
 async def test_the_slack_is_the_streams_own(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
-        # INGESTER_TUS_PIPELINE_LAG_BYTES=0: PATCHes keep in step with the stream.
-        live = patched(MIB, lag_bytes=0)
+        # INGESTER_TUS_PIPELINE_LAG_BYTES=0: PATCHes keep within one read (a MiB) of the
+        # stream. No closer: while PATCHes come the reader takes whole MiBs only, so a PATCH
+        # that waited for a part of one would wait for a read that waits for it.
+        await patched(MIB // 2, lag_bytes=0).keep_pace()
+        assert trio.current_time() == 0
+        live = patched(MIB + MIB // 2, lag_bytes=0)
         async with trio.open_nursery() as nursery:
             went_on = await blocked_task(nursery, live.keep_pace)
-            live.has_read(MIB - 1)
+            live.has_read(MIB // 2 - 1)
             await trio.testing.wait_all_tasks_blocked()
             assert not went_on.is_set()
-            live.has_read(MIB)
+            live.has_read(MIB // 2)
         assert went_on.is_set()
         # A larger slack lets a PATCH run further ahead without waiting.
         await patched(32 * MIB, lag_bytes=32 * MIB).keep_pace()
