@@ -26,7 +26,7 @@ import trio.testing
 
 from ingester.auth.principal import Principal
 from ingester.concurrency import collapse
-from ingester.errors import IntegrityError, NoStorageAvailable
+from ingester.errors import IntegrityError, NoStorageAvailable, StorageElementRejected
 from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
 from ingester.resilience.breaker import BreakerBoard, BreakerPolicy, BreakerState
@@ -527,7 +527,9 @@ async def test_a_half_open_trial_refused_for_the_request_goes_back_to_the_breake
     with trio.fail_after(600):
         with pytest.raises(BaseExceptionGroup) as caught:
             await world.upload(form({"compress": "false"}, random_bytes(MIB), {}))
-        assert collapse(caught.value).code == "STORAGE_ELEMENT_REJECTED"
+        refused = collapse(caught.value)
+        assert isinstance(refused, StorageElementRejected)
+        assert refused.code == "STORAGE_ELEMENT_REJECTED"
         assert len(world.elements["se-a"].framing) == 1
         # The trial is free again: the prober (or the next upload) may take it.
         assert board.breaker("se-a").trial_available(trio.current_time())
