@@ -453,19 +453,65 @@ class TusService:
             upload.declare_length(length)
             self._check_chunk(upload, offset, content_length)
             stream = self._stream_for(upload, principal)
-            await self._receive(
-                upload, lease, body, content_length, checksum, stream, declaring=declaring
-            )
+            try:
+                await self._receive(
+                    upload, lease, body, content_length, checksum, stream, declaring=declaring
+                )
+            except IngesterError:
+                raise
+            except BaseException:
+                # The client went away, maybe after its last byte: what arrived is saved.
+                if upload.all_received and not upload.is_partial and not lease.lost:
+                    with trio.CancelScope(shield=True):
+                        handed_over = await self._complete_unanswered(
+                            upload, lease, principal, offset
+                        )
+                raise
             if upload.all_received and not upload.is_partial:
-                upload.begin_completion(offset_before=offset)
-                await self._save(upload, lease)
-                handed_over = True
+                # Shielded: a client that goes away now must not leave the upload saved as
+                # completing with no completion running (nor unsaved with every byte in).
+                with trio.CancelScope(shield=True):
+                    upload.begin_completion(offset_before=offset)
+                    await self._save(upload, lease)
+                    handed_over = True
+                # Starts the completion before its first checkpoint: it runs whatever the
+                # request does next.
                 result = await self._complete(upload, lease, principal, [], created=False)
                 return Answer(upload, result)
         finally:
             if not handed_over:
                 await self.locks.release(lease)
         return Answer(upload)
+
+    async def _complete_unanswered(
+        self, upload: TusUpload, lease: Lease, principal: Principal, offset_before: int
+    ) -> bool:
+        """Store an upload whose last bytes came with a PATCH whose client went away before
+        its answer. Nobody waits for the result, but the client's next HEAD reports every
+        byte in, and tus clients then send nothing more: left `receiving`, the upload would
+        never be stored. True when `lease` went to the completion's task."""
+        nursery = self._nursery
+        if nursery is None:  # pragma: no cover - the service runs before requests arrive
+            return False
+        try:
+            upload.begin_completion(offset_before=offset_before)
+            await self._save(upload, lease)
+        except IngesterError as exc:
+            log.warning(
+                "upload %s has every byte, but its completion could not be saved: %s",
+                upload.id,
+                exc.message,
+                extra={"event": "tus_completion_unsaved", "upload_id": upload.id},
+            )
+            return False
+        log.info(
+            "the client went away after the last byte; storing the upload anyway",
+            extra={"event": "tus_completion_unanswered", "upload_id": upload.id},
+        )
+        nursery.start_soon(
+            self._completion_task, upload, lease, principal, [], False, _Completion()
+        )
+        return True
 
     @staticmethod
     def _is_final_retry(upload: TusUpload, offset: int, content_length: int | None) -> bool:
