@@ -26,8 +26,10 @@ ARTSTORE_FIELDS: Final = frozenset(
     {"description", "version", "file_id", "finalize_transaction_id", "retention_policy"}
 )
 TEXT_FIELDS: Final = ARTSTORE_FIELDS | {"metadata", "content_type"}
-# Per text field, metadata included: anything larger is a payload, not a description.
-MAX_FIELD_BYTES: Final = 64 * 1024
+# Per text field, metadata included, as Starlette's form parser (artStore's element) caps
+# each: 1 MiB. The ingester's own limits are lower (64 KiB of a client's metadata, to which
+# it adds its `_ingester` facts), and must never meet this one.
+MAX_FIELD_BYTES: Final = 1024 * 1024
 DEFAULT_CONTENT_TYPE: Final = "application/octet-stream"
 
 

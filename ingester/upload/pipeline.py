@@ -773,5 +773,6 @@ def _multipart_tail(
         after.append(("description", options.description))
     _, content_type = upload.stored_as or (upload.filename, upload.content_type)
     after.append(("content_type", content_type))
-    after.append(("metadata", json.dumps(metadata, ensure_ascii=False)))
+    # Compact, as the limit on the client's metadata is counted (`upload.fields`).
+    after.append(("metadata", json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))))
     return multipart_writer.tail(boundary, after)

@@ -209,6 +209,31 @@ def bad_tokens(stack: Stack) -> dict[str, str | None]:
     }
 
 
+async def test_metadata_at_the_limit_is_stored_with_the_ingesters_own_facts(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """64 KiB of a client's metadata passes our check; the element must take it with the
+    `_ingester` facts added (it used to refuse it, and the client got a 502)."""
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            for size in (65_400, 65_528):
+                metadata = json.dumps({"k": "v" * (size - 8)}, separators=(",", ":"))
+                assert len(metadata) == size
+                body = MultipartUpload(
+                    random_chunks(1000, seed=size), fields=[("metadata", metadata)]
+                )
+                response = await post_upload(http, stack.url, token(), body)
+                assert response.status_code == 201, response.text
+                assert response.json()["checksum"] == body.sha256
+            over = MultipartUpload(
+                random_chunks(1000, seed=1),
+                fields=[("metadata", json.dumps({"k": "v" * 65_600}))],
+            )
+            response = await post_upload(http, stack.url, token(), over)
+            assert response.status_code == 400, response.text
+            assert error_code(response) == "INVALID_METADATA"
+
+
 @pytest.mark.parametrize(
     "case",
     [
