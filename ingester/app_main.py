@@ -145,6 +145,7 @@ async def run_ingester(
         max_headers=settings.max_headers,
         max_connections=settings.max_connections,
         retry_after_s=settings.retry_after_s,
+        send_timeout_s=settings.client_idle_timeout_s,
     )
     config = hypercorn_config(
         settings.host, settings.port, graceful_timeout=HYPERCORN_GRACE_S, limits=limits

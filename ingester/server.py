@@ -61,7 +61,7 @@ import hypercorn.trio.tcp_server
 import trio
 from h11._receivebuffer import ReceiveBuffer
 from hypercorn.config import Config
-from hypercorn.events import Closed, RawData
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
@@ -111,6 +111,9 @@ class ConnectionLimits:
     # Open connections; None: no cap.
     max_connections: int | None = None
     retry_after_s: int = 5
+    # One write to the client that takes longer (a client that stopped reading) ends the
+    # connection: stock hypercorn waits for it forever, shielded (`_patch_protocol_send`).
+    send_timeout_s: float = 60.0
 
 
 def hypercorn_config(
@@ -212,6 +215,11 @@ class _Connection:
     receiving: bool = False
     # Its bytes received and not yet handed to a handler, in the receive share.
     intake: Intake | None = None
+    # Where the read loop hands hypercorn what it read; cancelled when the connection is
+    # known dead (a write failed or timed out), since hypercorn may wait there, for a
+    # response cycle that can no longer end, before it reads again.
+    handle_scope: trio.CancelScope | None = None
+    dead: bool = False
 
     def waiting_since(self) -> float | None:
         """Since when it has waited for a request head; None while a request runs."""
@@ -501,8 +509,17 @@ def _patch_read_data() -> None:
                 # head is parsed at once, and it cannot stay counted for the request's
                 # length. The body bytes it may carry are under-counted, one read at most.)
                 share.received(intake, len(data))
-            await self.protocol.handle(RawData(bytes(data)))
-            if data == b"":
+            with trio.CancelScope() as handling:
+                if conn is not None:
+                    if conn.dead:
+                        handling.cancel()
+                    conn.handle_scope = handling
+                try:
+                    await self.protocol.handle(RawData(bytes(data)))
+                finally:
+                    if conn is not None:
+                        conn.handle_scope = None
+            if handling.cancelled_caught or data == b"":
                 break
         if conn is not None:
             # Nothing more is read: the connection stops counting now, not when its
@@ -519,6 +536,59 @@ async def _timed_out(server: TCPServer, timeout_s: float) -> None:
     response = _raw_response(408, f"the request headers did not arrive within {timeout_s:g} s")
     async with server.send_lock:
         await _refuse_raw(server.stream, response)
+
+
+def _patch_protocol_send() -> None:
+    """Writes to the client, bounded. hypercorn sends each piece of a response under its
+    send lock, shielded from cancellation and with no timeout, so a client that stops
+    reading (its receive window full) held the write, the lock and the connection forever.
+    With pipelined requests it was worse: h11 pauses the read loop until the response
+    cycle ends, which it never did, so the connection was neither read nor closed, even
+    after the client had gone, and counted as busy it was never evicted (found by a review:
+    16 such connections filled a 16-connection cap for good).
+
+    Now a write that takes longer than `send_timeout_s` closes the socket, and after a
+    write that failed or timed out, a read loop paused for the response cycle (the only
+    wait nothing else ends) is stopped, so the connection ends."""
+    protocol_send = TCPServer.protocol_send
+
+    async def send(self: TCPServer, event: Event) -> None:
+        if not isinstance(event, RawData):
+            await protocol_send(self, event)
+            return
+        conn: _Connection | None = getattr(self, "_ingester_conn", None)
+        timeout_s = _connections(self.config).limits.send_timeout_s
+        async with self.send_lock:
+            failed = False
+            # Shielded, as hypercorn does (a cancelled handler must not cut a write in two),
+            # but within a deadline of its own.
+            with trio.CancelScope(shield=True):
+                try:
+                    with trio.fail_after(timeout_s):
+                        await self.stream.send_all(event.data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    failed = True
+                except trio.TooSlowError:
+                    failed = True
+                    log.info(
+                        "a write to the client made no progress for %g s; closing",
+                        timeout_s,
+                        extra={"event": "client_send_timeout"},
+                    )
+                    # Whatever reads or writes next on it fails: the connection ends.
+                    await self.stream.aclose()
+        if not failed:
+            return
+        await self.protocol.handle(Closed())
+        protocol = _h11(self)
+        if conn is not None and protocol is not None and not protocol.can_read.is_set():
+            # The read loop waits in hypercorn for a response cycle that can no longer end
+            # (a pipelined request behind this answer): nothing else would ever wake it.
+            conn.dead = True
+            if conn.handle_scope is not None:
+                conn.handle_scope.cancel()
+
+    TCPServer.protocol_send = send  # type: ignore[method-assign]
 
 
 def _guard_heads() -> None:
@@ -576,6 +646,7 @@ def install_hypercorn_patches() -> None:
         return
     _patch_run()
     _patch_read_data()
+    _patch_protocol_send()
     _guard_heads()
     _patch_error_response()
     TCPServer._ingester_patched = True  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ from tests.hostile.common import (
     assert_unharmed,
     closed_by_server,
     connect,
+    host_port,
     read_response,
     until,
 )
@@ -59,6 +60,31 @@ def capped(spawn: Spawn) -> ManagedProcess:
         INGESTER_CLIENT_MIN_RATE_BYTES="0",
     )
     return proc
+
+
+@pytest.fixture(scope="module")
+def unread(spawn: Spawn) -> ManagedProcess:
+    """A small connection cap, and a write to a client that does not read ends after 2 s."""
+    return spawn(
+        "conn-unread", INGESTER_MAX_CONNECTIONS=str(CAP), INGESTER_CLIENT_IDLE_TIMEOUT_S="2"
+    )
+
+
+async def pipelined_unread(url: str, requests: int = 3) -> trio.socket.SocketType:
+    """A connection that pipelines `requests` GETs of the OpenAPI document (~100 KB each)
+    into a 4 KiB receive buffer and reads none of the answers."""
+    host, port = host_port(url)
+    sock = trio.socket.socket()
+    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+    await sock.connect((host, port))
+    stream = trio.SocketStream(sock)
+    with trio.move_on_after(1):
+        await stream.send_all(get("/openapi.json") * requests)
+    return sock
+
+
+async def live(url: str) -> int:
+    return (await ask(url, get("/health/live", "Connection: close"))).status
 
 
 def capped_internal(proc: ManagedProcess) -> str:
@@ -185,6 +211,54 @@ async def test_probes_answer_under_a_thousand_idle_connections(
 
 
 # --- B4: a cap on open connections ---------------------------------------------------------
+
+
+async def test_clients_that_pipeline_read_nothing_and_leave_free_their_connections(
+    stack: Stack, unread: ManagedProcess
+) -> None:
+    """Found by a review: their answers could not be written, h11 kept the read loop paused
+    for a response cycle that never ended, and the connections (counted busy, so never
+    evicted) filled the cap for good: every later request, probes included, got 503."""
+    with trio.fail_after(30):
+        before = stack.all_files()
+        for _ in range(CAP):
+            sock = await pipelined_unread(unread.url)
+            await trio.sleep(0.3)
+            sock.close()  # unread answers waiting: the kernel resets the connection
+
+        async def serving() -> bool:
+            return await live(unread.url) == 200
+
+        await until(serving, timeout_s=10)
+        await assert_unharmed(stack, unread.url, before)
+
+
+async def test_clients_that_stop_reading_are_cut_after_the_send_timeout(
+    stack: Stack, unread: ManagedProcess
+) -> None:
+    """Connected, not reading: a write that cannot finish within the send timeout (here 2 s)
+    ends the connection and frees its place under the cap."""
+    with trio.fail_after(30):
+        before = stack.all_files()
+        stalled = [await pipelined_unread(unread.url) for _ in range(CAP)]
+        ports = {sock.getsockname()[1] for sock in stalled}
+        try:
+
+            async def all_closed_by_the_server() -> bool:
+                # The ingester's own sockets: once closed they are no longer its (its FIN
+                # waits behind the unsent answers, so our side cannot tell yet).
+                theirs = psutil.Process(unread.pid).net_connections(kind="tcp")
+                return not [c for c in theirs if c.raddr and c.raddr.port in ports]
+
+            started = trio.current_time()
+            await until(all_closed_by_the_server, timeout_s=15)
+            # Not before the timeout: they were served as long as a write could go on.
+            assert trio.current_time() - started >= 1.0
+            assert await live(unread.url) == 200
+        finally:
+            for sock in stalled:
+                sock.close()
+        await assert_unharmed(stack, unread.url, before)
 
 
 async def test_at_the_connection_cap_the_longest_idle_connection_makes_room(
