@@ -218,7 +218,15 @@ def _metadata(value: str | None) -> dict[str, Any]:
         raise InvalidMetadata(f"metadata key '{RESERVED_METADATA_KEY}' is reserved")
     # What is stored is our serialization, which may differ in size from what was sent.
     serialized = json.dumps(parsed, ensure_ascii=False, separators=(",", ":"))
-    if len(serialized.encode("utf-8")) > MAX_METADATA_BYTES:
+    try:
+        encoded = serialized.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON's escapes can spell a lone UTF-16 surrogate ("\ud800"), which no UTF-8
+        # text (nor any element's JSON) can hold.
+        raise InvalidMetadata(
+            "metadata must be valid Unicode text: it holds a lone surrogate escape"
+        ) from None
+    if len(encoded) > MAX_METADATA_BYTES:
         raise InvalidMetadata(f"metadata must be at most {MAX_METADATA_BYTES} bytes of JSON")
     return parsed
 

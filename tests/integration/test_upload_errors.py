@@ -111,6 +111,13 @@ BAD_FORMS = [
         "INVALID_METADATA",
     ),
     (
+        "metadata with a lone surrogate escape",
+        multipart_raw([("metadata", '{"a": "\\ud800"}'), ("file", b"x")]),
+        None,
+        400,
+        "INVALID_METADATA",
+    ),
+    (
         "metadata not an object",
         multipart_raw([("metadata", "[1, 2]"), ("file", b"x")]),
         None,

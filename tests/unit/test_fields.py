@@ -434,6 +434,18 @@ def test_metadata_over_the_size_limit_once_serialized() -> None:
     assert metadata_error(value) == "metadata must be at most 65536 bytes of JSON"
 
 
+@pytest.mark.parametrize("value", ['{"a": "\\ud800"}', '{"\\udfff": 1}', '{"a": ["x\\ud83d"]}'])
+def test_metadata_with_a_lone_surrogate_escape_is_invalid(value: str) -> None:
+    """A review found these gave 500: JSON may spell them, UTF-8 cannot hold them."""
+    assert metadata_error(value) == (
+        "metadata must be valid Unicode text: it holds a lone surrogate escape"
+    )
+
+
+def test_metadata_with_an_escaped_surrogate_pair_is_fine() -> None:
+    assert parse(metadata='{"a": "\\ud83d\\ude00"}').metadata == {"a": "\U0001f600"}
+
+
 def test_metadata_reserved_key() -> None:
     assert metadata_error('{"_ingester": {}}') == "metadata key '_ingester' is reserved"
 
