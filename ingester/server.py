@@ -193,7 +193,22 @@ class _GuardedConnection(h11.Connection):
                 raise h11.RemoteProtocolError(
                     self.refusal.message, error_status_hint=self.refusal.status
                 )
-        return super()._extract_next_receive_event()
+        event = super()._extract_next_receive_event()
+        if isinstance(event, h11.Request) and _framed_twice(event):
+            # RFC 9112 section 6.3: such a request may be refused, and its connection must
+            # close either way; a proxy in front that framed it by its Content-Length would
+            # read our next bytes as another request (request smuggling). h11 alone served
+            # it by its chunks and kept the connection (found by a review).
+            self.refusal = Refusal(
+                400, "a request must not carry both Content-Length and Transfer-Encoding"
+            )
+            raise h11.RemoteProtocolError(self.refusal.message, error_status_hint=400)
+        return event
+
+
+def _framed_twice(request: h11.Request) -> bool:
+    names = {name for name, _ in request.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
 
 
 # --- the connections of one listener --------------------------------------------------------

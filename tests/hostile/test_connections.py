@@ -213,6 +213,34 @@ async def test_probes_answer_under_a_thousand_idle_connections(
 # --- B4: a cap on open connections ---------------------------------------------------------
 
 
+async def test_a_request_framed_both_ways_is_refused_and_its_connection_closed(
+    stack: Stack, default: ManagedProcess, token: TokenFactory
+) -> None:
+    """Content-Length and Transfer-Encoding together (RFC 9112 section 6.3): 400, and the
+    request pipelined behind it is never answered on that connection."""
+    with trio.fail_after(15):
+        before = stack.all_files()
+        smuggled = (
+            "POST /api/v1/files/upload HTTP/1.1\r\nHost: test\r\n"
+            f"Authorization: Bearer {token()}\r\n"
+            "Content-Type: multipart/form-data; boundary=B0undary\r\n"
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+            "0\r\n\r\n"
+        ).encode() + get("/health/live", "X-Request-ID: smuggled-second")
+        stream = await connect(default.url)
+        async with stream:
+            await stream.send_all(smuggled)
+            refused = await read_response(stream)
+            assert refused.status == 400, refused
+            assert refused.json_code() == "BAD_REQUEST"
+            rest = b""
+            with trio.fail_after(2):  # closed by the server, with no second answer
+                while chunk := await stream.receive_some(65536):
+                    rest += chunk
+            assert b"HTTP/1.1" not in rest, rest
+        await assert_unharmed(stack, default.url, before)
+
+
 async def test_clients_that_pipeline_read_nothing_and_leave_free_their_connections(
     stack: Stack, unread: ManagedProcess
 ) -> None:
