@@ -181,6 +181,18 @@ class RequestBody:
             self.pace.arrived(len(chunk))
         return chunk
 
+    def take_unread(self) -> list[bytes]:
+        """What arrived and was not read yet, taken at once (no wait): after the client went
+        away, for a reader that keeps whatever arrived (a tus `PATCH`). The pump stops at
+        the disconnect, which comes after every body message: nothing else will arrive."""
+        chunks = list(self._chunks)
+        self._chunks.clear()
+        size = self._buffered
+        self._buffered = 0
+        self._gone(size)
+        self._room.set()
+        return chunks
+
     async def _wait_for_data(self) -> None:
         # A client that went away leaves this wait to the cancellation Quart then delivers.
         pace = self.pace

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 import trio
 
@@ -89,6 +89,15 @@ if TYPE_CHECKING:
     from hashlib import _Hash
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class HoldsUnread(Protocol):
+    """A request body that can hand over what arrived and was not read yet
+    (`http.body.RequestBody`)."""
+
+    def take_unread(self) -> list[bytes]: ...
+
 
 # Received bytes are written in batches of about this much (one thread hop each).
 WRITE_BATCH: Final = 1024 * 1024
@@ -579,8 +588,11 @@ class TusService:
             except IngesterError as exc:
                 error = exc
             except BaseException:
-                # The client went away (its request was cancelled): what arrived is kept.
+                # The client went away (its request was cancelled): what arrived is kept,
+                # what the server had received and this request not yet read included.
                 gone = True
+                if isinstance(body, HoldsUnread):
+                    receiver.keep_unread(body.take_unread())
                 raise
             finally:
                 try:
@@ -1158,6 +1170,26 @@ class _Receiver:
             raise RequestTimeout(f"no data from the client for {idle_s:g} s")
         await self._flush()
         self.body_complete = True
+
+    def keep_unread(self, chunks: list[bytes]) -> None:
+        """Bytes a client that went away had sent and this request had not read yet: kept
+        like the rest of what arrived (`finish` writes them). Not for a chunk under
+        `Upload-Checksum` (it is incomplete, so discarded anyway), nor past the upload's end
+        or the spool's room."""
+        if self.checksum is not None or self.refused:
+            return
+        room = self.upload.room(self.tus.max_size)
+        for chunk in chunks:
+            if self.received + len(chunk) > room:
+                return
+            try:
+                self.tus.take(len(chunk))
+            except IngesterError:
+                return
+            # Held by the request body already, outside the memory budget: none taken here.
+            self.pending.append(chunk)
+            self.pending_size += len(chunk)
+            self.received += len(chunk)
 
     async def _take_checked(self, chunk: bytes, room: int) -> None:
         if self.received + len(chunk) > room:

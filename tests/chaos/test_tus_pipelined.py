@@ -32,7 +32,7 @@ from tests.support.fixtures import KeyPair
 from tests.support.metrics import metric
 from tests.support.processes import ManagedProcess
 from tests.support.redis_server import RedisServer
-from tests.support.waiting import eventually, until_still
+from tests.support.waiting import eventually, eventually_async, until_still
 
 CHUNK: Final = 8 * MIB
 ENV: Final = {
@@ -336,3 +336,64 @@ async def test_a_client_faster_than_the_element_waits_during_the_upload_not_afte
                 final = await client.patch(ingester, location, data, 15 * CHUNK)
                 await assert_stored(http, final, element.url, data, token())
                 assert await streams(http, ingester, "stored") == 1
+
+
+async def test_a_last_chunk_sent_whole_then_closed_is_kept_whole_and_stored(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    """The client sends its last chunk whole and closes at once, without reading the answer,
+    while the ingester is behind (its stream waits for a frozen element). What the server
+    had received and the PATCH not yet read must be kept (found in review: it was dropped
+    with the cancelled PATCH, the offset stopped short of the length, and an upload every
+    byte of which had arrived was never stored)."""
+    env = {
+        **LONG_WINDOW,
+        "INGESTER_SE_STALL_TIMEOUT_S": "300",
+        "INGESTER_TUS_PIPELINE_LAG_BYTES": "0",
+    }
+    async with contextlib.AsyncExitStack() as stack:
+        (element,) = await start_elements(stack, tmp_path, keypair, 1)
+        ingester = await serve_ingester(stack, tmp_path, keypair, [element.registry_entry()], env)
+        data = b"".join(random_chunks(3 * CHUNK, seed=157))
+        with trio.fail_after(90):
+            async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
+                client = Client(http, token())
+                location = await client.create(ingester, len(data))
+                data_file = ingester.spool_dir / "tus" / location.rsplit("/", 1)[-1]
+                await client.send(ingester, location, data, 0, CHUNK)
+                await receiving(element, CHUNK // 2)
+                element.stop_signal()
+                host, port = ingester.url.removeprefix("http://").rsplit(":", 1)
+                rest = data[CHUNK:]
+                head = (
+                    f"PATCH {location} HTTP/1.1\r\nHost: {host}\r\n"
+                    f"Authorization: Bearer {client.token}\r\nTus-Resumable: 1.0.0\r\n"
+                    f"Upload-Offset: {CHUNK}\r\n"
+                    "Content-Type: application/offset+octet-stream\r\n"
+                    f"Content-Length: {len(rest)}\r\n\r\n"
+                ).encode()
+                raw = await trio.open_tcp_stream(host, int(port))
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(raw.send_all, head + rest)
+                        # The PATCH waits for the frozen stream; its body piles up unread.
+                        await until_still(
+                            lambda: data_file.stat().st_size, interval_s=0.25, samples=4
+                        )
+                        element.cont_signal()
+                finally:
+                    element.cont_signal()
+                await raw.aclose()  # every byte sent, the answer never read
+
+                async def stored() -> bool:
+                    state = await http.get(ingester.url + location, headers=client.headers())
+                    return bool(state.json()["state"] == "done")
+
+                await eventually_async(stored, timeout_s=60)
+                state = (await http.get(ingester.url + location, headers=client.headers())).json()
+                result = state["result"]
+                assert result["checksum"] == hashlib.sha256(data).hexdigest()
+                sha256, size = await download_sha256(
+                    http, element.url, result["file_id"], token(), None
+                )
+                assert (sha256, size) == (hashlib.sha256(data).hexdigest(), len(data))

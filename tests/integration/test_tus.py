@@ -861,6 +861,43 @@ async def test_a_full_spool_is_503_with_retry_after(stack: Stack, token: TokenFa
 # --- durability and let-go ---------------------------------------------------------------
 
 
+async def test_a_last_chunk_whose_client_leaves_before_the_answer_is_still_stored(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """The client sends its last chunk whole and closes the connection before the answer.
+    Its next HEAD says every byte is in, and tus clients then send nothing more: the upload
+    must be stored all the same. (Two causes, both found in review: the completion began
+    only if the request survived, and bytes received but not yet read by the request were
+    dropped with it.)"""
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            tus = Tus(http, stack.url, token())
+            data = b"".join(random_chunks(8 * MIB + 321, seed=81))
+            url = await tus.new(len(data))
+            assert (await tus.patch(url, 0, data[: 3 * MIB])).status_code == 204
+            host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+            path = "/" + url.split("//", 1)[1].split("/", 1)[1]
+            rest = data[3 * MIB :]
+            head = (
+                f"PATCH {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token()}\r\n"
+                f"Tus-Resumable: 1.0.0\r\nUpload-Offset: {3 * MIB}\r\n"
+                f"Content-Type: {OFFSET_STREAM}\r\nContent-Length: {len(rest)}\r\n\r\n"
+            ).encode()
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(head + rest)
+            await stream.aclose()  # every byte sent, no answer read
+
+            async def stored() -> bool:
+                return bool((await tus.state(url)).json()["state"] == "done")
+
+            await eventually_async(stored, timeout_s=30)
+            result = (await tus.state(url)).json()["result"]
+            assert result["checksum"] == sha256(data)
+            assert sha256(await download(http, stack, result)) == sha256(data)
+            head_answer = await tus.head(url)
+            assert head_answer.headers["Upload-Offset"] == str(len(data))
+
+
 async def raw_patch_then_cut(url: str, token: str, offset: int, declared: int, sent: bytes) -> None:
     """A PATCH that declares `declared` bytes, sends `sent`, waits, and drops the connection."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")

@@ -129,3 +129,16 @@ async def test_a_request_without_a_body_gets_no_linger() -> None:
         await serve(early_answer({}), server)
     assert server.header(b"connection") is None
     assert server.sent[-1]["more_body"] is False
+
+
+async def test_what_arrived_unread_is_handed_over_at_once() -> None:
+    """After a disconnect, a reader that keeps what arrived takes the unread chunks without
+    waiting; the body then holds nothing and has room again."""
+    with trio.fail_after(5):
+        body = RequestBody(BodyLimits(buffer_limit=10))
+        for chunk in (b"abcd", b"efgh", b"ijkl"):
+            body.append(chunk)
+        assert await anext(aiter(body)) == b"abcd"
+        assert body.take_unread() == [b"efgh", b"ijkl"]
+        assert body.take_unread() == []
+        await body.wait_for_room()  # at once: nothing is held
