@@ -78,17 +78,32 @@ async def upload_file() -> Response:
         shown_id = str(uuid.UUID(supplied_id))
         upload_id = scoped_upload_id(principal.subject, shown_id)
         known = svc.progress.get(upload_id)
-        if known is not None:
+        if known is not None or svc.progress.is_reserved(upload_id):
             # Free again once its progress record goes (retention after the end).
             left = svc.settings.retry_after_s
-            if known.finished_at is not None:
+            if known is not None and known.finished_at is not None:
                 ends = known.finished_at + svc.settings.progress_retention_s
                 left = max(1, math.ceil(ends - svc.progress.now()))
             raise UploadIdInUse(
                 f"upload id {shown_id} is already in use", headers={"Retry-After": str(left)}
             )
-    else:
-        upload_id = shown_id = str(uuid.uuid4())
+        # Taken from this check on, before the first wait: a second request with the same
+        # id arriving meanwhile is refused, not run under the same id (found by a review:
+        # with an Idempotency-Key, the claim's Redis round trip let both through).
+        with svc.progress.reserved(upload_id):
+            return await _upload(svc, principal, upload_id, shown_id, boundary, digest)
+    upload_id = shown_id = str(uuid.uuid4())
+    return await _upload(svc, principal, upload_id, shown_id, boundary, digest)
+
+
+async def _upload(
+    svc: Service,
+    principal: Principal,
+    upload_id: str,
+    shown_id: str,
+    boundary: bytes,
+    digest: ExpectedDigest | None,
+) -> Response:
     logs.bind(upload_id=upload_id)
     key = parse_key(request.headers.get("Idempotency-Key"))
     headers: dict[str, str] = {}

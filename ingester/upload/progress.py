@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Final
@@ -73,6 +74,8 @@ class UploadProgress:
 class ProgressBook:
     def __init__(self, retention_s: float, clock: Callable[[], float] = time.time) -> None:
         self._entries: dict[str, UploadProgress] = {}
+        # Caller-chosen ids of requests that have not started their upload yet.
+        self._reserved: set[str] = set()
         self._retention_s = retention_s
         self._clock = clock
 
@@ -90,6 +93,19 @@ class ProgressBook:
 
     def get(self, upload_id: str) -> UploadProgress | None:
         return self._entries.get(upload_id)
+
+    @contextmanager
+    def reserved(self, upload_id: str) -> Iterator[None]:
+        """`upload_id` is taken by a request from its check to its end, progress record or
+        not yet (a caller-chosen id: its request waits before its upload starts)."""
+        self._reserved.add(upload_id)
+        try:
+            yield
+        finally:
+            self._reserved.discard(upload_id)
+
+    def is_reserved(self, upload_id: str) -> bool:
+        return upload_id in self._reserved
 
     def finish(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import uuid
 from pathlib import Path
 
 import httpx
@@ -233,3 +234,47 @@ async def test_a_key_whose_store_is_away_is_a_503_to_retry_and_nothing_is_stored
                 assert len(data_files(stack) - before) == 1
         finally:
             proc.terminate()
+
+
+async def test_one_upload_id_sent_twice_at_once_runs_once(
+    stack: Stack, token: TokenFactory, redis_server: RedisServer
+) -> None:
+    """The same X-Upload-ID in two requests at once, each with its own Idempotency-Key (so
+    each waits on Redis before its upload starts): one is stored, the other is 409
+    UPLOAD_ID_IN_USE (found by a review: both ran under one id, sharing its progress record
+    and saga, and the loser got 503 after its whole body). Ten rounds, fresh ids."""
+    with trio.fail_after(90):
+        ingester = await trio.to_thread.run_sync(
+            lambda: stack.start_ingester("idem-upload-id", INGESTER_REDIS_URL=redis_server.url)
+        )
+        try:
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+                for round_ in range(10):
+                    upload_id = str(uuid.uuid4())
+                    statuses: list[int] = []
+                    before = data_files(stack)
+
+                    async def send(
+                        n: int, upload_id: str = upload_id, statuses: list[int] = statuses
+                    ) -> None:
+                        response = await post_upload(
+                            http,
+                            ingester.url,
+                            token(),
+                            MultipartUpload([bytes([n]) * 300_000]),
+                            headers={
+                                "X-Upload-ID": upload_id,
+                                "Idempotency-Key": f"k{n}-{upload_id}",
+                            },
+                        )
+                        statuses.append(response.status_code)
+                        if response.status_code == 409:
+                            assert response.json()["error"]["code"] == "UPLOAD_ID_IN_USE"
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(send, 1)
+                        nursery.start_soon(send, 2)
+                    assert sorted(statuses) == [201, 409], (round_, statuses)
+                    assert len(data_files(stack) - before) == 1
+        finally:
+            ingester.terminate()
