@@ -91,6 +91,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _needs_a_completion(upload: TusUpload) -> bool:
+    """Every byte in, not stored: `completing`, or `receiving` at its length (a partial
+    upload of a concatenation is never stored on its own, nor is a final one restarted here:
+    it is stored at its creation)."""
+    if upload.is_partial or upload.parts:
+        return False
+    return upload.phase is Phase.COMPLETING or (
+        upload.phase is Phase.RECEIVING and upload.all_received
+    )
+
+
 @runtime_checkable
 class HoldsUnread(Protocol):
     """A request body that can hand over what arrived and was not read yet
@@ -243,6 +254,8 @@ class TusService:
 
     async def head(self, raw_id: str, principal: Principal) -> TusUpload:
         upload = await self.load(raw_id, principal)
+        if _needs_a_completion(upload):
+            return await self._restart_completion(upload, principal)
         if upload.phase is not Phase.RECEIVING or upload.all_received:
             # Nothing can be on its way in (a complete partial upload, say).
             return upload
@@ -261,6 +274,49 @@ class TusService:
         if fresh is None:
             raise UploadNotFound(f"no upload {upload.id} is known here")
         return fresh
+
+    async def _restart_completion(self, upload: TusUpload, principal: Principal) -> TusUpload:
+        """An upload with every byte in and, maybe, no completion running: its completer died,
+        a lost Redis reply left it `completing`, or nothing began it. A tus client's HEAD
+        then reads the full offset and sends nothing more (tuspy and tus-js-client check
+        the offset and stop), so the HEAD starts the store again, in the background, when
+        nobody holds the upload's lock. A HEAD sent while a completion runs finds the lock
+        held and changes nothing."""
+        lease = await self.locks.try_acquire(upload.id)
+        if lease is None:
+            return upload
+        handed_over = False
+        try:
+            fresh = await self.store.get(upload.id)
+            if fresh is None:
+                raise UploadNotFound(f"no upload {upload.id} is known here")
+            if not _needs_a_completion(fresh):
+                return fresh
+            nursery = self._nursery
+            if nursery is None:  # pragma: no cover - the service runs before requests arrive
+                return fresh
+            if fresh.phase is Phase.COMPLETING:
+                # Under an id of its own: the saga of the store that did not finish (same id)
+                # is being undone.
+                fresh.attempts += 1
+            else:
+                # Should this store fail, the offset stays at the length, and the next HEAD
+                # (or a final PATCH) tries again.
+                fresh.begin_completion(offset_before=fresh.offset)
+                await self._save(fresh, lease)
+            log.warning(
+                "upload %s had every byte and no store running; storing it now",
+                fresh.id,
+                extra={"event": "tus_completion_restarted", "upload_id": fresh.id},
+            )
+            nursery.start_soon(
+                self._completion_task, fresh, lease, principal, [], False, _Completion()
+            )
+            handed_over = True
+            return fresh
+        finally:
+            if not handed_over:
+                await self.locks.release(lease)
 
     # --- creation --------------------------------------------------------------------------
 

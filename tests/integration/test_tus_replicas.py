@@ -19,6 +19,7 @@ from tests.integration.test_tus import OFFSET_STREAM, Tus, download
 from tests.support.client import MIB, random_chunks
 from tests.support.processes import ManagedProcess
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually_async
 
 # Short enough that a killed replica's lock runs out quickly in the test.
 LOCK_TTL_S = "2"
@@ -174,8 +175,44 @@ async def test_an_upload_left_completing_by_a_dead_replica_is_stored_by_the_next
         assert hashlib.sha256(stored).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.parametrize("phase", ["completing", "receiving"])
+async def test_a_head_alone_stores_an_upload_left_with_every_byte_and_no_store(
+    stack: Stack, token: TokenFactory, replicas: Replicas, redis_server: RedisServer, phase: str
+) -> None:
+    """What a dead replica (or a lost reply, or a client gone before its answer) may leave:
+    every byte in, no store running, `completing` or still `receiving`. tus clients HEAD,
+    read the full offset and send nothing more: that HEAD must be enough to get it stored."""
+    with trio.fail_after(60):
+        data = b"".join(random_chunks(MIB, seed=34))
+        async with httpx.AsyncClient(trust_env=False) as http:
+            via_b = Tus(http, replicas.b.url, token())
+            url = await via_b.new(len(data))
+            last = len(data) - 1000
+            assert (await via_b.patch(url, 0, data[:last])).status_code == 204
+            upload_id = url.rsplit("/", 1)[-1]
+            await trio.to_thread.run_sync(
+                leave_completing, redis_server, Path(replicas.spool), upload_id, data, last, phase
+            )
+            head = await via_b.head(on(replicas.a, url))
+            assert head.status_code == 200, head.text
+            assert head.headers["Upload-Offset"] == str(len(data))
+
+            async def stored() -> bool:
+                return bool((await via_b.state(url)).json()["state"] == "done")
+
+            await eventually_async(stored, timeout_s=30)
+            result = (await via_b.state(url)).json()["result"]
+            stored_bytes = await download(http, stack, result)
+        assert hashlib.sha256(stored_bytes).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
 def leave_completing(
-    server: RedisServer, spool: Path, upload_id: str, data: bytes, last: int
+    server: RedisServer,
+    spool: Path,
+    upload_id: str,
+    data: bytes,
+    last: int,
+    phase: str = "completing",
 ) -> None:
     # At the offset, as the replica would have (the file may be an idle one, longer).
     with open(spool / "tus" / upload_id, "r+b") as data_file:
@@ -185,7 +222,7 @@ def leave_completing(
     try:
         key = f"ingester:tus:{upload_id}"
         state = json.loads(client.get(key) or b"{}")
-        state.update(offset=len(data), phase="completing", offset_before=last)
+        state.update(offset=len(data), phase=phase, offset_before=last)
         client.set(key, json.dumps(state), keepttl=True)
     finally:
         client.close()
