@@ -64,6 +64,9 @@ class StorageElementConfig(BaseModel):
     keeps_metadata: bool | None = None
     # The element stores a file of zero bytes (artStore's refuses it with a 500).
     accepts_empty_files: bool | None = None
+    # The element's downloads carry any file name (artStore's fail, 500, on a name outside
+    # Latin-1: such names are then sent percent-encoded, see `capabilities.stored_name`).
+    serves_any_name: bool | None = None
     # For an element that does not keep metadata: how a compressed upload is stored there
     # (None: INGESTER_COMPRESSED_NAMES).
     compressed_names: CompressedNames | None = None

@@ -166,14 +166,21 @@ def multipart_parts(boundary: str, file_id: str, source: SourceFile) -> tuple[by
 
 def as_stored_on(file: SourceFile, target: Candidate) -> SourceFile:
     """The file as `target` is given it: a copy our metadata marks compressed goes to an
-    element that drops metadata under a name and type that say so (`ingester.storage.
-    capabilities`); the bytes are copied as they are either way."""
+    element that drops metadata under a name and type that say so, and a name outside
+    Latin-1 to an element whose downloads cannot carry it percent-encoded (`ingester.
+    storage.capabilities`); the bytes are copied as they are either way."""
     algorithm = compressed_by_metadata(file.metadata)
-    if algorithm is None or target.keeps_metadata:
-        return file
+    if target.keeps_metadata:
+        algorithm = None
     name, media_type = stored_as(
-        file.original_filename, file.content_type, algorithm, StoredForm.SUFFIX
+        file.original_filename,
+        file.content_type,
+        algorithm,
+        StoredForm.SUFFIX,
+        any_name=target.serves_any_name,
     )
+    if (name, media_type) == (file.original_filename, file.content_type):
+        return file
     return dataclasses.replace(file, original_filename=name, content_type=media_type)
 
 

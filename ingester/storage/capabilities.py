@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
+from urllib.parse import quote
 
 from ..settings import CompressedNames, StorageElementConfig
 from .selection import Candidate
@@ -45,13 +46,14 @@ def reported_flags(info: Mapping[str, Any]) -> dict[str, bool]:
         return {}
     return {
         name: value
-        for name in ("keeps_metadata", "accepts_empty_files")
+        for name in ("keeps_metadata", "accepts_empty_files", "serves_any_name")
         if isinstance(value := raw.get(name), bool)
     }
 
 
-def resolve(element: StorageElementConfig, reported: Mapping[str, bool]) -> tuple[bool, bool]:
-    """(keeps_metadata, accepts_empty_files): the registry's word, else the element's, else no."""
+def resolve(element: StorageElementConfig, reported: Mapping[str, bool]) -> tuple[bool, bool, bool]:
+    """(keeps_metadata, accepts_empty_files, serves_any_name): the registry's word, else the
+    element's, else no."""
 
     def one(name: str, configured: bool | None) -> bool:
         if configured is not None:
@@ -61,6 +63,7 @@ def resolve(element: StorageElementConfig, reported: Mapping[str, bool]) -> tupl
     return (
         one("keeps_metadata", element.keeps_metadata),
         one("accepts_empty_files", element.accepts_empty_files),
+        one("serves_any_name", element.serves_any_name),
     )
 
 
@@ -89,13 +92,41 @@ class Fit:
 
 
 def stored_as(
-    filename: str, content_type: str, algorithm: str | None, form: StoredForm
+    filename: str,
+    content_type: str,
+    algorithm: str | None,
+    form: StoredForm,
+    *,
+    any_name: bool,
 ) -> tuple[str, str]:
     """The name and media type the element is given for a file stored in `form` (`algorithm`
-    None: not compressed, stored as it came)."""
-    if algorithm is None or form is not StoredForm.SUFFIX:
-        return filename, content_type
-    return filename + SUFFIXES[algorithm], MEDIA_TYPES[algorithm]
+    None: not compressed, stored as it came); `any_name`: whether its downloads carry any
+    name (`stored_name`)."""
+    if algorithm is not None and form is StoredForm.SUFFIX:
+        filename, content_type = filename + SUFFIXES[algorithm], MEDIA_TYPES[algorithm]
+    return stored_name(filename, any_name=any_name), content_type
+
+
+def stored_name(filename: str, *, any_name: bool) -> str:
+    """The file name an element is given, so that it can serve the file back.
+
+    artStore's element writes the name raw into its download's Content-Disposition, which
+    Starlette encodes as Latin-1: a name with any other character (Cyrillic, CJK, an emoji)
+    fails every download of the file with a 500, and so its finalization, which copies the
+    file by downloading it. Toward an element that does not say its downloads carry any name
+    (`serves_any_name`), such a name goes percent-encoded: its non-ASCII characters and `%`
+    as the `%XX` of their UTF-8 bytes, the rest as it is. It stays whole and can be read
+    back; the Admin Module records the original (`stored_filename` beside it)."""
+    if any_name:
+        return filename
+    try:
+        filename.encode("latin-1")
+    except UnicodeEncodeError:
+        return "".join(
+            char if " " <= char <= "~" and char != "%" else quote(char, safe="")
+            for char in filename
+        )
+    return filename
 
 
 def compressed_by_metadata(metadata: Mapping[str, Any]) -> str | None:

@@ -125,6 +125,7 @@ def parse_registry(raw: bytes | str) -> list[StorageElementConfig]:
             "used_bytes",
             "keeps_metadata",
             "accepts_empty_files",
+            "serves_any_name",
             "compressed_names",
         ):
             if entry.get(name) is not None:

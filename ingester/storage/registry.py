@@ -74,7 +74,7 @@ class Registry:
 
     def _candidate(self, element: StorageElementConfig) -> Candidate:
         health = self.health_of(element.id)
-        keeps_metadata, accepts_empty = resolve(element, health.reported_capabilities)
+        keeps_metadata, accepts_empty, any_name = resolve(element, health.reported_capabilities)
         return Candidate(
             id=element.id,
             api_url=element.api_url,
@@ -91,6 +91,7 @@ class Registry:
             and not health.refuses_writes(element.mode),
             keeps_metadata=keeps_metadata,
             accepts_empty_files=accepts_empty,
+            serves_any_name=any_name,
             compressed_names=element.compressed_names,
         )
 
@@ -114,6 +115,7 @@ class Registry:
             "mode_mismatch": health.mode_mismatch(element.mode),
             "keeps_metadata": candidate.keeps_metadata,
             "accepts_empty_files": candidate.accepts_empty_files,
+            "serves_any_name": candidate.serves_any_name,
         }
 
 

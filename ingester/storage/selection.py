@@ -23,6 +23,7 @@ class Candidate:
     # Capabilities, resolved (see `capabilities`): the safe answer when nobody said.
     keeps_metadata: bool = False
     accepts_empty_files: bool = False
+    serves_any_name: bool = False
     compressed_names: CompressedNames | None = None
 
     @property

@@ -133,7 +133,11 @@ def create_storage_element_app(
             "is_available": True,
             # What the ingester may rely on (its registry can say otherwise): this element
             # keeps `metadata` and `content_type`, and stores empty files.
-            "capabilities": {"keeps_metadata": True, "accepts_empty_files": True},
+            "capabilities": {
+                "keeps_metadata": True,
+                "accepts_empty_files": True,
+                "serves_any_name": True,
+            },
         }
 
     @app.get("/api/v1/capacity")
@@ -201,6 +205,8 @@ def create_storage_element_app(
         await authenticate(write=False)
         require_reads()
         record = store.get(parse_file_id(file_id))
+        if artstore:
+            compat.check_download_name(record)
         headers = _download_headers(record)
         if request.method == "HEAD":
             # An empty async iterable, not b"" (Quart would set Content-Length to 0) nor a

@@ -19,6 +19,9 @@ does and the reference element does not:
   parsing the body"}` and the route never runs: nothing is stored. `--artstore-tmp-bytes`
   gives the compat element such a disk (`TempSpace`): the body bytes past the first MiB of
   every upload in flight count against it.
+- **Download** of a file whose name is not Latin-1 text fails, `500 {"detail": "Failed to
+  download file"}`: the name goes raw into Content-Disposition, which Starlette encodes as
+  Latin-1 (`check_download_name`).
 - **Errors** are FastAPI's `{"detail": "..."}`, not our envelope.
 - **`GET /api/v1/files/{id}`** has no `created_by_id`, `metadata` or `retention_policy`.
 - **`DELETE /api/v1/files/{id}`** needs the operator or admin role.
@@ -61,6 +64,8 @@ log = logging.getLogger(__name__)
 
 # artStore's answer to every failure of its file service (empty file, full disk, I/O error).
 CREATE_FAILED: Final = "Failed to create file"
+# artStore's answer to any failure of its download route.
+DOWNLOAD_FAILED: Final = "Failed to download file"
 # FastAPI's answer to a form it could not read before the route ran.
 BODY_PARSE_FAILED: Final = "There was an error parsing the body"
 # What Starlette keeps of each file part in memory before it spools the rest to `TMPDIR`.
@@ -259,6 +264,16 @@ def metadata(record: FileRecord) -> dict[str, Any]:
         "cache_ttl_hours": 24,
         "cache_expired": False,
     }
+
+
+def check_download_name(record: FileRecord) -> None:
+    """artStore's download writes the original name raw into Content-Disposition, which
+    Starlette encodes as Latin-1: any other character fails the response, and its route
+    answers `500 {"detail": "Failed to download file"}` (uploading the name works)."""
+    try:
+        record.original_filename.encode("latin-1")
+    except UnicodeEncodeError:
+        raise ArtStoreAnswer(500, DOWNLOAD_FAILED) from None
 
 
 def require_delete_role(principal: Principal) -> None:

@@ -67,7 +67,9 @@ def stored_identity(settings: Settings, upload: Upload, element: Candidate) -> t
     facts = upload.facts
     algorithm = facts.algorithm.value if facts.compressed and facts.algorithm else None
     form = stored_form(element, settings.compressed_names)
-    return stored_as(upload.filename, upload.content_type, algorithm, form)
+    return stored_as(
+        upload.filename, upload.content_type, algorithm, form, any_name=element.serves_any_name
+    )
 
 
 def compression_facts(upload: Upload) -> dict[str, Any]:

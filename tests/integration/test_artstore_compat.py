@@ -238,6 +238,35 @@ async def test_a_compat_element_whose_temporary_disk_is_full_answers_fastapis_40
         se.terminate()
 
 
+async def test_a_compat_element_cannot_serve_a_name_outside_latin_1(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory
+) -> None:
+    """artStore's download writes the name raw into Content-Disposition (Latin-1 only):
+    the upload of such a name works, its download is a 500."""
+    se = start_storage_element(
+        tmp_path, element_id="as-names", mode="edit", public_key=keypair.public_path,
+        artstore_compat=True,
+    )  # fmt: skip
+    try:
+        with trio.fail_after(20):
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                for name, served in (("café.txt", True), ("отчёт.txt", False)):
+                    body = MultipartUpload([b"x" * 100], filename=name)
+                    response = await post_upload(http, se.url, token(), body)
+                    assert response.status_code == 201, response.text
+                    file_id = response.json()["file_id"]
+                    download = await http.get(
+                        f"{se.url}/api/v1/files/{file_id}/download", headers=auth(token())
+                    )
+                    if served:
+                        assert download.status_code == 200
+                    else:
+                        assert download.status_code == 500
+                        assert download.json() == {"detail": "Failed to download file"}
+    finally:
+        se.terminate()
+
+
 # --- through the ingester --------------------------------------------------------------------
 
 
@@ -454,6 +483,51 @@ async def test_the_uploader_finalizes_though_the_element_recorded_the_service_ac
             assert gone.status_code == 404
     assert files_of(compat.se_edit, file_id) == []
     assert len(files_of(compat.se_rw, file_id)) == 2
+
+
+async def test_a_cyrillic_name_is_stored_so_that_it_can_be_downloaded_and_finalized(
+    compat: Stack, token: TokenFactory
+) -> None:
+    """Toward artStore's element a name outside Latin-1 goes percent-encoded: otherwise
+    every download of the file fails there, and so does its finalization (a copy made by
+    downloading it), for good."""
+    url = compat.url
+    name = "отчёт за 2026.pdf"
+    sent = "%D0%BE%D1%82%D1%87%D1%91%D1%82 %D0%B7%D0%B0 2026.pdf"
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            body = MultipartUpload(
+                random_chunks(MIB + 5, seed=41),
+                filename=name,
+                fields=[("retention_policy", "temporary"), ("compress", "false")],
+            )
+            response = await post_upload(http, url, token(), body)
+            assert response.status_code == 201, response.text
+            result = response.json()
+            assert result["original_filename"] == name
+            file_id = result["file_id"]
+            record = await element_record(http, compat.se_edit, file_id, token())
+            assert record["original_filename"] == sent
+            stored = await downloaded(http, compat.se_edit, file_id, token())
+            assert hashlib.sha256(stored).hexdigest() == body.sha256
+
+            started = await http.post(f"{url}/api/v1/finalize/{file_id}", headers=auth(token()))
+            assert started.status_code == 202, started.text
+            tx_id = started.json()["transaction_id"]
+            while True:
+                status = await http.get(
+                    f"{url}/api/v1/finalize/{tx_id}/status", headers=auth(token())
+                )
+                assert status.status_code == 200, status.text
+                state = status.json()
+                if state["status"] in ("done", "rolled_back"):
+                    break
+                await trio.sleep(0.05)
+            assert state["status"] == "done", state
+            moved = await downloaded(http, compat.se_rw, file_id, token())
+            assert hashlib.sha256(moved).hexdigest() == body.sha256
+            record = await element_record(http, compat.se_rw, file_id, token())
+            assert record["original_filename"] == sent
 
 
 # --- refusals, modes, mixed elements -----------------------------------------------------------

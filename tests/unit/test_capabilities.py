@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from urllib.parse import unquote
 
 import pytest
 
@@ -26,7 +27,7 @@ from ingester.storage.registry import ElementHealth, Registry, note_mode
 from ingester.storage.selection import Candidate
 from ingester.storage_element.form import UploadForm
 
-CAPABILITIES = ("keeps_metadata", "accepts_empty_files")
+CAPABILITIES = ("keeps_metadata", "accepts_empty_files", "serves_any_name")
 BOTH = (False, True)
 
 
@@ -70,11 +71,9 @@ def candidate(
 def test_the_registry_then_the_element_then_no(
     configured: bool | None, reported: bool | None, expected: bool
 ) -> None:
-    flags = (
-        {} if reported is None else {"keeps_metadata": reported, "accepts_empty_files": reported}
-    )
-    element = config(keeps_metadata=configured, accepts_empty_files=configured)
-    assert resolve(element, flags) == (expected, expected)
+    flags = {} if reported is None else dict.fromkeys(CAPABILITIES, reported)
+    element = config(**dict.fromkeys(CAPABILITIES, configured))
+    assert resolve(element, flags) == (expected, expected, expected)
 
 
 def test_only_boolean_flags_of_info_count() -> None:
@@ -86,7 +85,11 @@ def test_only_boolean_flags_of_info_count() -> None:
 
 
 def test_registry_fields_parse_and_default_to_unknown() -> None:
-    assert (config().keeps_metadata, config().accepts_empty_files) == (None, None)
+    assert (
+        config().keeps_metadata,
+        config().accepts_empty_files,
+        config().serves_any_name,
+    ) == (None, None, None)
     assert config(compressed_names="off").compressed_names is CompressedNames.OFF
     with pytest.raises(ValueError, match="compressed_names"):
         config(compressed_names="zip")
@@ -136,19 +139,37 @@ def test_fit_takes_an_element_only_if_it_can_store_the_file(
 
 
 def test_a_compressed_file_is_named_for_what_it_is_only_in_suffix_form() -> None:
-    assert stored_as("app.log", "text/plain", "brotli", StoredForm.SUFFIX) == (
-        "app.log.br",
-        "application/x-brotli",
-    )
-    assert stored_as("app.log", "text/plain", "gzip", StoredForm.SUFFIX) == (
-        "app.log.gz",
-        "application/gzip",
-    )
-    assert stored_as("app.log", "text/plain", "gzip", StoredForm.METADATA) == (
-        "app.log",
+    def as_(algorithm: str | None, form: StoredForm) -> tuple[str, str]:
+        return stored_as("app.log", "text/plain", algorithm, form, any_name=False)
+
+    assert as_("brotli", StoredForm.SUFFIX) == ("app.log.br", "application/x-brotli")
+    assert as_("gzip", StoredForm.SUFFIX) == ("app.log.gz", "application/gzip")
+    assert as_("gzip", StoredForm.METADATA) == ("app.log", "text/plain")
+    assert as_(None, StoredForm.SUFFIX) == ("app.log", "text/plain")
+
+
+@pytest.mark.parametrize(
+    ("name", "sent"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("café 100%.txt", "café 100%.txt"),  # Latin-1: served as it is
+        ("отчёт.pdf", "%D0%BE%D1%82%D1%87%D1%91%D1%82.pdf"),
+        ("年报 50%.xlsx", "%E5%B9%B4%E6%8A%A5 50%25.xlsx"),
+        ("café ✓.txt", "caf%C3%A9 %E2%9C%93.txt"),
+    ],
+)
+def test_a_name_an_element_could_not_serve_goes_percent_encoded(name: str, sent: str) -> None:
+    """artStore's downloads fail on names outside Latin-1 (500): such a name goes to it
+    percent-encoded, whole and readable back; an element that serves any name gets it as
+    it is, compressed or not."""
+    assert stored_as(name, "text/plain", None, StoredForm.SUFFIX, any_name=False) == (
+        sent,
         "text/plain",
     )
-    assert stored_as("app.log", "text/plain", None, StoredForm.SUFFIX) == ("app.log", "text/plain")
+    assert unquote(sent) == name or sent == name
+    assert stored_as(name, "text/plain", None, StoredForm.SUFFIX, any_name=True)[0] == name
+    compressed, _ = stored_as(name, "text/plain", "gzip", StoredForm.SUFFIX, any_name=False)
+    assert compressed == stored_as(name + ".gz", "", None, StoredForm.OFF, any_name=False)[0]
 
 
 def test_our_metadata_names_the_algorithm() -> None:
