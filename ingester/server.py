@@ -87,6 +87,7 @@ _CODES: Final = {
     400: "BAD_REQUEST",
     408: "CLIENT_TIMEOUT",
     431: "REQUEST_HEADERS_TOO_LARGE",
+    501: "NOT_IMPLEMENTED",
     503: "SERVICE_BUSY",
     505: "HTTP_VERSION_NOT_SUPPORTED",
 }
@@ -94,6 +95,7 @@ _REASONS: Final = {
     400: "Bad Request",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
+    501: "Not Implemented",
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
@@ -194,6 +196,10 @@ class _GuardedConnection(h11.Connection):
                     self.refusal.message, error_status_hint=self.refusal.status
                 )
         event = super()._extract_next_receive_event()
+        if isinstance(event, h11.Request) and event.http_version not in _SERVED_VERSIONS:
+            # h11 reads any "HTTP/x.y" and answered HTTP/9.9 as 1.1.
+            self.refusal = Refusal(505, "only HTTP/1.1 (and 1.0) is served here")
+            raise h11.RemoteProtocolError(self.refusal.message, error_status_hint=505)
         if isinstance(event, h11.Request) and _framed_twice(event):
             # RFC 9112 section 6.3: such a request may be refused, and its connection must
             # close either way; a proxy in front that framed it by its Content-Length would
@@ -204,6 +210,9 @@ class _GuardedConnection(h11.Connection):
             )
             raise h11.RemoteProtocolError(self.refusal.message, error_status_hint=400)
         return event
+
+
+_SERVED_VERSIONS: Final = frozenset({b"1.0", b"1.1"})
 
 
 def _framed_twice(request: h11.Request) -> bool:
@@ -633,6 +642,8 @@ def _patch_error_response() -> None:
             message = refusal.message
         elif status_code == 431:
             message = f"the request head is larger than {self.config.h11_max_incomplete_size} bytes"
+        elif status_code == 501:
+            message = "the request's Transfer-Encoding is not supported (only chunked is)"
         else:
             message = "the request is not valid HTTP/1.1"
         request_id = uuid.uuid4().hex
@@ -647,6 +658,7 @@ def _patch_error_response() -> None:
             h11.Response(
                 status_code=status_code,
                 headers=list(chain(headers, self.config.response_headers("h11"))),
+                reason=_REASONS.get(status_code, "").encode(),
             )
         )
         await self._send_h11_event(h11.Data(data=body))

@@ -432,6 +432,35 @@ async def test_http2_prior_knowledge_gets_an_http1_answer(
         await assert_unharmed(stack, default.url, before)
 
 
+async def test_an_unknown_http_version_gets_505(stack: Stack, default: ManagedProcess) -> None:
+    """h11 reads any HTTP/x.y: it answered HTTP/9.9 as 1.1 (found by a review)."""
+    with trio.fail_after(10):
+        before = stack.all_files()
+        for version in ("HTTP/9.9", "HTTP/2.0", "HTTP/1.2"):
+            request = f"GET /health/live {version}\r\nHost: test\r\n\r\n".encode()
+            response = await ask(default.url, request)
+            assert response.status == 505, (version, response)
+            assert response.json_code() == "HTTP_VERSION_NOT_SUPPORTED"
+        assert (await ask(default.url, get("/health/live"))).status == 200
+        await assert_unharmed(stack, default.url, before)
+
+
+async def test_a_transfer_coding_other_than_chunked_gets_501_with_its_own_code(
+    stack: Stack, default: ManagedProcess
+) -> None:
+    with trio.fail_after(10):
+        before = stack.all_files()
+        for coding in ("gzip, chunked", "identity", "chunked, chunked"):
+            request = (
+                "POST /api/v1/files/upload HTTP/1.1\r\nHost: test\r\n"
+                f"Transfer-Encoding: {coding}\r\n\r\n0\r\n\r\n"
+            ).encode()
+            response = await ask(default.url, request)
+            assert response.status == 501, (coding, response)
+            assert response.json_code() == "NOT_IMPLEMENTED"
+        await assert_unharmed(stack, default.url, before)
+
+
 class _SendRaces:
     """A server socket whose every send meets another task's (what hypercorn's unlocked
     `send_eof` does to its reader's error answer when a peer leaves mid-body)."""
