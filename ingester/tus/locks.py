@@ -74,6 +74,12 @@ class Locks:
                 # The release is this token's only.
                 await self.release(Lease(upload_id, token))
             raise
+        except trio.Cancelled:
+            # The request went away while the call ran in its thread, which goes on
+            # without us and may still set the lock under a token nobody else knows: the
+            # same release (shielded, bounded), for the same reason.
+            await self.release(Lease(upload_id, token))
+            raise
 
     async def acquire(self, upload_id: str, *, ask: bool, wait_s: float | None = None) -> Lease:
         """The upload's lock, asking its holder to let go when `ask`; `UploadLocked` after

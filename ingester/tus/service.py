@@ -1289,11 +1289,26 @@ class _Receiver:
     async def _checkpoint(self) -> None:
         assert self.writer is not None
         await self.writer.commit()
+        await self._save_accepted()
+
+    def _lost_meanwhile(self) -> bool:
+        """Whether the lock went while this request waited (a write, an fsync)."""
+        return self.lease.lost
+
+    async def _save_accepted(self) -> None:
+        """Count the bytes written and fsynced in the offset, and save it. A save that fails
+        leaves the offset as saved, so no answer (a 503's `Upload-Offset`) and no stream
+        counts bytes the state does not hold."""
+        before = self.upload.offset
         self.upload.accept(
             self.unsaved, now=time.time(), expiration_s=self.tus.settings.tus_expiration_s
         )
-        self.unsaved = 0
-        await self.tus._save(self.upload, self.lease)
+        unsaved, self.unsaved = self.unsaved, 0
+        try:
+            await self.tus._save(self.upload, self.lease)
+        except BaseException:
+            self.upload.offset, self.unsaved = before, unsaved
+            raise
 
     async def _take_back(self, writer: DataWriter) -> None:
         """Undo this request's bytes: those written, those checkpointed (the offset goes back
@@ -1323,11 +1338,16 @@ class _Receiver:
             if self.refused:
                 await self._take_back(writer)
                 return None
+            if self.lease.lost:
+                # Another request may own the upload's file now: nothing more is written.
+                self.pending, self.pending_size = [], 0
+                self.budget.release_all()
+                return None
             try:
                 await self._flush()
             finally:
                 self.budget.release_all()
-            if self.lease.lost:
+            if self._lost_meanwhile():
                 return None
             if self.checksum is not None and self.unsaved:
                 assert self.hasher is not None
@@ -1345,13 +1365,7 @@ class _Receiver:
             if self.unsaved:
                 # Nothing is written after this: the file closes in the fsync's hop.
                 await writer.commit(close=True)
-                self.upload.accept(
-                    self.unsaved,
-                    now=time.time(),
-                    expiration_s=self.tus.settings.tus_expiration_s,
-                )
-                self.unsaved = 0
-                await self.tus._save(self.upload, self.lease)
+                await self._save_accepted()
             elif self.upload.length is not None and not self.length_declared:
                 # A PATCH that only declared the deferred length.
                 await self.tus._save(self.upload, self.lease)
