@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 import uuid
 from typing import Final
@@ -16,13 +15,12 @@ from werkzeug.exceptions import HTTPException
 
 from .. import logs
 from ..errors import IngesterError
-from .body import DEFAULT_BUFFER_LIMIT, BodyLimits, BodyMiddleware
+from .body import DEFAULT_BUFFER_LIMIT, REQUEST_ID_RE, BodyLimits, BodyMiddleware
 from .receive import ReceiveShare
 
 log = logging.getLogger(__name__)
 
 # A caller's id is echoed into logs and headers: keep it short and printable.
-_REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 # werkzeug's HTTP exceptions (routing, method) mapped onto stable codes.
 _HTTP_CODES: Final = {
@@ -83,7 +81,7 @@ def make_app(
     @app.before_request
     async def _assign_request_id() -> None:
         supplied = request.headers.get("X-Request-ID", "")
-        rid = supplied if _REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
+        rid = supplied if REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
         g.request_id = rid
         g.started = time.perf_counter()
         logs.bind(request_id=rid, upload_id=None, user=None, storage_element_id=None)

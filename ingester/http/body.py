@@ -27,6 +27,9 @@ and hands it to Quart, whose connection then cancels the handler.
 
 from __future__ import annotations
 
+import json
+import re
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -58,6 +61,8 @@ LINGER_S: Final = 3.0
 LINGER_BYTES: Final = 64 * 1024 * 1024
 # A client that sends nothing for this long while we linger is not going to.
 LINGER_PAUSE_S: Final = 0.25
+# A request id a client may choose (echoed in `X-Request-ID`); any other gets one of ours.
+REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Where the middleware leaves the body in the ASGI scope (Quart keeps it as `request.scope`).
 SCOPE_KEY: Final = "ingester.body"
 
@@ -247,6 +252,9 @@ class BodyMiddleware:
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
+        if scope["type"] == "websocket":
+            await _refuse_websocket(scope, receive, send)
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -310,6 +318,38 @@ class BodyMiddleware:
             nursery.start_soon(body.pump, receive)
             await self.app(scope, quart_receive, quart_send)
             nursery.cancel_scope.cancel()
+
+
+async def _refuse_websocket(
+    scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+) -> None:
+    """No route speaks WebSocket. Quart answered an upgrade request itself (405 or its stock
+    400 page), with no `X-Request-ID` and outside our error shape (found by a review): it is
+    refused here, `400 BAD_REQUEST` as every answer is shaped, through the ASGI denial
+    response hypercorn offers (else a plain close, which hypercorn answers with 403)."""
+    await receive()  # websocket.connect
+    supplied = next(
+        (
+            v.decode("latin-1")
+            for k, v in cast(Any, scope)["headers"]
+            if k.lower() == b"x-request-id"
+        ),
+        "",
+    )
+    request_id = supplied if REQUEST_ID_RE.match(supplied) else uuid.uuid4().hex
+    if "websocket.http.response" not in cast(Any, scope).get("extensions", {}):
+        await send(cast(ASGISendEvent, {"type": "websocket.close", "code": 1008}))
+        return
+    error = {"code": "BAD_REQUEST", "message": "WebSocket is not served here"}
+    body = json.dumps({"error": {**error, "request_id": request_id}}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    start = {"type": "websocket.http.response.start", "status": 400, "headers": headers}
+    await send(cast(ASGISendEvent, start))
+    await send(cast(ASGISendEvent, {"type": "websocket.http.response.body", "body": body}))
 
 
 def _has_body(scope: Scope) -> bool:

@@ -461,6 +461,31 @@ async def test_a_transfer_coding_other_than_chunked_gets_501_with_its_own_code(
         await assert_unharmed(stack, default.url, before)
 
 
+async def test_a_websocket_upgrade_gets_our_400_with_its_request_id(
+    stack: Stack, default: ManagedProcess
+) -> None:
+    """No route speaks WebSocket; Quart answered such requests itself (405, or its stock
+    400 page) without X-Request-ID (found by a review)."""
+    with trio.fail_after(10):
+        before = stack.all_files()
+        for path in ("/api/v1/files/upload", "/", "/health/live"):
+            response = await ask(
+                default.url,
+                get(
+                    path,
+                    "Connection: Upgrade",
+                    "Upgrade: websocket",
+                    "Sec-WebSocket-Version: 13",
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+                    "X-Request-ID: ws-probe-1",
+                ),
+            )
+            assert response.status == 400, (path, response)
+            assert response.json_code() == "BAD_REQUEST"
+            assert response.headers["x-request-id"] == "ws-probe-1"
+        await assert_unharmed(stack, default.url, before)
+
+
 class _SendRaces:
     """A server socket whose every send meets another task's (what hypercorn's unlocked
     `send_eof` does to its reader's error answer when a peer leaves mid-body)."""
