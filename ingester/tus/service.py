@@ -292,27 +292,17 @@ class TusService:
                 raise UploadNotFound(f"no upload {upload.id} is known here")
             if not _needs_a_completion(fresh):
                 return fresh
-            nursery = self._nursery
-            if nursery is None:  # pragma: no cover - the service runs before requests arrive
-                return fresh
-            if fresh.phase is Phase.COMPLETING:
-                # Under an id of its own: the saga of the store that did not finish (same id)
-                # is being undone.
-                fresh.attempts += 1
-            else:
-                # Should this store fail, the offset stays at the length, and the next HEAD
-                # (or a final PATCH) tries again.
-                fresh.begin_completion(offset_before=fresh.offset)
-                await self._save(fresh, lease)
+            # Should a restarted store fail, the offset stays at the length, and the next
+            # HEAD (or a final PATCH) tries again.
+            completing = fresh.phase is Phase.COMPLETING
             log.warning(
                 "upload %s had every byte and no store running; storing it now",
                 fresh.id,
                 extra={"event": "tus_completion_restarted", "upload_id": fresh.id},
             )
-            nursery.start_soon(
-                self._completion_task, fresh, lease, principal, [], False, _Completion()
+            handed_over = await self._store_unattended(
+                fresh, lease, principal, None if completing else fresh.offset
             )
-            handed_over = True
             return fresh
         finally:
             if not handed_over:
@@ -555,24 +545,37 @@ class TusService:
         its answer. Nobody waits for the result, but the client's next HEAD reports every
         byte in, and tus clients then send nothing more: left `receiving`, the upload would
         never be stored. True when `lease` went to the completion's task."""
-        nursery = self._nursery
-        if nursery is None:  # pragma: no cover - the service runs before requests arrive
-            return False
-        try:
-            upload.begin_completion(offset_before=offset_before)
-            await self._save(upload, lease)
-        except IngesterError as exc:
-            log.warning(
-                "upload %s has every byte, but its completion could not be saved: %s",
-                upload.id,
-                exc.message,
-                extra={"event": "tus_completion_unsaved", "upload_id": upload.id},
-            )
-            return False
         log.info(
             "the client went away after the last byte; storing the upload anyway",
             extra={"event": "tus_completion_unanswered", "upload_id": upload.id},
         )
+        return await self._store_unattended(upload, lease, principal, offset_before)
+
+    async def _store_unattended(
+        self, upload: TusUpload, lease: Lease, principal: Principal, offset_before: int | None
+    ) -> bool:
+        """Store `upload` in a task of the service nursery that nobody waits for, `lease`
+        handed to it: its completion begun and saved first (`offset_before`: where the
+        offset goes back should the store fail), or, None, already `completing` (then under
+        an id of its own: the saga of the store that did not finish, same id, is being
+        undone). False, `lease` still the caller's, when the completion could not be saved."""
+        nursery = self._nursery
+        if nursery is None:  # pragma: no cover - the service runs before requests arrive
+            return False
+        if offset_before is None:
+            upload.attempts += 1
+        else:
+            try:
+                upload.begin_completion(offset_before=offset_before)
+                await self._save(upload, lease)
+            except IngesterError as exc:
+                log.warning(
+                    "upload %s has every byte, but its completion could not be saved: %s",
+                    upload.id,
+                    exc.message,
+                    extra={"event": "tus_completion_unsaved", "upload_id": upload.id},
+                )
+                return False
         nursery.start_soon(
             self._completion_task, upload, lease, principal, [], False, _Completion()
         )

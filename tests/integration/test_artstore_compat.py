@@ -112,6 +112,20 @@ async def downloaded(
     return response.content
 
 
+async def finalized(http: httpx.AsyncClient, url: str, file_id: str, token: str) -> dict[str, Any]:
+    """Finalize `file_id` through the ingester; its transaction's last status."""
+    started = await http.post(f"{url}/api/v1/finalize/{file_id}", headers=auth(token))
+    assert started.status_code == 202, started.text
+    tx_id = started.json()["transaction_id"]
+    while True:
+        status = await http.get(f"{url}/api/v1/finalize/{tx_id}/status", headers=auth(token))
+        assert status.status_code == 200, status.text
+        state: dict[str, Any] = status.json()
+        if state["status"] in ("done", "rolled_back"):
+            return state
+        await trio.sleep(0.05)
+
+
 def attr_of(se: StorageElementProcess, file_id: str) -> dict[str, Any]:
     (path,) = [p for p in files_of(se, file_id) if p.name.endswith(".attr.json")]
     record: dict[str, Any] = json.loads(path.read_text())
@@ -460,18 +474,7 @@ async def test_the_uploader_finalizes_though_the_element_recorded_the_service_ac
             assert other.status_code == 404, other.text
             assert other.json()["error"]["code"] == "FILE_NOT_FOUND"
 
-            started = await http.post(f"{url}/api/v1/finalize/{file_id}", headers=auth(token()))
-            assert started.status_code == 202, started.text
-            tx_id = started.json()["transaction_id"]
-            while True:
-                status = await http.get(
-                    f"{url}/api/v1/finalize/{tx_id}/status", headers=auth(token())
-                )
-                assert status.status_code == 200, status.text
-                state = status.json()
-                if state["status"] in ("done", "rolled_back"):
-                    break
-                await trio.sleep(0.05)
+            state = await finalized(http, url, file_id, token())
             assert state["status"] == "done", state
             assert state["storage_element_id"] == "as-rw"
             stored = await downloaded(http, compat.se_rw, file_id, token())
@@ -511,18 +514,7 @@ async def test_a_cyrillic_name_is_stored_so_that_it_can_be_downloaded_and_finali
             stored = await downloaded(http, compat.se_edit, file_id, token())
             assert hashlib.sha256(stored).hexdigest() == body.sha256
 
-            started = await http.post(f"{url}/api/v1/finalize/{file_id}", headers=auth(token()))
-            assert started.status_code == 202, started.text
-            tx_id = started.json()["transaction_id"]
-            while True:
-                status = await http.get(
-                    f"{url}/api/v1/finalize/{tx_id}/status", headers=auth(token())
-                )
-                assert status.status_code == 200, status.text
-                state = status.json()
-                if state["status"] in ("done", "rolled_back"):
-                    break
-                await trio.sleep(0.05)
+            state = await finalized(http, url, file_id, token())
             assert state["status"] == "done", state
             moved = await downloaded(http, compat.se_rw, file_id, token())
             assert hashlib.sha256(moved).hexdigest() == body.sha256
