@@ -7,6 +7,8 @@ section 4.4) and caches it until shortly before it expires.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import math
 from typing import Any, Final, Protocol
@@ -49,9 +51,54 @@ class ForwardTokenProvider:
         return None if principal is None else f"Bearer {principal.raw_token}"
 
 
+# What artStore's element requires of a token (its `UnifiedJWTPayload`, read in the eleventh
+# session): these claims, a `type` of these, no `aud` at all (it passes PyJWT no audience,
+# which then refuses any token that has one), and no clock leeway.
+ARTSTORE_CLAIMS: Final = ("sub", "type", "role", "name", "jti", "iat", "exp", "nbf")
+ARTSTORE_TOKEN_TYPES: Final = frozenset({"admin_user", "service_account", "access", "refresh"})
+
+
+def artstore_token_problems(token: str) -> list[str]:
+    """Why artStore's element would refuse `token` (its claims read, not verified): empty
+    when it would take it, as far as its claims tell. No I/O."""
+    raw = token[7:] if token[:7].lower() == "bearer " else token
+    parts = raw.split(".")
+    if len(parts) != 3:
+        return ["it is not a JWT"]
+    try:
+        padded = parts[1] + "=" * (-len(parts[1]) % 4)
+        claims = json.loads(base64.urlsafe_b64decode(padded))
+    except (ValueError, UnicodeDecodeError):
+        return ["its claims cannot be read"]
+    if not isinstance(claims, dict):
+        return ["its claims are not a JSON object"]
+    problems = []
+    missing = [name for name in ARTSTORE_CLAIMS if name not in claims]
+    if missing:
+        problems.append(f"it lacks {', '.join(missing)}")
+    if "type" in claims and claims["type"] not in ARTSTORE_TOKEN_TYPES:
+        problems.append(f"its type {claims['type']!r} is not one of {sorted(ARTSTORE_TOKEN_TYPES)}")
+    if "aud" in claims:
+        problems.append("it has an aud claim, which it refuses whatever its value")
+    return problems
+
+
+def warn_if_artstore_would_refuse(token: str, source: str) -> None:
+    problems = artstore_token_problems(token)
+    if problems:
+        log.warning(
+            "the %s would be refused by artStore's Storage Element: %s (see the README, "
+            '"artStore\'s Storage Element"); elements that take it are unaffected',
+            source,
+            "; ".join(problems),
+            extra={"event": "se_token_not_artstore", "problems": problems},
+        )
+
+
 class StaticTokenProvider:
     def __init__(self, token: str) -> None:
         self._value = token if token[:7].lower() == "bearer " else f"Bearer {token}"
+        warn_if_artstore_would_refuse(token, "Storage Element token (INGESTER_SE_TOKEN)")
 
     async def authorization(self, principal: Principal | None) -> str | None:
         return self._value
@@ -85,6 +132,8 @@ class ClientCredentialsProvider:
         self._lock = trio.Lock()
         self._attempts = 0
         self._last_error: UpstreamAuthError | None = None
+        # Its first token's claims are checked against artStore's rules, once.
+        self._checked = False
 
     async def authorization(self, principal: Principal | None) -> str | None:
         return f"Bearer {await self.token()}"
@@ -131,6 +180,9 @@ class ClientCredentialsProvider:
             lifetime,
             extra={"event": "se_token_refreshed"},
         )
+        if not self._checked:
+            self._checked = True
+            warn_if_artstore_would_refuse(token, "Storage Element token from the token endpoint")
 
     async def _request(self) -> tuple[str, float]:
         form = {
