@@ -1078,12 +1078,19 @@ class TusService:
                 self._give_back(await self.data.remove(upload.id))
                 await self._unreserve(upload)
             for part in part_leases:
+                # Counted against its own uploader, who is not the final upload's when an
+                # admin joined another user's partial uploads.
+                owner = upload.owner
+                with contextlib.suppress(IngesterError):
+                    state = await self.store.get(part.upload_id)
+                    if state is not None:
+                        owner = state.owner
                 try:
                     await self.store.delete(part.upload_id, part.token)
                 except IngesterError as exc:
                     log.warning("could not remove partial upload %s: %s", part.upload_id, exc)
                 self._give_back(await self.data.remove(part.upload_id))
-                await self._unreserve_id(upload.owner, part.upload_id)
+                await self._unreserve_id(owner, part.upload_id)
 
     # --- DELETE ----------------------------------------------------------------------------
 

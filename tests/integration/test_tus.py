@@ -542,6 +542,37 @@ async def test_concatenation(stack: Stack, token: TokenFactory) -> None:
             assert (await tus.head(urls[0])).status_code == 404
 
 
+async def test_partial_uploads_an_admin_joins_count_no_more_for_their_uploader(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """Found by a review: once an admin's final upload had used up a user's partial uploads,
+    they were uncounted under the admin, and stayed against the user's cap."""
+    with trio.fail_after(60):
+        ingester = stack.start_ingester("tus-joined", INGESTER_TUS_MAX_UPLOADS_PER_USER="2")
+        try:
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+                alice = Tus(http, ingester.url, token())
+                admin = Tus(http, ingester.url, token(sub="root", role="admin"))
+                pieces = [b"a" * 1000, b"b" * 2000]
+                urls = []
+                for piece in pieces:
+                    url = await alice.new(len(piece), headers={"Upload-Concat": "partial"})
+                    assert (await alice.patch(url, 0, piece)).status_code == 204
+                    urls.append(url)
+                over = await alice.create(10)
+                assert over.status_code == 429, over.text
+                final = await admin.create(
+                    None, headers={"Upload-Concat": "final;" + " ".join(urls)}
+                )
+                assert final.status_code == 201, final.text
+                # Used up: alice may open two uploads again.
+                for _ in range(2):
+                    again = await alice.create(10)
+                    assert again.status_code == 201, again.text
+        finally:
+            ingester.terminate()
+
+
 async def test_concatenation_of_unfinished_or_foreign_parts_is_refused(
     stack: Stack, token: TokenFactory
 ) -> None:
