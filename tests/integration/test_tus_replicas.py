@@ -157,14 +157,8 @@ async def test_an_upload_left_completing_by_a_dead_replica_is_stored_by_the_next
         data = b"".join(random_chunks(MIB, seed=33))
         async with httpx.AsyncClient(trust_env=False) as http:
             via_b = Tus(http, replicas.b.url, token())
-            url = await via_b.new(len(data))
-            last = len(data) - 1000
-            assert (await via_b.patch(url, 0, data[:last])).status_code == 204
             # What the dead replica left: the last chunk on disk, the state `completing`.
-            upload_id = url.rsplit("/", 1)[-1]
-            await trio.to_thread.run_sync(
-                leave_completing, redis_server, Path(replicas.spool), upload_id, data, last
-            )
+            url = await left_unstored(via_b, replicas, redis_server, data, "completing")
             head = await via_b.head(on(replicas.a, url))
             assert head.headers["Upload-Offset"] == str(len(data))
             final = await via_b.patch(on(replicas.a, url), len(data), b"")
@@ -186,13 +180,7 @@ async def test_a_head_alone_stores_an_upload_left_with_every_byte_and_no_store(
         data = b"".join(random_chunks(MIB, seed=34))
         async with httpx.AsyncClient(trust_env=False) as http:
             via_b = Tus(http, replicas.b.url, token())
-            url = await via_b.new(len(data))
-            last = len(data) - 1000
-            assert (await via_b.patch(url, 0, data[:last])).status_code == 204
-            upload_id = url.rsplit("/", 1)[-1]
-            await trio.to_thread.run_sync(
-                leave_completing, redis_server, Path(replicas.spool), upload_id, data, last, phase
-            )
+            url = await left_unstored(via_b, replicas, redis_server, data, phase)
             head = await via_b.head(on(replicas.a, url))
             assert head.status_code == 200, head.text
             assert head.headers["Upload-Offset"] == str(len(data))
@@ -204,6 +192,27 @@ async def test_a_head_alone_stores_an_upload_left_with_every_byte_and_no_store(
             result = (await via_b.state(url)).json()["result"]
             stored_bytes = await download(http, stack, result)
         assert hashlib.sha256(stored_bytes).hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+async def left_unstored(
+    tus: Tus, replicas: Replicas, redis_server: RedisServer, data: bytes, phase: str
+) -> str:
+    """An upload of `data` whose bytes but the last 1000 went in through `tus`, then left as
+    a replica that died would leave it: the last chunk on disk, the state in `phase` at the
+    length, no lock held. Its URL."""
+    url = await tus.new(len(data))
+    last = len(data) - 1000
+    assert (await tus.patch(url, 0, data[:last])).status_code == 204
+    await trio.to_thread.run_sync(
+        leave_completing,
+        redis_server,
+        Path(replicas.spool),
+        url.rsplit("/", 1)[-1],
+        data,
+        last,
+        phase,
+    )
+    return url
 
 
 def leave_completing(
