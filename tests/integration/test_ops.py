@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 import trio
 
 from tests.conftest import Stack, TokenFactory
@@ -45,6 +46,30 @@ async def test_ready_is_503_when_no_writable_element_answers(stack: Stack) -> No
             assert ready.status_code == 503
             assert int(ready.headers["Retry-After"]) > 0
             assert "no writable Storage Element answers" in ready.json()["reasons"]
+        finally:
+            await trio.to_thread.run_sync(proc.terminate)
+
+
+async def test_an_ingester_that_never_gets_ready_is_not_left_running(stack: Stack) -> None:
+    """The test harness: `wait_ready` that gives up kills the process (one was found still
+    running half an hour after the test run that started it)."""
+    from tests.support.processes import ProcessStartError, free_port, start_ingester
+
+    with trio.fail_after(30):
+        dead: dict[str, object] = {
+            "id": "gone",
+            "api_url": f"http://127.0.0.1:{free_port()}",
+            "mode": "edit",
+        }
+        proc = await trio.to_thread.run_sync(
+            lambda: start_ingester(
+                stack.root, name="never-ready", public_key=stack.keys.public_path, elements=[dead]
+            )
+        )
+        try:
+            with pytest.raises(ProcessStartError, match="not done within"):
+                await trio.to_thread.run_sync(lambda: proc.wait_ready(timeout_s=1.0))
+            assert proc.returncode is not None
         finally:
             await trio.to_thread.run_sync(proc.terminate)
 

@@ -265,8 +265,15 @@ class ManagedProcess:
     def wait_ready(
         self, path: str = "/health/ready", timeout_s: float = DEFAULT_READY_TIMEOUT_S
     ) -> None:
-        """Until `url + path` answers 200 (an ingester's readiness, after its start-up)."""
-        self._wait_until(http_ok(self.url + path), timeout_s, path)
+        """Until `url + path` answers 200 (an ingester's readiness, after its start-up). A
+        process that never gets ready is killed, as one whose start-up failed: its caller
+        gets the error, not the process, and nobody else would stop it (seen: an ingester
+        of a failed fixture, still running half an hour after its test run)."""
+        try:
+            self._wait_until(http_ok(self.url + path), timeout_s, path)
+        except BaseException:
+            self.close()
+            raise
 
     def _wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
