@@ -200,6 +200,13 @@ class _GuardedConnection(h11.Connection):
             # h11 reads any "HTTP/x.y" and answered HTTP/9.9 as 1.1.
             self.refusal = Refusal(505, "only HTTP/1.1 (and 1.0) is served here")
             raise h11.RemoteProtocolError(self.refusal.message, error_status_hint=505)
+        if isinstance(event, h11.EndOfMessage) and len(event.headers) > self._limits.max_headers:
+            # A chunked body's trailer is a head of its own, under the same cap (h11 applies
+            # its size cap only while a trailer is incomplete: 5000 lines in one read passed).
+            self.refusal = Refusal(
+                431, f"the request's trailer has more than {self._limits.max_headers} fields"
+            )
+            raise h11.RemoteProtocolError(self.refusal.message, error_status_hint=431)
         if isinstance(event, h11.Request) and _framed_twice(event):
             # RFC 9112 section 6.3: such a request may be refused, and its connection must
             # close either way; a proxy in front that framed it by its Content-Length would

@@ -486,6 +486,40 @@ async def test_a_websocket_upgrade_gets_our_400_with_its_request_id(
         await assert_unharmed(stack, default.url, before)
 
 
+async def test_a_trailer_over_the_field_cap_gets_431(
+    stack: Stack, default: ManagedProcess, token: TokenFactory
+) -> None:
+    """A chunked body's trailer is a head too: its fields are capped like the request's
+    (found by a review: 5000 trailer lines in one read were accepted)."""
+    with trio.fail_after(15):
+        before = stack.all_files()
+        form = (
+            b'--B0undary\r\nContent-Disposition: form-data; name="file"; filename="t"\r\n\r\n'
+            b"abc\r\n--B0undary--\r\n"
+        )
+        trailer = "".join(f"X-T{i}: v\r\n" for i in range(5000)).encode()
+        request = (
+            (
+                "POST /api/v1/files/upload HTTP/1.1\r\nHost: test\r\n"
+                f"Authorization: Bearer {token()}\r\n"
+                "Content-Type: multipart/form-data; boundary=B0undary\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n"
+            ).encode()
+            + f"{len(form):x}\r\n".encode()
+            + form
+            + b"\r\n0\r\n"
+            + trailer
+            + b"\r\n"
+        )
+        stream = await connect(default.url)
+        async with stream:
+            await stream.send_all(request)
+            answer = await read_response(stream)
+        assert answer.status == 431, answer
+        assert answer.json_code() == "REQUEST_HEADERS_TOO_LARGE"
+        await assert_unharmed(stack, default.url, before)
+
+
 class _SendRaces:
     """A server socket whose every send meets another task's (what hypercorn's unlocked
     `send_eof` does to its reader's error answer when a peer leaves mid-body)."""
