@@ -602,7 +602,7 @@ def _patch_protocol_send() -> None:
                 except trio.TooSlowError:
                     failed = True
                     log.info(
-                        "a write to the client made no progress for %g s; closing",
+                        "a write to the client did not finish within %g s; closing",
                         timeout_s,
                         extra={"event": "client_send_timeout"},
                     )
