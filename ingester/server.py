@@ -61,7 +61,7 @@ import hypercorn.trio.tcp_server
 import trio
 from h11._receivebuffer import ReceiveBuffer
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
@@ -251,6 +251,8 @@ class _Connection:
     # response cycle that can no longer end, before it reads again.
     handle_scope: trio.CancelScope | None = None
     dead: bool = False
+    # The read loop has ended: the client's side is over, and no keep-alive is wanted.
+    read_done: bool = False
 
     def waiting_since(self) -> float | None:
         """Since when it has waited for a request head; None while a request runs."""
@@ -553,6 +555,7 @@ def _patch_read_data() -> None:
             if handling.cancelled_caught or data == b"":
                 break
         if conn is not None:
+            conn.read_done = True
             # Nothing more is read: the connection stops counting now, not when its
             # request's cleanup ends (a handler cancelled by the client's leaving may take
             # seconds to undo its upload, holding received bytes it will never read).
@@ -584,10 +587,15 @@ def _patch_protocol_send() -> None:
     protocol_send = TCPServer.protocol_send
 
     async def send(self: TCPServer, event: Event) -> None:
+        conn: _Connection | None = getattr(self, "_ingester_conn", None)
         if not isinstance(event, RawData):
+            if isinstance(event, Updated) and event.idle and conn is not None and conn.read_done:
+                # The response ended after the read loop did (the client went away while
+                # it was being answered): no keep-alive timer, whose 75 s the connection
+                # (its socket and its place under the cap) would otherwise wait out.
+                return
             await protocol_send(self, event)
             return
-        conn: _Connection | None = getattr(self, "_ingester_conn", None)
         timeout_s = _connections(self.config).limits.send_timeout_s
         async with self.send_lock:
             failed = False
