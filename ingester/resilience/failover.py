@@ -97,6 +97,7 @@ class FailoverPlan:
         budget_for: Callable[[str], RetryBudget],
         deadline: float | None,
         rand: Callable[[], float],
+        burned: Sequence[str] = (),
     ) -> None:
         self.mode = mode
         self.declared_size = declared_size
@@ -110,8 +111,10 @@ class FailoverPlan:
         self.rounds = 0
         # Elements tried this round, burned ones included (a new round starts from those).
         self._tried: list[str] = []
-        # Elements that were sent bytes and whose copy is not known to be gone.
-        self._burned: list[str] = []
+        # Elements that were sent bytes and whose copy is not known to be gone (`burned`:
+        # such elements from before this plan, a pass of the same upload that was given up).
+        self._burned: list[str] = list(dict.fromkeys(burned))
+        self._tried = list(self._burned)
         self._current: str | None = None
         # When the latest failure the upload went on from happened (None: none yet).
         self._failed_at: float | None = None

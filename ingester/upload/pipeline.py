@@ -495,6 +495,10 @@ class UploadPipeline:
             budget_for=pool.retry_budget,
             deadline=upload.deadline,
             rand=self._random.random,
+            # A pass given up for a changed plan may have left copies that could not be
+            # removed; the replay keeps their file id (`_new_file_id_for_replay`), so their
+            # elements get no new copy under it: a late removal would delete the stored file.
+            burned=[copy.element_id for copy in saga.record.copies],
         )
         try:
             async with out_recv:

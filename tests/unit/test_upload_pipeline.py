@@ -67,6 +67,8 @@ class Element:
     removed: list[str] = field(default_factory=list)
     # Answer uploads with this status (and a FastAPI-shaped body) after reading them.
     refuse: int | None = None
+    # Removals wait for this (a slow network: one may land long after it was sent).
+    delete_gate: trio.Event | None = None
     # How each upload request's body was framed: its Content-Length, or "chunked"; and the
     # bytes that came.
     framing: list[tuple[str, int]] = field(default_factory=list)
@@ -88,6 +90,8 @@ class Elements(httpx.AsyncBaseTransport):
         if element.down:
             raise httpx.ConnectError("connection refused", request=request)
         if request.method == "DELETE":
+            if element.delete_gate is not None:
+                await element.delete_gate.wait()
             file_id = request.url.path.rsplit("/", 1)[1]
             element.removed.append(file_id)
             element.files.pop(file_id, None)
@@ -539,3 +543,22 @@ async def test_a_half_open_trial_refused_for_the_request_goes_back_to_the_breake
     assert result["storage_element_id"] == "se-a"
     assert list(stored(world)) == [("se-a", result["file_id"], data)]
     assert board.breaker("se-a").state(trio.current_time()) is BreakerState.CLOSED
+
+
+async def test_a_replay_never_puts_its_file_where_a_late_removal_of_the_same_id_may_land(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    """Found by a review. The first pass fails over from se-a (reset mid-stream), whose copy
+    cannot be confirmed removed yet (its removal is slow); a late field then changes the
+    plan, and the replay keeps the file id. Sent to se-a again, the stored file would be
+    deleted when that removal lands. The replay goes elsewhere; the file survives it."""
+    data = random_bytes(3 * MIB)
+    slow = world.elements["se-a"]
+    slow.reset_after = MIB
+    slow.delete_gate = trio.Event()
+    with trio.fail_after(600):
+        result = await world.upload(form({}, data, {"compress": "true"}))
+        assert result["storage_element_id"] == "se-b"
+        slow.delete_gate.set()  # the removals land now
+        await trio.sleep(60)  # the compensator's rounds, virtual time
+    assert list(stored(world)) == [("se-b", result["file_id"], data)]
