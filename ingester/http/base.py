@@ -20,8 +20,6 @@ from .receive import ReceiveShare
 
 log = logging.getLogger(__name__)
 
-# A caller's id is echoed into logs and headers: keep it short and printable.
-
 # werkzeug's HTTP exceptions (routing, method) mapped onto stable codes.
 _HTTP_CODES: Final = {
     400: "BAD_REQUEST",

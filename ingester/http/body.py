@@ -61,7 +61,8 @@ LINGER_S: Final = 3.0
 LINGER_BYTES: Final = 64 * 1024 * 1024
 # A client that sends nothing for this long while we linger is not going to.
 LINGER_PAUSE_S: Final = 0.25
-# A request id a client may choose (echoed in `X-Request-ID`); any other gets one of ours.
+# A request id a client may choose: it is echoed into logs and `X-Request-ID`, so short and
+# printable; any other gets one of ours.
 REQUEST_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # Where the middleware leaves the body in the ASGI scope (Quart keeps it as `request.scope`).
 SCOPE_KEY: Final = "ingester.body"

@@ -109,12 +109,11 @@ class FailoverPlan:
         self.failures: list[StorageElementError] = []
         # Rounds started after the first: the attempt number `decide` is asked about.
         self.rounds = 0
-        # Elements tried this round, burned ones included (a new round starts from those).
-        self._tried: list[str] = []
         # Elements that were sent bytes and whose copy is not known to be gone (`burned`:
         # such elements from before this plan, a pass of the same upload that was given up).
         self._burned: list[str] = list(dict.fromkeys(burned))
-        self._tried = list(self._burned)
+        # Elements tried this round, burned ones included (a new round starts from those).
+        self._tried: list[str] = list(self._burned)
         self._current: str | None = None
         # When the latest failure the upload went on from happened (None: none yet).
         self._failed_at: float | None = None

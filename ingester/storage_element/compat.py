@@ -39,6 +39,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -125,6 +126,16 @@ class TempSpace:
     def release(self, size: int) -> None:
         self.used -= size
 
+    @asynccontextmanager
+    async def spooling(self, body: AsyncIterator[bytes]) -> AsyncIterator[_Spooled]:
+        """`body` as the form reader sees it, its bytes taking space here; given back when
+        the request is answered (Starlette then deletes its spooled parts)."""
+        spooled = _Spooled(body, self)
+        try:
+            yield spooled
+        finally:
+            self.release(spooled.taken)
+
 
 class _Spooled:
     """A request body whose bytes past the first MiB take temporary space as they come."""
@@ -176,29 +187,10 @@ async def upload(
     if not config.allows_upload:
         await drain(body, config.client_idle_timeout_s)
         raise ArtStoreAnswer(400, f"File upload not allowed in {config.mode.value} mode")
-    spooled = _Spooled(body, temp)
-    try:
-        return await _store(config, store, principal, spooled, body, boundary, receive_form)
-    finally:
-        # Starlette's spooled parts are deleted once the request is answered.
-        temp.release(spooled.taken)
-
-
-async def _store(
-    config: ElementConfig,
-    store: FileStore,
-    principal: Principal,
-    spooled: _Spooled,
-    body: AsyncIterator[bytes],
-    boundary: bytes,
-    receive_form: Callable[
-        [AsyncIterator[bytes], bytes, UploadForm, PendingUpload, float], Awaitable[None]
-    ],
-) -> dict[str, Any]:
     form = UploadForm(extras=False)
     try:
         # No declared size: artStore checks no capacity before it writes.
-        async with store.upload(None) as pending:
+        async with store.upload(None) as pending, temp.spooling(body) as spooled:
             try:
                 await receive_form(spooled, boundary, form, pending, config.client_idle_timeout_s)
             except TempSpaceFull as exc:

@@ -517,10 +517,15 @@ class TusService:
             except BaseException:
                 # The client went away, maybe after its last byte: what arrived is saved.
                 if upload.all_received and not upload.is_partial and not lease.lost:
+                    # Nobody waits for the result, but the client's next HEAD reports every
+                    # byte in, and tus clients then send nothing more: left `receiving`, the
+                    # upload would never be stored.
+                    log.info(
+                        "the client went away after the last byte; storing the upload anyway",
+                        extra={"event": "tus_completion_unanswered", "upload_id": upload.id},
+                    )
                     with trio.CancelScope(shield=True):
-                        handed_over = await self._complete_unanswered(
-                            upload, lease, principal, offset
-                        )
+                        handed_over = await self._store_unattended(upload, lease, principal, offset)
                 raise
             if upload.all_received and not upload.is_partial:
                 # Shielded: a client that goes away now must not leave the upload saved as
@@ -537,19 +542,6 @@ class TusService:
             if not handed_over:
                 await self.locks.release(lease)
         return Answer(upload)
-
-    async def _complete_unanswered(
-        self, upload: TusUpload, lease: Lease, principal: Principal, offset_before: int
-    ) -> bool:
-        """Store an upload whose last bytes came with a PATCH whose client went away before
-        its answer. Nobody waits for the result, but the client's next HEAD reports every
-        byte in, and tus clients then send nothing more: left `receiving`, the upload would
-        never be stored. True when `lease` went to the completion's task."""
-        log.info(
-            "the client went away after the last byte; storing the upload anyway",
-            extra={"event": "tus_completion_unanswered", "upload_id": upload.id},
-        )
-        return await self._store_unattended(upload, lease, principal, offset_before)
 
     async def _store_unattended(
         self, upload: TusUpload, lease: Lease, principal: Principal, offset_before: int | None
@@ -1285,6 +1277,11 @@ class _Receiver:
     async def _flush(self) -> None:
         if not self.pending:
             return
+        if self.lease.lost:
+            # Another request may own the upload's file now: nothing more is written.
+            self.budget.release(self.pending_size)
+            self.pending, self.pending_size = [], 0
+            return
         assert self.writer is not None
         chunks, self.pending = self.pending, []
         size, self.pending_size = self.pending_size, 0
@@ -1300,10 +1297,6 @@ class _Receiver:
         assert self.writer is not None
         await self.writer.commit()
         await self._save_accepted()
-
-    def _lost_meanwhile(self) -> bool:
-        """Whether the lock went while this request waited (a write, an fsync)."""
-        return self.lease.lost
 
     async def _save_accepted(self) -> None:
         """Count the bytes written and fsynced in the offset, and save it. A save that fails
@@ -1348,16 +1341,11 @@ class _Receiver:
             if self.refused:
                 await self._take_back(writer)
                 return None
-            if self.lease.lost:
-                # Another request may own the upload's file now: nothing more is written.
-                self.pending, self.pending_size = [], 0
-                self.budget.release_all()
-                return None
             try:
                 await self._flush()
             finally:
                 self.budget.release_all()
-            if self._lost_meanwhile():
+            if self.lease.lost:
                 return None
             if self.checksum is not None and self.unsaved:
                 assert self.hasher is not None

@@ -8,6 +8,22 @@ import trio
 
 from tests.conftest import Stack, TokenFactory
 from tests.support.client import MultipartUpload, post_upload
+from tests.support.processes import IngesterProcess, ProcessStartError, free_port, start_ingester
+
+
+async def lonely_ingester(stack: Stack, name: str) -> IngesterProcess:
+    """An ingester (started, not waited for) whose only element is a port where nothing
+    listens: it lives, and is never ready."""
+    dead: dict[str, object] = {
+        "id": "gone",
+        "api_url": f"http://127.0.0.1:{free_port()}",
+        "mode": "edit",
+    }
+    return await trio.to_thread.run_sync(
+        lambda: start_ingester(
+            stack.root, name=name, public_key=stack.keys.public_path, elements=[dead]
+        )
+    )
 
 
 async def test_live_and_ready_under_both_prefixes(stack: Stack) -> None:
@@ -25,19 +41,7 @@ async def test_live_and_ready_under_both_prefixes(stack: Stack) -> None:
 
 async def test_ready_is_503_when_no_writable_element_answers(stack: Stack) -> None:
     with trio.fail_after(20):
-        # An ingester whose only element is a port where nothing listens.
-        from tests.support.processes import free_port, start_ingester
-
-        dead: dict[str, object] = {
-            "id": "gone",
-            "api_url": f"http://127.0.0.1:{free_port()}",
-            "mode": "edit",
-        }
-        proc = await trio.to_thread.run_sync(
-            lambda: start_ingester(
-                stack.root, name="lonely", public_key=stack.keys.public_path, elements=[dead]
-            )
-        )
+        proc = await lonely_ingester(stack, "lonely")
         try:
             async with httpx.AsyncClient(trust_env=False) as http:
                 ready = await http.get(proc.url + "/health/ready")
@@ -53,19 +57,8 @@ async def test_ready_is_503_when_no_writable_element_answers(stack: Stack) -> No
 async def test_an_ingester_that_never_gets_ready_is_not_left_running(stack: Stack) -> None:
     """The test harness: `wait_ready` that gives up kills the process (one was found still
     running half an hour after the test run that started it)."""
-    from tests.support.processes import ProcessStartError, free_port, start_ingester
-
     with trio.fail_after(30):
-        dead: dict[str, object] = {
-            "id": "gone",
-            "api_url": f"http://127.0.0.1:{free_port()}",
-            "mode": "edit",
-        }
-        proc = await trio.to_thread.run_sync(
-            lambda: start_ingester(
-                stack.root, name="never-ready", public_key=stack.keys.public_path, elements=[dead]
-            )
-        )
+        proc = await lonely_ingester(stack, "never-ready")
         try:
             with pytest.raises(ProcessStartError, match="not done within"):
                 await trio.to_thread.run_sync(lambda: proc.wait_ready(timeout_s=1.0))
