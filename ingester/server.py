@@ -19,6 +19,9 @@ patch below, in one place, with its reason (installed once per process by `serve
   all of the above.
 - `_send_error_response`: connection-level refusals (400, 408, 431, 505) carry the
   project's JSON envelope and an `X-Request-ID`, like every other answer.
+- `_Continue`: `Expect: 100-continue` is answered when the handler first waits for the
+  body, not as soon as the head is parsed, so a refused request costs its client no body
+  (`tests/hostile/test_expect_continue.py`).
 
 Why patches and not settings: hypercorn's `Config` (0.18) has `keep_alive_timeout`,
 `h11_max_incomplete_size` and `backlog`, and none of a header-read timeout, a connection cap
@@ -183,6 +186,20 @@ class _GuardedConnection(h11.Connection):
         super().__init__(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         self._limits = limits
         self.refusal: Refusal | None = None
+        # `Expect: 100-continue` is left to the request's handler (`_Continue`): hypercorn,
+        # which sends the `100` itself as soon as the head is parsed, is told no one waits.
+        self.defers_continue = False
+        self.continue_opened = False
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool:
+        if self.defers_continue and not self.continue_opened:
+            return False
+        return super().they_are_waiting_for_100_continue
+
+    def start_next_cycle(self) -> None:
+        super().start_next_cycle()
+        self.continue_opened = False
 
     def _extract_next_receive_event(self) -> Any:
         if self.their_state is h11.IDLE:
@@ -220,6 +237,37 @@ class _GuardedConnection(h11.Connection):
 
 
 _SERVED_VERSIONS: Final = frozenset({b"1.0", b"1.1"})
+
+
+class _Continue:
+    """The `ContinueGate` of one connection's requests: `100 Continue` when the handler
+    first waits for the body. hypercorn (0.18) sends it as soon as the head is parsed, so a
+    client that asked (curl does for every body over 1 MiB) sent its whole body to be
+    refused: a bad token, a `Content-Length` over the limit. uvicorn waits for the app's
+    first `receive()`, as this does."""
+
+    def __init__(self, protocol: H11Protocol, connection: _GuardedConnection) -> None:
+        self._protocol = protocol
+        self._connection = connection
+        connection.defers_continue = True
+
+    async def open(self) -> None:
+        connection = self._connection
+        if connection.continue_opened:
+            return
+        connection.continue_opened = True
+        if connection.client_is_waiting_for_100_continue and (
+            connection.our_state is h11.SEND_RESPONSE
+        ):
+            protocol = self._protocol
+            await protocol._send_h11_event(
+                h11.InformationalResponse(
+                    status_code=100, headers=protocol.config.response_headers("h11")
+                )
+            )
+
+    def shut(self) -> bool:
+        return self._connection.client_is_waiting_for_100_continue
 
 
 def _framed_twice(request: h11.Request) -> bool:
@@ -493,6 +541,11 @@ def _patch_read_data() -> None:
         if conn is not None and share is not None:
             # Before the first read: no request of this connection can look for it sooner.
             conn.intake = share.open(*_addresses(self))
+            protocol = _h11(self)
+            if conn.intake is not None and protocol is not None:
+                connection = protocol.connection
+                if isinstance(connection, _GuardedConnection):
+                    conn.intake.continue_gate = _Continue(protocol, connection)
         intake = conn.intake if conn is not None else None
         while True:
             deadline = inf

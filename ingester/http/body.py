@@ -49,7 +49,7 @@ from quart import request
 from ..concurrency import cleanup_scope
 from ..errors import ClientTooSlow
 from .pace import ClientPace
-from .receive import Intake, ReceiveShare
+from .receive import ContinueGate, Intake, ReceiveShare
 
 # Defaults for apps built without settings (the reference Storage Element uses these too).
 DEFAULT_BUFFER_LIMIT: Final = 1024 * 1024
@@ -97,6 +97,9 @@ class RequestBody:
         self._room.set()
         self._arrived = trio.Event()
         self._discarding = False
+        # The handler has waited for the body (a client's `Expect: 100-continue` is then
+        # answered: `ContinueGate`).
+        self._asked = False
         self.complete = False
         self.discarded = 0
         # Set when the server says the client is gone (`http.disconnect`: it left, or the
@@ -168,6 +171,11 @@ class RequestBody:
 
     async def __anext__(self) -> bytes:
         if not self._chunks and not self.complete:
+            if not self._asked:
+                self._asked = True
+                gate = self._gate()
+                if gate is not None:
+                    await gate.open()
             await self._wait_for_data()
         else:
             # A chunk at hand is still a checkpoint: the reader lets the pump refill
@@ -215,8 +223,15 @@ class RequestBody:
                 "(INGESTER_CLIENT_MIN_RATE_BYTES, INGESTER_CLIENT_MIN_RATE_WINDOW_S)"
             )
 
+    def _gate(self) -> ContinueGate | None:
+        return None if self._intake is None else self._intake.continue_gate
+
     async def drain(self) -> None:
-        """Read and drop the rest of the body, within the lingering-close bounds."""
+        """Read and drop the rest of the body, within the lingering-close bounds (none to
+        drain when the client still waits for the `100` it was never sent)."""
+        gate = self._gate()
+        if gate is not None and gate.shut():
+            return
         self._discarding = True
         self._chunks.clear()
         self._gone(self._buffered)

@@ -23,17 +23,31 @@ but with floor-sized reads (measured at the 64-upload peak: 105 MB of received d
 against 151 MB before).
 
 Pure bookkeeping, shared by the listeners (which count and read) and the request bodies
-(which pause at `body_limit` and say what they handed out).
+(which pause at `body_limit` and say what they handed out). An intake is also how a request
+reaches its connection's `ContinueGate`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 MIN_READ: Final = 64 * 1024
 # Reads are whole pages.
 _PAGE: Final = 4096
+
+
+class ContinueGate(Protocol):
+    """A request's `Expect: 100-continue`, left to its handler: the `100` goes out when the
+    handler first waits for the body, so a request refused before that (a bad token, too
+    large a `Content-Length`) costs its client no body at all."""
+
+    async def open(self) -> None:
+        """Send `100 Continue` if the client waits for it (once per request)."""
+
+    def shut(self) -> bool:
+        """Whether the client still waits for a `100` it was not sent (then it sends no
+        body, and there is none to drain)."""
 
 
 @dataclass(eq=False)
@@ -42,6 +56,8 @@ class Intake:
     server's parser, hypercorn's app queue and the body buffer)."""
 
     held: int = 0
+    # Set by the server when its connection leaves `Expect: 100-continue` to the handler.
+    continue_gate: ContinueGate | None = None
 
 
 @dataclass
