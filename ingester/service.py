@@ -151,7 +151,7 @@ class Service:
         )
         self.sagas = SagaBook(
             self.saga_store,
-            self.pool.compensate,
+            self.pool.remove,
             self.metrics,
             lease_s=settings.saga_lease_s,
             janitor_interval_s=settings.saga_janitor_interval_s,
@@ -159,6 +159,7 @@ class Service:
                 base_s=1.0, cap_s=settings.compensation_backoff_max_s, max_attempts=1
             ),
             compensation_timeout_s=settings.compensation_timeout_s,
+            recheck_s=settings.saga_recheck_s,
         )
         self.idempotency = IdempotencyGuard(
             idempotency_store,

@@ -152,6 +152,10 @@ class Settings(BaseSettings):
     # A compensation that failed is retried with full-jitter backoff up to this.
     compensation_backoff_max_s: float = Field(default=300.0, gt=0)
     compensation_timeout_s: float = Field(default=10.0, gt=0)
+    # An element sent a whole body it never answered (the attempt was abandoned after its
+    # last byte) may still store the file: a removal there that finds nothing is checked
+    # again until this long after, the last check as it runs out.
+    saga_recheck_s: float = Field(default=600.0, gt=0)
 
     # Admin Module file registry: POST {admin_url}/api/v1/files after each stored upload.
     admin_url: str | None = None

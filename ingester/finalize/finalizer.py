@@ -45,7 +45,7 @@ from ..http import multipart_writer
 from ..ownership import Ownership
 from ..resilience.leases import STORE_CALL_TIMEOUT_S, Leases, Reachability, TryAgain, retry
 from ..resilience.retry import RetryPolicy, backoff_s
-from ..saga.record import Copy
+from ..saga.record import Copy, Removal
 from ..settings import SEAuthMode, SEMode, Settings
 from ..storage.admin import AdminRegistry
 from ..storage.capabilities import StoredForm, compressed_by_metadata, stored_as
@@ -122,6 +122,8 @@ class CopyBody(httpx.AsyncByteStream):
         self._stage = 0
         self.hasher = hashlib.sha256()
         self.size = 0
+        # The tail was handed out: the target may have the whole copy.
+        self.ended = False
 
     def __aiter__(self) -> CopyBody:
         return self
@@ -136,6 +138,7 @@ class CopyBody(httpx.AsyncByteStream):
                     chunk = await anext(self._source)
             except StopAsyncIteration:
                 self._stage = 2
+                self.ended = True
                 return self._tail
             await update_hash(self.hasher, chunk)
             self.size += len(chunk)
@@ -590,6 +593,8 @@ class Finalizer:
                     )
                     await self._remove_target(tx, copy)
                     continue
+                # It answered: nothing more of this copy can land later.
+                tx.landing.closed(copy)
                 _log(tx, logging.INFO, f"copied to {element.id}, sha256 verified")
                 return
         if failures:
@@ -619,6 +624,13 @@ class Finalizer:
                         authorization=authorization,
                         extra_headers={"X-Request-ID": tx.transaction_id},
                     )
+                except StorageElementError as exc:
+                    if body.ended and exc.upstream_status is None and exc.element_id == element.id:
+                        # The target may be writing the copy still: a removal finding
+                        # nothing now is checked again (`Landing`).
+                        until = time.time() + self.settings.saga_recheck_s
+                        tx.landing.note(Copy(element.id, element.api_url), until)
+                    raise
                 finally:
                     await pieces.aclose()
         except _SourceFailed as exc:
@@ -633,10 +645,30 @@ class Finalizer:
             )
         return stored, body.hasher.hexdigest()
 
+    async def _removed(self, tx: Transaction, copy: Copy, authorization: str | None) -> bool:
+        """Remove a target copy (bounded): True when it is confirmed gone. Finding nothing on
+        an element that may still write the copy confirms nothing (`Transaction.landing`)."""
+        removal = await self.pool.remove(copy, tx.file_id, authorization)
+        if removal is None:
+            return False
+        if removal is Removal.ABSENT and tx.landing.open_until(copy, time.time()) is not None:
+            _log(
+                tx,
+                logging.INFO,
+                f"nothing on {copy.element_id} yet, but it got the whole copy and never "
+                "answered: it may still store it, and is checked again",
+            )
+            return False
+        tx.landing.closed(copy)
+        return True
+
+    def _recheck_within(self, tx: Transaction) -> float | None:
+        return tx.landing.next_end(tx.copies, time.time())
+
     async def _remove_target(self, tx: Transaction, copy: Copy) -> None:
         """Remove a failed or partial copy now (bounded); one that cannot be removed now stays
         in the record and goes with the rollback or after the commit."""
-        if await self.pool.compensate(copy, tx.file_id, await self._authorization(tx)):
+        if await self._removed(tx, copy, await self._authorization(tx)):
             tx.copies = [c for c in tx.copies if c != copy]
             if tx.target == copy:
                 tx.target = None
@@ -717,11 +749,14 @@ class Finalizer:
             if not tx.source_deleted:
                 tx.source_deleted = await self._delete_source(tx, authorization)
             for copy in tx.abandoned():
-                if await self.pool.compensate(copy, tx.file_id, authorization):
+                if await self._removed(tx, copy, authorization):
                     tx.copies = [c for c in tx.copies if c != copy]
             if not tx.source_deleted or tx.abandoned():
                 await self._save(tx)
-                raise TryAgain("the source or an abandoned copy is still there")
+                raise TryAgain(
+                    "the source or an abandoned copy is still there",
+                    within_s=self._recheck_within(tx),
+                )
 
         await retry(remove, self._removal_backoff, self._random.random)
         tx.move(TxState.DONE, time.time())
@@ -753,11 +788,13 @@ class Finalizer:
 
         async def remove() -> None:
             for copy in list(tx.copies):
-                if await self.pool.compensate(copy, tx.file_id, authorization):
+                if await self._removed(tx, copy, authorization):
                     tx.copies = [c for c in tx.copies if c != copy]
             if tx.copies:
                 await self._save(tx)
-                raise TryAgain(f"{len(tx.copies)} copies are still there")
+                raise TryAgain(
+                    f"{len(tx.copies)} copies are still there", within_s=self._recheck_within(tx)
+                )
 
         await retry(remove, self._removal_backoff, self._random.random)
         tx.target = None

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final
 
-from ..saga.record import Copy
+from ..saga.record import Copy, Landing
 
 
 class TxState(StrEnum):
@@ -92,6 +92,8 @@ class Transaction:
     history: list[tuple[str, float]] = field(default_factory=list)
     # With INGESTER_SE_AUTH=forward, the caller's token (another replica acts with it).
     authorization: str | None = None
+    # Copies whose element got the whole copy and never answered (`Landing`).
+    landing: Landing = field(default_factory=lambda: Landing({}))
 
     @property
     def terminal(self) -> bool:
@@ -184,6 +186,7 @@ class Transaction:
                 "error_message": self.error_message,
                 "history": [[s, t] for s, t in self.history],
                 "authorization": self.authorization,
+                "landing": self.landing.until,
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -224,6 +227,7 @@ class Transaction:
                 error_message=data.get("error_message"),
                 history=[(str(s), float(t)) for s, t in data.get("history", [])],
                 authorization=data.get("authorization"),
+                landing=Landing.from_json(data.get("landing")),
             )
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise ValueError(f"not a finalization record: {exc}") from exc

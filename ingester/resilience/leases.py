@@ -153,7 +153,12 @@ class Leases(Generic[R]):
 
 
 class TryAgain(Exception):
-    """Raised by a call `retry` runs that is not done yet, when no other error says so."""
+    """Raised by a call `retry` runs that is not done yet, when no other error says so;
+    `within_s`, when given, bounds the wait before the next call (something is due then)."""
+
+    def __init__(self, message: str = "", *, within_s: float | None = None) -> None:
+        super().__init__(message)
+        self.within_s = within_s
 
 
 async def retry(
@@ -167,8 +172,9 @@ async def retry(
     on_retry: Callable[[Exception, float], None] | None = None,
 ) -> T:
     """`await call()` until it returns; what it returns. After its n-th failure (it raised
-    one of `retry_on`) the wait is `max(backoff_s(n, policy, rand), MIN_WAIT_S)`; n counts on
-    from `failures`, which a record may carry over from an earlier owner. `on_retry(error,
+    one of `retry_on`) the wait is `max(backoff_s(n, policy, rand), MIN_WAIT_S)`, or less when
+    a `TryAgain` says within how long to call again; n counts on from `failures`, which a
+    record may carry over from an earlier owner. `on_retry(error,
     wait)` hears of each failure before the wait (within the `except`, so a log call can
     take `exc_info`).
 
@@ -182,7 +188,10 @@ async def retry(
             if deadline is not None and trio.current_time() >= deadline:
                 raise
             failures += 1
-            wait = max(backoff_s(failures, policy, rand), MIN_WAIT_S)
+            wait = backoff_s(failures, policy, rand)
+            if isinstance(exc, TryAgain) and exc.within_s is not None:
+                wait = min(wait, exc.within_s)
+            wait = max(wait, MIN_WAIT_S)
             if on_retry is not None:
                 on_retry(exc, wait)
         await trio.sleep(wait)

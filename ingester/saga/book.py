@@ -30,7 +30,7 @@ from ..metrics import Metrics
 from ..resilience.leases import STORE_CALL_TIMEOUT_S, Leases, Reachability, TryAgain, retry
 from ..resilience.retry import RetryPolicy
 from .commit import ResultCommit, ResultRefused, ResultUnknown, ResultWrite
-from .record import Copy, SagaRecord, SagaState
+from .record import Copy, Removal, SagaRecord, SagaState
 from .store import SagaStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,9 @@ CLAIM_BATCH: Final = 50
 # nearer than this may already have been claimed by that replica's janitor.
 CLOCK_MARGIN_S: Final = 1.0
 
-# Remove one copy; True when it is gone. Raises nothing: failures are logged and return False.
-Compensate = Callable[[Copy, str, str | None], Awaitable[bool]]
+# Remove one copy: whether its element held something, None when the removal could not be
+# carried out now. Raises nothing: failures are logged and return None.
+Compensate = Callable[[Copy, str, str | None], Awaitable[Removal | None]]
 
 
 class Saga:
@@ -214,6 +215,12 @@ class Saga:
             return True
         return False
 
+    def may_land(self, copy: Copy) -> None:
+        """`copy`'s element was sent the whole body and did not answer: it may still store
+        the file, for up to the book's `recheck_s`, and a removal finding nothing before
+        then is checked again. Written with the record's next write."""
+        self.record.landing.note(copy, self.book._wall_clock() + self.book.recheck_s)
+
     def abandoned(self, copy: Copy) -> None:
         """The upload moved on from `copy`'s element (failover): remove what it got, now, in
         the background; a copy that cannot be removed now stays in the record."""
@@ -231,9 +238,14 @@ class SagaBook:
         janitor_interval_s: float,
         backoff: RetryPolicy,
         compensation_timeout_s: float,
+        recheck_s: float = 600.0,
         owner: str | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        # How long an element sent a whole body it never answered may still commit it.
+        self.recheck_s = recheck_s
+        self._wall_clock = wall_clock
         self.metrics = metrics
         self.owner = owner or f"ingester-{uuid.uuid4().hex[:12]}"
         self.lease_s = lease_s
@@ -356,7 +368,25 @@ class SagaBook:
     # --- compensation -----------------------------------------------------------------------
 
     async def compensate_now(self, saga: Saga, copy: Copy) -> bool:
-        gone = await self._compensate(copy, saga.record.file_id, saga.record.authorization)
+        """Remove `copy` (bounded): True when it is confirmed gone. A removal that found
+        nothing on an element that may still commit the upload confirms nothing: the copy
+        stays, to be checked again (`SagaRecord.landing`)."""
+        record = saga.record
+        removal = await self._compensate(copy, record.file_id, record.authorization)
+        gone = removal is not None
+        if (
+            removal is Removal.ABSENT
+            and (until := record.landing.open_until(copy, self._wall_clock())) is not None
+        ):
+            gone = False
+            log.info(
+                "%s on %s: not there (yet), but its element got the whole body and never "
+                "answered, so it may still store it; checked again until %s",
+                record.file_id,
+                copy.element_id,
+                time.strftime("%H:%M:%S", time.gmtime(until)),
+                extra={"event": "compensation_recheck", "file_id": record.file_id},
+            )
         self.metrics.compensations.labels("done" if gone else "retry").inc()
         return gone
 
@@ -450,7 +480,10 @@ class SagaBook:
             record.last_error = f"{len(record.copies)} copies could not be removed yet"
             async with saga.lock:
                 await self.write(saga)
-            raise TryAgain(record.last_error)
+            # A copy that may still land is checked once more as its window closes, however
+            # long the backoff has grown.
+            within_s = record.landing.next_end(record.copies, self._wall_clock())
+            raise TryAgain(record.last_error, within_s=within_s)
 
         try:
             # The backoff goes on from the attempts the record carries (a claimed one's too).

@@ -9,6 +9,11 @@ An upload's saga goes
 `copies` lists every Storage Element that was sent bytes for the upload. The element that
 holds the acknowledged copy (`kept`) is never compensated once the saga is `done`; in every
 other state all copies are removed: the client was not told the upload succeeded.
+
+`landing` names the copies whose element was sent the whole body and never answered: it may
+still be writing the file (artStore's element writes it after the last byte, and finishes
+what it started whoever hung up), so until the time noted a removal that finds nothing
+proves nothing, and the copy is checked again.
 """
 
 from __future__ import annotations
@@ -26,10 +31,51 @@ class SagaState(StrEnum):
     COMPENSATING = "compensating"
 
 
+class Removal(StrEnum):
+    """What an element said of a removal (compensation) it carried out."""
+
+    # It held the file, or its upload in flight, and removed it (it will not be stored).
+    REMOVED = "removed"
+    # It held nothing under the id: conclusive unless the copy may still land.
+    ABSENT = "absent"
+
+
 @dataclass(frozen=True, slots=True)
 class Copy:
     element_id: str
     api_url: str
+
+
+@dataclass(slots=True)
+class Landing:
+    """Copies whose element was sent the whole body and never answered, and until when
+    (wall clock) each may still commit it: artStore's element writes the file after the last
+    byte and finishes whoever hung up. Until then, a removal that finds nothing proves
+    nothing. Keyed by element id."""
+
+    until: dict[str, float]
+
+    def note(self, copy: Copy, until: float) -> None:
+        self.until[copy.element_id] = max(until, self.until.get(copy.element_id, 0.0))
+
+    def open_until(self, copy: Copy, now: float) -> float | None:
+        """Until when a removal of `copy` that finds nothing proves nothing; None once it
+        does."""
+        until = self.until.get(copy.element_id)
+        return until if until is not None and now < until else None
+
+    def closed(self, copy: Copy) -> None:
+        """`copy` is confirmed gone, or kept."""
+        self.until.pop(copy.element_id, None)
+
+    def next_end(self, copies: list[Copy], now: float) -> float | None:
+        """Seconds until the first open window of `copies` closes, if one is open."""
+        ends = [u for c in copies if (u := self.open_until(c, now)) is not None]
+        return min(ends) - now if ends else None
+
+    @classmethod
+    def from_json(cls, raw: Any) -> Landing:
+        return cls({str(e): float(t) for e, t in (raw or {}).items()})
 
 
 @dataclass(slots=True)
@@ -48,6 +94,8 @@ class SagaRecord:
     # With INGESTER_SE_AUTH=forward, the caller's token: another replica compensating the
     # record acts with it (until it expires). None with a service credential.
     authorization: str | None = None
+    # Copies whose element may still commit the upload (`Landing`).
+    landing: Landing = field(default_factory=lambda: Landing({}))
 
     def add_copy(self, copy: Copy) -> bool:
         """Note that `copy`'s element is being sent bytes. False when it already was."""
@@ -67,6 +115,7 @@ class SagaRecord:
         self.kept = kept
         self.state = SagaState.DONE
         self.copies = [c for c in self.copies if c != kept]
+        self.landing.closed(kept)
         if self.copies:
             self.state = SagaState.COMPENSATING
 
@@ -81,6 +130,7 @@ class SagaRecord:
     def forget(self, copy: Copy) -> None:
         """`copy` is confirmed gone."""
         self.copies = [c for c in self.copies if c != copy]
+        self.landing.closed(copy)
 
     @property
     def finished(self) -> bool:
@@ -103,6 +153,7 @@ class SagaRecord:
                 "last_error": self.last_error,
                 "created_at": self.created_at,
                 "authorization": self.authorization,
+                "landing": self.landing.until,
             },
             separators=(",", ":"),
         )
@@ -125,6 +176,7 @@ class SagaRecord:
                 last_error=data.get("last_error"),
                 created_at=float(data.get("created_at", 0.0)),
                 authorization=data.get("authorization"),
+                landing=Landing.from_json(data.get("landing")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a saga record: {exc}") from exc

@@ -27,6 +27,7 @@ from ..errors import (
     StorageElementTimeout,
     StorageElementUnavailable,
 )
+from ..saga.record import Removal
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ BODY_PARSE_FAILED: Final = "There was an error parsing the body"
 # A readiness answer of 200 whose body says otherwise (artStore's probe answers 200 with
 # "degraded" when its storage directory fails).
 _NOT_READY_STATUSES: Final = frozenset({"degraded", "not_ready", "unhealthy", "error"})
+# A gc delete's `status` when the element held the file (`deleted`: ours and artStore's) or
+# the upload in flight (`aborted`: ours, which then never commits it).
+GC_REMOVED: Final = frozenset({"deleted", "aborted"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,15 +189,28 @@ class StorageElementClient:
 
     async def gc_delete(
         self, element_id: str, api_url: str, file_id: str, *, authorization: str | None
-    ) -> bool:
-        """Remove a copy for compensation. True when it is gone (404 counts as gone)."""
+    ) -> Removal:
+        """Remove a copy for compensation: whether the element held something. `404`, and
+        artStore's `200 already_deleted`, say it held nothing; an answer that does not say
+        counts as that too (the cautious reading: see `SagaRecord.landing`)."""
         response = await self._call(
             "DELETE", element_id, f"{api_url}/api/v1/gc/{file_id}", authorization
         )
-        if response.status_code in (200, 204, 404):
-            return True
-        raise_for_status(response, element_id)
-        return False
+        if response.status_code not in (200, 204, 404):
+            raise_for_status(response, element_id)
+            raise StorageElementError(
+                f"{element_id} answered {response.status_code} to a removal",
+                element_id=element_id,
+                upstream_status=response.status_code,
+            )
+        if response.status_code == 200:
+            try:
+                status = response.json().get("status")
+            except (ValueError, AttributeError):
+                status = None
+            if status in GC_REMOVED:
+                return Removal.REMOVED
+        return Removal.ABSENT
 
     async def exists(
         self, element_id: str, api_url: str, file_id: str, *, authorization: str | None

@@ -28,7 +28,7 @@ from ..errors import IngesterError, StorageElementError
 from ..metrics import Metrics
 from ..resilience.breaker import BreakerBoard
 from ..resilience.retry import RetryBudget, RetryPolicy
-from ..saga.record import Copy
+from ..saga.record import Copy, Removal
 from ..settings import SEMode
 from .capabilities import Fit
 from .client import StorageElementClient
@@ -158,26 +158,32 @@ class ElementPool:
     async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
         """Remove what an abandoned upload may have left on `copy`'s element: True when it is
         gone. Shielded and bounded: it runs on the way out of cancelled uploads too."""
+        return await self.remove(copy, file_id, authorization) is not None
+
+    async def remove(self, copy: Copy, file_id: str, authorization: str | None) -> Removal | None:
+        """`compensate`, saying whether the element held something; None when the removal
+        could not be carried out now."""
         timeout_s = self._compensation_timeout_s
         with cleanup_scope(timeout_s):
             try:
                 if authorization is None:
                     authorization = await self.auth.authorization(None)
-                gone = await self.client.gc_delete(
+                removal = await self.client.gc_delete(
                     copy.element_id, copy.api_url, file_id, authorization=authorization
                 )
             except IngesterError as exc:
                 _compensation_failed(copy, file_id, exc.message)
-                return False
+                return None
             log.info(
-                "compensated %s on %s",
+                "compensated %s on %s (%s)",
                 file_id,
                 copy.element_id,
+                removal.value,
                 extra={"event": "compensated", "file_id": file_id},
             )
-            return gone
+            return removal
         _compensation_failed(copy, file_id, f"timed out after {timeout_s:g} s")
-        return False
+        return None
 
 
 def _compensation_failed(copy: Copy, file_id: str, why: str) -> None:

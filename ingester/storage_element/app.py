@@ -235,7 +235,7 @@ def create_storage_element_app(
         canonical = parse_file_id(file_id)
         if artstore:
             try:
-                found: str | None = await store.gc_delete(canonical)
+                found: str | None = await store.gc_delete(canonical, abort_in_flight=False)
             except FileNotFound:
                 found = None
             return compat.gc_deleted(canonical, found, principal)

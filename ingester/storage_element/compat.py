@@ -25,7 +25,12 @@ does and the reference element does not:
 - **Errors** are FastAPI's `{"detail": "..."}`, not our envelope.
 - **`GET /api/v1/files/{id}`** has no `created_by_id`, `metadata` or `retention_policy`.
 - **`DELETE /api/v1/files/{id}`** needs the operator or admin role.
-- **`DELETE /api/v1/gc/{id}`** answers `200` for an unknown file too (`already_deleted`).
+- **`DELETE /api/v1/gc/{id}`** answers `200` for an unknown file too (`already_deleted`),
+  and for one whose upload is still being written: it knows nothing of uploads in flight.
+- **After the last byte** its route writes the file and commits it, and finishes that whether
+  or not the client is still there (Starlette does not cancel a route when its client goes):
+  an upload abandoned after its last byte is stored all the same, and a gc delete that comes
+  first answers `already_deleted`. `--artstore-write-delay-s` makes that write take a while.
 - **`GET /api/v1/info`**: `name, display_name, version, mode, storage_type, base_path,
   capacity_bytes, used_bytes, file_count, status` (`operational`, `maintenance` in `ar`),
   `timestamp`; no `element_id`, `priority`, `free_bytes` or capability flags.
@@ -209,7 +214,17 @@ async def upload(
             if pending.size == 0:
                 # Its attribute record requires file_size > 0; the file service rolls back.
                 raise ArtStoreAnswer(500, CREATE_FAILED)
-            record = await pending.commit(form.new_file(file_id or str(uuid.uuid4()), principal))
+            # The body is in: its route writes the file and commits it to completion whether
+            # or not the client is still there (a gc delete meanwhile finds nothing).
+            log.info(
+                "body of %d bytes received; writing the file",
+                pending.size,
+                extra={"event": "se_body_received", "file_id": file_id},
+            )
+            new = form.new_file(file_id or str(uuid.uuid4()), principal)
+            with trio.CancelScope(shield=True):
+                await trio.sleep(config.artstore_write_delay_s)
+                record = await pending.commit(new)
     except FileExists as exc:
         await drain(body, config.client_idle_timeout_s)
         raise ArtStoreAnswer(

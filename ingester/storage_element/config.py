@@ -33,6 +33,8 @@ class ElementConfig:
     artstore_compat: bool = False
     # With it: the temporary disk FastAPI spools forms to (`compat.TempSpace`); None: unbounded.
     artstore_tmp_bytes: int | None = None
+    # With it: how long its write of the file after the last byte takes (`compat.upload`).
+    artstore_write_delay_s: float = 0.0
 
     @property
     def allows_upload(self) -> bool:

@@ -80,6 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "more, the upload is answered 400 'There was an error parsing the body'. Default: "
         "unbounded",
     )
+    parser.add_argument(
+        "--artstore-write-delay-s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --artstore-compat: how long its write of the file after the last byte of "
+        "the body takes (artStore's element writes it then, and finishes it whoever hung up; "
+        "a gc delete meanwhile finds nothing). Default: 0",
+    )
 
 
 def storage_element_command(args: argparse.Namespace) -> int:
@@ -89,11 +98,15 @@ def storage_element_command(args: argparse.Namespace) -> int:
     from .config import ElementConfig
 
     logs.configure(args.log_format, args.log_level.upper())
-    if args.artstore_tmp_bytes is not None and not args.artstore_compat:
-        print(
-            "ingester storage-element: --artstore-tmp-bytes needs --artstore-compat",
-            file=sys.stderr,
-        )
+    for flag, given in (
+        ("--artstore-tmp-bytes", args.artstore_tmp_bytes is not None),
+        ("--artstore-write-delay-s", args.artstore_write_delay_s != 0.0),
+    ):
+        if given and not args.artstore_compat:
+            print(f"ingester storage-element: {flag} needs --artstore-compat", file=sys.stderr)
+            return 2
+    if args.artstore_write_delay_s < 0:
+        print("ingester storage-element: --artstore-write-delay-s is negative", file=sys.stderr)
         return 2
     config = ElementConfig(
         element_id=args.element_id or f"se-{args.mode}",
@@ -107,6 +120,7 @@ def storage_element_command(args: argparse.Namespace) -> int:
         graceful_timeout_s=args.graceful_timeout,
         artstore_compat=args.artstore_compat,
         artstore_tmp_bytes=args.artstore_tmp_bytes,
+        artstore_write_delay_s=args.artstore_write_delay_s,
     )
     set_socket_read_size(SOCKET_READ_SIZE)
     # Bodies as the socket returns them, as the real element's C parser (httptools) does.

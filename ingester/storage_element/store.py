@@ -405,14 +405,15 @@ class FileStore:
         )
         return record
 
-    async def gc_delete(self, file_id: str) -> str:
+    async def gc_delete(self, file_id: str, *, abort_in_flight: bool = True) -> str:
         """Compensation: `deleted`, or `aborted` for an upload of this id still in flight
-        (it will not be committed). `FileNotFound` when neither."""
+        (it will not be committed; unless not `abort_in_flight`, as artStore's element, which
+        knows nothing of uploads in flight). `FileNotFound` when neither."""
         if file_id in self._index:
             await self.delete(file_id)
             return "deleted"
         pending = self._in_flight.get(file_id)
-        if pending is not None:
+        if pending is not None and abort_in_flight:
             pending.doomed = True
             log.info("gc aborted the upload of %s in flight", file_id, extra={"file_id": file_id})
             return "aborted"

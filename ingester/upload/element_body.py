@@ -113,6 +113,8 @@ class SEUploadBody(httpx.AsyncByteStream):
         # fits in one piece (with a Content-Length, h11 then sends it without a copy).
         self._rest_whole: bytes | None = None
         self.started = False
+        # The last piece (the tail) was handed out: the element may have the whole body.
+        self.ended = False
         # The body's length when known beforehand (sent as Content-Length; else chunked),
         # and the bytes handed out so far, checked against it before the tail goes.
         self.declared: int | None = None
@@ -162,6 +164,7 @@ class SEUploadBody(httpx.AsyncByteStream):
                         f"the element body was declared as {self.declared} bytes, "
                         f"but it comes to {self._handed + len(piece)}"
                     )
+                self.ended = True
                 break
             raise StopAsyncIteration
         self._handed += len(piece)

@@ -542,12 +542,13 @@ class UploadPipeline:
                     error: StorageElementError | None = None
                     # The stall watchdog or a breaker trip cancels this scope: the attempt
                     # ends, the upload goes on elsewhere.
-                    reported = False
+                    reported = answered = False
+                    copy = Copy(element.id, element.api_url)
                     try:
                         # Written before the first byte leaves: if this process dies, whoever
                         # takes the record over knows where to look. Inside the `try`: a
                         # half-open trial taken above must go back if this fails.
-                        await saga.sending_to(Copy(element.id, element.api_url))
+                        await saga.sending_to(copy)
                         with pool.attempt(element.id, upload), trio.CancelScope() as attempt:
                             upload.attempt = attempt
                             try:
@@ -560,12 +561,19 @@ class UploadPipeline:
                                     extra_headers={"X-Request-ID": upload.request.upload_id},
                                     content_length=body.declared,
                                 )
+                                answered = True
                             except StorageElementError as exc:
                                 error = exc
+                                answered = exc.upstream_status is not None
                         reported = True
                     finally:
                         if not reported and took_trial:
                             pool.breakers.breaker(element.id).release_trial(trio.current_time())
+                        if body.ended and not answered:
+                            # Its element may be writing the file still (artStore's writes
+                            # it after the last byte, and finishes whoever hung up): a
+                            # removal that finds nothing now is checked again later.
+                            saga.may_land(copy)
                     upload.attempt = None
                     upload.in_flight_since = None
                     if upload.tripped:
@@ -607,7 +615,6 @@ class UploadPipeline:
                         # once that is confirmed it may be tried again in a later round.
                         # Otherwise its copy is removed in the background, and it is never
                         # used again by this upload (a late removal must not hit a new copy).
-                        copy = Copy(element.id, element.api_url)
                         removed = move.remove_now and await saga.remove_now(copy)
                         failover.copy_removed(element.id, confirmed=removed)
                         if not removed:

@@ -45,6 +45,7 @@ from tests.support.processes import (
     start_ingester,
     start_storage_element,
 )
+from tests.support.waiting import eventually
 
 SERVICE_ACCOUNT: Final = "ingester-svc"
 UPLOAD_REQUEST: Final = "POST /api/v1/files/upload"
@@ -124,6 +125,15 @@ async def finalized(http: httpx.AsyncClient, url: str, file_id: str, token: str)
         if state["status"] in ("done", "rolled_back"):
             return state
         await trio.sleep(0.05)
+
+
+def logged(proc: ManagedProcess, event: str) -> list[dict[str, Any]]:
+    """The process's JSON log lines of `event`."""
+    return [
+        line
+        for text in proc.log_lines()
+        if text.startswith("{") and (line := json.loads(text)).get("event") == event
+    ]
 
 
 def attr_of(se: StorageElementProcess, file_id: str) -> dict[str, Any]:
@@ -578,6 +588,148 @@ async def test_an_element_whose_temporary_disk_is_full_is_failed_over_not_blamed
                 assert hashlib.sha256(stored).hexdigest() == body.sha256
         assert upload_requests(cramped) == 1
         assert [p for p in cramped.stored_files() if p.name != ".lock"] == []
+
+
+async def test_a_file_stored_after_its_client_left_past_the_last_byte_is_removed(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory, token_factory: SignedTokens
+) -> None:
+    """artStore's element writes the file after the last byte and finishes whoever hung up.
+    A client that leaves between the two cancels its upload, and the removal sent at once
+    finds nothing (`already_deleted`): the saga checks the element again, and removes the
+    file once it has landed. Nothing is left."""
+    async with contextlib.AsyncExitStack() as stack:
+        slow = start_storage_element(
+            tmp_path,
+            element_id="as-slow",
+            mode="edit",
+            public_key=keypair.public_path,
+            artstore_compat=True,
+            extra_args=("--artstore-write-delay-s", "2", "--log-format", "json"),
+        )
+        stack.callback(slow.terminate)
+        assert isinstance(slow, StorageElementProcess)
+        ingester = start_ingester(
+            tmp_path,
+            name="ingester",
+            public_key=keypair.public_path,
+            elements=[slow.registry_entry()],
+            env={
+                "INGESTER_SE_AUTH": "static",
+                "INGESTER_SE_TOKEN": token_factory(sub=SERVICE_ACCOUNT, name=SERVICE_ACCOUNT),
+                "INGESTER_SAGA_RECHECK_S": "8",
+                "INGESTER_COMPENSATION_BACKOFF_MAX_S": "1",
+            },
+        )
+        stack.callback(ingester.terminate)
+        ingester.wait_ready()
+        body = MultipartUpload(random_chunks(2 * MIB, seed=31))
+        payload = b"".join(body.parts())
+        head = (
+            f"POST /api/v1/files/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {token()}\r\nContent-Type: {body.content_type}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        port = int(ingester.url.rsplit(":", 1)[1])
+
+        with trio.fail_after(40):
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(head + payload)
+            # Every byte is on the element, which writes the file now; the client leaves.
+            await eventually(lambda: bool(logged(slow, "se_body_received")), timeout_s=20)
+            await client.aclose()
+            file_id = logged(slow, "se_body_received")[0]["file_id"]
+
+            def left() -> list[Path]:
+                return [p for p in slow.stored_files() if p.name != ".lock"]
+
+            # The file lands 2 s after the removal that found nothing; the saga's next check
+            # removes it (the recheck window is 8 s).
+            with contextlib.suppress(trio.TooSlowError):
+                await eventually(
+                    lambda: not left() and bool(logged(slow, "se_deleted")), timeout_s=15
+                )
+        assert left() == [], "the file stored after its client left is still on the element"
+        assert [line["file_id"] for line in logged(slow, "se_deleted")] == [file_id]
+        # The removals before it landed found nothing, and the saga said it would check again.
+        assert {line["file_id"] for line in logged(ingester, "compensation_recheck")} == {file_id}
+
+
+async def test_a_finalization_copy_stored_after_its_timeout_is_removed(
+    tmp_path: Path, keypair: KeyPair, token: TokenFactory, token_factory: SignedTokens
+) -> None:
+    """The permanent copy goes first to an artStore element whose write after the last byte
+    outlasts the ingester's response timeout: the copy moves on to the next rw element and
+    is committed there, and the first element stores its copy after all, when the removal
+    sent at once had found nothing. The finalization checks that element again and removes
+    the late copy before it is done: one permanent copy, nothing left."""
+    async with contextlib.AsyncExitStack() as stack:
+        elements = []
+        for element_id, mode, delay in (
+            ("as-temp", "edit", "0"),
+            ("as-slow", "rw", "3"),
+            ("as-good", "rw", "0"),
+        ):
+            extra = ["--log-format", "json"]
+            if delay != "0":
+                extra += ["--artstore-write-delay-s", delay]
+            se = start_storage_element(
+                tmp_path,
+                element_id=element_id,
+                mode=mode,
+                public_key=keypair.public_path,
+                artstore_compat=True,
+                extra_args=extra,
+            )
+            stack.callback(se.terminate)
+            assert isinstance(se, StorageElementProcess)
+            elements.append(se)
+        temp, slow, good = elements
+        ingester = start_ingester(
+            tmp_path,
+            name="ingester",
+            public_key=keypair.public_path,
+            elements=[
+                temp.registry_entry(),
+                slow.registry_entry(priority=10),
+                good.registry_entry(priority=20),
+            ],
+            env={
+                "INGESTER_SE_AUTH": "static",
+                "INGESTER_SE_TOKEN": token_factory(sub=SERVICE_ACCOUNT, name=SERVICE_ACCOUNT),
+                "INGESTER_SE_RESPONSE_TIMEOUT_S": "1",
+                "INGESTER_SAGA_RECHECK_S": "8",
+                "INGESTER_COMPENSATION_BACKOFF_MAX_S": "1",
+                "INGESTER_FINALIZE_SOURCE_DELETE_DELAY_S": "0.2",
+            },
+        )
+        stack.callback(ingester.terminate)
+        ingester.wait_ready()
+        with trio.fail_after(60):
+            async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+                body = MultipartUpload(
+                    random_chunks(2 * MIB, seed=37), fields=[("retention_policy", "temporary")]
+                )
+                response = await post_upload(http, ingester.url, token(), body)
+                assert response.status_code == 201, response.text
+                file_id = response.json()["file_id"]
+                state = await finalized(http, ingester.url, file_id, token())
+                assert state["status"] == "done", state
+                assert state["storage_element_id"] == "as-good"
+                stored = await downloaded(http, good, file_id, token())
+                assert hashlib.sha256(stored).hexdigest() == body.sha256
+
+            def late_copies() -> list[Path]:
+                return [p for p in slow.stored_files() if p.name != ".lock"]
+
+            # The slow element got the whole copy, and wrote it 3 s later.
+            assert [line["file_id"] for line in logged(slow, "se_body_received")] == [file_id]
+            with contextlib.suppress(trio.TooSlowError):
+                await eventually(
+                    lambda: not late_copies() and bool(logged(slow, "se_deleted")), timeout_s=12
+                )
+        assert late_copies() == [], "the copy stored after its timeout is still there"
+        assert [line["file_id"] for line in logged(slow, "se_deleted")] == [file_id]
+        assert [p for p in temp.stored_files() if p.name != ".lock"] == []
 
 
 async def test_an_identical_refusal_from_two_elements_ends_the_upload(

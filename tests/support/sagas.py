@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ingester.saga.record import Copy
+from ingester.saga.record import Copy, Removal
 
 
 class Elements:
@@ -11,6 +11,9 @@ class Elements:
     def __init__(self) -> None:
         self.removed: list[Copy] = []
 
-    async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
+    async def remove(self, copy: Copy, file_id: str, authorization: str | None) -> Removal:
         self.removed.append(copy)
-        return True
+        return Removal.REMOVED
+
+    async def compensate(self, copy: Copy, file_id: str, authorization: str | None) -> bool:
+        return await self.remove(copy, file_id, authorization) is not None

@@ -91,6 +91,7 @@ def test_wire_format_round_trip() -> None:
     t.move(TxState.COPYING, 1.0)
     t.sending_to(A)
     t.authorization = "Bearer x"
+    t.landing.note(A, 1700000600.0)
     back = Transaction.from_json(t.to_json())
     assert back == t
     with pytest.raises(ValueError, match="not a finalization record"):

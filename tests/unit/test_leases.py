@@ -323,6 +323,26 @@ async def test_retry_never_spins_and_goes_on_from_the_failures_given(
         assert heard == [backoff_s(7, POLICY, half)]
 
 
+async def test_a_round_that_knows_when_it_is_due_is_not_kept_waiting_by_the_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A saga copy that may still land is checked again as its window closes, however long
+    the backoff has grown (`TryAgain(within_s=)`); never sooner than the floor."""
+    with trio.fail_after(60):
+        heard: list[float] = []
+        left = [TryAgain(within_s=0.0), TryAgain(within_s=0.5)]
+
+        async def round_() -> None:
+            if left:
+                raise left.pop()
+
+        start = trio.current_time()
+        await retry(round_, POLICY, half, failures=6, on_retry=lambda _, w: heard.append(w))
+        assert backoff_s(7, POLICY, half) > 0.5
+        assert heard == [0.5, MIN_WAIT_S]
+        assert trio.current_time() - start == pytest.approx(0.5 + MIN_WAIT_S)
+
+
 async def test_retry_gives_up_with_the_last_error_at_its_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -27,7 +27,7 @@ from ingester.metrics import Metrics
 from ingester.resilience.retry import RetryPolicy
 from ingester.saga.book import CLOCK_MARGIN_S, Saga, SagaBook
 from ingester.saga.commit import ResultWrite
-from ingester.saga.record import Copy, SagaRecord
+from ingester.saga.record import Copy, Removal, SagaRecord
 from ingester.saga.store import MemorySagaStore, StoreUnavailable
 from tests.support.lost_replies import fail_as_redis
 from tests.support.sagas import Elements
@@ -73,7 +73,7 @@ class GatedStore(MemorySagaStore):
         return len(self._records)
 
 
-async def never_compensate(copy: Copy, file_id: str, authorization: str | None) -> bool:
+async def never_compensate(copy: Copy, file_id: str, authorization: str | None) -> Removal | None:
     raise AssertionError("nothing is to be compensated here")
 
 
@@ -85,7 +85,7 @@ async def one_saga(
     and one upload's saga."""
     book = SagaBook(
         store,
-        never_compensate if elements is None else elements.compensate,
+        never_compensate if elements is None else elements.remove,
         Metrics(),
         lease_s=lease_s,
         janitor_interval_s=1.0,

@@ -138,7 +138,7 @@ class Running:
         self.elements = Elements()
         self.book = SagaBook(
             store,
-            self.elements.compensate,
+            self.elements.remove,
             Metrics(),
             lease_s=30.0,
             janitor_interval_s=10.0,

@@ -94,9 +94,29 @@ def test_json_round_trip_keeps_everything() -> None:
     r.last_error = "se-a: cannot connect"
     r.created_at = 1700000000.5
     r.authorization = "Bearer abc"
+    r.landing.note(A, 1700000600.0)
     again = SagaRecord.from_json(r.to_json())
     assert again == r
     assert again.targets() == [A]
+    assert again.landing.open_until(A, 1700000000.0) == 1700000600.0
+
+
+def test_a_copy_that_may_still_land_is_open_until_its_window_closes_or_it_is_gone() -> None:
+    r = record()
+    r.add_copy(A)
+    r.add_copy(B)
+    r.landing.note(A, 100.0)
+    r.landing.note(A, 90.0)  # an earlier end never shortens a window
+    assert r.landing.open_until(A, 99.9) == 100.0
+    assert r.landing.open_until(A, 100.0) is None
+    assert r.landing.open_until(B, 0.0) is None
+    assert r.landing.next_end(r.copies, 40.0) == 60.0
+    assert r.landing.next_end(r.copies, 100.0) is None
+    r.forget(A)
+    assert r.landing.open_until(A, 0.0) is None
+    r.landing.note(B, 50.0)
+    r.settle_success(B)  # the kept copy is not removed: nothing to watch
+    assert r.landing.until == {}
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 MIB = 1024 * 1024
 BOUNDARY = "test-boundary-0123456789"
 ELEMENTS = {"se-a": ("edit", 1), "se-b": ("edit", 2), "se-r": ("rw", 1)}
+# How long an element sent a whole body it never answered may still store it (virtual s).
+RECHECK_S = 120
 
 
 @dataclass
@@ -72,6 +74,10 @@ class Element:
     # How each upload request's body was framed: its Content-Length, or "chunked"; and the
     # bytes that came.
     framing: list[tuple[str, int]] = field(default_factory=list)
+    # As artStore's element: the file is written after the last byte, once this is set, and
+    # the write goes on whether or not the caller is still there (`body_in` is set first).
+    write_gate: trio.Event | None = None
+    body_in: trio.Event = field(default_factory=trio.Event)
 
 
 class Elements(httpx.AsyncBaseTransport):
@@ -81,6 +87,8 @@ class Elements(httpx.AsyncBaseTransport):
     def __init__(self) -> None:
         self.by_port = {port: name for port, name in enumerate(ELEMENTS, start=1)}
         self.elements = {name: Element() for name in ELEMENTS}
+        # Where writes that outlive their request run (`Element.write_gate`).
+        self.background: trio.Nursery | None = None
 
     def __getitem__(self, name: str) -> Element:
         return self.elements[name]
@@ -94,8 +102,9 @@ class Elements(httpx.AsyncBaseTransport):
                 await element.delete_gate.wait()
             file_id = request.url.path.rsplit("/", 1)[1]
             element.removed.append(file_id)
-            element.files.pop(file_id, None)
-            return httpx.Response(204)
+            if element.files.pop(file_id, None) is None:
+                return httpx.Response(404, json={"detail": "not found"})
+            return httpx.Response(200, json={"file_id": file_id, "status": "deleted"})
         assert request.url.path == "/api/v1/files/upload"
         received = bytearray()
         framing = request.headers.get("Content-Length") or request.headers["Transfer-Encoding"]
@@ -110,7 +119,20 @@ class Elements(httpx.AsyncBaseTransport):
         if element.refuse is not None:
             return httpx.Response(element.refuse, json={"detail": "Invalid token"})
         fields, data = parse_form(bytes(received), request.headers["Content-Type"])
-        element.files[fields["file_id"]] = data
+        if element.write_gate is not None:
+            written = trio.Event()
+
+            async def write(gate: trio.Event) -> None:
+                await gate.wait()
+                element.files[fields["file_id"]] = data
+                written.set()
+
+            assert self.background is not None
+            self.background.start_soon(write, element.write_gate)
+            element.body_in.set()
+            await written.wait()
+        else:
+            element.files[fields["file_id"]] = data
         return httpx.Response(
             201,
             json={
@@ -318,12 +340,14 @@ async def world(settings: Settings, tmp_path: Path) -> AsyncIterator[World]:
         store = MemorySagaStore()
         sagas = SagaBook(
             store,
-            pool.compensate,
+            pool.remove,
             metrics,
             lease_s=30,
             janitor_interval_s=10,
             backoff=RetryPolicy(base_s=1, cap_s=5, max_attempts=1),
             compensation_timeout_s=10,
+            recheck_s=RECHECK_S,
+            wall_clock=trio.current_time,
         )
         memory = MemoryBudget(settings.memory_budget_bytes)
         files = SpoolFiles(tmp_path, keep_bytes=0)
@@ -342,6 +366,7 @@ async def world(settings: Settings, tmp_path: Path) -> AsyncIterator[World]:
             settings, pool=pool, sagas=sagas, metrics=metrics, spool_for=spool_for
         )
         async with trio.open_nursery() as nursery:
+            elements.background = nursery
             await nursery.start(sagas.run)
             yield World(pipeline, elements, sagas, store, settings, metrics, memory)
             nursery.cancel_scope.cancel()
@@ -562,3 +587,36 @@ async def test_a_replay_never_puts_its_file_where_a_late_removal_of_the_same_id_
         slow.delete_gate.set()  # the removals land now
         await trio.sleep(60)  # the compensator's rounds, virtual time
     assert list(stored(world)) == [("se-b", result["file_id"], data)]
+
+
+async def test_a_copy_stored_after_its_upload_was_abandoned_past_the_last_byte_is_removed(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    """artStore's element writes the file after the last byte and finishes whoever hung up.
+    The client goes between the two: the removal at once finds nothing, which proves
+    nothing; the saga checks again and removes the file once it is there."""
+    data = random_bytes(MIB + 5)
+    slow = world.elements["se-a"]
+    slow.write_gate = trio.Event()
+    with trio.fail_after(600):
+        with trio.CancelScope() as client:
+
+            async def client_goes() -> None:
+                await slow.body_in.wait()
+                client.cancel()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client_goes)
+                await world.upload(form({"compress": "false"}, data, {}))
+        assert client.cancelled_caught
+        file_id = slow.removed[0]  # removed at once: not there yet
+        assert slow.files == {}
+        # Kept in the record: the element may still store it.
+        assert len(world.store._records) == 1
+        slow.write_gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert list(slow.files) == [file_id]  # the late write landed
+        await trio.sleep(RECHECK_S + 10)  # the compensator's rounds, virtual time
+    assert list(stored(world)) == []
+    assert slow.removed.count(file_id) >= 2
+    assert world.store._records == {}
