@@ -108,7 +108,7 @@ def stored_as(
 
 
 def stored_name(filename: str, *, any_name: bool) -> str:
-    """The file name an element is given, so that it can serve the file back.
+    """The file name an element is given, so that it can store it and serve the file back.
 
     artStore's element writes the name raw into its download's Content-Disposition, which
     Starlette encodes as Latin-1: a name with any other character (Cyrillic, CJK, an emoji)
@@ -116,7 +116,10 @@ def stored_name(filename: str, *, any_name: bool) -> str:
     file by downloading it. Toward an element that does not say its downloads carry any name
     (`serves_any_name`), such a name goes percent-encoded: its non-ASCII characters and `%`
     as the `%XX` of their UTF-8 bytes, the rest as it is. It stays whole and can be read
-    back; the Admin Module records the original (`stored_filename` beside it)."""
+    back; the Admin Module records the original (`stored_filename` beside it).
+
+    A Latin-1 name goes as it is, but cut (`fits_artstore_files`) where its storage file's
+    name would pass the file system's 255 bytes."""
     if any_name:
         return filename
     try:
@@ -126,7 +129,42 @@ def stored_name(filename: str, *, any_name: bool) -> str:
             char if " " <= char <= "~" and char != "%" else quote(char, safe="")
             for char in filename
         )
-    return filename
+    return fits_artstore_files(filename)
+
+
+# artStore's element names its files after the original name: `<stem>_<uploader>_<time>_<32
+# hex><ext>`, cut to 200 characters (by shortening the stem), then `<that>.attr.json` beside
+# it. A file system name holds 255 bytes: those 200 characters may take 45 bytes more in
+# UTF-8, whatever the uploader's name and wherever the cut.
+ARTSTORE_NAME_CHARS: Final = 200
+ARTSTORE_ATTR_SUFFIX: Final = ".attr.json"
+NAME_MAX_BYTES: Final = 255
+EXTRA_BYTES: Final = NAME_MAX_BYTES - ARTSTORE_NAME_CHARS - len(ARTSTORE_ATTR_SUFFIX)
+
+
+def _extra_bytes(text: str) -> int:
+    """What UTF-8 takes beyond one byte per character."""
+    return len(text.encode()) - len(text)
+
+
+def fits_artstore_files(filename: str) -> str:
+    """`filename` with its stem cut short enough that artStore's element can name its files
+    after it (one of two bytes per character in UTF-8, as accented Latin letters are, fails
+    the write past 45 of them: `500 "Failed to create file"` on every element). A name
+    within that goes as it is."""
+    if _extra_bytes(filename) <= EXTRA_BYTES:
+        return filename
+    dot = filename.rfind(".")
+    stem, ext = (filename[:dot], filename[dot:]) if dot > 0 else (filename, "")
+    if _extra_bytes(ext) > EXTRA_BYTES:
+        stem, ext = filename, ""
+    budget = EXTRA_BYTES - _extra_bytes(ext)
+    kept = 0
+    for length, char in enumerate(stem):
+        kept += len(char.encode()) - 1
+        if kept > budget:
+            return stem[:length] + ext
+    return stem + ext  # pragma: no cover - the whole name was over
 
 
 def compressed_by_metadata(metadata: Mapping[str, Any]) -> str | None:

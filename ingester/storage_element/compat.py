@@ -19,6 +19,9 @@ does and the reference element does not:
   parsing the body"}` and the route never runs: nothing is stored. `--artstore-tmp-bytes`
   gives the compat element such a disk (`TempSpace`): the body bytes past the first MiB of
   every upload in flight count against it.
+- **Its file names** are made of the upload's name (`<stem>_<uploader>_<time>_<hex><ext>`,
+  cut to 200 characters), and `<that>.attr.json`: past 255 bytes in UTF-8 the write fails,
+  `500 "Failed to create file"` (`check_storage_name`).
 - **Download** of a file whose name is not Latin-1 text fails, `500 {"detail": "Failed to
   download file"}`: the name goes raw into Content-Disposition, which Starlette encodes as
   Latin-1 (`check_download_name`).
@@ -222,6 +225,7 @@ async def upload(
                 extra={"event": "se_body_received", "file_id": file_id},
             )
             new = form.new_file(file_id or str(uuid.uuid4()), principal)
+            check_storage_name(new.original_filename, principal.username)
             with trio.CancelScope(shield=True):
                 await trio.sleep(config.artstore_write_delay_s)
                 record = await pending.commit(new)
@@ -242,6 +246,29 @@ async def upload(
         "checksum": record.checksum,
         "message": "File uploaded successfully",
     }
+
+
+# Its storage names: `<stem>_<uploader>_<YYYYmmddTHHMMSS>_<32 hex><ext>`, the stem cut so that
+# the whole is at most 200 characters; `<name>.attr.json` is written beside the file.
+STORAGE_NAME_CHARS: Final = 200
+FIXED_NAME_CHARS: Final = 1 + 1 + 15 + 1 + 32
+NAME_MAX_BYTES: Final = 255
+
+
+def check_storage_name(filename: str, username: str) -> None:
+    """artStore's element names its files after the upload's name; one that passes the file
+    system's 255 bytes in UTF-8 (many two-byte letters) fails the write: `500 "Failed to
+    create file"`."""
+    dot = filename.rfind(".")
+    stem, ext = (filename[:dot], filename[dot:]) if dot > 0 else (filename, "")
+    keep = STORAGE_NAME_CHARS - FIXED_NAME_CHARS - len(username) - len(ext)
+    name = f"{stem[: max(keep, 1)]}_{username}_{'0' * 15}_{'0' * 32}{ext}"
+    if len((name + ".attr.json").encode()) > NAME_MAX_BYTES:
+        log.warning(
+            "the storage name of %r passes %d bytes", filename, NAME_MAX_BYTES,
+            extra={"event": "se_upload_failed"},
+        )  # fmt: skip
+        raise ArtStoreAnswer(500, CREATE_FAILED)
 
 
 def _is_uuid(raw: str) -> bool:

@@ -532,6 +532,30 @@ async def test_a_cyrillic_name_is_stored_so_that_it_can_be_downloaded_and_finali
             assert record["original_filename"] == sent
 
 
+async def test_a_long_accented_name_is_cut_so_that_artstore_can_write_the_file(
+    compat: Stack, token: TokenFactory
+) -> None:
+    """artStore names its files after the upload's name, cut to 200 characters: in accented
+    letters (two bytes each) that passed the file system's 255 bytes, and every element
+    failed the write (`502` after two). The name is cut where its files fit; our answer
+    keeps it whole."""
+    name = "àéèêëïîôùûüç" * 10 + ".pdf"  # 244 bytes: a name the ingester takes whole
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            body = MultipartUpload(
+                random_chunks(MIB + 3, seed=43), filename=name, fields=[("compress", "false")]
+            )
+            response = await post_upload(http, compat.url, token(), body)
+            assert response.status_code == 201, response.text
+            result = response.json()
+            assert result["original_filename"] == name
+            record = await element_record(http, compat.se_edit, result["file_id"], token())
+            sent = record["original_filename"]
+            assert sent == "àéèêëïîôùûüç" * 3 + "àéèêëïîôù.pdf"  # 45 letters of two bytes
+            stored = await downloaded(http, compat.se_edit, result["file_id"], token())
+            assert hashlib.sha256(stored).hexdigest() == body.sha256
+
+
 # --- refusals, modes, mixed elements -----------------------------------------------------------
 
 

@@ -172,6 +172,31 @@ def test_a_name_an_element_could_not_serve_goes_percent_encoded(name: str, sent:
     assert compressed == stored_as(name + ".gz", "", None, StoredForm.OFF, any_name=False)[0]
 
 
+@pytest.mark.parametrize(
+    ("name", "sent"),
+    [
+        ("é" * 45 + ".pdf", "é" * 45 + ".pdf"),  # within: as it is
+        ("é" * 46 + ".pdf", "é" * 45 + ".pdf"),
+        # Four two-byte letters in eight characters: 45 of them fit.
+        ("Ünïcödé " * 40 + "report.docx", "Ünïcödé " * 11 + "Ün.docx"),
+        ("a" * 500 + ".txt", "a" * 500 + ".txt"),  # ASCII: artStore cuts it itself
+        ("ü" * 100, "ü" * 45),  # no extension
+        ("x." + "é" * 60, "x." + "é" * 45),  # an "extension" over the budget: cut as a stem
+    ],
+)
+def test_a_latin_1_name_is_cut_where_artstore_could_not_name_its_files_after_it(
+    name: str, sent: str
+) -> None:
+    """artStore names its files after the first 200 characters of the name (with the
+    uploader's name, a time and 32 hex digits), plus `.attr.json`: in two-byte characters
+    that passed the file system's 255 bytes, and every write failed. The 200 characters may
+    take 45 bytes more than one per character, so a name is cut to that."""
+    got = stored_as(name, "text/plain", None, StoredForm.OFF, any_name=False)[0]
+    assert got == sent
+    assert len(got.encode()) - len(got) <= 45
+    assert stored_as(name, "text/plain", None, StoredForm.OFF, any_name=True)[0] == name
+
+
 def test_our_metadata_names_the_algorithm() -> None:
     facts = {"compressed": True, "compression_algorithm": "brotli"}
     assert compressed_by_metadata({"_ingester": facts}) == "brotli"
