@@ -303,14 +303,22 @@ class SagaBook:
         self,
         saga: Saga,
         *,
-        must_exist: bool = False,
+        must_exist: bool | None = None,
         strict: bool = False,
         result: ResultWrite | None = None,
     ) -> bool:
         """Write the record (with `result`, see `SagaStore.put`). False only when the store
-        says it is not ours. A store that is away raises `StoreUnavailable` when `strict`;
-        otherwise it leaves the saga unsynced (the lease keeper writes it later) and returns
-        True."""
+        says it is not ours: then the saga is lost. A store that is away raises
+        `StoreUnavailable` when `strict`; otherwise it leaves the saga unsynced (the lease
+        keeper writes it later) and returns True.
+
+        A record once written must still be there (`must_exist`, by default whether one
+        was): gone, another replica's janitor claimed it and undid the upload while this
+        process could not reach the store. Written again, it would be this process's once
+        more, the renewal that follows would find it ours, and the upload would be
+        acknowledged on a copy that was removed (found by a review)."""
+        if must_exist is None:
+            must_exist = saga.written
         due = time.time() + self.lease_s
         try:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
@@ -329,6 +337,13 @@ class SagaBook:
         if ok:
             saga.synced = saga.written = True
             saga.unconfirmed_due = None
+        elif not saga.lost:
+            saga.lost = True
+            log.warning(
+                "saga %s is no longer this process's: another ingester took it over",
+                saga.upload_id,
+                extra={"event": "saga_lost"},
+            )
         return ok
 
     async def finish(self, saga: Saga, *, result: ResultWrite | None = None) -> bool:
@@ -464,18 +479,19 @@ class SagaBook:
         self._spawn(self._compensator, saga)
 
     async def _compensator(self, saga: Saga) -> None:
-        """Remove every copy left, with backoff between rounds, until done or lost."""
+        """Remove every copy left, with backoff between rounds, until done. A saga this
+        process lost goes on too: its record may be gone because the store lost it, not
+        because a replica took it over, and removing a copy twice does no harm (a lost saga
+        is never acknowledged, so none of its copies is kept; its record writes and its
+        delete change nothing that is not this process's)."""
         record = saga.record
 
-        async def round_() -> bool:
-            """True once every copy is gone; False when the saga was taken over."""
-            if saga.lost:
-                return False
+        async def round_() -> None:
             for copy in record.targets():
                 if await self.compensate_now(saga, copy):
                     record.forget(copy)
             if not record.targets():
-                return True
+                return
             record.attempts += 1
             record.last_error = f"{len(record.copies)} copies could not be removed yet"
             async with saga.lock:
@@ -487,13 +503,7 @@ class SagaBook:
 
         try:
             # The backoff goes on from the attempts the record carries (a claimed one's too).
-            if not await retry(round_, self.backoff, self._random.random, failures=record.attempts):
-                log.info(
-                    "saga %s was taken over by another ingester",
-                    saga.upload_id,
-                    extra={"event": "saga_lost"},
-                )
-                return
+            await retry(round_, self.backoff, self._random.random, failures=record.attempts)
             log.info(
                 "saga %s compensated after %d retries",
                 saga.upload_id,

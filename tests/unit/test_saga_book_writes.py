@@ -22,7 +22,7 @@ import pytest
 import trio
 import trio.testing
 
-from ingester.errors import SagaStoreUnavailable
+from ingester.errors import SagaStoreUnavailable, SagaTakenOver
 from ingester.metrics import Metrics
 from ingester.resilience.retry import RetryPolicy
 from ingester.saga.book import CLOCK_MARGIN_S, Saga, SagaBook
@@ -195,5 +195,38 @@ async def test_an_unconfirmed_record_whose_lease_ran_out_fails_the_upload_cleanl
             # ... but failed, its copy removed and its record gone.
             await saga.failed(COPY)
             book.end(saga)
+        assert elements.removed == [COPY]
+        assert store.records() == 0
+
+
+async def test_a_record_undone_by_another_replica_is_not_written_back_and_not_acknowledged() -> (
+    None
+):
+    """Found by a review. Cut off from the store past its lease, this process could not
+    write its record (unsynced); another replica's janitor claimed it, removed the copy and
+    deleted it. With the store back, the lease keeper's catch-up wrote the record again as
+    this process's, the renewal found it ours, and the upload was acknowledged on the copy
+    that had been removed. A record once written must still be there to be written; gone,
+    the saga is lost: never acknowledged, its own copies still removed."""
+    with trio.fail_after(5):
+        store = GatedStore()
+        elements = Elements()
+        async with one_saga(store, elements=elements) as (book, saga, _):
+            await saga.sending_to(COPY)
+            store.down = True
+            await saga.stored()  # kept in memory, unsynced
+            assert not saga.synced
+            # Another replica's janitor undoes the upload: the copy goes, then the record.
+            (claimed,) = await janitor_finds(store)
+            assert await store.delete("another-replica", claimed.upload_id)
+            store.down = False
+            await book.renew()  # catch-up, then renewal
+            assert store.records() == 0, "the record of an undone upload was written back"
+            assert saga.lost
+            with pytest.raises(SagaTakenOver):
+                await saga.succeeded(COPY)
+            await saga.failed(COPY)
+            book.end(saga)
+            await trio.testing.wait_all_tasks_blocked()
         assert elements.removed == [COPY]
         assert store.records() == 0
