@@ -155,11 +155,16 @@ class MemoryIdempotencyStore:
         return None
 
 
-# KEYS: the entry. ARGV: owner, ttl ms. Extends a running claim of `owner` only.
+# KEYS: the entry. ARGV: owner, ttl ms. Extends a running claim of `owner` only: never the
+# result the saga's settle wrote under the same owner, which the claim's keeper may renew
+# once more before it stops (that cut the result's lifetime down to the lease).
 _RENEW: Final = """
 local raw = redis.call('GET', KEYS[1])
-if raw and cjson.decode(raw)['owner'] == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if raw then
+  local entry = cjson.decode(raw)
+  if entry['owner'] == ARGV[1] and entry['state'] == 'running' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  end
 end
 return 1
 """

@@ -73,6 +73,24 @@ async def test_releasing_a_claim_keeps_a_result_written_meanwhile(
         assert await store.claim("j", Entry("running", "second"), ttl_s=30) is None
 
 
+async def test_a_renewal_after_the_result_was_written_keeps_the_result_s_lifetime(
+    store: IdempotencyStore,
+) -> None:
+    """Found by a review: the claim's keeper can renew once more after the saga's settle
+    wrote the result (it stops when the request ends, later). The Redis renewal checked
+    the owner only, and cut the result's 24 h down to the lease: a retry with the same key
+    a minute later stored the file again."""
+    with trio.fail_after(10):
+        assert await store.claim("k", Entry("running", "first"), ttl_s=30) is None
+        await store.complete("k", Entry("done", "first", "fp", {"file_id": "f1"}), ttl_s=86400)
+        await store.renew("k", "first", 30)
+        kept = await store.claim("k", Entry("running", "second"), ttl_s=30)
+        assert kept is not None
+        assert (kept.state, kept.result) == ("done", {"file_id": "f1"})
+        assert kept.ttl_s is not None
+        assert kept.ttl_s > 86000
+
+
 def test_retry_after_is_whole_seconds_at_least_one() -> None:
     assert Entry("running", "a", ttl_s=0.2).retry_after_s(default_s=30) == 1
     assert Entry("running", "a", ttl_s=12.1).retry_after_s(default_s=30) == 13
