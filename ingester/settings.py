@@ -112,7 +112,10 @@ class Settings(BaseSettings):
     # Registry sync from Redis: periodic re-read besides pub/sub, and the connect/read
     # timeout of every Redis call (retries are off, so this bounds each attempt).
     redis_registry_refresh_s: float = Field(default=30.0, gt=0)
-    redis_timeout_s: float = Field(default=1.0, gt=0)
+    # At least 0.5 s: a durable write waits up to 0.2 s for a replica's acknowledgement
+    # (`WAIT`, `redis_gateway.REPLICA_ACK_TIMEOUT_S`) besides its round trip; below that
+    # every such write would time out and be taken for one that may have run.
+    redis_timeout_s: float = Field(default=1.0, ge=0.5)
     storage_elements: Annotated[list[StorageElementConfig], NoDecode] = Field(default_factory=list)
     se_auth: SEAuthMode = SEAuthMode.FORWARD
     se_token: str | None = None

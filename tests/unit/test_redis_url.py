@@ -111,3 +111,16 @@ def test_a_good_url_is_kept_and_empty_means_none(monkeypatch: pytest.MonkeyPatch
     assert Settings(_env_file=None).redis_url == url  # type: ignore[call-arg]
     monkeypatch.setenv("INGESTER_REDIS_URL", "")
     assert Settings(_env_file=None).redis_url is None  # type: ignore[call-arg]
+
+
+def test_a_redis_timeout_too_short_for_a_replica_s_acknowledgement_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a review: a durable write waits up to 0.2 s for a replica (`WAIT`); with a
+    shorter timeout every such write timed out, was taken for one that may have run, and
+    failed its upload."""
+    monkeypatch.setenv("INGESTER_REDIS_TIMEOUT_S", "0.1")
+    with pytest.raises(pydantic.ValidationError, match=r"greater than or equal to 0\.5"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+    monkeypatch.setenv("INGESTER_REDIS_TIMEOUT_S", "0.5")
+    assert Settings(_env_file=None).redis_timeout_s == 0.5  # type: ignore[call-arg]
