@@ -576,7 +576,12 @@ class UploadPipeline:
                             saga.may_land(copy)
                     upload.attempt = None
                     upload.in_flight_since = None
-                    if upload.tripped:
+                    if upload.tripped and error is None and answered:
+                        # The breaker opened as the element's 201 came in: the file is stored
+                        # there (and is checked below). Failing over would remove it and send
+                        # it all again.
+                        upload.tripped = False
+                    elif upload.tripped:
                         # Counted by whoever tripped it: this attempt is no new failure.
                         upload.tripped = False
                         error = StorageElementUnavailable(

@@ -13,7 +13,7 @@ import gzip
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +26,12 @@ import trio.testing
 
 from ingester.auth.principal import Principal
 from ingester.concurrency import collapse
-from ingester.errors import IntegrityError, NoStorageAvailable, StorageElementRejected
+from ingester.errors import (
+    IntegrityError,
+    NoStorageAvailable,
+    StorageElementRejected,
+    StorageElementUnavailable,
+)
 from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
 from ingester.resilience.breaker import BreakerBoard, BreakerPolicy, BreakerState
@@ -78,6 +83,8 @@ class Element:
     # the write goes on whether or not the caller is still there (`body_in` is set first).
     write_gate: trio.Event | None = None
     body_in: trio.Event = field(default_factory=trio.Event)
+    # Called as the file is stored, before the 201 goes back (what else happens then).
+    on_stored: Callable[[], None] | None = None
 
 
 class Elements(httpx.AsyncBaseTransport):
@@ -133,6 +140,8 @@ class Elements(httpx.AsyncBaseTransport):
             await written.wait()
         else:
             element.files[fields["file_id"]] = data
+        if element.on_stored is not None:
+            element.on_stored()
         return httpx.Response(
             201,
             json={
@@ -620,3 +629,31 @@ async def test_a_copy_stored_after_its_upload_was_abandoned_past_the_last_byte_i
     assert list(stored(world)) == []
     assert slow.removed.count(file_id) >= 2
     assert world.store._records == {}
+
+
+async def test_a_breaker_that_opens_as_the_201_comes_keeps_the_stored_file(
+    world: World, clock: trio.testing.MockClock
+) -> None:
+    """Other uploads' failures open se-a's breaker just as se-a answers this one's 201: the
+    file is stored there, whole. It used to be taken for a failure: removed, and sent again
+    in full to the next element."""
+    data = random_bytes(MIB + 9)
+    pool = world.pipeline.pool
+    failing = StorageElementUnavailable("another upload's failure", element_id="se-a")
+
+    opened: list[BreakerState] = []
+
+    def others_fail() -> None:
+        for _ in range(5):  # the breaker's threshold in this world
+            pool.note_failure("se-a", failing)
+        opened.append(pool.breakers.breaker("se-a").state(trio.current_time()))
+
+    world.elements["se-a"].on_stored = others_fail
+    with trio.fail_after(600):
+        result = await world.upload(form({"compress": "false"}, data, {}))
+        await trio.testing.wait_all_tasks_blocked()
+    assert opened == [BreakerState.OPEN]
+    assert result["storage_element_id"] == "se-a"
+    assert list(stored(world)) == [("se-a", result["file_id"], data)]
+    assert world.elements["se-a"].removed == []
+    assert [n for n, _ in world.elements["se-b"].framing] == []
