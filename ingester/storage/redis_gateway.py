@@ -17,7 +17,10 @@
 The registry's change feed (`listen`) keeps a connection of its own, from the same pool,
 in a thread of its own that counts in neither limiter: a subscriber blocks for as long as it
 listens, and must not hold one of the gateway's threads (or the default limiter's) for good.
-Its reads of the registry key are ordinary `call`s.
+It sends a PING when the feed has been quiet for `PUBSUB_PING_S` and takes no answer within
+the timeout for a lost feed: a subscriber only reads, and waiting to read from a peer gone
+silent (a dead host, a cut link) never fails. Its reads of the registry key are ordinary
+`call`s.
 
 `ingester registry` (a one-shot command, no trio) keeps a bare `make_client`: it runs
 WATCH/MULTI transactions and nothing else shares its process.
@@ -26,6 +29,7 @@ WATCH/MULTI transactions and nothing else shares its process.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -49,6 +53,11 @@ DEFAULT_THREADS: Final = 16
 # How long one `get_message` blocks in the listener's thread: also the worst-case delay
 # before the thread sees a cancellation (shutdown), so keep it short.
 PUBSUB_POLL_S: Final = 0.5
+# After this long without a word from Redis the listener sends a PING, and takes the feed for
+# lost when no reply came within the gateway's timeout. Waiting for messages never finds a
+# peer that vanished without closing the socket: the listener would stay subscribed to an old
+# master after a failover, and every announcement on the new one would be missed.
+PUBSUB_PING_S: Final = 5.0
 # `WAIT 1`'s bound. A replica on the same network acknowledges in well under a millisecond
 # (on loopback the script plus WAIT took 0.48 ms at p50 against 0.26 ms without); one that
 # takes longer is down, or still syncing.
@@ -131,6 +140,7 @@ class RedisGateway:
 
     def __init__(self, url: str, *, timeout_s: float, threads: int = DEFAULT_THREADS) -> None:
         self._client = make_client(url, timeout_s)
+        self._timeout_s = timeout_s
         self.limiter = trio.CapacityLimiter(threads)
         # Only Sentinel URLs wait: a plain master's replicas have no automatic failover, so
         # a promotion there is an operator's decision made knowing the lag.
@@ -183,18 +193,33 @@ class RedisGateway:
     ) -> None:
         """Subscribe to `channel`; call `subscribed` once subscribed and `message` on each
         message (both on the trio side) until cancelled. `RedisUnavailable` when the
-        subscription cannot be made or is lost."""
+        subscription cannot be made or is lost, or a PING goes unanswered for the timeout."""
 
         def blocking() -> None:
+            from redis.exceptions import TimeoutError as RedisTimeout
+
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(channel)
                 trio.from_thread.run_sync(subscribed)
+                heard_at = time.monotonic()
+                # When the PING still unanswered was sent.
+                pinged_at: float | None = None
                 while True:
                     trio.from_thread.check_cancelled()
                     received = pubsub.get_message(timeout=PUBSUB_POLL_S)
-                    if received is not None and received.get("type") == "message":
-                        trio.from_thread.run_sync(message)
+                    now = time.monotonic()
+                    if received is not None:
+                        heard_at = now
+                        if received.get("type") == "pong":
+                            pinged_at = None
+                        elif received.get("type") == "message":
+                            trio.from_thread.run_sync(message)
+                    if pinged_at is None and now - heard_at >= PUBSUB_PING_S:
+                        pubsub.ping()
+                        pinged_at = now
+                    elif pinged_at is not None and now - pinged_at > self._timeout_s:
+                        raise RedisTimeout(f"no answer to PING within {self._timeout_s:g} s")
             finally:
                 pubsub.close()
 

@@ -8,7 +8,8 @@ the in-memory `Registry` in step with it:
     ├── refresher   reads the key at start, on each announcement, and every
     │               `redis_registry_refresh_s` (exponential backoff while Redis is down)
     └── listener    the change feed: `RedisGateway.listen` (a connection and a thread
-                    of its own, polling `get_message(timeout=...)`)
+                    of its own, polling `get_message(timeout=...)`, a PING when quiet);
+                    lost, it is made again through Sentinel and the key read again
 
 Every read goes through the process's `RedisGateway` (`ingester.storage.redis_gateway`):
 retries off and socket timeouts set, so a dead Redis costs one timeout per attempt, never

@@ -3,7 +3,8 @@
 Its calls and scripts work; a dead Redis (nobody listening, killed, frozen) is one
 `RedisUnavailable` within the timeout, never a hang; its worker threads are its own, so
 trio's default thread limiter full of blocked work does not hold a Redis call up; the change
-feed holds none of them; and the stores over one gateway share one replica-ack policy.
+feed holds none of them, and a frozen Redis ends it; and the stores over one gateway share
+one replica-ack policy.
 Every test runs under `fail_after`, and waits on events, never on sleeps.
 """
 
@@ -24,9 +25,11 @@ from ingester.finalize.record import SourceFile, Transaction
 from ingester.finalize.store import RedisFinalizeStore
 from ingester.saga.record import Copy, SagaRecord, SagaState
 from ingester.saga.store import RedisSagaStore
-from ingester.storage.redis_gateway import RedisGateway
+from ingester.storage import redis_gateway
+from ingester.storage.redis_gateway import PUBSUB_POLL_S, RedisGateway
 from tests.support.processes import free_port
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
 
 TIMEOUT_S = 0.5
 
@@ -168,6 +171,44 @@ async def test_the_change_feed_holds_no_gateway_thread(
             # The feed's connection lost: the one error, not a silent end or a hang.
             redis_server.kill()
             await lost.wait()
+
+
+async def test_a_frozen_redis_ends_the_change_feed(
+    gateway: RedisGateway, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A subscriber's reads never fail on a peer gone silent (a dead host, a cut link): the
+    # feed's PING finds it, sent here after 0.2 s without a word instead of 5 s.
+    ping_s = 0.2
+    monkeypatch.setattr(redis_gateway, "PUBSUB_PING_S", ping_s)
+    subscribed, lost = trio.Event(), trio.Event()
+    client = redis_server.client()
+
+    def pings() -> int:
+        return int(client.info("commandstats").get("cmdstat_ping", {}).get("calls", 0))
+
+    async def listen() -> None:
+        with pytest.raises(RedisUnavailable):
+            await gateway.listen("feed", subscribed=subscribed.set, message=lambda: None)
+        lost.set()
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listen)
+                await subscribed.wait()
+                # Answered PINGs keep it up.
+                before = pings()
+                await eventually(lambda: pings() >= before + 2, timeout_s=5)
+                assert not lost.is_set()
+                redis_server.pause()
+                try:
+                    # The next PING, its timeout, and a poll or two either side.
+                    with trio.fail_after(ping_s + TIMEOUT_S + 2 * PUBSUB_POLL_S + 1.0):
+                        await lost.wait()
+                finally:
+                    redis_server.resume()
+    finally:
+        client.close()
 
 
 async def test_stores_over_one_gateway_share_one_replica_ack_policy(

@@ -1,5 +1,6 @@
-"""The registry from Redis, end to end: a real redis-server on a free port, two reference
-Storage Elements, the ingester, and `ingester registry ...` run as a user runs it."""
+"""The registry from Redis, end to end: a real redis-server on a free port (or a master, its
+replica and three Sentinels), two reference Storage Elements, the ingester, and `ingester
+registry ...` run as a user runs it."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import trio
 
+from ingester.storage.redis_registry import DISCOVERY_CHANNEL
 from tests.conftest import TokenFactory
 from tests.support.client import MultipartUpload, post_upload
 from tests.support.fixtures import KeyPair
@@ -25,7 +28,13 @@ from tests.support.processes import (
     start_ingester,
     start_storage_element,
 )
+from tests.support.redis_sentinel import SentinelRedis
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
+
+# The feed's PING finds the silent master within `PUBSUB_PING_S` plus the timeout, then it
+# subscribes again through Sentinel; 30 s would be the default periodic re-read.
+FEED_FOLLOWS_S = 10.0
 
 
 @dataclass
@@ -84,7 +93,7 @@ async def set_element(
 
 
 async def start(
-    elements: Elements, tmp_path: Path, redis: RedisServer, static: list[dict[str, object]]
+    elements: Elements, tmp_path: Path, redis_url: str, static: list[dict[str, object]], **env: str
 ) -> ManagedProcess:
     return await trio.to_thread.run_sync(
         lambda: start_ingester(
@@ -92,7 +101,7 @@ async def start(
             name="ingester",
             public_key=elements.keys.public_path,
             elements=static,
-            env={"INGESTER_REDIS_URL": redis.url, "INGESTER_REDIS_TIMEOUT_S": "0.5"},
+            env={"INGESTER_REDIS_URL": redis_url, "INGESTER_REDIS_TIMEOUT_S": "0.5", **env},
         )
     )
 
@@ -129,12 +138,25 @@ def writable_ids(body: dict[str, Any]) -> set[str]:
     return set(body["writable_storage_elements"])
 
 
+def modes(body: dict[str, Any]) -> dict[str, str]:
+    return {e["id"]: e["mode"] for e in body["storage_elements"]}
+
+
+def feed_subscribers(port: int) -> int:
+    """Subscribers of the change feed on the Redis at `port`."""
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
+    try:
+        return int(dict(client.pubsub_numsub(DISCOVERY_CHANNEL))[DISCOVERY_CHANNEL.encode()])
+    finally:
+        client.close()
+
+
 async def test_registry_written_by_the_cli_directs_uploads(
     elements: Elements, redis_server: RedisServer, tmp_path: Path, token: TokenFactory
 ) -> None:
     with trio.fail_after(45):
         # Redis has no registry yet: the static one (se-b only) serves meanwhile.
-        proc = await start(elements, tmp_path, redis_server, [elements.b.registry_entry()])
+        proc = await start(elements, tmp_path, redis_server.url, [elements.b.registry_entry()])
         try:
             async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
                 await wait_ready_where(http, proc, lambda s, b: s == 200, 15)
@@ -164,7 +186,7 @@ async def test_mode_change_to_ro_takes_effect_within_a_second(
     with trio.fail_after(45):
         await set_element(redis_server.url, elements.a, priority=1)
         await set_element(redis_server.url, elements.b, priority=2)
-        proc = await start(elements, tmp_path, redis_server, [])
+        proc = await start(elements, tmp_path, redis_server.url, [])
         try:
             async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
                 await wait_ready_where(
@@ -195,7 +217,7 @@ async def test_redis_outage_keeps_the_last_registry_and_resyncs(
     with trio.fail_after(60):
         await set_element(redis_server.url, elements.a, priority=1)
         await set_element(redis_server.url, elements.b, priority=2)
-        proc = await start(elements, tmp_path, redis_server, [])
+        proc = await start(elements, tmp_path, redis_server.url, [])
         try:
             async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
                 await wait_ready_where(
@@ -246,6 +268,60 @@ async def test_redis_outage_keeps_the_last_registry_and_resyncs(
             # The outage was logged once, not once per attempt.
             lost = [line for line in proc.log_lines() if "Redis unreachable" in line]
             assert 1 <= len(lost) <= 2, lost
+        finally:
+            await trio.to_thread.run_sync(proc.terminate)
+
+
+async def test_the_change_feed_follows_a_failover_away_from_a_silent_master(
+    elements: Elements, sentinel_redis: SentinelRedis, tmp_path: Path
+) -> None:
+    """The master vanishes without closing its sockets (a dead host, a cut link: SIGSTOP
+    here) and Sentinel promotes the replica. An announcement on the new master reaches the
+    registry within seconds, not at the periodic re-read (300 s here, so it cannot stand in
+    for the feed), and the feed is subscribed on the new master."""
+    cluster = sentinel_redis
+    with trio.fail_after(90):
+        await set_element(cluster.url, elements.a)
+        proc = await start(
+            elements, tmp_path, cluster.url, [], INGESTER_REDIS_REGISTRY_REFRESH_S="300"
+        )
+        try:
+            async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+                await wait_ready_where(http, proc, lambda s, b: modes(b) == {"se-a": "edit"}, 15)
+                old = cluster.node_on(cluster.master.port)
+                await eventually(lambda: feed_subscribers(old.port) == 1, timeout_s=10)
+                old.pause()
+                try:
+                    new_port, promoted_s = await trio.to_thread.run_sync(
+                        lambda: cluster.wait_failover(old.port, timeout_s=15)
+                    )
+                    await trio.to_thread.run_sync(
+                        lambda: cluster.wait_all_name(new_port, timeout_s=15)
+                    )
+                    # Written and announced on the new master.
+                    await set_element(cluster.url, elements.b)
+                    followed_s = await wait_ready_where(
+                        http,
+                        proc,
+                        lambda s, b: modes(b) == {"se-a": "edit", "se-b": "edit"},
+                        FEED_FOLLOWS_S,
+                    )
+                    # The feed itself moves to the new master (the change may have come
+                    # first by the read made when the feed was lost), and the next
+                    # announcement arrives as one does when nothing failed.
+                    await eventually(
+                        lambda: feed_subscribers(new_port) == 1, timeout_s=FEED_FOLLOWS_S
+                    )
+                    await set_element(cluster.url, elements.a, mode="ro")
+                    await wait_ready_where(
+                        http, proc, lambda s, b: modes(b) == {"se-a": "ro", "se-b": "edit"}, 2.0
+                    )
+                finally:
+                    old.resume()
+            print(  # the figure the README quotes
+                f"master frozen: promoted after {promoted_s:.2f}s, the announcement on the new "
+                f"master in the registry {followed_s:.2f}s after it was made"
+            )
         finally:
             await trio.to_thread.run_sync(proc.terminate)
 
