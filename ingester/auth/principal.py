@@ -62,7 +62,7 @@ def principal_from_claims(claims: Mapping[str, Any], raw_token: str) -> Principa
 
 
 def _artstore(claims: Mapping[str, Any], subject: str, token_type: Any, raw: str) -> Principal:
-    if token_type not in ARTSTORE_ACCESS_TYPES:
+    if not isinstance(token_type, str) or token_type not in ARTSTORE_ACCESS_TYPES:
         raise Unauthorized("the token's 'type' claim must be service_account or admin_user")
     role = claims.get("role")
     if not isinstance(role, str) or not role:

@@ -180,7 +180,8 @@ def test_unknown_layout_rejected() -> None:
         principal_from_claims({"sub": "x", "exp": 1, "role": "admin"}, "t")
 
 
-@pytest.mark.parametrize("token_type", ["access", "user", "", None])
+# A list or an object (found by a review: unhashable, it raised TypeError, a 500).
+@pytest.mark.parametrize("token_type", ["access", "user", "", None, ["admin_user"], {"a": 1}, 7])
 def test_unknown_artstore_type_rejected(token_type: object) -> None:
     claims = artstore_claims(type=token_type)
     if token_type is None:
