@@ -220,6 +220,15 @@ class SagaOutcomeUnknown(SagaStoreUnavailable):
     not have been recorded. Nothing is undone here; a retry finds the result if it was."""
 
 
+class AuthKeysUnavailable(IngesterError):
+    """No token signing key could be fetched yet (the identity provider's JWKS is away):
+    the token cannot be checked now, which says nothing against it. Retry later."""
+
+    status = 503
+    code = "AUTH_UNAVAILABLE"
+    default_message = "the token signing keys are unavailable; try again later"
+
+
 class IdempotencyStoreUnavailable(IngesterError):
     """An upload with an `Idempotency-Key` arrived while the key's store (Redis) could not
     be reached: run now, it could store a file a first attempt already stored (its result

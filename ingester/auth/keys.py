@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ..boundary import describe, http_errors
-from ..errors import Unauthorized
+from ..errors import AuthKeysUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,13 @@ class JwksKeySource:
     An unknown `kid` triggers a refetch at most once per `min_refetch_interval_s`; one fetch
     runs at a time and callers that waited for it reuse its result. When a fetch fails the
     previous keys stay in use: an identity provider outage must not reject valid tokens.
+
+    With `run` going (the service), a known key past `cache_s` is still served while `run`
+    fetches the set again: a hung identity provider made every request wait out the fetch
+    timeout, cached tokens too, every `min_refetch_interval_s` (found by a review). A fetch
+    is never cut by the request that started it (bounded by its own timeout): a client that
+    hung up after sending an unknown `kid` made each fetch count for nothing, so anonymous
+    callers could send the identity provider one request each.
     """
 
     def __init__(
@@ -209,15 +216,18 @@ class JwksKeySource:
         self._attempted_at: float | None = None
         self._attempts = 0
         self._lock = trio.Lock()
+        # Set by `run` while it goes: a request that found its key stale sets this event.
+        self._stale: trio.Event | None = None
 
     async def key_for(self, kid: str | None) -> RSAPublicKey:
-        if not self._fresh() or self._lookup(kid) is None:
-            await self._refresh()
         key = self._lookup(kid)
+        if key is None or not (self._fresh() or self._refresh_in_background()):
+            await self._refresh()
+            key = self._lookup(kid)
         if key is not None:
             return key
         if not self._keys:
-            raise Unauthorized("the token signing keys are unavailable; try again later")
+            raise AuthKeysUnavailable("the token signing keys are unavailable; try again later")
         if kid is None:
             raise Unauthorized("the token has no 'kid' header and the key set has several keys")
         raise Unauthorized("the token's 'kid' names no known signing key")
@@ -226,7 +236,17 @@ class JwksKeySource:
         task_status.started()
         # Warm the cache and report a wrong URL at start-up rather than on the first request.
         await self._refresh()
-        await trio.sleep_forever()
+        while True:
+            self._stale = trio.Event()
+            await self._stale.wait()
+            await self._refresh()
+
+    def _refresh_in_background(self) -> bool:
+        """Have `run` fetch the keys again; False when it is not going."""
+        if self._stale is None:
+            return False
+        self._stale.set()
+        return True
 
     def _fresh(self) -> bool:
         return (
@@ -250,7 +270,9 @@ class JwksKeySource:
             ):
                 return
             try:
-                by_kid, keys = await self._fetch()
+                # Bounded by its own timeout; a caller cancelled meanwhile waits for it.
+                with trio.CancelScope(shield=True):
+                    by_kid, keys = await self._fetch()
             except _FetchFailed as exc:
                 self._attempted_at = started
                 self._attempts += 1
@@ -262,8 +284,6 @@ class JwksKeySource:
                     extra={"event": "auth_jwks_fetch_failed"},
                 )
                 return
-            # Recorded only once decided: a fetch cancelled with its caller's request must
-            # neither block the next one nor count as done for those waiting on the lock.
             self._attempted_at = started
             self._attempts += 1
             self._by_kid, self._keys = by_kid, keys

@@ -26,7 +26,7 @@ from ingester.auth.tokens import (
     make_token,
     public_pem_from_private,
 )
-from ingester.errors import Unauthorized
+from ingester.errors import AuthKeysUnavailable, Unauthorized
 from ingester.settings import Settings
 from tests.support.http_server import Request, Response, serve_http
 
@@ -422,7 +422,11 @@ async def test_jwks_outage_keeps_cached_keys(pems: dict[str, bytes]) -> None:
 
 
 @pytest.mark.parametrize("failure", ["status", "garbage", "no_keys", "timeout", "refused"])
-async def test_jwks_unavailable_is_unauthorized(pems: dict[str, bytes], failure: str) -> None:
+async def test_jwks_unavailable_is_a_503_not_a_refused_token(
+    pems: dict[str, bytes], failure: str
+) -> None:
+    """No key could be fetched yet: the token cannot be checked, which says nothing against
+    it. A 401 told clients their token was bad (the CLI then gave up on every file)."""
     with trio.fail_after(10):
 
         async def handler(request: Request) -> Response:
@@ -440,8 +444,58 @@ async def test_jwks_unavailable_is_unauthorized(pems: dict[str, bytes], failure:
             if failure == "refused":
                 url = "http://127.0.0.1:1/certs"
             verifier = TokenVerifier(JwksKeySource(url, http, cache_s=60, timeout_s=0.3))
-            with pytest.raises(Unauthorized, match="signing keys are unavailable"):
+            with pytest.raises(AuthKeysUnavailable, match="signing keys are unavailable") as got:
                 await verifier.verify(make_token(pems["a"], kid="a"))
+            assert (got.value.status, got.value.code) == (503, "AUTH_UNAVAILABLE")
+
+
+async def test_jwks_refetch_limit_holds_when_callers_hang_up(pems: dict[str, bytes]) -> None:
+    """Found by a review: a fetch was cut with the request that started it and counted for
+    nothing, so each caller that sent an unknown `kid` and hung up started a new fetch. A
+    fetch now finishes whoever hung up, and the limit holds."""
+    with trio.fail_after(20):
+        idp = JwksServer(jwk(pems, "a"))
+        async with serve_http(idp) as server, httpx.AsyncClient() as http:
+            source = JwksKeySource(
+                server.url + JWKS_PATH, http, cache_s=60, min_refetch_interval_s=1
+            )
+            verifier = TokenVerifier(source)
+            assert await accepts(verifier, make_token(pems["a"], kid="a"))
+            await trio.sleep(1.1)  # past the limit: the next unknown kid may fetch once
+            idp.delay_s = 0.3
+            for i in range(10):
+                with trio.move_on_after(0.05):  # the client hangs up mid-fetch
+                    await accepts(verifier, make_token(pems["c"], kid=f"garbage-{i}"))
+            assert server.count(JWKS_PATH) == 2
+
+
+async def test_a_hung_identity_provider_delays_no_token_whose_key_is_known(
+    pems: dict[str, bytes],
+) -> None:
+    """Found by a review: past `cache_s` every request waited for the refetch, cached tokens
+    too, so a hung identity provider cost requests its whole fetch timeout every
+    `min_refetch_interval_s`. With the source running, a known key is served while it
+    refetches in the background."""
+    with trio.fail_after(20):
+        idp = JwksServer(jwk(pems, "a"))
+        async with serve_http(idp) as server, httpx.AsyncClient() as http:
+            source = JwksKeySource(
+                server.url + JWKS_PATH, http, cache_s=0.2, min_refetch_interval_s=0.1,
+                timeout_s=3,
+            )  # fmt: skip
+            verifier = TokenVerifier(source)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(source.run)
+                await wait_until(lambda: server.count(JWKS_PATH) == 1)
+                idp.delay_s = 10  # hangs from now on
+                for n in range(8):
+                    with trio.fail_after(1):  # never the fetch's 3 s
+                        token = make_token(pems["a"], kid="a", sub=f"u{n}")
+                        assert (await verifier.verify(token)).subject == f"u{n}"
+                    await trio.sleep(0.1)
+                # The stale set was being fetched again, in the background.
+                assert server.count(JWKS_PATH) >= 2
+                nursery.cancel_scope.cancel()
 
 
 async def test_jwks_build_verifier_and_prefetch(pems: dict[str, bytes]) -> None:
