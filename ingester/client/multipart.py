@@ -62,20 +62,25 @@ class MultipartBody:
 
 def upload_multipart(job: Job) -> Stored:
     state = job.store.load(job.key)
-    if state is not None and job.resumable(state, "multipart") and state.idempotency_key:
-        key = state.idempotency_key
-    else:
+    key = state.idempotency_key if state and job.resumable(state, "multipart") else None
+    resumed = bool(key)
+    if not key:
         key = uuid.uuid4().hex
         job.store.save(job.new_state("multipart", idempotency_key=key))
     first_pass = job.source.sha256()
     digest = base64.b64encode(bytes.fromhex(first_pass)).decode("ascii")
+    tries = _Tries()
     try:
-        response, attempts = _send(job, key, digest)
+        response, attempts = _send(job, key, digest, tries)
     except GaveUp:
         raise
     except UploadFailed:
-        # The server answered no: the key holds nothing, there is nothing to resume.
-        job.store.remove(job.key)
+        if tries.count == 1 and not resumed:
+            # The server said no to the only request ever made with this key: it holds
+            # nothing, there is nothing to replay. After an attempt whose answer was lost,
+            # the key may name a stored file (its token expired meanwhile, say): kept, a
+            # rerun replays it rather than storing the file again (found by a review).
+            job.store.remove(job.key)
         raise
     if job.source.sha256() != first_pass:
         raise UploadFailed("the file changed while it was being sent; run the command again")
@@ -84,11 +89,18 @@ def upload_multipart(job: Job) -> Stored:
     return Stored(record, replayed=replayed, attempts=attempts)
 
 
-def _send(job: Job, key: str, digest: str) -> tuple[httpx.Response, int]:
+class _Tries:
+    """How many requests `_send` made, also when it raises."""
+
+    count = 0
+
+
+def _send(job: Job, key: str, digest: str, tries: _Tries) -> tuple[httpx.Response, int]:
     """The request, again after each failure worth another attempt; the 201 answer."""
     attempts = 0
     while True:
         attempts += 1
+        tries.count = attempts
         body = MultipartBody(job)
         job.progress.update(0)
         try:

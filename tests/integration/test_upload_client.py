@@ -33,7 +33,7 @@ from tests.conftest import Stack, TokenFactory
 from tests.interop.support import Source, make_source, stored_sha256
 from tests.support.client import MIB, MultipartUpload, auth, post_upload
 from tests.support.fault_proxy import Fault, FaultPlan, FaultProxy, serve_fault_proxy
-from tests.support.http_server import Request, Response, serve_http
+from tests.support.http_server import DropConnection, Request, Response, serve_http
 from tests.support.metrics import read_metric
 from tests.support.processes import child_env
 from tests.support.waiting import eventually
@@ -608,6 +608,53 @@ async def test_a_refused_token_is_explained_and_no_other_file_is_tried(
     assert lines[1] == f"ingester upload: {second}: not tried: the token was refused"
     assert run.stdout == "0 of 2 files stored\n"
     assert stack.all_files() == before
+    assert state_files(cache) == []
+
+
+async def test_a_refusal_after_an_answer_was_lost_keeps_the_key_for_the_rerun(
+    token: TokenFactory, tmp_path: Path, cache: Path
+) -> None:
+    """Found by a review. The first request was stored but its answer lost; the retry was
+    refused `401` (the token had expired meanwhile), and the client removed the state that
+    held the request's `Idempotency-Key`: run again with a fresh token, it sent a new key
+    and the file was stored twice. The key is kept after any attempt whose answer was lost,
+    and the rerun replays it. (A server that dedupes by key, as the ingester does.)"""
+    source = make_source(tmp_path / "doc.bin", 200_000, seed=5)
+    stored: dict[str, dict[str, Any]] = {}
+    plan = ["store, answer lost", "401"]
+
+    async def server(request: Request) -> Response:
+        key = request.headers["idempotency-key"]
+        step = plan.pop(0) if plan else "answer"
+        if step == "401":
+            refused = Response.json(
+                {"error": {"code": "UNAUTHORIZED", "message": "the token has expired"}}, 401
+            )
+            refused.headers.append(("www-authenticate", 'Bearer error="invalid_token"'))
+            return refused
+        replayed = key in stored
+        stored.setdefault(key, {
+            "file_id": f"file-{len(stored)}", "original_filename": source.path.name,
+            "file_size": source.size, "checksum": source.sha256,
+        })  # fmt: skip
+        if step == "store, answer lost":
+            raise DropConnection()
+        answer = Response.json(stored[key], 201)
+        if replayed:
+            answer.headers.append(("idempotent-replayed", "true"))
+        return answer
+
+    async with serve_http(server) as fake:
+        env = client_env(cache, INGESTER_TOKEN=token(), INGESTER_URL=fake.url)
+        first = await run_upload("--json", str(source.path), env=env)
+        assert first.returncode == 1, first
+        assert "not stored" in first.stderr
+        assert len(state_files(cache)) == 1  # the key is kept
+        again = await run_upload("--json", str(source.path), env=env)
+    assert again.returncode == 0, again
+    (record,) = again.records()
+    assert record["file_id"] == "file-0"
+    assert len(stored) == 1, "the file was stored twice"
     assert state_files(cache) == []
 
 
