@@ -15,7 +15,7 @@ import hashlib
 import mimetypes
 from collections.abc import Iterator
 from typing import Any, Final
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -155,6 +155,13 @@ class TusUpload:
         if not location:
             raise UploadFailed("the server created the upload but sent no Location")
         url = urljoin(self.endpoint, location)
+        if _origin(url) != _origin(self.endpoint):
+            # Every later request of the upload carries the token: it goes to the server
+            # the user named, never to one an answer names (found by a review).
+            raise UploadFailed(
+                f"the server named another server for the upload ({_origin(url)}); "
+                "not sending the token there"
+            )
         job.store.save(job.new_state("tus", upload_url=url))
         offset = int(response.headers.get("Upload-Offset", "0"))
         return url, offset, response.headers.get("Upload-File-Id")
@@ -244,3 +251,11 @@ class TusUpload:
 
 def upload_tus(job: Job) -> Stored:
     return TusUpload(job).run()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port (the default one made explicit)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port

@@ -658,6 +658,37 @@ async def test_a_refusal_after_an_answer_was_lost_keeps_the_key_for_the_rerun(
     assert state_files(cache) == []
 
 
+async def test_a_tus_location_on_another_server_gets_no_token(
+    token: TokenFactory, tmp_path: Path, cache: Path
+) -> None:
+    """Found by a review: the creation's `Location` was followed wherever it pointed, and
+    every later request of the upload (with the user's token) went there. An upload URL on
+    another origin is refused, and nothing reaches that server."""
+    source = make_source(tmp_path / "doc.bin", 100_000, seed=6)
+    async with serve_http(lambda _: _never()) as elsewhere:
+
+        async def server(request: Request) -> Response:
+            created = Response(201)
+            created.headers += [
+                ("location", f"{elsewhere.url}/api/v1/uploads/abc"),
+                ("tus-resumable", "1.0.0"),
+                ("upload-offset", "0"),
+            ]
+            return created
+
+        async with serve_http(server) as fake:
+            env = client_env(cache, INGESTER_TOKEN=token(), INGESTER_URL=fake.url)
+            run = await run_upload("--resumable-above", "0", str(source.path), env=env)
+        assert elsewhere.requests == []
+    assert run.returncode == 1, run
+    assert "named another server for the upload" in run.stderr
+    assert token() not in run.stderr
+
+
+async def _never() -> Response:
+    raise AssertionError("the other server was asked")
+
+
 async def test_one_failed_file_exits_1_and_the_others_are_stored(
     stack: Stack, token: TokenFactory, tmp_path: Path, cache: Path
 ) -> None:
