@@ -13,6 +13,7 @@ Redis layout:
 
 from __future__ import annotations
 
+import heapq
 import logging
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -64,16 +65,28 @@ class MemoryFinalizeStore:
     def __init__(self) -> None:
         self._records: dict[str, tuple[str, str]] = {}
         self._files: dict[str, str] = {}
+        # Each transaction's file, so an expiry finds the lock it may hold without a scan.
+        self._file_of: dict[str, str] = {}
         self._due: dict[str, float] = {}
         self._created: dict[str, float] = {}
         self._expires: dict[str, float] = {}
+        # (expiry, id), soonest first; an entry whose time `_expires` no longer holds is
+        # stale and skipped.
+        self._expiring: list[tuple[float, str]] = []
 
     def _expire(self, now: float) -> None:
-        for tx_id in [t for t, at in self._expires.items() if at <= now]:
+        """Forget what finished more than the retention ago. Runs on the event loop with
+        every create: the cost is the expired entries (logarithmic each), never a scan of
+        every lock or record (a burst of 10,000 moves ending at once held the loop 1.6 s)."""
+        while self._expiring and self._expiring[0][0] <= now:
+            at, tx_id = heapq.heappop(self._expiring)
+            if self._expires.get(tx_id) != at:
+                continue
             self._records.pop(tx_id, None)
             self._created.pop(tx_id, None)
-            self._expires.pop(tx_id, None)
-            for file_id in [f for f, t in self._files.items() if t == tx_id]:
+            del self._expires[tx_id]
+            file_id = self._file_of.pop(tx_id, None)
+            if file_id is not None and self._files.get(file_id) == tx_id:
                 del self._files[file_id]
 
     async def create(self, tx: Transaction, *, due: float) -> str | None:
@@ -82,6 +95,7 @@ class MemoryFinalizeStore:
         if holder is not None:
             return holder
         self._files[tx.file_id] = tx.transaction_id
+        self._file_of[tx.transaction_id] = tx.file_id
         self._records[tx.transaction_id] = (tx.owner, tx.to_json())
         self._due[tx.transaction_id] = due
         self._created[tx.transaction_id] = tx.created_at
@@ -94,7 +108,9 @@ class MemoryFinalizeStore:
         self._records[tx.transaction_id] = (tx.owner, tx.to_json())
         if tx.state in TERMINAL:
             self._due.pop(tx.transaction_id, None)
-            self._expires[tx.transaction_id] = tx.updated_at + retention_s
+            at = tx.updated_at + retention_s
+            self._expires[tx.transaction_id] = at
+            heapq.heappush(self._expiring, (at, tx.transaction_id))
             if tx.state is TxState.ROLLED_BACK and self._files.get(tx.file_id) == tx.transaction_id:
                 del self._files[tx.file_id]
         else:
