@@ -350,7 +350,9 @@ class Finalizer:
         )
         try:
             with trio.fail_after(STORE_CALL_TIMEOUT_S):
-                holder = await self.store.create(tx, due=now + self.lease_s)
+                holder = await self.store.create(
+                    tx, due=now + self.lease_s, retention_s=self.settings.finalize_retention_s
+                )
         except (StoreUnavailable, trio.TooSlowError) as exc:
             raise FinalizeStoreUnavailable() from exc
         if holder is not None:

@@ -8,7 +8,8 @@ Redis layout:
   ingester:finalize:file:<file_id>        the transaction moving this file (the 409 lock);
                                           released by a rollback, kept (expiring) when done
   ingester:finalize:due                   sorted set id → lease end (unfinished ones only)
-  ingester:finalize:index                 sorted set id → creation time (the admin list)
+  ingester:finalize:index                 sorted set id → creation time (the admin list);
+                                          trimmed of entries past the retention by each create
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ __all__ = ["FinalizeStore", "MemoryFinalizeStore", "RedisFinalizeStore", "StoreU
 
 
 class FinalizeStore(Protocol):
-    async def create(self, tx: Transaction, *, due: float) -> str | None:
+    async def create(self, tx: Transaction, *, due: float, retention_s: float) -> str | None:
         """Write a new transaction and take its file's lock; the id of the transaction that
-        holds the lock instead (nothing written) when the file is taken."""
+        holds the lock instead (nothing written) when the file is taken. What was created
+        more than `retention_s` before `tx` leaves the list of transactions."""
         ...
 
     async def put(self, tx: Transaction, *, due: float, retention_s: float) -> bool:
@@ -89,7 +91,8 @@ class MemoryFinalizeStore:
             if file_id is not None and self._files.get(file_id) == tx_id:
                 del self._files[file_id]
 
-    async def create(self, tx: Transaction, *, due: float) -> str | None:
+    async def create(self, tx: Transaction, *, due: float, retention_s: float) -> str | None:
+        # The list is what is kept: finished transactions leave it as they expire.
         self._expire(tx.created_at)
         holder = self._files.get(tx.file_id)
         if holder is not None:
@@ -146,7 +149,11 @@ class MemoryFinalizeStore:
         return [Transaction.from_json(self._records[i][1]) for i in ids if i in self._records]
 
 
-# KEYS: tx hash, file lock, due zset, index zset. ARGV: owner, record, due, id, created.
+# KEYS: tx hash, file lock, due zset, index zset. ARGV: owner, record, due, id, created,
+# cutoff. The index is trimmed here of what was created before the cutoff (now - retention):
+# nothing else removes from it but `recent()`, which only looks at the newest, so without
+# this it grew by every transaction ever made (their hashes expire, their index entries did
+# not).
 _CREATE: Final = """
 local holder = redis.call('GET', KEYS[2])
 if holder then return holder end
@@ -154,6 +161,7 @@ redis.call('SET', KEYS[2], ARGV[4])
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'record', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. ARGV[6])
 return ''
 """
 
@@ -207,11 +215,18 @@ class RedisFinalizeStore:
         self._renew = gateway.script(_RENEW)
         self._claim = gateway.script(CLAIM_DUE)
 
-    async def create(self, tx: Transaction, *, due: float) -> str | None:
+    async def create(self, tx: Transaction, *, due: float, retention_s: float) -> str | None:
         holder = await self._run(
             self._create,
             [TX_PREFIX + tx.transaction_id, FILE_PREFIX + tx.file_id, DUE_KEY, INDEX_KEY],
-            [tx.owner, tx.to_json(), repr(due), tx.transaction_id, repr(tx.created_at)],
+            [
+                tx.owner,
+                tx.to_json(),
+                repr(due),
+                tx.transaction_id,
+                repr(tx.created_at),
+                repr(tx.created_at - retention_s),
+            ],
             durable=True,
         )
         if isinstance(holder, bytes):

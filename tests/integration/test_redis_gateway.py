@@ -243,7 +243,7 @@ async def test_stores_over_one_gateway_share_one_replica_ack_policy(
             waited = waits()
             assert waited >= 1
             # The other store's durable writes see the same miss: they do not wait either.
-            assert await moves.create(move, due=now + 30) is None
+            assert await moves.create(move, due=now + 30, retention_s=60) is None
             assert await moves.put(move, due=now + 30, retention_s=60)
             assert await sagas.delete("one", "u1")
             assert waits() == waited

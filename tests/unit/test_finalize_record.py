@@ -126,8 +126,8 @@ async def test_memory_store_lock_lease_and_release() -> None:
     store = MemoryFinalizeStore()
     with trio.fail_after(5):
         first = tx("t1")
-        assert await store.create(first, due=200.0) is None
-        assert await store.create(tx("t2"), due=200.0) == "t1"  # the file is taken
+        assert await store.create(first, due=200.0, retention_s=60) is None
+        assert await store.create(tx("t2"), due=200.0, retention_s=60) == "t1"  # the file is taken
         # Someone else cannot write it; a claim after the lease makes it theirs.
         assert not await store.put(tx("t1", owner="other"), due=300.0, retention_s=60)
         assert await store.claim_due("other", now=150.0, due=400.0, limit=10) == []
@@ -143,7 +143,7 @@ async def test_memory_store_lock_lease_and_release() -> None:
         assert await store.claim_due("other", now=1000.0, due=2000.0, limit=10) == []
         later = tx("t3")
         later.created_at = 300.0
-        assert await store.create(later, due=2000.0) is None
+        assert await store.create(later, due=2000.0, retention_s=60) is None
         got = await store.get("t1")
         assert got is not None
         assert got.state is TxState.ROLLED_BACK
@@ -151,7 +151,7 @@ async def test_memory_store_lock_lease_and_release() -> None:
         # Finished records expire after their retention.
         later.created_at = 400.0
         later.transaction_id, later.file_id = "t4", "f4"
-        assert await store.create(later, due=2000.0) is None
+        assert await store.create(later, due=2000.0, retention_s=60) is None
         assert await store.get("t1") is None
 
 
@@ -163,21 +163,23 @@ async def test_memory_store_expiry_of_a_burst_does_not_hold_the_loop() -> None:
     with trio.fail_after(60):
         for i in range(burst):
             finished = tx(f"t{i}", f"f{i}")
-            assert await store.create(finished, due=200.0) is None
+            assert await store.create(finished, due=200.0, retention_s=60) is None
             finished.fail("X", "why", 100.0)
             finished.move(TxState.ROLLED_BACK, 100.0)
             finished.state = TxState.DONE  # a done transaction keeps its lock until it expires
             assert await store.put(finished, due=200.0, retention_s=60)
-        assert await store.create(tx("late", "f0"), due=200.0) == "t0"  # still locked
+        assert (
+            await store.create(tx("late", "f0"), due=200.0, retention_s=60) == "t0"
+        )  # still locked
         later = tx("next", "f-next")
         later.created_at = 1000.0
         started = time.perf_counter()
-        assert await store.create(later, due=2000.0) is None
+        assert await store.create(later, due=2000.0, retention_s=60) is None
         held_s = time.perf_counter() - started
         assert held_s < 0.4, held_s
         # Every lock went with its transaction: each file may be finalized again.
         again = tx("again", "f0")
         again.created_at = 1001.0
-        assert await store.create(again, due=2000.0) is None
+        assert await store.create(again, due=2000.0, retention_s=60) is None
         assert await store.get("t9999") is None
         assert [t.transaction_id for t in await store.recent(5)] == ["again", "next"]
