@@ -85,6 +85,17 @@ class _Lost(Exception):
         self.claimed = claimed
 
 
+class _Permanent(Exception):
+    """The file is already permanent. Raised by the look-up, which runs before anyone is
+    checked: `begin` answers `AlreadyPermanent` to the file's owner and the 404 of an unknown
+    id to anyone else (ids must not tell who stores what)."""
+
+    def __init__(self, message: str, *, uploaded_by: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.uploaded_by = uploaded_by
+
+
 class _SourceFailed(Exception):
     """Reading the source failed mid-copy. Not an httpx error on purpose: httpx must not take
     it for a failure of the target request it surfaces through."""
@@ -329,12 +340,13 @@ class Finalizer:
         if self._draining():
             raise ShuttingDown()
         authorization = await self.pool.authorization(principal)
-        source, meta = await self._locate(file_id, authorization)
-        # Who uploaded it through an ingester comes first: the element may have recorded the
-        # ingester's service account, or nobody it tells (see `ingester.ownership`).
-        meta.uploaded_by = await self.ownership.owner_of(file_id) or meta.uploaded_by
-        if principal.subject != meta.uploaded_by and not principal.is_admin:
-            raise FileNotFound(f"no temporary file {file_id} is known")
+        try:
+            source, meta = await self._locate(file_id, authorization)
+        except _Permanent as permanent:
+            # A 409 says the file exists: only to whoever may finalize it.
+            await self._uploader(file_id, permanent.uploaded_by, principal)
+            raise AlreadyPermanent(permanent.message) from None
+        meta.uploaded_by = await self._uploader(file_id, meta.uploaded_by, principal)
         now = time.time()
         tx = Transaction(
             transaction_id=str(uuid.uuid4()),
@@ -388,9 +400,19 @@ class Finalizer:
         # This process's view of its own transactions is the freshest.
         return [self.active.get(tx.transaction_id, tx) for tx in stored]
 
+    async def _uploader(self, file_id: str, recorded: str, principal: Principal) -> str:
+        """Who uploaded the file; `FileNotFound` unless that is who asks, or an admin. Who
+        uploaded it through an ingester comes first: the element may have recorded the
+        ingester's service account, or nobody it tells (see `ingester.ownership`)."""
+        uploaded_by = await self.ownership.owner_of(file_id) or recorded
+        if principal.subject != uploaded_by and not principal.is_admin:
+            raise FileNotFound(f"no temporary file {file_id} is known")
+        return uploaded_by
+
     async def _locate(self, file_id: str, authorization: str | None) -> tuple[Copy, SourceFile]:
         """The temporary copy: where the Admin Module says (with INGESTER_ADMIN_URL), else the
-        first `edit` element that has it. 409 when it is already permanent, 404 when unknown."""
+        first `edit` element that has it. `_Permanent` when it is already permanent, 404 when
+        unknown. Who asks is not checked here."""
         pool = self.pool
         elements = {e.id: e for e in pool.registry.elements}
         uploaded_by = ""
@@ -401,9 +423,9 @@ class Finalizer:
                 raise AdminLookupFailed(exc.message) from exc
             if record is None:
                 raise FileNotFound(f"the Admin Module knows no file {file_id}")
-            if str(record.get("retention_policy", "")).lower() == "permanent":
-                raise AlreadyPermanent(f"file {file_id} is already permanent")
             uploaded_by = str(record.get("uploaded_by") or "")
+            if str(record.get("retention_policy", "")).lower() == "permanent":
+                raise _Permanent(f"file {file_id} is already permanent", uploaded_by=uploaded_by)
             element_id = str(record.get("storage_element_id") or "")
             known = elements.get(element_id)
             api_url = (
@@ -415,7 +437,8 @@ class Finalizer:
         else:
             places = [(e.id, e.api_url, e.mode) for e in pool.registry.elements]
         found: tuple[Copy, dict[str, Any]] | None = None
-        permanent = False
+        # The metadata of an rw element's copy: the file is already permanent.
+        permanent: dict[str, Any] | None = None
         errors: list[str] = []
         for mode in (SEMode.EDIT, SEMode.RW):
             for element_id, api_url, element_mode in places:
@@ -434,15 +457,18 @@ class Finalizer:
                 if meta is None:
                     continue
                 if mode is SEMode.RW:
-                    permanent = True
+                    permanent = meta
                 else:
                     found = (Copy(element_id, api_url), meta)
                 break
-            if found is not None or permanent:
+            if found is not None or permanent is not None:
                 break
         if found is None:
-            if permanent:
-                raise AlreadyPermanent(f"file {file_id} is already on an rw element")
+            if permanent is not None:
+                raise _Permanent(
+                    f"file {file_id} is already on an rw element",
+                    uploaded_by=str(permanent.get("created_by_id") or ""),
+                )
             if errors:
                 raise NoStorageAvailable(
                     f"file {file_id} not found; some elements did not answer: {errors[-1]}"
@@ -450,7 +476,10 @@ class Finalizer:
             raise FileNotFound(f"no temporary file {file_id} is known")
         copy, meta = found
         if str(meta.get("retention_policy") or "").lower() == "permanent":
-            raise AlreadyPermanent(f"file {file_id} is already permanent")
+            raise _Permanent(
+                f"file {file_id} is already permanent",
+                uploaded_by=uploaded_by or str(meta.get("created_by_id") or ""),
+            )
         try:
             source = SourceFile(
                 original_filename=str(meta["original_filename"]),

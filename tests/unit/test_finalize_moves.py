@@ -1,0 +1,402 @@
+"""Finalization moves built from their parts, with no server and no process: the finalizer on
+the in-process store, a real `ElementPool` and element client, and Storage Elements (an `edit`
+source, three `rw` targets), a token endpoint and an Admin Module answering through an httpx
+transport in this process. Time is trio's `MockClock` (see `clock`): delays, backoffs and
+token lifetimes cost nothing.
+
+What a user would check: the status and error code of a request, the transaction's state, the
+file present or absent on each element (with its sha256), the Admin Module's record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trio.testing
+from prometheus_client import CollectorRegistry
+
+from ingester.auth.principal import Principal
+from ingester.errors import IngesterError
+from ingester.finalize.finalizer import Finalizer
+from ingester.finalize.record import SourceFile, Transaction
+from ingester.finalize.store import MemoryFinalizeStore
+from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
+from ingester.metrics import Metrics
+from ingester.ownership import MemoryOwnershipStore, Ownership
+from ingester.resilience.breaker import BreakerBoard, BreakerPolicy
+from ingester.resilience.retry import RetryPolicy
+from ingester.saga.record import Copy
+from ingester.settings import Settings
+from ingester.storage.admin import AdminRegistry
+from ingester.storage.client import StorageElementClient
+from ingester.storage.pool import ElementPool
+from ingester.storage.registry import Registry, configured_elements
+from ingester.storage.se_auth import build_se_token_provider
+
+FILE_ID = "3f1c6c1e-0d3b-4b47-9a55-1f0b8b6c0a11"
+DATA = bytes(range(256)) * 64
+SHA256 = hashlib.sha256(DATA).hexdigest()
+# id, mode, priority (lower first): rw-a is the preferred target, then rw-b, then rw-c.
+ELEMENTS = [("se-edit", "edit", 1), ("rw-a", "rw", 1), ("rw-b", "rw", 2), ("rw-c", "rw", 3)]
+COMPENSATION_TIMEOUT_S = 5.0
+ADMIN_TIMEOUT_S = 5.0
+RETENTION_S = 3600.0
+ALICE = Principal("alice", "alice", frozenset({"user"}), frozenset(), "access", None, "alice-t")
+BOB = Principal("bob", "bob", frozenset({"user"}), frozenset(), "access", None, "bob-t")
+ROOT = Principal("root", "root", frozenset({"admin"}), frozenset(), "access", None, "root-t")
+
+
+@dataclass
+class Element:
+    """One fake element: the files it keeps (with their metadata), and how it fails."""
+
+    mode: str
+    files: dict[str, bytes] = field(default_factory=dict)
+    meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Refuse connections, as a dead element does (not one byte reaches it).
+    down: bool = False
+    # Answer the next uploads with these statuses (after reading the body), one each.
+    upload_answers: list[int] = field(default_factory=list)
+    uploads: int = 0
+    # Removals (`DELETE /api/v1/gc/{id}`) to carry out late: the element answers only
+    # after the caller gave up, and removes the file `late_removal_s` after the request.
+    late_removals: int = 0
+
+
+@dataclass
+class AdminModule:
+    """The Admin Module's file registry: records by file id. A commit (`PUT`) is applied,
+    then answered with the next of `commit_answers` (200 once they run out); `SLOW` applies
+    it and answers long after the ingester stopped waiting."""
+
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    commit_answers: list[int] = field(default_factory=list)
+    commits: int = 0
+
+
+SLOW = 0  # an AdminModule.commit_answers entry: applied, answered too late
+
+
+class World(httpx.AsyncBaseTransport):
+    """Elements at `http://<id>`, a token endpoint at `http://idp` and an Admin Module at
+    `http://admin`, in this process."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.elements = {name: Element(mode) for name, mode, _ in ELEMENTS}
+        self.admin = AdminModule()
+        # Where work that outlives its request runs (late removals).
+        self.nursery = nursery
+        self.late_removal_s = 3 * COMPENSATION_TIMEOUT_S
+        # Tokens the token endpoint issued, with their expiry (trio time); element calls
+        # whose token is not one of them, or has expired, are answered 401 when `checked`.
+        self.tokens: dict[str, float] = {}
+        self.token_lifetime_s = 30.0
+        self.checked = False
+        self.expired_seen = 0
+
+    def __getitem__(self, name: str) -> Element:
+        return self.elements[name]
+
+    def holding(self) -> dict[str, str]:
+        """Element → sha256 of what it keeps of the file, for each element that keeps it."""
+        return {
+            name: hashlib.sha256(element.files[FILE_ID]).hexdigest()
+            for name, element in self.elements.items()
+            if FILE_ID in element.files
+        }
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        if host == "idp":
+            token = f"service-{len(self.tokens)}"
+            self.tokens[token] = trio.current_time() + self.token_lifetime_s
+            return httpx.Response(
+                200,
+                json={
+                    "access_token": token,
+                    "token_type": "Bearer",
+                    "expires_in": self.token_lifetime_s,
+                },
+            )
+        if host == "admin":
+            return await self._admin(request)
+        element = self.elements[host]
+        if element.down:
+            raise httpx.ConnectError("connection refused", request=request)
+        if self.checked:
+            token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if self.tokens.get(token, 0.0) <= trio.current_time():
+                self.expired_seen += 1
+                return httpx.Response(401, json={"detail": "token expired"})
+        path = request.url.path
+        file_id = path.split("/")[4] if path.count("/") >= 4 else ""
+        if request.method == "POST":
+            return await self._upload(element, request)
+        if request.method == "GET" and path.endswith("/download"):
+            if file_id not in element.files:
+                return httpx.Response(404, json={"detail": "not found"})
+            return httpx.Response(200, stream=Pieces(element.files[file_id]))
+        if request.method == "GET":
+            if file_id not in element.meta:
+                return httpx.Response(404, json={"detail": "not found"})
+            return httpx.Response(200, json=element.meta[file_id])
+        if request.method == "DELETE" and path.startswith("/api/v1/gc/"):
+            if element.late_removals:
+                element.late_removals -= 1
+                self.nursery.start_soon(self._remove_late, element, file_id)
+                await trio.sleep_forever()
+            return self._remove(element, file_id)
+        if request.method == "DELETE":
+            return self._remove(element, file_id)
+        raise AssertionError(f"unexpected {request.method} {request.url}")
+
+    async def _upload(self, element: Element, request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/api/v1/files/upload"
+        element.uploads += 1
+        received = bytearray()
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        async for chunk in request.stream:
+            received += chunk
+        if element.upload_answers:
+            status = element.upload_answers.pop(0)
+            return httpx.Response(status, json={"detail": f"answered {status}"})
+        fields, data = parse_form(bytes(received), request.headers["Content-Type"])
+        file_id = fields["file_id"]
+        element.files[file_id] = data
+        element.meta[file_id] = {
+            "file_id": file_id,
+            "original_filename": "report.bin",
+            "checksum": hashlib.sha256(data).hexdigest(),
+            "file_size": len(data),
+            "retention_policy": fields["retention_policy"],
+            "created_by_id": "ingester-service",
+        }
+        return httpx.Response(
+            201,
+            json={
+                "file_id": file_id,
+                "file_size": len(data),
+                "checksum": hashlib.sha256(data).hexdigest(),
+            },
+        )
+
+    def _remove(self, element: Element, file_id: str) -> httpx.Response:
+        element.meta.pop(file_id, None)
+        if element.files.pop(file_id, None) is None:
+            return httpx.Response(404, json={"detail": "not found"})
+        return httpx.Response(200, json={"file_id": file_id, "status": "deleted"})
+
+    async def _remove_late(self, element: Element, file_id: str) -> None:
+        await trio.sleep(self.late_removal_s)
+        self._remove(element, file_id)
+
+    async def _admin(self, request: httpx.Request) -> httpx.Response:
+        admin = self.admin
+        file_id = request.url.path.rsplit("/", 1)[1]
+        if request.method == "GET":
+            if file_id not in admin.files:
+                return httpx.Response(404, json={"detail": "not found"})
+            return httpx.Response(200, json=admin.files[file_id])
+        assert request.method == "PUT"
+        admin.commits += 1
+        status = admin.commit_answers.pop(0) if admin.commit_answers else 200
+        if 200 <= status < 300 or status == SLOW:
+            admin.files[file_id] = admin.files.get(file_id, {}) | json.loads(request.content)
+        if status == SLOW:
+            await trio.sleep(10 * ADMIN_TIMEOUT_S)
+            status = 200
+        return httpx.Response(status, json=admin.files.get(file_id, {"detail": "refused"}))
+
+
+class Pieces(httpx.AsyncByteStream):
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for start in range(0, len(self._data), 4096):
+            yield self._data[start : start + 4096]
+
+
+def parse_form(body: bytes, content_type: str) -> tuple[dict[str, str], bytes]:
+    """The text fields and the file of a multipart body, read with the project's parser."""
+    boundary = content_type.split("boundary=", 1)[1].encode()
+    parser = MultipartStreamParser(boundary)
+    fields: dict[str, str] = {}
+    data = bytearray()
+    name = ""
+    value = bytearray()
+    for event in parser.feed(body):
+        if isinstance(event, PartStart):
+            name = event.name
+            value = bytearray()
+        elif isinstance(event, PartData):
+            (data if name == "file" else value).extend(event.data)
+        elif isinstance(event, PartEnd) and name != "file":
+            fields[name] = value.decode()
+    parser.close()
+    return fields, bytes(data)
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    async with trio.open_nursery() as nursery:
+        yield World(nursery)
+        nursery.cancel_scope.cancel()
+
+
+@dataclass
+class Mover:
+    finalizer: Finalizer
+    store: MemoryFinalizeStore
+    pool: ElementPool
+    board: BreakerBoard
+
+    async def move(self, *, uploaded_by: str = "alice") -> Transaction:
+        """Move the world's temporary file (on se-edit) to its end: done or rolled back."""
+        now = time.time()
+        tx = Transaction(
+            transaction_id="11111111-2222-3333-4444-555555555555",
+            file_id=FILE_ID,
+            owner=self.finalizer.owner,
+            requested_by=uploaded_by,
+            source=Copy("se-edit", "http://se-edit"),
+            file=SourceFile("report.bin", "application/octet-stream", SHA256, len(DATA)),
+            created_at=now,
+            updated_at=now,
+        )
+        assert await self.store.create(tx, due=now + 60, retention_s=RETENTION_S) is None
+        await self.finalizer._drive(tx, False)
+        return tx
+
+
+@pytest.fixture
+async def mover_of(world: World) -> AsyncIterator[Callable[..., Mover]]:
+    """Builds the finalizer (settings overridden by keywords) on the world; a temporary file
+    of alice's is on se-edit."""
+    world["se-edit"].files[FILE_ID] = DATA
+    world["se-edit"].meta[FILE_ID] = {
+        "file_id": FILE_ID,
+        "original_filename": "report.bin",
+        "content_type": "application/octet-stream",
+        "checksum": SHA256,
+        "file_size": len(DATA),
+        "retention_policy": "temporary",
+        "created_by_id": "alice",
+    }
+    clients: list[httpx.AsyncClient] = []
+
+    def build(*, admin: bool = False, **overrides: Any) -> Mover:
+        elements = [
+            {"id": name, "api_url": f"http://{name}", "mode": mode, "priority": priority}
+            for name, mode, priority in ELEMENTS
+        ]
+        settings = Settings(
+            storage_elements=json.dumps(elements),  # type: ignore[arg-type]
+            **{
+                "finalize_source_delete_delay_s": 60.0,
+                "compensation_backoff_max_s": 10.0,
+                "compensation_timeout_s": COMPENSATION_TIMEOUT_S,
+                "finalize_max_attempts": 3,
+                "retry_base_s": 0.5,
+                "retry_cap_s": 2.0,
+                **overrides,
+            },
+        )
+        http = httpx.AsyncClient(transport=world)
+        clients.append(http)
+        board = BreakerBoard(
+            BreakerPolicy(
+                failure_threshold=1, open_base_s=5.0, open_max_s=20.0, max_ejected_share=0.5
+            )
+        )
+        pool = ElementPool(
+            Registry(configured_elements(settings.storage_elements)),
+            board,
+            StorageElementClient(
+                http,
+                stall_timeout_s=30,
+                response_timeout_s=30,
+                connect_timeout_s=5,
+                probe_timeout_s=5,
+            ),
+            build_se_token_provider(settings, http),
+            Metrics(),
+            retry_policy=RetryPolicy(),
+            retry_budget_ratio=0.2,
+            compensation_timeout_s=COMPENSATION_TIMEOUT_S,
+        )
+        store = MemoryFinalizeStore()
+        finalizer = Finalizer(
+            settings,
+            store=store,
+            pool=pool,
+            ownership=Ownership(MemoryOwnershipStore(100), grace_s=60),
+            metrics=CollectorRegistry(),
+            draining=lambda: False,
+            admin=AdminRegistry(
+                http,
+                "http://admin",
+                timeout_s=ADMIN_TIMEOUT_S,
+                policy=RetryPolicy(base_s=0.1, cap_s=1.0, max_attempts=3),
+            )
+            if admin
+            else None,
+        )
+        return Mover(finalizer, store, pool, board)
+
+    yield build
+    for http in clients:
+        await http.aclose()
+
+
+# --- who may learn what -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("told_by", ["rw element", "admin module"])
+async def test_another_users_permanent_file_is_as_unknown_as_a_missing_one(
+    world: World, mover_of: Callable[..., Mover], told_by: str
+) -> None:
+    """A finalized file of alice's: bob is answered 404 FILE_NOT_FOUND, as for an id that
+    names nothing; 409 ALREADY_PERMANENT (the file exists) is for alice and admins."""
+    source = world["se-edit"]
+    world["rw-a"].files[FILE_ID] = source.files.pop(FILE_ID)
+    world["rw-a"].meta[FILE_ID] = source.meta.pop(FILE_ID) | {"retention_policy": "permanent"}
+    if told_by == "admin module":
+        world.admin.files[FILE_ID] = {
+            "file_id": FILE_ID,
+            "retention_policy": "permanent",
+            "storage_element_id": "rw-a",
+            "uploaded_by": "alice",
+        }
+    finalizer = mover_of(admin=told_by == "admin module").finalizer
+    with trio.fail_after(60):
+        answers: dict[tuple[str, str], tuple[int, str]] = {}
+        for who in (BOB, ALICE, ROOT):
+            for file_id in (FILE_ID, "3f1c6c1e-0d3b-4b47-9a55-000000000000"):
+                with pytest.raises(IngesterError) as refused:
+                    await finalizer.begin(file_id, who)
+                answers[who.subject, file_id[-4:]] = (refused.value.status, refused.value.code)
+    missing = (404, "FILE_NOT_FOUND")
+    permanent = (409, "ALREADY_PERMANENT")
+    assert answers == {
+        ("bob", "0a11"): missing,
+        ("bob", "0000"): missing,
+        ("alice", "0a11"): permanent,
+        ("alice", "0000"): missing,
+        ("root", "0a11"): permanent,
+        ("root", "0000"): missing,
+    }
+    assert world.holding() == {"rw-a": SHA256}
