@@ -40,6 +40,7 @@ from ..errors import (
     ShuttingDown,
     StorageElementError,
     StorageElementUnavailable,
+    UpstreamAuthError,
 )
 from ..http import multipart_writer
 from ..ownership import Ownership
@@ -224,8 +225,6 @@ class Finalizer:
         self.owner = f"finalizer-{uuid.uuid4().hex[:12]}"
         self.lease_s = settings.finalize_lease_s
         self.active: dict[str, Transaction] = {}
-        # The credential each running move acts with (the caller's, in this process).
-        self._credentials: dict[str, str | None] = {}
         self._limiter = trio.CapacityLimiter(settings.finalize_max_concurrent)
         self._nursery: trio.Nursery | None = None
         self._random = random.Random()
@@ -372,8 +371,6 @@ class Finalizer:
                 f"file {file_id} is being (or was just) finalized by transaction {holder}"
             )
         _log(tx, logging.INFO, f"finalizing {file_id} from {source.element_id}")
-        # The mover acts with the caller's credential even when records carry none.
-        self._credentials[tx.transaction_id] = authorization
         self._spawn(tx, recovered=False)
         return tx
 
@@ -533,7 +530,6 @@ class Finalizer:
             )
         finally:
             self.active.pop(tx.transaction_id, None)
-            self._credentials.pop(tx.transaction_id, None)
             self.m_in_flight.dec()
             if outcome in ("done", "rolled_back"):
                 self.m_total.labels(outcome).inc()
@@ -550,11 +546,23 @@ class Finalizer:
             await self._rollback(tx)
 
     async def _authorization(self, tx: Transaction) -> str | None:
-        if tx.transaction_id in self._credentials:
-            return self._credentials[tx.transaction_id]
+        """What the move's next request carries; asked for each request, never kept. With
+        INGESTER_SE_AUTH=forward, the caller's token (in the record: another replica acts
+        with it too). Otherwise the service's own credential, from the pool each time: a
+        `client_credentials` token is refreshed there before it expires, and one read at the
+        request outlived its token in a long move (the source delete, five minutes on, was
+        refused for good)."""
         if tx.authorization is not None:
             return tx.authorization
         return await self.pool.authorization(None)
+
+    async def _authorization_for_round(self, tx: Transaction) -> str | None:
+        """`_authorization` for a round of removals: no credential now (the token endpoint
+        is away) is one more round to retry, as an element that is away is."""
+        try:
+            return await self._authorization(tx)
+        except UpstreamAuthError as exc:
+            raise TryAgain(f"no credential for the removals: {exc.message}") from exc
 
     async def _save(self, tx: Transaction) -> None:
         """Write `tx` before going on. A store that is away is tried again (with backoff)
@@ -774,9 +782,9 @@ class Finalizer:
         wait = tx.delete_after - time.time()
         if wait > 0:
             await trio.sleep(wait)
-        authorization = await self._authorization(tx)
 
         async def remove() -> None:
+            authorization = await self._authorization_for_round(tx)
             if not tx.source_deleted:
                 tx.source_deleted = await self._delete_source(tx, authorization)
             for copy in tx.abandoned():
@@ -815,9 +823,9 @@ class Finalizer:
 
     async def _rollback(self, tx: Transaction) -> None:
         """Remove every target copy (retried until done); the source is not touched."""
-        authorization = await self._authorization(tx)
 
         async def remove() -> None:
+            authorization = await self._authorization_for_round(tx)
             for copy in list(tx.copies):
                 if await self._removed(tx, copy, authorization):
                     tx.copies = [c for c in tx.copies if c != copy]

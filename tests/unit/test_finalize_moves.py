@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,14 +26,13 @@ from prometheus_client import CollectorRegistry
 from ingester.auth.principal import Principal
 from ingester.errors import IngesterError
 from ingester.finalize.finalizer import Finalizer
-from ingester.finalize.record import SourceFile, Transaction
+from ingester.finalize.record import Transaction, TxState
 from ingester.finalize.store import MemoryFinalizeStore
 from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
 from ingester.ownership import MemoryOwnershipStore, Ownership
 from ingester.resilience.breaker import BreakerBoard, BreakerPolicy
 from ingester.resilience.retry import RetryPolicy
-from ingester.saga.record import Copy
 from ingester.settings import Settings
 from ingester.storage.admin import AdminRegistry
 from ingester.storage.client import StorageElementClient
@@ -69,6 +68,8 @@ class Element:
     # Removals (`DELETE /api/v1/gc/{id}`) to carry out late: the element answers only
     # after the caller gave up, and removes the file `late_removal_s` after the request.
     late_removals: int = 0
+    # Removals find the element down until this (trio) time.
+    removals_down_until: float = 0.0
 
 
 @dataclass
@@ -149,6 +150,8 @@ class World(httpx.AsyncBaseTransport):
                 return httpx.Response(404, json={"detail": "not found"})
             return httpx.Response(200, json=element.meta[file_id])
         if request.method == "DELETE" and path.startswith("/api/v1/gc/"):
+            if trio.current_time() < element.removals_down_until:
+                raise httpx.ConnectError("connection refused", request=request)
             if element.late_removals:
                 element.late_removals -= 1
                 self.nursery.start_soon(self._remove_late, element, file_id)
@@ -257,28 +260,35 @@ async def world() -> AsyncIterator[World]:
         nursery.cancel_scope.cancel()
 
 
+class ObservedFinalizer(Finalizer):
+    """The finalizer, telling when each move it ran ended (done, rolled back or stopped)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ended: defaultdict[str, trio.Event] = defaultdict(trio.Event)
+
+    async def _drive(self, tx: Transaction, recovered: bool) -> None:
+        try:
+            await super()._drive(tx, recovered)
+        finally:
+            self.ended[tx.transaction_id].set()
+
+
 @dataclass
 class Mover:
-    finalizer: Finalizer
+    finalizer: ObservedFinalizer
     store: MemoryFinalizeStore
     pool: ElementPool
     board: BreakerBoard
 
-    async def move(self, *, uploaded_by: str = "alice") -> Transaction:
-        """Move the world's temporary file (on se-edit) to its end: done or rolled back."""
-        now = time.time()
-        tx = Transaction(
-            transaction_id="11111111-2222-3333-4444-555555555555",
-            file_id=FILE_ID,
-            owner=self.finalizer.owner,
-            requested_by=uploaded_by,
-            source=Copy("se-edit", "http://se-edit"),
-            file=SourceFile("report.bin", "application/octet-stream", SHA256, len(DATA)),
-            created_at=now,
-            updated_at=now,
-        )
-        assert await self.store.create(tx, due=now + 60, retention_s=RETENTION_S) is None
-        await self.finalizer._drive(tx, False)
+    async def move(self, who: Principal = ALICE) -> Transaction:
+        """Finalize the world's temporary file (on se-edit) as a request does, and wait for
+        the move to end: done or rolled back."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.finalizer.run)
+            tx = await self.finalizer.begin(FILE_ID, who)
+            await self.finalizer.ended[tx.transaction_id].wait()
+            nursery.cancel_scope.cancel()
         return tx
 
 
@@ -339,7 +349,7 @@ async def mover_of(world: World) -> AsyncIterator[Callable[..., Mover]]:
             compensation_timeout_s=COMPENSATION_TIMEOUT_S,
         )
         store = MemoryFinalizeStore()
-        finalizer = Finalizer(
+        finalizer = ObservedFinalizer(
             settings,
             store=store,
             pool=pool,
@@ -400,3 +410,59 @@ async def test_another_users_permanent_file_is_as_unknown_as_a_missing_one(
         ("root", "0000"): missing,
     }
     assert world.holding() == {"rw-a": SHA256}
+
+
+# --- credentials --------------------------------------------------------------------------
+
+# Tokens of the service's own, from the world's token endpoint (they live 30 s there).
+SERVICE_ACCOUNT = {
+    "se_auth": "client_credentials",
+    "se_token_url": "http://idp/token",
+    "se_client_id": "ingester",
+    "se_client_secret": "secret",
+}
+
+
+async def test_a_service_token_is_fetched_for_each_request_of_a_long_move(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock
+) -> None:
+    """With INGESTER_SE_AUTH=client_credentials the move used the token it got at the
+    request to its end: the source delete, 60 s after the commit, carried a token 30 s dead,
+    was refused and retried with it forever. Each request now asks the pool, which
+    refreshes the token in time."""
+    world.checked = True
+    mover = mover_of(**SERVICE_ACCOUNT)
+    with trio.fail_after(600):
+        tx = await mover.move()
+    assert (tx.state, tx.error_code) == (TxState.DONE, None)
+    assert tx.source_deleted
+    assert world.holding() == {"rw-a": SHA256}
+    assert world.expired_seen == 0
+    assert len(world.tokens) > 1
+
+
+async def test_a_rollback_longer_than_a_token_lives_asks_for_a_new_one(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock
+) -> None:
+    """The rollback read the credential once, before its retry-forever loop: an element
+    that came back after the token expired was then refused every removal, and the file's
+    lock was never released. Each round now asks for the credential."""
+    world.checked = True
+    world["se-edit"].files[FILE_ID] = bytes(reversed(DATA))  # not what the source reports
+    world["rw-a"].removals_down_until = trio.current_time() + 120
+    mover = mover_of(**SERVICE_ACCOUNT)
+    with trio.fail_after(600):
+        tx = await mover.move()
+    assert (tx.state, tx.error_code) == (TxState.ROLLED_BACK, "SOURCE_CHECKSUM_MISMATCH")
+    # The target copy is gone, the source untouched, and the file may be finalized again.
+    assert world.holding() == {"se-edit": hashlib.sha256(bytes(reversed(DATA))).hexdigest()}
+    again = Transaction(
+        transaction_id="22222222-2222-3333-4444-555555555555",
+        file_id=FILE_ID,
+        owner="another",
+        requested_by="alice",
+        source=tx.source,
+        file=tx.file,
+    )
+    assert await mover.store.create(again, due=0.0, retention_s=RETENTION_S) is None
+    assert world.expired_seen == 0
