@@ -44,6 +44,7 @@ from ..errors import (
 )
 from ..http import multipart_writer
 from ..ownership import Ownership
+from ..resilience.breaker import BreakerState
 from ..resilience.leases import STORE_CALL_TIMEOUT_S, Leases, Reachability, TryAgain, retry
 from ..resilience.retry import RetryPolicy, backoff_s
 from ..saga.record import Copy, Removal
@@ -601,21 +602,38 @@ class Finalizer:
             tried: list[str] = []
             while (element := pool.next_element(SEMode.RW, tx.file.file_size, tried)) is not None:
                 tried.append(element.id)
-                copy = Copy(element.id, element.api_url)
-                # Written before the first byte leaves: whoever continues knows where to look.
-                tx.sending_to(copy)
-                tx.move(TxState.COPYING, time.time())
-                await self._save(tx)
+                # A half-open element's single trial is this attempt's now. It goes back
+                # unless the attempt reports a verdict on the element (a success, or a failure
+                # that counts): ended by the source, a refusal of the request, a lost record
+                # or a cancellation, kept it would shut the element out until a restart, the
+                # prober included (the upload pipeline's rule).
+                took_trial = (
+                    pool.breakers.breaker(element.id).state(trio.current_time())
+                    is BreakerState.HALF_OPEN
+                )
+                reported = False
                 try:
-                    stored, sha256 = await self._copy_to(tx, element)
-                except StorageElementError as exc:
-                    pool.note_failure(element.id, exc)
-                    failures.append(exc)
-                    self.m_failovers.labels(element.id).inc()
-                    _log(tx, logging.WARNING, f"copy to {element.id} failed: {exc.message}")
-                    await self._remove_target(tx, copy)
-                    continue
-                pool.note_success(element.id)
+                    copy = Copy(element.id, element.api_url)
+                    # Written before the first byte leaves: whoever continues knows where to
+                    # look.
+                    tx.sending_to(copy)
+                    tx.move(TxState.COPYING, time.time())
+                    await self._save(tx)
+                    try:
+                        stored, sha256 = await self._copy_to(tx, element)
+                    except StorageElementError as exc:
+                        pool.note_failure(element.id, exc)
+                        reported = exc.retryable
+                        failures.append(exc)
+                        self.m_failovers.labels(element.id).inc()
+                        _log(tx, logging.WARNING, f"copy to {element.id} failed: {exc.message}")
+                        await self._remove_target(tx, copy)
+                        continue
+                    pool.note_success(element.id)
+                    reported = True
+                finally:
+                    if took_trial and not reported:
+                        pool.breakers.breaker(element.id).release_trial(trio.current_time())
                 if sha256 != tx.file.checksum:
                     await self._remove_target(tx, copy)
                     raise SourceChecksumMismatch(

@@ -24,7 +24,7 @@ import trio.testing
 from prometheus_client import CollectorRegistry
 
 from ingester.auth.principal import Principal
-from ingester.errors import IngesterError
+from ingester.errors import IngesterError, StorageElementUnavailable
 from ingester.finalize.finalizer import Finalizer
 from ingester.finalize.record import Transaction, TxState
 from ingester.finalize.store import MemoryFinalizeStore
@@ -33,7 +33,8 @@ from ingester.metrics import Metrics
 from ingester.ownership import MemoryOwnershipStore, Ownership
 from ingester.resilience.breaker import BreakerBoard, BreakerPolicy
 from ingester.resilience.retry import RetryPolicy
-from ingester.settings import Settings
+from ingester.saga.record import Copy
+from ingester.settings import SEMode, Settings
 from ingester.storage.admin import AdminRegistry
 from ingester.storage.client import StorageElementClient
 from ingester.storage.pool import ElementPool
@@ -466,3 +467,38 @@ async def test_a_rollback_longer_than_a_token_lives_asks_for_a_new_one(
     )
     assert await mover.store.create(again, due=0.0, retention_s=RETENTION_S) is None
     assert world.expired_seen == 0
+
+
+# --- breakers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ended_by", ["the source", "a refusal of the request"])
+async def test_a_half_open_trial_the_copy_took_goes_back(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock, ended_by: str
+) -> None:
+    """The copy takes the single trial of rw-a, half-open after a failure. The attempt ends
+    with no verdict on rw-a: the source is gone (404), or rw-a refuses the request (413, the
+    request's fault). The trial used to stay taken: no upload, move or probe ever went to
+    rw-a again until a restart. Now it goes back."""
+    mover = mover_of()
+    mover.pool.note_failure("rw-a", StorageElementUnavailable("reset", element_id="rw-a"))
+    await trio.sleep(10)  # past the open time: half-open
+    assert mover.board.breaker("rw-a").trial_available(trio.current_time())
+    if ended_by == "the source":
+        world["se-edit"].files.clear()  # its metadata still says it is there
+    else:
+        world["rw-a"].upload_answers = [413]
+    with trio.fail_after(600):
+        tx = await mover.move()
+    if ended_by == "the source":
+        assert (tx.state, tx.error_code) == (TxState.ROLLED_BACK, "SOURCE_UNAVAILABLE")
+        assert world.holding() == {}
+    else:
+        assert (tx.state, tx.target) == (TxState.DONE, Copy("rw-b", "http://rw-b"))
+        assert world.holding() == {"rw-b": SHA256}
+        assert world["rw-a"].uploads == 1
+    # rw-a is the first choice again, of the next move as of an upload.
+    assert mover.board.breaker("rw-a").trial_available(trio.current_time())
+    preferred = mover.pool.next_element(SEMode.RW, len(DATA), [])
+    assert preferred is not None
+    assert preferred.id == "rw-a"
