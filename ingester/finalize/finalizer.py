@@ -600,7 +600,15 @@ class Finalizer:
             if round_:
                 await trio.sleep(backoff_s(round_ - 1, self._backoff, self._random.random))
             tried: list[str] = []
-            while (element := pool.next_element(SEMode.RW, tx.file.file_size, tried)) is not None:
+            # An element whose copy is not confirmed gone (still in `tx.copies`) is not tried
+            # again by this move, in any round: a removal that lands late would delete the
+            # new copy, the committed one included (the upload pipeline's "burned" elements,
+            # `ingester.resilience.failover`).
+            while (
+                element := pool.next_element(
+                    SEMode.RW, tx.file.file_size, [*tried, *(c.element_id for c in tx.copies)]
+                )
+            ) is not None:
                 tried.append(element.id)
                 # A half-open element's single trial is this attempt's now. It goes back
                 # unless the attempt reports a verdict on the element (a success, or a failure

@@ -469,6 +469,31 @@ async def test_a_rollback_longer_than_a_token_lives_asks_for_a_new_one(
     assert world.expired_seen == 0
 
 
+# --- failover -----------------------------------------------------------------------------
+
+
+async def test_an_element_whose_copy_is_not_confirmed_gone_gets_no_new_copy(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock
+) -> None:
+    """rw-a fails the copy (500) and the removal of its partial copy times out on our side:
+    rw-a carries it out later. Every element failing the first round, the next round used
+    to start from rw-a again, which took the copy; the late removal then deleted the
+    committed copy, and the source went after the delay: the file on no element. Now rw-a
+    gets no second copy; the move commits on rw-c."""
+    world["rw-a"].upload_answers = [500]
+    world["rw-a"].late_removals = 1
+    world["rw-b"].upload_answers = [500] * 10
+    world["rw-c"].upload_answers = [500]
+    mover = mover_of()
+    with trio.fail_after(600):
+        tx = await mover.move()
+    # The file is kept, on the element the transaction names.
+    assert world.holding() == {"rw-c": SHA256}
+    assert (tx.state, tx.target) == (TxState.DONE, Copy("rw-c", "http://rw-c"))
+    assert tx.source_deleted
+    assert world["rw-a"].uploads == 1
+
+
 # --- breakers -----------------------------------------------------------------------------
 
 
