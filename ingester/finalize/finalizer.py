@@ -135,6 +135,9 @@ class CopyBody(httpx.AsyncByteStream):
         self._stage = 0
         self.hasher = hashlib.sha256()
         self.size = 0
+        # The head was handed out: bytes of the form (the file id first) may have reached
+        # the target.
+        self.started = False
         # The tail was handed out: the target may have the whole copy.
         self.ended = False
 
@@ -144,6 +147,7 @@ class CopyBody(httpx.AsyncByteStream):
     async def __anext__(self) -> bytes:
         if self._stage == 0:
             self._stage = 1
+            self.started = True
             return self._head
         if self._stage == 1:
             try:
@@ -635,7 +639,10 @@ class Finalizer:
                         failures.append(exc)
                         self.m_failovers.labels(element.id).inc()
                         _log(tx, logging.WARNING, f"copy to {element.id} failed: {exc.message}")
-                        await self._remove_target(tx, copy)
+                        if copy in tx.copies:
+                            await self._remove_target(tx, copy)
+                        else:
+                            await self._save(tx)  # never reached: out of the record
                         continue
                     pool.note_success(element.id)
                     reported = True
@@ -670,45 +677,72 @@ class Finalizer:
         raise NoStorageAvailable("no rw Storage Element is available")
 
     async def _copy_to(self, tx: Transaction, element: Candidate) -> tuple[StoredFile, str]:
+        """Stream the source into an upload to `element`: what it stored, and the sha256 of
+        the bytes read. An attempt that ends before the form's first byte was handed out
+        drops its copy from the record (`_unsent`)."""
         client = self.pool.client
-        authorization = await self._authorization(tx)
-        boundary = secrets.token_hex(16)
-        head, tail = multipart_parts(boundary, tx.file_id, as_stored_on(tx.file, element))
+        body: CopyBody | None = None
         try:
-            async with client.download(
-                tx.source.element_id, tx.source.api_url, tx.file_id, authorization=authorization
-            ) as response:
-                pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw(PIECE))
-                body = CopyBody(head, pieces, tail, tx.source.element_id, self.m_bytes.inc)
-                try:
-                    stored = await client.upload(
-                        element.id,
-                        element.api_url,
-                        body=body,
-                        content_type=multipart_writer.form_content_type(boundary),
-                        authorization=authorization,
-                        extra_headers={"X-Request-ID": tx.transaction_id},
-                    )
-                except StorageElementError as exc:
-                    if body.ended and exc.upstream_status is None and exc.element_id == element.id:
-                        # The target may be writing the copy still: a removal finding
-                        # nothing now is checked again (`Landing`).
-                        until = time.time() + self.settings.saga_recheck_s
-                        tx.landing.note(Copy(element.id, element.api_url), until)
-                    raise
-                finally:
-                    await pieces.aclose()
-        except _SourceFailed as exc:
-            raise SourceUnavailable(exc.error.message) from exc
-        except StorageElementError as exc:
-            if exc.element_id == tx.source.element_id and exc.element_id != element.id:
-                raise SourceUnavailable(exc.message) from exc
+            authorization = await self._authorization(tx)
+            boundary = secrets.token_hex(16)
+            head, tail = multipart_parts(boundary, tx.file_id, as_stored_on(tx.file, element))
+            try:
+                async with client.download(
+                    tx.source.element_id,
+                    tx.source.api_url,
+                    tx.file_id,
+                    authorization=authorization,
+                ) as response:
+                    pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw(PIECE))
+                    body = CopyBody(head, pieces, tail, tx.source.element_id, self.m_bytes.inc)
+                    try:
+                        stored = await client.upload(
+                            element.id,
+                            element.api_url,
+                            body=body,
+                            content_type=multipart_writer.form_content_type(boundary),
+                            authorization=authorization,
+                            extra_headers={"X-Request-ID": tx.transaction_id},
+                        )
+                    except StorageElementError as exc:
+                        if (
+                            body.ended
+                            and exc.upstream_status is None
+                            and exc.element_id == element.id
+                        ):
+                            # The target may be writing the copy still: a removal finding
+                            # nothing now is checked again (`Landing`).
+                            until = time.time() + self.settings.saga_recheck_s
+                            tx.landing.note(Copy(element.id, element.api_url), until)
+                        raise
+                    finally:
+                        await pieces.aclose()
+            except _SourceFailed as exc:
+                raise SourceUnavailable(exc.error.message) from exc
+            except StorageElementError as exc:
+                if exc.element_id == tx.source.element_id and exc.element_id != element.id:
+                    raise SourceUnavailable(exc.message) from exc
+                raise
+        except BaseException:
+            if body is None or not body.started:
+                self._unsent(tx, Copy(element.id, element.api_url))
             raise
         if body.size != tx.file.file_size:
             raise SourceUnavailable(
                 f"{tx.source.element_id} sent {body.size} of {tx.file.file_size} bytes"
             )
         return stored, body.hasher.hexdigest()
+
+    def _unsent(self, tx: Transaction, copy: Copy) -> None:
+        """Not one byte of the form went to `copy`'s element: nothing of the move can be
+        there (the file id travels in the form), so the copy leaves the record. Kept, an
+        element never reached (down, decommissioned) held the move's end, or a rollback's
+        release of the file, until it answered. Never an earlier attempt's copy: an element
+        with one is not tried again (`_copy`). A copy whose form went out, whole or in part,
+        stays, answered or not (`Landing`)."""
+        tx.copies = [c for c in tx.copies if c != copy]
+        if tx.target == copy:
+            tx.target = None
 
     async def _removed(self, tx: Transaction, copy: Copy, authorization: str | None) -> bool:
         """Remove a target copy (bounded): True when it is confirmed gone. Finding nothing on

@@ -65,6 +65,8 @@ class Element:
     down: bool = False
     # Answer the next uploads with these statuses (after reading the body), one each.
     upload_answers: list[int] = field(default_factory=list)
+    # Store the next uploads, then reset the connection instead of answering, one each.
+    lost_answers: int = 0
     uploads: int = 0
     # Removals (`DELETE /api/v1/gc/{id}`) to carry out late: the element answers only
     # after the caller gave up, and removes the file `late_removal_s` after the request.
@@ -174,6 +176,10 @@ class World(httpx.AsyncBaseTransport):
             return httpx.Response(status, json={"detail": f"answered {status}"})
         fields, data = parse_form(bytes(received), request.headers["Content-Type"])
         file_id = fields["file_id"]
+        if element.lost_answers:
+            element.lost_answers -= 1
+            element.files[file_id] = data
+            raise httpx.ReadError("connection reset by peer", request=request)
         element.files[file_id] = data
         element.meta[file_id] = {
             "file_id": file_id,
@@ -491,6 +497,49 @@ async def test_an_element_whose_copy_is_not_confirmed_gone_gets_no_new_copy(
     assert world.holding() == {"rw-c": SHA256}
     assert (tx.state, tx.target) == (TxState.DONE, Copy("rw-c", "http://rw-c"))
     assert tx.source_deleted
+    assert world["rw-a"].uploads == 1
+
+
+@pytest.mark.parametrize("ending", ["done", "rolled back"])
+async def test_an_element_never_reached_holds_up_neither_the_end_nor_a_rollback(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock, ending: str
+) -> None:
+    """rw-a is down: not one byte reaches it. Its copy stayed in the transaction, so the
+    move was done only once rw-a answered a removal (never, if it was decommissioned), and
+    a rollback held the file's lock as long. An attempt that sent nothing now leaves no
+    copy behind."""
+    world["rw-a"].down = True
+    if ending == "rolled back":
+        world["rw-b"].down = world["rw-c"].down = True
+    mover = mover_of()
+    with trio.fail_after(600):
+        tx = await mover.move()
+    if ending == "done":
+        assert (tx.state, tx.target) == (TxState.DONE, Copy("rw-b", "http://rw-b"))
+        assert world.holding() == {"rw-b": SHA256}
+    else:
+        assert (tx.state, tx.error_code) == (TxState.ROLLED_BACK, "NO_STORAGE_AVAILABLE")
+        assert world.holding() == {"se-edit": SHA256}
+        # The lock went with the rollback: the file may be finalized again.
+        world["rw-c"].down = False
+        with trio.fail_after(600):
+            again = await mover.move()
+        assert (again.state, again.target) == (TxState.DONE, Copy("rw-c", "http://rw-c"))
+        assert world.holding() == {"rw-c": SHA256}
+
+
+async def test_a_copy_sent_whole_and_never_answered_is_still_removed(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock
+) -> None:
+    """rw-a gets the whole form, stores it and resets the connection instead of answering:
+    unlike an element never reached, it may hold the copy (artStore's writes it after the
+    last byte), so the copy stays in the transaction and goes before the move is done."""
+    world["rw-a"].lost_answers = 1
+    mover = mover_of(saga_recheck_s=30.0)
+    with trio.fail_after(600):
+        tx = await mover.move()
+    assert (tx.state, tx.target) == (TxState.DONE, Copy("rw-b", "http://rw-b"))
+    assert world.holding() == {"rw-b": SHA256}
     assert world["rw-a"].uploads == 1
 
 
