@@ -315,6 +315,12 @@ class AdminRegistrationFailed(IngesterError):
     default_message = "the Admin Module did not register the file"
 
 
+class AdminRefused(AdminRegistrationFailed):
+    """The Admin Module answered the request with a refusal (`4xx`, but `408` and `429`): it
+    did not apply it. Any other failure (no answer, a timeout, `5xx`) leaves unknown whether
+    it did."""
+
+
 class UpstreamAuthError(IngesterError):
     status = 502
     code = "SE_AUTH_FAILED"

@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ..auth.principal import Principal
 from ..boundary import element_error, http_errors
 from ..errors import (
+    AdminRefused,
     AdminRegistrationFailed,
     IngesterError,
     IntegrityError,
@@ -782,25 +783,13 @@ class Finalizer:
             if tx.state is not TxState.COMMITTING:
                 tx.move(TxState.COMMITTING, now)
                 await self._save_past_copying(tx, target)
-            try:
-                await admin.commit(
-                    tx.file_id,
-                    {
-                        "retention_policy": "permanent",
-                        "storage_element_id": target.element_id,
-                        "storage_element_url": target.api_url,
-                        "finalized_at": iso(now),
-                        "checksum": tx.file.checksum,
-                        "transaction_id": tx.transaction_id,
-                    },
-                    authorization=await self._authorization(tx),
-                )
-            except AdminRegistrationFailed as exc:
-                raise AdminCommitFailed(exc.message) from exc
+            await self._commit_to_admin(tx, admin, target, now)
         was = tx.state
         tx.finalized_at = now
-        tx.delete_after = now + self.settings.finalize_source_delete_delay_s
-        tx.move(TxState.COMMITTED, now)
+        # The safety delay counts from the commit's confirmation, however long it took.
+        committed_at = time.time()
+        tx.delete_after = committed_at + self.settings.finalize_source_delete_delay_s
+        tx.move(TxState.COMMITTED, committed_at)
         if was is TxState.COPYING:
             await self._save_past_copying(tx, target)
         else:
@@ -810,6 +799,72 @@ class Finalizer:
             logging.INFO,
             f"committed on {target.element_id}; the source goes after "
             f"{self.settings.finalize_source_delete_delay_s:g} s",
+        )
+
+    async def _commit_to_admin(
+        self, tx: Transaction, admin: AdminRegistry, target: Copy, now: float
+    ) -> None:
+        """Tell the Admin Module the new location; returns once it took it, and raises
+        `AdminCommitFailed` (the move rolls back) only when it refused it.
+
+        A refusal is a `4xx` whose record does not show the commit (an earlier attempt's
+        answer may have been lost after it was applied). A timeout, a connection error or a
+        `5xx` tell nothing: the Admin Module may have applied the `PUT`, and removing the
+        target then would leave it pointing at no copy once the source goes (every failure
+        used to roll back). Then the move stays `committing`, reads the Admin Module's
+        record (a commit applied whose answers keep coming late shows there) and sends the
+        commit again, with backoff, for as long as the transaction is ours: the lease keeper
+        renews it meanwhile, and each round's write finds out when another ingester took it
+        over."""
+        changes = {
+            "retention_policy": "permanent",
+            "storage_element_id": target.element_id,
+            "storage_element_url": target.api_url,
+            "finalized_at": iso(now),
+            "checksum": tx.file.checksum,
+            "transaction_id": tx.transaction_id,
+        }
+
+        async def attempt() -> None:
+            authorization = await self._authorization_for_round(tx)
+            try:
+                await admin.commit(tx.file_id, changes, authorization=authorization)
+                return
+            except AdminRefused as exc:
+                recorded = await self._admin_recorded(tx, admin, target, authorization)
+                if recorded is False:
+                    raise AdminCommitFailed(exc.message) from exc
+                failure = exc.message
+            except AdminRegistrationFailed as exc:
+                recorded = await self._admin_recorded(tx, admin, target, authorization)
+                failure = exc.message
+            if recorded:
+                _log(tx, logging.INFO, f"the Admin Module has the commit ({failure})")
+                return
+            _log(
+                tx,
+                logging.WARNING,
+                f"the commit's outcome is unknown ({failure}); the target stays and the "
+                "commit is sent again",
+            )
+            await self._save(tx)  # still ours?
+            raise TryAgain(failure)
+
+        await retry(attempt, self._removal_backoff, self._random.random)
+
+    async def _admin_recorded(
+        self, tx: Transaction, admin: AdminRegistry, target: Copy, authorization: str | None
+    ) -> bool | None:
+        """Whether the Admin Module's record has this commit (the file permanent on
+        `target`); None when it cannot say now."""
+        try:
+            record = await admin.lookup(tx.file_id, authorization=authorization)
+        except AdminRegistrationFailed:
+            return None
+        return (
+            record is not None
+            and str(record.get("retention_policy", "")).lower() == "permanent"
+            and str(record.get("storage_element_id") or "") == target.element_id
         )
 
     async def _save_past_copying(self, tx: Transaction, target: Copy) -> None:

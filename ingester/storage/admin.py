@@ -5,24 +5,38 @@
 Connect errors, timeouts and `5xx` are retried with full-jitter backoff, a few times within
 `INGESTER_ADMIN_TIMEOUT_S`; anything else fails at once. A registration that fails ends the
 upload with `502 ADMIN_REGISTRATION_FAILED`, and the saga removes the stored copy.
+
+A finalization's commit (`PUT`) tells a refusal (`AdminRefused`: nothing applied) from an
+unclear failure (it may have been applied): the finalizer rolls back only on the first.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
 import trio
 
 from ..boundary import describe, http_errors
-from ..errors import AdminRegistrationFailed
+from ..errors import AdminRefused, AdminRegistrationFailed
 from ..resilience.retry import RetryPolicy, backoff_s
 
 log = logging.getLogger(__name__)
 
 FILES_PATH: Final = "/api/v1/files"
+# 4xx answers that refuse nothing: the request may be sent again as it is.
+NOT_REFUSALS: Final = frozenset({408, 429})
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    """What went wrong last; `refused` when the answer was a refusal (nothing applied)."""
+
+    message: str
+    refused: bool
 
 
 class AdminRegistry:
@@ -49,10 +63,12 @@ class AdminRegistry:
         log.warning(
             "Admin Module registration of %s failed: %s",
             record.get("file_id"),
-            failure,
+            failure.message,
             extra={"event": "admin_registration_failed", "file_id": record.get("file_id")},
         )
-        raise AdminRegistrationFailed(f"the Admin Module did not register the file ({failure})")
+        raise AdminRegistrationFailed(
+            f"the Admin Module did not register the file ({failure.message})"
+        )
 
     async def _send(
         self,
@@ -62,11 +78,12 @@ class AdminRegistry:
         authorization: str | None,
         *,
         also_ok: int | None = None,
-    ) -> str | None:
+    ) -> _Failure | None:
         """Send `body`, retrying connect errors, timeouts and 5xx with full-jitter backoff,
         all within the registry timeout. None when applied, else what went wrong last."""
         headers = {"Authorization": authorization} if authorization else {}
         last = "no attempt"
+        refused = False
         with trio.move_on_after(self._timeout_s) as deadline:
             for attempt in range(self._policy.max_attempts):
                 if attempt:
@@ -86,10 +103,11 @@ class AdminRegistry:
                     return None
                 last = f"HTTP {response.status_code}"
                 if response.status_code < 500:
+                    refused = response.status_code not in NOT_REFUSALS
                     break
         if deadline.cancelled_caught:
             last = f"no answer within {self._timeout_s:g} s (last: {last})"
-        return last
+        return _Failure(last, refused)
 
     async def lookup(self, file_id: str, *, authorization: str | None) -> dict[str, Any] | None:
         """`GET {admin}/api/v1/files/{id}`: the file's record, None when unknown (404).
@@ -121,7 +139,13 @@ class AdminRegistry:
         self, file_id: str, changes: dict[str, Any], *, authorization: str | None
     ) -> None:
         """`PUT {admin}/api/v1/files/{id}` with `changes` (finalization's commit), retried
-        like `register`; raises `AdminRegistrationFailed` when it is not applied."""
+        like `register`. Raises `AdminRefused` when the Admin Module refused it (the last
+        answer; an earlier attempt's may have been lost after it applied it), and
+        `AdminRegistrationFailed` when it is unknown whether the commit was applied."""
         failure = await self._send("PUT", f"{self.url}/{file_id}", changes, authorization)
-        if failure is not None:
-            raise AdminRegistrationFailed(f"the Admin Module did not commit {file_id} ({failure})")
+        if failure is None:
+            return
+        message = f"the Admin Module did not commit {file_id} ({failure.message})"
+        if failure.refused:
+            raise AdminRefused(message)
+        raise AdminRegistrationFailed(message)

@@ -4,8 +4,9 @@ a fault proxy in front of the preferred target, and ingesters under hypercorn.
 
 - the target element killed mid-copy → the move fails over to the other rw element; the killed
   one holds nothing of the file once restarted;
-- the Admin Module refusing the commit → rolled back: the target copy removed, the source intact
-  (and a later finalize, once the Admin Module accepts, succeeds);
+- the Admin Module failing the commit (5xx: it may have applied it) → still `committing`, the
+  target kept, the commit sent again; refusing it (4xx) → rolled back: the target copy removed,
+  the source intact (and a later finalize, once the Admin Module accepts, succeeds);
 - the ingester SIGKILLed between the commit and the source delete → a restarted ingester on the
   same Redis takes the transaction over and deletes the source;
 - the ingester SIGKILLed while the Admin Module had not answered the commit → the restarted
@@ -267,9 +268,11 @@ async def test_target_killed_mid_copy_fails_over_and_leaves_no_orphan(
             nursery.cancel_scope.cancel()
 
 
-async def test_admin_commit_failing_rolls_back(world: World, token_factory: TokenFactory) -> None:
+async def test_admin_commit_failing_is_sent_again_and_a_refusal_rolls_back(
+    world: World, token_factory: TokenFactory
+) -> None:
     token = token_factory()
-    admin = AdminModule(commit_status=500)
+    admin = AdminModule(commit_status=503)
     with trio.fail_after(90):
         async with (
             admin_module(admin) as admin_url,
@@ -281,6 +284,15 @@ async def test_admin_commit_failing_rolls_back(world: World, token_factory: Toke
             file_id, body = await upload(http, proc.url, token, 5 * MIB, seed=500)
             assert file_id in admin.files
             tx_id = await finalize(http, proc.url, token, file_id)
+            # A 5xx says nothing of whether the commit was applied: the move waits in
+            # `committing` with its target whole, and sends the commit again (each round is
+            # INGESTER_ADMIN_MAX_ATTEMPTS, 3, attempts).
+            await until(lambda: len(admin.commits) > 3)
+            held = await status(http, proc.url, token, tx_id)
+            assert held["status"] == "committing", held
+            assert files_of(world.rw_a, file_id)
+            # A refusal rolls back.
+            admin.commit_status = 422
             failed = await wait_status(http, proc.url, token, tx_id, {"done", "rolled_back"})
             assert failed["status"] == "rolled_back", failed
             assert failed["error"]["code"] == "ADMIN_COMMIT_FAILED"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from prometheus_client import CollectorRegistry
 from ingester.auth.principal import Principal
 from ingester.errors import IngesterError, StorageElementUnavailable
 from ingester.finalize.finalizer import Finalizer
-from ingester.finalize.record import Transaction, TxState
+from ingester.finalize.record import SourceFile, Transaction, TxState
 from ingester.finalize.store import MemoryFinalizeStore
 from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
@@ -77,16 +78,17 @@ class Element:
 
 @dataclass
 class AdminModule:
-    """The Admin Module's file registry: records by file id. A commit (`PUT`) is applied,
-    then answered with the next of `commit_answers` (200 once they run out); `SLOW` applies
-    it and answers long after the ingester stopped waiting."""
+    """The Admin Module's file registry: records by file id. A commit (`PUT`) is answered
+    with the next of `commit_answers` (200 once they run out), and applied when that is a
+    success, `SLOW` or `LOST`."""
 
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     commit_answers: list[int] = field(default_factory=list)
     commits: int = 0
 
 
-SLOW = 0  # an AdminModule.commit_answers entry: applied, answered too late
+SLOW = 0  # a commit applied, answered long after the ingester stopped waiting
+LOST = 1  # a commit applied, its connection reset before the answer
 
 
 class World(httpx.AsyncBaseTransport):
@@ -218,8 +220,10 @@ class World(httpx.AsyncBaseTransport):
         assert request.method == "PUT"
         admin.commits += 1
         status = admin.commit_answers.pop(0) if admin.commit_answers else 200
-        if 200 <= status < 300 or status == SLOW:
+        if 200 <= status < 300 or status in (SLOW, LOST):
             admin.files[file_id] = admin.files.get(file_id, {}) | json.loads(request.content)
+        if status == LOST:
+            raise httpx.ReadError("connection reset by peer", request=request)
         if status == SLOW:
             await trio.sleep(10 * ADMIN_TIMEOUT_S)
             status = 200
@@ -273,11 +277,13 @@ class ObservedFinalizer(Finalizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.ended: defaultdict[str, trio.Event] = defaultdict(trio.Event)
+        self.ended_as: dict[str, Transaction] = {}
 
     async def _drive(self, tx: Transaction, recovered: bool) -> None:
         try:
             await super()._drive(tx, recovered)
         finally:
+            self.ended_as[tx.transaction_id] = tx
             self.ended[tx.transaction_id].set()
 
 
@@ -297,6 +303,17 @@ class Mover:
             await self.finalizer.ended[tx.transaction_id].wait()
             nursery.cancel_scope.cancel()
         return tx
+
+    async def take_over(self, tx: Transaction) -> Transaction:
+        """Continue `tx`, a dead ingester's, as a janitor that claimed it does; wait for its
+        end."""
+        assert await self.store.create(tx, due=0.0, retention_s=RETENTION_S) is None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.finalizer.run)
+            self.finalizer._take_over(tx.to_json())
+            await self.finalizer.ended[tx.transaction_id].wait()
+            nursery.cancel_scope.cancel()
+        return self.finalizer.ended_as[tx.transaction_id]
 
 
 @pytest.fixture
@@ -576,3 +593,99 @@ async def test_a_half_open_trial_the_copy_took_goes_back(
     preferred = mover.pool.next_element(SEMode.RW, len(DATA), [])
     assert preferred is not None
     assert preferred.id == "rw-a"
+
+
+# --- the commit ---------------------------------------------------------------------------
+
+
+def registered(world: World) -> None:
+    """The Admin Module knows the temporary file, as the upload registered it."""
+    world.admin.files[FILE_ID] = {
+        "file_id": FILE_ID,
+        "retention_policy": "temporary",
+        "storage_element_id": "se-edit",
+        "uploaded_by": "alice",
+    }
+
+
+def admin_points_at(world: World) -> tuple[str, str]:
+    record = world.admin.files[FILE_ID]
+    return record["retention_policy"], record["storage_element_id"]
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [[SLOW], [503] * 9, [LOST, 409]],
+    ids=["applied, answered late", "5xx for a while", "applied, then refused as done"],
+)
+async def test_a_commit_the_admin_module_may_have_applied_is_never_rolled_back(
+    world: World,
+    mover_of: Callable[..., Mover],
+    clock: trio.testing.MockClock,
+    answers: list[int],
+) -> None:
+    """Every failed commit used to roll back, removing the target. But the Admin Module may
+    have applied the PUT it did not answer in time (or answered 5xx): it then pointed at a
+    removed copy, and the file was lost once its temporary copy expired. Now only a refusal
+    its record does not contradict rolls back; otherwise the move stays `committing`, reads
+    the record and sends the commit again until it is known."""
+    registered(world)
+    world.admin.commit_answers = list(answers)
+    mover = mover_of(admin=True)
+    with trio.fail_after(600):
+        tx = await mover.move()
+    assert admin_points_at(world) == ("permanent", "rw-a")
+    assert world.holding() == {"rw-a": SHA256}
+    assert (tx.state, tx.error_code) == (TxState.DONE, None)
+    assert [state for state, _ in tx.history] == [
+        "pending",
+        "copying",
+        "committing",
+        "committed",
+        "done",
+    ]
+
+
+async def test_a_refused_commit_rolls_back(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock
+) -> None:
+    registered(world)
+    world.admin.commit_answers = [422]
+    mover = mover_of(admin=True)
+    with trio.fail_after(600):
+        tx = await mover.move()
+    assert (tx.state, tx.error_code) == (TxState.ROLLED_BACK, "ADMIN_COMMIT_FAILED")
+    assert admin_points_at(world) == ("temporary", "se-edit")
+    assert world.holding() == {"se-edit": SHA256}
+    assert world.admin.commits == 1
+
+
+async def test_a_commit_taken_over_is_sent_until_its_outcome_is_known(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock
+) -> None:
+    """An ingester died waiting for the commit's answer: whoever takes the transaction over
+    sends the commit again. An Admin Module failing for a while (5xx) rolled it back, the
+    target with it, though the dead ingester's commit may have been applied."""
+    registered(world)
+    world["rw-a"].files[FILE_ID] = DATA
+    world.admin.commit_answers = [503] * 6
+    mover = mover_of(admin=True)
+    dead = Transaction(
+        transaction_id="11111111-2222-3333-4444-555555555555",
+        file_id=FILE_ID,
+        owner="finalizer-dead",
+        requested_by="alice",
+        source=Copy("se-edit", "http://se-edit"),
+        file=SourceFile("report.bin", "application/octet-stream", SHA256, len(DATA)),
+        created_at=time.time(),
+        updated_at=time.time(),
+    )
+    for state in (TxState.COPYING, TxState.COMMITTING):
+        dead.move(state, time.time())
+    dead.sending_to(Copy("rw-a", "http://rw-a"))
+    with trio.fail_after(600):
+        tx = await mover.take_over(dead)
+    assert admin_points_at(world) == ("permanent", "rw-a")
+    assert world.holding() == {"rw-a": SHA256}
+    assert (tx.state, tx.error_code) == (TxState.DONE, None)
+    assert world.admin.commits == 7
