@@ -4,7 +4,9 @@
 (a retried request found the file already there: registration is keyed by `file_id`).
 Connect errors, timeouts and `5xx` are retried with full-jitter backoff, a few times within
 `INGESTER_ADMIN_TIMEOUT_S`; anything else fails at once. A registration that fails ends the
-upload with `502 ADMIN_REGISTRATION_FAILED`, and the saga removes the stored copy.
+upload with `502 ADMIN_REGISTRATION_FAILED`, and the saga removes the stored copy; unless the
+last failure was no refusal and `GET {admin_url}/api/v1/files/{id}` then shows the file: it
+took, its answer was lost, and the upload goes on.
 
 A finalization's commit (`PUT`) tells a refusal (`AdminRefused`: nothing applied) from an
 unclear failure (it may have been applied): the finalizer rolls back only on the first.
@@ -60,6 +62,16 @@ class AdminRegistry:
         failure = await self._send("POST", self.url, record, authorization, also_ok=409)
         if failure is None:
             return
+        if not failure.refused and await self._registered(record, authorization):
+            # The last answer was lost or a 5xx, but the registration took: undoing the
+            # upload now would leave the Admin Module naming a removed file.
+            log.info(
+                "Admin Module registration of %s took, though unanswered (%s)",
+                record.get("file_id"),
+                failure.message,
+                extra={"event": "admin_registered_late", "file_id": record.get("file_id")},
+            )
+            return
         log.warning(
             "Admin Module registration of %s failed: %s",
             record.get("file_id"),
@@ -108,6 +120,14 @@ class AdminRegistry:
         if deadline.cancelled_caught:
             last = f"no answer within {self._timeout_s:g} s (last: {last})"
         return _Failure(last, refused)
+
+    async def _registered(self, record: dict[str, Any], authorization: str | None) -> bool:
+        """Whether the Admin Module holds `record`'s file (False when it cannot say)."""
+        try:
+            found = await self.lookup(str(record.get("file_id")), authorization=authorization)
+        except AdminRegistrationFailed:
+            return False
+        return found is not None
 
     async def lookup(self, file_id: str, *, authorization: str | None) -> dict[str, Any] | None:
         """`GET {admin}/api/v1/files/{id}`: the file's record, None when unknown (404).

@@ -274,6 +274,51 @@ async def test_a_failing_registration_removes_the_stored_copy(
             assert world.element_files()["se-a"] != []
 
 
+async def test_a_registration_that_took_though_unanswered_is_not_undone(
+    world: World, token_factory: TokenFactory
+) -> None:
+    """The Admin Module registers the file but answers 504 (a proxy's timeout, say). Taken
+    for a failure, the upload was undone and the Admin Module named a removed file. A
+    failure that is no refusal is now checked against the Admin Module's record: there, the
+    upload is acknowledged and its copy kept."""
+    registered: dict[str, dict[str, Any]] = {}
+
+    def answer(request: Request) -> Response:
+        if request.method == "POST":
+            record = request.json()
+            registered[record["file_id"]] = record
+            return Response.json({"detail": "gateway timeout"}, 504)
+        file_id = request.path.rsplit("/", 1)[1]
+        if file_id in registered:
+            return Response.json(registered[file_id])
+        return Response.json({"detail": "not found"}, 404)
+
+    admin = AdminModule(answer=answer)
+    token = token_factory()
+    with trio.fail_after(60):
+        async with (
+            admin_module(admin) as admin_url,
+            httpx.AsyncClient(trust_env=False, timeout=30) as http,
+        ):
+            proc = await world.ingester(
+                "ingester",
+                elements=[world.a],
+                INGESTER_ADMIN_URL=admin_url,
+                INGESTER_ADMIN_MAX_ATTEMPTS="2",
+                INGESTER_RETRY_BASE_S="0.05",
+            )
+            body = MultipartUpload([b"r" * 70_000])
+            response = await post_upload(http, proc.url, token, body)
+            assert response.status_code == 201, response.text
+            file_id = response.json()["file_id"]
+            assert list(registered) == [file_id]
+            assert await download_sha256(http, world.a.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
+            await eventually(lambda: world.saga_keys() == [], timeout_s=5)
+
+
 # --- a killed ingester -----------------------------------------------------------------------
 
 
