@@ -51,11 +51,12 @@ REQUIRED_ON_DASHBOARD: Final = {
 NOT_FAILURES: Final = {"SERVICE_BUSY", "SHUTTING_DOWN"}
 # Answers given before an upload reaches the pipeline, never its outcome
 # (`ingester_uploads_total` counts what went through the pipeline): the tus store or an
-# Idempotency-Key's store being away, a tus store still running.
+# Idempotency-Key's store being away, a tus store still running, no token signing key yet.
 TUS_ROUTE_ONLY: Final = {
     "TUS_STORE_UNAVAILABLE",
     "UPLOAD_COMPLETING",
     "IDEMPOTENCY_STORE_UNAVAILABLE",
+    "AUTH_UNAVAILABLE",
 }
 
 
