@@ -145,6 +145,26 @@ async def admin_module(admin: AdminModule) -> AsyncIterator[str]:
         yield server.url
 
 
+@contextlib.asynccontextmanager
+async def registering_ingester(
+    world: World, admin: AdminModule, *, attempts: int
+) -> AsyncIterator[tuple[httpx.AsyncClient, ManagedProcess]]:
+    """An ingester on se-a that registers with `admin`, `attempts` tries per registration
+    (5xx retried quickly), and a client."""
+    async with (
+        admin_module(admin) as admin_url,
+        httpx.AsyncClient(trust_env=False, timeout=30) as http,
+    ):
+        proc = await world.ingester(
+            "ingester",
+            elements=[world.a],
+            INGESTER_ADMIN_URL=admin_url,
+            INGESTER_ADMIN_MAX_ATTEMPTS=str(attempts),
+            INGESTER_RETRY_BASE_S="0.05",
+        )
+        yield http, proc
+
+
 async def metrics(http: httpx.AsyncClient, proc: ManagedProcess) -> str:
     response = await http.get(proc.url + "/metrics")
     assert response.status_code == 200
@@ -232,17 +252,7 @@ async def test_a_failing_registration_removes_the_stored_copy(
     admin = AdminModule(answer=lambda _: Response.json({"detail": "database down"}, 500))
     token = token_factory()
     with trio.fail_after(60):
-        async with (
-            admin_module(admin) as admin_url,
-            httpx.AsyncClient(trust_env=False, timeout=30) as http,
-        ):
-            proc = await world.ingester(
-                "ingester",
-                elements=[world.a],
-                INGESTER_ADMIN_URL=admin_url,
-                INGESTER_ADMIN_MAX_ATTEMPTS="3",
-                INGESTER_RETRY_BASE_S="0.05",
-            )
+        async with registering_ingester(world, admin, attempts=3) as (http, proc):
             response = await post_upload(http, proc.url, token, MultipartUpload([b"x" * 50_000]))
             assert response.status_code == 502, response.text
             assert response.json()["error"]["code"] == "ADMIN_REGISTRATION_FAILED"
@@ -296,17 +306,7 @@ async def test_a_registration_that_took_though_unanswered_is_not_undone(
     admin = AdminModule(answer=answer)
     token = token_factory()
     with trio.fail_after(60):
-        async with (
-            admin_module(admin) as admin_url,
-            httpx.AsyncClient(trust_env=False, timeout=30) as http,
-        ):
-            proc = await world.ingester(
-                "ingester",
-                elements=[world.a],
-                INGESTER_ADMIN_URL=admin_url,
-                INGESTER_ADMIN_MAX_ATTEMPTS="2",
-                INGESTER_RETRY_BASE_S="0.05",
-            )
+        async with registering_ingester(world, admin, attempts=2) as (http, proc):
             body = MultipartUpload([b"r" * 70_000])
             response = await post_upload(http, proc.url, token, body)
             assert response.status_code == 201, response.text

@@ -1,4 +1,5 @@
-"""Building `multipart/form-data` bodies by hand, in any part order, and streaming them.
+"""Building `multipart/form-data` bodies by hand, in any part order, and streaming them; and
+reading one back (`parse_form`), as a fake Storage Element does.
 
 httpx always puts the fields before the files; tests of "fields after the file" and of
 partial or chunked bodies need the bytes themselves.
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from typing import Final
 
 import httpx
+
+from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 
 # Small enough that a few MiB arrive in many chunks, as over a real network.
 DEFAULT_CHUNK: Final = 64 * 1024
@@ -103,3 +106,23 @@ def streaming_request(
     else:
         request.headers["Content-Length"] = str(len(body))
     return request
+
+
+def parse_form(body: bytes, content_type: str) -> tuple[dict[str, str], bytes]:
+    """The text fields and the file of a multipart body, read with the project's parser."""
+    boundary = content_type.split("boundary=", 1)[1].encode()
+    parser = MultipartStreamParser(boundary)
+    fields: dict[str, str] = {}
+    data = bytearray()
+    name = ""
+    value = bytearray()
+    for event in parser.feed(body):
+        if isinstance(event, PartStart):
+            name = event.name
+            value = bytearray()
+        elif isinstance(event, PartData):
+            (data if name == "file" else value).extend(event.data)
+        elif isinstance(event, PartEnd) and name != "file":
+            fields[name] = value.decode()
+    parser.close()
+    return fields, bytes(data)

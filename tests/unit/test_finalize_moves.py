@@ -29,7 +29,6 @@ from ingester.errors import IngesterError, StorageElementUnavailable
 from ingester.finalize.finalizer import Finalizer
 from ingester.finalize.record import SourceFile, Transaction, TxState
 from ingester.finalize.store import MemoryFinalizeStore
-from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
 from ingester.ownership import MemoryOwnershipStore, Ownership
 from ingester.resilience.breaker import BreakerBoard, BreakerPolicy
@@ -41,6 +40,7 @@ from ingester.storage.client import StorageElementClient
 from ingester.storage.pool import ElementPool
 from ingester.storage.registry import Registry, configured_elements
 from ingester.storage.se_auth import build_se_token_provider
+from tests.support.multipart import parse_form
 
 FILE_ID = "3f1c6c1e-0d3b-4b47-9a55-1f0b8b6c0a11"
 DATA = bytes(range(256)) * 64
@@ -237,26 +237,6 @@ class Pieces(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         for start in range(0, len(self._data), 4096):
             yield self._data[start : start + 4096]
-
-
-def parse_form(body: bytes, content_type: str) -> tuple[dict[str, str], bytes]:
-    """The text fields and the file of a multipart body, read with the project's parser."""
-    boundary = content_type.split("boundary=", 1)[1].encode()
-    parser = MultipartStreamParser(boundary)
-    fields: dict[str, str] = {}
-    data = bytearray()
-    name = ""
-    value = bytearray()
-    for event in parser.feed(body):
-        if isinstance(event, PartStart):
-            name = event.name
-            value = bytearray()
-        elif isinstance(event, PartData):
-            (data if name == "file" else value).extend(event.data)
-        elif isinstance(event, PartEnd) and name != "file":
-            fields[name] = value.decode()
-    parser.close()
-    return fields, bytes(data)
 
 
 @pytest.fixture

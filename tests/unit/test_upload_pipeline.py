@@ -32,7 +32,6 @@ from ingester.errors import (
     StorageElementRejected,
     StorageElementUnavailable,
 )
-from ingester.http.multipart import MultipartStreamParser, PartData, PartEnd, PartStart
 from ingester.metrics import Metrics
 from ingester.resilience.breaker import BreakerBoard, BreakerPolicy, BreakerState
 from ingester.resilience.retry import RetryPolicy
@@ -51,6 +50,7 @@ from ingester.upload.progress import ProgressBook
 from ingester.upload.records import UploadRequest
 from ingester.upload.source import BytesSource, FileSource, FileStart
 from ingester.upload.spool import Spool, SpoolBudget, SpoolFiles
+from tests.support.multipart import parse_form
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -151,26 +151,6 @@ class Elements(httpx.AsyncBaseTransport):
                 "storage_filename": fields["file_id"],
             },
         )
-
-
-def parse_form(body: bytes, content_type: str) -> tuple[dict[str, str], bytes]:
-    """The text fields and the file of a multipart body, read with the project's parser."""
-    boundary = content_type.split("boundary=", 1)[1].encode()
-    parser = MultipartStreamParser(boundary)
-    fields: dict[str, str] = {}
-    data = bytearray()
-    name = ""
-    value = bytearray()
-    for event in parser.feed(body):
-        if isinstance(event, PartStart):
-            name = event.name
-            value = bytearray()
-        elif isinstance(event, PartData):
-            (data if name == "file" else value).extend(event.data)
-        elif isinstance(event, PartEnd) and name != "file":
-            fields[name] = value.decode()
-    parser.close()
-    return fields, bytes(data)
 
 
 def form(fields_before: dict[str, str], data: bytes, fields_after: dict[str, str]) -> bytes:
