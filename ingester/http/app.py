@@ -78,7 +78,9 @@ async def upload_file() -> Response:
         shown_id = str(uuid.UUID(supplied_id))
         upload_id = scoped_upload_id(principal.subject, shown_id)
         known = svc.progress.get(upload_id)
-        if known is not None or svc.progress.is_reserved(upload_id):
+        # Also while an earlier upload under it still has copies being removed (its saga
+        # outlives its progress record when an element is down): found by a review.
+        if known is not None or svc.progress.is_reserved(upload_id) or svc.sagas.in_use(upload_id):
             # Free again once its progress record goes (retention after the end).
             left = svc.settings.retry_after_s
             if known is not None and known.finished_at is not None:

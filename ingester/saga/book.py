@@ -289,11 +289,21 @@ class SagaBook:
         self.active[upload_id] = saga
         return saga
 
+    def in_use(self, upload_id: str) -> bool:
+        """Whether a saga of `upload_id` is alive here: its upload running, or its copies
+        still being removed (records are keyed by upload id: a second upload under it
+        would take the first one's record and lease)."""
+        return upload_id in self.active
+
+    def _forget(self, saga: Saga) -> None:
+        if self.active.get(saga.upload_id) is saga:
+            del self.active[saga.upload_id]
+
     def end(self, saga: Saga) -> None:
         """The upload's handler is done with it. A saga with nothing to compensate is
         forgotten here; one with copies left stays until its compensator finishes."""
         if not saga._compensating:
-            self.active.pop(saga.upload_id, None)
+            self._forget(saga)
             if saga.maybe_stored:
                 self._spawn(self._delete, saga)
 
@@ -468,7 +478,7 @@ class SagaBook:
         if record.copies:
             self.compensate_in_background(saga)
         else:
-            self.active.pop(saga.upload_id, None)
+            self._forget(saga)
             await self._delete(saga)
 
     def compensate_in_background(self, saga: Saga) -> None:
@@ -513,7 +523,7 @@ class SagaBook:
             await self._delete(saga)
         finally:
             saga._compensating = False
-            self.active.pop(saga.upload_id, None)
+            self._forget(saga)
 
     # --- background tasks -------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from tests.support.processes import (
     start_storage_element,
 )
 from tests.support.redis_server import RedisServer
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, eventually_async
 
 LEASE_S = 2.0
 JANITOR_S = 0.3
@@ -399,6 +399,81 @@ async def test_an_ingester_killed_mid_stream_leaves_nothing_behind(
 
 
 # --- durable compensation --------------------------------------------------------------------
+
+
+async def test_a_caller_s_upload_id_stays_taken_while_its_copy_is_being_removed(
+    world: World, token_factory: TokenFactory
+) -> None:
+    """Found by a review. An upload under the caller's own `X-Upload-ID` fails with a copy
+    its element (down) cannot remove yet; its progress record goes after the retention, but
+    its saga stays until the copy is gone. A retry under the same id was accepted: the two
+    sagas shared one record and one lease, and the first one's end removed the second's
+    (its upload then failed, or another replica undid it). The id is in use until then."""
+    token = token_factory()
+    upload_id = "6f1c7a0e-0d5e-4c44-9a43-2f4d8f3f9c11"
+    with trio.fail_after(120):
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            proc = await world.ingester(
+                "ingester",
+                elements=[world.a],
+                INGESTER_COMPENSATION_TIMEOUT_S="1",
+                INGESTER_PROGRESS_RETENTION_S="0.5",
+                INGESTER_RETRY_MAX_ATTEMPTS="1",
+            )
+            body = MultipartUpload(list(random_chunks(12 * MIB, chunk=256 * 1024)))
+            result: list[httpx.Response] = []
+
+            async def client() -> None:
+                paced = PacedBody(body, bytes_per_s=12e6)
+                result.append(
+                    await post_paced(
+                        http, proc.url, token, body, paced, **{"X-Upload-ID": upload_id}
+                    )
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                await eventually(lambda: world.received(world.a) >= 2 * MIB, timeout_s=20)
+                world.a.kill()  # the copy cannot be removed while se-a is down
+            assert result[0].status_code == 503, result[0].text
+
+            async def progress_gone() -> bool:
+                answer = await http.get(
+                    f"{proc.url}/api/v1/files/uploads/{upload_id}", headers=auth(token)
+                )
+                return answer.status_code == 404
+
+            # Finished entries past their retention are forgotten every 30 s.
+            await eventually_async(progress_gone, timeout_s=40)
+            again = await post_upload(
+                http, proc.url, token, MultipartUpload([b"again"]),
+                headers={"X-Upload-ID": upload_id},
+            )  # fmt: skip
+            assert again.status_code == 409, again.text
+            assert again.json()["error"]["code"] == "UPLOAD_ID_IN_USE"
+            assert "retry-after" in again.headers
+
+            # se-a back: the copy goes, and the id is free again.
+            port = int(world.a.url.rsplit(":", 1)[1])
+            world.a = await trio.to_thread.run_sync(
+                lambda: start_storage_element(
+                    world.root, element_id="se-a", mode="edit",
+                    public_key=world.keys.public_path, port=port, data_dir=world.a.data_dir,
+                )
+            )  # fmt: skip
+            await eventually(lambda: world.element_files()["se-a"] == [], timeout_s=20)
+            await eventually(lambda: world.saga_keys() == [], timeout_s=20)
+
+            async def ready() -> bool:
+                return (await http.get(f"{proc.url}/health/ready")).status_code == 200
+
+            await eventually_async(ready, timeout_s=20)  # se-a probed back in
+            last = await post_upload(
+                http, proc.url, token, MultipartUpload([b"last"]),
+                headers={"X-Upload-ID": upload_id},
+            )  # fmt: skip
+            assert last.status_code == 201, last.text
+            assert last.json()["upload_id"] == upload_id
 
 
 async def test_a_compensation_that_cannot_run_now_is_retried_until_done(
