@@ -220,7 +220,7 @@ class MemoryTusStore:
         now = self._now()
         for other, (_, reserved_at) in list(entries.items()):
             stale = other != upload_id and now - reserved_at >= RESERVATION_GRACE_S
-            if stale and await self.get(other) is None:
+            if stale and not _unfinished(await self.get(other)):
                 del entries[other]
         others = [declared for other, (declared, _) in entries.items() if other != upload_id]
         if max_uploads and len(others) + 1 > max_uploads:
@@ -280,8 +280,17 @@ return redis.call('EXISTS', KEYS[2])
 
 # KEYS: the owner's index. ARGV: id, size, max uploads, max bytes (0: no cap), state key
 # prefix, grace (ms), index time to live (ms). 0 reserved, 1 too many uploads, 2 too many
-# bytes. Entries of other ids whose state is gone (and older than the grace) are dropped.
+# bytes. Entries of other ids whose state is gone or `done` (and older than the grace) are
+# dropped: a stored upload keeps its state for the result's retention (24 h), and its entry,
+# when its release was missed (a crash after the settle, a Redis blip), would hold the
+# user's quota that long.
 _RESERVE: Final = """
+local function unfinished(id)
+  local raw = redis.call('GET', ARGV[5] .. id)
+  if not raw then return false end
+  local ok, state = pcall(cjson.decode, raw)
+  return not ok or type(state) ~= 'table' or state['phase'] ~= 'done'
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local entries = redis.call('HGETALL', KEYS[1])
@@ -292,7 +301,7 @@ for i = 1, #entries, 2 do
   declared, at = tonumber(declared), tonumber(at)
   if id == ARGV[1] then
     born = at
-  elseif now - at < tonumber(ARGV[6]) or redis.call('EXISTS', ARGV[5] .. id) == 1 then
+  elseif now - at < tonumber(ARGV[6]) or unfinished(id) then
     count = count + 1
     total = total + declared
   else
@@ -311,6 +320,12 @@ _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _unfinished(upload: TusUpload | None) -> bool:
+    """Whether an upload still counts against its owner's quota: its state is there and it
+    is not stored yet (see `_RESERVE`)."""
+    return upload is not None and upload.phase is not Phase.DONE
 
 
 class RedisTusStore:

@@ -76,3 +76,29 @@ async def test_entries_whose_state_is_gone_heal_away(
         assert await store.reserve("alice", uid(3), 1, **caps) is None
         await create(store, uid(3))
         assert await store.reserve("alice", uid(4), 1, **caps) is QuotaRefusal.UPLOADS
+
+
+async def test_a_stored_upload_s_entry_heals_away_too(
+    store: TusStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a review: a stored upload keeps its `done` state for the result's
+    retention (24 h); when its release was missed (a crash after the settle, a Redis blip),
+    its entry held the user's quota all that time. Past the grace, a `done` upload no longer
+    counts; one still completing does."""
+    caps = {"max_uploads": 1, "max_bytes": 0}
+    monkeypatch.setattr(store_module, "RESERVATION_GRACE_S", 0.0)
+    with trio.fail_after(10):
+        now = time.time()
+        upload = TusUpload(id=uid(1), owner="alice", length=10, created_at=now, expires_at=now + 60)
+        assert await store.reserve("alice", upload.id, 10, **caps) is None
+        assert await store.create(upload)
+        assert await store.try_lock(upload.id, "token", 6)
+        upload.offset = 10
+        upload.begin_completion(0)
+        assert await store.put(upload, "token")
+        # Completing: still counted.
+        assert await store.reserve("alice", uid(2), 1, **caps) is QuotaRefusal.UPLOADS
+        upload.completed({"file_id": "f"}, now=time.time(), retention_s=86400)
+        assert await store.put(upload, "token")
+        # Stored, its release missed: the user may start another upload.
+        assert await store.reserve("alice", uid(2), 1, **caps) is None
