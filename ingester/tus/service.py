@@ -1078,9 +1078,16 @@ class TusService:
                     if state is not None:
                         owner = state.owner
                 try:
-                    await self.store.delete(part.upload_id, part.token)
+                    deleted = await self.store.delete(part.upload_id, part.token)
                 except IngesterError as exc:
                     log.warning("could not remove partial upload %s: %s", part.upload_id, exc)
+                    deleted = False
+                if not deleted:
+                    # Its lock is not ours (any more), or the store cannot say: another
+                    # request may hold the partial and read or write its file, which must
+                    # not go to be reused by another upload. It goes with the partial's
+                    # state (its holder, or the janitor once that expires).
+                    continue
                 self._give_back(await self.data.remove(part.upload_id))
                 await self._unreserve_id(owner, part.upload_id)
 

@@ -148,6 +148,28 @@ async def test_a_holder_that_lost_its_lock_is_interrupted(
         assert holder.lost
 
 
+async def test_a_final_upload_s_store_stops_when_a_partial_s_lock_is_lost(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Found by a review: a final upload's store holds its partial uploads' locks too, but
+    only its own lease's scope is entered; a lost partial's lock cancelled a scope no one was
+    in, and the store read on while another request held the partial."""
+    store = MemoryTusStore()
+    lock = locks(store)
+    part_id = "b" * 32
+    with trio.fail_after(5):
+        final = await lock.acquire(UID, ask=False)
+        part = await lock.acquire(part_id, ask=False)
+        final.honour_letgo = part.honour_letgo = False
+        async with lock.kept(final, part):
+            with final.interrupt:
+                store._locks[part_id] = ("other", trio.current_time() + 5)
+                await trio.sleep_forever()
+        assert part.lost
+        assert final.interrupt.cancelled_caught
+        assert not final.lost
+
+
 async def test_try_acquire_does_not_wait() -> None:
     store = MemoryTusStore()
     lock = locks(store)
