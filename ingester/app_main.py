@@ -116,11 +116,14 @@ async def drain(service: Service, grace_s: float, delay_s: float = 0.0) -> None:
     service.begin_drain()
     with trio.move_on_after(grace_s):
         await trio.sleep(delay_s)
-        await service.admission.wait_idle()
-    if service.admission.in_flight:
+        # Resumable uploads' PATCHes too (found by a review: with no multipart upload in
+        # flight a PATCH got hypercorn's 2 s, not the grace).
+        await service.wait_idle()
+    if service.admission.in_flight or service.tus.busy():
         log.warning(
-            "%d uploads still in flight after the grace period; cancelling them",
+            "%d uploads still in flight after the grace period%s; cancelling them",
             service.admission.in_flight,
+            " (and resumable uploads' PATCHes)" if service.tus.busy() else "",
             extra={"event": "drain_timeout"},
         )
 

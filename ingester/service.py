@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from typing import Final
 
 import httpx
 import trio
@@ -57,6 +58,9 @@ from .upload.ingest import Ingest
 from .upload.pipeline import UploadPipeline
 from .upload.progress import ProgressBook
 from .upload.spool import Spool, SpoolBudget, SpoolFiles
+
+# How often a drain looks whether resumable uploads' PATCHes are over.
+IDLE_POLL_S: Final = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +249,16 @@ class Service:
     @property
     def draining(self) -> bool:
         return self.admission.draining
+
+    async def wait_idle(self) -> None:
+        """Return once no upload is in flight: none admitted, and no resumable upload's
+        `PATCH` being received or pipelined store open (those are not admitted until their
+        last byte). Polled for the latter: the drain's grace bounds it."""
+        while True:
+            await self.admission.wait_idle()
+            if self.admission.in_flight == 0 and not self.tus.busy():
+                return
+            await trio.sleep(IDLE_POLL_S)
 
     def begin_drain(self) -> None:
         if not self.admission.draining:

@@ -1008,6 +1008,9 @@ class TusService:
                 digest=None,
                 owner=upload.owner,
                 source_copy=copy,
+                # Every byte is in and saved: refused during a drain, the upload would wait
+                # for a client that may not come back, its bytes held until it expires.
+                begun=True,
                 commit=commit,
             )
         finally:

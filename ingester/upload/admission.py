@@ -40,8 +40,10 @@ class Admission:
         return {"Retry-After": str(self.retry_after_s)}
 
     @contextmanager
-    def admit(self, user: str) -> Iterator[None]:
-        if self.draining:
+    def admit(self, user: str, *, begun: bool = False) -> Iterator[None]:
+        """An upload's slot. `begun`: its bytes came before the drain (a resumable upload's
+        completion), so the drain lets it run within the grace."""
+        if self.draining and not begun:
             raise ShuttingDown(headers=self._retry_after())
         if self._per_user[user] >= self.max_per_user:
             raise TooManyUploads(

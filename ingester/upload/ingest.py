@@ -121,6 +121,7 @@ class Ingest:
         source_copy: Spool | None = None,
         file_size: int | None = None,
         commit: ResultCommit | None = None,
+        begun: bool = False,
     ) -> dict[str, Any]:
         """Store the file of `source` (`form_source`, `bytes_source`; `content_length` is
         what it declares it will read); the contract's `201` body. Raises
@@ -130,9 +131,10 @@ class Ingest:
         disk, which then serve as the upload's spool. `file_size`: the file's exact size, its
         options complete in `source` from the start (see `UploadRequest`). `commit`: records
         the result for the client's retries in the same step as the saga's settle
-        (`saga.commit`)."""
+        (`saga.commit`). `begun`: the upload's bytes came before a drain began (a resumable
+        upload's completion): it runs within the grace (`Admission.admit`)."""
         settings = self.settings
-        with self.admission.admit(principal.subject):
+        with self.admission.admit(principal.subject, begun=begun):
             progress = self.progress.start(upload_id, principal.subject, content_length)
             self.metrics.in_flight.inc()
             started = trio.current_time()
