@@ -92,11 +92,15 @@ log = logging.getLogger(__name__)
 
 
 def _needs_a_completion(upload: TusUpload) -> bool:
-    """Every byte in, not stored: `completing`, or `receiving` at its length (a partial
-    upload of a concatenation is never stored on its own, nor is a final one restarted here:
-    it is stored at its creation)."""
-    if upload.is_partial or upload.parts:
+    """Every byte in, not stored: `completing`, or `receiving` at its length. A partial
+    upload of a concatenation is never stored on its own; a final one is stored at its
+    creation, and restarted only when left `completing` (its replica died, or its saga's
+    outcome was unknown and not recorded: found by a review, it stayed so until it expired,
+    holding its partial uploads)."""
+    if upload.is_partial:
         return False
+    if upload.parts:
+        return upload.phase is Phase.COMPLETING
     return upload.phase is Phase.COMPLETING or (
         upload.phase is Phase.RECEIVING and upload.all_received
     )
@@ -286,12 +290,19 @@ class TusService:
         if lease is None:
             return upload
         handed_over = False
+        parts: list[Lease] = []
         try:
             fresh = await self.store.get(upload.id)
             if fresh is None:
                 raise UploadNotFound(f"no upload {upload.id} is known here")
             if not _needs_a_completion(fresh):
                 return fresh
+            # A final upload reads its partial uploads: their locks too, or none of it.
+            for part_id in fresh.parts:
+                part = await self.locks.try_acquire(part_id)
+                if part is None:
+                    return fresh
+                parts.append(part)
             # Should a restarted store fail, the offset stays at the length, and the next
             # HEAD (or a final PATCH) tries again.
             completing = fresh.phase is Phase.COMPLETING
@@ -301,12 +312,13 @@ class TusService:
                 extra={"event": "tus_completion_restarted", "upload_id": fresh.id},
             )
             handed_over = await self._store_unattended(
-                fresh, lease, principal, None if completing else fresh.offset
+                fresh, lease, principal, None if completing else fresh.offset, parts
             )
             return fresh
         finally:
             if not handed_over:
-                await self.locks.release(lease)
+                for held in [*parts, lease]:
+                    await self.locks.release(held)
 
     # --- creation --------------------------------------------------------------------------
 
@@ -544,7 +556,12 @@ class TusService:
         return Answer(upload)
 
     async def _store_unattended(
-        self, upload: TusUpload, lease: Lease, principal: Principal, offset_before: int | None
+        self,
+        upload: TusUpload,
+        lease: Lease,
+        principal: Principal,
+        offset_before: int | None,
+        part_leases: list[Lease] | None = None,
     ) -> bool:
         """Store `upload` in a task of the service nursery that nobody waits for, `lease`
         handed to it: its completion begun and saved first (`offset_before`: where the
@@ -569,7 +586,7 @@ class TusService:
                 )
                 return False
         nursery.start_soon(
-            self._completion_task, upload, lease, principal, [], False, _Completion()
+            self._completion_task, upload, lease, principal, part_leases or [], False, _Completion()
         )
         return True
 

@@ -215,6 +215,74 @@ async def left_unstored(
     return url
 
 
+async def test_a_head_alone_stores_a_final_upload_left_completing(
+    stack: Stack, token: TokenFactory, replicas: Replicas, redis_server: RedisServer
+) -> None:
+    """Found by a review: a final (concatenated) upload is stored at its creation, and when
+    its replica died mid-store it stayed `completing`, never stored, holding its partial
+    uploads, until it expired: a `PATCH` to a final upload is refused, and a `HEAD` restarted
+    stores of other uploads only. Its state is made here as such a replica leaves it, beside
+    partial uploads of the same bytes: a `HEAD` on the other replica stores it."""
+    with trio.fail_after(60):
+        pieces = [b"".join(random_chunks(MIB + i, seed=40 + i)) for i in range(2)]
+        async with httpx.AsyncClient(trust_env=False) as http:
+            via_a = Tus(http, replicas.a.url, token())
+
+            async def partials() -> list[str]:
+                urls = []
+                for piece in pieces:
+                    url = await via_a.new(len(piece), headers={"Upload-Concat": "partial"})
+                    await via_a.upload(url, piece, 512 * 1024)
+                    urls.append(url)
+                return urls
+
+            # A final stored the usual way shows what its state looks like.
+            done_urls = await partials()
+            final = await via_a.create(
+                None, headers={"Upload-Concat": "final;" + " ".join(done_urls)}
+            )
+            assert final.status_code == 201, final.text
+            left_urls = await partials()
+            left_id = "f" * 32
+            await trio.to_thread.run_sync(
+                leave_final_completing,
+                redis_server,
+                via_a.url(final.headers["Location"]).rsplit("/", 1)[-1],
+                left_id,
+                [u.rsplit("/", 1)[-1] for u in left_urls],
+            )
+            left_url = replicas.b.url + "/api/v1/uploads/" + left_id
+            head = await via_a.head(left_url)
+            assert head.status_code == 200, head.text
+
+            async def stored() -> bool:
+                return bool((await via_a.state(left_url)).json()["state"] == "done")
+
+            await eventually_async(stored, timeout_s=30)
+            result = (await via_a.state(left_url)).json()["result"]
+            stored_bytes = await download(http, stack, result)
+        assert (
+            hashlib.sha256(stored_bytes).hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+        )
+
+
+def leave_final_completing(
+    server: RedisServer, model_id: str, upload_id: str, parts: list[str]
+) -> None:
+    """A final upload of `parts`, `completing`, as a replica that died storing it leaves
+    it (made from a stored final's state, `model_id`)."""
+    client = server.client()
+    try:
+        state = json.loads(client.get(f"ingester:tus:{model_id}") or b"{}")
+        state.update(
+            id=upload_id, phase="completing", parts=parts, result=None, attempts=0,
+            concat_header="final;" + " ".join(f"/api/v1/uploads/{p}" for p in parts),
+        )  # fmt: skip
+        client.set(f"ingester:tus:{upload_id}", json.dumps(state), ex=3600)
+    finally:
+        client.close()
+
+
 def leave_completing(
     server: RedisServer,
     spool: Path,
