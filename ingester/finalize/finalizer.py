@@ -680,7 +680,7 @@ class Finalizer:
     async def _copy_to(self, tx: Transaction, element: Candidate) -> tuple[StoredFile, str]:
         """Stream the source into an upload to `element`: what it stored, and the sha256 of
         the bytes read. An attempt that ends before the form's first byte was handed out
-        drops its copy from the record (`_unsent`)."""
+        drops its copy from the record."""
         client = self.pool.client
         body: CopyBody | None = None
         try:
@@ -726,7 +726,13 @@ class Finalizer:
                 raise
         except BaseException:
             if body is None or not body.started:
-                self._unsent(tx, Copy(element.id, element.api_url))
+                # Not one byte of the form went out: nothing of the move can be there (the
+                # file id travels in the form), so the copy leaves the record. Kept, an
+                # element never reached (down, decommissioned) held the move's end, or a
+                # rollback's release of the file, until it answered. Never an earlier
+                # attempt's copy: an element with one is not tried again (`_copy`). A copy
+                # whose form went out, whole or in part, stays, answered or not (`Landing`).
+                tx.forget(Copy(element.id, element.api_url))
             raise
         if body.size != tx.file.file_size:
             raise SourceUnavailable(
@@ -734,33 +740,19 @@ class Finalizer:
             )
         return stored, body.hasher.hexdigest()
 
-    def _unsent(self, tx: Transaction, copy: Copy) -> None:
-        """Not one byte of the form went to `copy`'s element: nothing of the move can be
-        there (the file id travels in the form), so the copy leaves the record. Kept, an
-        element never reached (down, decommissioned) held the move's end, or a rollback's
-        release of the file, until it answered. Never an earlier attempt's copy: an element
-        with one is not tried again (`_copy`). A copy whose form went out, whole or in part,
-        stays, answered or not (`Landing`)."""
-        tx.copies = [c for c in tx.copies if c != copy]
-        if tx.target == copy:
-            tx.target = None
-
     async def _removed(self, tx: Transaction, copy: Copy, authorization: str | None) -> bool:
         """Remove a target copy (bounded): True when it is confirmed gone. Finding nothing on
         an element that may still write the copy confirms nothing (`Transaction.landing`)."""
         removal = await self.pool.remove(copy, tx.file_id, authorization)
-        if removal is None:
-            return False
-        if removal is Removal.ABSENT and tx.landing.open_until(copy, time.time()) is not None:
+        gone = tx.landing.confirms(copy, removal, time.time())
+        if not gone and removal is Removal.ABSENT:
             _log(
                 tx,
                 logging.INFO,
                 f"nothing on {copy.element_id} yet, but it got the whole copy and never "
                 "answered: it may still store it, and is checked again",
             )
-            return False
-        tx.landing.closed(copy)
-        return True
+        return gone
 
     def _recheck_within(self, tx: Transaction) -> float | None:
         return tx.landing.next_end(tx.copies, time.time())
@@ -769,9 +761,7 @@ class Finalizer:
         """Remove a failed or partial copy now (bounded); one that cannot be removed now stays
         in the record and goes with the rollback or after the commit."""
         if await self._removed(tx, copy, await self._authorization(tx)):
-            tx.copies = [c for c in tx.copies if c != copy]
-            if tx.target == copy:
-                tx.target = None
+            tx.forget(copy)
             await self._save(tx)
 
     async def _commit(self, tx: Transaction) -> None:
@@ -904,7 +894,7 @@ class Finalizer:
                 tx.source_deleted = await self._delete_source(tx, authorization)
             for copy in tx.abandoned():
                 if await self._removed(tx, copy, authorization):
-                    tx.copies = [c for c in tx.copies if c != copy]
+                    tx.forget(copy)
             if not tx.source_deleted or tx.abandoned():
                 await self._save(tx)
                 raise TryAgain(
@@ -943,7 +933,7 @@ class Finalizer:
             authorization = await self._authorization_for_round(tx)
             for copy in list(tx.copies):
                 if await self._removed(tx, copy, authorization):
-                    tx.copies = [c for c in tx.copies if c != copy]
+                    tx.forget(copy)
             if tx.copies:
                 await self._save(tx)
                 raise TryAgain(

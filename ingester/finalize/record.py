@@ -112,6 +112,12 @@ class Transaction:
         if copy not in self.copies:
             self.copies.append(copy)
 
+    def forget(self, copy: Copy) -> None:
+        """`copy` is gone (removed, or never sent a byte): out of the record."""
+        self.copies = [c for c in self.copies if c != copy]
+        if self.target == copy:
+            self.target = None
+
     def fail(self, code: str, message: str, now: float) -> None:
         self.error_code, self.error_message = code, message
         self.move(TxState.ROLLING_BACK, now)

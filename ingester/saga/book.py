@@ -398,12 +398,9 @@ class SagaBook:
         stays, to be checked again (`SagaRecord.landing`)."""
         record = saga.record
         removal = await self._compensate(copy, record.file_id, record.authorization)
-        gone = removal is not None
-        if (
-            removal is Removal.ABSENT
-            and (until := record.landing.open_until(copy, self._wall_clock())) is not None
-        ):
-            gone = False
+        gone = record.landing.confirms(copy, removal, self._wall_clock())
+        if not gone and removal is Removal.ABSENT:
+            until = record.landing.until[copy.element_id]
             log.info(
                 "%s on %s: not there (yet), but its element got the whole body and never "
                 "answered, so it may still store it; checked again until %s",

@@ -68,6 +68,17 @@ class Landing:
         """`copy` is confirmed gone, or kept."""
         self.until.pop(copy.element_id, None)
 
+    def confirms(self, copy: Copy, removal: Removal | None, now: float) -> bool:
+        """Whether `removal` of `copy` (None: it could not be carried out) confirms it gone:
+        not when its element held nothing while the copy may still land. Closes the copy's
+        window when it does."""
+        if removal is None:
+            return False
+        if removal is Removal.ABSENT and self.open_until(copy, now) is not None:
+            return False
+        self.closed(copy)
+        return True
+
     def next_end(self, copies: list[Copy], now: float) -> float | None:
         """Seconds until the first open window of `copies` closes, if one is open."""
         ends = [u for c in copies if (u := self.open_until(c, now)) is not None]

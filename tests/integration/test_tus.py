@@ -906,15 +906,9 @@ async def test_a_last_chunk_whose_client_leaves_before_the_answer_is_still_store
             data = b"".join(random_chunks(8 * MIB + 321, seed=81))
             url = await tus.new(len(data))
             assert (await tus.patch(url, 0, data[: 3 * MIB])).status_code == 204
-            host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
-            path = "/" + url.split("//", 1)[1].split("/", 1)[1]
             rest = data[3 * MIB :]
-            head = (
-                f"PATCH {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token()}\r\n"
-                f"Tus-Resumable: 1.0.0\r\nUpload-Offset: {3 * MIB}\r\n"
-                f"Content-Type: {OFFSET_STREAM}\r\nContent-Length: {len(rest)}\r\n\r\n"
-            ).encode()
-            stream = await trio.open_tcp_stream(host, int(port))
+            host, port, head = raw_patch_head(url, token(), 3 * MIB, len(rest))
+            stream = await trio.open_tcp_stream(host, port)
             await stream.send_all(head + rest)
             await stream.aclose()  # every byte sent, no answer read
 
@@ -929,8 +923,8 @@ async def test_a_last_chunk_whose_client_leaves_before_the_answer_is_still_store
             assert head_answer.headers["Upload-Offset"] == str(len(data))
 
 
-async def raw_patch_then_cut(url: str, token: str, offset: int, declared: int, sent: bytes) -> None:
-    """A PATCH that declares `declared` bytes, sends `sent`, waits, and drops the connection."""
+def raw_patch_head(url: str, token: str, offset: int, declared: int) -> tuple[str, int, bytes]:
+    """Host, port and the head of a PATCH to `url` at `offset` declaring `declared` bytes."""
     host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
     path = "/" + url.split("//", 1)[1].split("/", 1)[1]
     head = (
@@ -938,7 +932,13 @@ async def raw_patch_then_cut(url: str, token: str, offset: int, declared: int, s
         f"Tus-Resumable: 1.0.0\r\nUpload-Offset: {offset}\r\n"
         f"Content-Type: {OFFSET_STREAM}\r\nContent-Length: {declared}\r\n\r\n"
     ).encode()
-    stream = await trio.open_tcp_stream(host, int(port))
+    return host, int(port), head
+
+
+async def raw_patch_then_cut(url: str, token: str, offset: int, declared: int, sent: bytes) -> None:
+    """A PATCH that declares `declared` bytes, sends `sent`, waits, and drops the connection."""
+    host, port, head = raw_patch_head(url, token, offset, declared)
+    stream = await trio.open_tcp_stream(host, port)
     try:
         await stream.send_all(head + sent)
         await trio.sleep(1.0)  # the server reads what arrived
