@@ -1,0 +1,203 @@
+"""Chunked element bodies sent without h11's copy (`ingester.storage.vectored`), through the
+element client's real `upload` over loopback sockets: the bytes a server receives are the
+bytes given, in order, and a failed or stalled peer is the element error the pipeline fails
+over on, as it was through httpcore's own write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+
+import h11
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from ingester.errors import StorageElementTimeout, StorageElementUnavailable
+from ingester.storage import vectored
+from ingester.storage.client import StorageElementClient, StoredFile
+from tests.support.http_server import Request, Response, serve_http
+
+MIB = 1024 * 1024
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+Piece = bytes | bytearray | memoryview
+
+
+@pytest.fixture(autouse=True)
+def _installed() -> None:
+    # The service installs it when made; this test process may not have made one.
+    vectored.install()
+    assert vectored.installed()
+    return
+
+
+class Body(httpx.AsyncByteStream):
+    """Pieces as the pipeline's element body hands them out."""
+
+    def __init__(self, parts: Sequence[Piece]) -> None:
+        self._parts = iter(parts)
+
+    def __aiter__(self) -> Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        # An object, not an async generator: one left unfinished by a failed request
+        # would be reported when collected.
+        for part in self._parts:
+            return part  # type: ignore[return-value]
+        raise StopAsyncIteration
+
+
+def pieces() -> list[Piece]:
+    big = bytes(range(256)) * (4 * 1024)  # 1 MiB
+    return [
+        big,
+        memoryview(b"m" * (300 * 1024))[7:],  # a slice: its own start, not the object's
+        b"tiny",  # under the threshold: httpcore's own path, between vectored ones
+        bytearray(b"a" * (100 * 1024)),
+        big[: vectored.VECTORED_MIN_BYTES],  # exactly at the threshold
+        # More than the sockets hold at once: sends that take part of a frame.
+        *(random.Random(seed).randbytes(MIB) for seed in range(10)),
+    ]
+
+
+async def upload(http: httpx.AsyncClient, url: str, parts: Sequence[Piece]) -> StoredFile:
+    client = StorageElementClient(
+        http, stall_timeout_s=5, response_timeout_s=5, connect_timeout_s=5, probe_timeout_s=5
+    )
+    return await client.upload(
+        "se-test", url, body=Body(parts), content_type="application/octet-stream",
+        authorization=None,
+    )  # fmt: skip
+
+
+def test_remaining_skips_what_was_sent() -> None:
+    parts = [b"abc", b"", b"defg", b"h"]
+    assert [bytes(v) for v in vectored.remaining(parts, 0)] == [b"abc", b"defg", b"h"]
+    assert [bytes(v) for v in vectored.remaining(parts, 2)] == [b"c", b"defg", b"h"]
+    assert [bytes(v) for v in vectored.remaining(parts, 3)] == [b"defg", b"h"]
+    assert [bytes(v) for v in vectored.remaining(parts, 6)] == [b"g", b"h"]
+    assert vectored.remaining(parts, 8) == []
+
+
+async def test_a_chunked_body_arrives_whole_and_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    frames: list[int] = []
+    send_parts = vectored.send_parts
+
+    async def counting(stream: trio.SocketStream, parts: Sequence[vectored.Buffer]) -> None:
+        frames.append(len(parts))
+        await send_parts(stream, parts)
+
+    monkeypatch.setattr(vectored, "send_parts", counting)
+
+    async def element(request: Request) -> Response:
+        digest = hashlib.sha256(request.body).hexdigest()
+        return Response.json(
+            {"file_id": "f", "file_size": len(request.body), "checksum": digest}, status=201
+        )
+
+    parts = pieces()
+    sent = b"".join(bytes(p) for p in parts)
+    with trio.fail_after(20):
+        async with serve_http(element) as server, httpx.AsyncClient(trust_env=False) as http:
+            for _ in range(2):  # the second on the kept-alive connection
+                stored = await upload(http, server.url, parts)
+                assert stored.checksum == hashlib.sha256(sent).hexdigest()
+                assert stored.file_size == len(sent)
+            assert server.requests[0].headers["transfer-encoding"] == "chunked"
+    # Each large piece went as one chunked frame's three parts; the small one httpcore's way.
+    assert frames == [3] * 14 * 2
+
+
+async def _read_head(stream: trio.SocketStream) -> None:
+    parser = h11.Connection(h11.SERVER)
+    while True:
+        event = parser.next_event()
+        if event is h11.NEED_DATA:
+            parser.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Request):
+            return
+
+
+@asynccontextmanager
+async def raw_server(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> AsyncIterator[str]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+        yield f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_element_slower_than_the_sender_gets_every_byte() -> None:
+    """The sender outruns the reader: each `sendmsg` takes part of a frame, the rest waits
+    for room (the reader reads only once every task waits)."""
+    received: list[bytes] = []
+
+    async def slow_reader(stream: trio.SocketStream) -> None:
+        parser = h11.Connection(h11.SERVER)
+        while True:
+            event = parser.next_event()
+            if event is h11.NEED_DATA:
+                await trio.testing.wait_all_tasks_blocked()
+                parser.receive_data(await stream.receive_some(65536))
+            elif isinstance(event, h11.Data):
+                received.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        data = b"".join(received)
+        answer = {"file_id": "f", "file_size": len(data), "checksum": sha256(data)}
+        body = json.dumps(answer).encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+        await stream.send_all(parser.send(h11.Response(status_code=201, headers=headers)))
+        await stream.send_all(parser.send(h11.Data(data=body)) + parser.send(h11.EndOfMessage()))
+
+    parts = [random.Random(seed).randbytes(MIB) for seed in range(12)]
+    with trio.fail_after(60):
+        async with raw_server(slow_reader) as url, httpx.AsyncClient() as http:
+            stored = await upload(http, url, parts)
+    assert stored.checksum == sha256(b"".join(parts))
+
+
+async def test_an_element_that_resets_mid_body_is_unavailable() -> None:
+    async def reset_after_head(stream: trio.SocketStream) -> None:
+        await _read_head(stream)
+        # SO_LINGER 0: the close sends a reset, as a crashed element's kernel does.
+        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+
+    with trio.fail_after(20):
+        async with raw_server(reset_after_head) as url, httpx.AsyncClient() as http:
+            with pytest.raises(StorageElementUnavailable):
+                await upload(http, url, [b"x" * MIB] * 64)
+
+
+async def test_an_element_that_stops_reading_is_a_stall(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    stalled = trio.Event()
+
+    async def never_reads(stream: trio.SocketStream) -> None:
+        await _read_head(stream)
+        await stalled.wait()
+
+    with trio.fail_after(600):
+        async with raw_server(never_reads) as url, httpx.AsyncClient() as http:
+            started = trio.current_time()
+            with pytest.raises(StorageElementTimeout, match="write timeout"):
+                # More than loopback's socket buffers hold, so a write waits.
+                await upload(http, url, [b"x" * MIB] * 256)
+            assert trio.current_time() - started >= 5
+            stalled.set()
