@@ -37,7 +37,6 @@ from .resilience.retry import RetryPolicy
 from .saga.book import SagaBook
 from .saga.store import MemorySagaStore, RedisSagaStore, SagaStore
 from .settings import Settings
-from .storage import vectored
 from .storage.admin import AdminRegistry
 from .storage.client import StorageElementClient
 from .storage.pool import ElementPool
@@ -70,8 +69,6 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        # Large chunked body pieces to elements without h11's copy (storage/vectored.py).
-        vectored.install()
         self.http = httpx.AsyncClient(
             http1=True,
             http2=False,

@@ -9,8 +9,9 @@ parts go out as they are, in one `sendmsg` (scatter-gather): the size line and t
 cost a few bytes each, the data none.
 
 Everything else goes httpcore's own way: small pieces, other events, TLS streams (no
-`sendmsg`), and any stream that is not trio's. httpcore and h11 are pinned (pyproject);
-`tests/unit/test_vectored.py` checks the hook still finds what it patches.
+`sendmsg`), and any stream that is not trio's. A body may also hand out `Pieces`, several
+buffers as one piece, which go out the same way, unjoined. httpcore and h11 are pinned (pyproject);
+`tests/integration/test_vectored_send.py` checks the hook over real sockets.
 """
 
 from __future__ import annotations
@@ -28,7 +29,54 @@ from httpcore._backends.trio import TrioStream
 # Below this, one joined write costs less than building the vector.
 VECTORED_MIN_BYTES: Final = 64 * 1024
 
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | memoryview
+
+
+class Pieces:
+    """Several buffers sent as one body piece: one chunked frame, one `sendmsg`, and no
+    join. A batch of socket reads goes to the element this way, where joining it cost a copy
+    of every byte. Where no vector can be sent (TLS), the hook joins it first."""
+
+    __slots__ = ("_size", "parts")
+
+    def __init__(self, parts: Sequence[Buffer]) -> None:
+        self.parts: tuple[Buffer, ...] = tuple(p for p in parts if len(p))
+        self._size = sum(len(p) for p in self.parts)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def joined(self) -> Buffer:
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+    def split(self, size: int) -> tuple[Pieces, Pieces]:
+        """The first `size` bytes and the rest (views: no copy)."""
+        head: list[Buffer] = []
+        rest: list[Buffer] = []
+        for part in self.parts:
+            if size >= len(part):
+                head.append(part)
+                size -= len(part)
+            elif size:
+                view = memoryview(part)
+                head.append(view[:size])
+                rest.append(view[size:])
+                size = 0
+            else:
+                rest.append(part)
+        return Pieces(head), Pieces(rest)
+
+
+def flat(parts: Sequence[Buffer | Pieces]) -> list[Buffer]:
+    """h11's output for one event, with any `Pieces` opened into its buffers (pure)."""
+    out: list[Buffer] = []
+    for part in parts:
+        if type(part) is Pieces:
+            out.extend(part.parts)
+        else:
+            out.append(part)  # type: ignore[arg-type]
+    return out
+
 
 _original_send_event = AsyncHTTP11Connection._send_event
 
@@ -70,17 +118,22 @@ async def _send_event(
     event: h11.Event,
     timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
 ) -> None:
-    if type(event) is h11.Data and len(event.data) >= VECTORED_MIN_BYTES:
-        stream = _socket_stream(self)
-        if stream is not None:
-            parts = self._h11_state.send_with_data_passthrough(event)
-            if parts:
-                try:
-                    with trio.fail_after(inf if timeout is None else timeout):
-                        await send_parts(stream, parts)
-                except trio.TooSlowError as exc:
-                    raise httpcore.WriteTimeout(str(exc)) from exc
-            return
+    if type(event) is h11.Data:
+        data: Any = event.data
+        several = type(data) is Pieces
+        if several or len(data) >= VECTORED_MIN_BYTES:
+            stream = _socket_stream(self)
+            if stream is not None:
+                parts = self._h11_state.send_with_data_passthrough(event)
+                if parts:
+                    try:
+                        with trio.fail_after(inf if timeout is None else timeout):
+                            await send_parts(stream, flat(parts))
+                    except trio.TooSlowError as exc:
+                        raise httpcore.WriteTimeout(str(exc)) from exc
+                return
+            if several:
+                event = h11.Data(data=data.joined())
     await _original_send_event(self, event, timeout)
 
 
@@ -91,3 +144,8 @@ def install() -> None:
 
 def installed() -> bool:
     return AsyncHTTP11Connection._send_event is _send_event
+
+
+# Installed on import: whatever can make `Pieces` (the element body imports them from here)
+# has the send that understands them.
+install()

@@ -18,6 +18,7 @@ from typing import Final
 import httpx
 import trio
 
+from ..storage.vectored import Pieces
 from .compression import Compressor
 from .spool import Buffer, Spool, SpoolCursor
 
@@ -25,6 +26,10 @@ from .spool import Buffer, Spool, SpoolCursor
 # chunked-encoding frame it parses on its own (measured: 256 KiB pieces raised the element's
 # CPU per GiB by ~30% over 1 MiB ones).
 SEND_PIECE: Final = 1024 * 1024
+
+# A batch of original bytes as the pipeline hands it on: one buffer, or the batch's socket
+# reads unjoined (`Pieces`: sent as one frame in one `sendmsg`, no copy).
+Chunk = Buffer | Pieces
 
 
 class Encoder:
@@ -43,11 +48,15 @@ class Encoder:
         until the garbage collector's next full pass."""
         self._compressor = None
 
-    def encode_sync(self, data: Buffer) -> bytes:
+    def encode_sync(self, data: Chunk) -> bytes:
         """Compress `data` (worker thread)."""
-        assert self._compressor is not None
+        compressor = self._compressor
+        assert compressor is not None
         assert self._sha256 is not None
-        out = self._compressor.compress(bytes(data) if isinstance(data, memoryview) else data)
+        parts = data.parts if isinstance(data, Pieces) else (data,)
+        out = b"".join(
+            compressor.compress(bytes(p) if isinstance(p, memoryview) else p) for p in parts
+        )
         self._sha256.update(out)
         self.size += len(out)
         return out
@@ -81,7 +90,7 @@ class SEUploadBody(httpx.AsyncByteStream):
         self,
         *,
         head: bytes,
-        chunks: trio.MemoryReceiveChannel[Buffer],
+        chunks: trio.MemoryReceiveChannel[Chunk],
         tail: Callable[[Encoder], Awaitable[bytes]],
         encoder: Callable[[], Encoder],
         on_progress: Callable[[int, bool], None],
@@ -107,11 +116,8 @@ class SEUploadBody(httpx.AsyncByteStream):
         # Bytes of the piece handed out last, and the original bytes it stands for.
         self._last_len = 0
         self._last_raw = 0
-        self._rest: memoryview | None = None
+        self._rest: Pieces | None = None
         self._rest_raw = 0
-        # The object `_rest` views, while it is still whole: handed out as it is when it
-        # fits in one piece (with a Content-Length, h11 then sends it without a copy).
-        self._rest_whole: bytes | None = None
         self.started = False
         # The last piece (the tail) was handed out: the element may have the whole body.
         self.ended = False
@@ -123,13 +129,13 @@ class SEUploadBody(httpx.AsyncByteStream):
     def __aiter__(self) -> SEUploadBody:  # type: ignore[override]
         return self
 
-    async def __anext__(self) -> Buffer:
+    async def __anext__(self) -> Chunk:
         # Asked for the next piece: the previous one is written.
         self._sent_file_bytes += self._last_len
         self._release(self._last_raw)
         self._last_len = self._last_raw = 0
         self._on_progress(self._sent_file_bytes, False)
-        piece: Buffer
+        piece: Chunk
         while True:
             if self._rest is not None:
                 piece = self._next_slice()
@@ -193,13 +199,13 @@ class SEUploadBody(httpx.AsyncByteStream):
             self.encoder = self._new_encoder()
         return self.encoder
 
-    async def _load(self, data: Buffer, *, raw: int) -> None:
+    async def _load(self, data: Chunk, *, raw: int) -> None:
         encoder = self._encoder()
         if encoder.compressing:
             data = await trio.to_thread.run_sync(encoder.encode_sync, data)
         if data:
-            self._rest, self._rest_raw = memoryview(data), raw
-            self._rest_whole = data if isinstance(data, bytes) else None
+            self._rest = data if isinstance(data, Pieces) else Pieces([data])
+            self._rest_raw = raw
         else:
             # The compressor kept it (bounded by its window): nothing left to hold.
             self._release(raw)
@@ -211,8 +217,7 @@ class SEUploadBody(httpx.AsyncByteStream):
         tail = await trio.to_thread.run_sync(encoder.finish_sync)
         if not tail:
             return False
-        self._rest, self._rest_raw = memoryview(tail), 0
-        self._rest_whole = tail
+        self._rest, self._rest_raw = Pieces([tail]), 0
         return True
 
     def restart(self, head: bytes | None = None) -> SEUploadBody:
@@ -221,7 +226,7 @@ class SEUploadBody(httpx.AsyncByteStream):
         # This attempt is over: what its pieces held goes back (the spool has the bytes).
         self._release(self._last_raw + self._rest_raw)
         self._last_raw = self._rest_raw = 0
-        self._rest = self._rest_whole = None
+        self._rest = None
         if self.encoder is not None:
             self.encoder.close()
         return SEUploadBody(
@@ -235,24 +240,23 @@ class SEUploadBody(httpx.AsyncByteStream):
             replay_bytes=self.taken,
         )
 
-    def _next_slice(self) -> Buffer:
-        """At most SEND_PIECE bytes. A chunked body's pieces are copied by h11 (frame header,
-        data and CRLF joined), so smaller pieces keep that copy small for an upload stuck
-        behind a slow element; with a Content-Length a whole `bytes` goes as it is."""
+    def _next_slice(self) -> Chunk:
+        """At most SEND_PIECE bytes: one frame of a chunked body. A piece of one buffer goes
+        as that buffer (a whole `bytes` with a Content-Length: no copy even without the
+        vectored send), several as `Pieces`."""
         assert self._rest is not None
-        whole, self._rest_whole = self._rest_whole, None
-        piece: Buffer
-        if whole is not None and len(whole) <= SEND_PIECE:
-            piece, rest = whole, self._rest[len(whole) :]
+        rest: Pieces | None = None
+        if len(self._rest) > SEND_PIECE:
+            piece, rest = self._rest.split(SEND_PIECE)
         else:
-            piece, rest = self._rest[:SEND_PIECE], self._rest[SEND_PIECE:]
+            piece = self._rest
         self._last_len = len(piece)
         if rest:
             self._rest = rest
         else:
             # The batch's original bytes are given back once its last slice is written.
             self._rest, self._last_raw, self._rest_raw = None, self._rest_raw, 0
-        return piece
+        return piece.parts[0] if len(piece.parts) == 1 else piece
 
     async def aclose(self) -> None:
         self._stage = 4

@@ -49,6 +49,7 @@ from ..settings import SEAuthMode, Settings
 from ..storage.admin import AdminRegistry
 from ..storage.client import StoredFile
 from ..storage.pool import ElementPool
+from ..storage.vectored import Pieces
 from . import placement
 from .compression import (
     CompressionDecision,
@@ -57,7 +58,7 @@ from .compression import (
     sniff_first_chunk,
 )
 from .digest import INLINE_HASH_BYTES
-from .element_body import Encoder, SEUploadBody
+from .element_body import Chunk, Encoder, SEUploadBody
 from .fields import RetentionPolicy, UploadOptions
 from .filenames import sanitize_filename
 from .progress import UploadProgress, UploadState
@@ -259,7 +260,7 @@ class UploadPipeline:
             depth = 1
         # Batches of original bytes: from the reader to the hasher, then to the element's body.
         raw_send, raw_recv = trio.open_memory_channel[list[Buffer]](depth)
-        out_send, out_recv = trio.open_memory_channel[Buffer](depth)
+        out_send, out_recv = trio.open_memory_channel[Chunk](depth)
         result: list[StoredFile] = []
         done = trio.Event()
         upload.data_ready = trio.Event()
@@ -332,14 +333,15 @@ class UploadPipeline:
         self,
         upload: Upload,
         raw_recv: trio.MemoryReceiveChannel[list[Buffer]],
-        out_send: trio.MemorySendChannel[Buffer],
+        out_send: trio.MemorySendChannel[Chunk],
         live: bool,
         prehashed: _Hash | None = None,
     ) -> None:
         """Hash the original bytes and keep them in the spool: one worker-thread hop per
         batch for both (small batches are hashed on the loop when they need no disk), and
-        the batch joined into one piece for the element. Also settles whether to compress,
-        from the start of the file, before the first batch goes on.
+        the batch on to the element as one piece, its reads unjoined (`Pieces`). Also
+        settles whether to compress, from the start of the file, before the first batch goes
+        on.
 
         `prehashed`: the source hashed its bytes itself, in the hop that read them (a file
         read from disk); then a batch of one piece that needs no spool write and no other
@@ -364,7 +366,7 @@ class UploadPipeline:
         held: list[Buffer] = []
         held_bytes = 0
 
-        def work(pieces: list[Buffer], to_disk: bool) -> Buffer:
+        def work(pieces: list[Buffer], to_disk: bool) -> None:
             for piece in pieces:
                 if prehashed is None:
                     original.update(piece)
@@ -373,7 +375,6 @@ class UploadPipeline:
             if to_disk:
                 assert spool is not None
                 spool.write_sync(pieces)
-            return _join(pieces)
 
         def announce() -> None:
             # Before the first batch goes to the streamer, which then chooses the element.
@@ -388,17 +389,18 @@ class UploadPipeline:
         async def process(pieces: list[Buffer]) -> None:
             size = sum(len(p) for p in pieces)
             to_disk = spool.reserve(size) if spool is not None else False
-            # Work for a thread: the spool write, hashing, or joining several pieces.
-            busy = prehashed is None or digests is not None or len(pieces) > 1
+            # Work for a thread: the spool write or hashing.
+            busy = prehashed is None or digests is not None
             if to_disk or (busy and size >= INLINE_HASH_BYTES):
-                joined = await trio.to_thread.run_sync(work, pieces, to_disk)
+                await trio.to_thread.run_sync(work, pieces, to_disk)
             else:
-                joined = work(pieces, False)
+                work(pieces, False)
             if spool is not None:
-                spool.commit([joined])
+                spool.commit(pieces)
             facts.original_size += size
             announce()
-            await out_send.send(joined)
+            # The batch's reads as they are: one frame for the element, never joined.
+            await out_send.send(pieces[0] if len(pieces) == 1 else Pieces(pieces))
 
         async with out_send, raw_recv:
             async for batch in raw_recv:
@@ -459,7 +461,7 @@ class UploadPipeline:
     async def _stream(
         self,
         upload: Upload,
-        out_recv: trio.MemoryReceiveChannel[Buffer],
+        out_recv: trio.MemoryReceiveChannel[Chunk],
         result: list[StoredFile],
         done: trio.Event,
     ) -> None:
@@ -726,13 +728,6 @@ class UploadPipeline:
             "storage_element_id": upload.element.id,
             "storage_element_url": upload.element.api_url,
         }
-
-
-def _join(pieces: list[Buffer]) -> Buffer:
-    """One piece for the element (one chunked frame); no copy when there is one already."""
-    if len(pieces) == 1:
-        return pieces[0]
-    return b"".join(pieces)
 
 
 def _content_type(declared: str | None, filename: str) -> str:

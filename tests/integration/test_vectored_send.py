@@ -32,21 +32,18 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-Piece = bytes | bytearray | memoryview
+Piece = bytes | memoryview
 
 
-@pytest.fixture(autouse=True)
-def _installed() -> None:
-    # The service installs it when made; this test process may not have made one.
-    vectored.install()
+def test_importing_the_module_installs_the_send() -> None:
+    # Whatever can make `Pieces` imports them from there, so it has the send they need.
     assert vectored.installed()
-    return
 
 
 class Body(httpx.AsyncByteStream):
     """Pieces as the pipeline's element body hands them out."""
 
-    def __init__(self, parts: Sequence[Piece]) -> None:
+    def __init__(self, parts: Sequence[Piece | vectored.Pieces]) -> None:
         self._parts = iter(parts)
 
     def __aiter__(self) -> Body:
@@ -66,14 +63,16 @@ def pieces() -> list[Piece]:
         big,
         memoryview(b"m" * (300 * 1024))[7:],  # a slice: its own start, not the object's
         b"tiny",  # under the threshold: httpcore's own path, between vectored ones
-        bytearray(b"a" * (100 * 1024)),
+        memoryview(bytearray(b"a" * (100 * 1024))),
         big[: vectored.VECTORED_MIN_BYTES],  # exactly at the threshold
         # More than the sockets hold at once: sends that take part of a frame.
         *(random.Random(seed).randbytes(MIB) for seed in range(10)),
     ]
 
 
-async def upload(http: httpx.AsyncClient, url: str, parts: Sequence[Piece]) -> StoredFile:
+async def upload(
+    http: httpx.AsyncClient, url: str, parts: Sequence[Piece | vectored.Pieces]
+) -> StoredFile:
     client = StorageElementClient(
         http, stall_timeout_s=5, response_timeout_s=5, connect_timeout_s=5, probe_timeout_s=5
     )
@@ -90,6 +89,41 @@ def test_remaining_skips_what_was_sent() -> None:
     assert [bytes(v) for v in vectored.remaining(parts, 3)] == [b"defg", b"h"]
     assert [bytes(v) for v in vectored.remaining(parts, 6)] == [b"g", b"h"]
     assert vectored.remaining(parts, 8) == []
+
+
+def test_pieces_split_into_views_and_open_flat() -> None:
+    parts: list[Piece] = [b"abc", memoryview(b"defgh")[1:], b"", b"ij"]
+    pieces = vectored.Pieces(parts)
+    assert len(pieces) == 9
+    assert pieces.joined() == b"abcefghij"
+    head, rest = pieces.split(5)
+    assert (head.joined(), rest.joined()) == (b"abcef", b"ghij")
+    head, rest = pieces.split(3)  # on a boundary: no empty views
+    assert [bytes(p) for p in head.parts] == [b"abc"]
+    assert [bytes(p) for p in rest.parts] == [b"efgh", b"ij"]
+    assert vectored.Pieces([b"one"]).joined() == b"one"
+    assert [
+        bytes(p) for p in vectored.flat([b"4\r\n", vectored.Pieces([b"ab", b"cd"]), b"\r\n"])
+    ] == [b"4\r\n", b"ab", b"cd", b"\r\n"]
+
+
+async def test_pieces_go_out_as_one_frame_each() -> None:
+    """A batch of reads handed out unjoined (`Pieces`), split where a frame ends."""
+
+    async def element(request: Request) -> Response:
+        return Response.json(
+            {"file_id": "f", "file_size": len(request.body), "checksum": sha256(request.body)},
+            status=201,
+        )
+
+    reads = [random.Random(seed).randbytes(150 * 1024 + seed) for seed in range(14)]
+    first, second = vectored.Pieces(reads[:7]), vectored.Pieces(reads[7:])
+    head, rest = second.split(500 * 1024)
+    small = vectored.Pieces([b"a", b"bc"])  # under the threshold: still unjoined
+    with trio.fail_after(20):
+        async with serve_http(element) as server, httpx.AsyncClient(trust_env=False) as http:
+            stored = await upload(http, server.url, [first, small, head, rest])
+    assert stored.checksum == sha256(b"".join(reads[:7]) + b"abc" + b"".join(reads[7:]))
 
 
 async def test_a_chunked_body_arrives_whole_and_in_order(monkeypatch: pytest.MonkeyPatch) -> None:

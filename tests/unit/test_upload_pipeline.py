@@ -42,6 +42,7 @@ from ingester.storage.client import StorageElementClient
 from ingester.storage.pool import ElementPool
 from ingester.storage.registry import Registry, configured_elements
 from ingester.storage.se_auth import build_se_token_provider
+from ingester.storage.vectored import Pieces
 from ingester.upload.budget import MemoryBudget, UploadBudget
 from ingester.upload.fields import parse_upload_fields
 from ingester.upload.form import FormReader, FormSource
@@ -118,7 +119,10 @@ class Elements(httpx.AsyncBaseTransport):
         element.framing.append((framing, 0))
         assert isinstance(request.stream, httpx.AsyncByteStream)
         async for chunk in request.stream:
-            received += chunk
+            # The body hands out a batch's reads unjoined (`Pieces`), which httpcore's
+            # patched send writes as they are; this stand-in for httpcore joins them.
+            piece: object = chunk
+            received += piece.joined() if isinstance(piece, Pieces) else chunk
             if element.reset_after is not None and len(received) >= element.reset_after:
                 element.reset_after = None
                 raise httpx.ReadError("connection reset by peer", request=request)
