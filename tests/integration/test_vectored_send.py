@@ -5,20 +5,28 @@ over on, as it was through httpcore's own write."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import ipaddress
 import json
 import random
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import h11
 import httpx
 import pytest
 import trio
 import trio.testing
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from ingester.errors import StorageElementTimeout, StorageElementUnavailable
 from ingester.storage import vectored
@@ -160,7 +168,7 @@ async def _read_head(stream: trio.SocketStream) -> None:
     while True:
         event = parser.next_event()
         if event is h11.NEED_DATA:
-            parser.receive_data(await stream.receive_some(65536))
+            parser.receive_data(bytes(await stream.receive_some(65536)))
         elif isinstance(event, h11.Request):
             return
 
@@ -175,34 +183,103 @@ async def raw_server(
         nursery.cancel_scope.cancel()
 
 
+async def _read_body(
+    stream: trio.abc.Stream, parser: h11.Connection | None = None, *, slow: bool = False
+) -> bytes:
+    """A request's body, read with h11; `slow`: each read only once every task waits."""
+    parser = parser or h11.Connection(h11.SERVER)
+    received: list[bytes] = []
+    while True:
+        event = parser.next_event()
+        if event is h11.NEED_DATA:
+            if slow:
+                await trio.testing.wait_all_tasks_blocked()
+            parser.receive_data(bytes(await stream.receive_some(65536)))
+        elif isinstance(event, h11.Data):
+            received.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(received)
+
+
+async def _answer(stream: trio.abc.Stream, data: bytes, parser: h11.Connection) -> None:
+    """An element's 201 for `data`."""
+    answer = {"file_id": "f", "file_size": len(data), "checksum": sha256(data)}
+    body = json.dumps(answer).encode()
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    await stream.send_all(parser.send(h11.Response(status_code=201, headers=headers)))
+    await stream.send_all(parser.send(h11.Data(data=body)) + parser.send(h11.EndOfMessage()))
+
+
 async def test_an_element_slower_than_the_sender_gets_every_byte() -> None:
     """The sender outruns the reader: each `sendmsg` takes part of a frame, the rest waits
     for room (the reader reads only once every task waits)."""
-    received: list[bytes] = []
 
     async def slow_reader(stream: trio.SocketStream) -> None:
         parser = h11.Connection(h11.SERVER)
-        while True:
-            event = parser.next_event()
-            if event is h11.NEED_DATA:
-                await trio.testing.wait_all_tasks_blocked()
-                parser.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Data):
-                received.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                break
-        data = b"".join(received)
-        answer = {"file_id": "f", "file_size": len(data), "checksum": sha256(data)}
-        body = json.dumps(answer).encode()
-        headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
-        await stream.send_all(parser.send(h11.Response(status_code=201, headers=headers)))
-        await stream.send_all(parser.send(h11.Data(data=body)) + parser.send(h11.EndOfMessage()))
+        data = await _read_body(stream, parser, slow=True)
+        await _answer(stream, data, parser)
 
     parts = [random.Random(seed).randbytes(MIB) for seed in range(12)]
     with trio.fail_after(60):
         async with raw_server(slow_reader) as url, httpx.AsyncClient() as http:
             stored = await upload(http, url, parts)
     assert stored.checksum == sha256(b"".join(parts))
+
+
+def _self_signed(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client context trusting it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_path, key_path)
+    client = ssl.create_default_context(cafile=str(cert_path))
+    return server, client
+
+
+async def test_an_element_over_tls_gets_pieces_joined(tmp_path: Path) -> None:
+    """TLS has no `sendmsg`: `Pieces` are joined and go httpcore's own way."""
+    server_context, client_context = _self_signed(tmp_path)
+
+    async def element(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        parser = h11.Connection(h11.SERVER)
+        await _answer(stream, await _read_body(stream, parser), parser)
+
+    reads = [random.Random(seed).randbytes(200 * 1024) for seed in range(6)]
+    parts: list[Piece | vectored.Pieces] = [vectored.Pieces(reads[:3]), *reads[3:]]
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                partial(trio.serve_ssl_over_tcp, element, 0, server_context, host="127.0.0.1")
+            )
+            port = listeners[0].transport_listener.socket.getsockname()[1]
+            async with httpx.AsyncClient(verify=client_context) as http:
+                stored = await upload(http, f"https://127.0.0.1:{port}", parts)
+            nursery.cancel_scope.cancel()
+    assert stored.checksum == sha256(b"".join(reads))
 
 
 async def test_an_element_that_resets_mid_body_is_unavailable() -> None:
