@@ -48,7 +48,8 @@ class ResumeState:
     target: str
     options: str  # Options.fingerprint() of the run that began the upload
     upload_url: str | None = None  # tus: the upload's URL
-    idempotency_key: str | None = None  # multipart
+    # multipart: the request's; tus: the creation's (see client/tus.py)
+    idempotency_key: str | None = None
     created_at: float = 0.0
     version: int = STATE_VERSION
 

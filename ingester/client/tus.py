@@ -13,6 +13,7 @@ import base64
 import contextlib
 import hashlib
 import mimetypes
+import uuid
 from collections.abc import Iterator
 from typing import Any, Final
 from urllib.parse import urljoin, urlsplit
@@ -52,6 +53,7 @@ class TusUpload:
         self.endpoint = job.options.url + ENDPOINT
         self.chunk_size = job.options.chunk_size
         self.attempts = 1
+        self.creation_key: str | None = None
 
     def _headers(self, **extra: str) -> dict[str, str]:
         return {"Tus-Resumable": TUS_VERSION, **extra}
@@ -66,6 +68,10 @@ class TusUpload:
             self._discard(state)
             state = None
         url = state.upload_url if state is not None else None
+        # The creation's key, kept before it is sent: a creation whose answer is lost (on a
+        # retry, or in a later run) then gets the upload it made, not a second one holding
+        # the user's quota until it expires.
+        self.creation_key = state.idempotency_key if state is not None else None
         resuming = url is not None
         offset: int | None = None
         resumed_at: int | None = None
@@ -102,6 +108,7 @@ class TusUpload:
                 )
                 job.store.remove(job.key)
                 url, offset, resuming, resumed_at = None, None, False, None
+                self.creation_key = None
             except Retryable as exc:
                 job.pause(exc)
                 self.attempts += 1
@@ -139,6 +146,9 @@ class TusUpload:
 
     def _create(self) -> tuple[str, int, str | None]:
         job = self.job
+        if self.creation_key is None:
+            self.creation_key = uuid.uuid4().hex
+            job.store.save(job.new_state("tus", idempotency_key=self.creation_key))
         response = self._send(
             "POST",
             self.endpoint,
@@ -146,6 +156,7 @@ class TusUpload:
                 **{
                     "Upload-Length": str(job.source.size),
                     "Upload-Metadata": upload_metadata(job),
+                    "Idempotency-Key": self.creation_key,
                 }
             ),
         )
@@ -162,7 +173,7 @@ class TusUpload:
                 f"the server named another server for the upload ({_origin(url)}); "
                 "not sending the token there"
             )
-        job.store.save(job.new_state("tus", upload_url=url))
+        job.store.save(job.new_state("tus", upload_url=url, idempotency_key=self.creation_key))
         offset = int(response.headers.get("Upload-Offset", "0"))
         return url, offset, response.headers.get("Upload-File-Id")
 

@@ -373,6 +373,7 @@ def _tus_headers(*names: str) -> dict[str, Any]:
         "Upload-File-Id": "the stored file's id, once the last byte is stored",
         "Upload-Storage-Element-Id": "the Storage Element holding it",
         "Cache-Control": "`no-store`",
+        "Idempotent-Replayed": "`true`: a creation repeated with its Idempotency-Key; the upload the first one made",
     }
     out = _headers()
     for name in ("Tus-Resumable", *names):
@@ -428,13 +429,14 @@ def _tus_paths() -> dict[str, Any]:
             "resumable uploads",
             {
                 "201": {
-                    "description": "Created; with a body, its bytes are stored",
+                    "description": "Created; with a body, its bytes are stored. A creation repeated with its Idempotency-Key: the upload the first one made, as it stands (the repeat's body is not taken)",
                     "headers": _tus_headers(
                         "Location",
                         "Upload-Offset",
                         "Upload-Expires",
                         "Upload-File-Id",
                         "Upload-Storage-Element-Id",
+                        "Idempotent-Replayed",
                     ),
                 },
                 "400": _tus_error(
@@ -458,6 +460,11 @@ def _tus_paths() -> dict[str, Any]:
                     "Upload-Length (or the body) is over Tus-Max-Size; a body past Upload-Length creates nothing",
                     413,
                     ["FILE_TOO_LARGE"],
+                ),
+                "422": _tus_error(
+                    "This Idempotency-Key created another upload (another length or metadata)",
+                    422,
+                    ["IDEMPOTENCY_KEY_REUSED"],
                 ),
                 "429": _tus_error(
                     "This user's unfinished uploads are at their cap (count, or declared bytes)",
@@ -496,6 +503,11 @@ def _tus_paths() -> dict[str, Any]:
                 ),
                 _tus_header("Upload-Concat", "`partial`, or `final;<url> <url> ...`"),
                 _tus_header("Upload-Checksum", "`<sha1|md5|sha256> <base64>` of the body"),
+                _tus_header(
+                    "Idempotency-Key",
+                    "a creation sent again with the same key (same user, while the upload is known) gets the upload the first one made, not a second one",
+                    schema={"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                ),
             ],
             requestBody=body,
         ),

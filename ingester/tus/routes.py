@@ -15,6 +15,7 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from ..http.body import request_body
 from ..http.common import authenticate, authenticate_uploader, json_response, service
+from ..upload.idempotency import parse_key
 from .errors import InvalidTusHeader
 from .protocol import (
     TUS_VERSION,
@@ -99,6 +100,7 @@ async def collection() -> Response:
         content_length=request.content_length,
         checksum=parse_checksum(headers.get("Upload-Checksum")),
         body=request_body(),
+        idempotency_key=parse_key(headers.get("Idempotency-Key")),
     )
     return _answer(answer, 201)
 

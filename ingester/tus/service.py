@@ -24,6 +24,7 @@ The state lives in the `TusStore` (Redis or this process), the bytes in `DataFil
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -39,6 +40,7 @@ from ..auth.principal import Principal
 from ..concurrency import cleanup_scope
 from ..errors import (
     FileTooLarge,
+    IdempotencyKeyReused,
     IngesterError,
     InvalidField,
     RequestTimeout,
@@ -136,6 +138,12 @@ STREAM_STARTS_KEPT: Final = 10_000
 # How long HEAD waits for a PATCH in progress to let go: a live holder does within about a
 # lock renewal interval and a save.
 HEAD_WAIT_S: Final = 2.0
+
+
+def keyed_upload_id(user: str, key: str) -> str:
+    """An upload id made from a caller's Idempotency-Key: the same for the same caller and
+    key, unrelated across callers (and no raw key or user name in the id)."""
+    return hashlib.sha256(f"tus\0{user}\0{key}".encode()).hexdigest()[:32]
 
 
 @dataclass(slots=True)
@@ -335,7 +343,12 @@ class TusService:
         content_length: int | None,
         checksum: Checksum | None,
         body: AsyncIterator[bytes],
+        idempotency_key: str | None = None,
     ) -> Answer:
+        """A new upload. With `idempotency_key`, its id is the key's (per caller): a
+        creation whose answer was lost, sent again, gets the upload the first one made
+        (`Idempotent-Replayed: true`, its offset now; the body of the repeat is not taken),
+        not a second one holding the caller's quota until it expires."""
         if self._draining():
             raise ShuttingDown()
         # The fields are checked now: a bad one fails before any byte is sent.
@@ -358,9 +371,15 @@ class TusService:
             raise WrongContentType(
                 "a creation request with data must be application/offset+octet-stream"
             )
+        upload_id = uuid.uuid4().hex
+        if idempotency_key is not None:
+            upload_id = keyed_upload_id(principal.subject, idempotency_key)
+            replay = await self._created_before(upload_id, length, metadata, concat_header)
+            if replay is not None:
+                return replay
         now = time.time()
         upload = TusUpload(
-            id=uuid.uuid4().hex,
+            id=upload_id,
             owner=principal.subject,
             length=length,
             created_at=now,
@@ -374,8 +393,15 @@ class TusService:
         logs.bind(upload_id=upload.id)
         await self._reserve(upload, length)
         try:
-            if not await self.store.create(upload):  # pragma: no cover - 128 random bits
-                raise InvalidField("upload id collision; try again")
+            if not await self.store.create(upload):
+                if idempotency_key is None:  # pragma: no cover - 128 random bits
+                    raise InvalidField("upload id collision; try again")
+                # The same key's creation, sent twice at once: the other one made it.
+                await self._unreserve(upload)
+                replay = await self._created_before(upload_id, length, metadata, concat_header)
+                if replay is None:  # pragma: no cover - made, then gone at once
+                    raise InvalidField("upload id collision; try again")
+                return replay
             reused = await self.data.create(upload.id, length)
         except BaseException:
             await self._unreserve(upload)
@@ -414,6 +440,35 @@ class TusService:
             if not handed_over:
                 await self.locks.release(lease)
         return Answer(upload, None, location)
+
+    async def _created_before(
+        self,
+        upload_id: str,
+        length: int | None,
+        metadata: dict[str, bytes],
+        concat_header: str | None,
+    ) -> Answer | None:
+        """The upload an earlier creation with the same key made, as its answer; None when
+        there is none. Another upload under the key (another length, name or fields) is
+        `422`, as a multipart upload's reused key is."""
+        existing = await self.store.get(upload_id)
+        if existing is None:
+            return None
+        same = (
+            existing.metadata == metadata
+            and existing.concat_header == concat_header
+            and (length is None or existing.length == length)
+        )
+        if not same:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key created another upload (its length or metadata differ)"
+            )
+        log.info(
+            "resumable upload creation repeated with its Idempotency-Key",
+            extra={"event": "tus_create_replayed", "upload_id": upload_id},
+        )
+        headers = {"Location": f"/api/v1/uploads/{upload_id}", "Idempotent-Replayed": "true"}
+        return Answer(existing, None, headers)
 
     async def _create_final(
         self,

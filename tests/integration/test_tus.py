@@ -205,6 +205,60 @@ async def test_creation_and_head(stack: Stack, token: TokenFactory) -> None:
             assert data_file(stack, location).exists()
 
 
+async def test_a_creation_sent_again_with_its_idempotency_key_gets_the_same_upload(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """A creation whose answer was lost, sent again with the same Idempotency-Key, gets the
+    upload the first one made (as it stands: bytes sent meanwhile count), not a second one
+    holding the caller's quota. Another length under the key is 422; another caller's same
+    key is another upload."""
+    limited = await trio.to_thread.run_sync(
+        lambda: stack.start_ingester("one-open", INGESTER_TUS_MAX_UPLOADS_PER_USER="1")
+    )
+    try:
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False) as http:
+                tus = Tus(http, limited.url, token())
+                key = {"Idempotency-Key": "doc-1.pdf/attempt-1"}
+                first = await tus.create(10, metadata={"filename": "doc.pdf"}, headers=key)
+                assert first.status_code == 201, first.text
+                assert "Idempotent-Replayed" not in first.headers
+                url = tus.url(first.headers["Location"])
+                assert (await tus.patch(url, 0, b"01234")).status_code == 204
+
+                again = await tus.create(10, metadata={"filename": "doc.pdf"}, headers=key)
+                assert again.status_code == 201, again.text
+                assert again.headers["Location"] == first.headers["Location"]
+                assert again.headers["Idempotent-Replayed"] == "true"
+                assert again.headers["Upload-Offset"] == "5"
+                # The first one is this caller's only open upload: a new one is refused.
+                other = await tus.create(10, metadata={"filename": "doc.pdf"})
+                assert other.status_code == 429, other.text
+                assert other.json()["error"]["code"] == "TOO_MANY_OPEN_UPLOADS"
+
+                longer = await tus.create(11, metadata={"filename": "doc.pdf"}, headers=key)
+                assert longer.status_code == 422, longer.text
+                assert longer.json()["error"]["code"] == "IDEMPOTENCY_KEY_REUSED"
+
+                bob = Tus(http, limited.url, token(sub="bob"))
+                bobs = await bob.create(10, metadata={"filename": "doc.pdf"}, headers=key)
+                assert bobs.status_code == 201, bobs.text
+                assert bobs.headers["Location"] != first.headers["Location"]
+                assert "Idempotent-Replayed" not in bobs.headers
+
+                done = await tus.patch(url, 5, b"56789")
+                assert done.status_code == 204, done.text
+                stored = (await tus.state(url)).json()["result"]
+                assert stored["checksum"] == hashlib.sha256(b"0123456789").hexdigest()
+                # Stored, the upload is still what the key made: the repeat says so.
+                last = await tus.create(10, metadata={"filename": "doc.pdf"}, headers=key)
+                assert last.status_code == 201, last.text
+                assert last.headers["Location"] == first.headers["Location"]
+                assert last.headers["Upload-Offset"] == "10"
+    finally:
+        limited.terminate()
+
+
 async def test_patch_at_a_wrong_offset_is_409_and_changes_nothing(
     stack: Stack, token: TokenFactory
 ) -> None:

@@ -658,6 +658,51 @@ async def test_a_refusal_after_an_answer_was_lost_keeps_the_key_for_the_rerun(
     assert state_files(cache) == []
 
 
+async def test_a_tus_creation_whose_answer_was_lost_gets_the_upload_it_made(
+    stack: Stack, token: TokenFactory, tmp_path: Path, cache: Path
+) -> None:
+    """Found by a review: a creation that reached the server but whose answer was lost was
+    sent again as a new one, and the first (empty) upload held the user's quota until it
+    expired. The creation now carries an Idempotency-Key, kept in the state before it is
+    sent: the repeat gets the upload the first one made. Through a relay to the real
+    ingester that drops the first creation's answer."""
+    source = make_source(tmp_path / "doc.bin", 300_000, seed=9)
+    created = await read_metric(stack.url, "ingester_tus_uploads_total", event="created")
+    creations: list[str] = []
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as upstream:
+
+        async def relay(request: Request) -> Response:
+            headers = {
+                k: v for k, v in request.headers.items() if k not in ("host", "content-length")
+            }
+            answer = await upstream.request(
+                request.method, stack.url + request.target, headers=headers, content=request.body
+            )
+            if request.method == "POST" and request.path == "/api/v1/uploads":
+                creations.append(request.headers.get("idempotency-key", ""))
+                if len(creations) == 1:
+                    raise DropConnection()  # made on the server; the client never hears
+            kept = [(k, v) for k, v in answer.headers.items() if k.lower() not in HOP_HEADERS]
+            return Response(answer.status_code, answer.content, kept)
+
+        async with serve_http(relay) as fake:
+            env = client_env(cache, INGESTER_TOKEN=token(), INGESTER_URL=fake.url)
+            run = await run_upload("--json", "--resumable-above", "0", str(source.path), env=env)
+    assert run.returncode == 0, run
+    (record,) = run.records()
+    await assert_stored(record, source, token())
+    assert len(creations) == 2
+    assert creations[0] == creations[1] != ""
+    after = await read_metric(stack.url, "ingester_tus_uploads_total", event="created")
+    assert after - created == 1, "the creation made a second upload"
+    assert state_files(cache) == []
+
+
+HOP_HEADERS: Final = frozenset(
+    {"content-length", "transfer-encoding", "connection", "date", "server"}
+)
+
+
 async def test_a_tus_location_on_another_server_gets_no_token(
     token: TokenFactory, tmp_path: Path, cache: Path
 ) -> None:
