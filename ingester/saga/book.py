@@ -93,34 +93,11 @@ class Saga:
         due = self.unconfirmed_due
         return not self.written and due is not None and time.time() >= due - CLOCK_MARGIN_S
 
-    async def sending_to(self, copy: Copy, *, may_land: bool = False) -> None:
-        """Before the first byte goes to `copy`'s element: from now on it may hold a copy.
-        `may_land`: the whole body may reach it at once (a small upload), so the record
-        says from the start that the copy may land (`landing_before_end`, without a write
-        of its own)."""
+    async def sending_to(self, copy: Copy) -> None:
+        """Before the first byte goes to `copy`'s element: from now on it may hold a copy."""
         async with self.lock:
-            added = self.record.add_copy(copy)
-            if may_land:
-                self.may_land(copy)
-            if added or may_land:
+            if self.record.add_copy(copy):
                 await self.book.write(self)
-
-    async def landing_before_end(self, copy: Copy) -> None:
-        """The last piece of the body is about to go to `copy`'s element, which may store
-        the file whatever happens next (artStore's writes it after the last byte, and
-        finishes it for a caller long gone). Written first, so that a replica taking this
-        record over after this process dies knows to ask again if a removal finds nothing.
-        A body that never ends costs no such write, and its copy no wait."""
-        if self.record.landing.open_until(copy, self.book._wall_clock()) is not None:
-            return
-        async with self.lock:
-            self.may_land(copy)
-            await self.book.write(self)
-
-    def cannot_land(self, copy: Copy) -> None:
-        """`copy`'s element answered, or never got the whole body: it stores nothing later.
-        Written with the record's next write."""
-        self.record.landing.closed(copy)
 
     async def stored(self) -> None:
         async with self.lock:

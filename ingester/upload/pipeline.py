@@ -26,7 +26,6 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -80,9 +79,6 @@ SNIFF_BYTES: Final = 64 * 1024
 # large share of the CPU), and one chunked frame per batch for the element.
 BATCH_BYTES: Final = 1024 * 1024
 HEARTBEAT_S: Final = 0.5
-# Request bodies up to this size note at the first saga write that their copy may land
-# (no write of its own before the body's end). The element's socket buffers take that much.
-LANDING_AT_START_BYTES: Final = 1024 * 1024
 # Multipart framing and form fields around the file part: allowance over max_file_size
 # before a declared Content-Length is refused outright.
 FORM_OVERHEAD_ALLOWANCE: Final = 1024 * 1024
@@ -481,9 +477,6 @@ class UploadPipeline:
         assert saga is not None
         mode = upload.plan.retention_policy.target_mode
         declared = upload.request.content_length
-        # A body this small may reach an element whole before the saga could say so: its
-        # record says from the first write that a copy may land (see `Saga.sending_to`).
-        whole_at_once = declared is not None and declared <= LANDING_AT_START_BYTES
         boundary = secrets.token_hex(16)
         # Empty or not, compressed or not: what the element must be able to take.
         await upload.data_ready.wait()
@@ -557,8 +550,7 @@ class UploadPipeline:
                         # Written before the first byte leaves: if this process dies, whoever
                         # takes the record over knows where to look. Inside the `try`: a
                         # half-open trial taken above must go back if this fails.
-                        await saga.sending_to(copy, may_land=whole_at_once)
-                        body.before_end = partial(saga.landing_before_end, copy)
+                        await saga.sending_to(copy)
                         with pool.attempt(element.id, upload), trio.CancelScope() as attempt:
                             upload.attempt = attempt
                             try:
@@ -584,8 +576,6 @@ class UploadPipeline:
                             # it after the last byte, and finishes whoever hung up): a
                             # removal that finds nothing now is checked again later.
                             saga.may_land(copy)
-                        else:
-                            saga.cannot_land(copy)
                     upload.attempt = None
                     upload.in_flight_since = None
                     if upload.tripped and error is None and answered:
