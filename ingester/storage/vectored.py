@@ -28,6 +28,8 @@ from httpcore._backends.trio import TrioStream
 
 # Below this, one joined write costs less than building the vector.
 VECTORED_MIN_BYTES: Final = 64 * 1024
+# Buffers one `sendmsg` takes (Linux's UIO_MAXIOV).
+IOV_MAX: Final = 1024
 
 Buffer = bytes | memoryview
 
@@ -100,8 +102,11 @@ async def send_parts(stream: trio.SocketStream, parts: Sequence[Buffer]) -> None
     views = remaining(parts, 0)
     try:
         while views:
-            sent = await stream.socket.sendmsg(views)
-            views = remaining(views, sent)
+            # At most IOV_MAX buffers per call (Linux refuses more with EMSGSIZE, and sends
+            # nothing): a batch of a slow client's tiny reads holds thousands.
+            batch = views[:IOV_MAX]
+            sent = await stream.socket.sendmsg(batch)
+            views = remaining(batch, sent) + views[IOV_MAX:]
     except (OSError, trio.ClosedResourceError) as exc:
         raise httpcore.WriteError(str(exc)) from exc
 

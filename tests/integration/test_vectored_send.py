@@ -134,6 +134,24 @@ async def test_pieces_go_out_as_one_frame_each() -> None:
     assert stored.checksum == sha256(b"".join(reads[:7]) + b"abc" + b"".join(reads[7:]))
 
 
+async def test_a_batch_of_more_reads_than_one_sendmsg_takes_arrives_whole() -> None:
+    """Found by a review: a slow client's batch of 1 MiB can hold thousands of tiny reads,
+    and Linux refuses a `sendmsg` of more than 1024 buffers (EMSGSIZE, nothing sent): the
+    upload stalled until the watchdog blamed the element. At most IOV_MAX per call now."""
+
+    async def element(request: Request) -> Response:
+        return Response.json(
+            {"file_id": "f", "file_size": len(request.body), "checksum": sha256(request.body)},
+            status=201,
+        )
+
+    reads = [random.Random(seed).randbytes(500 + seed % 7) for seed in range(2500)]
+    with trio.fail_after(20):
+        async with serve_http(element) as server, httpx.AsyncClient(trust_env=False) as http:
+            stored = await upload(http, server.url, [vectored.Pieces(reads)])
+    assert stored.checksum == sha256(b"".join(reads))
+
+
 async def test_a_chunked_body_arrives_whole_and_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     frames: list[int] = []
     send_parts = vectored.send_parts
