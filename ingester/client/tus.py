@@ -54,6 +54,8 @@ class TusUpload:
         self.chunk_size = job.options.chunk_size
         self.attempts = 1
         self.creation_key: str | None = None
+        # Whether this run made the key (a 410 or 422 for it is then the server's word).
+        self.fresh_key = False
 
     def _headers(self, **extra: str) -> dict[str, str]:
         return {"Tus-Resumable": TUS_VERSION, **extra}
@@ -147,6 +149,7 @@ class TusUpload:
     def _create(self) -> tuple[str, int, str | None]:
         job = self.job
         if self.creation_key is None:
+            self.fresh_key = True
             self.creation_key = uuid.uuid4().hex
             job.store.save(job.new_state("tus", idempotency_key=self.creation_key))
         response = self._send(
@@ -160,6 +163,11 @@ class TusUpload:
                 }
             ),
         )
+        if response.status_code in (410, 422) and not self.fresh_key:
+            # The key's upload expired, or the key made another one (a state file from an
+            # earlier run of other options): a new key, once.
+            self.creation_key, self.fresh_key = None, True
+            return self._create()
         if response.status_code != 201:
             raise_for(response, job.options.token)
         location = response.headers.get("Location")

@@ -372,10 +372,20 @@ class TusService:
                 "a creation request with data must be application/offset+octet-stream"
             )
         upload_id = uuid.uuid4().hex
+        held: Lease | None = None
         if idempotency_key is not None:
             upload_id = keyed_upload_id(principal.subject, idempotency_key)
-            replay = await self._created_before(upload_id, length, metadata, concat_header)
+            # The id is known beforehand, so its lock is held from before the look: a
+            # repeat sent at the same time waits for this creation (or gets 423 and
+            # retries), and nothing acts on the id while it is being made.
+            held = await self.locks.acquire(upload_id, ask=False)
+            try:
+                replay = await self._created_before(upload_id, length, metadata, concat_header)
+            except BaseException:
+                await self.locks.release(held)
+                raise
             if replay is not None:
+                await self.locks.release(held)
                 return replay
         now = time.time()
         upload = TusUpload(
@@ -388,23 +398,22 @@ class TusService:
             concat=ConcatKind.PARTIAL if concat is not None else None,
             concat_header=concat_header,
         )
-        if with_body:
-            self._check_chunk(upload, 0, content_length)
-        logs.bind(upload_id=upload.id)
-        await self._reserve(upload, length)
         try:
-            if not await self.store.create(upload):
-                if idempotency_key is None:  # pragma: no cover - 128 random bits
+            if with_body:
+                self._check_chunk(upload, 0, content_length)
+            logs.bind(upload_id=upload.id)
+            await self._reserve(upload, length)
+            try:
+                if not await self.store.create(upload):  # pragma: no cover - see below
+                    # 128 random bits, or a keyed id whose state appeared under our lock.
                     raise InvalidField("upload id collision; try again")
-                # The same key's creation, sent twice at once: the other one made it.
+                reused = await self.data.create(upload.id, length)
+            except BaseException:
                 await self._unreserve(upload)
-                replay = await self._created_before(upload_id, length, metadata, concat_header)
-                if replay is None:  # pragma: no cover - made, then gone at once
-                    raise InvalidField("upload id collision; try again")
-                return replay
-            reused = await self.data.create(upload.id, length)
+                raise
         except BaseException:
-            await self._unreserve(upload)
+            if held is not None:
+                await self.locks.release(held)
             raise
         self.metrics.tus_events.labels("created").inc()
         log.info(
@@ -417,7 +426,7 @@ class TusService:
             },
         )
         location = {"Location": f"/api/v1/uploads/{upload.id}"}
-        lease = await self.locks.acquire(upload.id, ask=False)
+        lease = held if held is not None else await self.locks.acquire(upload.id, ask=False)
         handed_over = False
         try:
             if with_body:
@@ -454,6 +463,12 @@ class TusService:
         existing = await self.store.get(upload_id)
         if existing is None:
             return None
+        if existing.expired(time.time()):
+            # Its state outlives it a while (until the sweeper's round), and its id stays
+            # taken until then: the key cannot make another upload.
+            raise UploadExpired(
+                "the upload this Idempotency-Key created has expired; create one with a new key"
+            )
         same = (
             existing.metadata == metadata
             and existing.concat_header == concat_header

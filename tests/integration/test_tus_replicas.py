@@ -8,6 +8,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -69,6 +70,47 @@ async def open_patch(url: str, token: str, offset: int, declared: int) -> trio.S
 def on(replica: ManagedProcess, url: str) -> str:
     """The same upload URL on another replica (what a load balancer does)."""
     return replica.url + "/api/v1/uploads/" + url.rsplit("/", 1)[-1]
+
+
+async def test_creations_sent_at_once_with_one_key_make_one_upload_on_the_quota(
+    stack: Stack, token: TokenFactory, redis_server: RedisServer
+) -> None:
+    """Found by a review: two creations with the same Idempotency-Key at once (a client's
+    retry of one that timed out, on the other replica) both reserved quota under the one
+    id, and the loser's release erased the winner's reservation: the upload then counted
+    against no cap. The key's lock is held from before the look now."""
+    env = {"INGESTER_REDIS_URL": redis_server.url, "INGESTER_TUS_MAX_UPLOADS_PER_USER": "2"}
+    started = [
+        await trio.to_thread.run_sync(partial(stack.start_ingester, f"capped-{n}", **env))
+        for n in ("a", "b")
+    ]
+    try:
+        with trio.fail_after(60):
+            async with httpx.AsyncClient(trust_env=False) as http:
+                via = [Tus(http, proc.url, token(sub="carol")) for proc in started]
+                key = {"Idempotency-Key": "same-at-once"}
+                answers: list[httpx.Response] = []
+
+                async def create(tus: Tus) -> None:
+                    while True:
+                        answer = await tus.create(10, metadata={"filename": "x"}, headers=key)
+                        if answer.status_code != 423:  # the other one holds the key
+                            answers.append(answer)
+                            return
+                        await trio.sleep(0.05)
+
+                async with trio.open_nursery() as nursery:
+                    for n in range(8):
+                        nursery.start_soon(create, via[n % 2])
+                assert [a.status_code for a in answers] == [201] * 8, [a.text for a in answers]
+                assert len({a.headers["Location"] for a in answers}) == 1
+                # The keyed upload holds one of carol's two places: one more, then no more.
+                assert (await via[0].create(10, metadata={"filename": "y"})).status_code == 201
+                refused = await via[1].create(10, metadata={"filename": "z"})
+                assert refused.status_code == 429, refused.text
+    finally:
+        for proc in started:
+            proc.terminate()
 
 
 async def test_patches_alternate_and_a_killed_replica_leaves_a_resumable_upload(
