@@ -164,6 +164,7 @@ class Service:
             ),
             compensation_timeout_s=settings.compensation_timeout_s,
             recheck_s=settings.saga_recheck_s,
+            stores_late=self.registry.stores_after_hangup,
         )
         self.idempotency = IdempotencyGuard(
             idempotency_store,

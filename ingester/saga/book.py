@@ -99,6 +99,31 @@ class Saga:
             if self.record.add_copy(copy):
                 await self.book.write(self)
 
+    async def landing_before_end(self, copy: Copy) -> None:
+        """The last piece of the body is about to go to `copy`'s element, which may store
+        the file whatever happens next (artStore's writes it after the last byte, and
+        finishes it for a caller long gone). Written first, so that a replica taking this
+        record over after this process dies knows to ask again if a removal finds nothing.
+        A body that never ends costs no such write, and its copy no wait; nor does an
+        element that never stores an upload its caller left (`stores_late`).
+
+        Raises `SagaTakenOver` when the record is no longer this process's: the replica
+        that claimed it is undoing the upload, and the last piece must not go."""
+        if not self.book.stores_late(copy.element_id):
+            return
+        if self.record.landing.open_until(copy, self.book._wall_clock()) is not None:
+            return
+        async with self.lock:
+            self.may_land(copy)
+            await self.book.write(self)
+            if self.lost or self.claimable():
+                raise SagaTakenOver("this upload was taken over by another ingester; retry it")
+
+    def cannot_land(self, copy: Copy) -> None:
+        """`copy`'s element answered, or never got the whole body: it stores nothing later.
+        Written with the record's next write."""
+        self.record.landing.closed(copy)
+
     async def stored(self) -> None:
         async with self.lock:
             self.record.state = SagaState.STORED
@@ -218,8 +243,10 @@ class Saga:
     def may_land(self, copy: Copy) -> None:
         """`copy`'s element was sent the whole body and did not answer: it may still store
         the file, for up to the book's `recheck_s`, and a removal finding nothing before
-        then is checked again. Written with the record's next write."""
-        self.record.landing.note(copy, self.book._wall_clock() + self.book.recheck_s)
+        then is checked again. Written with the record's next write. Not for an element
+        that says it never stores an upload its caller left (`stores_late`)."""
+        if self.book.stores_late(copy.element_id):
+            self.record.landing.note(copy, self.book._wall_clock() + self.book.recheck_s)
 
     def abandoned(self, copy: Copy) -> None:
         """The upload moved on from `copy`'s element (failover): remove what it got, now, in
@@ -241,10 +268,14 @@ class SagaBook:
         recheck_s: float = 600.0,
         owner: str | None = None,
         wall_clock: Callable[[], float] = time.time,
+        stores_late: Callable[[str], bool] = lambda _element_id: True,
     ) -> None:
         self.store = store
         # How long an element sent a whole body it never answered may still commit it.
         self.recheck_s = recheck_s
+        # Whether an element may store an upload after its caller hung up (artStore's
+        # does; the registry's `stores_after_hangup`): only such copies get a window.
+        self.stores_late = stores_late
         self._wall_clock = wall_clock
         self.metrics = metrics
         self.owner = owner or f"ingester-{uuid.uuid4().hex[:12]}"

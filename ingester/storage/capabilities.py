@@ -46,9 +46,22 @@ def reported_flags(info: Mapping[str, Any]) -> dict[str, bool]:
         return {}
     return {
         name: value
-        for name in ("keeps_metadata", "accepts_empty_files", "serves_any_name")
+        for name in (
+            "keeps_metadata",
+            "accepts_empty_files",
+            "serves_any_name",
+            "stores_after_hangup",
+        )
         if isinstance(value := raw.get(name), bool)
     }
+
+
+def stores_after_hangup(reported: Mapping[str, bool]) -> bool:
+    """Whether the element may store an upload whose caller hung up after the last byte.
+    artStore's does (it writes the file after the body, and finishes it whoever left); the
+    reference element says it does not. Not said: the safe answer, yes (a removal that finds
+    nothing is then asked again for a while, see `SagaRecord.landing`)."""
+    return reported.get("stores_after_hangup", True)
 
 
 def resolve(element: StorageElementConfig, reported: Mapping[str, bool]) -> tuple[bool, bool, bool]:

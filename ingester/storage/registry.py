@@ -19,7 +19,7 @@ import trio
 
 from ..resilience.breaker import BreakerBoard
 from ..settings import SEMode, StorageElementConfig
-from .capabilities import reported_flags, resolve
+from .capabilities import reported_flags, resolve, stores_after_hangup
 from .client import StorageElementClient
 from .selection import Candidate
 
@@ -68,6 +68,12 @@ class Registry:
 
     def health_of(self, element_id: str) -> ElementHealth:
         return self.health.setdefault(element_id, ElementHealth())
+
+    def stores_after_hangup(self, element_id: str) -> bool:
+        """What the element said last (`capabilities.stores_after_hangup`); an element not
+        heard from yet, or not in the registry any more, may."""
+        health = self.health.get(element_id)
+        return stores_after_hangup(health.reported_capabilities if health else {})
 
     def candidates(self) -> list[Candidate]:
         return [self._candidate(element) for element in self.elements]

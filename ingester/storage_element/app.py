@@ -132,11 +132,15 @@ def create_storage_element_app(
             "is_writable": config.allows_upload,
             "is_available": True,
             # What the ingester may rely on (its registry can say otherwise): this element
-            # keeps `metadata` and `content_type`, and stores empty files.
+            # keeps `metadata` and `content_type`, stores empty files, and never stores an
+            # upload after its caller hung up or its removal was asked (a gc of an upload
+            # in flight dooms it): a removal that finds nothing is final. artStore's writes
+            # the file after the last byte and finishes it whoever left.
             "capabilities": {
                 "keeps_metadata": True,
                 "accepts_empty_files": True,
                 "serves_any_name": True,
+                "stores_after_hangup": False,
             },
         }
 

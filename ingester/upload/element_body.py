@@ -125,6 +125,8 @@ class SEUploadBody(httpx.AsyncByteStream):
         # and the bytes handed out so far, checked against it before the tail goes.
         self.declared: int | None = None
         self._handed = 0
+        # Awaited before the last piece is handed out (the saga's `landing_before_end`).
+        self.before_end: Callable[[], Awaitable[None]] | None = None
 
     def __aiter__(self) -> SEUploadBody:  # type: ignore[override]
         return self
@@ -170,6 +172,8 @@ class SEUploadBody(httpx.AsyncByteStream):
                         f"the element body was declared as {self.declared} bytes, "
                         f"but it comes to {self._handed + len(piece)}"
                     )
+                if self.before_end is not None:
+                    await self.before_end()
                 self.ended = True
                 break
             raise StopAsyncIteration

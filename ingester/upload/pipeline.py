@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -551,6 +552,7 @@ class UploadPipeline:
                         # takes the record over knows where to look. Inside the `try`: a
                         # half-open trial taken above must go back if this fails.
                         await saga.sending_to(copy)
+                        body.before_end = partial(saga.landing_before_end, copy)
                         with pool.attempt(element.id, upload), trio.CancelScope() as attempt:
                             upload.attempt = attempt
                             try:
@@ -576,6 +578,8 @@ class UploadPipeline:
                             # it after the last byte, and finishes whoever hung up): a
                             # removal that finds nothing now is checked again later.
                             saga.may_land(copy)
+                        else:
+                            saga.cannot_land(copy)
                     upload.attempt = None
                     upload.in_flight_since = None
                     if upload.tripped and error is None and answered:

@@ -398,6 +398,77 @@ async def test_an_ingester_killed_mid_stream_leaves_nothing_behind(
             assert response.status_code == 201, response.text
 
 
+@pytest.mark.parametrize(
+    "size",
+    [
+        200_000,  # small: the first saga write says the copy may land
+        3 * MIB,  # the saga writes it before the body's last piece
+    ],
+)
+async def test_a_file_an_element_stores_after_its_ingester_died_is_removed(
+    world: World, token_factory: TokenFactory, size: int
+) -> None:
+    """artStore's element writes the file after the last byte, and finishes it for a caller
+    long gone. The ingester dies between the two; the replica that takes its saga over finds
+    nothing at first (`already_deleted`). The record says the copy may still land (written
+    before the body's last piece went, or from the first write for a small body), so it asks
+    again until the recheck window closes, and removes the file once it has landed. Nothing
+    is left. (A body that never ended leaves no such note: the test before this one.)"""
+    late = start_storage_element(
+        world.root,
+        element_id="as-late",
+        mode="edit",
+        public_key=world.keys.public_path,
+        artstore_compat=True,
+        # Longer than the lease plus a janitor round: the takeover comes before the file.
+        extra_args=("--artstore-write-delay-s", str(LEASE_S + 4), "--log-format", "json"),
+    )
+    world.procs.append(late)
+    service = token_factory(sub="ingester-svc", name="ingester-svc")
+    env = {
+        "INGESTER_SE_AUTH": "static",
+        "INGESTER_SE_TOKEN": service,
+        "INGESTER_SAGA_RECHECK_S": "20",
+    }
+    token = token_factory()
+
+    def received() -> list[str]:
+        return [
+            line["file_id"]
+            for text in late.log_lines()
+            if text.startswith("{")
+            and (line := json.loads(text)).get("event") == "se_body_received"
+        ]
+
+    def stored() -> list[str]:
+        return [p.name for p in late.stored_files() if p.name != ".lock"]
+
+    with trio.fail_after(90):
+        async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+            one = await world.ingester("one", elements=[late], **env)
+            two = await world.ingester("two", elements=[late], **env)
+
+            async def client() -> None:
+                with contextlib.suppress(httpx.HTTPError):
+                    await post_upload(http, one.url, token, MultipartUpload([b"L" * size]))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                # Every byte is on the element, which writes the file now; the ingester dies.
+                await eventually(lambda: received() != [], timeout_s=20)
+                one.kill()
+                nursery.cancel_scope.cancel()
+
+            # The other replica takes the saga over before the file lands, and removes it
+            # once it has.
+            await eventually(lambda: stored() != [], timeout_s=LEASE_S + 15)
+            await eventually(lambda: stored() == [] and world.saga_keys() == [], timeout_s=20)
+            assert metric(await metrics(http, two), "ingester_saga_takeovers_total") == 1
+            (file_id,) = received()
+            gone = await http.get(f"{late.url}/api/v1/files/{file_id}", headers=auth(service))
+            assert gone.status_code == 404
+
+
 # --- durable compensation --------------------------------------------------------------------
 
 

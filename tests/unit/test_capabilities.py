@@ -84,6 +84,21 @@ def test_only_boolean_flags_of_info_count() -> None:
     ) == {"accepts_empty_files": True}
 
 
+def test_an_element_stores_after_a_hangup_unless_it_says_it_does_not() -> None:
+    """Whether a removal that finds nothing is final (the saga's landing windows): artStore's
+    element says nothing and may store an upload after its caller left; the reference
+    element says it never does."""
+    registry = Registry([config()])
+    assert registry.stores_after_hangup("se")  # not heard from yet: the safe answer
+    assert registry.stores_after_hangup("gone")  # not in the registry (a record's old copy)
+    registry.health_of("se").reported_capabilities = reported_flags(
+        {"capabilities": {"stores_after_hangup": False}}
+    )
+    assert not registry.stores_after_hangup("se")
+    registry.health_of("se").reported_capabilities = reported_flags({"status": "ok"})
+    assert registry.stores_after_hangup("se")  # artStore's info: no capabilities at all
+
+
 def test_registry_fields_parse_and_default_to_unknown() -> None:
     assert (
         config().keeps_metadata,
