@@ -22,7 +22,8 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any, Final, cast
 
 import httpx
@@ -141,6 +142,8 @@ class CopyBody(httpx.AsyncByteStream):
         self.started = False
         # The tail was handed out: the target may have the whole copy.
         self.ended = False
+        # Awaited before the tail is handed out (the move's record says the copy may land).
+        self.before_end: Callable[[], Awaitable[None]] | None = None
 
     def __aiter__(self) -> CopyBody:
         return self
@@ -156,6 +159,8 @@ class CopyBody(httpx.AsyncByteStream):
                     chunk = await anext(self._source)
             except StopAsyncIteration:
                 self._stage = 2
+                if self.before_end is not None:
+                    await self.before_end()
                 self.ended = True
                 return self._tail
             await update_hash(self.hasher, chunk)
@@ -677,6 +682,15 @@ class Finalizer:
             )
         raise NoStorageAvailable("no rw Storage Element is available")
 
+    async def _may_land(self, tx: Transaction, element: Candidate) -> None:
+        """Before the copy's last piece goes to an element that may store it whoever hangs up
+        (artStore's): the record says the copy may land, so that an ingester taking the move
+        over after this one dies asks again when a removal finds nothing (the upload saga's
+        rule). A record that is not ours any more stops the move here."""
+        until = time.time() + self.settings.saga_recheck_s
+        tx.landing.note(Copy(element.id, element.api_url), until)
+        await self._save(tx)
+
     async def _copy_to(self, tx: Transaction, element: Candidate) -> tuple[StoredFile, str]:
         """Stream the source into an upload to `element`: what it stored, and the sha256 of
         the bytes read. An attempt that ends before the form's first byte was handed out
@@ -696,6 +710,8 @@ class Finalizer:
                 ) as response:
                     pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw(PIECE))
                     body = CopyBody(head, pieces, tail, tx.source.element_id, self.m_bytes.inc)
+                    if self.pool.registry.stores_after_hangup(element.id):
+                        body.before_end = partial(self._may_land, tx, element)
                     try:
                         stored = await client.upload(
                             element.id,
@@ -706,6 +722,7 @@ class Finalizer:
                             extra_headers={"X-Request-ID": tx.transaction_id},
                         )
                     except StorageElementError as exc:
+                        target = Copy(element.id, element.api_url)
                         if (
                             body.ended
                             and exc.upstream_status is None
@@ -714,7 +731,11 @@ class Finalizer:
                             # The target may be writing the copy still: a removal finding
                             # nothing now is checked again (`Landing`).
                             until = time.time() + self.settings.saga_recheck_s
-                            tx.landing.note(Copy(element.id, element.api_url), until)
+                            tx.landing.note(target, until)
+                        else:
+                            # It answered, or never got the whole copy: nothing lands later
+                            # (a window `_may_land` wrote before the last piece closes).
+                            tx.landing.closed(target)
                         raise
                     finally:
                         await pieces.aclose()

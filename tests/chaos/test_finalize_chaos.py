@@ -433,6 +433,73 @@ async def test_ingester_killed_mid_copy_is_rolled_back_by_the_next(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_copy_artstore_stores_after_its_ingester_died_is_removed(
+    world: World, token_factory: TokenFactory
+) -> None:
+    """artStore's element writes the file after the last byte, and finishes it for a caller
+    long gone. The ingester moving a file dies between the two; the one taking the move over
+    rolls it back and finds nothing on the target at first (`already_deleted`). The record
+    says the copy may still land (written before its last piece went), so it asks again and
+    removes the copy once it has landed. The source is untouched, nothing else is left."""
+    target = await trio.to_thread.run_sync(
+        lambda: start_storage_element(
+            world.root,
+            element_id="as-rw",
+            mode="rw",
+            public_key=world.keys.public_path,
+            artstore_compat=True,
+            # Longer than the lease, a janitor round and a start: the rollback comes first.
+            extra_args=("--artstore-write-delay-s", str(LEASE_S + 8), "--log-format", "json"),
+        )
+    )
+    world.procs.append(target)
+    service = token_factory(sub="ingester-svc", name="ingester-svc")
+    env = {
+        "INGESTER_SE_AUTH": "static",
+        "INGESTER_SE_TOKEN": service,
+        "INGESTER_SAGA_RECHECK_S": "20",
+    }
+    token = token_factory()
+
+    def received() -> bool:
+        return any('"se_body_received"' in line for line in target.log_lines())
+
+    def stored() -> list[Path]:
+        return [p for p in target.stored_files() if p.name != ".lock"]
+
+    def deleted() -> list[str]:
+        """File ids the target removed (its JSON log's `se_deleted`)."""
+        return [
+            line["file_id"]
+            for text in target.log_lines()
+            if text.startswith("{") and (line := json.loads(text)).get("event") == "se_deleted"
+        ]
+
+    with trio.fail_after(120):
+        async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
+            first = await world.ingester("first", rw_a_url=target.url, **env)
+            file_id, body = await upload(http, first.url, token, 3 * MIB, seed=33)
+            tx_id = await finalize(http, first.url, token, file_id)
+            # The whole copy is on the target, which writes it now; the ingester dies.
+            await eventually(received, timeout_s=30)
+            first.kill()
+
+            second = await world.ingester("second", rw_a_url=target.url, **env)
+            rolled = await wait_status(http, second.url, token, tx_id, {"done", "rolled_back"})
+            assert rolled["status"] == "rolled_back", rolled
+            # The rollback's first removals found nothing; it ended only once the copy had
+            # landed and a removal took it. Without the window it ends at once, and the copy
+            # lands after it and stays.
+            # (That removal found the file: the target's one write is behind us.)
+            assert deleted() == [file_id]
+            assert stored() == []
+            assert files_of(world.rw_b, file_id) == []
+            assert await download_sha256(http, world.edit.url, file_id, token, None) == (
+                body.sha256,
+                body.size,
+            )
+
+
 async def test_two_replicas_finalizing_the_same_file_one_wins(
     world: World, token_factory: TokenFactory
 ) -> None:
