@@ -29,7 +29,12 @@ import pytest
 import trio
 
 from tests.conftest import TokenFactory
-from tests.support.chaos import download_sha256
+from tests.support.chaos import (
+    artstore_ingester_env,
+    download_sha256,
+    late_writing_artstore,
+    log_events,
+)
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
 from tests.support.fault_proxy import Fault, FaultPlan, serve_fault_proxy
 from tests.support.fixtures import KeyPair
@@ -441,39 +446,26 @@ async def test_a_copy_artstore_stores_after_its_ingester_died_is_removed(
     rolls it back and finds nothing on the target at first (`already_deleted`). The record
     says the copy may still land (written before its last piece went), so it asks again and
     removes the copy once it has landed. The source is untouched, nothing else is left."""
+    # Longer than the lease, a janitor round and a start: the rollback comes first.
     target = await trio.to_thread.run_sync(
-        lambda: start_storage_element(
-            world.root,
-            element_id="as-rw",
-            mode="rw",
-            public_key=world.keys.public_path,
-            artstore_compat=True,
-            # Longer than the lease, a janitor round and a start: the rollback comes first.
-            extra_args=("--artstore-write-delay-s", str(LEASE_S + 8), "--log-format", "json"),
+        lambda: late_writing_artstore(
+            world.root, world.keys, element_id="as-rw", mode="rw", write_delay_s=LEASE_S + 8
         )
     )
     world.procs.append(target)
     service = token_factory(sub="ingester-svc", name="ingester-svc")
-    env = {
-        "INGESTER_SE_AUTH": "static",
-        "INGESTER_SE_TOKEN": service,
-        "INGESTER_SAGA_RECHECK_S": "20",
-    }
+    env = artstore_ingester_env(service)
     token = token_factory()
 
     def received() -> bool:
-        return any('"se_body_received"' in line for line in target.log_lines())
+        return bool(log_events(target, "se_body_received"))
 
     def stored() -> list[Path]:
         return [p for p in target.stored_files() if p.name != ".lock"]
 
     def deleted() -> list[str]:
-        """File ids the target removed (its JSON log's `se_deleted`)."""
-        return [
-            line["file_id"]
-            for text in target.log_lines()
-            if text.startswith("{") and (line := json.loads(text)).get("event") == "se_deleted"
-        ]
+        """File ids the target removed."""
+        return [line["file_id"] for line in log_events(target, "se_deleted")]
 
     with trio.fail_after(120):
         async with httpx.AsyncClient(trust_env=False, timeout=60) as http:

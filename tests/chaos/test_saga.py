@@ -22,7 +22,14 @@ import pytest
 import trio
 
 from tests.conftest import TokenFactory
-from tests.support.chaos import PacedBody, download_sha256, post_paced
+from tests.support.chaos import (
+    PacedBody,
+    artstore_ingester_env,
+    download_sha256,
+    late_writing_artstore,
+    log_events,
+    post_paced,
+)
 from tests.support.client import MIB, MultipartUpload, auth, post_upload, random_chunks
 from tests.support.fixtures import KeyPair
 from tests.support.http_server import Request, Response, serve_http
@@ -414,31 +421,17 @@ async def test_a_file_an_element_stores_after_its_ingester_died_is_removed(
     before the body's last piece went, or from the first write for a small body), so it asks
     again until the recheck window closes, and removes the file once it has landed. Nothing
     is left. (A body that never ended leaves no such note: the test before this one.)"""
-    late = start_storage_element(
-        world.root,
-        element_id="as-late",
-        mode="edit",
-        public_key=world.keys.public_path,
-        artstore_compat=True,
-        # Longer than the lease plus a janitor round: the takeover comes before the file.
-        extra_args=("--artstore-write-delay-s", str(LEASE_S + 4), "--log-format", "json"),
+    # Longer than the lease plus a janitor round: the takeover comes before the file.
+    late = late_writing_artstore(
+        world.root, world.keys, element_id="as-late", mode="edit", write_delay_s=LEASE_S + 4
     )
     world.procs.append(late)
     service = token_factory(sub="ingester-svc", name="ingester-svc")
-    env = {
-        "INGESTER_SE_AUTH": "static",
-        "INGESTER_SE_TOKEN": service,
-        "INGESTER_SAGA_RECHECK_S": "20",
-    }
+    env = artstore_ingester_env(service)
     token = token_factory()
 
     def received() -> list[str]:
-        return [
-            line["file_id"]
-            for text in late.log_lines()
-            if text.startswith("{")
-            and (line := json.loads(text)).get("event") == "se_body_received"
-        ]
+        return [line["file_id"] for line in log_events(late, "se_body_received")]
 
     def stored() -> list[str]:
         return [p.name for p in late.stored_files() if p.name != ".lock"]

@@ -53,6 +53,7 @@ from tests.support.processes import (
     ManagedProcess,
     StorageElementProcess,
     start_ingester,
+    start_storage_element,
 )
 from tests.support.waiting import eventually
 
@@ -75,6 +76,40 @@ class HasDataDir(Protocol):
 
 
 # --- uploads ------------------------------------------------------------------------------
+
+
+def late_writing_artstore(
+    root: Path, keys: KeyPair, *, element_id: str, mode: str, write_delay_s: float
+) -> StorageElementProcess:
+    """artStore's element (the reference element's emulation of it) writing each file
+    `write_delay_s` after the body's last byte, and finishing it whoever hung up; JSON logs."""
+    return start_storage_element(
+        root,
+        element_id=element_id,
+        mode=mode,
+        public_key=keys.public_path,
+        artstore_compat=True,
+        extra_args=("--artstore-write-delay-s", str(write_delay_s), "--log-format", "json"),
+    )
+
+
+def artstore_ingester_env(service_token: str, recheck_s: float = 20) -> dict[str, str]:
+    """An ingester toward artStore's elements: a service account's token (they take no
+    caller's), and a short landing window (`INGESTER_SAGA_RECHECK_S`) for a test."""
+    return {
+        "INGESTER_SE_AUTH": "static",
+        "INGESTER_SE_TOKEN": service_token,
+        "INGESTER_SAGA_RECHECK_S": str(recheck_s),
+    }
+
+
+def log_events(proc: ManagedProcess, event: str) -> list[dict[str, Any]]:
+    """The process's JSON log lines of `event`."""
+    return [
+        line
+        for text in proc.log_lines()
+        if text.startswith("{") and (line := json.loads(text)).get("event") == event
+    ]
 
 
 def upload_of(
