@@ -682,13 +682,17 @@ class Finalizer:
             )
         raise NoStorageAvailable("no rw Storage Element is available")
 
-    async def _may_land(self, tx: Transaction, element: Candidate) -> None:
+    def _may_land(self, tx: Transaction, copy: Copy) -> None:
+        """`copy`'s element may store it whatever happens next: a removal finding nothing is
+        checked again until the window closes (`Landing`)."""
+        tx.landing.note(copy, time.time() + self.settings.saga_recheck_s)
+
+    async def _may_land_saved(self, tx: Transaction, copy: Copy) -> None:
         """Before the copy's last piece goes to an element that may store it whoever hangs up
         (artStore's): the record says the copy may land, so that an ingester taking the move
         over after this one dies asks again when a removal finds nothing (the upload saga's
         rule). A record that is not ours any more stops the move here."""
-        until = time.time() + self.settings.saga_recheck_s
-        tx.landing.note(Copy(element.id, element.api_url), until)
+        self._may_land(tx, copy)
         await self._save(tx)
 
     async def _copy_to(self, tx: Transaction, element: Candidate) -> tuple[StoredFile, str]:
@@ -696,6 +700,7 @@ class Finalizer:
         the bytes read. An attempt that ends before the form's first byte was handed out
         drops its copy from the record."""
         client = self.pool.client
+        target = Copy(element.id, element.api_url)
         body: CopyBody | None = None
         try:
             authorization = await self._authorization(tx)
@@ -711,7 +716,7 @@ class Finalizer:
                     pieces = cast(AsyncGenerator[bytes, None], response.aiter_raw(PIECE))
                     body = CopyBody(head, pieces, tail, tx.source.element_id, self.m_bytes.inc)
                     if self.pool.registry.stores_after_hangup(element.id):
-                        body.before_end = partial(self._may_land, tx, element)
+                        body.before_end = partial(self._may_land_saved, tx, target)
                     try:
                         stored = await client.upload(
                             element.id,
@@ -722,16 +727,13 @@ class Finalizer:
                             extra_headers={"X-Request-ID": tx.transaction_id},
                         )
                     except StorageElementError as exc:
-                        target = Copy(element.id, element.api_url)
                         if (
                             body.ended
                             and exc.upstream_status is None
                             and exc.element_id == element.id
                         ):
-                            # The target may be writing the copy still: a removal finding
-                            # nothing now is checked again (`Landing`).
-                            until = time.time() + self.settings.saga_recheck_s
-                            tx.landing.note(target, until)
+                            # The target may be writing the copy still.
+                            self._may_land(tx, target)
                         else:
                             # It answered, or never got the whole copy: nothing lands later
                             # (a window `_may_land` wrote before the last piece closes).
@@ -753,7 +755,7 @@ class Finalizer:
                 # rollback's release of the file, until it answered. Never an earlier
                 # attempt's copy: an element with one is not tried again (`_copy`). A copy
                 # whose form went out, whole or in part, stays, answered or not (`Landing`).
-                tx.forget(Copy(element.id, element.api_url))
+                tx.forget(target)
             raise
         if body.size != tx.file.file_size:
             raise SourceUnavailable(

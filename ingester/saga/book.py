@@ -111,8 +111,6 @@ class Saga:
         that claimed it is undoing the upload, and the last piece must not go."""
         if not self.book.stores_late(copy.element_id):
             return
-        if self.record.landing.open_until(copy, self.book._wall_clock()) is not None:
-            return
         async with self.lock:
             self.may_land(copy)
             await self.book.write(self)

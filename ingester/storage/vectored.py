@@ -26,12 +26,10 @@ import trio
 from httpcore._async.http11 import AsyncHTTP11Connection
 from httpcore._backends.trio import TrioStream
 
+from ..buffers import IOV_MAX, Buffer, remaining
+
 # Below this, one joined write costs less than building the vector.
 VECTORED_MIN_BYTES: Final = 64 * 1024
-# Buffers one `sendmsg` takes (Linux's UIO_MAXIOV).
-IOV_MAX: Final = 1024
-
-Buffer = bytes | memoryview
 
 
 class Pieces:
@@ -50,6 +48,11 @@ class Pieces:
 
     def joined(self) -> Buffer:
         return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+    def simplest(self) -> Buffer | Pieces:
+        """Its one buffer as it is (h11 then sends a whole `bytes` without a copy even where
+        the vectored send does not apply), else itself."""
+        return self.parts[0] if len(self.parts) == 1 else self
 
     def split(self, size: int) -> tuple[Pieces, Pieces]:
         """The first `size` bytes and the rest (views: no copy)."""
@@ -83,19 +86,6 @@ def flat(parts: Sequence[Buffer | Pieces]) -> list[Buffer]:
 _original_send_event = AsyncHTTP11Connection._send_event
 
 
-def remaining(parts: Sequence[Buffer], sent: int) -> list[memoryview]:
-    """What is left of `parts` once `sent` bytes of them went out (pure)."""
-    views: list[memoryview] = []
-    for part in parts:
-        view = memoryview(part)
-        if sent >= len(view):
-            sent -= len(view)
-            continue
-        views.append(view[sent:] if sent else view)
-        sent = 0
-    return views
-
-
 async def send_parts(stream: trio.SocketStream, parts: Sequence[Buffer]) -> None:
     """Every byte of `parts`, in order, with as few `sendmsg` calls as the socket allows;
     a failed socket as httpcore's own `WriteError`, like its `TrioStream.write`."""
@@ -104,9 +94,8 @@ async def send_parts(stream: trio.SocketStream, parts: Sequence[Buffer]) -> None
         while views:
             # At most IOV_MAX buffers per call (Linux refuses more with EMSGSIZE, and sends
             # nothing): a batch of a slow client's tiny reads holds thousands.
-            batch = views[:IOV_MAX]
-            sent = await stream.socket.sendmsg(batch)
-            views = remaining(batch, sent) + views[IOV_MAX:]
+            sent = await stream.socket.sendmsg(views[:IOV_MAX])
+            views = remaining(views, sent)
     except (OSError, trio.ClosedResourceError) as exc:
         raise httpcore.WriteError(str(exc)) from exc
 

@@ -142,9 +142,8 @@ class Locks:
         any other (a final upload's partial uploads) cancels it too, since the block reads
         what they hold (found by a review: a lost partial's lease cancelled a scope no one
         was in, and the store read on while another request had the partial)."""
-        if leases:
-            for other in leases[1:]:
-                other.interrupt = leases[0].interrupt
+        for other in leases[1:]:
+            other.interrupt = leases[0].interrupt
         try:
             async with trio.open_nursery() as nursery:
                 for lease in leases:

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
+from ..buffers import Buffer
 from ..errors import DigestMismatch, InvalidDigestHeader, UnsupportedDigest
-from .spool import Buffer
 
 if TYPE_CHECKING:
     from hashlib import _Hash

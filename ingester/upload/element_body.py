@@ -18,9 +18,10 @@ from typing import Final
 import httpx
 import trio
 
+from ..buffers import Buffer
 from ..storage.vectored import Pieces
 from .compression import Compressor
-from .spool import Buffer, Spool, SpoolCursor
+from .spool import Spool, SpoolCursor
 
 # Largest piece handed to httpx at once. Smaller pieces cost the element CPU: each is a
 # chunked-encoding frame it parses on its own (measured: 256 KiB pieces raised the element's
@@ -260,7 +261,7 @@ class SEUploadBody(httpx.AsyncByteStream):
         else:
             # The batch's original bytes are given back once its last slice is written.
             self._rest, self._last_raw, self._rest_raw = None, self._rest_raw, 0
-        return piece.parts[0] if len(piece.parts) == 1 else piece
+        return piece.simplest()
 
     async def aclose(self) -> None:
         self._stage = 4

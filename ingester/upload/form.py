@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
+from ..buffers import Buffer
 from ..errors import InvalidField, MalformedMultipart, MissingFile
 from ..http.multipart import BodyEnd, MultipartStreamParser, PartData, PartEnd, PartStart
 from .budget import UploadBudget
 from .fields import TRUE_WORDS, UploadOptions, parse_upload_fields
 from .source import BodyReader, FileStart
-from .spool import Buffer
 
 # A text field larger than this is not a form field but an attempt to exhaust memory
 # (metadata's own limit is 64 KiB).

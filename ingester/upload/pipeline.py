@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from .. import logs
+from ..buffers import Buffer
 from ..errors import (
     FileTooLarge,
     IngesterError,
@@ -65,7 +66,7 @@ from .filenames import sanitize_filename
 from .progress import UploadProgress, UploadState
 from .records import FileFacts, Plan, Upload, UploadRequest
 from .source import FileSource
-from .spool import Buffer, Spool
+from .spool import Spool
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -401,7 +402,7 @@ class UploadPipeline:
             facts.original_size += size
             announce()
             # The batch's reads as they are: one frame for the element, never joined.
-            await out_send.send(pieces[0] if len(pieces) == 1 else Pieces(pieces))
+            await out_send.send(Pieces(pieces).simplest())
 
         async with out_send, raw_recv:
             async for batch in raw_recv:

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import trio
 
+from ..buffers import Buffer
 from ..errors import RequestTimeout
 from .budget import UploadBudget
 from .fields import UploadOptions
-from .spool import Buffer
 
 if TYPE_CHECKING:
     from hashlib import _Hash

@@ -36,6 +36,7 @@ from typing import Final
 
 import trio
 
+from ..buffers import IOV_MAX, Buffer, remaining
 from ..errors import ServiceBusy
 from .budget import MemoryBudget
 
@@ -49,10 +50,6 @@ READ_PIECE: Final = 1024 * 1024
 # they are held until their upload ends, and must never starve the readers of uploads in
 # flight (which would then wait for budget that only their own progress frees).
 MEMORY_SHARE: Final = 4
-
-Buffer = bytes | memoryview
-# Buffers one pwritev call takes at most (Linux).
-IOV_MAX: Final = 1024
 
 
 class SpoolBudget:
@@ -307,20 +304,15 @@ class SpoolCursor:
 def write_all(fd: int, pieces: Sequence[Buffer], position: int) -> int:
     """Write every byte of `pieces` to `fd` from `position` on, in as few system calls as the
     kernel allows (blocking: a worker thread's job). Returns the bytes written."""
-    views = [memoryview(p) for p in pieces if len(p)]
+    views = remaining(pieces, 0)
     total = 0
     while views:
         # At most IOV_MAX buffers per call; a short write leaves the rest for the next.
-        batch = views[:IOV_MAX]
-        written = os.pwritev(fd, batch, position + total)
+        written = os.pwritev(fd, views[:IOV_MAX], position + total)
         if written <= 0:
             raise OSError(errno.EIO, "the file system accepted no bytes")
         total += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if written:
-            views[0] = views[0][written:]
+        views = remaining(views, written)
     return total
 
 

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ingester.buffers import Buffer, remaining
 from ingester.errors import StorageElementTimeout, StorageElementUnavailable
 from ingester.storage import vectored
 from ingester.storage.client import StorageElementClient, StoredFile
@@ -92,11 +93,11 @@ async def upload(
 
 def test_remaining_skips_what_was_sent() -> None:
     parts = [b"abc", b"", b"defg", b"h"]
-    assert [bytes(v) for v in vectored.remaining(parts, 0)] == [b"abc", b"defg", b"h"]
-    assert [bytes(v) for v in vectored.remaining(parts, 2)] == [b"c", b"defg", b"h"]
-    assert [bytes(v) for v in vectored.remaining(parts, 3)] == [b"defg", b"h"]
-    assert [bytes(v) for v in vectored.remaining(parts, 6)] == [b"g", b"h"]
-    assert vectored.remaining(parts, 8) == []
+    assert [bytes(v) for v in remaining(parts, 0)] == [b"abc", b"defg", b"h"]
+    assert [bytes(v) for v in remaining(parts, 2)] == [b"c", b"defg", b"h"]
+    assert [bytes(v) for v in remaining(parts, 3)] == [b"defg", b"h"]
+    assert [bytes(v) for v in remaining(parts, 6)] == [b"g", b"h"]
+    assert remaining(parts, 8) == []
 
 
 def test_pieces_split_into_views_and_open_flat() -> None:
@@ -156,7 +157,7 @@ async def test_a_chunked_body_arrives_whole_and_in_order(monkeypatch: pytest.Mon
     frames: list[int] = []
     send_parts = vectored.send_parts
 
-    async def counting(stream: trio.SocketStream, parts: Sequence[vectored.Buffer]) -> None:
+    async def counting(stream: trio.SocketStream, parts: Sequence[Buffer]) -> None:
         frames.append(len(parts))
         await send_parts(stream, parts)
 
