@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from ingester.auth import JwksKeySource, PemKeySource, TokenVerifier, build_verifier
 from ingester.auth.tokens import (
@@ -268,6 +269,14 @@ def jwk(pems: dict[str, bytes], name: str, kid: str | None = None) -> dict[str, 
     return jwk_from_public_pem(public(pems[name]), kid or name)
 
 
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Trio's clock for the test's run, at the real rate so loopback I/O and its timeouts
+    behave as they do in production; `clock.jump` moves past a cache or refetch interval
+    instead of sleeping through it."""
+    return trio.testing.MockClock(rate=1.0)
+
+
 async def test_jwks_kid_cached(pems: dict[str, bytes]) -> None:
     with trio.fail_after(10):
         idp = JwksServer(jwk(pems, "a"), jwk(pems, "b"))
@@ -321,7 +330,9 @@ async def test_jwks_unknown_kid_refetch_is_rate_limited(pems: dict[str, bytes]) 
             assert server.count(JWKS_PATH) == 1
 
 
-async def test_jwks_unknown_kid_triggers_refetch(pems: dict[str, bytes]) -> None:
+async def test_jwks_unknown_kid_triggers_refetch(
+    pems: dict[str, bytes], clock: trio.testing.MockClock
+) -> None:
     with trio.fail_after(10):
         idp = JwksServer(jwk(pems, "a"))
         async with serve_http(idp) as server, httpx.AsyncClient() as http:
@@ -331,7 +342,7 @@ async def test_jwks_unknown_kid_triggers_refetch(pems: dict[str, bytes]) -> None
             verifier = TokenVerifier(source)
             assert await accepts(verifier, make_token(pems["a"], kid="a"))
             idp.keys.append(jwk(pems, "b"))
-            await trio.sleep(0.25)
+            clock.jump(0.25)  # past the refetch limit
             assert (
                 await verifier.verify(make_token(pems["b"], kid="b", sub="new"))
             ).subject == "new"
@@ -342,7 +353,7 @@ async def test_jwks_unknown_kid_triggers_refetch(pems: dict[str, bytes]) -> None
             assert server.count(JWKS_PATH) == 2
 
 
-async def test_jwks_key_rotation(pems: dict[str, bytes]) -> None:
+async def test_jwks_key_rotation(pems: dict[str, bytes], clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
         idp = JwksServer(jwk(pems, "a"))
         async with serve_http(idp) as server, httpx.AsyncClient() as http:
@@ -356,14 +367,16 @@ async def test_jwks_key_rotation(pems: dict[str, bytes]) -> None:
             # The IdP rotates: the old key is withdrawn, the new one published.
             idp.keys = [jwk(pems, "b")]
             assert await accepts(verifier, token_a)  # cached until cache_s runs out
-            await trio.sleep(0.35)
+            clock.jump(0.35)  # past cache_s
             with pytest.raises(Unauthorized, match="no known signing key"):
                 await verifier.verify(token_a)
             assert await accepts(verifier, token_b)
             assert server.count(JWKS_PATH) == 2
 
 
-async def test_jwks_token_without_kid(pems: dict[str, bytes]) -> None:
+async def test_jwks_token_without_kid(
+    pems: dict[str, bytes], clock: trio.testing.MockClock
+) -> None:
     with trio.fail_after(10):
         # Keycloak also publishes an RSA-OAEP encryption key; it must not count.
         encryption_key = {**jwk(pems, "c", "enc-1"), "use": "enc", "alg": "RSA-OAEP"}
@@ -379,7 +392,7 @@ async def test_jwks_token_without_kid(pems: dict[str, bytes]) -> None:
                 await verifier.verify(make_token(pems["c"], kid="enc-1"))
 
             idp.keys.append(jwk(pems, "b"))
-            await trio.sleep(0.15)
+            clock.jump(0.15)  # past the refetch limit
             assert await accepts(verifier, make_token(pems["b"], kid="b"))  # refetched
             with pytest.raises(Unauthorized, match="no 'kid' header"):
                 await verifier.verify(token)
@@ -406,7 +419,9 @@ async def test_jwks_skips_unusable_entries(
         assert len(bad) == 2  # the 1024-bit key and the empty modulus
 
 
-async def test_jwks_outage_keeps_cached_keys(pems: dict[str, bytes]) -> None:
+async def test_jwks_outage_keeps_cached_keys(
+    pems: dict[str, bytes], clock: trio.testing.MockClock
+) -> None:
     with trio.fail_after(10):
         idp = JwksServer(jwk(pems, "a"))
         async with serve_http(idp) as server, httpx.AsyncClient() as http:
@@ -416,7 +431,7 @@ async def test_jwks_outage_keeps_cached_keys(pems: dict[str, bytes]) -> None:
             verifier = TokenVerifier(source)
             assert await accepts(verifier, make_token(pems["a"], kid="a"))
             idp.status = 503
-            await trio.sleep(0.15)
+            clock.jump(0.15)  # past cache_s and the refetch limit
             assert await accepts(verifier, make_token(pems["a"], kid="a"))
             assert server.count(JWKS_PATH) == 2
 
@@ -449,7 +464,9 @@ async def test_jwks_unavailable_is_a_503_not_a_refused_token(
             assert (got.value.status, got.value.code) == (503, "AUTH_UNAVAILABLE")
 
 
-async def test_jwks_refetch_limit_holds_when_callers_hang_up(pems: dict[str, bytes]) -> None:
+async def test_jwks_refetch_limit_holds_when_callers_hang_up(
+    pems: dict[str, bytes], clock: trio.testing.MockClock
+) -> None:
     """Found by a review: a fetch was cut with the request that started it and counted for
     nothing, so each caller that sent an unknown `kid` and hung up started a new fetch. A
     fetch now finishes whoever hung up, and the limit holds."""
@@ -461,7 +478,7 @@ async def test_jwks_refetch_limit_holds_when_callers_hang_up(pems: dict[str, byt
             )
             verifier = TokenVerifier(source)
             assert await accepts(verifier, make_token(pems["a"], kid="a"))
-            await trio.sleep(1.1)  # past the limit: the next unknown kid may fetch once
+            clock.jump(1.1)  # past the limit: the next unknown kid may fetch once
             idp.delay_s = 0.3
             for i in range(10):
                 with trio.move_on_after(0.05):  # the client hangs up mid-fetch
@@ -470,7 +487,7 @@ async def test_jwks_refetch_limit_holds_when_callers_hang_up(pems: dict[str, byt
 
 
 async def test_a_hung_identity_provider_delays_no_token_whose_key_is_known(
-    pems: dict[str, bytes],
+    pems: dict[str, bytes], clock: trio.testing.MockClock
 ) -> None:
     """Found by a review: past `cache_s` every request waited for the refetch, cached tokens
     too, so a hung identity provider cost requests its whole fetch timeout every
@@ -492,9 +509,11 @@ async def test_a_hung_identity_provider_delays_no_token_whose_key_is_known(
                     with trio.fail_after(1):  # never the fetch's 3 s
                         token = make_token(pems["a"], kid="a", sub=f"u{n}")
                         assert (await verifier.verify(token)).subject == f"u{n}"
-                    await trio.sleep(0.1)
+                    clock.jump(0.1)
+                    await trio.testing.wait_all_tasks_blocked()
                 # The stale set was being fetched again, in the background.
                 assert server.count(JWKS_PATH) >= 2
+                clock.jump(3)  # the hung fetch ends at its own timeout, not with the test
                 nursery.cancel_scope.cancel()
 
 
