@@ -429,7 +429,7 @@ def _tus_paths() -> dict[str, Any]:
             "resumable uploads",
             {
                 "201": {
-                    "description": "Created; with a body, its bytes are stored. A creation repeated with its Idempotency-Key: the upload the first one made, as it stands (the repeat's body is not taken)",
+                    "description": "Created; with a body, its bytes are stored. A creation repeated with its Idempotency-Key: the upload the first one made, as it stands; a repeat's body adds the bytes past the upload's offset (those before it are checked against Upload-Checksum only)",
                     "headers": _tus_headers(
                         "Location",
                         "Upload-Offset",

@@ -138,6 +138,8 @@ STREAM_STARTS_KEPT: Final = 10_000
 # How long HEAD waits for a PATCH in progress to let go: a live holder does within about a
 # lock renewal interval and a save.
 HEAD_WAIT_S: Final = 2.0
+# Bytes hashed on the event loop at most; more go to a thread.
+INLINE_HASH_MAX: Final = 256 * 1024
 
 
 def keyed_upload_id(user: str, key: str) -> str:
@@ -347,8 +349,9 @@ class TusService:
     ) -> Answer:
         """A new upload. With `idempotency_key`, its id is the key's (per caller): a
         creation whose answer was lost, sent again, gets the upload the first one made
-        (`Idempotent-Replayed: true`, its offset now; the body of the repeat is not taken),
-        not a second one holding the caller's quota until it expires."""
+        (`Idempotent-Replayed: true`, its offset now, its file once stored), not a second
+        one holding the caller's quota until it expires. A repeat's body adds what the
+        upload lacks of it."""
         if self._draining():
             raise ShuttingDown()
         # The fields are checked now: a bad one fails before any byte is sent.
@@ -385,6 +388,10 @@ class TusService:
                 await self.locks.release(held)
                 raise
             if replay is not None:
+                if with_body and self._takes_rest(replay.upload, content_length):
+                    return await self._create_again(
+                        replay, held, principal, content_length, checksum, body
+                    )
                 await self.locks.release(held)
                 return replay
         now = time.time()
@@ -450,6 +457,47 @@ class TusService:
                 await self.locks.release(lease)
         return Answer(upload, None, location)
 
+    @staticmethod
+    def _takes_rest(upload: TusUpload, content_length: int | None) -> bool:
+        """Whether a repeated creation's body (from byte 0) may hold bytes `upload` lacks."""
+        if upload.phase is not Phase.RECEIVING:
+            return False
+        return content_length is None or content_length > upload.offset
+
+    async def _create_again(
+        self,
+        replay: Answer,
+        lease: Lease,
+        principal: Principal,
+        content_length: int | None,
+        checksum: Checksum | None,
+        body: AsyncIterator[bytes],
+    ) -> Answer:
+        """A repeated creation-with-upload whose first request left the upload short (its
+        connection broke mid-body): the rest of the repeat's body is taken, as a `PATCH` at
+        the upload's offset would take it, so the client's retry loses nothing. The bytes
+        the upload holds are skipped (and checked against `Upload-Checksum`, which covers
+        the whole body)."""
+        held = replay.upload.offset
+        try:
+            self._check_chunk(replay.upload, 0, content_length)
+        except BaseException:
+            await self.locks.release(lease)
+            raise
+        answer = await self._patch_held(
+            replay.upload.id,
+            lease,
+            principal,
+            offset=held,
+            length=None,
+            checksum=checksum,
+            content_length=None if content_length is None else content_length - held,
+            body=body,
+            skip=held,
+        )
+        answer.headers.update(replay.headers)
+        return answer
+
     async def _created_before(
         self,
         upload_id: str,
@@ -483,7 +531,8 @@ class TusService:
             extra={"event": "tus_create_replayed", "upload_id": upload_id},
         )
         headers = {"Location": f"/api/v1/uploads/{upload_id}", "Idempotent-Replayed": "true"}
-        return Answer(existing, None, headers)
+        # A stored upload's answer names its file, as the first one's did.
+        return Answer(existing, existing.result if existing.phase is Phase.DONE else None, headers)
 
     async def _create_final(
         self,
@@ -572,11 +621,38 @@ class TusService:
         upload.declare_length(length)
         self._check_chunk(upload, offset, content_length)
         lease = await self.locks.acquire(upload.id, ask=True)
+        return await self._patch_held(
+            upload.id,
+            lease,
+            principal,
+            offset=offset,
+            length=length,
+            checksum=checksum,
+            content_length=content_length,
+            body=body,
+        )
+
+    async def _patch_held(
+        self,
+        upload_id: str,
+        lease: Lease,
+        principal: Principal,
+        *,
+        offset: int,
+        length: int | None,
+        checksum: Checksum | None,
+        content_length: int | None,
+        body: AsyncIterator[bytes],
+        skip: int = 0,
+    ) -> Answer:
+        """A PATCH at `offset` under `lease` (released here, or handed to the completion).
+        `skip`: the body's first bytes, which the upload holds already (a repeated
+        creation's body starts at 0); `content_length` counts the rest."""
         handed_over = False
         try:
-            fresh = await self.store.get(upload.id)
+            fresh = await self.store.get(upload_id)
             if fresh is None:
-                raise UploadNotFound(f"no upload {upload.id} is known here")
+                raise UploadNotFound(f"no upload {upload_id} is known here")
             upload = fresh
             if self._is_final_retry(upload, offset, content_length):
                 await self.locks.release(lease)
@@ -592,7 +668,14 @@ class TusService:
             stream = self._stream_for(upload, principal)
             try:
                 await self._receive(
-                    upload, lease, body, content_length, checksum, stream, declaring=declaring
+                    upload,
+                    lease,
+                    body,
+                    content_length,
+                    checksum,
+                    stream,
+                    declaring=declaring,
+                    skip=skip,
                 )
             except IngesterError:
                 raise
@@ -707,12 +790,14 @@ class TusService:
         stream: LiveStream | None = None,
         *,
         declaring: bool = False,
+        skip: int = 0,
     ) -> None:
         """Store the request body at the upload's offset, saving as it goes and at the end,
         whatever the end is: the body's end, a let-go request, the client gone (then this
         raises `Cancelled` once saved), an idle timeout, a full spool. Raises the error that
-        ended it after saving, with the new offset in its headers."""
-        receiver = _Receiver(self, upload, lease, checksum, declaring=declaring)
+        ended it after saving, with the new offset in its headers. The body's first `skip`
+        bytes are only hashed for `Upload-Checksum`."""
+        receiver = _Receiver(self, upload, lease, checksum, declaring=declaring, skip=skip)
         receiver.writer = await self.data.open_at(upload.id, upload.offset)
         receiver.stream = stream
         error: IngesterError | None = None
@@ -1283,12 +1368,15 @@ class _Receiver:
         checksum: Checksum | None,
         *,
         declaring: bool = False,
+        skip: int = 0,
     ) -> None:
         self.tus = tus
         self.upload = upload
         self.lease = lease
         self.checksum = checksum
         self.hasher: _Hash | None = checksum.hasher() if checksum else None
+        # The body's first bytes, which the upload holds already: hashed, not kept.
+        self.skip = skip
         self.writer: DataWriter | None = None
         self.budget = UploadBudget(tus.memory)
         self.pending: list[bytes] = []
@@ -1320,6 +1408,10 @@ class _Receiver:
                 except StopAsyncIteration:
                     break
                 idle.deadline = math.inf
+                if self.skip:
+                    chunk = await self._skipped(chunk)
+                    if not chunk:
+                        continue
                 await self._take_checked(chunk, room)
         if idle.cancelled_caught:
             raise RequestTimeout(f"no data from the client for {idle_s:g} s")
@@ -1335,6 +1427,10 @@ class _Receiver:
             return
         room = self.upload.room(self.tus.max_size)
         for chunk in chunks:
+            if self.skip:
+                head = min(self.skip, len(chunk))
+                self.skip -= head
+                chunk = chunk[head:]
             if self.received + len(chunk) > room:
                 return
             try:
@@ -1345,6 +1441,18 @@ class _Receiver:
             self.pending.append(chunk)
             self.pending_size += len(chunk)
             self.received += len(chunk)
+
+    async def _skipped(self, chunk: bytes) -> bytes:
+        """What of `chunk` is past the bytes to skip, which are hashed (in a thread when
+        large, as the written bytes are)."""
+        head = chunk[: self.skip]
+        self.skip -= len(head)
+        if self.hasher is not None:
+            if len(head) >= INLINE_HASH_MAX:
+                await trio.to_thread.run_sync(self.hasher.update, head)
+            else:
+                self.hasher.update(head)
+        return chunk[len(head) :]
 
     async def _take_checked(self, chunk: bytes, room: int) -> None:
         if self.received + len(chunk) > room:
