@@ -1,9 +1,15 @@
 """A push parser for `multipart/form-data` that turns bytes into part events. No I/O.
 
-python-multipart does the byte scanning (measured at 3-4 GB/s); this layer turns its
-callbacks into a short list of events per `feed()`, parses each part's headers, bounds
-what an attacker can make us hold (header size and count, number of parts, size of the
-non-file fields) and maps the library's errors onto `MalformedMultipart`.
+python-multipart parses; this layer turns its callbacks into a short list of events per
+`feed()`, parses each part's headers, bounds what an attacker can make us hold (header size
+and count, number of parts, size of the non-file fields) and maps the library's errors
+onto `MalformedMultipart`.
+
+Inside a part's data, the bytes that cannot start a delimiter skip the library: a read
+with no delimiter in it (`search.find`, glibc's `memmem`: a third of the CPU of the
+library's `bytes.find`) and no partial one at its end is part data as it is, with no
+copy. The library then sees only the rest of the read, from the delimiter (or from the
+partial one at its end), in the state it left: inside the part's data, nothing pending.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from ..errors import MalformedMultipart, UnsupportedMediaType
+from .search import find
 
 # A form with more parts than this is not an upload form but an attempt to exhaust us.
 MAX_PARTS: Final = 64
@@ -99,13 +106,39 @@ class MultipartStreamParser:
         if self._ended:
             # Bytes after the closing boundary are an epilogue, which RFC 2046 says to ignore.
             return []
+        plain = self._plain_data(data)
+        if plain:
+            self._data.append(data if plain == len(data) else memoryview(data)[:plain])
+            data = data[plain:]
         try:
-            self._parser.write(data)
+            if data:
+                self._parser.write(data)
         except MultipartParseError as exc:
             raise MalformedMultipart(f"malformed multipart body: {exc}") from None
         self._flush_data()
         events, self._events = self._events, []
         return events
+
+    def _plain_data(self, data: bytes) -> int:
+        """How many of `data`'s first bytes are part data the library need not see: 0
+        unless it is inside a part's data with no partial delimiter pending."""
+        parser = self._parser
+        if (
+            parser.state != MultipartState.PART_DATA
+            or parser.index != 0
+            or parser.marks.get("part_data") != 0
+        ):
+            return 0
+        delimiter = parser.boundary  # CRLF, "--", the boundary
+        at = find(data, delimiter)
+        if at != -1:
+            return at
+        # A delimiter that the next read completes starts with the last CR of the tail
+        # (a boundary holds no CR), if with any.
+        tail = data.rfind(b"\r", max(0, len(data) - len(delimiter) + 1))
+        if tail != -1 and delimiter.startswith(data[tail:]):
+            return tail
+        return len(data)
 
     def close(self) -> None:
         """The body ended; raise unless the closing boundary was seen."""

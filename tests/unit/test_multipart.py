@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from ingester.errors import MalformedMultipart, UnsupportedMediaType
 from ingester.http.multipart import (
@@ -15,6 +17,7 @@ from ingester.http.multipart import (
     PartStart,
     parse_boundary,
 )
+from ingester.http.search import find
 
 BOUNDARY = b"XyZ"
 
@@ -132,3 +135,71 @@ def test_boundary_errors(header: str | None, error: type[Exception]) -> None:
 
 def test_boundary_quoted_and_case_insensitive_type() -> None:
     assert parse_boundary('Multipart/Form-Data; boundary="a b"') == b"a b"
+
+
+# Bytes a file part's data is made of: mostly plain, with every near-miss of the delimiter
+# ("\r\n--XyZ") a read could end in or hold.
+_PIECES = st.sampled_from(
+    [b"\r", b"\n", b"\r\n", b"-", b"--", b"\r\n-", b"\r\n--", b"\r\n--X", b"\r\n--Xy", b"X", b"Z"]
+)
+_DATA = st.lists(st.one_of(st.binary(max_size=40), _PIECES), max_size=60).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    file_data=_DATA,
+    field=_DATA,
+    cuts=st.lists(st.integers(min_value=1, max_value=400), min_size=1, max_size=40),
+)
+def test_file_data_that_skips_the_library_parses_as_it_does(
+    file_data: bytes, field: bytes, cuts: list[int]
+) -> None:
+    """Reads inside a part's data skip python-multipart up to where a delimiter could start
+    (`_plain_data`); the events are those of any other split, whatever near-misses of the
+    delimiter the data holds and wherever the reads end."""
+    # Not a delimiter itself (it would end the part there).
+    assume(b"\r\n--XyZ" not in file_data + field)
+    data = form(("file", file_data, "f.bin"), ("after", field, None))
+    parser = MultipartStreamParser(BOUNDARY)
+    events: list[Event] = []
+    at = 0
+    for cut in cuts * (len(data) // sum(cuts) + 1):
+        if at >= len(data):
+            break
+        events += parser.feed(data[at : at + cut])
+        at += cut
+    parser.close()
+    assert summarize(events) == [
+        ("start", ("file", "f.bin", "text/plain")),
+        *([("data", file_data)] if file_data else []),
+        ("end", None),
+        ("start", ("after", None, None)),
+        *([("data", field)] if field else []),
+        ("end", None),
+        ("body_end", None),
+    ]
+
+
+def test_a_read_without_a_delimiter_is_part_data_as_it_is() -> None:
+    """The common read of a large file: one event holding the very bytes fed (no copy)."""
+    parser = MultipartStreamParser(BOUNDARY)
+    parser.feed(b'--XyZ\r\nContent-Disposition: form-data; name="f"; filename="x"\r\n\r\n')
+    read = b"a" * 1000 + b"\r\n--Xy" + b"b" * 1000
+    (event,) = parser.feed(read)
+    assert isinstance(event, PartData)
+    assert event.data is read
+    # A read that ends in what may be a delimiter's start keeps it back for the next one.
+    (event,) = parser.feed(b"c" * 100 + b"\r\n--X")
+    assert isinstance(event, PartData)
+    assert bytes(event.data) == b"c" * 100
+    assert summarize(parser.feed(b"yZ--\r\n")) == [
+        ("end", None),
+        ("body_end", None),
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(haystack=st.binary(max_size=300), needle=st.binary(min_size=1, max_size=8))
+def test_find_is_bytes_find(haystack: bytes, needle: bytes) -> None:
+    assert find(haystack, needle) == haystack.find(needle)
+    assert find(haystack + needle, needle) == (haystack + needle).find(needle)
