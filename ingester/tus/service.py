@@ -379,9 +379,11 @@ class TusService:
         if idempotency_key is not None:
             upload_id = keyed_upload_id(principal.subject, idempotency_key)
             # The id is known beforehand, so its lock is held from before the look: a
-            # repeat sent at the same time waits for this creation (or gets 423 and
-            # retries), and nothing acts on the id while it is being made.
-            held = await self.locks.acquire(upload_id, ask=False)
+            # repeat sent at the same time waits for this creation, and nothing acts on the
+            # id while it is being made. A repeat asks the first to let go, as a new PATCH
+            # asks a stalled one: its client sent it again because it gave up on the
+            # first, whose body may have stopped mid-way (it then saves what it got).
+            held = await self.locks.acquire(upload_id, ask=True)
             try:
                 replay = await self._created_before(upload_id, length, metadata, concat_header)
             except BaseException:

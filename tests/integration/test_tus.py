@@ -328,6 +328,48 @@ async def test_a_repeated_creation_with_upload_takes_the_rest_of_its_body(
             assert sha256(await download(http, stack, result)) == sha256(data)
 
 
+async def test_a_repeated_creation_makes_its_stalled_first_let_go(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """A creation-with-upload whose connection went quiet, sent again whole with its key:
+    the first request saves what it got and lets go (as a stalled PATCH does for a new
+    one), and the repeat stores the rest at once, not after the first's idle timeout."""
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            tus = Tus(http, stack.url, token())
+            data = b"".join(random_chunks(2 * MIB, seed=12))
+            host, port = stack.url.split("//")[1].split(":")
+            stalled = await trio.open_tcp_stream(host, int(port))
+            key = "stalled-then-again"
+            try:
+                await stalled.send_all(
+                    (
+                        f"POST {BASE} HTTP/1.1\r\nHost: {host}\r\n"
+                        f"Authorization: Bearer {token()}\r\nTus-Resumable: 1.0.0\r\n"
+                        f"Upload-Length: {len(data)}\r\nIdempotency-Key: {key}\r\n"
+                        f"Content-Type: {OFFSET_STREAM}\r\nContent-Length: {len(data)}\r\n\r\n"
+                    ).encode()
+                    + data[:300_000]
+                )
+                await trio.sleep(0.5)  # read by the server, not saved yet: the creation is open
+                started = trio.current_time()
+                again = await tus.create(len(data), data=data, headers={"Idempotency-Key": key})
+                # Well within the 2 s client idle timeout that would end the first anyway.
+                assert trio.current_time() - started < 1.5
+                assert again.status_code == 201, again.text
+                assert again.headers["Idempotent-Replayed"] == "true"
+                assert again.headers["Upload-Offset"] == str(len(data))
+                # The first got its answer: the upload, with what it saved.
+                answer = await stalled.receive_some(4096)
+                assert answer.startswith(b"HTTP/1.1 201"), answer
+                assert b"upload-offset: 300000" in answer.lower()
+            finally:
+                await stalled.aclose()
+            result = (await tus.state(tus.url(again.headers["Location"]))).json()["result"]
+            assert again.headers["Upload-File-Id"] == result["file_id"]
+            assert sha256(await download(http, stack, result)) == sha256(data)
+
+
 async def test_patch_at_a_wrong_offset_is_409_and_changes_nothing(
     stack: Stack, token: TokenFactory
 ) -> None:
