@@ -253,10 +253,7 @@ class Spool:
 
     async def _read(self, position: int, end: int) -> Buffer:
         if not self._in_file:
-            index = bisect.bisect_right(self._starts, position) - 1
-            offset = position - self._starts[index]
-            size = min(READ_PIECE, end - position)
-            return memoryview(self._pieces[index])[offset : offset + size]
+            return self._read_memory(position, min(end, position + READ_PIECE))
         # Committed bytes are all in the file once the spool is on disk.
         assert self._fd is not None
         piece: bytes = await trio.to_thread.run_sync(
@@ -265,6 +262,20 @@ class Spool:
         if not piece:
             raise RuntimeError("the spool file is shorter than its committed size")
         return piece
+
+    def _read_memory(self, position: int, end: int) -> Buffer:
+        """The bytes from `position` to `end` of the copy in memory: a view of the piece
+        that holds them, or, spread over several (a slow client's small reads), one buffer
+        of them all, so a replay sends one frame per READ_PIECE, not one per read."""
+        index = bisect.bisect_right(self._starts, position) - 1
+        views: list[memoryview] = []
+        while position < end:
+            offset = position - self._starts[index]
+            view = memoryview(self._pieces[index])[offset : offset + end - position]
+            views.append(view)
+            position += len(view)
+            index += 1
+        return views[0] if len(views) == 1 else b"".join(views)
 
     async def discard(self) -> None:
         """Remove the copy; safe to call twice and from cancelled code (it shields itself)."""

@@ -64,6 +64,24 @@ async def test_a_small_copy_stays_in_memory(tmp_path: Path) -> None:
         await spool.discard()
 
 
+async def test_a_copy_of_many_small_reads_replays_in_few_pieces(tmp_path: Path) -> None:
+    """A slow client's upload is many small reads: a replay from memory sends them as a few
+    pieces of up to READ_PIECE (each piece is a frame the element parses), not one per
+    read."""
+    with trio.fail_after(10):
+        spool = make(tmp_path, memory_limit=READ_PIECE + 10 * KIB)
+        reads = [os.urandom(100) for _ in range(READ_PIECE // 100 + 50)]
+        for read in reads:
+            assert not await append(spool, read)
+        cursor = spool.cursor(150, spool.size)
+        pieces = []
+        while (piece := await cursor.next()) is not None:
+            pieces.append(bytes(piece))
+        assert [len(p) for p in pieces] == [READ_PIECE, spool.size - 150 - READ_PIECE]
+        assert b"".join(pieces) == b"".join(reads)[150:]
+        await spool.discard()
+
+
 async def test_past_the_limit_everything_moves_to_one_file_once(tmp_path: Path) -> None:
     with trio.fail_after(10):
         memory = MemoryBudget(64 * KIB * KIB)
@@ -99,13 +117,13 @@ async def test_past_the_limit_everything_moves_to_one_file_once(tmp_path: Path) 
 
 async def test_a_cursor_goes_on_across_the_move_to_disk(tmp_path: Path) -> None:
     with trio.fail_after(10):
-        spool = make(tmp_path, memory_limit=8)
-        await append(spool, b"aaaa")
+        spool = make(tmp_path, memory_limit=READ_PIECE + 4)
+        await append(spool, b"a" * READ_PIECE)
         await append(spool, b"bbbb")
-        cursor = spool.cursor(0, 8)
+        cursor = spool.cursor(0, READ_PIECE + 4)
         first = await cursor.next()
         assert first is not None
-        assert bytes(first) == b"aaaa"
+        assert bytes(first) == b"a" * READ_PIECE
         assert await append(spool, b"cccc")
         rest = await cursor.next()
         assert rest is not None
