@@ -124,7 +124,8 @@ class MultipartStreamParser:
         unless it is inside a part's data with no partial delimiter pending."""
         parser = self._parser
         if (
-            parser.state != MultipartState.PART_DATA
+            not isinstance(data, bytes)  # `find` takes bytes; the library any buffer
+            or parser.state != MultipartState.PART_DATA
             or parser.index != 0
             or parser.marks.get("part_data") != 0
         ):

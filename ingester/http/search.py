@@ -10,16 +10,15 @@ to `memmem` through ctypes (about 1 µs a call, once per socket read), and falls
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 from typing import Final
 
 
 def _libc_memmem() -> Callable[[bytes, int, bytes, int], int | None] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        memmem = libc.memmem
-    except (OSError, AttributeError):  # pragma: no cover - a C library without memmem
+        # The process's own symbols, the C library's among them (no `ldconfig` run).
+        memmem = ctypes.CDLL(None).memmem
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - no memmem here
         return None
     memmem.restype = ctypes.c_void_p
     memmem.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t]
@@ -30,7 +29,8 @@ _MEMMEM: Final = _libc_memmem()
 
 
 def find(haystack: bytes, needle: bytes) -> int:
-    """The first index of `needle` in `haystack`, or -1: `haystack.find(needle)`."""
+    """The first index of `needle` in `haystack`, or -1: `haystack.find(needle)`. Both must
+    be `bytes` (ctypes passes a `bytes` object's own buffer; it refuses other buffers)."""
     if _MEMMEM is None or not needle:  # pragma: no cover - see _libc_memmem
         return haystack.find(needle)
     # A bytes object is passed as a pointer to its own buffer: nothing is copied.

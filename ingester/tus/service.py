@@ -380,10 +380,10 @@ class TusService:
             upload_id = keyed_upload_id(principal.subject, idempotency_key)
             # The id is known beforehand, so its lock is held from before the look: a
             # repeat sent at the same time waits for this creation, and nothing acts on the
-            # id while it is being made. A repeat asks the first to let go, as a new PATCH
-            # asks a stalled one: its client sent it again because it gave up on the
-            # first, whose body may have stopped mid-way (it then saves what it got).
-            held = await self.locks.acquire(upload_id, ask=True)
+            # id while it is being made. A repeat with a body asks the first to let go, as
+            # a new PATCH asks a stalled one: its client sent it again because it gave up
+            # on the first, whose body may have stopped mid-way (it then saves what it got).
+            held = await self.locks.acquire(upload_id, ask=with_body)
             try:
                 replay = await self._created_before(upload_id, length, metadata, concat_header)
             except BaseException:
@@ -479,24 +479,24 @@ class TusService:
         connection broke mid-body): the rest of the repeat's body is taken, as a `PATCH` at
         the upload's offset would take it, so the client's retry loses nothing. The bytes
         the upload holds are skipped (and checked against `Upload-Checksum`, which covers
-        the whole body)."""
+        the whole body); what is refused before a byte is read is the rest's (the spool
+        holds the skipped bytes already). An error, too, names the upload (`Location`)."""
         held = replay.upload.offset
         try:
-            self._check_chunk(replay.upload, 0, content_length)
-        except BaseException:
-            await self.locks.release(lease)
+            answer = await self._patch_held(
+                replay.upload.id,
+                lease,
+                principal,
+                offset=held,
+                length=None,
+                checksum=checksum,
+                content_length=None if content_length is None else content_length - held,
+                body=body,
+                skip=held,
+            )
+        except IngesterError as error:
+            error.headers.update(replay.headers)
             raise
-        answer = await self._patch_held(
-            replay.upload.id,
-            lease,
-            principal,
-            offset=held,
-            length=None,
-            checksum=checksum,
-            content_length=None if content_length is None else content_length - held,
-            body=body,
-            skip=held,
-        )
         answer.headers.update(replay.headers)
         return answer
 
