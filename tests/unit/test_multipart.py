@@ -212,3 +212,49 @@ def test_a_read_that_is_not_bytes_goes_to_the_library() -> None:
     parser.feed(b'--XyZ\r\nContent-Disposition: form-data; name="f"\r\n\r\n')
     events = parser.feed(bytearray(b"abc\r\n--XyZ--\r\n"))  # type: ignore[arg-type]
     assert summarize(events) == [("data", b"abc"), ("end", None), ("body_end", None)]
+
+
+def _events_or_error(data: bytes, cuts: list[int], boundary: bytes, fast: bool) -> object:
+    parser = MultipartStreamParser(boundary)
+    if not fast:
+        parser._plain_data = lambda data: 0  # type: ignore[method-assign]
+    events: list[Event] = []
+    at = 0
+    try:
+        for cut in cuts * (len(data) // sum(cuts) + 1):
+            if at >= len(data):
+                break
+            events += parser.feed(data[at : at + cut])
+            at += cut
+        parser.close()
+    except MalformedMultipart as exc:
+        return ("error", str(exc))
+    return summarize(events)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    boundary=st.text("0123456789abcXYZ'()+_,-./:=? ", min_size=1, max_size=20).filter(
+        lambda b: not b.endswith(" ")
+    ),
+    values=st.lists(_DATA, min_size=1, max_size=3),
+    padding=st.lists(st.sampled_from([b"", b" ", b"\t", b" \t "]), min_size=4, max_size=4),
+    epilogue=st.sampled_from([b"", b"\r\n", b"trailing words\r\n"]),
+    cuts=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=20),
+)
+def test_skipping_the_library_changes_no_event_or_error(
+    boundary: str, values: list[bytes], padding: list[bytes], epilogue: bytes, cuts: list[int]
+) -> None:
+    """Differential: the same bytes and reads, with and without the skip, give the same
+    events (or the same refusal), whatever the boundary's characters, the transport padding
+    after each delimiter (RFC 2046), near-misses in the data and an epilogue."""
+    raw = boundary.encode()
+    body = b""
+    for i, value in enumerate(values):
+        body += b"--" + raw + padding[i % 4] + b"\r\n"
+        body += b'Content-Disposition: form-data; name="p%d"; filename="f"\r\n\r\n' % i
+        body += value + b"\r\n"
+    body += b"--" + raw + b"--" + padding[3] + b"\r\n" + epilogue
+    assert _events_or_error(body, cuts, raw, fast=True) == _events_or_error(
+        body, cuts, raw, fast=False
+    )
