@@ -145,6 +145,19 @@ _PIECES = st.sampled_from(
 _DATA = st.lists(st.one_of(st.binary(max_size=40), _PIECES), max_size=60).map(b"".join)
 
 
+def feed_in_reads(parser: MultipartStreamParser, data: bytes, cuts: list[int]) -> list[Event]:
+    """`data` fed in reads of the sizes `cuts` gives, in turn and again, then closed."""
+    events: list[Event] = []
+    at = 0
+    for cut in cuts * (len(data) // sum(cuts) + 1):
+        if at >= len(data):
+            break
+        events += parser.feed(data[at : at + cut])
+        at += cut
+    parser.close()
+    return events
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     file_data=_DATA,
@@ -161,14 +174,7 @@ def test_file_data_that_skips_the_library_parses_as_it_does(
     assume(b"\r\n--XyZ" not in file_data + field)
     data = form(("file", file_data, "f.bin"), ("after", field, None))
     parser = MultipartStreamParser(BOUNDARY)
-    events: list[Event] = []
-    at = 0
-    for cut in cuts * (len(data) // sum(cuts) + 1):
-        if at >= len(data):
-            break
-        events += parser.feed(data[at : at + cut])
-        at += cut
-    parser.close()
+    events = feed_in_reads(parser, data, cuts)
     assert summarize(events) == [
         ("start", ("file", "f.bin", "text/plain")),
         *([("data", file_data)] if file_data else []),
@@ -218,18 +224,10 @@ def _events_or_error(data: bytes, cuts: list[int], boundary: bytes, fast: bool) 
     parser = MultipartStreamParser(boundary)
     if not fast:
         parser._plain_data = lambda data: 0  # type: ignore[method-assign]
-    events: list[Event] = []
-    at = 0
     try:
-        for cut in cuts * (len(data) // sum(cuts) + 1):
-            if at >= len(data):
-                break
-            events += parser.feed(data[at : at + cut])
-            at += cut
-        parser.close()
+        return summarize(feed_in_reads(parser, data, cuts))
     except MalformedMultipart as exc:
         return ("error", str(exc))
-    return summarize(events)
 
 
 @settings(max_examples=300, deadline=None)
