@@ -1326,15 +1326,37 @@ class TusService:
                 await self.locks.release(lease)
         total = 0
         for upload_id, size, mtime in await self.data.scan():
-            if now - mtime >= ORPHAN_GRACE_S and await self.store.get(upload_id) is None:
-                # Not kept for reuse: no lock says nobody writes to it.
-                await self.data.remove(upload_id, reuse=False)
-                log.info("orphaned data file removed", extra={"event": "tus_orphan"})
-                continue
+            if now - mtime >= ORPHAN_GRACE_S:
+                state = await self.store.get(upload_id)
+                if state is None:
+                    # Not kept for reuse: no lock says nobody writes to it.
+                    await self.data.remove(upload_id, reuse=False)
+                    log.info("orphaned data file removed", extra={"event": "tus_orphan"})
+                    continue
+                if state.phase is Phase.DONE and await self._forget_stored(state):
+                    continue
             total += size
         self._true_up(total)
         await self.data.trim_idle()
         return removed
+
+    async def _forget_stored(self, upload: TusUpload) -> bool:
+        """A stored upload's data file, and its place in its owner's quota, which its
+        completion did not give up (the process died between the two): both go now, not
+        when the state's retention ends. False when someone holds the upload."""
+        lease = await self.locks.try_acquire(upload.id)
+        if lease is None:
+            return False
+        try:
+            await self.data.remove(upload.id)
+            await self._unreserve(upload)
+        finally:
+            await self.locks.release(lease)
+        log.info(
+            "a stored upload's data file removed",
+            extra={"event": "tus_stored_data_removed", "upload_id": upload.id},
+        )
+        return True
 
     # --- spool accounting ------------------------------------------------------------------
 

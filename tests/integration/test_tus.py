@@ -8,9 +8,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import socket
 import struct
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
@@ -1317,3 +1319,48 @@ async def test_the_next_upload_takes_over_a_finished_uploads_data_file(
             await tus.upload(url, second, MIB)
             result = (await tus.state(url)).json()["result"]
             assert sha256(await download(http, stack, result)) == sha256(second)
+
+
+async def test_the_janitor_removes_a_stored_uploads_leftover_data_and_orphans(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """A process that dies between storing an upload and removing its data file leaves the
+    file beside a `done` state, which lives on for its retention: the janitor removes such
+    a file once it is past the orphans' grace, as it does a file with no state at all, and
+    leaves a recent one (its completion may still be removing it)."""
+    sweeping = await trio.to_thread.run_sync(
+        lambda: stack.start_ingester("janitor", INGESTER_TUS_JANITOR_INTERVAL_S="0.2")
+    )
+    try:
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False) as http:
+                tus = Tus(http, sweeping.url, token())
+                stored = []
+                for _ in range(2):
+                    url = await tus.new(10, metadata={"filename": "a.txt"})
+                    assert (await tus.patch(url, 0, b"0123456789")).status_code == 204
+                    stored.append(url)
+                old, recent = (data_file(stack, url, "janitor") for url in stored)
+                orphan = old.parent / ("f" * 32)
+                past = time.time() - 400  # beyond the orphans' 300 s grace
+                for path in (old, recent, orphan):
+                    path.write_bytes(b"left over")
+                for path in (old, orphan):
+                    os.utime(path, (past, past))
+
+                def swept() -> bool:
+                    lines = sweeping.log_lines()
+                    return any(
+                        '"event": "tus_stored_data_removed"' in line and old.name in line
+                        for line in lines
+                    ) and any('"event": "tus_orphan"' in line for line in lines)
+
+                await eventually(swept, timeout_s=10)
+                assert not old.exists()
+                assert not orphan.exists()
+                assert recent.exists()
+                # The stored uploads answer as before.
+                for url in stored:
+                    assert (await tus.state(url)).json()["result"]["file_id"]
+    finally:
+        sweeping.terminate()
