@@ -36,7 +36,6 @@ from ..errors import (
     AdminRefused,
     AdminRegistrationFailed,
     IngesterError,
-    IntegrityError,
     InvalidField,
     NoStorageAvailable,
     ShuttingDown,
@@ -67,6 +66,7 @@ from .errors import (
     Interrupted,
     SourceChecksumMismatch,
     SourceUnavailable,
+    TargetChecksumMismatch,
 )
 from .record import SourceFile, Transaction, TxState, iso
 from .store import FinalizeStore, StoreUnavailable
@@ -650,7 +650,20 @@ class Finalizer:
                         else:
                             await self._save(tx)  # never reached: out of the record
                         continue
-                    pool.note_success(element.id)
+                    mismatch: TargetChecksumMismatch | None = None
+                    if sha256 == tx.file.checksum and (
+                        stored.checksum != sha256 or stored.file_size != tx.file.file_size
+                    ):
+                        # The bytes sent were the file's: the element kept others.
+                        mismatch = TargetChecksumMismatch(
+                            f"{element.id} reports sha256 {stored.checksum} and "
+                            f"{stored.file_size} bytes; we sent {sha256} and "
+                            f"{tx.file.file_size} bytes",
+                            element_id=element.id,
+                        )
+                        pool.note_failure(element.id, mismatch)
+                    else:
+                        pool.note_success(element.id)
                     reported = True
                 finally:
                     if took_trial and not reported:
@@ -661,14 +674,10 @@ class Finalizer:
                         f"read sha256 {sha256} from {tx.source.element_id}, "
                         f"which reports {tx.file.checksum}"
                     )
-                if stored.checksum != sha256 or stored.file_size != tx.file.file_size:
-                    failures.append(
-                        IntegrityError(
-                            f"{element.id} reports sha256 {stored.checksum} and "
-                            f"{stored.file_size} bytes; we sent {sha256} and "
-                            f"{tx.file.file_size} bytes"
-                        )
-                    )
+                if mismatch is not None:
+                    failures.append(mismatch)
+                    self.m_failovers.labels(element.id).inc()
+                    _log(tx, logging.WARNING, f"copy to {element.id} failed: {mismatch.message}")
                     await self._remove_target(tx, copy)
                     continue
                 # It answered: nothing more of this copy can land later.

@@ -31,7 +31,7 @@ from ingester.finalize.record import SourceFile, Transaction, TxState
 from ingester.finalize.store import MemoryFinalizeStore
 from ingester.metrics import Metrics
 from ingester.ownership import MemoryOwnershipStore, Ownership
-from ingester.resilience.breaker import BreakerBoard, BreakerPolicy
+from ingester.resilience.breaker import BreakerBoard, BreakerPolicy, BreakerState
 from ingester.resilience.retry import RetryPolicy
 from ingester.saga.record import Copy
 from ingester.settings import SEMode, Settings
@@ -68,6 +68,8 @@ class Element:
     upload_answers: list[int] = field(default_factory=list)
     # Store the next uploads, then reset the connection instead of answering, one each.
     lost_answers: int = 0
+    # Store the next uploads with their last byte changed (and report that), one each.
+    corrupts: int = 0
     uploads: int = 0
     # Removals (`DELETE /api/v1/gc/{id}`) to carry out late: the element answers only
     # after the caller gave up, and removes the file `late_removal_s` after the request.
@@ -182,6 +184,9 @@ class World(httpx.AsyncBaseTransport):
             element.lost_answers -= 1
             element.files[file_id] = data
             raise httpx.ReadError("connection reset by peer", request=request)
+        if element.corrupts:
+            element.corrupts -= 1
+            data = data[:-1] + bytes([data[-1] ^ 1])
         element.files[file_id] = data
         element.meta[file_id] = {
             "file_id": file_id,
@@ -573,6 +578,25 @@ async def test_a_half_open_trial_the_copy_took_goes_back(
     preferred = mover.pool.next_element(SEMode.RW, len(DATA), [])
     assert preferred is not None
     assert preferred.id == "rw-a"
+
+
+async def test_a_target_that_keeps_other_bytes_counts_against_its_breaker(
+    world: World, mover_of: Callable[..., Mover], clock: trio.testing.MockClock
+) -> None:
+    """rw-a stores the copy with a byte changed and says so in its sha256: its copy is
+    removed and the move goes on to rw-b, as before. It used to count as a success for
+    rw-a's breaker; an element that keeps other bytes than it is sent is failing, and now
+    counts so (this world's breakers open at one failure)."""
+    world["rw-a"].corrupts = 1
+    mover = mover_of()
+    with trio.fail_after(600):
+        tx = await mover.move()
+    assert (tx.state, tx.target) == (TxState.DONE, Copy("rw-b", "http://rw-b"))
+    assert world.holding() == {"rw-b": SHA256}
+    assert world["rw-a"].uploads == 1
+    # Opened by the failure (half-open by now: the move outlived its open time); a success
+    # would have kept it closed.
+    assert mover.board.breaker("rw-a").state(trio.current_time()) is not BreakerState.CLOSED
 
 
 # --- the commit ---------------------------------------------------------------------------
