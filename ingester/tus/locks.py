@@ -49,6 +49,9 @@ class Lease:
     lost: bool = False
     # Cancelled when the holder must stop what it is doing: asked to let go, or lock lost.
     interrupt: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # (trio time) Before the store last set or renewed the lock: its time to live runs
+    # from no earlier than this.
+    confirmed_at: float = field(default_factory=trio.current_time)
 
 
 class Locks:
@@ -60,8 +63,9 @@ class Locks:
 
     async def try_acquire(self, upload_id: str) -> Lease | None:
         token = secrets.token_hex(16)
+        asked_at = trio.current_time()
         if await self._try_lock(upload_id, token):
-            return Lease(upload_id, token)
+            return Lease(upload_id, token, confirmed_at=asked_at)
         return None
 
     async def _try_lock(self, upload_id: str, token: str) -> bool:
@@ -88,8 +92,9 @@ class Locks:
         deadline = trio.current_time() + (self.wait_s if wait_s is None else wait_s)
         next_ask = 0.0
         while True:
+            asked_at = trio.current_time()
             if await self._try_lock(upload_id, token):
-                return Lease(upload_id, token)
+                return Lease(upload_id, token, confirmed_at=asked_at)
             now = trio.current_time()
             if now >= deadline:
                 raise UploadLocked(
@@ -104,15 +109,18 @@ class Locks:
     async def keep(self, lease: Lease) -> None:
         """Renew `lease` until cancelled. When asked to let go (and the lease honours it), or
         when the lock is lost (a renewal failed for half its time to live), cancel
-        `lease.interrupt`."""
-        last_ok = trio.current_time()
+        `lease.interrupt`. The half of the time to live a failing store is given counts from
+        the lock's last confirmation (its acquisition, the first time), not from the start
+        of the keep: a lease kept only once its request reaches the body was taken earlier,
+        and its lock runs out as early."""
         while True:
             await trio.sleep(KEEP_INTERVAL_S)
+            asked_at = trio.current_time()
             try:
                 with trio.fail_after(self.ttl_s / 2):
                     state = await self.store.keep(lease.upload_id, lease.token, self.ttl_s)
             except (TusStoreUnavailable, trio.TooSlowError) as exc:
-                if trio.current_time() - last_ok < self.ttl_s / 2:
+                if trio.current_time() - lease.confirmed_at < self.ttl_s / 2:
                     continue
                 log.warning(
                     "lost the lock of upload %s: %s",
@@ -121,7 +129,8 @@ class Locks:
                     extra={"event": "tus_lock_lost", "upload_id": lease.upload_id},
                 )
                 state = LockState.LOST
-            last_ok = trio.current_time()
+            else:
+                lease.confirmed_at = asked_at
             if state is LockState.LOST:
                 lease.lost = True
                 lease.interrupt.cancel()

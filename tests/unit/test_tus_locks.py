@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from ingester.boundary import RedisUnavailable
 from ingester.tus.errors import UploadLocked
 from ingester.tus.guarded_store import GuardedStore
 from ingester.tus.locks import KEEP_INTERVAL_S, Lease, Locks
@@ -179,3 +180,31 @@ async def test_try_acquire_does_not_wait() -> None:
         assert await lock.try_acquire(UID) is None
         await lock.release(first)
         assert await lock.try_acquire(UID) is not None
+
+
+class UnreachableOnKeep(MemoryTusStore):
+    """A store that set the lock, then cannot be reached to renew it."""
+
+    async def keep(self, upload_id: str, token: str, ttl_s: float) -> LockState:
+        raise RedisUnavailable("connection refused")
+
+
+async def test_a_failing_store_gets_half_the_lock_time_from_its_acquisition(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The holder gives an unreachable store half the lock's time to live before it counts
+    the lock lost. That half used to count from the start of the keep, which a creation
+    reaches only after making the upload: its lock, set earlier, had run out before the
+    holder stopped. It now counts from the acquisition (then from each renewal)."""
+    lock = locks(UnreachableOnKeep(), ttl_s=2.0)
+    with trio.fail_after(10):
+        acquired = trio.current_time()
+        holder = await lock.acquire(UID, ask=False)
+        await trio.sleep(1.5)  # making the upload, before the body and its keep
+        async with lock.kept(holder):
+            with holder.interrupt:
+                await trio.sleep_forever()
+        assert holder.lost
+        # Stopped at the keep's first renewal, past half the 2 s from the acquisition; not
+        # a second later, half the time from the keep's start.
+        assert trio.current_time() - acquired == pytest.approx(1.5 + KEEP_INTERVAL_S)
