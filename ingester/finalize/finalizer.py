@@ -651,10 +651,9 @@ class Finalizer:
                             await self._save(tx)  # never reached: out of the record
                         continue
                     mismatch: TargetChecksumMismatch | None = None
-                    if sha256 == tx.file.checksum and (
-                        stored.checksum != sha256 or stored.file_size != tx.file.file_size
-                    ):
-                        # The bytes sent were the file's: the element kept others.
+                    if stored.checksum != sha256 or stored.file_size != tx.file.file_size:
+                        # The element keeps other bytes than it was sent (whatever the
+                        # source's were: a bad source is told apart below).
                         mismatch = TargetChecksumMismatch(
                             f"{element.id} reports sha256 {stored.checksum} and "
                             f"{stored.file_size} bytes; we sent {sha256} and "

@@ -213,6 +213,17 @@ class DataFiles:
             freed = await trio.to_thread.run_sync(remove)
         return freed
 
+    async def mtime(self, upload_id: str) -> float | None:
+        """When the upload's data file was last written; None when there is none."""
+
+        def mtime() -> float | None:
+            try:
+                return self.path(upload_id).stat().st_mtime
+            except FileNotFoundError:
+                return None
+
+        return await trio.to_thread.run_sync(mtime)
+
     async def scan(self) -> list[tuple[str, int, float]]:
         """(upload id, size, mtime) of every data file."""
 

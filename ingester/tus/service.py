@@ -1027,7 +1027,6 @@ class TusService:
                 # before that refused the settle).
                 upload.completed(result, now=time.time(), retention_s=retention_s)
             completion.result = result
-            await self._forget_data(upload, part_leases)
         except IngesterError as error:
             completion.error = error
             await self._completion_failed(upload, lease, error, created)
@@ -1036,6 +1035,14 @@ class TusService:
             internal = IngesterError("storing the finished upload failed")
             completion.error = internal
             await self._completion_failed(upload, lease, internal, created)
+        else:
+            # Stored and recorded: a clean-up that fails now is no failure of the upload
+            # (found by a review: it set the stored upload back to `receiving`, and the
+            # client's next final PATCH stored it twice). What it leaves, the janitor takes.
+            try:
+                await self._forget_data(upload, part_leases)
+            except Exception as exc:
+                log.exception("cleaning up after upload %s failed", upload.id, exc_info=exc)
         finally:
             for held in [*part_leases, lease]:
                 await self.locks.release(held)
@@ -1293,6 +1300,10 @@ class TusService:
                 await self.sweep()
             except IngesterError as exc:
                 log.warning("tus janitor: %s", exc.message, extra={"event": "tus_janitor"})
+            except OSError as exc:
+                # The spool's file system: the next round tries again (raised, it would end
+                # the service nursery, and every completion running in it).
+                log.warning("tus janitor: %s", exc, extra={"event": "tus_janitor"})
             await trio.sleep(self.settings.tus_janitor_interval_s)
 
     async def sweep(self) -> int:
@@ -1333,21 +1344,31 @@ class TusService:
                     await self.data.remove(upload_id, reuse=False)
                     log.info("orphaned data file removed", extra={"event": "tus_orphan"})
                     continue
-                if state.phase is Phase.DONE and await self._forget_stored(state):
+                if state.phase is Phase.DONE and await self._forget_stored(state, mtime):
                     continue
             total += size
         self._true_up(total)
         await self.data.trim_idle()
         return removed
 
-    async def _forget_stored(self, upload: TusUpload) -> bool:
+    async def _forget_stored(self, upload: TusUpload, mtime: float) -> bool:
         """A stored upload's data file, and its place in its owner's quota, which its
         completion did not give up (the process died between the two): both go now, not
-        when the state's retention ends. False when someone holds the upload."""
+        when the state's retention ends. False when someone holds the upload, or when,
+        under its lock, the state or the file is not the one seen (a keyed id may have made
+        a new upload since: found by a review)."""
         lease = await self.locks.try_acquire(upload.id)
         if lease is None:
             return False
         try:
+            fresh = await self.store.get(upload.id)
+            if (
+                fresh is None
+                or fresh.phase is not Phase.DONE
+                or fresh.created_at != upload.created_at
+                or await self.data.mtime(upload.id) != mtime
+            ):
+                return False
             await self.data.remove(upload.id)
             await self._unreserve(upload)
         finally:

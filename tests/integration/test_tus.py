@@ -280,9 +280,18 @@ async def raw_create_then_cut(
     stream = await trio.open_tcp_stream(host, int(port))
     try:
         await stream.send_all(head + sent)
+        await trio.sleep(1.0)  # the server reads what arrived (an RST drops what it has not)
     finally:
         stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await stream.aclose()
+
+
+def interrupted_offset(lines: list[str], upload_id: str) -> int | None:
+    """The offset an interrupted request of `upload_id` saved, from its log line."""
+    for line in lines:
+        if '"event": "tus_chunk_interrupted"' in line and upload_id in line:
+            return int(json.loads(line)["offset"])
+    return None
 
 
 @pytest.mark.parametrize("with_checksum", [False, True])
@@ -306,17 +315,17 @@ async def test_a_repeated_creation_with_upload_takes_the_rest_of_its_body(
             async with httpx.AsyncClient(trust_env=False) as http:
                 tus = Tus(http, limited.url, token())
                 data = b"".join(random_chunks(3 * MIB, seed=31 + with_checksum))
-                sent = 1_300_000 + with_checksum
                 key = f"cut-then-again-{with_checksum}"
-                await raw_create_then_cut(limited.url, token(), key, len(data), data[:sent])
-
-                def cut_saved() -> bool:
-                    return any(
-                        '"event": "tus_chunk_interrupted"' in line and f'"offset": {sent}' in line
-                        for line in limited.log_lines()
-                    )
-
-                await eventually(cut_saved, timeout_s=10)
+                upload_id = keyed_upload_id("alice", key)
+                await raw_create_then_cut(limited.url, token(), key, len(data), data[:1_300_000])
+                await eventually(
+                    lambda: interrupted_offset(limited.log_lines(), upload_id) is not None,
+                    timeout_s=10,
+                )
+                # What the server had read when the connection was reset (all of it, but
+                # for a machine too busy to read 1.3 MB in a second).
+                sent = interrupted_offset(limited.log_lines(), upload_id)
+                assert sent is not None
                 headers = {"Idempotency-Key": key}
                 if with_checksum:
                     forged = data[:1000] + b"x" + data[1001:]
@@ -347,48 +356,59 @@ async def test_a_repeated_creation_makes_its_stalled_first_let_go(
 ) -> None:
     """A creation-with-upload whose connection went quiet, sent again whole with its key:
     the first request saves what it got and lets go (as a stalled PATCH does for a new
-    one), answering 201 with its offset rather than timing out, and the repeat stores the
+    one), answering 201 with its offset rather than waiting out its idle timeout (60 s
+    here; the repeat would get 423 after the 10 s lock wait), and the repeat stores the
     rest at once."""
-    with trio.fail_after(30):
-        async with httpx.AsyncClient(trust_env=False) as http:
-            tus = Tus(http, stack.url, token())
-            data = b"".join(random_chunks(2 * MIB, seed=12))
-            host, port = stack.url.split("//")[1].split(":")
-            stalled = await trio.open_tcp_stream(host, int(port))
-            key = "stalled-then-again"
-            upload_id = keyed_upload_id("alice", key)
-            try:
-                await stalled.send_all(
-                    (
-                        f"POST {BASE} HTTP/1.1\r\nHost: {host}\r\n"
-                        f"Authorization: Bearer {token()}\r\nTus-Resumable: 1.0.0\r\n"
-                        f"Upload-Length: {len(data)}\r\nIdempotency-Key: {key}\r\n"
-                        f"Content-Type: {OFFSET_STREAM}\r\nContent-Length: {len(data)}\r\n\r\n"
-                    ).encode()
-                    + data[:300_000]
-                )
-
-                def created() -> bool:
-                    return any(
-                        '"event": "tus_created"' in line and upload_id in line
-                        for line in stack.ingester.log_lines()
+    patient = await trio.to_thread.run_sync(
+        lambda: stack.start_ingester("idle-60s", INGESTER_CLIENT_IDLE_TIMEOUT_S="60")
+    )
+    try:
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False) as http:
+                tus = Tus(http, patient.url, token())
+                data = b"".join(random_chunks(2 * MIB, seed=12))
+                host, port = patient.url.split("//")[1].split(":")
+                stalled = await trio.open_tcp_stream(host, int(port))
+                key = "stalled-then-again"
+                upload_id = keyed_upload_id("alice", key)
+                try:
+                    await stalled.send_all(
+                        (
+                            f"POST {BASE} HTTP/1.1\r\nHost: {host}\r\n"
+                            f"Authorization: Bearer {token()}\r\nTus-Resumable: 1.0.0\r\n"
+                            f"Upload-Length: {len(data)}\r\nIdempotency-Key: {key}\r\n"
+                            f"Content-Type: {OFFSET_STREAM}\r\n"
+                            f"Content-Length: {len(data)}\r\n\r\n"
+                        ).encode()
+                        + data[:300_000]
                     )
 
-                # The first holds the upload and is reading its body.
-                await eventually(created, timeout_s=10)
-                again = await tus.create(len(data), data=data, headers={"Idempotency-Key": key})
-                assert again.status_code == 201, again.text
-                assert again.headers["Idempotent-Replayed"] == "true"
-                assert again.headers["Upload-Offset"] == str(len(data))
-                # The first let go with what it had (not a 408 after its idle timeout).
-                answer = await stalled.receive_some(4096)
-                assert answer.startswith(b"HTTP/1.1 201"), answer
-                assert b"upload-offset: 300000" in answer.lower()
-            finally:
-                await stalled.aclose()
-            result = (await tus.state(tus.url(again.headers["Location"]))).json()["result"]
-            assert again.headers["Upload-File-Id"] == result["file_id"]
-            assert sha256(await download(http, stack, result)) == sha256(data)
+                    def created() -> bool:
+                        return any(
+                            '"event": "tus_created"' in line and upload_id in line
+                            for line in patient.log_lines()
+                        )
+
+                    # The first holds the upload and is reading its body.
+                    await eventually(created, timeout_s=10)
+                    again = await tus.create(len(data), data=data, headers={"Idempotency-Key": key})
+                    assert again.status_code == 201, again.text
+                    assert again.headers["Idempotent-Replayed"] == "true"
+                    assert again.headers["Upload-Offset"] == str(len(data))
+                    # The first let go with what it had read.
+                    answer = await stalled.receive_some(4096)
+                    assert answer.startswith(b"HTTP/1.1 201"), answer
+                    offset = re.search(rb"upload-offset: (\d+)", answer.lower())
+                    assert offset is not None
+                    assert 0 < int(offset.group(1)) <= 300_000
+                finally:
+                    await stalled.aclose()
+                location = tus.url(again.headers["Location"])
+                result = (await tus.state(location)).json()["result"]
+                assert again.headers["Upload-File-Id"] == result["file_id"]
+                assert sha256(await download(http, stack, result)) == sha256(data)
+    finally:
+        patient.terminate()
 
 
 async def test_patch_at_a_wrong_offset_is_409_and_changes_nothing(
@@ -1362,5 +1382,71 @@ async def test_the_janitor_removes_a_stored_uploads_leftover_data_and_orphans(
                 # The stored uploads answer as before.
                 for url in stored:
                     assert (await tus.state(url)).json()["result"]["file_id"]
+    finally:
+        sweeping.terminate()
+
+
+async def test_a_clean_up_that_fails_after_the_store_leaves_the_upload_stored(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """Found by a review: removing the data file after a stored upload went through the
+    completion's failure path, which set the upload back to `receiving`; the client's
+    next final PATCH stored it again. The file system refuses here (the idle files'
+    directory is a file): the upload stays stored, its file id answered once."""
+    with trio.fail_after(30):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            tus = Tus(http, stack.url, token())
+            data = b"".join(random_chunks(2 * MIB, seed=14))
+            url = await tus.new(len(data))
+            assert (await tus.patch(url, 0, data[:MIB])).status_code == 204
+            reuse = data_file(stack, url).parent / ".reuse"
+            kept = reuse.with_name(".reuse-kept")
+            moved = reuse.exists()
+            if moved:
+                reuse.rename(kept)
+            reuse.write_bytes(b"not a directory")
+            try:
+                final = await tus.patch(url, MIB, data[MIB:])
+            finally:
+                reuse.unlink()
+                if moved:
+                    kept.rename(reuse)
+            assert final.status_code == 204, final.text
+            state = (await tus.state(url)).json()
+            assert state["result"]["file_id"] == final.headers["Upload-File-Id"]
+            assert sha256(await download(http, stack, state["result"])) == sha256(data)
+            # Sent again, the final PATCH gets the same file, not a second one.
+            again = await tus.patch(url, MIB, data[MIB:])
+            assert again.status_code == 204, again.text
+            assert again.headers["Upload-File-Id"] == final.headers["Upload-File-Id"]
+
+
+async def test_a_file_system_error_in_the_janitor_stops_neither_it_nor_the_service(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """Found by a review: the janitor caught only the service's own errors; an OSError from
+    the spool (here the idle files' directory is a file) ended it, and with it the service
+    nursery and every upload in it. It logs the error and tries again."""
+    sweeping = await trio.to_thread.run_sync(
+        lambda: stack.start_ingester("janitor-oserror", INGESTER_TUS_JANITOR_INTERVAL_S="0.2")
+    )
+    try:
+        with trio.fail_after(30):
+            async with httpx.AsyncClient(trust_env=False) as http:
+                tus = Tus(http, sweeping.url, token())
+                url = await tus.new(10)
+                reuse = data_file(stack, url, "janitor-oserror").parent / ".reuse"
+                if reuse.exists():
+                    reuse.rename(reuse.with_name(".reuse-kept"))
+                reuse.write_bytes(b"not a directory")
+
+                def complained() -> bool:
+                    return (
+                        sum('"event": "tus_janitor"' in line for line in sweeping.log_lines()) >= 2
+                    )
+
+                await eventually(complained, timeout_s=10)  # twice: it went on after the first
+                assert (await tus.patch(url, 0, b"0123456789")).status_code == 204
+                assert (await tus.state(url)).json()["result"]["file_id"]
     finally:
         sweeping.terminate()
