@@ -13,7 +13,8 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
 
@@ -27,7 +28,7 @@ from ingester.upload.filenames import sanitize_filename
 from tests.conftest import Stack, TokenFactory
 from tests.support.client import MIB, auth, random_chunks, text_chunks
 from tests.support.metrics import read_metric
-from tests.support.processes import start_ingester
+from tests.support.processes import IngesterProcess, start_ingester
 from tests.support.waiting import eventually, eventually_async
 
 BASE: Final = "/api/v1/uploads"
@@ -146,6 +147,16 @@ def data_file(stack: Stack, url: str, name: str = "ingester") -> Path:
     return stack.root / name / "spool" / "tus" / url.rsplit("/", 1)[-1]
 
 
+@asynccontextmanager
+async def own_ingester(stack: Stack, name: str, **env: str) -> AsyncIterator[IngesterProcess]:
+    """An ingester of the test's own, with `env`, beside the stack's: stopped at the end."""
+    proc = await trio.to_thread.run_sync(lambda: stack.start_ingester(name, **env))
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -215,10 +226,7 @@ async def test_a_creation_sent_again_with_its_idempotency_key_gets_the_same_uplo
     upload the first one made (as it stands: bytes sent meanwhile count), not a second one
     holding the caller's quota. Another length under the key is 422; another caller's same
     key is another upload."""
-    limited = await trio.to_thread.run_sync(
-        lambda: stack.start_ingester("one-open", INGESTER_TUS_MAX_UPLOADS_PER_USER="1")
-    )
-    try:
+    async with own_ingester(stack, "one-open", INGESTER_TUS_MAX_UPLOADS_PER_USER="1") as limited:
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False) as http:
                 tus = Tus(http, limited.url, token())
@@ -261,8 +269,6 @@ async def test_a_creation_sent_again_with_its_idempotency_key_gets_the_same_uplo
                 # ...and names the stored file, as the answer that completed it did.
                 assert last.headers["Upload-File-Id"] == stored["file_id"]
                 assert last.headers["Upload-Storage-Element-Id"] == stored["storage_element_id"]
-    finally:
-        limited.terminate()
 
 
 async def raw_create_then_cut(
@@ -305,12 +311,9 @@ async def test_a_repeated_creation_with_upload_takes_the_rest_of_its_body(
     refused with 460, with the upload's Location, and nothing of it is kept. The spool
     holds 4,000,000 bytes: the cut upload's 1.3 MB and its 3 MiB body would not fit
     twice, so the repeat must be checked for what it adds only (found by a review)."""
-    limited = await trio.to_thread.run_sync(
-        lambda: stack.start_ingester(
-            f"spool-4mb-{with_checksum}", INGESTER_SPOOL_MAX_BYTES="4000000"
-        )
-    )
-    try:
+    async with own_ingester(
+        stack, f"spool-4mb-{with_checksum}", INGESTER_SPOOL_MAX_BYTES="4000000"
+    ) as limited:
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False) as http:
                 tus = Tus(http, limited.url, token())
@@ -340,15 +343,20 @@ async def test_a_repeated_creation_with_upload_takes_the_rest_of_its_body(
                 again = await tus.create(
                     len(data), metadata={"filename": "cut.bin"}, data=data, headers=headers
                 )
-                assert again.status_code == 201, again.text
-                assert again.headers["Idempotent-Replayed"] == "true"
-                assert again.headers["Upload-Offset"] == str(len(data))
-                url = tus.url(again.headers["Location"])
-                result = (await tus.state(url)).json()["result"]
-                assert again.headers["Upload-File-Id"] == result["file_id"]
-                assert sha256(await download(http, stack, result)) == sha256(data)
-    finally:
-        limited.terminate()
+                await replayed_whole(http, stack, tus, again, data)
+
+
+async def replayed_whole(
+    http: httpx.AsyncClient, stack: Stack, tus: Tus, answer: httpx.Response, data: bytes
+) -> None:
+    """Asserts that a repeated creation finished its upload: `201` replayed with every
+    byte in and the stored file's id, and the file stored is `data`."""
+    assert answer.status_code == 201, answer.text
+    assert answer.headers["Idempotent-Replayed"] == "true"
+    assert answer.headers["Upload-Offset"] == str(len(data))
+    result = (await tus.state(tus.url(answer.headers["Location"]))).json()["result"]
+    assert answer.headers["Upload-File-Id"] == result["file_id"]
+    assert sha256(await download(http, stack, result)) == sha256(data)
 
 
 async def test_a_repeated_creation_makes_its_stalled_first_let_go(
@@ -359,10 +367,7 @@ async def test_a_repeated_creation_makes_its_stalled_first_let_go(
     one), answering 201 with its offset rather than waiting out its idle timeout (60 s
     here; the repeat would get 423 after the 10 s lock wait), and the repeat stores the
     rest at once."""
-    patient = await trio.to_thread.run_sync(
-        lambda: stack.start_ingester("idle-60s", INGESTER_CLIENT_IDLE_TIMEOUT_S="60")
-    )
-    try:
+    async with own_ingester(stack, "idle-60s", INGESTER_CLIENT_IDLE_TIMEOUT_S="60") as patient:
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False) as http:
                 tus = Tus(http, patient.url, token())
@@ -392,9 +397,6 @@ async def test_a_repeated_creation_makes_its_stalled_first_let_go(
                     # The first holds the upload and is reading its body.
                     await eventually(created, timeout_s=10)
                     again = await tus.create(len(data), data=data, headers={"Idempotency-Key": key})
-                    assert again.status_code == 201, again.text
-                    assert again.headers["Idempotent-Replayed"] == "true"
-                    assert again.headers["Upload-Offset"] == str(len(data))
                     # The first let go with what it had read.
                     answer = await stalled.receive_some(4096)
                     assert answer.startswith(b"HTTP/1.1 201"), answer
@@ -403,12 +405,7 @@ async def test_a_repeated_creation_makes_its_stalled_first_let_go(
                     assert 0 < int(offset.group(1)) <= 300_000
                 finally:
                     await stalled.aclose()
-                location = tus.url(again.headers["Location"])
-                result = (await tus.state(location)).json()["result"]
-                assert again.headers["Upload-File-Id"] == result["file_id"]
-                assert sha256(await download(http, stack, result)) == sha256(data)
-    finally:
-        patient.terminate()
+                await replayed_whole(http, stack, tus, again, data)
 
 
 async def test_patch_at_a_wrong_offset_is_409_and_changes_nothing(
@@ -1348,10 +1345,7 @@ async def test_the_janitor_removes_a_stored_uploads_leftover_data_and_orphans(
     file beside a `done` state, which lives on for its retention: the janitor removes such
     a file once it is past the orphans' grace, as it does a file with no state at all, and
     leaves a recent one (its completion may still be removing it)."""
-    sweeping = await trio.to_thread.run_sync(
-        lambda: stack.start_ingester("janitor", INGESTER_TUS_JANITOR_INTERVAL_S="0.2")
-    )
-    try:
+    async with own_ingester(stack, "janitor", INGESTER_TUS_JANITOR_INTERVAL_S="0.2") as sweeping:
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False) as http:
                 tus = Tus(http, sweeping.url, token())
@@ -1382,8 +1376,6 @@ async def test_the_janitor_removes_a_stored_uploads_leftover_data_and_orphans(
                 # The stored uploads answer as before.
                 for url in stored:
                     assert (await tus.state(url)).json()["result"]["file_id"]
-    finally:
-        sweeping.terminate()
 
 
 async def test_a_clean_up_that_fails_after_the_store_leaves_the_upload_stored(
@@ -1427,10 +1419,9 @@ async def test_a_file_system_error_in_the_janitor_stops_neither_it_nor_the_servi
     """Found by a review: the janitor caught only the service's own errors; an OSError from
     the spool (here the idle files' directory is a file) ended it, and with it the service
     nursery and every upload in it. It logs the error and tries again."""
-    sweeping = await trio.to_thread.run_sync(
-        lambda: stack.start_ingester("janitor-oserror", INGESTER_TUS_JANITOR_INTERVAL_S="0.2")
-    )
-    try:
+    async with own_ingester(
+        stack, "janitor-oserror", INGESTER_TUS_JANITOR_INTERVAL_S="0.2"
+    ) as sweeping:
         with trio.fail_after(30):
             async with httpx.AsyncClient(trust_env=False) as http:
                 tus = Tus(http, sweeping.url, token())
@@ -1448,5 +1439,3 @@ async def test_a_file_system_error_in_the_janitor_stops_neither_it_nor_the_servi
                 await eventually(complained, timeout_s=10)  # twice: it went on after the first
                 assert (await tus.patch(url, 0, b"0123456789")).status_code == 204
                 assert (await tus.state(url)).json()["result"]["file_id"]
-    finally:
-        sweeping.terminate()
