@@ -301,6 +301,16 @@ class StorageElementModeRefused(StorageElementRejected):
         super().__init__(message, element_id=element_id, upstream_status=400, retryable=True)
 
 
+class ElementChecksumMismatch(StorageElementError):
+    """An element reports other bytes than it was sent: a failure of the element, which
+    counts against its breaker (its copy is removed; a move goes on elsewhere, an upload
+    fails with `IntegrityError`)."""
+
+    status = 502
+    code = "CHECKSUM_MISMATCH"
+    default_message = "the Storage Element stored different bytes than were sent"
+
+
 class IntegrityError(IngesterError):
     status = 502
     code = "CHECKSUM_MISMATCH"

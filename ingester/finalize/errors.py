@@ -3,7 +3,7 @@ mapping (`ingester.http.base`) answers them like every other error."""
 
 from __future__ import annotations
 
-from ..errors import IngesterError, NotFound, StorageElementError
+from ..errors import IngesterError, NotFound
 
 
 class FileNotFound(NotFound):
@@ -52,15 +52,6 @@ class SourceUnavailable(IngesterError):
     status = 502
     code = "SOURCE_UNAVAILABLE"
     default_message = "the source Storage Element failed while the file was read"
-
-
-class TargetChecksumMismatch(StorageElementError):
-    """A target reports other bytes than it was sent: its copy is removed, the move goes on
-    elsewhere, and it counts against the element's breaker, as any failure of it does."""
-
-    status = 502
-    code = "CHECKSUM_MISMATCH"
-    default_message = "the Storage Element stored different bytes than were sent"
 
 
 class SourceChecksumMismatch(IngesterError):

@@ -35,6 +35,7 @@ from ..boundary import element_error, http_errors
 from ..errors import (
     AdminRefused,
     AdminRegistrationFailed,
+    ElementChecksumMismatch,
     IngesterError,
     InvalidField,
     NoStorageAvailable,
@@ -66,7 +67,6 @@ from .errors import (
     Interrupted,
     SourceChecksumMismatch,
     SourceUnavailable,
-    TargetChecksumMismatch,
 )
 from .record import SourceFile, Transaction, TxState, iso
 from .store import FinalizeStore, StoreUnavailable
@@ -650,11 +650,11 @@ class Finalizer:
                         else:
                             await self._save(tx)  # never reached: out of the record
                         continue
-                    mismatch: TargetChecksumMismatch | None = None
+                    mismatch: ElementChecksumMismatch | None = None
                     if stored.checksum != sha256 or stored.file_size != tx.file.file_size:
                         # The element keeps other bytes than it was sent (whatever the
                         # source's were: a bad source is told apart below).
-                        mismatch = TargetChecksumMismatch(
+                        mismatch = ElementChecksumMismatch(
                             f"{element.id} reports sha256 {stored.checksum} and "
                             f"{stored.file_size} bytes; we sent {sha256} and "
                             f"{tx.file.file_size} bytes",

@@ -34,6 +34,7 @@ import trio
 from .. import logs
 from ..buffers import Buffer
 from ..errors import (
+    ElementChecksumMismatch,
     FileTooLarge,
     IngesterError,
     IntegrityError,
@@ -603,7 +604,15 @@ class UploadPipeline:
                             element_id=element.id,
                         )
                     if error is None:
-                        pool.note_success(element.id)
+                        # An element that keeps other bytes than it was sent is failing
+                        # (the upload fails below, in `_verify`, and its copy is removed).
+                        mismatch = self._mismatch(upload, stored)
+                        if mismatch is None:
+                            pool.note_success(element.id)
+                        else:
+                            pool.note_failure(
+                                element.id, ElementChecksumMismatch(mismatch, element_id=element.id)
+                            )
                         took = failover.succeeded(trio.current_time())
                         if took is not None:
                             self.metrics.failover_seconds.observe(took)
@@ -673,13 +682,21 @@ class UploadPipeline:
         upload.progress.bytes_sent = sent
         upload.in_flight_since = trio.current_time() if writing else None
 
-    async def _verify(self, upload: Upload, stored: StoredFile) -> None:
+    @staticmethod
+    def _mismatch(upload: Upload, stored: StoredFile) -> str | None:
+        """How the element's account of what it stored differs from what was sent."""
         facts = upload.facts
         if stored.checksum != facts.stored_sha256 or stored.file_size != facts.stored_size:
-            raise IntegrityError(
+            return (
                 f"the Storage Element reports sha256 {stored.checksum} and {stored.file_size} "
                 f"bytes; we sent {facts.stored_sha256} and {facts.stored_size} bytes"
             )
+        return None
+
+    async def _verify(self, upload: Upload, stored: StoredFile) -> None:
+        mismatch = self._mismatch(upload, stored)
+        if mismatch is not None:
+            raise IntegrityError(mismatch)
         if stored.file_id != upload.file_id:
             raise IntegrityError(
                 f"the Storage Element stored the file as {stored.file_id}, not {upload.file_id}"

@@ -28,6 +28,7 @@ from tests.support.client import (
     send_stream,
 )
 from tests.support.http_server import Request, Response, serve_http
+from tests.support.metrics import read_metric
 from tests.support.processes import ManagedProcess
 from tests.support.waiting import eventually
 
@@ -463,7 +464,9 @@ async def test_caps_on_uploads_in_flight(
 
 
 async def test_checksum_mismatch_removes_the_stored_copy(stack: Stack, token: TokenFactory) -> None:
-    """An element that stores different bytes than it was sent: 502, and the copy is deleted."""
+    """An element that stores different bytes than it was sent: 502, and the copy is deleted.
+    The element is failing, and counts so (its breaker and its error count); it was
+    reported a success."""
     uploads: list[str] = []
 
     async def lying_element(request: Request) -> Response:
@@ -501,6 +504,13 @@ async def test_checksum_mismatch_removes_the_stored_copy(stack: Stack, token: To
                 assert error_code(response) == "CHECKSUM_MISMATCH"
                 assert len(uploads) == 1
                 assert liar.count(f"/api/v1/gc/{uploads[0]}", method="DELETE") == 1
+                errors = await read_metric(
+                    proc.url,
+                    "ingester_storage_element_errors_total",
+                    element_id="liar",
+                    kind="CHECKSUM_MISMATCH",
+                )
+                assert errors == 1
             finally:
                 await trio.to_thread.run_sync(proc.terminate)
 
