@@ -505,7 +505,7 @@ def _tus_paths() -> dict[str, Any]:
                 _tus_header("Upload-Checksum", "`<sha1|md5|sha256> <base64>` of the body"),
                 _tus_header(
                     "Idempotency-Key",
-                    "a creation sent again with the same key (same user, while the upload is known; not on a final concatenation) gets the upload the first one made, not a second one; one sent while the first is being made waits for it (or gets 423); the key's upload expired: 410",
+                    "a creation sent again with the same key (same user, while the upload is known; not on a final concatenation) gets the upload the first one made, not a second one; one with a body sent while the first is still open makes the first let go (it saves what it got) and adds the rest of its body; one without waits for the first (or gets 423); the key's upload expired: 410",
                     schema={"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
                 ),
             ],

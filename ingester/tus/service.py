@@ -53,6 +53,7 @@ from ..metrics import Metrics
 from ..saga.commit import ResultCommit
 from ..settings import Settings
 from ..upload.budget import MemoryBudget, UploadBudget
+from ..upload.digest import update_hash
 from ..upload.fields import parse_upload_fields
 from ..upload.ingest import Ingest
 from ..upload.spool import FileCopy, SpoolBudget
@@ -138,8 +139,6 @@ STREAM_STARTS_KEPT: Final = 10_000
 # How long HEAD waits for a PATCH in progress to let go: a live holder does within about a
 # lock renewal interval and a save.
 HEAD_WAIT_S: Final = 2.0
-# Bytes hashed on the event loop at most; more go to a thread.
-INLINE_HASH_MAX: Final = 256 * 1024
 
 
 def keyed_upload_id(user: str, key: str) -> str:
@@ -1298,11 +1297,9 @@ class TusService:
         while True:
             try:
                 await self.sweep()
-            except IngesterError as exc:
-                log.warning("tus janitor: %s", exc.message, extra={"event": "tus_janitor"})
-            except OSError as exc:
-                # The spool's file system: the next round tries again (raised, it would end
-                # the service nursery, and every completion running in it).
+            except (IngesterError, OSError) as exc:
+                # The store, or the spool's file system: the next round tries again (an
+                # OSError raised would end the service nursery, and every completion in it).
                 log.warning("tus janitor: %s", exc, extra={"event": "tus_janitor"})
             await trio.sleep(self.settings.tus_janitor_interval_s)
 
@@ -1471,11 +1468,8 @@ class _Receiver:
         if self.checksum is not None or self.refused:
             return
         room = self.upload.room(self.tus.max_size)
-        for chunk in chunks:
-            if self.skip:
-                head = min(self.skip, len(chunk))
-                self.skip -= head
-                chunk = chunk[head:]
+        for whole in chunks:
+            _, chunk = self._split_skip(whole)
             if self.received + len(chunk) > room:
                 return
             try:
@@ -1487,17 +1481,21 @@ class _Receiver:
             self.pending_size += len(chunk)
             self.received += len(chunk)
 
+    def _split_skip(self, chunk: bytes) -> tuple[bytes, bytes]:
+        """`chunk` cut where the bytes to skip end: (skipped, the rest)."""
+        if not self.skip:
+            return b"", chunk
+        head = chunk[: self.skip]
+        self.skip -= len(head)
+        return head, chunk[len(head) :]
+
     async def _skipped(self, chunk: bytes) -> bytes:
         """What of `chunk` is past the bytes to skip, which are hashed (in a thread when
         large, as the written bytes are)."""
-        head = chunk[: self.skip]
-        self.skip -= len(head)
+        head, rest = self._split_skip(chunk)
         if self.hasher is not None:
-            if len(head) >= INLINE_HASH_MAX:
-                await trio.to_thread.run_sync(self.hasher.update, head)
-            else:
-                self.hasher.update(head)
-        return chunk[len(head) :]
+            await update_hash(self.hasher, head)
+        return rest
 
     async def _take_checked(self, chunk: bytes, room: int) -> None:
         if self.received + len(chunk) > room:
