@@ -126,10 +126,18 @@ async def check_invariants(world: World, ledger: Ledger, sent: list[bytes], sinc
     except trio.TooSlowError:
         extra = world.stored() - expected
         missing = expected - world.stored()
+        # Each copy of a file left twice, and what the logs say of it: which replica sent
+        # it, and what became of its saga.
+        traces = {
+            f"{element}/{file_id}": world.trace(file_id)
+            for sha in extra
+            for element, file_id in world.copies_of(sha)
+        }
         raise AssertionError(
             f"left on elements: {dict(extra)}; missing: {dict(missing)} "
             f"(file ids {[ledger.stored.get(sha) for sha in missing]}); "
-            f"sagas open: {world.saga_records()}; {unreplicated(world)}"
+            f"sagas open: {world.saga_records()}; {unreplicated(world)}; "
+            f"the extra files' copies: {traces}"
         ) from None
     return time.monotonic() - since
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -118,6 +119,36 @@ class World:
                     continue
                 found[hashlib.sha256(data).hexdigest()] += 1
         return found
+
+    def copies_of(self, sha256: str) -> list[tuple[str, str]]:
+        """(element id, file id) of every stored copy of the bytes with this sha256; the
+        file id is the one the storage name ends in (`<stem>_<file_id>.<ext>`)."""
+        found = []
+        for se in self.elements:
+            for path in se.stored_files():
+                if path.name == ".lock" or path.name.endswith(".attr.json"):
+                    continue
+                try:
+                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                except FileNotFoundError:
+                    continue
+                if digest == sha256:
+                    found.append((se.element_id, path.stem.rsplit("_", 1)[-1]))
+        return found
+
+    def trace(self, file_id: str, limit: int = 20) -> list[str]:
+        """The log lines of every replica and element that name `file_id`, or the upload id
+        a replica's line about it gives, each cut short: what happened to one copy (who sent
+        it, what became of its saga), for a failed invariant's message."""
+        procs: list[ManagedProcess] = [p for p in self.replicas if p is not None]
+        procs += self.elements
+        logs = [(proc.name, line.strip()) for proc in procs for line in proc.log_lines()]
+        names = {file_id}
+        for _, line in logs:
+            if file_id in line:
+                names.update(re.findall(r'"upload_id": "([^"]+)"', line))
+        lines = [f"{name}: {line[:300]}" for name, line in logs if any(n in line for n in names)]
+        return lines[:limit]
 
     def saga_records(self) -> int:
         """Upload sagas not finished yet, on the current master."""
