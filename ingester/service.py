@@ -22,7 +22,6 @@ import logging
 from functools import partial
 from typing import Final
 
-import httpx
 import trio
 
 from .allocator import trim_when_idle
@@ -39,6 +38,7 @@ from .saga.store import MemorySagaStore, RedisSagaStore, SagaStore
 from .settings import Settings
 from .storage.admin import AdminRegistry
 from .storage.client import StorageElementClient
+from .storage.http_client import build_http_client
 from .storage.pool import ElementPool
 from .storage.redis_gateway import RedisGateway
 from .storage.redis_registry import RedisRegistrySync
@@ -69,17 +69,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.http = httpx.AsyncClient(
-            http1=True,
-            http2=False,
-            limits=httpx.Limits(
-                max_connections=settings.max_uploads_in_flight + 32,
-                max_keepalive_connections=64,
-                keepalive_expiry=30,
-            ),
-            follow_redirects=False,
-            trust_env=False,
-        )
+        self.http = build_http_client(max_connections=settings.max_uploads_in_flight + 32)
         self.verifier: TokenVerifier | None = build_verifier(
             settings,
             self.http,
