@@ -15,11 +15,13 @@ Sizes here fit `make test`; `make chaos` runs the `soak` variant with more uploa
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -96,18 +98,31 @@ async def in_flight(http: httpx.AsyncClient, url: str) -> float:
     return 0.0
 
 
-def unreplicated(world: World) -> str:
+def unreplicated(world: World, fault_at: float) -> str:
     """The replicas' writes that no Redis replica acknowledged in time (`WAIT` timed out):
     a failover in that window may lose them, which Redis replication allows (README,
-    "Redis with Sentinel"). Said when an invariant fails, to tell that window from a bug."""
-    lines = [
-        f"{world.name(index)}: {line.strip()[:200]}"
-        for index, proc in enumerate(world.replicas)
-        if proc is not None
-        for line in proc.log_lines()
-        if "redis_unreplicated" in line
-    ]
-    return f"writes unreplicated when written: {len(lines)} {lines[:3]}"
+    "Redis with Sentinel"). Said when an invariant fails, to tell that window from a bug.
+    Only those before the fault (`fault_at`, unix time) can have been lost by it: after a
+    Redis failover the promoted master has no replica until the old one comes back, so
+    every replica logs one such line then."""
+    before: list[str] = []
+    after: list[str] = []
+    for index, proc in enumerate(world.replicas):
+        if proc is None:
+            continue
+        for line in proc.log_lines():
+            if "redis_unreplicated" not in line:
+                continue
+            try:
+                when = datetime.fromisoformat(json.loads(line)["ts"].replace("Z", "+00:00"))
+                late = when.timestamp() >= fault_at
+            except (ValueError, KeyError, TypeError):
+                late = False
+            (after if late else before).append(f"{world.name(index)}: {line.strip()[:200]}")
+    return (
+        f"writes unreplicated when written, before the fault: {len(before)} {before[:3]}"
+        f" (after it: {len(after)})"
+    )
 
 
 async def check_invariants(world: World, ledger: Ledger, sent: list[bytes], since: float) -> float:
@@ -136,7 +151,8 @@ async def check_invariants(world: World, ledger: Ledger, sent: list[bytes], sinc
         raise AssertionError(
             f"left on elements: {dict(extra)}; missing: {dict(missing)} "
             f"(file ids {[ledger.stored.get(sha) for sha in missing]}); "
-            f"sagas open: {world.saga_records()}; {unreplicated(world)}; "
+            f"sagas open: {world.saga_records()}; "
+            f"{unreplicated(world, time.time() - (time.monotonic() - since))}; "
             f"the extra files' copies: {traces}"
         ) from None
     return time.monotonic() - since
