@@ -303,8 +303,8 @@ class StorageElementModeRefused(StorageElementRejected):
 
 class ElementChecksumMismatch(StorageElementError):
     """An element reports other bytes than it was sent: a failure of the element, which
-    counts against its breaker (its copy is removed; a move goes on elsewhere, an upload
-    fails with `IntegrityError`)."""
+    counts against its breaker (its copy is removed; a move or an upload goes on elsewhere,
+    an upload with no failover copy fails with this)."""
 
     status = 502
     code = "CHECKSUM_MISMATCH"

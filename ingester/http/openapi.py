@@ -292,7 +292,7 @@ def _upload_operation() -> dict[str, Any]:
             "415": _error("The body is not multipart/form-data", 415),
             "422": _error("This Idempotency-Key was used for another file (sha256 or file name)", 422),
             "429": _error("This user has too many uploads in flight", 429, headers=("Retry-After",)),
-            "502": _error("A Storage Element failed, refused us or stored other bytes (nothing is left on it)", 502),
+            "502": _error("A Storage Element failed or refused us, or two reported the same bytes other than those we hashed (nothing is left on them)", 502),
             "503": _error("Too many uploads, shutting down, or no Storage Element left", 503, headers=("Retry-After",)),
             "504": _error("The Storage Element stopped accepting data (failover off)", 504),
             "507": _error("No Storage Element of the right mode has room", 507),

@@ -505,6 +505,8 @@ class UploadPipeline:
             # elements get no new copy under it: a late removal would delete the stored file.
             burned=[copy.element_id for copy in saga.record.copies],
         )
+        # The checksums elements reported that were not ours, and which elements did.
+        misreports: dict[str, set[str]] = {}
         try:
             async with out_recv:
                 while True:
@@ -545,6 +547,7 @@ class UploadPipeline:
                     else:
                         pool.retry_budget(element.id).on_request(trio.current_time())
                     error: StorageElementError | None = None
+                    lied = False
                     # The stall watchdog or a breaker trip cancels this scope: the attempt
                     # ends, the upload goes on elsewhere.
                     reported = answered = False
@@ -604,19 +607,30 @@ class UploadPipeline:
                             element_id=element.id,
                         )
                     if error is None:
-                        # An element that keeps other bytes than it was sent is failing
-                        # (the upload fails below, in `_verify`, and its copy is removed).
                         mismatch = self._mismatch(upload, stored)
                         if mismatch is None:
                             pool.note_success(element.id)
-                        else:
-                            pool.note_failure(
-                                element.id, ElementChecksumMismatch(mismatch, element_id=element.id)
+                            took = failover.succeeded(trio.current_time())
+                            if took is not None:
+                                self.metrics.failover_seconds.observe(took)
+                            break
+                        # An element that keeps other bytes than it was sent is failing: its
+                        # copy goes and the upload fails over, as from a 5xx. Unless another
+                        # element reported the same bytes: then what we sent was not what we
+                        # hashed (a spool read back wrong), and no element can fix that.
+                        agreeing = misreports.setdefault(stored.checksum, set())
+                        agreeing.add(element.id)
+                        if len(agreeing) > 1:
+                            pool.note_success(element.id)
+                            failover.succeeded(trio.current_time())
+                            raise IntegrityError(
+                                f"{mismatch}, as {', '.join(sorted(agreeing - {element.id}))} "
+                                "did: the bytes sent were not the bytes hashed"
                             )
-                        took = failover.succeeded(trio.current_time())
-                        if took is not None:
-                            self.metrics.failover_seconds.observe(took)
-                        break
+                        error = ElementChecksumMismatch(
+                            mismatch, element_id=element.id, upstream_status=201
+                        )
+                        lied = True
                     if failover.record(error):
                         pool.note_failure(element.id, error)
                     if took_trial and not error.retryable:
@@ -637,7 +651,9 @@ class UploadPipeline:
                         # Otherwise its copy is removed in the background, and it is never
                         # used again by this upload (a late removal must not hit a new copy).
                         removed = move.remove_now and await saga.remove_now(copy)
-                        failover.copy_removed(element.id, confirmed=removed)
+                        # An element that stored other bytes is not tried again by this
+                        # upload, its copy gone or not.
+                        failover.copy_removed(element.id, confirmed=removed and not lied)
                         if not removed:
                             saga.abandoned(copy)
                         self.metrics.failovers.labels(element.id).inc()

@@ -463,18 +463,19 @@ async def test_caps_on_uploads_in_flight(
         assert int(other_user.headers["Retry-After"]) > 0
 
 
-async def test_checksum_mismatch_removes_the_stored_copy(stack: Stack, token: TokenFactory) -> None:
-    """An element that stores different bytes than it was sent: 502, and the copy is deleted.
-    The element is failing, and counts so (its breaker and its error count); it was
-    reported a success."""
-    uploads: list[str] = []
+class LyingElement:
+    """An element that answers every upload `201` with a checksum of zeros (other bytes than
+    it was sent), and accepts every removal."""
 
-    async def lying_element(request: Request) -> Response:
+    def __init__(self) -> None:
+        self.uploads: list[str] = []
+
+    async def __call__(self, request: Request) -> Response:
         if request.path == "/api/v1/files/upload":
             file_id = (
                 request.body.split(b'name="file_id"\r\n\r\n', 1)[1].split(b"\r\n", 1)[0].decode()
             )
-            uploads.append(file_id)
+            self.uploads.append(file_id)
             return Response.json(
                 {
                     "file_id": file_id,
@@ -489,9 +490,61 @@ async def test_checksum_mismatch_removes_the_stored_copy(stack: Stack, token: To
             return Response.json({"deleted": True})
         return Response.json({"status": "ok"})
 
+
+async def _mismatches(url: str, element_id: str) -> float:
+    return await read_metric(
+        url,
+        "ingester_storage_element_errors_total",
+        element_id=element_id,
+        kind="CHECKSUM_MISMATCH",
+    )
+
+
+async def test_an_element_that_stores_other_bytes_is_failed_over_from(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """An element that reports other bytes than it was sent is failing: its copy is removed,
+    it counts a failure, and the upload goes on to the next element from the failover copy.
+    The client sees a `201` with the right checksum."""
+    liar = LyingElement()
+    data = b"hello"
     with trio.fail_after(30):
-        async with serve_http(lying_element) as liar:
-            entry: dict[str, object] = {"id": "liar", "api_url": liar.url, "mode": "edit"}
+        async with serve_http(liar) as server:
+            # Tried first (artStore's priority: lowest first), then the real element.
+            entries: list[dict[str, object]] = [
+                {"id": "liar", "api_url": server.url, "mode": "edit", "priority": 1},
+                stack.se_edit.registry_entry(priority=100),
+            ]
+            before = stack.all_files()
+            proc = await trio.to_thread.run_sync(
+                lambda: _start_with_elements(stack, "failover-ingester", entries)
+            )
+            try:
+                async with httpx.AsyncClient(trust_env=False) as http:
+                    response = await post_upload(http, proc.url, token(), MultipartUpload([data]))
+                assert response.status_code == 201, response.text
+                body = response.json()
+                assert body["checksum"] == hashlib.sha256(data).hexdigest()
+                assert body["storage_element_id"] == stack.se_edit.element_id
+                assert len(liar.uploads) == 1
+                assert server.count(f"/api/v1/gc/{liar.uploads[0]}", method="DELETE") == 1
+                assert await _mismatches(proc.url, "liar") == 1
+                stored = stack.all_files() - before
+                assert [p.read_bytes() for p in stored if not p.name.endswith(".json")] == [data]
+            finally:
+                await trio.to_thread.run_sync(proc.terminate)
+
+
+async def test_with_no_other_element_a_checksum_mismatch_is_503_and_the_copy_removed(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """The lying element alone: no element left to take the file, `503 NO_STORAGE_AVAILABLE`
+    with `Retry-After`, the lie in the message; the copy removed, the element never sent the
+    file twice, one failure counted."""
+    liar = LyingElement()
+    with trio.fail_after(30):
+        async with serve_http(liar) as server:
+            entry: dict[str, object] = {"id": "liar", "api_url": server.url, "mode": "edit"}
             proc = await trio.to_thread.run_sync(
                 lambda: _start_with_elements(stack, "liar-ingester", [entry])
             )
@@ -500,17 +553,49 @@ async def test_checksum_mismatch_removes_the_stored_copy(stack: Stack, token: To
                     response = await post_upload(
                         http, proc.url, token(), MultipartUpload([b"hello"])
                     )
+                assert response.status_code == 503, response.text
+                assert error_code(response) == "NO_STORAGE_AVAILABLE"
+                assert int(response.headers["Retry-After"]) > 0
+                assert "reports sha256 " + "0" * 64 in response.json()["error"]["message"]
+                assert len(liar.uploads) == 1
+                assert server.count(f"/api/v1/gc/{liar.uploads[0]}", method="DELETE") == 1
+                assert await _mismatches(proc.url, "liar") == 1
+            finally:
+                await trio.to_thread.run_sync(proc.terminate)
+
+
+async def test_two_elements_reporting_the_same_other_bytes_fail_the_upload_502(
+    stack: Stack, token: TokenFactory
+) -> None:
+    """Two elements that agree on a checksum that is not ours mean the bytes sent were not
+    the bytes hashed (a spool read back wrong, say): no third element would help. `502
+    CHECKSUM_MISMATCH`, and both copies are removed."""
+    first, second = LyingElement(), LyingElement()
+    with trio.fail_after(30):
+        async with serve_http(first) as one, serve_http(second) as two:
+            entries: list[dict[str, object]] = [
+                {"id": "liar-1", "api_url": one.url, "mode": "edit", "priority": 1},
+                {"id": "liar-2", "api_url": two.url, "mode": "edit", "priority": 2},
+            ]
+            proc = await trio.to_thread.run_sync(
+                lambda: _start_with_elements(stack, "agreeing-ingester", entries)
+            )
+            try:
+                async with httpx.AsyncClient(trust_env=False) as http:
+                    response = await post_upload(
+                        http, proc.url, token(), MultipartUpload([b"hello"])
+                    )
                 assert response.status_code == 502, response.text
                 assert error_code(response) == "CHECKSUM_MISMATCH"
-                assert len(uploads) == 1
-                assert liar.count(f"/api/v1/gc/{uploads[0]}", method="DELETE") == 1
-                errors = await read_metric(
-                    proc.url,
-                    "ingester_storage_element_errors_total",
-                    element_id="liar",
-                    kind="CHECKSUM_MISMATCH",
+                assert (len(first.uploads), len(second.uploads)) == (1, 1)
+                assert one.count(f"/api/v1/gc/{first.uploads[0]}", method="DELETE") == 1
+                await eventually(
+                    lambda: two.count(f"/api/v1/gc/{second.uploads[0]}", method="DELETE") == 1,
+                    timeout_s=10,
                 )
-                assert errors == 1
+                # The first counts a failure; the second, which agreed, does not.
+                assert await _mismatches(proc.url, "liar-1") == 1
+                assert await _mismatches(proc.url, "liar-2") == 0
             finally:
                 await trio.to_thread.run_sync(proc.terminate)
 

@@ -482,7 +482,9 @@ async def test_a_wrong_hash_from_the_source_is_caught_and_nothing_is_kept(
     world: World, clock: trio.testing.MockClock
 ) -> None:
     """The element reports the sha256 of what it stored: a source whose hash is not that of
-    its bytes fails the upload (502 CHECKSUM_MISMATCH) and the stored copy is removed."""
+    its bytes looks like a lying element at first (the upload fails over), until a second
+    element reports the same bytes; then the upload fails (502 CHECKSUM_MISMATCH) and both
+    copies are removed."""
     data = random_bytes(2 * MIB)
     wrong = hashlib.sha256(b"not part of the file")
     with trio.fail_after(600):
