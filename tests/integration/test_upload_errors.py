@@ -10,7 +10,8 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import httpx
 import pytest
@@ -491,6 +492,22 @@ class LyingElement:
         return Response.json({"status": "ok"})
 
 
+@asynccontextmanager
+async def _ingester_over(
+    stack: Stack, name: str, entries: list[dict[str, object]]
+) -> AsyncIterator[ManagedProcess]:
+    proc = await trio.to_thread.run_sync(lambda: _start_with_elements(stack, name, entries))
+    try:
+        yield proc
+    finally:
+        await trio.to_thread.run_sync(proc.terminate)
+
+
+async def _upload_once(proc: ManagedProcess, token: TokenFactory, data: bytes) -> httpx.Response:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        return await post_upload(http, proc.url, token(), MultipartUpload([data]))
+
+
 async def _mismatches(url: str, element_id: str) -> float:
     return await read_metric(
         url,
@@ -516,12 +533,8 @@ async def test_an_element_that_stores_other_bytes_is_failed_over_from(
                 stack.se_edit.registry_entry(priority=100),
             ]
             before = stack.all_files()
-            proc = await trio.to_thread.run_sync(
-                lambda: _start_with_elements(stack, "failover-ingester", entries)
-            )
-            try:
-                async with httpx.AsyncClient(trust_env=False) as http:
-                    response = await post_upload(http, proc.url, token(), MultipartUpload([data]))
+            async with _ingester_over(stack, "failover-ingester", entries) as proc:
+                response = await _upload_once(proc, token, data)
                 assert response.status_code == 201, response.text
                 body = response.json()
                 assert body["checksum"] == hashlib.sha256(data).hexdigest()
@@ -531,8 +544,6 @@ async def test_an_element_that_stores_other_bytes_is_failed_over_from(
                 assert await _mismatches(proc.url, "liar") == 1
                 stored = stack.all_files() - before
                 assert [p.read_bytes() for p in stored if not p.name.endswith(".json")] == [data]
-            finally:
-                await trio.to_thread.run_sync(proc.terminate)
 
 
 async def test_with_no_other_element_a_checksum_mismatch_is_503_and_the_copy_removed(
@@ -545,14 +556,8 @@ async def test_with_no_other_element_a_checksum_mismatch_is_503_and_the_copy_rem
     with trio.fail_after(30):
         async with serve_http(liar) as server:
             entry: dict[str, object] = {"id": "liar", "api_url": server.url, "mode": "edit"}
-            proc = await trio.to_thread.run_sync(
-                lambda: _start_with_elements(stack, "liar-ingester", [entry])
-            )
-            try:
-                async with httpx.AsyncClient(trust_env=False) as http:
-                    response = await post_upload(
-                        http, proc.url, token(), MultipartUpload([b"hello"])
-                    )
+            async with _ingester_over(stack, "liar-ingester", [entry]) as proc:
+                response = await _upload_once(proc, token, b"hello")
                 assert response.status_code == 503, response.text
                 assert error_code(response) == "NO_STORAGE_AVAILABLE"
                 assert int(response.headers["Retry-After"]) > 0
@@ -560,8 +565,6 @@ async def test_with_no_other_element_a_checksum_mismatch_is_503_and_the_copy_rem
                 assert len(liar.uploads) == 1
                 assert server.count(f"/api/v1/gc/{liar.uploads[0]}", method="DELETE") == 1
                 assert await _mismatches(proc.url, "liar") == 1
-            finally:
-                await trio.to_thread.run_sync(proc.terminate)
 
 
 async def test_two_elements_reporting_the_same_other_bytes_fail_the_upload_502(
@@ -577,14 +580,8 @@ async def test_two_elements_reporting_the_same_other_bytes_fail_the_upload_502(
                 {"id": "liar-1", "api_url": one.url, "mode": "edit", "priority": 1},
                 {"id": "liar-2", "api_url": two.url, "mode": "edit", "priority": 2},
             ]
-            proc = await trio.to_thread.run_sync(
-                lambda: _start_with_elements(stack, "agreeing-ingester", entries)
-            )
-            try:
-                async with httpx.AsyncClient(trust_env=False) as http:
-                    response = await post_upload(
-                        http, proc.url, token(), MultipartUpload([b"hello"])
-                    )
+            async with _ingester_over(stack, "agreeing-ingester", entries) as proc:
+                response = await _upload_once(proc, token, b"hello")
                 assert response.status_code == 502, response.text
                 assert error_code(response) == "CHECKSUM_MISMATCH"
                 assert (len(first.uploads), len(second.uploads)) == (1, 1)
@@ -596,8 +593,6 @@ async def test_two_elements_reporting_the_same_other_bytes_fail_the_upload_502(
                 # The first counts a failure; the second, which agreed, does not.
                 assert await _mismatches(proc.url, "liar-1") == 1
                 assert await _mismatches(proc.url, "liar-2") == 0
-            finally:
-                await trio.to_thread.run_sync(proc.terminate)
 
 
 def _start_with_elements(
