@@ -547,7 +547,6 @@ class UploadPipeline:
                     else:
                         pool.retry_budget(element.id).on_request(trio.current_time())
                     error: StorageElementError | None = None
-                    lied = False
                     # The stall watchdog or a breaker trip cancels this scope: the attempt
                     # ends, the upload goes on elsewhere.
                     reported = answered = False
@@ -630,7 +629,6 @@ class UploadPipeline:
                         error = ElementChecksumMismatch(
                             mismatch, element_id=element.id, upstream_status=201
                         )
-                        lied = True
                     if failover.record(error):
                         pool.note_failure(element.id, error)
                     if took_trial and not error.retryable:
@@ -653,6 +651,7 @@ class UploadPipeline:
                         removed = move.remove_now and await saga.remove_now(copy)
                         # An element that stored other bytes is not tried again by this
                         # upload, its copy gone or not.
+                        lied = isinstance(error, ElementChecksumMismatch)
                         failover.copy_removed(element.id, confirmed=removed and not lied)
                         if not removed:
                             saga.abandoned(copy)
@@ -710,9 +709,7 @@ class UploadPipeline:
         return None
 
     async def _verify(self, upload: Upload, stored: StoredFile) -> None:
-        mismatch = self._mismatch(upload, stored)
-        if mismatch is not None:
-            raise IntegrityError(mismatch)
+        # Its checksum and size were checked in the attempt loop (`_mismatch`).
         if stored.file_id != upload.file_id:
             raise IntegrityError(
                 f"the Storage Element stored the file as {stored.file_id}, not {upload.file_id}"

@@ -101,40 +101,34 @@ class World:
         except httpx.HTTPError:
             return set()
 
-    def stored(self) -> Counter[str]:
-        """sha256 of every file on every element (their metadata and lock files aside),
-        temporary files included: a leftover of any kind shows up here."""
-        found: Counter[str] = Counter()
+    def _files(self) -> Iterator[tuple[str, Path, str | None]]:
+        """(element id, path, sha256) of every file on every element (their metadata and
+        lock files aside), temporary files included; sha256 None for one the element
+        removed (an aborted upload's, or one just committed under its final name) between
+        listing and reading: whatever became of it shows up in the next look."""
         for se in self.elements:
             for path in se.stored_files():
                 if path.name == ".lock" or path.name.endswith(".attr.json"):
                     continue
                 try:
-                    data = path.read_bytes()
+                    digest: str | None = hashlib.sha256(path.read_bytes()).hexdigest()
                 except FileNotFoundError:
-                    # A temporary file the element removed (an aborted upload's, or one
-                    # just committed under its final name) between listing and reading:
-                    # whatever became of it shows up in the next look.
-                    found["(vanished while read)"] += 1
-                    continue
-                found[hashlib.sha256(data).hexdigest()] += 1
-        return found
+                    digest = None
+                yield se.element_id, path, digest
+
+    def stored(self) -> Counter[str]:
+        """sha256 of every file on every element, temporary files included: a leftover of
+        any kind shows up here."""
+        return Counter(digest or "(vanished while read)" for _, _, digest in self._files())
 
     def copies_of(self, sha256: str) -> list[tuple[str, str]]:
         """(element id, file id) of every stored copy of the bytes with this sha256; the
         file id is the one the storage name ends in (`<stem>_<file_id>.<ext>`)."""
-        found = []
-        for se in self.elements:
-            for path in se.stored_files():
-                if path.name == ".lock" or path.name.endswith(".attr.json"):
-                    continue
-                try:
-                    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                except FileNotFoundError:
-                    continue
-                if digest == sha256:
-                    found.append((se.element_id, path.stem.rsplit("_", 1)[-1]))
-        return found
+        return [
+            (element_id, path.stem.rsplit("_", 1)[-1])
+            for element_id, path, digest in self._files()
+            if digest == sha256
+        ]
 
     def trace(self, file_id: str, limit: int = 20) -> list[str]:
         """The log lines of every replica and element that name `file_id`, or the upload id
