@@ -6,6 +6,9 @@ requests are fakes too (httpcore's set a trio event when handed a connection).""
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import httpcore
 import pytest
 
@@ -40,6 +43,24 @@ class Fake:
 
     def __repr__(self) -> str:
         return f"<{self.name} {self.state}>"
+
+
+class Polled(Fake):
+    """An idle connection as httpcore builds them: its keep-alive expiry readable without
+    I/O (`_connection._expire_at`), and `has_expired` a poll of its socket (counted) that
+    finds whether its server closed it."""
+
+    def __init__(
+        self, name: str, *, server_closed: bool = False, expire_at: float | None = None
+    ) -> None:
+        super().__init__(name)
+        self._connection = SimpleNamespace(_expire_at=expire_at)
+        self.server_closed = server_closed
+        self.polls = 0
+
+    def has_expired(self) -> bool:
+        self.polls += 1
+        return self.server_closed
 
 
 def pool(*connections: Fake, max_connections: int = 4, keepalive: int = 4) -> LinearPool:
@@ -115,6 +136,35 @@ def test_closed_connections_are_dropped_and_expired_ones_closed() -> None:
     p = pool(closed, expired, idle)
     assert names(p._assign_requests_to_connections()) == ["expired"]
     assert names(p._connections) == ["idle"]
+
+
+def test_idle_sockets_are_polled_only_when_one_is_handed_out() -> None:
+    old, young = Polled("old"), Polled("young")
+    p = pool(old, young)
+    assert p._assign_requests_to_connections() == []
+    assert (old.polls, young.polls) == (0, 0)
+    request = queue(p)
+    assert p._assign_requests_to_connections() == []
+    assert request.connection is old
+    assert (old.polls, young.polls) == (1, 0)
+
+
+def test_a_connection_its_server_closed_is_closed_when_chosen_and_the_next_one_taken() -> None:
+    dead, live = Polled("dead", server_closed=True), Polled("live")
+    p = pool(dead, live)
+    request = queue(p)
+    assert names(p._assign_requests_to_connections()) == ["dead"]
+    assert request.connection is live
+    assert names(p._connections) == ["live"]
+
+
+def test_a_connection_idle_past_its_keepalive_expiry_closes_without_a_poll() -> None:
+    lapsed = Polled("lapsed", expire_at=time.monotonic() - 1)
+    fresh = Polled("fresh", expire_at=time.monotonic() + 60)
+    p = pool(lapsed, fresh)
+    assert names(p._assign_requests_to_connections()) == ["lapsed"]
+    assert names(p._connections) == ["fresh"]
+    assert (lapsed.polls, fresh.polls) == (0, 0)
 
 
 def test_the_keepalive_limit_counts_idle_connections_and_closes_the_oldest() -> None:
