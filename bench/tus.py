@@ -272,6 +272,10 @@ def client_upload(bench: Bench, client: str, path: Path, http: httpx.Client) -> 
     state = http.get(url, headers=tus_headers(bench)).json()
     return {
         "wall_s": wall,
+        # From the client's first request to its success: without the process's start-up
+        # and, for the Node script, its read of the whole file into memory first (0.3-0.6 s
+        # for 1 GiB here), which are the client's, not the upload's.
+        "upload_s": float(report["total"]),
         "final_patch_s": report.get("finalPatch", report.get("final_patch")),
         "cpu": cpu,
         "checksum": state["result"]["checksum"],
@@ -286,7 +290,7 @@ def clients(bench: Bench, path: Path, size: int, rounds: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with httpx.Client(trust_env=False, timeout=600) as http:
         for client in ("tus-js-client", "tuspy"):
-            tus_rates, multipart_rates, finals, peaks = [], [], [], []
+            tus_rates, wall_rates, multipart_rates, finals, peaks = [], [], [], [], []
             cpus: list[Cpu] = []
             for _ in range(rounds):
                 clear_data(bench.se)
@@ -297,13 +301,16 @@ def clients(bench: Bench, path: Path, size: int, rounds: int) -> dict[str, Any]:
                 peaks.append(peak_rss_mb(bench.ingester.pid))
                 if run["checksum"] != expected:
                     raise RuntimeError(f"{client}'s upload stored other bytes")
-                tus_rates.append(size / run["wall_s"] / MIB)
+                tus_rates.append(size / run["upload_s"] / MIB)
+                wall_rates.append(size / run["wall_s"] / MIB)
                 finals.append(run["final_patch_s"])
                 cpus.append(run["cpu"])
             out[client] = {
                 "tus_mib_s": [round(x) for x in tus_rates],
                 "multipart_mib_s": [round(x) for x in multipart_rates],
                 "ratio": round(med(tus_rates) / med(multipart_rates), 3),
+                "wall_mib_s": [round(x) for x in wall_rates],
+                "ratio_wall": round(med(wall_rates) / med(multipart_rates), 3),
                 "final_patch_s": [round(x, 2) for x in finals],
                 "cpu_s_per_gib": {
                     "ingester": round(med(c.ingester for c in cpus) / gib, 2),
@@ -459,8 +466,9 @@ def report(r: dict[str, Any]) -> str:
         per = c["cpu_s_per_gib"]
         rows += [
             (
-                f"{size} MiB, {client} / multipart (curl)",
-                f"{c['ratio']:.2f} ({c['tus_mib_s']} vs {c['multipart_mib_s']} MiB/s)",
+                f"{size} MiB, {client} / multipart (curl): the upload (the whole process)",
+                f"{c['ratio']:.2f} ({c['tus_mib_s']} vs {c['multipart_mib_s']} MiB/s); "
+                f"{c.get('ratio_wall', c['ratio']):.2f} ({c.get('wall_mib_s', c['tus_mib_s'])})",
                 f"≥ 0.85: {_met(c['ratio'] >= 0.85)}",
             ),
             (
