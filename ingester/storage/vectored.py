@@ -8,16 +8,8 @@ forms) put 12% of the event loop's GIL samples on that join. Here a large `Data`
 parts go out as they are, in one `sendmsg` (scatter-gather): the size line and the CRLF
 cost a few bytes each, the data none.
 
-**Small writes are gathered.** httpcore writes a request's head, then each body piece,
-then the end of a chunked body, each with its own `sendto`: five for a 4 KiB upload (head,
-the form's head, the file, the form's tail, the last chunk), and as many TCP segments for
-the element to wake up to. Here the head and small pieces wait in the connection and go
-out together with the next large piece or the end of the body, in one `sendmsg`: a small
-upload's whole request in one write. Nothing is held past the end of a request, and a
-request that fails before its end was never seen by the element.
-
-Everything else goes httpcore's own way: TLS streams (no `sendmsg`), and any stream that
-is not trio's. A body may also hand out `Pieces`, several
+Everything else goes httpcore's own way: small pieces, other events, TLS streams (no
+`sendmsg`), and any stream that is not trio's. A body may also hand out `Pieces`, several
 buffers as one piece, which go out the same way, unjoined. httpcore and h11 are pinned (pyproject);
 `tests/integration/test_vectored_send.py` checks the hook over real sockets.
 """
@@ -26,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from math import inf
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import h11
 import httpcore
@@ -115,56 +107,28 @@ def _socket_stream(connection: AsyncHTTP11Connection) -> trio.SocketStream | Non
     return None
 
 
-# Where a connection keeps the small writes not sent yet (see the module).
-_PENDING: Final = "_ingester_pending"
-
-
 async def _send_event(
     self: AsyncHTTP11Connection,
     event: h11.Event,
     timeout: float | None = None,  # noqa: ASYNC109 (httpcore's signature)
 ) -> None:
-    stream = _socket_stream(self)
-    kind = type(event)
-    data: Any = event.data if kind is h11.Data else None  # type: ignore[attr-defined]
-    if stream is None:
-        if type(data) is Pieces:
-            # h11 takes any bytes-like piece (a memoryview too), as it did before the hook.
-            event = h11.Data(data=cast(bytes, data.joined()))
-        await _original_send_event(self, event, timeout)
-        return
-    pending: list[Buffer] = getattr(self, _PENDING, None) or []
-    if data is not None and (type(data) is Pieces or len(data) >= VECTORED_MIN_BYTES):
-        parts = flat(self._h11_state.send_with_data_passthrough(event) or ())
-        await _flush(self, stream, [*pending, *parts], timeout)
-        return
-    out = self._h11_state.send(event)
-    if out:
-        pending.append(out)
-    if kind is h11.Request or (
-        kind is h11.Data and sum(len(p) for p in pending) < VECTORED_MIN_BYTES
-    ):
-        # The head, or a small piece: it waits for the next write.
-        setattr(self, _PENDING, pending)
-        return
-    # The end of the body (or a large enough heap of small pieces): out with all of it.
-    await _flush(self, stream, pending, timeout)
-
-
-async def _flush(
-    connection: AsyncHTTP11Connection,
-    stream: trio.SocketStream,
-    parts: list[Buffer],
-    limit_s: float | None,
-) -> None:
-    setattr(connection, _PENDING, None)
-    if not parts:
-        return
-    try:
-        with trio.fail_after(inf if limit_s is None else limit_s):
-            await send_parts(stream, parts)
-    except trio.TooSlowError as exc:
-        raise httpcore.WriteTimeout(str(exc)) from exc
+    if type(event) is h11.Data:
+        data: Any = event.data
+        several = type(data) is Pieces
+        if several or len(data) >= VECTORED_MIN_BYTES:
+            stream = _socket_stream(self)
+            if stream is not None:
+                parts = self._h11_state.send_with_data_passthrough(event)
+                if parts:
+                    try:
+                        with trio.fail_after(inf if timeout is None else timeout):
+                            await send_parts(stream, flat(parts))
+                    except trio.TooSlowError as exc:
+                        raise httpcore.WriteTimeout(str(exc)) from exc
+                return
+            if several:
+                event = h11.Data(data=data.joined())
+    await _original_send_event(self, event, timeout)
 
 
 def install() -> None:
