@@ -50,9 +50,14 @@ SHAPES: Final = ("file_only", "fields_first", "fields_last", "tus")
 PLAN = ["retention_policy=temporary", "compress=false"]
 
 
+def stat_fields(path: str) -> list[str]:
+    """A `/proc/.../stat` line after the process or thread name: field N of the whole line
+    is [N - 3]."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
 def _stat(pid: int) -> list[str]:
-    """`/proc/PID/stat` after the process name: field N of the whole line is [N - 3]."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return stat_fields(f"/proc/{pid}/stat")
 
 
 def proc_cpu_s(pid: int) -> float:

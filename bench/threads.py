@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +41,9 @@ from bench.harness import (
     make_file,
     run_uploads,
 )
+from bench.shapes import TICK, stat_fields
 from bench.tus import CHUNK, create, curl_patches, split
 
-TICK: Final = os.sysconf("SC_CLK_TCK")
 GIB: Final = 1024 * MIB
 SHAPES: Final = ("file_only", "tus", "concurrency")
 CONCURRENT: Final = (64, 16 * MIB)
@@ -74,17 +73,14 @@ def threads(pid: int) -> Ticks:
     out: Ticks = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            fields = stat_fields(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue  # a worker thread that ended meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()
         out[int(tid)] = (int(fields[11]), int(fields[12]))
     return out
 
 
-def split_of(
-    pid: int, before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
-) -> Split:
+def split_of(pid: int, before: Ticks, after: Ticks) -> Split:
     sums = [0.0, 0.0, 0.0, 0.0]
     for tid, (user, system) in after.items():
         user0, system0 = before.get(tid, (0, 0))
@@ -120,15 +116,6 @@ def measure(bench: Bench, label: str, gib: float, upload: Callable[[], None]) ->
     print(f"  {label}: machine {busy_share(cpu_before, cpu_after):.0%} busy; " + "; ".join(parts))
 
 
-def _curl(argv: list[str]) -> Callable[[], None]:
-    def run() -> None:
-        done = subprocess.run(argv, capture_output=True, check=False, timeout=CLIENT_TIMEOUT_S)
-        if done.stdout.decode().split()[:1] != ["201"]:
-            raise RuntimeError(f"upload failed: {done.stdout[:100]!r} {done.stderr[:200]!r}")
-
-    return run
-
-
 def _many(argvs: list[list[str]]) -> Callable[[], None]:
     def run() -> None:
         _, results = run_uploads(argvs)
@@ -161,11 +148,11 @@ def run_shape(bench: Bench, shape: str, size: int, rounds: int) -> None:
     else:
         path = make_file(bench.root / "threads.bin", size, compressible=False)
         gib = size / GIB
-        direct = _curl(curl_upload_argv(bench.upload_url(True), bench.token, path))
+        direct = _many([curl_upload_argv(bench.upload_url(True), bench.token, path)])
         if shape == "tus":
             through = _tus(bench, size, split(path, size, CHUNK))
         else:
-            through = _curl(curl_upload_argv(bench.upload_url(False), bench.token, path))
+            through = _many([curl_upload_argv(bench.upload_url(False), bench.token, path)])
         print(f"{shape}, {size // MIB} MiB, CPU-s/GiB (user + system)")
     clear_data(bench.se)
     through()  # the warm-up: new page-cache pages for the spool or the data file

@@ -105,6 +105,10 @@ class LinearPool(httpcore.AsyncConnectionPool):
         return closing
 
 
+# What `_lapsed` gets when a connection has no keep-alive expiry to read.
+_UNKNOWN: Any = object()
+
+
 def _lapsed(connection: AsyncConnectionInterface, now: float) -> bool:
     """Idle past the keep-alive expiry, or a connection that failed to connect: httpcore's
     `has_expired` without its poll of the socket. A connection of another kind (none in
@@ -118,9 +122,6 @@ def _lapsed(connection: AsyncConnectionInterface, now: float) -> bool:
     if expire_at is _UNKNOWN:
         return connection.has_expired()
     return expire_at is not None and now > expire_at
-
-
-_UNKNOWN: Any = object()
 
 
 class LinearPoolTransport(httpx.AsyncHTTPTransport):
