@@ -20,6 +20,17 @@ failover replays from it.
 An abandoned stream's element request is cancelled (the element discards it; the saga
 removes any copy), and the completion stores the upload from its data file as before: the
 fallback. Streams live only in this process: another replica knows nothing of them.
+
+Who hashes, and where the reader gets its bytes. The stream keeps one sha256 of the file's
+bytes from the first, `hashed_to` long. A PATCH's batch written at exactly `hashed_to`
+(the reader has hashed everything before it) is hashed in the hop that writes it
+(`claim_hash`) and kept in memory for the reader (`advance` with the batch, within the
+upload's memory budget): the reader then takes it with no hop and no read-back, so a byte
+costs one worker-thread hop, as in a multipart upload. Anything else the reader reads back
+from the file: bytes already hashed without hashing them again, the rest hashed in the same
+hop (an upload resumed here starts so, behind the file; it goes over to the writer's hashing
+once it has caught up). One hop at a time feeds the hasher (`hashing`); a write that fails
+after hashing leaves the digest ahead of the file and abandons the stream.
 """
 
 from __future__ import annotations
@@ -28,14 +39,26 @@ import hashlib
 import logging
 import math
 import os
-from typing import Any
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from ..saga.commit import ResultCommit
-from .data import READ_CHUNK, pread_and_hash
+from ..upload.budget import UploadBudget
+from .data import READ_CHUNK, pread, pread_and_hash
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 log = logging.getLogger(__name__)
+
+# The most written bytes a stream holds for its reader. A reader that keeps up (the element
+# takes bytes faster than the client sends them, the usual case) trails by a batch or two;
+# one further behind reads the file back, as a resumed upload's does. Measured (1 GiB, curl,
+# 8 MiB PATCHes): 4 MiB, no read-back at all but the ingester's peak RSS at 101 MB with
+# tus-js-client; 2 MiB, about a fifth read back, peak RSS as before holding (96-98 MB).
+HELD_MAX_BYTES: Final = 2 * 1024 * 1024
 
 
 class LiveStream:
@@ -49,6 +72,7 @@ class LiveStream:
         readable: int,
         window_s: float,
         lag_bytes: int,
+        budget: UploadBudget | None = None,
     ):
         self.upload_id = upload_id
         self.path = path
@@ -80,6 +104,15 @@ class LiveStream:
         self.read_to = 0
         self._lag_allowed = readable + max(lag_bytes, READ_CHUNK)
         self._caught_up = trio.Event()
+        # The digest of the file's first `hashed_to` bytes; `hashing` while a hop feeds it.
+        self.sha256 = hashlib.sha256()
+        self.hashed_to = 0
+        self.hashing = False
+        # Batches the writer hashed, by position, until the reader takes them: at most
+        # HELD_MAX_BYTES, within `budget` (None: nothing is held).
+        self._budget = budget
+        self._held: deque[tuple[int, list[bytes], int]] = deque()
+        self._held_bytes = 0
 
     @property
     def usable(self) -> bool:
@@ -93,10 +126,67 @@ class LiveStream:
         self.receiving = True
         self._wake()
 
-    def advance(self, readable: int) -> None:
+    def claim_hash(self, position: int) -> _Hash | None:
+        """The digest, for the hop that writes a batch at `position`, when every byte before
+        it is hashed and no other hop feeds it; the writer then calls `advance` with the
+        batch, or `abandon` if its hop failed. None: the reader hashes the batch."""
+        if not self.usable or self.hashing or self.hashed_to != position:
+            return None
+        self.hashing = True
+        return self.sha256
+
+    def advance(self, readable: int, hashed: list[bytes] | None = None) -> None:
+        """The file holds `readable` bytes. `hashed`: the batch that ends there, which the
+        writer hashed (`claim_hash`)."""
+        if hashed is not None:
+            size = sum(len(chunk) for chunk in hashed)
+            self.hashing = False
+            self.hashed_to = readable
+            self._hold(readable - size, hashed, size)
         if readable > self.readable:
             self.readable = readable
             self._wake()
+
+    def _hold(self, position: int, batch: list[bytes], size: int) -> None:
+        budget = self._budget
+        if (
+            budget is None
+            or not self.usable
+            or self._held_bytes + size > HELD_MAX_BYTES
+            or not budget.try_acquire(size)
+        ):
+            return
+        self._held.append((position, batch, size))
+        self._held_bytes += size
+
+    def take_held(self, position: int) -> list[bytes] | None:
+        """The held batch that starts at `position` (the reader's), if any; those before it
+        are dropped (the reader read them back)."""
+        held = self._held
+        while held and held[0][0] < position:
+            self._drop()
+        if not held or held[0][0] != position:
+            return None
+        batch = held[0][1]
+        self._drop()
+        return batch
+
+    def held_from(self, position: int) -> int | None:
+        """Where the first held batch after `position` starts: a read back stops there."""
+        for start, _, _ in self._held:
+            if start > position:
+                return start
+        return None
+
+    def _drop(self) -> None:
+        _, _, size = self._held.popleft()
+        self._held_bytes -= size
+        assert self._budget is not None
+        self._budget.release(size)
+
+    def _release_held(self) -> None:
+        while self._held:
+            self._drop()
 
     def has_read(self, position: int) -> None:
         self.read_to = position
@@ -137,6 +227,7 @@ class LiveStream:
         """The store ended (stored, failed or abandoned): `done`, and a PATCH waiting for
         the stream goes on."""
         self.done.set()
+        self._release_held()
         self._caught_up.set()
         self._wake()
 
@@ -144,6 +235,7 @@ class LiveStream:
         if self.abandoned is not None or self.done.is_set():
             return
         self.abandoned = reason
+        self._release_held()
         self.scope.cancel()
         self._caught_up.set()
         log.info(
@@ -170,17 +262,20 @@ class LiveStream:
 
 class FollowingReader:
     """The data file as the stream may read it: up to `readable`, waiting for more, ending
-    at the upload's length once handed over. Reads whole `READ_CHUNK`s while PATCHes come
-    (a remainder waits for the next batch or the hand-over), and hashes each in the hop
-    that read it (`sha256`, the pipeline's `prehashed`): one thread hop per MiB. A class,
-    not an async generator: the pipeline may stop reading at any point, and `aclose` then
-    closes the file."""
+    at the upload's length once handed over. A batch the writer hashed and the stream holds
+    comes from memory; anything else is read back from the file, whole `READ_CHUNK`s while
+    PATCHes come (a remainder waits for the next batch or the hand-over), and hashed in the
+    hop that read it unless the writer hashed it (`sha256`, the pipeline's `prehashed`, is
+    the stream's). A class, not an async generator: the pipeline may stop reading at any
+    point, and `aclose` then closes the file."""
 
     def __init__(self, stream: LiveStream) -> None:
         self._stream = stream
         self._fd: int | None = None
         self.position = 0
-        self.sha256 = hashlib.sha256()
+        self.sha256 = stream.sha256
+        # A held batch's pieces not yet handed on.
+        self._pieces: deque[bytes] = deque()
 
     def __aiter__(self) -> FollowingReader:
         return self
@@ -193,32 +288,68 @@ class FollowingReader:
                 # its request, the saga removes any copy).
                 await trio.lowlevel.checkpoint()
                 raise AssertionError("an abandoned stream's store was not cancelled")
+            if self._pieces:
+                return self._handed(self._pieces.popleft())
             available = stream.readable - self.position
+            if available > 0:
+                held = stream.take_held(self.position)
+                if held is not None:
+                    self._pieces.extend(held)
+                    continue
             if available >= READ_CHUNK or (
                 available > 0 and (stream.handed_over or stream.readable >= stream.length)
             ):
                 return await self._read(min(READ_CHUNK, available))
             if self.position >= stream.length and stream.handed_over:
+                if stream.hashed_to != self.position:
+                    stream.abandon("the stream's digest does not cover the file")
+                    continue
                 raise StopAsyncIteration
             await stream.wait_for_change()
 
-    async def _read(self, size: int) -> bytes:
-        if self._fd is None:
-            self._fd = await trio.to_thread.run_sync(
-                os.open, self._stream.path, os.O_RDONLY | os.O_CLOEXEC
-            )
-        data = await trio.to_thread.run_sync(
-            pread_and_hash, self._fd, size, self.position, self.sha256
-        )
-        if not data:
-            self._stream.abandon("the data file is shorter than the bytes written to it")
-            await trio.lowlevel.checkpoint()
-            raise AssertionError("an abandoned stream's store was not cancelled")
+    def _handed(self, data: bytes) -> bytes:
         self.position += len(data)
         self._stream.has_read(self.position)
         return data
 
+    async def _read(self, size: int) -> bytes:
+        stream = self._stream
+        if self._fd is None:
+            self._fd = await trio.to_thread.run_sync(
+                os.open, stream.path, os.O_RDONLY | os.O_CLOEXEC
+            )
+        position = self.position
+        # Up to the next batch held in memory, not into it: the reader then takes it whole.
+        held = stream.held_from(position)
+        if held is not None:
+            size = min(size, held - position)
+        if position < stream.hashed_to:
+            # The writer hashed these: read back, not hashed again.
+            data = await trio.to_thread.run_sync(
+                pread, self._fd, min(size, stream.hashed_to - position), position
+            )
+        elif stream.hashing or stream.hashed_to != position:
+            # Cannot be: the writer hashes only at `hashed_to`, past what may be read.
+            stream.abandon("the stream's digest lost its place")
+            await trio.lowlevel.checkpoint()
+            raise AssertionError("an abandoned stream's store was not cancelled")
+        else:
+            stream.hashing = True
+            try:
+                data = await trio.to_thread.run_sync(
+                    pread_and_hash, self._fd, size, position, self.sha256
+                )
+            finally:
+                stream.hashing = False
+            stream.hashed_to = position + len(data)
+        if not data:
+            stream.abandon("the data file is shorter than the bytes written to it")
+            await trio.lowlevel.checkpoint()
+            raise AssertionError("an abandoned stream's store was not cancelled")
+        return self._handed(data)
+
     async def aclose(self) -> None:
+        self._pieces.clear()
         fd, self._fd = self._fd, None
         if fd is not None:
             with trio.CancelScope(shield=True):

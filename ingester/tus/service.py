@@ -37,7 +37,7 @@ import trio
 
 from .. import logs
 from ..auth.principal import Principal
-from ..concurrency import cleanup_scope
+from ..concurrency import cleanup_scope, collapse
 from ..errors import (
     FileTooLarge,
     IdempotencyKeyReused,
@@ -1080,6 +1080,7 @@ class TusService:
             upload.offset,
             window,
             lag_bytes=self.settings.tus_pipeline_lag_bytes,
+            budget=UploadBudget(self.memory),
         )
         self._streams[upload.id] = stream
         nursery.start_soon(self._run_stream, stream, upload, principal)
@@ -1400,7 +1401,11 @@ class TusService:
 
 class _Receiver:
     """One request body into one data file: batched writes in threads, checkpoints, the
-    checksum, and the final save."""
+    checksum, and the final save.
+
+    A batch is written (and hashed) in a worker thread while the next one is read: at most
+    one write in flight, in `pump`'s nursery. A checkpoint waits for it, so the offset it
+    saves counts only bytes written before its fsync."""
 
     def __init__(
         self,
@@ -1435,26 +1440,43 @@ class _Receiver:
         self.refused = False
         # The pipelined store, told of each batch written.
         self.stream: LiveStream | None = None
+        # While the body is read: where a batch's write runs, and whether one is in flight.
+        self._writes: trio.Nursery | None = None
+        self._written = trio.Event()
+        self._written.set()
 
     async def pump(self, body: AsyncIterator[bytes]) -> None:
         tus = self.tus
         idle_s = tus.settings.client_idle_timeout_s
         room = self.upload.room(tus.max_size)
-        # One scope for the whole body, armed only while waiting for the client (a slow
-        # disk is not an idle client): a scope per chunk cost more than the rest of the loop.
-        with trio.CancelScope() as idle:
-            while True:
-                idle.deadline = trio.current_time() + idle_s
-                try:
-                    chunk = await anext(body)
-                except StopAsyncIteration:
-                    break
-                idle.deadline = math.inf
-                if self.skip:
-                    chunk = await self._skipped(chunk)
-                    if not chunk:
-                        continue
-                await self._take_checked(chunk, room)
+        try:
+            async with trio.open_nursery() as writes:
+                self._writes = writes
+                # One scope for the whole body, armed only while waiting for the client (a
+                # slow disk is not an idle client): a scope per chunk cost more than the rest
+                # of the loop.
+                with trio.CancelScope() as idle:
+                    while True:
+                        idle.deadline = trio.current_time() + idle_s
+                        try:
+                            chunk = await anext(body)
+                        except StopAsyncIteration:
+                            break
+                        idle.deadline = math.inf
+                        if self.skip:
+                            chunk = await self._skipped(chunk)
+                            if not chunk:
+                                continue
+                        await self._take_checked(chunk, room)
+        except BaseExceptionGroup as group:
+            # The body's or the write's own error, not wrapped by the nursery (a group of
+            # nothing but Cancelled goes on as it is).
+            error = collapse(group)
+            if error is group:
+                raise
+            raise error from None
+        finally:
+            self._writes = None
         if idle.cancelled_caught:
             raise RequestTimeout(f"no data from the client for {idle_s:g} s")
         await self._flush()
@@ -1515,12 +1537,24 @@ class _Receiver:
         self.pending_size += len(chunk)
         self.received += len(chunk)
         if self.pending_size >= WRITE_BATCH:
-            await self._flush()
+            # The write before this batch's is done (a failed one has cancelled this).
+            await self._written.wait()
             if self.checksum is None and self.unsaved >= CHECKPOINT_BYTES:
                 await self._checkpoint()
+            if self._writes is None:
+                await self._flush()
+            else:
+                self._written = trio.Event()
+                self._writes.start_soon(self._flush_behind, self._written)
             if self.stream is not None:
                 # Not past what the element takes, by more than the stream's slack.
                 await self.stream.keep_pace()
+
+    async def _flush_behind(self, written: trio.Event) -> None:
+        try:
+            await self._flush()
+        finally:
+            written.set()
 
     async def _flush(self) -> None:
         if not self.pending:
@@ -1533,11 +1567,24 @@ class _Receiver:
         assert self.writer is not None
         chunks, self.pending = self.pending, []
         size, self.pending_size = self.pending_size, 0
+        writer, stream = self.writer, self.stream
+        # The pipelined store's digest, when this batch is the next it needs: hashed in the
+        # write's hop, then handed to the stream from memory.
+        stream_hash = (
+            stream.claim_hash(writer.start + writer.written) if stream is not None else None
+        )
         try:
-            await self.writer.write(chunks, self.hasher)
+            try:
+                await writer.write(chunks, self.hasher, stream_hash)
+            except BaseException:
+                if stream is not None and stream_hash is not None:
+                    stream.abandon("a write it had hashed failed")
+                raise
             self.unsaved += size
-            if self.stream is not None:
-                self.stream.advance(self.writer.start + self.writer.written)
+            if stream is not None:
+                stream.advance(
+                    writer.start + writer.written, chunks if stream_hash is not None else None
+                )
         finally:
             self.budget.release(size)
 

@@ -10,7 +10,8 @@ import trio
 import trio.testing
 
 from ingester.settings import Settings
-from ingester.tus.pipelined import LiveStream
+from ingester.tus.pipelined import HELD_MAX_BYTES, LiveStream
+from ingester.upload.budget import MemoryBudget, UploadBudget
 from tests.support.waiting import blocked_task
 
 MIB = 1024 * 1024
@@ -204,3 +205,86 @@ async def test_a_stream_that_started_behind_may_stay_as_far_behind(
             await trio.testing.wait_all_tasks_blocked()
             live.has_read(MIB)
         assert trio.current_time() == 0
+
+
+# --- who hashes, and the batches held for the reader -------------------------------------
+
+
+def hashed_stream(budget_bytes: int = 64 * MIB) -> tuple[LiveStream, MemoryBudget]:
+    memory = MemoryBudget(budget_bytes)
+    live = LiveStream(
+        "a" * 32, "/nonexistent", 64 * MIB, 0, 2.0, LAG_MAX_BYTES, UploadBudget(memory)
+    )
+    live.patch_started()
+    return live, memory
+
+
+async def test_the_writer_hashes_a_batch_only_at_the_digests_end(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    live, _ = hashed_stream()
+    # Not where the digest ends: the reader hashes those bytes.
+    assert live.claim_hash(MIB) is None
+    hasher = live.claim_hash(0)
+    assert hasher is live.sha256
+    # One hop at a time feeds the digest.
+    assert live.claim_hash(0) is None
+    batch = [b"a" * (MIB // 2), b"b" * (MIB // 2)]
+    live.advance(MIB, batch)
+    assert (live.hashed_to, live.hashing, live.readable) == (MIB, False, MIB)
+    assert live.claim_hash(MIB) is live.sha256
+
+
+async def test_a_hashed_batch_is_held_for_the_reader_within_the_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    live, memory = hashed_stream()
+    first, second = [b"a" * MIB], [b"b" * MIB]
+    live.claim_hash(0)
+    live.advance(MIB, first)
+    live.claim_hash(MIB)
+    live.advance(2 * MIB, second)
+    assert memory.used == 2 * MIB
+    # The reader at the second: the first was read back (dropped), the second handed over.
+    assert live.take_held(MIB) == second
+    assert memory.used == 0
+    assert live.take_held(2 * MIB) is None
+
+
+async def test_held_batches_stop_at_their_cap_and_at_the_budget(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    live, memory = hashed_stream()
+    position = 0
+    while position < HELD_MAX_BYTES + 2 * MIB:
+        live.claim_hash(position)
+        position += MIB
+        live.advance(position, [b"x" * MIB])
+    assert memory.used == HELD_MAX_BYTES
+    # Past the cap the reader reads back: the first batch beyond it is not held.
+    assert live.take_held(HELD_MAX_BYTES) is None
+    assert memory.used == 0
+
+    tight, memory = hashed_stream(budget_bytes=MIB // 2)
+    tight.claim_hash(0)
+    tight.advance(MIB, [b"x" * MIB])
+    assert memory.used == 0
+    assert tight.take_held(0) is None
+    assert tight.hashed_to == MIB
+
+
+@pytest.mark.parametrize("end", ["abandoned", "finished"])
+async def test_an_ended_stream_gives_its_held_batches_back(
+    autojump_clock: trio.testing.MockClock, end: str
+) -> None:
+    live, memory = hashed_stream()
+    live.claim_hash(0)
+    live.advance(MIB, [b"x" * MIB])
+    assert memory.used == MIB
+    if end == "abandoned":
+        live.abandon("the test")
+    else:
+        live.finish()
+    assert memory.used == 0
+    # Nothing is hashed or held for it any more.
+    assert live.claim_hash(MIB) is None
