@@ -1575,7 +1575,10 @@ class _Receiver:
         )
         try:
             try:
-                await writer.write(chunks, self.hasher, stream_hash)
+                # Shielded: the batch left `pending`, so a write cancelled before its hop
+                # began (the client gone) would lose it; the hop itself cannot be cancelled.
+                with trio.CancelScope(shield=True):
+                    await writer.write(chunks, self.hasher, stream_hash)
             except BaseException:
                 if stream is not None and stream_hash is not None:
                     stream.abandon("a write it had hashed failed")
