@@ -441,14 +441,29 @@ async def test_a_file_an_element_stores_after_its_ingester_died_is_removed(
             one = await world.ingester("one", elements=[late], **env)
             two = await world.ingester("two", elements=[late], **env)
 
+            # What the client got, should the element never see the body (a CI run once
+            # waited the whole 20 s for it, with nothing to say why).
+            answered: list[str] = []
+
             async def client() -> None:
-                with contextlib.suppress(httpx.HTTPError):
-                    await post_upload(http, one.url, token, MultipartUpload([b"L" * size]))
+                try:
+                    response = await post_upload(
+                        http, one.url, token, MultipartUpload([b"L" * size])
+                    )
+                    answered.append(f"{response.status_code} {response.text[:300]}")
+                except httpx.HTTPError as exc:
+                    answered.append(repr(exc))
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client)
                 # Every byte is on the element, which writes the file now; the ingester dies.
-                await eventually(lambda: received() != [], timeout_s=20)
+                try:
+                    await eventually(lambda: received() != [], timeout_s=20)
+                except trio.TooSlowError:
+                    raise AssertionError(
+                        f"the element never received the body; the client got {answered}\n"
+                        f"ingester:\n{one.log_tail()}\nelement:\n{late.log_tail()}"
+                    ) from None
                 one.kill()
                 nursery.cancel_scope.cancel()
 
