@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.lowlevel
@@ -89,39 +90,36 @@ async def stream_upload(
     return b"".join(got), reader.sha256.hexdigest(), live
 
 
-async def test_a_fresh_uploads_bytes_go_from_the_writer_to_the_reader_in_memory(
-    tmp_path: Path,
-) -> None:
+async def check_streamed(tmp_path: Path, size: int, **options: Any) -> None:
+    """One upload of `size` bytes through `stream_upload`: the reader hands on every byte,
+    in order, and its digest covers each byte once, whoever hashed it."""
     with trio.fail_after(30):
-        data = payload(6 * MIB + 12345)
-        got, digest, live = await stream_upload(tmp_path, data, unlink=True)
-        assert live.abandoned is None
-        assert got == data
-        assert digest == hashlib.sha256(data).hexdigest()
-
-
-async def test_a_stream_resumed_here_reads_back_then_takes_over_from_the_writer(
-    tmp_path: Path,
-) -> None:
-    with trio.fail_after(30):
-        data = payload(8 * MIB + 777)
-        got, digest, live = await stream_upload(tmp_path, data, already=3 * MIB)
+        data = payload(size)
+        got, digest, live = await stream_upload(tmp_path, data, **options)
         assert live.abandoned is None
         assert got == data
         assert digest == hashlib.sha256(data).hexdigest()
         assert live.hashed_to == len(data)
 
 
+async def test_a_fresh_uploads_bytes_go_from_the_writer_to_the_reader_in_memory(
+    tmp_path: Path,
+) -> None:
+    # The file unlinked under the writer: a reader that read anything back would fail.
+    await check_streamed(tmp_path, 6 * MIB + 12345, unlink=True)
+
+
+async def test_a_stream_resumed_here_reads_back_then_takes_over_from_the_writer(
+    tmp_path: Path,
+) -> None:
+    await check_streamed(tmp_path, 8 * MIB + 777, already=3 * MIB)
+
+
 async def test_with_no_memory_to_hold_batches_the_hashed_bytes_are_read_back_once(
     tmp_path: Path,
 ) -> None:
-    with trio.fail_after(30):
-        data = payload(5 * MIB + 1)
-        got, digest, live = await stream_upload(tmp_path, data, budget_bytes=MIB // 4)
-        assert live.abandoned is None
-        assert got == data
-        # Hashed by the writer, read back unhashed: each byte in the digest once.
-        assert digest == hashlib.sha256(data).hexdigest()
+    # Hashed by the writer, read back unhashed: a byte hashed twice fails the digest.
+    await check_streamed(tmp_path, 5 * MIB + 1, budget_bytes=MIB // 4)
 
 
 async def test_after_a_stretch_read_back_the_reader_takes_held_batches_again(
