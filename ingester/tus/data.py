@@ -401,11 +401,6 @@ def start_writeback(fd: int, position: int, size: int) -> None:
         _SYNC_FILE_RANGE(fd, position, size, _SYNC_FILE_RANGE_WRITE)
 
 
-def pread(fd: int, size: int, position: int) -> bytes:
-    """Up to `size` bytes of `fd` at `position` (blocking)."""
-    return os.pread(fd, size, position)
-
-
 def pread_and_hash(fd: int, size: int, position: int, hasher: _Hash) -> bytes:
     """Up to `size` bytes of `fd` at `position`, fed to `hasher` (blocking: one hop for
     both, for the readers of data files)."""

@@ -46,7 +46,7 @@ import trio
 
 from ..saga.commit import ResultCommit
 from ..upload.budget import UploadBudget
-from .data import READ_CHUNK, pread, pread_and_hash
+from .data import READ_CHUNK, pread_and_hash
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -127,21 +127,26 @@ class LiveStream:
         self._wake()
 
     def claim_hash(self, position: int) -> _Hash | None:
-        """The digest, for the hop that writes a batch at `position`, when every byte before
-        it is hashed and no other hop feeds it; the writer then calls `advance` with the
-        batch, or `abandon` if its hop failed. None: the reader hashes the batch."""
+        """The digest, for the hop that hashes bytes from `position` on, when every byte
+        before it is hashed and no other hop feeds it; `release_hash` then says how far it
+        got. The writer's hop releases through `advance` (or abandons the stream if it
+        failed). None: not now (for the writer: the reader hashes the batch)."""
         if not self.usable or self.hashing or self.hashed_to != position:
             return None
         self.hashing = True
         return self.sha256
+
+    def release_hash(self, hashed_to: int) -> None:
+        """The hop that claimed the digest is over; it covers the first `hashed_to` bytes."""
+        self.hashing = False
+        self.hashed_to = hashed_to
 
     def advance(self, readable: int, hashed: list[bytes] | None = None) -> None:
         """The file holds `readable` bytes. `hashed`: the batch that ends there, which the
         writer hashed (`claim_hash`)."""
         if hashed is not None:
             size = sum(len(chunk) for chunk in hashed)
-            self.hashing = False
-            self.hashed_to = readable
+            self.release_hash(readable)
             self._hold(readable - size, hashed, size)
         if readable > self.readable:
             self.readable = readable
@@ -326,22 +331,22 @@ class FollowingReader:
         if position < stream.hashed_to:
             # The writer hashed these: read back, not hashed again.
             data = await trio.to_thread.run_sync(
-                pread, self._fd, min(size, stream.hashed_to - position), position
+                os.pread, self._fd, min(size, stream.hashed_to - position), position
             )
-        elif stream.hashing or stream.hashed_to != position:
+        elif (hasher := stream.claim_hash(position)) is None:
             # Cannot be: the writer hashes only at `hashed_to`, past what may be read.
             stream.abandon("the stream's digest lost its place")
             await trio.lowlevel.checkpoint()
             raise AssertionError("an abandoned stream's store was not cancelled")
         else:
-            stream.hashing = True
+            covered = position
             try:
                 data = await trio.to_thread.run_sync(
-                    pread_and_hash, self._fd, size, position, self.sha256
+                    pread_and_hash, self._fd, size, position, hasher
                 )
+                covered += len(data)
             finally:
-                stream.hashing = False
-            stream.hashed_to = position + len(data)
+                stream.release_hash(covered)
         if not data:
             stream.abandon("the data file is shorter than the bytes written to it")
             await trio.lowlevel.checkpoint()

@@ -1541,11 +1541,10 @@ class _Receiver:
             await self._written.wait()
             if self.checksum is None and self.unsaved >= CHECKPOINT_BYTES:
                 await self._checkpoint()
-            if self._writes is None:
-                await self._flush()
-            else:
-                self._written = trio.Event()
-                self._writes.start_soon(self._flush_behind, self._written)
+            # Only `pump` takes chunks, inside the nursery the writes run in.
+            assert self._writes is not None
+            self._written = trio.Event()
+            self._writes.start_soon(self._flush_behind, self._written)
             if self.stream is not None:
                 # Not past what the element takes, by more than the stream's slack.
                 await self.stream.keep_pace()
