@@ -169,8 +169,10 @@ class DataFiles:
 
         return await trio.to_thread.run_sync(trim)
 
-    async def open_at(self, upload_id: str, offset: int) -> DataWriter:
-        """A writer at `offset`; what lies beyond it (never acknowledged) is written over."""
+    def writer_at(self, upload_id: str, offset: int) -> DataWriter:
+        """A writer at `offset`; what lies beyond it (never acknowledged) is written over.
+        The file opens in the writer's first hop (one hop less per `PATCH`): a file gone or
+        cut short is `UploadDataLost` from that first write or commit."""
 
         def open_() -> int:
             path = self.path(upload_id)
@@ -192,8 +194,7 @@ class DataFiles:
                 )
             return fd
 
-        fd = await trio.to_thread.run_sync(open_)
-        return DataWriter(fd, offset)
+        return DataWriter(open_, offset)
 
     async def remove(self, upload_id: str, *, reuse: bool = True) -> int:
         """Remove the data file, keeping it for the next upload when `reuse` (its upload's
@@ -246,30 +247,55 @@ class DataWriter:
     """Appends to one data file. `write` and `commit` are the only ways bytes become stored.
 
     A raw descriptor and `os.pwritev`: the received pieces go to the kernel as they are, one
-    system call per batch, with no buffer in between to copy them into.
+    system call per batch, with no buffer in between to copy them into. The file opens in
+    the first hop that needs it, and a `PATCH`'s last batch is written, fsynced and closed
+    in one: a `PATCH` of one batch costs one hop. Hops never overlap (the caller awaits
+    each), so the descriptor is only touched by one thread at a time.
     """
 
-    def __init__(self, fd: int, start: int) -> None:
-        self._fd: int | None = fd
+    def __init__(self, open_: Callable[[], int], start: int) -> None:
+        self._open: Callable[[], int] | None = open_
+        self._fd: int | None = None
         self.start = start
         self.written = 0
 
-    async def write(self, chunks: list[bytes], *hashers: _Hash | None) -> None:
+    def _descriptor(self) -> int:
+        """The open file (in a worker thread: opened here the first time)."""
+        if self._fd is None:
+            assert self._open is not None, "the writer was closed"
+            self._fd = self._open()
+        return self._fd
+
+    def _sync_and_close(self) -> None:
+        """fsync and close (in a worker thread); closed whatever the fsync did: the
+        descriptor is not ours to retry with."""
+        fd, self._fd, self._open = self._fd, None, None
+        if fd is None:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def write(self, chunks: list[bytes], *hashers: _Hash | None, last: bool = False) -> None:
         """Append `chunks` (and feed them to each of `hashers` that is not None) in one
-        worker-thread hop."""
-        fd = self._fd
-        assert fd is not None
+        worker-thread hop. `last`: nothing more is written, so the same hop fsyncs and
+        closes the file (`commit(close=True)` then has nothing left to do)."""
         position = self.start + self.written
         feeding = [hasher for hasher in hashers if hasher is not None]
 
         def write() -> None:
+            fd = self._descriptor()
             for hasher in feeding:
                 for chunk in chunks:
                     hasher.update(chunk)
             written = write_all(fd, chunks, position)
-            # The disk starts on these pages now, while the next batch arrives: the
-            # PATCH's fsync then waits for little more than its last batch.
-            start_writeback(fd, position, written)
+            if last:
+                self._sync_and_close()
+            else:
+                # The disk starts on these pages now, while the next batch arrives: the
+                # PATCH's fsync then waits for little more than its last batch.
+                start_writeback(fd, position, written)
 
         await trio.to_thread.run_sync(write)
         # Counted once the thread returned: a write that did not finish is not stored.
@@ -277,23 +303,16 @@ class DataWriter:
 
     async def commit(self, *, close: bool = False) -> int:
         """fsync what was written; the bytes now stored past `start`. With `close`, the
-        file is closed in the same worker-thread hop (a `PATCH`'s last write: one hop
-        less per request)."""
-        fd = self._fd
-        assert fd is not None
-        if not close:
-            await trio.to_thread.run_sync(os.fsync, fd)
+        file is closed in the same worker-thread hop (a `PATCH`'s end: one hop less per
+        request). Nothing to do when nothing was written or a `last` write closed it."""
+        if self._fd is None:
+            if close:
+                self._open = None
             return self.written
-
-        def sync_and_close() -> None:
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-        # Closed whatever the fsync did: the descriptor is not ours to retry with.
-        self._fd = None
-        await trio.to_thread.run_sync(sync_and_close)
+        if close:
+            await trio.to_thread.run_sync(self._sync_and_close)
+        else:
+            await trio.to_thread.run_sync(os.fsync, self._fd)
         return self.written
 
     def discard(self) -> None:
@@ -302,7 +321,7 @@ class DataWriter:
         self.written = 0
 
     async def aclose(self) -> None:
-        fd, self._fd = self._fd, None
+        fd, self._fd, self._open = self._fd, None, None
         if fd is not None:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(os.close, fd)

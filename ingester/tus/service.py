@@ -798,8 +798,10 @@ class TusService:
         raises `Cancelled` once saved), an idle timeout, a full spool. Raises the error that
         ended it after saving, with the new offset in its headers. The body's first `skip`
         bytes are only hashed for `Upload-Checksum`."""
-        receiver = _Receiver(self, upload, lease, checksum, declaring=declaring, skip=skip)
-        receiver.writer = await self.data.open_at(upload.id, upload.offset)
+        receiver = _Receiver(
+            self, upload, lease, checksum, content_length, declaring=declaring, skip=skip
+        )
+        receiver.writer = self.data.writer_at(upload.id, upload.offset)
         receiver.stream = stream
         error: IngesterError | None = None
         gone = False
@@ -1413,6 +1415,7 @@ class _Receiver:
         upload: TusUpload,
         lease: Lease,
         checksum: Checksum | None,
+        content_length: int | None = None,
         *,
         declaring: bool = False,
         skip: int = 0,
@@ -1421,6 +1424,9 @@ class _Receiver:
         self.upload = upload
         self.lease = lease
         self.checksum = checksum
+        # The bytes the body brings past the skipped ones, when it says: its last batch is
+        # left for `finish`, whose one hop writes, fsyncs and closes.
+        self.expected = content_length
         self.hasher: _Hash | None = checksum.hasher() if checksum else None
         # The body's first bytes, which the upload holds already: hashed, not kept.
         self.skip = skip
@@ -1479,7 +1485,7 @@ class _Receiver:
             self._writes = None
         if idle.cancelled_caught:
             raise RequestTimeout(f"no data from the client for {idle_s:g} s")
-        await self._flush()
+        # What is still pending is written by `finish`, in the hop that fsyncs.
         self.body_complete = True
 
     def keep_unread(self, chunks: list[bytes]) -> None:
@@ -1536,7 +1542,7 @@ class _Receiver:
         self.pending.append(chunk)
         self.pending_size += len(chunk)
         self.received += len(chunk)
-        if self.pending_size >= WRITE_BATCH:
+        if self.pending_size >= WRITE_BATCH and self.received != self.expected:
             # The write before this batch's is done (a failed one has cancelled this).
             await self._written.wait()
             if self.checksum is None and self.unsaved >= CHECKPOINT_BYTES:
@@ -1555,7 +1561,8 @@ class _Receiver:
         finally:
             written.set()
 
-    async def _flush(self) -> None:
+    async def _flush(self, *, last: bool = False) -> None:
+        """Write what is pending; `last`: and fsync and close the file in the same hop."""
         if not self.pending:
             return
         if self.lease.lost:
@@ -1577,7 +1584,7 @@ class _Receiver:
                 # Shielded: the batch left `pending`, so a write cancelled before its hop
                 # began (the client gone) would lose it; the hop itself cannot be cancelled.
                 with trio.CancelScope(shield=True):
-                    await writer.write(chunks, self.hasher, stream_hash)
+                    await writer.write(chunks, self.hasher, stream_hash, last=last)
             except BaseException:
                 if stream is not None and stream_hash is not None:
                     stream.abandon("a write it had hashed failed")
@@ -1639,7 +1646,8 @@ class _Receiver:
                 await self._take_back(writer)
                 return None
             try:
-                await self._flush()
+                # Nothing is written after this: the same hop fsyncs and closes the file.
+                await self._flush(last=True)
             finally:
                 self.budget.release_all()
             if self.lease.lost:
@@ -1658,7 +1666,8 @@ class _Receiver:
                             "Upload-Checksum; it was discarded"
                         )
             if self.unsaved:
-                # Nothing is written after this: the file closes in the fsync's hop.
+                # The fsync of batches written behind the body (none when the last write
+                # was pending here: it has fsynced and closed the file).
                 await writer.commit(close=True)
                 await self._save_accepted()
             elif self.upload.length is not None and not self.length_declared:

@@ -17,7 +17,7 @@ MIB = 1024 * 1024
 
 
 async def write(files: DataFiles, upload_id: str, offset: int, data: bytes) -> None:
-    writer = await files.open_at(upload_id, offset)
+    writer = files.writer_at(upload_id, offset)
     try:
         await writer.write([data])
         assert await writer.commit() == len(data)
@@ -84,7 +84,7 @@ async def test_old_bytes_past_the_offset_are_written_over_and_never_read(tmp_pat
         assert files.path("b" * 32).stat().st_size == 4 * MIB
         await write(files, "b" * 32, 0, data[:MIB])
         # A chunk that failed its checksum: written, then discarded; the offset stays.
-        writer = await files.open_at("b" * 32, MIB)
+        writer = files.writer_at("b" * 32, MIB)
         await writer.write([b"x" * MIB])
         writer.discard()
         await writer.aclose()
@@ -168,12 +168,22 @@ async def test_a_take_over_never_replaces_a_file(tmp_path: Path) -> None:
 
 
 async def test_a_file_shorter_than_the_offset_is_lost_data(tmp_path: Path) -> None:
+    """The writer's first hop finds it, whether a write or a commit, and stores nothing."""
     with trio.fail_after(10):
         files = DataFiles(tmp_path / "tus", keep_bytes=64 * MIB)
         assert not await files.create("a" * 32, 10)
         await write(files, "a" * 32, 0, b"12345")
+        writer = files.writer_at("a" * 32, 6)
         with pytest.raises(UploadDataLost):
-            await files.open_at("a" * 32, 6)
+            await writer.write([b"6789"])
+        assert writer.written == 0
+        await writer.aclose()
+        files.path("a" * 32).unlink()
+        gone = files.writer_at("a" * 32, 5)
+        with pytest.raises(UploadDataLost):
+            await gone.write([b"6789"], last=True)
+        await gone.aclose()
+        assert not files.path("a" * 32).exists()
 
 
 def open_descriptors() -> int:
@@ -181,16 +191,17 @@ def open_descriptors() -> int:
 
 
 async def test_a_commit_that_closes_leaves_the_bytes_and_no_descriptor(tmp_path: Path) -> None:
-    """A `PATCH`'s last save fsyncs and closes in one hop: the bytes are there, the
-    descriptor is gone, and closing again is a no-op."""
+    """The file opens at the first write; a `PATCH`'s last save fsyncs and closes in one
+    hop: the bytes are there, the descriptor is gone, and closing again is a no-op."""
     with trio.fail_after(10):
         files = DataFiles(tmp_path / "tus", keep_bytes=0)
         upload_id = "c" * 32
-        await files.create(upload_id, 2 * MIB)
+        await files.create(upload_id, 3 * MIB)
         before = open_descriptors()
-        writer = await files.open_at(upload_id, 0)
-        assert open_descriptors() == before + 1
+        writer = files.writer_at(upload_id, 0)
+        assert open_descriptors() == before
         await writer.write([b"x" * MIB])
+        assert open_descriptors() == before + 1
         assert await writer.commit() == MIB  # a checkpoint: the file stays open
         await writer.write([b"y" * MIB])
         assert await writer.commit(close=True) == 2 * MIB
@@ -198,3 +209,31 @@ async def test_a_commit_that_closes_leaves_the_bytes_and_no_descriptor(tmp_path:
         await writer.aclose()
         assert open_descriptors() == before
         assert await read(files, upload_id, 2 * MIB) == b"x" * MIB + b"y" * MIB
+
+
+async def test_a_last_write_fsyncs_and_closes_in_its_own_hop(tmp_path: Path) -> None:
+    """One hop for a whole `PATCH` of one batch: open, write, fsync, close; the commit
+    after it has nothing left to do."""
+    with trio.fail_after(10):
+        files = DataFiles(tmp_path / "tus", keep_bytes=0)
+        upload_id = "d" * 32
+        await files.create(upload_id, 2 * MIB)
+        await write(files, upload_id, 0, b"a" * MIB)
+        before = open_descriptors()
+        writer = files.writer_at(upload_id, MIB)
+        await writer.write([b"b" * 1000, b"c" * 24], last=True)
+        assert open_descriptors() == before
+        assert await writer.commit(close=True) == 1024
+        await writer.aclose()
+        assert open_descriptors() == before
+        assert await read(files, upload_id, MIB + 1024) == b"a" * MIB + b"b" * 1000 + b"c" * 24
+
+
+async def test_a_writer_that_wrote_nothing_opens_nothing(tmp_path: Path) -> None:
+    """A `PATCH` with no data (one that only declares the length) touches no file."""
+    with trio.fail_after(10):
+        files = DataFiles(tmp_path / "tus", keep_bytes=0)
+        writer = files.writer_at("e" * 32, 0)
+        assert await writer.commit(close=True) == 0
+        await writer.aclose()
+        assert not files.path("e" * 32).exists()

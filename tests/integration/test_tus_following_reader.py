@@ -30,7 +30,7 @@ async def write_batches(
     """What a PATCH's receiver does: 1 MiB batches from `start`, each hashed in its write's
     hop when the stream's digest ends there, and the stream told. With `unlink`, the file's
     name goes once the writer has it open: a reader that read anything back would fail."""
-    writer = await files.open_at(UPLOAD, start)
+    writer = files.writer_at(UPLOAD, start)
     if unlink:
         os.unlink(files.path(UPLOAD))
     try:
@@ -136,7 +136,7 @@ async def test_after_a_stretch_read_back_the_reader_takes_held_batches_again(
             UploadBudget(MemoryBudget(64 * MIB)),
         )  # fmt: skip
         live.patch_started()
-        writer = await files.open_at(UPLOAD, 0)
+        writer = files.writer_at(UPLOAD, 0)
         reader = FollowingReader(live)
 
         async def write(index: int) -> None:
