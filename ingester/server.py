@@ -735,6 +735,41 @@ def _patch_error_response() -> None:
     H11Protocol._send_error_response = _send_error_response  # type: ignore[method-assign]
 
 
+def _cork_response_heads() -> None:
+    """One write per short answer. hypercorn writes an answer's head, each body piece and
+    the end of message (no bytes at all with `Content-Length`) as separate sends, each
+    under the send lock, a shielded deadline and a trio checkpoint: three for a JSON
+    answer, two for a `204`. With many tasks running (a pipelined tus store streaming to
+    its element) each checkpoint waits its turn, and a `PATCH`'s answer took about 1 ms
+    of its client's time.
+
+    Now the head of a final answer waits for what follows it and goes out in the same
+    send, and a send of nothing is skipped. Only once the request has been read whole
+    (h11's `their_state` is `DONE`): an answer given while the body is still arriving (an
+    early refusal, whose body is then drained) goes out at once, as before, so a client
+    still sending sees it."""
+
+    async def _send_h11_event(self: H11Protocol, event: Any) -> None:
+        head: bytes | None = getattr(self, "_ingester_head", None)
+        self._ingester_head = None  # type: ignore[attr-defined]
+        try:
+            data = self.connection.send(event)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            data = None
+        else:
+            if isinstance(event, h11.Response) and self.connection.their_state is h11.DONE:
+                self._ingester_head = data  # type: ignore[attr-defined]
+                return
+        if head:
+            data = head + (data or b"")
+        if data:
+            await self.send(RawData(data=data))
+
+    H11Protocol._send_h11_event = _send_h11_event  # type: ignore[method-assign]
+
+
 def install_hypercorn_patches() -> None:
     """Apply the patches above (idempotent)."""
     if getattr(TCPServer, "_ingester_patched", False):
@@ -744,6 +779,7 @@ def install_hypercorn_patches() -> None:
     _patch_protocol_send()
     _guard_heads()
     _patch_error_response()
+    _cork_response_heads()
     TCPServer._ingester_patched = True  # type: ignore[attr-defined]
 
 
