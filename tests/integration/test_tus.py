@@ -676,6 +676,40 @@ async def test_termination(stack: Stack, token: TokenFactory) -> None:
             assert (await tus.delete(url)).status_code == 404
 
 
+@pytest.mark.parametrize("damage", ["removed", "cut short"])
+async def test_a_patch_whose_data_file_is_lost_is_410_and_keeps_nothing(
+    stack: Stack, token: TokenFactory, damage: str
+) -> None:
+    """The data file removed or cut outside the ingester: the next `PATCH` with data is
+    `410 UPLOAD_DATA_LOST` (found by its first write, the file opening there), its offset
+    stays, no file is made again, and the service goes on serving."""
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            tus = Tus(http, stack.url, token())
+            data = b"".join(random_chunks(3 * MIB, seed=43))
+            url = await tus.new(len(data))
+            assert (await tus.patch(url, 0, data[:MIB])).status_code == 204
+            path = data_file(stack, url)
+            if damage == "removed":
+                path.unlink()
+            else:
+                os.truncate(path, 10)
+            lost = await tus.patch(url, MIB, data[MIB:])
+            assert lost.status_code == 410, lost.text
+            assert lost.json()["error"]["code"] == "UPLOAD_DATA_LOST"
+            assert lost.headers["Upload-Offset"] == str(MIB)
+            assert await tus.offset(url) == MIB
+            assert path.exists() == (damage == "cut short")
+            if path.exists():
+                assert path.stat().st_size == 10
+            # The next upload is served as ever.
+            other = b"".join(random_chunks(MIB + 7, seed=44))
+            fresh = await tus.new(len(other))
+            await tus.upload(fresh, other, MIB)
+            result = (await tus.state(fresh)).json()["result"]
+            assert sha256(await download(http, stack, result)) == sha256(other)
+
+
 @pytest.mark.parametrize("algorithm", ["sha1", "md5", "sha256"])
 async def test_checksum(stack: Stack, token: TokenFactory, algorithm: str) -> None:
     with trio.fail_after(10):
