@@ -21,12 +21,15 @@
    time to finish the rest.
 
 Results go to bench/results/tus.json and a Markdown table on stdout; `make bench`
-(bench/run_all.py) runs sections 1 and 2 too.
+(bench/run_all.py) runs sections 1 and 2 too. `--redis` keeps the uploads' state and locks
+in a `redis-server` of the bench's own (on a free loopback port), as replicas do, instead
+of in the ingester's process: every `PATCH` then pays its Redis calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +38,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,6 +387,9 @@ def main() -> int:
         help="INGESTER_TUS_PIPELINE_WINDOW_S=0: PATCHes only receive, the final one stores",
     )
     parser.add_argument("--curl-only", action="store_true", help="skip the tus clients")
+    parser.add_argument(
+        "--redis", action="store_true", help="state and locks in a redis-server of the bench's own"
+    )
     add_env_option(parser)
     args = parser.parse_args()
     size = 256 * MIB if args.quick else GIB
@@ -396,8 +403,17 @@ def main() -> int:
     env = {"INGESTER_TUS_PIPELINE_WINDOW_S": "0"} if args.no_pipeline else {}
     env.update(env_option(args))
     results["pipelined"] = not args.no_pipeline
-    results["env"] = env
-    with bench_stack(env) as bench:
+    results["redis"] = args.redis
+    with contextlib.ExitStack() as stack:
+        if args.redis:
+            from tests.support.redis_server import RedisServer
+
+            directory = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-redis-"))
+            )
+            env["INGESTER_REDIS_URL"] = stack.enter_context(RedisServer(directory)).url
+        results["env"] = env
+        bench = stack.enter_context(bench_stack(env))
         results.update(run_tus(bench, size, rounds, clients_too=not args.curl_only))
         if not args.skip_resume:
             mid = make_file(bench.root / "mid.bin", 64 * MIB, compressible=False)
@@ -407,7 +423,8 @@ def main() -> int:
                 results["resume_reset"] = resume(bench, mid, "reset", http)
                 clear_data(bench.se)
                 results["resume_silent"] = resume(bench, mid, "silent", http)
-    path = save(results, "tus" if not args.no_pipeline else "tus-no-pipeline")
+    name = "tus" if not args.no_pipeline else "tus-no-pipeline"
+    path = save(results, name + ("-redis" if args.redis else ""))
     print(report(results))
     print(f"\nsaved to {path}")
     return 0
