@@ -59,6 +59,11 @@ class GuardedStore:
     async def try_lock(self, upload_id: str, token: str, ttl_s: float) -> bool:
         return await _answered(self.inner.try_lock(upload_id, token, ttl_s))
 
+    async def try_lock_and_get(
+        self, upload_id: str, token: str, ttl_s: float
+    ) -> tuple[bool, TusUpload | None]:
+        return await _answered(self.inner.try_lock_and_get(upload_id, token, ttl_s))
+
     async def keep(self, upload_id: str, token: str, ttl_s: float) -> LockState:
         return await _answered(self.inner.keep(upload_id, token, ttl_s))
 

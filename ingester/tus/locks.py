@@ -25,6 +25,7 @@ from ..boundary import may_have_run
 from ..concurrency import cleanup_scope, collapse
 from .errors import TusStoreUnavailable, UploadLocked
 from .guarded_store import GuardedStore
+from .state import TusUpload
 from .store import LockState
 
 log = logging.getLogger(__name__)
@@ -64,13 +65,19 @@ class Locks:
     async def try_acquire(self, upload_id: str) -> Lease | None:
         token = secrets.token_hex(16)
         asked_at = trio.current_time()
-        if await self._try_lock(upload_id, token):
+        taken, _ = await self._try_lock(upload_id, token, read=False)
+        if taken:
             return Lease(upload_id, token, confirmed_at=asked_at)
         return None
 
-    async def _try_lock(self, upload_id: str, token: str) -> bool:
+    async def _try_lock(
+        self, upload_id: str, token: str, *, read: bool
+    ) -> tuple[bool, TusUpload | None]:
+        """Whether the lock was taken, and with `read`, the upload's state as it was then."""
         try:
-            return await self.store.try_lock(upload_id, token, self.ttl_s)
+            if read:
+                return await self.store.try_lock_and_get(upload_id, token, self.ttl_s)
+            return await self.store.try_lock(upload_id, token, self.ttl_s), None
         except TusStoreUnavailable as exc:
             if may_have_run(exc):
                 # The lock may be set with its reply lost: left there, it would hold the
@@ -88,13 +95,26 @@ class Locks:
     async def acquire(self, upload_id: str, *, ask: bool, wait_s: float | None = None) -> Lease:
         """The upload's lock, asking its holder to let go when `ask`; `UploadLocked` after
         `wait_s` (default: the configured wait)."""
+        lease, _ = await self._acquire(upload_id, ask=ask, wait_s=wait_s, read=False)
+        return lease
+
+    async def acquire_reading(self, upload_id: str, *, ask: bool) -> tuple[Lease, TusUpload | None]:
+        """`acquire`, and the upload's state read in the same step as the lock was taken
+        (None: there is none): what a `store.get` right after would read, since only the
+        lock's holder writes the state."""
+        return await self._acquire(upload_id, ask=ask, wait_s=None, read=True)
+
+    async def _acquire(
+        self, upload_id: str, *, ask: bool, wait_s: float | None, read: bool
+    ) -> tuple[Lease, TusUpload | None]:
         token = secrets.token_hex(16)
         deadline = trio.current_time() + (self.wait_s if wait_s is None else wait_s)
         next_ask = 0.0
         while True:
             asked_at = trio.current_time()
-            if await self._try_lock(upload_id, token):
-                return Lease(upload_id, token, confirmed_at=asked_at)
+            taken, state = await self._try_lock(upload_id, token, read=read)
+            if taken:
+                return Lease(upload_id, token, confirmed_at=asked_at), state
             now = trio.current_time()
             if now >= deadline:
                 raise UploadLocked(

@@ -85,6 +85,32 @@ async def test_locks_are_exclusive_and_run_out(store: TusStore) -> None:
         assert await store.keep(UID, "t1", 5) is LockState.LOST
 
 
+async def test_a_lock_taken_with_its_state_reads_the_state_of_that_moment(
+    store: TusStore,
+) -> None:
+    """`try_lock_and_get` (a `PATCH`'s one call for both): the state only when the lock is
+    taken, as the last holder left it; a request to let go is cleared as by `try_lock`."""
+    with trio.fail_after(10):
+        assert await store.try_lock_and_get(UID, "t0", 5) == (True, None)
+        await store.release(UID, "t0")
+        assert await store.create(upload())
+        await store.ask(UID, 5)
+        taken, state = await store.try_lock_and_get(UID, "t1", 5)
+        assert taken
+        assert state is not None
+        assert (state.owner, state.offset, state.metadata) == ("alice", 0, {"filename": b"a.txt"})
+        assert await store.keep(UID, "t1", 5) is LockState.HELD
+        assert await store.try_lock_and_get(UID, "t2", 5) == (False, None)
+        state.offset = 4
+        assert await store.put(state, "t1")
+        await store.release(UID, "t1")
+        taken, after = await store.try_lock_and_get(UID, "t2", 5)
+        assert taken
+        assert after is not None
+        assert after.offset == 4
+        assert await store.keep(UID, "t1", 5) is LockState.LOST
+
+
 async def test_asking_to_let_go(store: TusStore) -> None:
     with trio.fail_after(10):
         assert await store.try_lock(UID, "t1", 5)
