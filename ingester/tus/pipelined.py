@@ -40,7 +40,7 @@ import logging
 import math
 import os
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import trio
 
@@ -289,10 +289,7 @@ class FollowingReader:
         stream = self._stream
         while True:
             if stream.abandoned is not None:
-                # The stream's scope is cancelled: this ends the store (the element discards
-                # its request, the saga removes any copy).
-                await trio.lowlevel.checkpoint()
-                raise AssertionError("an abandoned stream's store was not cancelled")
+                await self._ended()
             if self._pieces:
                 return self._handed(self._pieces.popleft())
             available = stream.readable - self.position
@@ -307,10 +304,18 @@ class FollowingReader:
                 return await self._read(min(READ_CHUNK, available))
             if self.position >= stream.length and stream.handed_over:
                 if stream.hashed_to != self.position:
-                    stream.abandon("the stream's digest does not cover the file")
-                    continue
+                    await self._ended("the stream's digest does not cover the file")
                 raise StopAsyncIteration
             await stream.wait_for_change()
+
+    async def _ended(self, reason: str | None = None) -> NoReturn:
+        """End the store here, abandoning the stream first with `reason`: the stream's scope
+        is cancelled, so the next checkpoint ends it (the element discards its request,
+        the saga removes any copy)."""
+        if reason is not None:
+            self._stream.abandon(reason)
+        await trio.lowlevel.checkpoint()
+        raise AssertionError("an abandoned stream's store was not cancelled")
 
     def _handed(self, data: bytes) -> bytes:
         self.position += len(data)
@@ -335,9 +340,7 @@ class FollowingReader:
             )
         elif (hasher := stream.claim_hash(position)) is None:
             # Cannot be: the writer hashes only at `hashed_to`, past what may be read.
-            stream.abandon("the stream's digest lost its place")
-            await trio.lowlevel.checkpoint()
-            raise AssertionError("an abandoned stream's store was not cancelled")
+            await self._ended("the stream's digest lost its place")
         else:
             covered = position
             try:
@@ -348,9 +351,7 @@ class FollowingReader:
             finally:
                 stream.release_hash(covered)
         if not data:
-            stream.abandon("the data file is shorter than the bytes written to it")
-            await trio.lowlevel.checkpoint()
-            raise AssertionError("an abandoned stream's store was not cancelled")
+            await self._ended("the data file is shorter than the bytes written to it")
         return self._handed(data)
 
     async def aclose(self) -> None:

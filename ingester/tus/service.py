@@ -1489,10 +1489,7 @@ class _Receiver:
         except BaseExceptionGroup as group:
             # The body's or the write's own error, not wrapped by the nursery (a group of
             # nothing but Cancelled goes on as it is).
-            error = collapse(group)
-            if error is group:
-                raise
-            raise error from None
+            raise collapse(group) from None
         finally:
             self._writes = None
         if idle.cancelled_caught:

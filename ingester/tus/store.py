@@ -276,22 +276,13 @@ redis.call('ZREM', KEYS[3], ARGV[2])
 return 1
 """
 
-# KEYS: lock, letgo. ARGV: token, ttl (ms).
+# KEYS: lock, letgo[, state]. ARGV: token, ttl (ms). {0} not taken; {1} taken, and with
+# the state's key {1, state (nil: none)}: the state as the lock was taken.
 _LOCK: Final = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('DEL', KEYS[2])
-  return 1
-end
-return 0
-"""
-
-# KEYS: lock, letgo, state. ARGV: token, ttl (ms). {1, state (nil: none)} taken, {0} not.
-_LOCK_AND_GET: Final = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('DEL', KEYS[2])
-  return {1, redis.call('GET', KEYS[3])}
-end
-return {0}
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+redis.call('DEL', KEYS[2])
+if KEYS[3] then return {1, redis.call('GET', KEYS[3])} end
+return {1}
 """
 
 # KEYS: lock, letgo. ARGV: token, ttl (ms). -1 lost, 0 held, 1 asked to let go.
@@ -361,7 +352,6 @@ class RedisTusStore:
         self._create = gateway.script(_CREATE)
         self._delete = gateway.script(_DELETE)
         self._lock = gateway.script(_LOCK)
-        self._lock_and_get = gateway.script(_LOCK_AND_GET)
         self._keep = gateway.script(_KEEP)
         self._release = gateway.script(_RELEASE)
         self._reserve = gateway.script(_RESERVE)
@@ -436,18 +426,22 @@ class RedisTusStore:
         await self._gateway.call(lambda client: client.zrem(EXPIRING_KEY, upload_id))
 
     async def try_lock(self, upload_id: str, token: str, ttl_s: float) -> bool:
-        _, lock, letgo = self._keys(upload_id)
-        taken = await self._gateway.run_script(
-            self._lock, [lock, letgo], [token, str(int(ttl_s * 1000))]
-        )
-        return taken == 1
+        taken, _ = await self._take_lock(upload_id, token, ttl_s, read=False)
+        return taken
 
     async def try_lock_and_get(
         self, upload_id: str, token: str, ttl_s: float
     ) -> tuple[bool, TusUpload | None]:
+        return await self._take_lock(upload_id, token, ttl_s, read=True)
+
+    async def _take_lock(
+        self, upload_id: str, token: str, ttl_s: float, *, read: bool
+    ) -> tuple[bool, TusUpload | None]:
         state, lock, letgo = self._keys(upload_id)
         reply = await self._gateway.run_script(
-            self._lock_and_get, [lock, letgo, state], [token, str(int(ttl_s * 1000))]
+            self._lock,
+            [lock, letgo, state] if read else [lock, letgo],
+            [token, str(int(ttl_s * 1000))],
         )
         assert isinstance(reply, list), reply
         if not reply or reply[0] != 1:
